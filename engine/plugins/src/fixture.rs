@@ -1,0 +1,356 @@
+//! Readable JSON inputs for one plugin call, as `mint plugin run --input` takes them, and
+//! their conversion to the WIT types (interning labels the way the engine does).
+
+use crate::master::{DirMaster, EmptyMaster, MasterView};
+use crate::types::*;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+/// One call's input, by plugin kind.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Fixture {
+    /// For a node policy.
+    Select(SelectFixture),
+    /// For a customizer.
+    Customize(CustomizeFixture),
+    /// For a driver.
+    Drive(DriveFixture),
+}
+
+/// Input of a `select` call.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectFixture {
+    /// The request.
+    pub request: SelectRequestJson,
+    /// Configuration laid over the manifest's defaults.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+}
+
+/// A selection request with labels as maps.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SelectRequestJson {
+    /// The tier.
+    pub tier: String,
+    /// How many nodes.
+    pub count: u32,
+    /// Requirements.
+    #[serde(default)]
+    pub requirements: RequirementsJson,
+    /// Nodes already running the tier.
+    #[serde(default)]
+    pub placed: Vec<BTreeMap<String, String>>,
+    /// Free nodes.
+    pub candidates: Vec<NodeJson>,
+}
+
+/// Node requirements.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RequirementsJson {
+    /// Labels every chosen node must carry.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Minimum cpus.
+    #[serde(default)]
+    pub min_cpus: u32,
+    /// Minimum memory.
+    #[serde(default)]
+    pub min_memory_mib: u64,
+    /// Required architecture.
+    #[serde(default)]
+    pub arch: Option<String>,
+}
+
+/// A free node.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct NodeJson {
+    /// Name.
+    pub name: String,
+    /// Cpus.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Architecture (default x86_64).
+    #[serde(default = "x86_64")]
+    pub arch: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Load in thousandths.
+    #[serde(default)]
+    pub load: u32,
+}
+
+fn x86_64() -> String {
+    "x86_64".into()
+}
+
+/// Interns label keys and values into a request's tables.
+#[derive(Default)]
+pub struct Interner {
+    keys: Vec<String>,
+    key_ix: BTreeMap<String, u32>,
+    values: Vec<String>,
+    value_ix: BTreeMap<String, u32>,
+}
+
+impl Interner {
+    /// The index of key `k`.
+    pub fn key(&mut self, k: &str) -> u32 {
+        if let Some(&i) = self.key_ix.get(k) {
+            return i;
+        }
+        self.keys.push(k.to_string());
+        let i = (self.keys.len() - 1) as u32;
+        self.key_ix.insert(k.to_string(), i);
+        i
+    }
+    /// The index of value `v`.
+    pub fn value(&mut self, v: &str) -> u32 {
+        if let Some(&i) = self.value_ix.get(v) {
+            return i;
+        }
+        self.values.push(v.to_string());
+        let i = (self.values.len() - 1) as u32;
+        self.value_ix.insert(v.to_string(), i);
+        i
+    }
+    /// A label map as references.
+    pub fn labels<'a>(&mut self, labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> Vec<LabelRef> {
+        labels.into_iter().map(|(k, v)| LabelRef { key: self.key(k), value: self.value(v) }).collect()
+    }
+    /// The finished tables (keys, values).
+    pub fn into_tables(self) -> (Vec<String>, Vec<String>) {
+        (self.keys, self.values)
+    }
+}
+
+/// A selection request with its candidates' names by index, which the WIT request does
+/// not carry.
+#[derive(Debug, Clone)]
+pub struct NamedRequest {
+    /// The request as a policy receives it.
+    pub request: SelectionRequest,
+    /// Candidate names by index.
+    pub names: Vec<String>,
+}
+
+impl SelectRequestJson {
+    /// The WIT request, candidates sorted by name as the engine passes them.
+    pub fn to_wit(&self) -> NamedRequest {
+        let mut t = Interner::default();
+        let mut nodes = self.candidates.clone();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let requirements = Requirements {
+            labels: t.labels(&self.requirements.labels),
+            min_cpus: self.requirements.min_cpus,
+            min_memory_mib: self.requirements.min_memory_mib,
+            arch: self.requirements.arch.as_deref().map(|a| t.value(a)),
+        };
+        let placed = self.placed.iter().map(|l| Placement { labels: t.labels(l) }).collect();
+        let mut labels = Vec::new();
+        let candidates = nodes
+            .iter()
+            .map(|n| {
+                let start = labels.len() as u32;
+                labels.extend(t.labels(&n.labels));
+                Candidate {
+                    cpus: n.cpus,
+                    memory_mib: n.memory_mib,
+                    arch: t.value(&n.arch),
+                    labels_start: start,
+                    labels_len: labels.len() as u32 - start,
+                    load: n.load,
+                }
+            })
+            .collect();
+        let (label_keys, label_values) = t.into_tables();
+        NamedRequest {
+            request: SelectionRequest {
+                tier: self.tier.clone(),
+                count: self.count,
+                requirements,
+                label_keys,
+                label_values,
+                placed,
+                labels,
+                candidates,
+            },
+            names: nodes.into_iter().map(|n| n.name).collect(),
+        }
+    }
+}
+
+/// Input of a `customize` call.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomizeFixture {
+    /// The instance's identity.
+    pub instance: InstanceJson,
+    /// The tier's instances (default: this one alone).
+    #[serde(default)]
+    pub peers: Vec<PeerJson>,
+    /// A directory holding the master's root filesystem, relative to the fixture file.
+    #[serde(default)]
+    pub master: Option<String>,
+    /// Configuration laid over the manifest's defaults.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+}
+
+/// An instance identity with textual addresses.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceJson {
+    /// Tier.
+    pub tier: String,
+    /// Index.
+    pub index: u32,
+    /// Host name.
+    pub hostname: String,
+    /// Address.
+    pub address: IpAddr,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Gateway.
+    #[serde(default)]
+    pub gateway: Option<IpAddr>,
+    /// DNS servers.
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
+}
+
+/// A peer with a textual address.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PeerJson {
+    /// Index.
+    pub index: u32,
+    /// Host name.
+    pub hostname: String,
+    /// Address.
+    pub address: IpAddr,
+}
+
+/// The WIT form of an address.
+pub fn ip(a: IpAddr) -> IpAddress {
+    match a {
+        IpAddr::V4(v) => {
+            let [a, b, c, d] = v.octets();
+            IpAddress::Ipv4((a, b, c, d))
+        }
+        IpAddr::V6(v) => {
+            let [a, b, c, d, e, f, g, h] = v.segments();
+            IpAddress::Ipv6((a, b, c, d, e, f, g, h))
+        }
+    }
+}
+
+impl CustomizeFixture {
+    /// The WIT instance, its peers and its master; `base` resolves a relative master path.
+    pub fn to_wit(&self, base: &Path) -> (Instance, Arc<[Peer]>, Arc<dyn MasterView>) {
+        let i = &self.instance;
+        let mut peers: Vec<Peer> =
+            self.peers.iter().map(|p| Peer { index: p.index, hostname: p.hostname.clone(), address: ip(p.address) }).collect();
+        if peers.is_empty() {
+            peers.push(Peer { index: i.index, hostname: i.hostname.clone(), address: ip(i.address) });
+        }
+        let instance = Instance {
+            tier: i.tier.clone(),
+            index: i.index,
+            hostname: i.hostname.clone(),
+            address: ip(i.address),
+            prefix_len: i.prefix_len,
+            gateway: i.gateway.map(ip),
+            dns: i.dns.iter().copied().map(ip).collect(),
+            peer_count: peers.len() as u32,
+        };
+        let master: Arc<dyn MasterView> = match &self.master {
+            Some(dir) => Arc::new(DirMaster::new(base.join(dir))),
+            None => Arc::new(EmptyMaster),
+        };
+        (instance, Arc::from(peers), master)
+    }
+}
+
+/// Input of a driver call.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveFixture {
+    /// `deploy`, `undeploy` or `status`.
+    pub call: String,
+    /// The node.
+    pub node: NodeRecordJson,
+    /// The deployment.
+    pub deployment: DeploymentJson,
+    /// Configuration laid over the manifest's defaults.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+}
+
+/// A node record with maps.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeRecordJson {
+    /// Name.
+    pub name: String,
+    /// Connection properties.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A deployment.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentJson {
+    /// Tier.
+    pub tier: String,
+    /// Index.
+    pub index: u32,
+    /// Host name.
+    pub hostname: String,
+    /// Artifact URL.
+    pub url: String,
+    /// Artifact digest.
+    #[serde(default)]
+    pub digest: String,
+    /// Artifact size.
+    #[serde(default)]
+    pub size: u64,
+    /// Artifact format.
+    #[serde(default = "tree")]
+    pub format: String,
+}
+
+fn tree() -> String {
+    "tree".into()
+}
+
+impl DriveFixture {
+    /// The WIT node and deployment.
+    pub fn to_wit(&self) -> (Node, Deployment) {
+        let pairs = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let n = &self.node;
+        let d = &self.deployment;
+        (
+            Node { name: n.name.clone(), properties: pairs(&n.properties), labels: pairs(&n.labels) },
+            Deployment {
+                tier: d.tier.clone(),
+                index: d.index,
+                hostname: d.hostname.clone(),
+                artifact: Artifact { url: d.url.clone(), digest: d.digest.clone(), size: d.size, format: d.format.clone() },
+            },
+        )
+    }
+}

@@ -1,0 +1,235 @@
+//! What one call's `Store` holds, and the host side of the imports plugins call: logging,
+//! configuration, the master's files, the tier's peers, and the outbound-HTTP gate.
+
+use crate::bindings::customizer::mint::plugin::master::{self, DirEntry, FileStat, FsError};
+use crate::bindings::customizer::mint::plugin::tier::{self, Peer};
+use crate::bindings::policy::mint::plugin::{host, types};
+use crate::manifest::HostPattern;
+use crate::master::{EmptyMaster, MasterView};
+use std::sync::{Arc, Mutex};
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+/// The most log lines one call keeps; later ones are counted.
+pub const MAX_LOG_LINES: usize = 1_000;
+/// The most bytes of one log line (message and fields) the host keeps.
+pub const MAX_LOG_LINE_BYTES: usize = 4_096;
+/// What the host keeps of a guest's stdout and stderr. A guest that writes more gets a
+/// write error (a Rust guest then panics), so a flood fails only its own call.
+pub const OUTPUT_CAPACITY: usize = 64 * 1024;
+/// The most peers one `tier.peers` call returns.
+pub const MAX_PEERS_PER_CALL: u32 = 4_096;
+
+/// A log line a plugin wrote.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LogLine {
+    /// `trace`, `debug`, `info`, `warn` or `error`.
+    pub level: &'static str,
+    /// The message.
+    pub message: String,
+    /// Key/value fields.
+    pub fields: Vec<(String, String)>,
+}
+
+/// The inputs of one call beyond its arguments.
+#[derive(Clone)]
+pub struct CallInputs {
+    /// The configuration as a JSON object's text.
+    pub config_json: String,
+    /// The master a customizer reads.
+    pub master: Arc<dyn MasterView>,
+    /// The tier's instances, by index, for `tier.peers`.
+    pub peers: Arc<[Peer]>,
+}
+
+impl Default for CallInputs {
+    fn default() -> Self {
+        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()) }
+    }
+}
+
+/// Store data of one call.
+pub struct CallState {
+    pub(crate) plugin: Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    http: WasiHttpCtx,
+    hooks: Gate,
+    pub(crate) limits: Limits,
+    pub(crate) inputs: CallInputs,
+    pub(crate) logs: Vec<LogLine>,
+    pub(crate) dropped_logs: usize,
+    pub(crate) stderr: MemoryOutputPipe,
+}
+
+impl CallState {
+    pub(crate) fn new(plugin: Arc<str>, memory_bytes: usize, outbound: Arc<[HostPattern]>, inputs: CallInputs) -> Self {
+        let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+        // No preopened directories, no environment, no arguments, no sockets: WASI is
+        // linked because guests built by Rust import it, not to give them anything.
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+            .stdout(MemoryOutputPipe::new(OUTPUT_CAPACITY))
+            .stderr(stderr.clone())
+            .build();
+        let denied = Arc::new(Mutex::new(Vec::new()));
+        Self {
+            hooks: Gate { allowed: outbound, denied },
+            plugin,
+            wasi,
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            limits: Limits { memory_bytes, exceeded: false },
+            inputs,
+            logs: Vec::new(),
+            dropped_logs: 0,
+            stderr,
+        }
+    }
+
+    /// What the guest wrote to stderr, as text, trimmed to its last 4 KiB.
+    pub(crate) fn stderr_text(&self) -> String {
+        let bytes = self.stderr.contents();
+        let tail = &bytes[bytes.len().saturating_sub(4096)..];
+        String::from_utf8_lossy(tail).trim().to_string()
+    }
+
+    /// The outbound requests the gate refused during this call.
+    pub(crate) fn denied(&self) -> Vec<String> {
+        self.hooks.denied.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+}
+
+/// Memory limiter that remembers whether it refused a growth, so a memory bomb is told
+/// apart from other traps.
+pub(crate) struct Limits {
+    memory_bytes: usize,
+    pub(crate) exceeded: bool,
+}
+
+impl wasmtime::ResourceLimiter for Limits {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.exceeded = true;
+            // Trapping, rather than answering -1 to `memory.grow`, stops a guest that
+            // would otherwise retry or limp on.
+            return Err(wasmtime::format_err!("memory limit of {} bytes reached", self.memory_bytes));
+        }
+        Ok(true)
+    }
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The outbound-HTTP gate: a request leaves only for a granted destination.
+struct Gate {
+    allowed: Arc<[HostPattern]>,
+    denied: Arc<Mutex<Vec<String>>>,
+}
+
+impl WasiHttpHooks for Gate {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = wasmtime_wasi_http::Result<(
+                    http::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+                )>,
+            > + Send,
+    > {
+        let uri = request.uri();
+        let scheme = uri.scheme_str().unwrap_or("https").to_string();
+        let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+        if !self.allowed.iter().any(|p| p.matches(&scheme, &host, port)) {
+            if let Ok(mut d) = self.denied.lock() {
+                d.push(format!("{scheme}://{host}:{port}"));
+            }
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        struct Default;
+        impl WasiHttpHooks for Default {}
+        Default.send_request(request, options, fut)
+    }
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for CallState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
+
+impl types::Host for CallState {}
+
+fn clip(mut s: String, budget: &mut usize) -> String {
+    if s.len() > *budget {
+        let mut at = *budget;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+    *budget -= s.len();
+    s
+}
+
+impl host::Host for CallState {
+    fn log(&mut self, level: types::LogLevel, message: String, fields: Vec<(String, String)>) {
+        if self.logs.len() >= MAX_LOG_LINES {
+            self.dropped_logs += 1;
+            return;
+        }
+        let level = match level {
+            types::LogLevel::Trace => "trace",
+            types::LogLevel::Debug => "debug",
+            types::LogLevel::Info => "info",
+            types::LogLevel::Warn => "warn",
+            types::LogLevel::Error => "error",
+        };
+        let mut budget = MAX_LOG_LINE_BYTES;
+        let message = clip(message, &mut budget);
+        let fields = fields.into_iter().take(32).map(|(k, v)| (clip(k, &mut budget), clip(v, &mut budget))).collect();
+        tracing::debug!(plugin = %self.plugin, level, %message, "plugin log");
+        self.logs.push(LogLine { level, message, fields });
+    }
+
+    fn config(&mut self) -> String {
+        self.inputs.config_json.clone()
+    }
+}
+
+impl master::Host for CallState {
+    fn stat(&mut self, path: String) -> Result<Option<FileStat>, FsError> {
+        self.inputs.master.stat(&path)
+    }
+    fn read_file(&mut self, path: String, max_bytes: u64) -> Result<Option<Vec<u8>>, FsError> {
+        self.inputs.master.read_file(&path, max_bytes)
+    }
+    fn list_dir(&mut self, path: String) -> Result<Option<Vec<DirEntry>>, FsError> {
+        self.inputs.master.list_dir(&path)
+    }
+    fn read_link(&mut self, path: String) -> Result<Option<String>, FsError> {
+        self.inputs.master.read_link(&path)
+    }
+}
+
+impl tier::Host for CallState {
+    fn peers(&mut self, start: u32, len: u32) -> Vec<Peer> {
+        let all = &self.inputs.peers;
+        let start = (start as usize).min(all.len());
+        let end = start.saturating_add(len.min(MAX_PEERS_PER_CALL) as usize).min(all.len());
+        all[start..end].to_vec()
+    }
+}

@@ -1,0 +1,5 @@
+//! mint's integration tests: one binary, one module per area.
+
+mod cli;
+mod plugin_host;
+mod support;

@@ -1,0 +1,65 @@
+//! Shared helpers: building the test guests once, loading plugins with inline manifests,
+//! and small fixtures.
+
+use mint_plugins::{Grants, LoadError, Manifest, Plugin, Runtime, RuntimeOptions};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The repository's root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
+}
+
+/// The `.wasm` of test guest `name` (a directory of tests/guests), built on first use.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let target = BUILT.get_or_init(|| {
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target dir").join("wasm-guests");
+        let ws = root().join("tests/guests");
+        for g in ["panic", "spin", "memory-bomb", "flood", "bad-answer", "peers", "http-driver", "wit-v1"] {
+            mint_guest_build::build_into(&ws, &format!("guest-{g}"), &target);
+        }
+        target
+    });
+    target.join("wasm32-wasip2/release").join(format!("guest_{}.wasm", name.replace('-', "_")))
+}
+
+/// A fresh runtime without a compiled-code cache.
+pub fn runtime() -> Runtime {
+    Runtime::new(RuntimeOptions::default()).expect("runtime")
+}
+
+/// A manifest for a test plugin: `kind` and extra TOML lines (capabilities, config).
+pub fn manifest(name: &str, kind: &str, extra: &str) -> Manifest {
+    Manifest::parse(name, &format!("name = \"{name}\"\nversion = \"0.0.0\"\nkind = \"{kind}\"\nwit = \"0.1.0\"\n{extra}"))
+        .expect("test manifest")
+}
+
+/// Loads test guest `name` as a plugin of `kind`.
+pub fn load_guest(rt: &Runtime, name: &str, kind: &str, extra: &str) -> Result<Plugin, LoadError> {
+    load_guest_granted(rt, name, kind, extra, &Grants::default())
+}
+
+/// Loads test guest `name` with `grants`.
+pub fn load_guest_granted(rt: &Runtime, name: &str, kind: &str, extra: &str, grants: &Grants) -> Result<Plugin, LoadError> {
+    let bytes = std::fs::read(guest(name)).expect("guest built");
+    rt.load(manifest(name, kind, extra), &bytes, name, grants)
+}
+
+/// A bundled plugin, loaded.
+pub fn bundled(rt: &Runtime, name: &str) -> Plugin {
+    rt.load_bundled(name).expect("bundled").expect("loads")
+}
+
+/// A scratch directory under the target directory, emptied.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// Runs a future on a fresh runtime (tests use plain `#[test]` so each has its own).
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio").block_on(f)
+}
