@@ -102,26 +102,24 @@ pub struct Interner {
     value_ix: BTreeMap<String, u32>,
 }
 
+fn intern(table: &mut Vec<String>, index: &mut BTreeMap<String, u32>, s: &str) -> u32 {
+    if let Some(&i) = index.get(s) {
+        return i;
+    }
+    table.push(s.to_string());
+    let i = (table.len() - 1) as u32;
+    index.insert(s.to_string(), i);
+    i
+}
+
 impl Interner {
     /// The index of key `k`.
     pub fn key(&mut self, k: &str) -> u32 {
-        if let Some(&i) = self.key_ix.get(k) {
-            return i;
-        }
-        self.keys.push(k.to_string());
-        let i = (self.keys.len() - 1) as u32;
-        self.key_ix.insert(k.to_string(), i);
-        i
+        intern(&mut self.keys, &mut self.key_ix, k)
     }
     /// The index of value `v`.
     pub fn value(&mut self, v: &str) -> u32 {
-        if let Some(&i) = self.value_ix.get(v) {
-            return i;
-        }
-        self.values.push(v.to_string());
-        let i = (self.values.len() - 1) as u32;
-        self.value_ix.insert(v.to_string(), i);
-        i
+        intern(&mut self.values, &mut self.value_ix, v)
     }
     /// A label map as references.
     pub fn labels<'a>(&mut self, labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> Vec<LabelRef> {
