@@ -2,4 +2,5 @@
 
 mod cli;
 mod plugin_host;
+mod store;
 mod support;

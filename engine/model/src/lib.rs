@@ -9,6 +9,7 @@
 
 pub mod address;
 pub mod hostname;
+pub mod records;
 pub mod state;
 
 pub use address::{AddressPlan, Cidr, PlanError};

@@ -1,0 +1,148 @@
+//! The records mint keeps: tiers, their instances, nodes and events. Plain data, shared by
+//! the store (which persists them) and the API (which shows them).
+
+use crate::address::AddressPlan;
+use crate::hostname::HostnamePattern;
+use crate::state::{InstanceState, NodeState};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// A plugin reference with the configuration a tier gives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginRef {
+    /// The plugin's name (bundled or installed).
+    pub plugin: String,
+    /// Configuration laid over the plugin's defaults.
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a tier asks of its nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requirements {
+    /// Labels every node must carry.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Minimum cpus.
+    #[serde(default)]
+    pub min_cpus: u32,
+    /// Minimum memory in MiB.
+    #[serde(default)]
+    pub min_memory_mib: u64,
+    /// Required architecture.
+    #[serde(default)]
+    pub arch: Option<String>,
+}
+
+/// A tier: one kind of computing function, with one master and at most K instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tier {
+    /// Unique name.
+    pub name: String,
+    /// The master image's digest (`sha256:...`).
+    pub image: String,
+    /// K: the hard maximum of instances, all minted at creation.
+    pub max_instances: u32,
+    /// Where addresses come from.
+    pub plan: AddressPlan,
+    /// How instances are named.
+    pub hostname: HostnamePattern,
+    /// What nodes must offer.
+    #[serde(default)]
+    pub requirements: Requirements,
+    /// The node-selection policy.
+    pub policy: PluginRef,
+    /// Customization steps, in order.
+    pub customizers: Vec<PluginRef>,
+    /// The provisioning driver.
+    pub driver: PluginRef,
+    /// How many instances should be deployed.
+    pub desired: u32,
+}
+
+/// Identifies an instance: its tier and index.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct InstanceId {
+    /// The tier.
+    pub tier: String,
+    /// 0-based, below K.
+    pub index: u32,
+}
+
+impl std::fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.tier, self.index)
+    }
+}
+
+/// One minted instance: an identity, its customization, and where it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Tier and index.
+    pub id: InstanceId,
+    /// Its host name, unique across tiers.
+    pub hostname: String,
+    /// Its address, unique across tiers.
+    pub address: IpAddr,
+    /// Where it is in its life.
+    pub state: InstanceState,
+    /// The node it is bound to while it holds one.
+    pub node: Option<String>,
+    /// Digest of its customization overlay (the customizers' edits).
+    pub overlay: String,
+}
+
+/// A node of the inventory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Unique name.
+    pub name: String,
+    /// Cpus.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Architecture, as `x86_64` or `aarch64`.
+    pub arch: String,
+    /// Labels (failure domains such as `zone` and `rack`, pools, ...).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Driver-specific connection details.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// Where it is in its life.
+    pub state: NodeState,
+    /// The instance it holds.
+    pub instance: Option<InstanceId>,
+    /// Last load the node reported, in thousandths.
+    #[serde(default)]
+    pub load: u32,
+}
+
+impl Node {
+    /// Whether the node meets `r`.
+    pub fn meets(&self, r: &Requirements) -> bool {
+        self.cpus >= r.min_cpus
+            && self.memory_mib >= r.min_memory_mib
+            && r.arch.as_ref().is_none_or(|a| *a == self.arch)
+            && r.labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// An entry of the event log: what happened and why, with the figures behind it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the log, increasing.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The tier it concerns, if any.
+    pub tier: Option<String>,
+    /// A short kind, as `tier-created`, `selected`, `bound`, `deployed`.
+    pub kind: String,
+    /// A sentence for people.
+    pub message: String,
+    /// Structured detail (scores, reasons, driver results).
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}

@@ -1,0 +1,427 @@
+//! mint's state on disk, in an embedded sled database: tiers, their instances, the node
+//! inventory and the event log. Every change is one multi-tree transaction that checks
+//! the pool's invariants before it writes and appends the event that explains it, so a
+//! refused change writes nothing and a crash never leaves half a change.
+//!
+//! Architecture invariant: only this crate knows sled. Callers see `mint-model` records.
+//!
+//! Writers are serialised by a process-wide lock: sled's transactions cannot scan a tree,
+//! and checks such as "no two tiers' address plans overlap" need a scan, so the scan and
+//! the transaction happen under the same lock. Readers take no lock.
+
+use mint_model::records::{Event, Instance, InstanceId, Node, Tier};
+use mint_model::{InstanceState, NodeState};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree, abort};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Why a store operation failed. A refused operation changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The request breaks a rule of the pool; the message names what and how to fix it.
+    #[error("{0}")]
+    Refused(String),
+    /// A named thing does not exist.
+    #[error("no {what} named `{name}`")]
+    NotFound {
+        /// `tier`, `node` or `instance`.
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The database failed.
+    #[error("the state database at {path} failed: {message}")]
+    Storage {
+        /// Where the database is.
+        path: String,
+        /// sled's explanation.
+        message: String,
+    },
+    /// A record on disk does not decode (a newer or damaged database).
+    #[error("a stored record does not decode ({0}); the database may be from a newer mint or damaged")]
+    Corrupt(String),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// The database and its trees.
+pub struct Store {
+    db: sled::Db,
+    path: String,
+    tiers: sled::Tree,
+    instances: sled::Tree,
+    addresses: sled::Tree,
+    hostnames: sled::Tree,
+    nodes: sled::Tree,
+    events: sled::Tree,
+    write: Mutex<()>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialise")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// An instance's key: tier name, a NUL, the index big-endian, so a tier's instances are
+/// one ordered range.
+fn instance_key(id: &InstanceId) -> Vec<u8> {
+    let mut k = id.tier.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&id.index.to_be_bytes());
+    k
+}
+
+fn tier_prefix(tier: &str) -> Vec<u8> {
+    let mut k = tier.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The trees one transaction touches.
+struct Tx<'a> {
+    tiers: &'a TransactionalTree,
+    instances: &'a TransactionalTree,
+    addresses: &'a TransactionalTree,
+    hostnames: &'a TransactionalTree,
+    nodes: &'a TransactionalTree,
+    events: &'a TransactionalTree,
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
+
+fn refuse<T>(message: String) -> TxResult<T> {
+    abort(StoreError::Refused(message))
+}
+
+impl Tx<'_> {
+    fn get<T: DeserializeOwned>(tree: &TransactionalTree, key: &[u8]) -> TxResult<Option<T>> {
+        match tree.get(key)? {
+            None => Ok(None),
+            Some(b) => decode(&b).map(Some).map_err(ConflictableTransactionError::Abort),
+        }
+    }
+    fn put<T: Serialize>(tree: &TransactionalTree, key: &[u8], v: &T) -> TxResult<()> {
+        tree.insert(key, encode(v))?;
+        Ok(())
+    }
+    fn instance(&self, id: &InstanceId) -> TxResult<Instance> {
+        match Self::get(self.instances, &instance_key(id))? {
+            Some(i) => Ok(i),
+            None => abort(StoreError::NotFound { what: "instance", name: id.to_string() }),
+        }
+    }
+    fn node(&self, name: &str) -> TxResult<Node> {
+        match Self::get(self.nodes, name.as_bytes())? {
+            Some(n) => Ok(n),
+            None => abort(StoreError::NotFound { what: "node", name: name.into() }),
+        }
+    }
+    fn event(&self, tier: Option<&str>, kind: &str, message: String, detail: serde_json::Value) -> TxResult<()> {
+        let seq = self.events.generate_id()?;
+        let e = Event { seq, at_ms: now_ms(), tier: tier.map(str::to_string), kind: kind.into(), message, detail };
+        Self::put(self.events, &seq.to_be_bytes(), &e)
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let path = dir.display().to_string();
+        let storage = |e: sled::Error| StoreError::Storage { path: path.clone(), message: e.to_string() };
+        let db = sled::open(dir).map_err(storage)?;
+        let tree = |name: &str| db.open_tree(name).map_err(storage);
+        Ok(Store {
+            tiers: tree("tiers")?,
+            instances: tree("instances")?,
+            addresses: tree("addresses")?,
+            hostnames: tree("hostnames")?,
+            nodes: tree("nodes")?,
+            events: tree("events")?,
+            path: path.clone(),
+            db,
+            write: Mutex::new(()),
+        })
+    }
+
+    fn storage(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Storage { path: self.path.clone(), message: e.to_string() }
+    }
+
+    /// Runs `f` as one transaction over every tree, then makes it durable.
+    fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
+        let r = (&self.tiers, &self.instances, &self.addresses, &self.hostnames, &self.nodes, &self.events).transaction(
+            |(tiers, instances, addresses, hostnames, nodes, events)| {
+                f(&Tx { tiers, instances, addresses, hostnames, nodes, events })
+            },
+        );
+        let value = match r {
+            Ok(v) => v,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(self.storage(e)),
+        };
+        // An acknowledged change must survive a crash: flush before answering.
+        self.db.flush().map_err(|e| self.storage(e))?;
+        Ok(value)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A writer that panicked left no partial transaction behind, so the lock's
+        // poisoning carries no meaning here.
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores a tier with all K of its minted instances, in one transaction. Refused, with
+    /// nothing written, if the name is taken, the plan overlaps another tier's, the instance
+    /// count differs from K, or an address or host name is already held.
+    pub fn create_tier(&self, tier: &Tier, instances: &[Instance]) -> Result<()> {
+        let _w = self.lock();
+        for other in self.tiers()? {
+            if other.name == tier.name {
+                return Err(StoreError::Refused(format!("a tier named `{}` exists; choose another `name` or delete it first", tier.name)));
+            }
+            if other.plan.subnet.overlaps(&tier.plan.subnet) {
+                return Err(StoreError::Refused(format!(
+                    "field `subnet`: {} overlaps {} of tier `{}`; give each tier its own subnet",
+                    tier.plan.subnet, other.plan.subnet, other.name
+                )));
+            }
+        }
+        if instances.len() != tier.max_instances as usize {
+            return Err(StoreError::Refused(format!(
+                "tier `{}` has max-instances {} but {} instances were minted",
+                tier.name,
+                tier.max_instances,
+                instances.len()
+            )));
+        }
+        self.transact(|tx| {
+            Tx::put(tx.tiers, tier.name.as_bytes(), tier)?;
+            for i in instances {
+                let id = i.id.to_string();
+                if i.id.tier != tier.name || i.state != InstanceState::Pooled || i.node.is_some() {
+                    return refuse(format!("instance {id} is not a fresh pooled instance of tier `{}`", tier.name));
+                }
+                let addr = i.address.to_string();
+                if let Some(holder) = tx.addresses.insert(addr.as_bytes(), id.as_bytes())? {
+                    return refuse(format!("address {addr} is already held by {}", String::from_utf8_lossy(&holder)));
+                }
+                if let Some(holder) = tx.hostnames.insert(i.hostname.as_bytes(), id.as_bytes())? {
+                    return refuse(format!("host name {} is already held by {}", i.hostname, String::from_utf8_lossy(&holder)));
+                }
+                Tx::put(tx.instances, &instance_key(&i.id), i)?;
+            }
+            tx.event(
+                Some(&tier.name),
+                "tier-created",
+                format!("tier `{}` created with {} instances minted in {}", tier.name, tier.max_instances, tier.plan.subnet),
+                serde_json::json!({ "max-instances": tier.max_instances, "subnet": tier.plan.subnet }),
+            )
+        })
+    }
+
+    /// Every tier, by name.
+    pub fn tiers(&self) -> Result<Vec<Tier>> {
+        self.tiers.iter().values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+    }
+
+    /// One tier.
+    pub fn tier(&self, name: &str) -> Result<Tier> {
+        match self.tiers.get(name.as_bytes()).map_err(|e| self.storage(e))? {
+            Some(b) => decode(&b),
+            None => Err(StoreError::NotFound { what: "tier", name: name.into() }),
+        }
+    }
+
+    /// A tier's instances, by index.
+    pub fn instances(&self, tier: &str) -> Result<Vec<Instance>> {
+        self.instances.scan_prefix(tier_prefix(tier)).values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+    }
+
+    /// Every address held by any instance, for allocating a new tier's addresses.
+    pub fn address_taken(&self, address: std::net::IpAddr) -> Result<bool> {
+        self.addresses.contains_key(address.to_string().as_bytes()).map_err(|e| self.storage(e))
+    }
+
+    /// Sets how many instances of a tier should be deployed (0 to K).
+    pub fn set_desired(&self, tier: &str, desired: u32) -> Result<()> {
+        let _w = self.lock();
+        self.transact(|tx| {
+            let Some(mut t) = Tx::get::<Tier>(tx.tiers, tier.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "tier", name: tier.into() });
+            };
+            if desired > t.max_instances {
+                return refuse(format!("cannot scale tier `{tier}` to {desired}: its max-instances (K) is {}", t.max_instances));
+            }
+            let before = t.desired;
+            t.desired = desired;
+            Tx::put(tx.tiers, tier.as_bytes(), &t)?;
+            tx.event(Some(tier), "scale-requested", format!("tier `{tier}` scaled from {before} to {desired}"), serde_json::json!({"from": before, "to": desired}))
+        })
+    }
+
+    /// Adds a node to the inventory; it starts free unless it is in maintenance.
+    pub fn add_node(&self, node: &Node) -> Result<()> {
+        let _w = self.lock();
+        if node.instance.is_some() || !matches!(node.state, NodeState::Free | NodeState::Maintenance) {
+            return Err(StoreError::Refused(format!("node `{}` must be added free or in maintenance, holding no instance", node.name)));
+        }
+        self.transact(|tx| {
+            if tx.nodes.get(node.name.as_bytes())?.is_some() {
+                return refuse(format!("a node named `{}` exists; remove it first or choose another name", node.name));
+            }
+            Tx::put(tx.nodes, node.name.as_bytes(), node)?;
+            tx.event(None, "node-added", format!("node `{}` added ({} cpus, {} MiB, {})", node.name, node.cpus, node.memory_mib, node.arch), serde_json::json!({"labels": node.labels}))
+        })
+    }
+
+    /// Removes a node that holds no instance.
+    pub fn remove_node(&self, name: &str) -> Result<()> {
+        let _w = self.lock();
+        self.transact(|tx| {
+            let n = tx.node(name)?;
+            if !n.state.can_remove() || n.instance.is_some() {
+                return refuse(format!("node `{name}` is {} and holds an instance; scale its tier in first", n.state));
+            }
+            tx.nodes.remove(name.as_bytes())?;
+            tx.event(None, "node-removed", format!("node `{name}` removed"), serde_json::Value::Null)
+        })
+    }
+
+    /// Every node, by name.
+    pub fn nodes(&self) -> Result<Vec<Node>> {
+        self.nodes.iter().values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+    }
+
+    /// Binds a pooled (or failed) instance to a free node and marks both deploying, in one
+    /// transaction. Refused if either is not in a state that allows it, the node does not
+    /// meet the tier's requirements, or the tier already has K instances on nodes.
+    pub fn bind(&self, id: &InstanceId, node: &str, detail: serde_json::Value) -> Result<()> {
+        let _w = self.lock();
+        let on_nodes = self.instances(&id.tier)?.iter().filter(|i| i.state.holds_node()).count();
+        self.transact(|tx| {
+            let Some(tier) = Tx::get::<Tier>(tx.tiers, id.tier.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "tier", name: id.tier.clone() });
+            };
+            let mut inst = tx.instance(id)?;
+            let mut n = tx.node(node)?;
+            if !inst.state.can_deploy() {
+                return refuse(format!("instance {id} is {}; only pooled or failed instances can be deployed", inst.state));
+            }
+            if !n.state.can_select() || n.instance.is_some() {
+                return refuse(format!("node `{node}` is {}, not free", n.state));
+            }
+            if !n.meets(&tier.requirements) {
+                return refuse(format!("node `{node}` does not meet the requirements of tier `{}`", tier.name));
+            }
+            if on_nodes >= tier.max_instances as usize {
+                return refuse(format!("tier `{}` already has {} instances on nodes, its maximum", tier.name, tier.max_instances));
+            }
+            inst.state = InstanceState::Deploying;
+            inst.node = Some(node.to_string());
+            n.state = NodeState::Deploying;
+            n.instance = Some(id.clone());
+            Tx::put(tx.instances, &instance_key(id), &inst)?;
+            Tx::put(tx.nodes, node.as_bytes(), &n)?;
+            tx.event(Some(&id.tier), "bound", format!("instance {id} ({}, {}) bound to node `{node}`", inst.hostname, inst.address), detail.clone())
+        })
+    }
+
+    /// Records that a deployment finished: the instance is deployed, its node in service.
+    pub fn finish_deploy(&self, id: &InstanceId, detail: serde_json::Value) -> Result<()> {
+        let _w = self.lock();
+        self.transact(|tx| {
+            let mut inst = tx.instance(id)?;
+            if !inst.state.can_finish_deploy() {
+                return refuse(format!("instance {id} is {}, not deploying", inst.state));
+            }
+            let node = inst.node.clone().unwrap_or_default();
+            let mut n = tx.node(&node)?;
+            inst.state = InstanceState::Deployed;
+            n.state = NodeState::InService;
+            Tx::put(tx.instances, &instance_key(id), &inst)?;
+            Tx::put(tx.nodes, node.as_bytes(), &n)?;
+            tx.event(Some(&id.tier), "deployed", format!("instance {id} runs on node `{node}`"), detail.clone())
+        })
+    }
+
+    /// Returns an instance to the pool with its identity and frees its node.
+    pub fn release(&self, id: &InstanceId, node_state: NodeState, reason: &str) -> Result<()> {
+        let _w = self.lock();
+        self.transact(|tx| {
+            let mut inst = tx.instance(id)?;
+            if !(inst.state.holds_node() || inst.state.can_return_to_pool()) {
+                return refuse(format!("instance {id} is {}, on no node", inst.state));
+            }
+            if let Some(node) = inst.node.take() {
+                let mut n = tx.node(&node)?;
+                n.state = node_state;
+                n.instance = None;
+                Tx::put(tx.nodes, node.as_bytes(), &n)?;
+            }
+            inst.state = InstanceState::Pooled;
+            Tx::put(tx.instances, &instance_key(id), &inst)?;
+            tx.event(Some(&id.tier), "released", format!("instance {id} returned to the pool: {reason}"), serde_json::Value::Null)
+        })
+    }
+
+    /// Events with a sequence number above `after`, oldest first, at most `limit`.
+    pub fn events(&self, after: Option<u64>, limit: usize) -> Result<Vec<Event>> {
+        let start = after.map(|a| a.saturating_add(1)).unwrap_or(0).to_be_bytes();
+        self.events.range(start..).values().take(limit).map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+    }
+
+    /// Checks every invariant of the pool over the whole database and lists what is
+    /// broken (empty when all hold). Used by tests after crashes and random operations.
+    pub fn check_invariants(&self) -> Result<Vec<String>> {
+        let mut broken = Vec::new();
+        let nodes = self.nodes()?;
+        let mut addr = std::collections::HashMap::new();
+        let mut host = std::collections::HashMap::new();
+        for t in self.tiers()? {
+            let inst = self.instances(&t.name)?;
+            if inst.len() != t.max_instances as usize {
+                broken.push(format!("tier {} has {} instances, not K = {}", t.name, inst.len(), t.max_instances));
+            }
+            let on_nodes = inst.iter().filter(|i| i.state.holds_node()).count();
+            if on_nodes > t.max_instances as usize {
+                broken.push(format!("tier {} has {on_nodes} instances on nodes, above K", t.name));
+            }
+            for i in &inst {
+                if let Some(o) = addr.insert(i.address, i.id.clone()) {
+                    broken.push(format!("address {} held by {} and {}", i.address, o, i.id));
+                }
+                if let Some(o) = host.insert(i.hostname.clone(), i.id.clone()) {
+                    broken.push(format!("host name {} held by {} and {}", i.hostname, o, i.id));
+                }
+                match (&i.node, i.state.holds_node()) {
+                    (Some(n), true) => match nodes.iter().find(|x| &x.name == n) {
+                        Some(node) if node.instance.as_ref() == Some(&i.id) => {}
+                        _ => broken.push(format!("instance {} claims node {n}, which does not hold it", i.id)),
+                    },
+                    (None, false) => {}
+                    _ => broken.push(format!("instance {} is {} with node {:?}", i.id, i.state, i.node)),
+                }
+            }
+        }
+        for n in &nodes {
+            if let Some(id) = &n.instance {
+                let holds = self.instances(&id.tier)?.iter().any(|i| &i.id == id && i.node.as_deref() == Some(n.name.as_str()));
+                if !holds {
+                    broken.push(format!("node {} claims instance {id}, which is not on it", n.name));
+                }
+            }
+        }
+        Ok(broken)
+    }
+}
