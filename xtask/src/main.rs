@@ -27,21 +27,58 @@ fn setup() -> Result<(), String> {
     run(Command::new("rustup").args(["target", "add", WASM_TARGET]))
 }
 
+/// Test totals over several `cargo test` runs.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs a `cargo test` command, echoing its output and adding up its `test result:` lines.
+fn run_tests(cmd: &mut Command, totals: &mut Totals) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| format!("reading test output: {e}"))?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            totals.passed += count(" passed");
+            totals.failed += count(" failed");
+            totals.ignored += count(" ignored");
+        }
+    }
+    let status = child.wait().map_err(|e| format!("waiting for {cmd:?}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+}
+
 fn test() -> Result<(), String> {
     setup()?;
+    let mut totals = Totals::default();
     // The host workspace in the release profile, which the benchmarks and the binary share,
     // so a cold run compiles wasmtime once.
-    run(cargo().args(["test", "--release", "--workspace", "--exclude", "xtask"]))?;
+    let host = run_tests(cargo().args(["test", "--release", "--workspace", "--exclude", "xtask"]), &mut totals);
     // The SDK and the first-party plugins, natively: their unit tests need no engine.
+    let mut guests = Ok(());
     for manifest in ["sdk/Cargo.toml", "plugins/Cargo.toml"] {
         let mut c = cargo();
         c.args(["test", "--manifest-path", manifest, "--target-dir", "target/guest-native"]);
         if manifest.starts_with("sdk") {
             c.arg("--all-features");
         }
-        run(&mut c)?;
+        guests = guests.and(run_tests(&mut c, &mut totals));
     }
-    Ok(())
+    // One closing line for the whole run, whatever the last crate's runner printed.
+    println!("{} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    host.and(guests)
 }
 
 fn main() -> ExitCode {

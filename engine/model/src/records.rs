@@ -146,3 +146,18 @@ pub struct Event {
     #[serde(default)]
     pub detail: serde_json::Value,
 }
+
+/// A master image in the image store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// `sha256:<hex>` of the image's canonical tar.
+    pub digest: String,
+    /// A name for people (the imported file or directory's name, or one given).
+    pub name: String,
+    /// `tree` for directories and tar archives.
+    pub format: String,
+    /// Bytes of the canonical tar.
+    pub size: u64,
+    /// Files, directories and links in it.
+    pub entries: u64,
+}

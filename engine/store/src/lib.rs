@@ -9,7 +9,7 @@
 //! and checks such as "no two tiers' address plans overlap" need a scan, so the scan and
 //! the transaction happen under the same lock. Readers take no lock.
 
-use mint_model::records::{Event, Instance, InstanceId, Node, Tier};
+use mint_model::records::{Event, Image, Instance, InstanceId, Node, Tier};
 use mint_model::{InstanceState, NodeState};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -58,6 +58,8 @@ pub struct Store {
     hostnames: sled::Tree,
     nodes: sled::Tree,
     events: sled::Tree,
+    images: sled::Tree,
+    overlays: sled::Tree,
     write: Mutex<()>,
 }
 
@@ -148,6 +150,8 @@ impl Store {
             hostnames: tree("hostnames")?,
             nodes: tree("nodes")?,
             events: tree("events")?,
+            images: tree("images")?,
+            overlays: tree("overlays")?,
             path: path.clone(),
             db,
             write: Mutex::new(()),
@@ -228,6 +232,43 @@ impl Store {
                 serde_json::json!({ "max-instances": tier.max_instances, "subnet": tier.plan.subnet }),
             )
         })
+    }
+
+    /// Records an imported master image (idempotent: the digest names the content).
+    pub fn put_image(&self, image: &Image) -> Result<()> {
+        let _w = self.lock();
+        self.images.insert(image.digest.as_bytes(), encode(image)).map_err(|e| self.storage(e))?;
+        self.db.flush().map_err(|e| self.storage(e))?;
+        Ok(())
+    }
+
+    /// Every image, by digest.
+    pub fn images(&self) -> Result<Vec<Image>> {
+        self.images.iter().values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+    }
+
+    /// One image, by digest.
+    pub fn image(&self, digest: &str) -> Result<Image> {
+        match self.images.get(digest.as_bytes()).map_err(|e| self.storage(e))? {
+            Some(b) => decode(&b),
+            None => Err(StoreError::NotFound { what: "image", name: digest.into() }),
+        }
+    }
+
+    /// Stores an instance's customization overlay under its digest. Overlays are content
+    /// addressed, so instances with identical edits share one, and writing one twice is
+    /// harmless; they are made durable with the tier that refers to them.
+    pub fn put_overlay(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        self.overlays.insert(digest.as_bytes(), bytes).map_err(|e| self.storage(e))?;
+        Ok(())
+    }
+
+    /// An overlay's bytes.
+    pub fn overlay(&self, digest: &str) -> Result<Vec<u8>> {
+        match self.overlays.get(digest.as_bytes()).map_err(|e| self.storage(e))? {
+            Some(b) => Ok(b.to_vec()),
+            None => Err(StoreError::NotFound { what: "overlay", name: digest.into() }),
+        }
     }
 
     /// Every tier, by name.
