@@ -1,5 +1,6 @@
 //! Project tasks, run as `cargo xtask <task>`: `setup` installs what a fresh clone needs,
-//! `demo` runs mint's main job, `test` runs every test, `bench` runs the benchmarks.
+//! `daemon` runs mint's main job (the daemon on its embedded store), `demo` shows the
+//! bundled plugins at work, `test` runs every test, `bench` runs the benchmarks.
 
 use std::process::{Command, ExitCode};
 
@@ -85,10 +86,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
+        Some("daemon") => setup().and_then(|_| {
+            run(cargo().args(["run", "--release", "--package", "mint", "--", "daemon", "--data-dir", "target/mint-data"]).args(&args[1..]))
+        }),
         Some("demo") => setup().and_then(|_| run(cargo().args(["run", "--release", "--package", "mint", "--", "demo"]).args(&args[1..]))),
         Some("test") => test(),
         Some("bench") => setup().and_then(|_| run(cargo().args(["bench", "--package", "mint-plugins", "--bench", "plugin_cost", "--"]).args(&args[1..]))),
-        _ => Err("usage: cargo xtask <setup | demo | test | bench>".to_string()),
+        _ => Err("usage: cargo xtask <setup | daemon | demo | test | bench>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,8 +1,10 @@
 //! The `mint` command line: plugin tooling and a demonstration of the engine.
 //!
-//! Exit codes: 0 success; 1 a plugin call failed (trap, timeout, refusal, invalid answer);
-//! 2 bad usage or input; 3 a plugin could not be loaded.
+//! Exit codes: 0 success; 1 the request failed (the daemon refused it, or a plugin call
+//! failed: trap, timeout, refusal, invalid answer); 2 bad usage or input; 3 a plugin could
+//! not be loaded; 4 the daemon could not be reached.
 
+mod client;
 mod demo;
 mod plugin_cmd;
 
@@ -12,6 +14,8 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "mint", version, about = "Mint image instances up front, deploy them on nodes, scale out from the pool.")]
 struct Cli {
+    #[command(flatten)]
+    conn: client::Conn,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,6 +27,44 @@ enum Command {
     Plugin(plugin_cmd::PluginCommand),
     /// Run every bundled plugin through the engine on example inputs and show the results.
     Demo(demo::DemoArgs),
+    /// Run the daemon: the HTTP API and the reconciliation loop, state in sled.
+    Daemon {
+        /// Where state, images and compiled plugins live.
+        #[arg(long, default_value = "mint-data")]
+        data_dir: std::path::PathBuf,
+        /// Address to serve the API on (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:7600")]
+        listen: std::net::SocketAddr,
+    },
+    /// Master images.
+    #[command(subcommand)]
+    Image(client::ImageCommand),
+    /// Tiers.
+    #[command(subcommand)]
+    Tier(client::TierCommand),
+    /// The node inventory.
+    #[command(subcommand)]
+    Node(client::NodeCommand),
+    /// A tier's instances.
+    Instance {
+        #[command(subcommand)]
+        cmd: InstanceCommand,
+    },
+    /// The event log: every decision with its reasons.
+    Events {
+        /// Only this tier's events.
+        #[arg(long)]
+        tier: Option<String>,
+        /// Only events after this sequence number.
+        #[arg(long)]
+        after: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum InstanceCommand {
+    /// List a tier's instances with their identities and states.
+    List { tier: String },
 }
 
 /// A failure with the exit code it maps to.
@@ -43,6 +85,28 @@ impl Failure {
     }
 }
 
+/// Runs a blocking client call off the async runtime's workers.
+async fn blocking(f: impl FnOnce() -> Result<(), Failure> + Send + 'static) -> Result<(), Failure> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(Failure::call(anyhow::anyhow!("client task failed: {e}"))))
+}
+
+async fn daemon(data_dir: std::path::PathBuf, listen: std::net::SocketAddr) -> Result<(), Failure> {
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        eprintln!("mint daemon: shutting down");
+    };
+    let dir = data_dir.clone();
+    mint_daemon::serve(&data_dir, listen, shutdown, move |addr| {
+        eprintln!("mint daemon: serving http://{addr} with state in {}", dir.display());
+    })
+    .await
+    .map_err(|e| Failure::usage(anyhow::anyhow!(e)))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MINT_LOG").unwrap_or_else(|_| "warn".into()))
@@ -60,6 +124,12 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Plugin(cmd) => plugin_cmd::run(cmd).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Daemon { data_dir, listen } => daemon(data_dir, listen).await,
+            Command::Image(c) => blocking(move || client::image(&cli.conn, c)).await,
+            Command::Tier(c) => blocking(move || client::tier(&cli.conn, c)).await,
+            Command::Node(c) => blocking(move || client::node(&cli.conn, c)).await,
+            Command::Instance { cmd: InstanceCommand::List { tier } } => blocking(move || client::instances(&cli.conn, &tier)).await,
+            Command::Events { tier, after } => blocking(move || client::events(&cli.conn, tier, after)).await,
         }
     });
     match result {

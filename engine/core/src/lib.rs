@@ -26,6 +26,7 @@ use std::sync::{Arc, RwLock};
 pub use images::{ImageError, ImageStore};
 pub use spec::TierSpec;
 
+
 /// Why an engine operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -1,0 +1,266 @@
+//! The CLI's commands that talk to a running daemon over its HTTP/JSON API, printing
+//! tables for people and JSON with `--json`.
+//!
+//! Exit codes: 0 success; 1 the daemon refused or failed the request; 2 bad usage or
+//! input; 4 the daemon could not be reached.
+
+use crate::Failure;
+use anyhow::anyhow;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+
+/// Where the daemon is and how to print.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// The daemon's address.
+    #[arg(long, global = true, env = "MINT_SERVER", default_value = "http://127.0.0.1:7600")]
+    server: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Import a directory or tar archive (a path on the daemon's host) as a master image.
+    Import { path: PathBuf, #[arg(long)] name: Option<String> },
+    /// List images.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum TierCommand {
+    /// Create a tier from a TOML or JSON file and mint all its instances.
+    Create { #[arg(long, short)] file: PathBuf },
+    /// List tiers.
+    List,
+    /// Show one tier.
+    Show { name: String },
+    /// Set how many instances of a tier run.
+    Scale {
+        name: String,
+        #[arg(allow_negative_numbers = true)]
+        instances: i64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// Add a node to the inventory.
+    Add {
+        name: String,
+        #[arg(long)]
+        cpus: u32,
+        #[arg(long)]
+        memory_mib: u64,
+        #[arg(long, default_value = "x86_64")]
+        arch: String,
+        /// A label, as `zone=a`; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// A driver property, as `agent-url=http://...`; repeatable.
+        #[arg(long = "property", value_name = "KEY=VALUE")]
+        properties: Vec<String>,
+    },
+    /// List nodes.
+    List,
+    /// Remove a node that holds no instance.
+    Remove { name: String },
+}
+
+fn url(conn: &Conn, path: &str) -> String {
+    format!("{}{path}", conn.server.trim_end_matches('/'))
+}
+
+/// Sends a request and returns the JSON answer, mapping failures to exit codes.
+fn call(conn: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+    let req = ureq::request(method, &url(conn, path)).timeout(std::time::Duration::from_secs(300));
+    let resp = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    match resp {
+        Ok(r) => r.into_json().map_err(|e| Failure::call(anyhow!("the daemon's answer is not JSON: {e}"))),
+        Err(ureq::Error::Status(code, r)) => {
+            let v: Value = r.into_json().unwrap_or(Value::Null);
+            let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {code}"));
+            Err(Failure::call(anyhow!("{msg}")))
+        }
+        Err(ureq::Error::Transport(t)) => Err(Failure {
+            code: 4,
+            error: anyhow!("cannot reach the mint daemon at {}: {t}; start it with `mint daemon` or set --server", conn.server),
+        }),
+    }
+}
+
+fn print(conn: &Conn, v: &Value, table: impl FnOnce(&Value)) {
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        table(v);
+    }
+}
+
+fn pairs(list: &[String], flag: &str) -> Result<Value, Failure> {
+    let mut m = serde_json::Map::new();
+    for item in list {
+        let (k, v) = item.split_once('=').ok_or_else(|| Failure::usage(anyhow!("--{flag} `{item}` must be KEY=VALUE")))?;
+        m.insert(k.to_string(), json!(v));
+    }
+    Ok(Value::Object(m))
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+pub fn image(conn: &Conn, cmd: ImageCommand) -> Result<(), Failure> {
+    match cmd {
+        ImageCommand::Import { path, name } => {
+            let abs = std::fs::canonicalize(&path).map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", path.display())))?;
+            let v = call(conn, "POST", "/v1/images", Some(json!({"path": abs, "name": name})))?;
+            print(conn, &v, |v| println!("imported {} as {} ({} entries, {} bytes)", s(&v["name"]), s(&v["digest"]), v["entries"], v["size"]));
+        }
+        ImageCommand::List => {
+            let v = call(conn, "GET", "/v1/images", None)?;
+            print(conn, &v, |v| {
+                println!("{:<20} {:<10} {:>10}  DIGEST", "NAME", "FORMAT", "BYTES");
+                for i in v.as_array().into_iter().flatten() {
+                    println!("{:<20} {:<10} {:>10}  {}", s(&i["name"]), s(&i["format"]), s(&i["size"]), s(&i["digest"]));
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads a tier file: TOML, or JSON when it ends in `.json`.
+fn read_spec(file: &PathBuf) -> Result<Value, Failure> {
+    let text = std::fs::read_to_string(file).map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", file.display())))?;
+    if file.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| Failure::usage(anyhow!("{}: {e}", file.display())))
+    } else {
+        let t: toml::Value = toml::from_str(&text).map_err(|e| Failure::usage(anyhow!("{}: {e}", file.display())))?;
+        serde_json::to_value(t).map_err(|e| Failure::usage(anyhow!("{}: {e}", file.display())))
+    }
+}
+
+fn tier_row(v: &Value) {
+    let t = &v["tier"];
+    println!(
+        "{:<16} {:>4} {:>8} {:>8}  {:<18} {:<16} {}",
+        s(&t["name"]),
+        s(&t["max_instances"]),
+        s(&t["desired"]),
+        s(&v["deployed"]),
+        s(&t["plan"]["subnet"]),
+        s(&t["hostname"]),
+        s(&t["policy"]["plugin"])
+    );
+}
+
+fn tier_header() {
+    println!("{:<16} {:>4} {:>8} {:>8}  {:<18} {:<16} POLICY", "TIER", "K", "DESIRED", "DEPLOYED", "SUBNET", "HOSTNAME");
+}
+
+pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
+    match cmd {
+        TierCommand::Create { file } => {
+            let spec = read_spec(&file)?;
+            eprintln!("minting instances...");
+            let v = call(conn, "POST", "/v1/tiers", Some(spec))?;
+            print(conn, &v, |v| println!("tier {} created: {} instances minted in {}", s(&v["name"]), s(&v["max_instances"]), s(&v["plan"]["subnet"])));
+        }
+        TierCommand::List => {
+            let v = call(conn, "GET", "/v1/tiers", None)?;
+            print(conn, &v, |v| {
+                tier_header();
+                v.as_array().into_iter().flatten().for_each(tier_row);
+            });
+        }
+        TierCommand::Show { name } => {
+            let v = call(conn, "GET", &format!("/v1/tiers/{name}"), None)?;
+            print(conn, &v, |v| {
+                tier_header();
+                tier_row(v);
+            });
+        }
+        TierCommand::Scale { name, instances } => {
+            let v = call(conn, "POST", &format!("/v1/tiers/{name}/scale"), Some(json!({ "instances": instances })))?;
+            print(conn, &v, |v| {
+                let ids = |k: &str| v[k].as_array().map(|a| a.iter().map(|i| format!("{}/{}", s(&i["tier"]), s(&i["index"]))).collect::<Vec<_>>().join(" ")).unwrap_or_default();
+                println!("tier {name} scaled to {instances}: deployed [{}] undeployed [{}]", ids("deployed"), ids("undeployed"));
+                if let Some(b) = v["blocked"].as_str() {
+                    println!("blocked: {b}");
+                }
+            });
+            if v["blocked"].is_string() {
+                return Err(Failure::call(anyhow!("the tier could not reach {instances} instances: {}", s(&v["blocked"]))));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn node(conn: &Conn, cmd: NodeCommand) -> Result<(), Failure> {
+    match cmd {
+        NodeCommand::Add { name, cpus, memory_mib, arch, labels, properties } => {
+            let body = json!({
+                "name": name, "cpus": cpus, "memory-mib": memory_mib, "arch": arch,
+                "labels": pairs(&labels, "label")?, "properties": pairs(&properties, "property")?,
+            });
+            let v = call(conn, "POST", "/v1/nodes", Some(body))?;
+            print(conn, &v, |v| println!("node {} added", s(&v["name"])));
+        }
+        NodeCommand::List => {
+            let v = call(conn, "GET", "/v1/nodes", None)?;
+            print(conn, &v, |v| {
+                println!("{:<16} {:<12} {:>4} {:>8}  {:<14} LABELS", "NODE", "STATE", "CPUS", "MEM-MIB", "INSTANCE");
+                for n in v.as_array().into_iter().flatten() {
+                    let inst = if n["instance"].is_null() { "-".into() } else { format!("{}/{}", s(&n["instance"]["tier"]), s(&n["instance"]["index"])) };
+                    let labels: Vec<String> = n["labels"].as_object().into_iter().flatten().map(|(k, v)| format!("{k}={}", s(v))).collect();
+                    println!("{:<16} {:<12} {:>4} {:>8}  {:<14} {}", s(&n["name"]), s(&n["state"]), s(&n["cpus"]), s(&n["memory_mib"]), inst, labels.join(","));
+                }
+            });
+        }
+        NodeCommand::Remove { name } => {
+            let v = call(conn, "DELETE", &format!("/v1/nodes/{name}"), None)?;
+            print(conn, &v, |_| println!("node {name} removed"));
+        }
+    }
+    Ok(())
+}
+
+pub fn instances(conn: &Conn, tier: &str) -> Result<(), Failure> {
+    let v = call(conn, "GET", &format!("/v1/tiers/{tier}/instances"), None)?;
+    print(conn, &v, |v| {
+        println!("{:<14} {:>5}  {:<16} {:<28} {:<12} NODE", "TIER", "INDEX", "HOSTNAME", "ADDRESS", "STATE");
+        for i in v.as_array().into_iter().flatten() {
+            println!("{:<14} {:>5}  {:<16} {:<28} {:<12} {}", s(&i["id"]["tier"]), s(&i["id"]["index"]), s(&i["hostname"]), s(&i["address"]), s(&i["state"]), s(&i["node"]));
+        }
+    });
+    Ok(())
+}
+
+pub fn events(conn: &Conn, tier: Option<String>, after: Option<u64>) -> Result<(), Failure> {
+    let mut q = vec![];
+    if let Some(t) = tier {
+        q.push(format!("tier={t}"));
+    }
+    if let Some(a) = after {
+        q.push(format!("after={a}"));
+    }
+    let v = call(conn, "GET", &format!("/v1/events?{}", q.join("&")), None)?;
+    print(conn, &v, |v| {
+        for e in v.as_array().into_iter().flatten() {
+            let detail = if e["detail"].is_null() { String::new() } else { format!("  {}", e["detail"]) };
+            println!("{:>6} {:<16} {}{detail}", s(&e["seq"]), s(&e["kind"]), s(&e["message"]));
+        }
+    });
+    Ok(())
+}

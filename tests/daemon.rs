@@ -1,0 +1,142 @@
+//! The whole sequence through the `mint` CLI against a real daemon process: import a
+//! master, create a tier (all K minted), add nodes, deploy, scale out and in, read the
+//! event log; then restart the daemon and find everything acknowledged still there.
+
+use crate::support::{root, scratch};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A daemon process on an ephemeral loopback port, stopped when dropped.
+struct Daemon {
+    child: Child,
+    url: String,
+}
+
+impl Daemon {
+    fn start(data: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
+            .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("serving ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).expect("the daemon says where it serves");
+        Daemon { child, url }
+    }
+
+    fn mint(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_mint")).args(args).env("MINT_SERVER", &self.url).current_dir(root()).output().unwrap()
+    }
+
+    /// Runs a CLI command that must succeed and returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.mint(args);
+        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// Stops the daemon with SIGTERM and waits (bounded) for a graceful exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "the daemon exits cleanly on SIGTERM: {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the daemon did not stop within 30 s of SIGTERM");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_whole_sequence_through_the_cli_survives_a_restart() {
+    let dir = scratch("daemon-e2e");
+    let data = dir.join("data");
+    let d = Daemon::start(&data);
+
+    let image = d.json(&["image", "import", "tests/fixtures/master-ifupdown", "--name", "debian"]);
+    let digest = image["digest"].as_str().unwrap().to_string();
+    let spec = std::fs::read_to_string(root().join("tests/fixtures/web-tier.toml")).unwrap().replace("IMAGE", &digest);
+    let spec_file = dir.join("web.toml");
+    std::fs::write(&spec_file, spec).unwrap();
+    d.ok(&["tier", "create", "-f", spec_file.to_str().unwrap()]);
+
+    // All K instances exist with their identities before any node is known.
+    let inst = d.json(&["instance", "list", "web"]);
+    assert_eq!(inst.as_array().unwrap().len(), 8);
+    assert!(inst.as_array().unwrap().iter().all(|i| i["state"] == "pooled"));
+    assert_eq!(inst[2]["hostname"], "web-002");
+    assert_eq!(inst[2]["address"], "198.18.0.4");
+
+    for (n, zone) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b"), ("c1", "c"), ("c2", "c")] {
+        d.ok(&["node", "add", &format!("node-{n}"), "--cpus", "4", "--memory-mib", "8192", "--label", &format!("zone={zone}")]);
+    }
+    let out = d.ok(&["tier", "scale", "web", "3"]);
+    assert!(out.contains("deployed [web/0 web/1 web/2]"), "{out}");
+    let out = d.ok(&["tier", "scale", "web", "5"]);
+    assert!(out.contains("deployed [web/3 web/4]"), "{out}");
+    let out = d.ok(&["tier", "scale", "web", "4"]);
+    assert!(out.contains("undeployed [web/4]"), "{out}");
+
+    // Bad requests: clear errors, documented exit codes, nothing changed.
+    let o = d.mint(&["tier", "scale", "web", "9"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("its max-instances (K) is 8"));
+    let o = d.mint(&["tier", "scale", "web", "-1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("field `instances`"));
+    let o = d.mint(&["node", "add", "node-a1", "--cpus", "4", "--memory-mib", "1"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("a node named `node-a1` exists"));
+    let o = d.mint(&["tier", "show", "nosuch"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no tier named `nosuch`"));
+
+    let events = d.ok(&["events", "--tier", "web"]);
+    assert!(events.contains("scale-requested") && events.contains("bound") && events.contains("zone="), "{events}");
+
+    let before = d.json(&["instance", "list", "web"]);
+    d.stop();
+
+    let d = Daemon::start(&data);
+    assert_eq!(d.json(&["instance", "list", "web"]), before, "nothing acknowledged is lost across a restart");
+    let tiers = d.json(&["tier", "list"]);
+    assert_eq!(tiers[0]["deployed"], 4);
+    // Scaling out again reuses the pooled instance 4 with its identity.
+    d.ok(&["tier", "scale", "web", "5"]);
+    let after = d.json(&["instance", "list", "web"]);
+    assert_eq!(after[4]["state"], "deployed");
+    assert_eq!(after[4]["address"], before[4]["address"]);
+    d.stop();
+}
+
+#[test]
+fn a_daemon_that_is_not_running_is_exit_code_4() {
+    let o = Command::new(env!("CARGO_BIN_EXE_mint")).args(["tier", "list"]).env("MINT_SERVER", "http://127.0.0.1:9").output().unwrap();
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the mint daemon"));
+}
