@@ -1,6 +1,7 @@
 //! mint's integration tests: one binary, one module per area.
 
 mod cli;
+mod crash;
 mod daemon;
 mod engine;
 mod plugin_host;

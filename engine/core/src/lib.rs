@@ -62,6 +62,16 @@ impl Registry {
         Ok(Registry { runtime, loaded: RwLock::new(HashMap::new()) })
     }
 
+    /// Loads every bundled plugin now (from the compiled-code cache when it has them), so
+    /// that the first request does not pay for compiling and a broken plugin shows at start.
+    pub fn preload_bundled(&self) -> Result<()> {
+        for b in mint_plugins::bundled::ALL {
+            let p = Arc::new(self.runtime.load_bundled(b.name).expect("listed in ALL")?);
+            self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert(b.name.to_string(), p);
+        }
+        Ok(())
+    }
+
     /// The plugin `name`, which must be of `kind`; `field` names the reference in errors.
     pub fn get(&self, name: &str, kind: Kind, field: &str) -> Result<Arc<Plugin>> {
         if let Some(p) = self.loaded.read().unwrap_or_else(|p| p.into_inner()).get(name) {

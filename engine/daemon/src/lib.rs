@@ -247,6 +247,7 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
     let engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
+    engine.plugins.preload_bundled().map_err(|e| e.to_string())?;
     let app = Arc::new(App { engine, reconciling: tokio::sync::Mutex::new(()) });
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;

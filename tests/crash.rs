@@ -1,0 +1,158 @@
+//! Crash safety: the daemon is killed with SIGKILL at random moments while it mints tiers
+//! and scales them, restarted on the same state, and checked each time: every invariant of
+//! the pool holds and nothing it acknowledged is lost.
+
+use crate::support::scratch;
+use mint_store::Store;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A small deterministic generator, so a failing run can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn start(data: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
+        .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(rest) = line.split("serving ").nth(1) {
+                    let url = rest.split_whitespace().next().unwrap().to_string();
+                    // Keep draining stderr so the daemon never blocks on a full pipe.
+                    std::thread::spawn(move || lines.for_each(drop));
+                    return (child, url);
+                }
+            }
+            _ => break,
+        }
+    }
+    panic!("the daemon did not start");
+}
+
+/// What the daemon acknowledged, and what it may have done without acknowledging.
+#[derive(Default)]
+struct Acked {
+    /// Tiers acknowledged as created, with K.
+    tiers: Vec<(String, u32)>,
+    /// Per tier: the last acknowledged desired count, and counts requested since.
+    desired: std::collections::HashMap<String, (u32, Vec<u32>)>,
+    /// Requests cut off by a kill.
+    interrupted: u32,
+    /// Scale requests acknowledged.
+    scaled: u32,
+}
+
+fn post(url: &str, path: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
+    ureq::post(&format!("{url}{path}"))
+        .timeout(Duration::from_secs(30))
+        .send_json(body)
+        .map_err(|e| e.to_string())?
+        .into_json()
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_nothing_acknowledged() {
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    eprintln!("crash test seed {seed}");
+    let mut rng = Rng(seed);
+    let dir = scratch("crash");
+    let data = dir.join("data");
+    let master = crate::support::root().join("tests/fixtures/master-ifupdown");
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let started = Instant::now();
+    let cycles = 100;
+    let mut digest = String::new();
+
+    for cycle in 0..cycles {
+        // Bound the whole test in time whatever the machine's speed.
+        assert!(started.elapsed() < Duration::from_secs(600), "100 cycles took over 10 minutes");
+        let (mut child, url) = start(&data);
+        if cycle == 0 {
+            let v = post(&url, "/v1/images", serde_json::json!({"path": master})).unwrap();
+            digest = v["digest"].as_str().unwrap().to_string();
+            for i in 0..6 {
+                post(&url, "/v1/nodes", serde_json::json!({"name": format!("n{i}"), "cpus": 4, "memory-mib": 4096, "labels": {"zone": format!("z{}", i % 3)}})).unwrap();
+            }
+        }
+        // A client thread issues requests while the main thread picks a moment to kill.
+        let ops = rng.below(4) + 1;
+        let plan: Vec<(u64, u64)> = (0..ops).map(|_| (rng.below(3), rng.next())).collect();
+        let (client_acked, client_url, client_digest) = (acked.clone(), url.clone(), digest.clone());
+        let client = std::thread::spawn(move || {
+            for (op, arg) in plan {
+                let tiers = client_acked.lock().unwrap().tiers.clone();
+                if op == 0 || tiers.is_empty() {
+                    let n = tiers.len() + cycle as usize * 10;
+                    let name = format!("t{cycle}x{n}");
+                    let k = (arg % 40 + 1) as u32;
+                    let spec = serde_json::json!({
+                        "name": name, "image": client_digest, "max-instances": k,
+                        "subnet": format!("198.18.{}.0/24", (cycle as usize * 4 + tiers.len()) % 250),
+                        "hostname": format!("{name}-{{index}}"), "driver": {"plugin": "noop"},
+                    });
+                    match post(&client_url, "/v1/tiers", spec) {
+                        Ok(_) => client_acked.lock().unwrap().tiers.push((name, k)),
+                        Err(_) => client_acked.lock().unwrap().interrupted += 1,
+                    }
+                } else {
+                    let (name, k) = tiers[(arg % tiers.len() as u64) as usize].clone();
+                    let n = ((arg >> 8) % (k as u64 + 1)).min(6) as u32;
+                    client_acked.lock().unwrap().desired.entry(name.clone()).or_default().1.push(n);
+                    if post(&client_url, &format!("/v1/tiers/{name}/scale"), serde_json::json!({"instances": n})).is_ok() {
+                        let mut a = client_acked.lock().unwrap();
+                        a.scaled += 1;
+                        let e = a.desired.entry(name).or_default();
+                        e.0 = n;
+                        e.1.clear();
+                    } else {
+                        client_acked.lock().unwrap().interrupted += 1;
+                    }
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(rng.below(120)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        client.join().unwrap();
+
+        let store = Store::open(&data.join("state")).unwrap();
+        let broken = store.check_invariants().unwrap();
+        assert!(broken.is_empty(), "cycle {cycle} (seed {seed}): {broken:?}");
+        let a = acked.lock().unwrap();
+        for (name, k) in &a.tiers {
+            let t = store.tier(name).unwrap_or_else(|e| panic!("cycle {cycle} (seed {seed}): acknowledged tier {name} lost: {e}"));
+            assert_eq!(t.max_instances, *k);
+            if let Some((last, pending)) = a.desired.get(name) {
+                assert!(t.desired == *last || pending.contains(&t.desired), "cycle {cycle} (seed {seed}): tier {name} desired {} not {last} or one of {pending:?}", t.desired);
+            }
+        }
+    }
+    // The run must have exercised what it claims to: acknowledged work, and kills that
+    // landed in the middle of requests.
+    let a = acked.lock().unwrap();
+    eprintln!("crash test: {} tiers and {} scalings acknowledged, {} requests cut off by a kill", a.tiers.len(), a.scaled, a.interrupted);
+    assert!(a.tiers.len() >= 20 && a.scaled >= 20, "too little acknowledged work to mean anything");
+    assert!(a.interrupted >= 10, "too few kills landed during a request");
+}
