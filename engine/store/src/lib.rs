@@ -416,6 +416,29 @@ impl Store {
         })
     }
 
+    /// Declares a node failed: it leaves the pool of candidates, and the instance it held
+    /// becomes failed (off any node, identity kept) so that reconciliation redeploys it
+    /// elsewhere with the same address and host name.
+    pub fn fail_node(&self, name: &str, reason: &str) -> Result<Option<InstanceId>> {
+        let _w = self.lock();
+        self.transact(|tx| {
+            let mut n = tx.node(name)?;
+            let held = n.instance.take();
+            n.state = NodeState::Failed;
+            Tx::put(tx.nodes, name.as_bytes(), &n)?;
+            if let Some(id) = &held {
+                let mut inst = tx.instance(id)?;
+                inst.state = InstanceState::Failed;
+                inst.node = None;
+                Tx::put(tx.instances, &instance_key(id), &inst)?;
+            }
+            let tier = held.as_ref().map(|i| i.tier.as_str());
+            let what = held.as_ref().map(|i| format!("; instance {i} failed with it")).unwrap_or_default();
+            tx.event(tier, "node-failed", format!("node `{name}` failed: {reason}{what}"), serde_json::Value::Null)?;
+            Ok(held.clone())
+        })
+    }
+
     /// Events with a sequence number above `after`, oldest first, at most `limit`.
     pub fn events(&self, after: Option<u64>, limit: usize) -> Result<Vec<Event>> {
         let start = after.map(|a| a.saturating_add(1)).unwrap_or(0).to_be_bytes();
