@@ -91,7 +91,9 @@ fn main() -> ExitCode {
         }),
         Some("demo") => setup().and_then(|_| run(cargo().args(["run", "--release", "--package", "mint", "--", "demo"]).args(&args[1..]))),
         Some("test") => test(),
-        Some("bench") => setup().and_then(|_| run(cargo().args(["bench", "--package", "mint-plugins", "--bench", "plugin_cost", "--"]).args(&args[1..]))),
+        Some("bench") => setup()
+            .and_then(|_| run(cargo().args(["bench", "--package", "mint-plugins", "--bench", "plugin_cost"])))
+            .and_then(|_| run(cargo().args(["bench", "--package", "mint-core", "--bench", "pool"]))),
         _ => Err("usage: cargo xtask <setup | daemon | demo | test | bench>".to_string()),
     };
     match result {

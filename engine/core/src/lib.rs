@@ -244,17 +244,27 @@ impl Engine {
             }
         };
         let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
-        for (choice, inst) in chosen.iter().zip(waiting) {
-            let node_name = &names[choice.candidate as usize];
-            let detail = serde_json::json!({
-                "policy": tier.policy.plugin, "score": choice.score, "reason": choice.reason,
-                "why-this-instance": format!("lowest-index {} instance", inst.state),
-            });
-            self.store.bind(&inst.id, node_name, detail)?;
+        // Bind every chosen pair in one transaction, so the pass costs one durable write
+        // however many instances it places; then hand each to the driver.
+        let pairs: Vec<(&Instance, &String, &wit::Choice)> =
+            chosen.iter().zip(waiting).map(|(c, i)| (i, &names[c.candidate as usize], c)).collect();
+        let binds: Vec<(InstanceId, String, serde_json::Value)> = pairs
+            .iter()
+            .map(|(inst, node, choice)| {
+                let detail = serde_json::json!({
+                    "policy": tier.policy.plugin, "score": choice.score, "reason": choice.reason,
+                    "why-this-instance": format!("lowest-index {} instance", inst.state),
+                });
+                (inst.id.clone(), node.to_string(), detail)
+            })
+            .collect();
+        self.store.bind_many(&binds)?;
+        let mut finished = Vec::new();
+        for (inst, node_name, _) in &pairs {
             let node = self.node(node_name)?;
             match driver.deploy(&wit_node(&node), &deployment(inst), config_value(&tier.driver).as_ref()).await {
                 Ok(r) if r.value.state == wit::InstanceState::Running => {
-                    self.store.finish_deploy(&inst.id, serde_json::json!({"driver": tier.driver.plugin, "detail": r.value.detail}))?;
+                    finished.push((inst.id.clone(), serde_json::json!({"driver": tier.driver.plugin, "detail": r.value.detail})));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -265,15 +275,12 @@ impl Engine {
             }
             progress.deployed.push(inst.id.clone());
         }
+        self.store.finish_many(&finished)?;
         Ok(progress)
     }
 
     fn node(&self, name: &str) -> Result<Node> {
-        self.store
-            .nodes()?
-            .into_iter()
-            .find(|n| n.name == name)
-            .ok_or_else(|| EngineError::Store(StoreError::NotFound { what: "node", name: name.into() }))
+        Ok(self.store.node(name)?)
     }
 
     /// An overlay's edits, decoded, for showing or materializing an instance.
@@ -284,7 +291,7 @@ impl Engine {
 }
 
 /// The policy's view: every free node, interned; names kept aside by index.
-fn selection_request(tier: &Tier, nodes: &[Node], count: u32) -> (wit::SelectionRequest, Vec<String>) {
+pub fn selection_request(tier: &Tier, nodes: &[Node], count: u32) -> (wit::SelectionRequest, Vec<String>) {
     let mut t = Interner::default();
     let mut labels = Vec::new();
     let mut candidates = Vec::new();

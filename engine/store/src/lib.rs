@@ -344,55 +344,95 @@ impl Store {
         self.nodes.iter().values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
     }
 
+    /// One node by name.
+    pub fn node(&self, name: &str) -> Result<Node> {
+        match self.nodes.get(name.as_bytes()).map_err(|e| self.storage(e))? {
+            Some(b) => decode(&b),
+            None => Err(StoreError::NotFound { what: "node", name: name.into() }),
+        }
+    }
+
     /// Binds a pooled (or failed) instance to a free node and marks both deploying, in one
     /// transaction. Refused if either is not in a state that allows it, the node does not
     /// meet the tier's requirements, or the tier already has K instances on nodes.
     pub fn bind(&self, id: &InstanceId, node: &str, detail: serde_json::Value) -> Result<()> {
+        self.bind_many(&[(id.clone(), node.to_string(), detail)])
+    }
+
+    /// Binds several instances of one tier to nodes in one transaction (one flush), all or
+    /// none, with the checks of [`Store::bind`] for each.
+    pub fn bind_many(&self, binds: &[(InstanceId, String, serde_json::Value)]) -> Result<()> {
+        let Some(first) = binds.first() else { return Ok(()) };
+        let tier_name = first.0.tier.clone();
+        if binds.iter().any(|b| b.0.tier != tier_name) {
+            return Err(StoreError::Refused("one bind_many call binds instances of one tier".into()));
+        }
         let _w = self.lock();
-        let on_nodes = self.instances(&id.tier)?.iter().filter(|i| i.state.holds_node()).count();
+        // Counted under the write lock, so no other writer can change it before the
+        // transaction below commits.
+        let on_nodes = self.instances(&tier_name)?.iter().filter(|i| i.state.holds_node()).count();
         self.transact(|tx| {
-            let Some(tier) = Tx::get::<Tier>(tx.tiers, id.tier.as_bytes())? else {
-                return abort(StoreError::NotFound { what: "tier", name: id.tier.clone() });
+            let Some(tier) = Tx::get::<Tier>(tx.tiers, tier_name.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "tier", name: tier_name.clone() });
             };
-            let mut inst = tx.instance(id)?;
-            let mut n = tx.node(node)?;
-            if !inst.state.can_deploy() {
-                return refuse(format!("instance {id} is {}; only pooled or failed instances can be deployed", inst.state));
+            if on_nodes + binds.len() > tier.max_instances as usize {
+                return refuse(format!(
+                    "tier `{}` has {on_nodes} instances on nodes; {} more would exceed its maximum of {}",
+                    tier.name,
+                    binds.len(),
+                    tier.max_instances
+                ));
             }
-            if !n.state.can_select() || n.instance.is_some() {
-                return refuse(format!("node `{node}` is {}, not free", n.state));
+            for (id, node, detail) in binds {
+                let mut inst = tx.instance(id)?;
+                let mut n = tx.node(node)?;
+                if !inst.state.can_deploy() {
+                    return refuse(format!("instance {id} is {}; only pooled or failed instances can be deployed", inst.state));
+                }
+                if !n.state.can_select() || n.instance.is_some() {
+                    return refuse(format!("node `{node}` is {}, not free", n.state));
+                }
+                if !n.meets(&tier.requirements) {
+                    return refuse(format!("node `{node}` does not meet the requirements of tier `{}`", tier.name));
+                }
+                inst.state = InstanceState::Deploying;
+                inst.node = Some(node.to_string());
+                n.state = NodeState::Deploying;
+                n.instance = Some(id.clone());
+                Tx::put(tx.instances, &instance_key(id), &inst)?;
+                Tx::put(tx.nodes, node.as_bytes(), &n)?;
+                tx.event(Some(&id.tier), "bound", format!("instance {id} ({}, {}) bound to node `{node}`", inst.hostname, inst.address), detail.clone())?;
             }
-            if !n.meets(&tier.requirements) {
-                return refuse(format!("node `{node}` does not meet the requirements of tier `{}`", tier.name));
-            }
-            if on_nodes >= tier.max_instances as usize {
-                return refuse(format!("tier `{}` already has {} instances on nodes, its maximum", tier.name, tier.max_instances));
-            }
-            inst.state = InstanceState::Deploying;
-            inst.node = Some(node.to_string());
-            n.state = NodeState::Deploying;
-            n.instance = Some(id.clone());
-            Tx::put(tx.instances, &instance_key(id), &inst)?;
-            Tx::put(tx.nodes, node.as_bytes(), &n)?;
-            tx.event(Some(&id.tier), "bound", format!("instance {id} ({}, {}) bound to node `{node}`", inst.hostname, inst.address), detail.clone())
+            Ok(())
         })
     }
 
     /// Records that a deployment finished: the instance is deployed, its node in service.
     pub fn finish_deploy(&self, id: &InstanceId, detail: serde_json::Value) -> Result<()> {
+        self.finish_many(&[(id.clone(), detail)])
+    }
+
+    /// Records several finished deployments in one transaction.
+    pub fn finish_many(&self, done: &[(InstanceId, serde_json::Value)]) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
         let _w = self.lock();
         self.transact(|tx| {
-            let mut inst = tx.instance(id)?;
-            if !inst.state.can_finish_deploy() {
-                return refuse(format!("instance {id} is {}, not deploying", inst.state));
+            for (id, detail) in done {
+                let mut inst = tx.instance(id)?;
+                if !inst.state.can_finish_deploy() {
+                    return refuse(format!("instance {id} is {}, not deploying", inst.state));
+                }
+                let node = inst.node.clone().unwrap_or_default();
+                let mut n = tx.node(&node)?;
+                inst.state = InstanceState::Deployed;
+                n.state = NodeState::InService;
+                Tx::put(tx.instances, &instance_key(id), &inst)?;
+                Tx::put(tx.nodes, node.as_bytes(), &n)?;
+                tx.event(Some(&id.tier), "deployed", format!("instance {id} runs on node `{node}`"), detail.clone())?;
             }
-            let node = inst.node.clone().unwrap_or_default();
-            let mut n = tx.node(&node)?;
-            inst.state = InstanceState::Deployed;
-            n.state = NodeState::InService;
-            Tx::put(tx.instances, &instance_key(id), &inst)?;
-            Tx::put(tx.nodes, node.as_bytes(), &n)?;
-            tx.event(Some(&id.tier), "deployed", format!("instance {id} runs on node `{node}`"), detail.clone())
+            Ok(())
         })
     }
 
