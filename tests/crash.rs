@@ -2,11 +2,8 @@
 //! and scales them, restarted on the same state, and checked each time: every invariant of
 //! the pool holds and nothing it acknowledged is lost.
 
-use crate::support::scratch;
+use crate::support::{scratch, start_daemon};
 use mint_store::Store;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,31 +20,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
-}
-
-fn start(data: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
-        .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the daemon");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        match lines.next() {
-            Some(Ok(line)) => {
-                if let Some(rest) = line.split("serving ").nth(1) {
-                    let url = rest.split_whitespace().next().unwrap().to_string();
-                    // Keep draining stderr so the daemon never blocks on a full pipe.
-                    std::thread::spawn(move || lines.for_each(drop));
-                    return (child, url);
-                }
-            }
-            _ => break,
-        }
-    }
-    panic!("the daemon did not start");
 }
 
 /// What the daemon acknowledged, and what it may have done without acknowledging.
@@ -88,7 +60,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     for cycle in 0..cycles {
         // Bound the whole test in time whatever the machine's speed.
         assert!(started.elapsed() < Duration::from_secs(600), "100 cycles took over 10 minutes");
-        let (mut child, url) = start(&data);
+        let (mut child, url) = start_daemon(&data);
         if cycle == 0 {
             let v = post(&url, "/v1/images", serde_json::json!({"path": master})).unwrap();
             digest = v["digest"].as_str().unwrap().to_string();

@@ -2,10 +2,9 @@
 //! master, create a tier (all K minted), add nodes, deploy, scale out and in, read the
 //! event log; then restart the daemon and find everything acknowledged still there.
 
-use crate::support::{root, scratch};
-use std::io::{BufRead, BufReader};
+use crate::support::{root, scratch, start_daemon};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 /// A daemon process on an ephemeral loopback port, stopped when dropped.
@@ -16,22 +15,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(data: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
-            .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the daemon");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("serving ").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
-                }
-            }
-        });
-        let url = rx.recv_timeout(Duration::from_secs(60)).expect("the daemon says where it serves");
+        let (child, url) = start_daemon(data);
         Daemon { child, url }
     }
 

@@ -63,3 +63,27 @@ pub fn scratch(name: &str) -> PathBuf {
 pub fn block_on<F: Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio").block_on(f)
 }
+
+/// Starts `mint daemon` on an ephemeral loopback port with state in `data`, and returns the
+/// process and the URL it says it serves on. Its stderr keeps being drained so it never
+/// blocks on a full pipe.
+pub fn start_daemon(data: &Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mint"))
+        .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("serving ").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the daemon says where it serves");
+    (child, url)
+}

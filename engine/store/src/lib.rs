@@ -90,6 +90,12 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Whether sled failed to open because another handle holds the directory's lock (sled
+/// reports it as an I/O error whose text names the lock).
+fn is_lock_held(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock"))
+}
+
 /// The trees one transaction touches.
 struct Tx<'a> {
     tiers: &'a TransactionalTree,
@@ -141,7 +147,26 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         let path = dir.display().to_string();
         let storage = |e: sled::Error| StoreError::Storage { path: path.clone(), message: e.to_string() };
-        let db = sled::open(dir).map_err(storage)?;
+        // sled locks its directory. A store closed a moment ago (a restart in the same
+        // process, or a previous daemon still exiting) releases the lock only when its
+        // background flusher stops, so a held lock is retried for a bounded time before it
+        // is reported as another process using the state.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::open(dir) {
+                Ok(db) => break db,
+                Err(e) if is_lock_held(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) if is_lock_held(&e) => {
+                    return Err(StoreError::Storage {
+                        path: path.clone(),
+                        message: "another process (a running mint daemon?) holds this state directory; stop it or choose another --data-dir".into(),
+                    });
+                }
+                Err(e) => return Err(storage(e)),
+            }
+        };
         let tree = |name: &str| db.open_tree(name).map_err(storage);
         Ok(Store {
             tiers: tree("tiers")?,
@@ -177,6 +202,19 @@ impl Store {
         // An acknowledged change must survive a crash: flush before answering.
         self.db.flush().map_err(|e| self.storage(e))?;
         Ok(value)
+    }
+
+    /// One record by key, or `NotFound` naming `what`.
+    fn get_one<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &str, what: &'static str) -> Result<T> {
+        match tree.get(key.as_bytes()).map_err(|e| self.storage(e))? {
+            Some(b) => decode(&b),
+            None => Err(StoreError::NotFound { what, name: key.into() }),
+        }
+    }
+
+    /// Every record of a tree (or of a key prefix of it), in key order.
+    fn all<T: DeserializeOwned>(&self, iter: sled::Iter) -> Result<Vec<T>> {
+        iter.values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -244,15 +282,12 @@ impl Store {
 
     /// Every image, by digest.
     pub fn images(&self) -> Result<Vec<Image>> {
-        self.images.iter().values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+        self.all(self.images.iter())
     }
 
     /// One image, by digest.
     pub fn image(&self, digest: &str) -> Result<Image> {
-        match self.images.get(digest.as_bytes()).map_err(|e| self.storage(e))? {
-            Some(b) => decode(&b),
-            None => Err(StoreError::NotFound { what: "image", name: digest.into() }),
-        }
+        self.get_one(&self.images, digest, "image")
     }
 
     /// Stores an instance's customization overlay under its digest. Overlays are content
@@ -273,20 +308,17 @@ impl Store {
 
     /// Every tier, by name.
     pub fn tiers(&self) -> Result<Vec<Tier>> {
-        self.tiers.iter().values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+        self.all(self.tiers.iter())
     }
 
     /// One tier.
     pub fn tier(&self, name: &str) -> Result<Tier> {
-        match self.tiers.get(name.as_bytes()).map_err(|e| self.storage(e))? {
-            Some(b) => decode(&b),
-            None => Err(StoreError::NotFound { what: "tier", name: name.into() }),
-        }
+        self.get_one(&self.tiers, name, "tier")
     }
 
     /// A tier's instances, by index.
     pub fn instances(&self, tier: &str) -> Result<Vec<Instance>> {
-        self.instances.scan_prefix(tier_prefix(tier)).values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+        self.all(self.instances.scan_prefix(tier_prefix(tier)))
     }
 
     /// Every address held by any instance, for allocating a new tier's addresses.
@@ -341,15 +373,12 @@ impl Store {
 
     /// Every node, by name.
     pub fn nodes(&self) -> Result<Vec<Node>> {
-        self.nodes.iter().values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+        self.all(self.nodes.iter())
     }
 
     /// One node by name.
     pub fn node(&self, name: &str) -> Result<Node> {
-        match self.nodes.get(name.as_bytes()).map_err(|e| self.storage(e))? {
-            Some(b) => decode(&b),
-            None => Err(StoreError::NotFound { what: "node", name: name.into() }),
-        }
+        self.get_one(&self.nodes, name, "node")
     }
 
     /// Binds a pooled (or failed) instance to a free node and marks both deploying, in one
