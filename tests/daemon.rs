@@ -115,6 +115,18 @@ fn the_whole_sequence_through_the_cli_survives_a_restart() {
     let after = d.json(&["instance", "list", "web"]);
     assert_eq!(after[4]["state"], "deployed");
     assert_eq!(after[4]["address"], before[4]["address"]);
+
+    // A tier with instances on nodes cannot be deleted; scaled to 0 it can, and its
+    // addresses are free for a new tier on the same subnet.
+    let o = d.mint(&["tier", "delete", "web"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("scale it to 0 first"));
+    d.ok(&["tier", "scale", "web", "0"]);
+    d.ok(&["tier", "delete", "web"]);
+    assert_eq!(d.json(&["tier", "list"]), serde_json::json!([]));
+    assert!(d.json(&["node", "list"]).as_array().unwrap().iter().all(|n| n["state"] == "free"));
+    d.ok(&["tier", "create", "-f", spec_file.to_str().unwrap()]);
+    assert_eq!(d.json(&["instance", "list", "web"])[2]["address"], "198.18.0.4");
     d.stop();
 }
 

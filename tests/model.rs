@@ -108,14 +108,17 @@ fn random_operations_match_the_model_across_restarts() {
     let image = engine.import_image(&src, None).unwrap().digest;
     let mut model = Model::default();
     let started = Instant::now();
-    let (mut nodes, mut restarts, mut failures) = (0usize, 0, 0);
+    let (mut nodes, mut restarts, mut failures, mut created, mut deleted) = (0usize, 0, 0, 0u32, 0);
 
     block_on(async {
         for step in 0..250 {
             assert!(started.elapsed() < Duration::from_secs(300), "the model test is bounded to 5 minutes");
             match rng.below(10) {
                 0 if model.tiers.len() < 6 => {
-                    let n = model.tiers.len() as u32;
+                    // Names and subnets are never reused, so a deleted tier's identities
+                    // are not confused with a new one's.
+                    let n = created;
+                    created += 1;
                     let name = format!("t{n}");
                     let k = rng.below(12) as u32 + 1;
                     engine.create_tier(&spec(&name, &image, k, n)).await.unwrap();
@@ -151,6 +154,16 @@ fn random_operations_match_the_model_across_restarts() {
                         model.tiers.get_mut(&id.tier).unwrap().reconcile(&mut model.free_nodes);
                     }
                 }
+                9 if !model.tiers.is_empty() && rng.below(3) == 0 => {
+                    let names: Vec<String> = model.tiers.keys().cloned().collect();
+                    let name = names[rng.below(names.len() as u64) as usize].clone();
+                    engine.scale(&name, 0).await.unwrap();
+                    engine.store.delete_tier(&name).unwrap();
+                    let mut m = model.tiers.remove(&name).unwrap();
+                    m.desired = 0;
+                    m.reconcile(&mut model.free_nodes);
+                    deleted += 1;
+                }
                 8 => {
                     drop(engine);
                     engine = Engine::open(&data).unwrap();
@@ -161,6 +174,6 @@ fn random_operations_match_the_model_across_restarts() {
             compare(&engine, &model, step, seed);
         }
     });
-    eprintln!("model test: {} tiers, {nodes} nodes, {failures} node failures, {restarts} restarts", model.tiers.len());
-    assert!(restarts > 5 && failures > 0 && model.tiers.len() > 1, "the run exercised too little");
+    eprintln!("model test: {created} tiers created, {deleted} deleted, {nodes} nodes, {failures} node failures, {restarts} restarts");
+    assert!(restarts > 5 && failures > 0 && created > 1, "the run exercised too little");
 }

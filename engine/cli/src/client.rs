@@ -37,6 +37,8 @@ pub enum TierCommand {
     List,
     /// Show one tier.
     Show { name: String },
+    /// Delete a tier whose instances are all in the pool (scale it to 0 first).
+    Delete { name: String },
     /// Set how many instances of a tier run.
     Scale {
         name: String,
@@ -189,6 +191,10 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
                 tier_header();
                 tier_row(v);
             });
+        }
+        TierCommand::Delete { name } => {
+            let v = call(conn, "DELETE", &format!("/v1/tiers/{name}"), None)?;
+            print(conn, &v, |_| println!("tier {name} deleted"));
         }
         TierCommand::Scale { name, instances } => {
             let v = call(conn, "POST", &format!("/v1/tiers/{name}/scale"), Some(json!({ "instances": instances })))?;

@@ -146,6 +146,12 @@ async fn show_tier(State(app): State<Shared>, Path(name): Path<String>) -> ApiRe
     ok(json!({ "tier": t, "deployed": deployed }))
 }
 
+async fn delete_tier(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
+    let _pass = app.reconciling.lock().await;
+    app.engine.store.delete_tier(&name)?;
+    ok(json!({ "deleted": name }))
+}
+
 async fn scale(State(app): State<Shared>, Path(name): Path<String>, req: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
     let req = body(req)?;
     let n = u32::try_from(req.instances)
@@ -210,7 +216,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/tiers", get(list_tiers).post(create_tier))
-        .route("/v1/tiers/{name}", get(show_tier))
+        .route("/v1/tiers/{name}", get(show_tier).delete(delete_tier))
         .route("/v1/tiers/{name}/scale", post(scale))
         .route("/v1/tiers/{name}/instances", get(instances))
         .route("/v1/nodes", get(list_nodes).post(add_node))

@@ -306,6 +306,27 @@ impl Store {
         }
     }
 
+    /// Deletes a tier whose instances are all off nodes, freeing its addresses and host
+    /// names for other tiers. Refused while any instance holds a node.
+    pub fn delete_tier(&self, name: &str) -> Result<()> {
+        let _w = self.lock();
+        self.tier(name)?;
+        let instances = self.instances(name)?;
+        let on_nodes = instances.iter().filter(|i| i.state.holds_node()).count();
+        if on_nodes > 0 {
+            return Err(StoreError::Refused(format!("tier `{name}` has {on_nodes} instances on nodes; scale it to 0 first")));
+        }
+        self.transact(|tx| {
+            for i in &instances {
+                tx.instances.remove(instance_key(&i.id))?;
+                tx.addresses.remove(i.address.to_string().as_bytes())?;
+                tx.hostnames.remove(i.hostname.as_bytes())?;
+            }
+            tx.tiers.remove(name.as_bytes())?;
+            tx.event(Some(name), "tier-deleted", format!("tier `{name}` deleted; its {} identities are free again", instances.len()), serde_json::Value::Null)
+        })
+    }
+
     /// Every tier, by name.
     pub fn tiers(&self) -> Result<Vec<Tier>> {
         self.all(self.tiers.iter())
