@@ -131,6 +131,26 @@ fn the_whole_sequence_through_the_cli_survives_a_restart() {
 }
 
 #[test]
+fn apply_creates_what_a_file_declares_once() {
+    let dir = scratch("daemon-apply");
+    let d = Daemon::start(&dir.join("data"));
+    let digest = d.json(&["image", "import", "tests/fixtures/master-ifupdown"])["digest"].as_str().unwrap().to_string();
+    let site = std::fs::read_to_string(root().join("tests/fixtures/site.toml")).unwrap().replace("IMAGE", &digest);
+    let file = dir.join("site.toml");
+    std::fs::write(&file, site).unwrap();
+    let first = d.json(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(first["created"], serde_json::json!(["node node-a1", "node node-b1", "tier api"]));
+    let again = d.json(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(again["created"], serde_json::json!([]));
+    assert_eq!(d.json(&["instance", "list", "api"]).as_array().unwrap().len(), 4);
+    std::fs::write(dir.join("bad.toml"), "[[nodes]]\nname = \"x\"\n").unwrap();
+    let o = d.mint(&["apply", "-f", dir.join("bad.toml").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown section `nodes`"));
+    d.stop();
+}
+
+#[test]
 fn a_daemon_that_is_not_running_is_exit_code_4() {
     let o = Command::new(env!("CARGO_BIN_EXE_mint")).args(["tier", "list"]).env("MINT_SERVER", "http://127.0.0.1:9").output().unwrap();
     assert_eq!(o.status.code(), Some(4));

@@ -270,3 +270,54 @@ pub fn events(conn: &Conn, tier: Option<String>, after: Option<u64>) -> Result<(
     });
     Ok(())
 }
+
+/// `mint apply -f FILE`: creates the nodes (`[[node]]`) and tiers (`[[tier]]`) a TOML or
+/// JSON file declares and that do not exist yet. A declared tier or node that exists is
+/// left as it is; applying the same file twice changes nothing.
+pub fn apply(conn: &Conn, file: &PathBuf) -> Result<(), Failure> {
+    let doc = read_spec(file)?;
+    let known = |k: &str| -> Result<(), Failure> {
+        match doc.as_object() {
+            Some(o) => match o.keys().find(|key| *key != "node" && *key != "tier") {
+                Some(bad) => Err(Failure::usage(anyhow!("{}: unknown section `{bad}`; use [[node]] and [[tier]]", file.display()))),
+                None => Ok(()),
+            },
+            None => Err(Failure::usage(anyhow!("{}: expected a table of [[node]] and [[tier]] ({k})", file.display()))),
+        }
+    };
+    known("top level")?;
+    let list = |key: &str| doc.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+    let nodes = call(conn, "GET", "/v1/nodes", None)?;
+    let have_node = |name: &str| nodes.as_array().into_iter().flatten().any(|n| n["name"] == name);
+    let tiers = call(conn, "GET", "/v1/tiers", None)?;
+    let have_tier = |name: &str| tiers.as_array().into_iter().flatten().any(|t| t["tier"]["name"] == name);
+    let (mut created, mut kept) = (Vec::new(), Vec::new());
+    for n in list("node") {
+        let name = n["name"].as_str().ok_or_else(|| Failure::usage(anyhow!("{}: a [[node]] has no `name`", file.display())))?.to_string();
+        if have_node(&name) {
+            kept.push(format!("node {name}"));
+        } else {
+            call(conn, "POST", "/v1/nodes", Some(n))?;
+            created.push(format!("node {name}"));
+        }
+    }
+    for t in list("tier") {
+        let name = t["name"].as_str().ok_or_else(|| Failure::usage(anyhow!("{}: a [[tier]] has no `name`", file.display())))?.to_string();
+        if have_tier(&name) {
+            kept.push(format!("tier {name}"));
+        } else {
+            call(conn, "POST", "/v1/tiers", Some(t))?;
+            created.push(format!("tier {name}"));
+        }
+    }
+    let v = json!({ "created": created, "unchanged": kept });
+    print(conn, &v, |_| {
+        for c in &created {
+            println!("created {c}");
+        }
+        for k in &kept {
+            println!("unchanged {k} (exists)");
+        }
+    });
+    Ok(())
+}

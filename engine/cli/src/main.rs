@@ -50,6 +50,11 @@ enum Command {
         #[command(subcommand)]
         cmd: InstanceCommand,
     },
+    /// Create the nodes and tiers a file declares ([[node]], [[tier]]) that do not exist.
+    Apply {
+        #[arg(long, short)]
+        file: std::path::PathBuf,
+    },
     /// The event log: every decision with its reasons.
     Events {
         /// Only this tier's events.
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
             Command::Tier(c) => blocking(move || client::tier(&cli.conn, c)).await,
             Command::Node(c) => blocking(move || client::node(&cli.conn, c)).await,
             Command::Instance { cmd: InstanceCommand::List { tier } } => blocking(move || client::instances(&cli.conn, &tier)).await,
+            Command::Apply { file } => blocking(move || client::apply(&cli.conn, &file)).await,
             Command::Events { tier, after } => blocking(move || client::events(&cli.conn, tier, after)).await,
         }
     });
