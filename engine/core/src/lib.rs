@@ -150,6 +150,7 @@ impl Engine {
         self.store.image(&tier.image).map_err(|_| {
             EngineError::Invalid(format!("field `image`: no image `{}`; import it first (`mint image import`)", tier.image))
         })?;
+        self.store.check_new_tier(&tier)?;
         self.plugins.get(&tier.policy.plugin, Kind::NodePolicy, "policy")?;
         self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
         let steps = tier

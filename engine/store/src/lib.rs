@@ -228,17 +228,7 @@ impl Store {
     /// count differs from K, or an address or host name is already held.
     pub fn create_tier(&self, tier: &Tier, instances: &[Instance]) -> Result<()> {
         let _w = self.lock();
-        for other in self.tiers()? {
-            if other.name == tier.name {
-                return Err(StoreError::Refused(format!("a tier named `{}` exists; choose another `name` or delete it first", tier.name)));
-            }
-            if other.plan.subnet.overlaps(&tier.plan.subnet) {
-                return Err(StoreError::Refused(format!(
-                    "field `subnet`: {} overlaps {} of tier `{}`; give each tier its own subnet",
-                    tier.plan.subnet, other.plan.subnet, other.name
-                )));
-            }
-        }
+        self.check_new_tier(tier)?;
         if instances.len() != tier.max_instances as usize {
             return Err(StoreError::Refused(format!(
                 "tier `{}` has max-instances {} but {} instances were minted",
@@ -325,6 +315,24 @@ impl Store {
             tx.tiers.remove(name.as_bytes())?;
             tx.event(Some(name), "tier-deleted", format!("tier `{name}` deleted; its {} identities are free again", instances.len()), serde_json::Value::Null)
         })
+    }
+
+    /// Whether a tier could be created now: its name is free and its subnet overlaps no
+    /// other tier's. Creating it checks again under the write lock; checking first spares
+    /// minting K instances for a request that would be refused.
+    pub fn check_new_tier(&self, tier: &Tier) -> Result<()> {
+        for other in self.tiers()? {
+            if other.name == tier.name {
+                return Err(StoreError::Refused(format!("a tier named `{}` exists; choose another `name` or delete it first", tier.name)));
+            }
+            if other.plan.subnet.overlaps(&tier.plan.subnet) {
+                return Err(StoreError::Refused(format!(
+                    "field `subnet`: {} overlaps {} of tier `{}`; give each tier its own subnet",
+                    tier.plan.subnet, other.plan.subnet, other.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Every tier, by name.
