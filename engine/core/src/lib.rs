@@ -14,7 +14,7 @@ pub mod spec;
 
 use mint_model::records::{Image, Instance, InstanceId, Node, PluginRef, Tier};
 use mint_model::{InstanceState, NodeState};
-use mint_plugins::fixture::{Interner, ip};
+use mint_plugins::fixture::{RequirementsJson, SelectionBuilder, ip};
 use mint_plugins::master::{DirMaster, MasterView};
 use mint_plugins::types as wit;
 use mint_plugins::{CallError, Kind, LoadError, Plugin, Runtime, RuntimeOptions};
@@ -293,39 +293,24 @@ impl Engine {
 
 /// The policy's view: every free node, interned; names kept aside by index.
 pub fn selection_request(tier: &Tier, nodes: &[Node], count: u32) -> (wit::SelectionRequest, Vec<String>) {
-    let mut t = Interner::default();
-    let mut labels = Vec::new();
-    let mut candidates = Vec::new();
-    let mut names = Vec::new();
-    let mut placed = Vec::new();
+    let mut b = SelectionBuilder::default();
     for n in nodes {
         if n.instance.as_ref().is_some_and(|i| i.tier == tier.name) {
-            placed.push(wit::Placement { labels: t.labels(&n.labels) });
+            b.placed(&n.labels);
         }
-        if !n.state.can_select() {
-            continue;
+        if n.state.can_select() {
+            b.candidate(&n.name, n.cpus, n.memory_mib, &n.arch, &n.labels, n.load);
         }
-        let start = labels.len() as u32;
-        labels.extend(t.labels(&n.labels));
-        candidates.push(wit::Candidate {
-            cpus: n.cpus,
-            memory_mib: n.memory_mib,
-            arch: t.value(&n.arch),
-            labels_start: start,
-            labels_len: labels.len() as u32 - start,
-            load: n.load,
-        });
-        names.push(n.name.clone());
     }
     let r = &tier.requirements;
-    let requirements = wit::Requirements {
-        labels: t.labels(&r.labels),
+    let requirements = RequirementsJson {
+        labels: r.labels.clone(),
         min_cpus: r.min_cpus,
         min_memory_mib: r.min_memory_mib,
-        arch: r.arch.as_deref().map(|a| t.value(a)),
+        arch: r.arch.clone(),
     };
-    let (label_keys, label_values) = t.into_tables();
-    (wit::SelectionRequest { tier: tier.name.clone(), count, requirements, label_keys, label_values, placed, labels, candidates }, names)
+    let named = b.finish(&tier.name, count, &requirements);
+    (named.request, named.names)
 }
 
 fn wit_node(n: &Node) -> wit::Node {

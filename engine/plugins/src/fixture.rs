@@ -141,49 +141,80 @@ pub struct NamedRequest {
     pub names: Vec<String>,
 }
 
-impl SelectRequestJson {
-    /// The WIT request, candidates sorted by name as the engine passes them.
-    pub fn to_wit(&self) -> NamedRequest {
-        let mut t = Interner::default();
-        let mut nodes = self.candidates.clone();
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+/// Builds a selection request the way the engine lays it out: labels interned, every
+/// candidate's labels appended to one request-wide list it names by slice, and candidate
+/// names kept aside by index. The one place that knows this layout on the host side.
+#[derive(Default)]
+pub struct SelectionBuilder {
+    interner: Interner,
+    labels: Vec<LabelRef>,
+    candidates: Vec<Candidate>,
+    names: Vec<String>,
+    placed: Vec<Placement>,
+}
+
+impl SelectionBuilder {
+    /// Adds a free node as the next candidate.
+    pub fn candidate(&mut self, name: &str, cpus: u32, memory_mib: u64, arch: &str, labels: &BTreeMap<String, String>, load: u32) {
+        let start = self.labels.len() as u32;
+        let refs = self.interner.labels(labels);
+        self.labels.extend(refs);
+        let arch = self.interner.value(arch);
+        self.candidates.push(Candidate {
+            cpus,
+            memory_mib,
+            arch,
+            labels_start: start,
+            labels_len: self.labels.len() as u32 - start,
+            load,
+        });
+        self.names.push(name.to_string());
+    }
+
+    /// Records a node that already runs an instance of the tier.
+    pub fn placed(&mut self, labels: &BTreeMap<String, String>) {
+        let labels = self.interner.labels(labels);
+        self.placed.push(Placement { labels });
+    }
+
+    /// The finished request for `count` nodes of `tier` meeting `requirements`.
+    pub fn finish(mut self, tier: &str, count: u32, requirements: &RequirementsJson) -> NamedRequest {
         let requirements = Requirements {
-            labels: t.labels(&self.requirements.labels),
-            min_cpus: self.requirements.min_cpus,
-            min_memory_mib: self.requirements.min_memory_mib,
-            arch: self.requirements.arch.as_deref().map(|a| t.value(a)),
+            labels: self.interner.labels(&requirements.labels),
+            min_cpus: requirements.min_cpus,
+            min_memory_mib: requirements.min_memory_mib,
+            arch: requirements.arch.as_deref().map(|a| self.interner.value(a)),
         };
-        let placed = self.placed.iter().map(|l| Placement { labels: t.labels(l) }).collect();
-        let mut labels = Vec::new();
-        let candidates = nodes
-            .iter()
-            .map(|n| {
-                let start = labels.len() as u32;
-                labels.extend(t.labels(&n.labels));
-                Candidate {
-                    cpus: n.cpus,
-                    memory_mib: n.memory_mib,
-                    arch: t.value(&n.arch),
-                    labels_start: start,
-                    labels_len: labels.len() as u32 - start,
-                    load: n.load,
-                }
-            })
-            .collect();
-        let (label_keys, label_values) = t.into_tables();
+        let (label_keys, label_values) = self.interner.into_tables();
         NamedRequest {
             request: SelectionRequest {
-                tier: self.tier.clone(),
-                count: self.count,
+                tier: tier.to_string(),
+                count,
                 requirements,
                 label_keys,
                 label_values,
-                placed,
-                labels,
-                candidates,
+                placed: self.placed,
+                labels: self.labels,
+                candidates: self.candidates,
             },
-            names: nodes.into_iter().map(|n| n.name).collect(),
+            names: self.names,
         }
+    }
+}
+
+impl SelectRequestJson {
+    /// The WIT request, candidates sorted by name as the engine passes them.
+    pub fn to_wit(&self) -> NamedRequest {
+        let mut b = SelectionBuilder::default();
+        for p in &self.placed {
+            b.placed(p);
+        }
+        let mut nodes: Vec<&NodeJson> = self.candidates.iter().collect();
+        nodes.sort_by(|a, c| a.name.cmp(&c.name));
+        for n in nodes {
+            b.candidate(&n.name, n.cpus, n.memory_mib, &n.arch, &n.labels, n.load);
+        }
+        b.finish(&self.tier, self.count, &self.requirements)
     }
 }
 
