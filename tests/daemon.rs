@@ -156,3 +156,41 @@ fn a_daemon_that_is_not_running_is_exit_code_4() {
     assert_eq!(o.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the mint daemon"));
 }
+
+#[test]
+fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
+    let dir = scratch("daemon-progress");
+    let d = Daemon::start(&dir.join("data"));
+    let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let o = d.mint(&["image", "import", "tests/fixtures/master-ifupdown", "--name", "debian", "--progress", "always"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(err(&o).contains("hashing"), "a bar for the import: {}", err(&o));
+    let digest = String::from_utf8_lossy(&o.stdout).split_whitespace().find(|w| w.starts_with("sha256:")).unwrap().to_string();
+
+    let spec = std::fs::read_to_string(root().join("tests/fixtures/web-tier.toml")).unwrap().replace("IMAGE", &digest);
+    let spec_file = dir.join("web.toml");
+    std::fs::write(&spec_file, spec).unwrap();
+    let o = d.mint(&["tier", "create", "-f", spec_file.to_str().unwrap(), "--progress", "always"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(err(&o).contains("minting") && err(&o).contains("8/8 100%"), "a bar for minting: {}", err(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("tier web created: 8 instances minted"));
+    // Without a terminal and by default, no bar.
+    let o = d.mint(&["image", "import", "tests/fixtures/master-ifupdown"]);
+    assert!(o.status.success() && !err(&o).contains("hashing"), "{}", err(&o));
+
+    // A refusal that comes at the end of a streamed operation is still exit code 1 with
+    // the daemon's message, and nothing is created.
+    let o = d.mint(&["tier", "create", "-f", spec_file.to_str().unwrap(), "--progress", "always"]);
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    assert!(err(&o).contains("a tier named `web` exists"), "{}", err(&o));
+    assert_eq!(d.json(&["tier", "list"]).as_array().unwrap().len(), 1);
+
+    let shown = d.json(&["image", "show", "debian"]);
+    assert_eq!((shown["image"]["digest"].as_str(), &shown["tiers"]), (Some(digest.as_str()), &serde_json::json!(["web"])));
+    let text = d.ok(&["image", "show", &digest]);
+    assert!(text.contains("name     debian") && text.contains("tiers    web"), "re-imported without a name, it keeps its name: {text}");
+    let o = d.mint(&["image", "show", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("no image with digest or name `nosuch`"), "{}", err(&o));
+    d.stop();
+}

@@ -35,6 +35,7 @@ fn spec(name: &str, image: &str, k: u32, subnet: &str) -> TierSpec {
             PluginRef { plugin: "network".into(), config: Default::default() },
         ],
         driver: PluginRef { plugin: "noop".into(), config: Default::default() },
+        deploy_timeout_secs: 600,
     }
 }
 
@@ -191,4 +192,152 @@ fn tar_header(path: &str, size: u64) -> tar::Header {
 
 fn tar_builder(out: &mut Vec<u8>) -> tar::Builder<&mut Vec<u8>> {
     tar::Builder::new(out)
+}
+
+/// A tier whose driver answers `deploying`: later passes ask for the status and finish,
+/// redeploy or fail each deployment according to the node's answer and the timeout.
+#[test]
+fn unfinished_deployments_are_polled_until_they_run_fail_or_time_out() {
+    let dir = scratch("engine-poll");
+    let src = dir.join("master");
+    master(&src);
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let image = engine.import_image(&src, None).unwrap();
+    let mut s = spec("web", &image.digest, 6, "198.18.0.0/24");
+    s.driver.config.insert("deploy".into(), "deploying".into());
+    s.deploy_timeout_secs = 1;
+    let with_state = |name: &str, zone: &str, state: &str| {
+        let mut n = node(name, zone);
+        n.properties.insert("noop-state".into(), state.into());
+        n
+    };
+    block_on(async {
+        engine.create_tier(&s).await.unwrap();
+        engine.store.add_node(&with_state("ok", "a", "running")).unwrap();
+        let p = engine.scale("web", 1).await.unwrap();
+        assert_eq!(p.deployed.len(), 1);
+        assert_eq!(engine.store.instances("web").unwrap()[0].state, InstanceState::Deploying, "the driver said deploying");
+        assert_eq!(engine.store.node("ok").unwrap().state, NodeState::Deploying);
+        let p = engine.reconcile("web").await.unwrap();
+        assert_eq!(p.finished.len(), 1, "{p:?}");
+        assert_eq!(engine.store.instances("web").unwrap()[0].state, InstanceState::Deployed);
+        assert_eq!(engine.store.node("ok").unwrap().state, NodeState::InService);
+
+        // A node whose driver reports the instance failed is declared failed; the instance
+        // keeps its identity and goes to the next node.
+        engine.store.add_node(&with_state("bad", "b", "failed")).unwrap();
+        engine.scale("web", 2).await.unwrap();
+        let p = engine.reconcile("web").await.unwrap();
+        assert_eq!(p.failed.iter().map(|i| i.index).collect::<Vec<_>>(), [1], "{p:?}");
+        assert_eq!(engine.store.node("bad").unwrap().state, NodeState::Failed);
+        let failed = engine.store.instances("web").unwrap()[1].clone();
+        assert_eq!((failed.state, failed.node.as_deref()), (InstanceState::Failed, None));
+
+        // A node that never finishes is failed after the deploy timeout, not before.
+        engine.store.add_node(&with_state("slow", "c", "deploying")).unwrap();
+        engine.reconcile("web").await.unwrap();
+        let again = engine.store.instances("web").unwrap()[1].clone();
+        assert_eq!((again.state, again.node.as_deref(), again.address), (InstanceState::Deploying, Some("slow"), failed.address));
+        let p = engine.reconcile("web").await.unwrap();
+        assert!(p.failed.is_empty() && p.finished.is_empty(), "{p:?}");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let p = engine.reconcile("web").await.unwrap();
+        assert_eq!(p.failed.iter().map(|i| i.index).collect::<Vec<_>>(), [1], "{p:?}");
+        assert_eq!(engine.store.node("slow").unwrap().state, NodeState::Failed);
+        let last = engine.store.events(None, 1000).unwrap().into_iter().rfind(|e| e.kind == "node-failed").unwrap();
+        assert!(last.message.contains("did not finish within the tier's deploy timeout of 1 s"), "{}", last.message);
+
+        // A deployment the node does not have (the daemon stopped between binding the
+        // instance and calling the driver) is deployed again, then finishes.
+        engine.store.add_node(&with_state("lost", "d", "absent")).unwrap();
+        engine.reconcile("web").await.unwrap();
+        assert_eq!(engine.store.node("lost").unwrap().state, NodeState::Deploying);
+        let events = engine.store.events(None, 1000).unwrap().len();
+        engine.reconcile("web").await.unwrap();
+        assert_eq!(engine.store.events(None, 1000).unwrap().len(), events, "still unfinished: nothing to record");
+        assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());
+        let kinds: Vec<String> = engine.store.events(None, 1000).unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.iter().filter(|k| *k == "node-failed").count(), 2, "{kinds:?}");
+    });
+}
+
+/// A site's own policy, loaded from the data directory's plugin directory, that answers
+/// wrongly, refuses or never returns: each pass is blocked with the reason and nothing is
+/// bound, and the engine goes on serving.
+#[test]
+fn a_misbehaving_site_policy_blocks_its_tier_and_changes_nothing() {
+    let dir = scratch("engine-site-policy");
+    let src = dir.join("master");
+    master(&src);
+    let data = dir.join("data");
+    let plugins = data.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for (name, guest, extra) in [("echo", "bad-answer", ""), ("spinner", "spin", "[capabilities]\ntimeout-ms = 300\n")] {
+        std::fs::copy(crate::support::guest(guest), plugins.join(format!("{name}.wasm"))).unwrap();
+        let toml = format!("name = \"{name}\"\nversion = \"1.0.0\"\nkind = \"node-policy\"\nwit = \"mint:plugin@0.1.0\"\n{extra}");
+        std::fs::write(plugins.join(format!("{name}.toml")), toml).unwrap();
+    }
+    std::fs::copy(crate::support::guest("bad-answer"), plugins.join("misnamed.wasm")).unwrap();
+    std::fs::write(plugins.join("misnamed.toml"), "name = \"other\"\nversion = \"1.0.0\"\nkind = \"node-policy\"\nwit = \"0.1.0\"\n").unwrap();
+
+    let engine = Engine::open(&data).unwrap();
+    let image = engine.import_image(&src, None).unwrap();
+    let policy = |plugin: &str, config: serde_json::Value| PluginRef { plugin: plugin.into(), config: config.as_object().unwrap().clone() };
+    block_on(async {
+        for (n, z) in [("a1", "a"), ("b1", "b"), ("c1", "c")] {
+            engine.store.add_node(&node(n, z)).unwrap();
+        }
+        let mut n = node("m1", "a");
+        n.state = NodeState::Maintenance;
+        engine.store.add_node(&n).unwrap();
+        let cases = [
+            (serde_json::json!({"answer": [0, 0]}), "twice"),
+            (serde_json::json!({"answer": [7, 1]}), "it chose candidate 7, but there are only 3 candidates"),
+            (serde_json::json!({"answer": [0]}), "it chose 1 nodes, but 2 were asked for"),
+            (serde_json::json!({"refuse": "the site's rules say no"}), "the site's rules say no"),
+        ];
+        for (i, (config, needle)) in cases.iter().enumerate() {
+            let name = format!("t{i}");
+            let s = TierSpec { policy: policy("echo", config.clone()), ..spec(&name, &image.digest, 3, &format!("198.18.{i}.0/24")) };
+            engine.create_tier(&s).await.unwrap();
+            let events = engine.store.events(None, 10_000).unwrap().len();
+            let p = engine.scale(&name, 2).await.unwrap();
+            let blocked = p.blocked.unwrap_or_default();
+            assert!(p.deployed.is_empty() && blocked.contains(needle), "{needle} not in {blocked}");
+            assert_eq!(engine.store.events(None, 10_000).unwrap().len(), events + 1, "only the scale request is recorded");
+            assert!(engine.store.instances(&name).unwrap().iter().all(|i| i.state == InstanceState::Pooled));
+        }
+        // Candidates are offered in name order (a1, b1, c1); with zone=a required, b1 is
+        // offered but ineligible, and choosing it is refused.
+        let mut s = TierSpec { policy: policy("echo", serde_json::json!({"answer": [1]})), ..spec("zoned", &image.digest, 3, "198.18.8.0/24") };
+        s.requirements.labels.insert("zone".into(), "a".into());
+        engine.create_tier(&s).await.unwrap();
+        let p = engine.scale("zoned", 1).await.unwrap();
+        assert!(p.blocked.unwrap_or_default().contains("it chose node `b1`, which does not meet the tier's requirements"));
+        assert!(engine.store.instances("zoned").unwrap().iter().all(|i| i.state == InstanceState::Pooled));
+
+        let s = TierSpec { policy: policy("spinner", serde_json::json!({})), ..spec("spin", &image.digest, 3, "198.18.9.0/24") };
+        engine.create_tier(&s).await.unwrap();
+        let started = std::time::Instant::now();
+        let p = engine.scale("spin", 1).await.unwrap();
+        assert!(p.blocked.unwrap_or_default().contains("did not finish `select` within"), "a policy that never returns is stopped");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        // The engine still serves: a tier on a bundled policy deploys.
+        engine.create_tier(&spec("good", &image.digest, 3, "198.18.10.0/24")).await.unwrap();
+        assert_eq!(engine.scale("good", 2).await.unwrap().deployed.len(), 2);
+        assert!(engine.store.nodes().unwrap().iter().filter(|n| n.instance.is_some()).all(|n| n.instance.as_ref().unwrap().tier == "good"));
+
+        let bad = [
+            (TierSpec { policy: policy("misnamed", serde_json::json!({})), ..spec("x1", &image.digest, 2, "198.18.20.0/24") }, "declares the name `other`"),
+            (TierSpec { policy: policy("../echo", serde_json::json!({})), ..spec("x2", &image.digest, 2, "198.18.21.0/24") }, "no plugin named `../echo`"),
+            (TierSpec { driver: policy("echo", serde_json::json!({})), ..spec("x3", &image.digest, 2, "198.18.22.0/24") }, "`echo` is a node-policy, not a driver"),
+        ];
+        let tiers = engine.store.tiers().unwrap().len();
+        for (s, needle) in bad {
+            let e = engine.create_tier(&s).await.unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle} not in {e}");
+        }
+        assert_eq!(engine.store.tiers().unwrap().len(), tiers);
+        assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());
+    });
 }

@@ -77,6 +77,7 @@ fn spec(name: &str, image: &str, k: u32, subnet: u32) -> TierSpec {
         policy: PluginRef { plugin: "spread".into(), config: Default::default() },
         customizers: vec![PluginRef { plugin: "hostname".into(), config: Default::default() }],
         driver: PluginRef { plugin: "noop".into(), config: Default::default() },
+        deploy_timeout_secs: 600,
     }
 }
 

@@ -28,6 +28,7 @@ fn tier(name: &str, subnet: &str, pattern: &str, k: u32, store: &Store) -> (Tier
             state: InstanceState::Pooled,
             node: None,
             overlay: String::new(),
+            since_ms: 0,
         })
         .collect();
     let t = Tier {
@@ -40,6 +41,7 @@ fn tier(name: &str, subnet: &str, pattern: &str, k: u32, store: &Store) -> (Tier
         policy: plugin("spread"),
         customizers: vec![plugin("hostname"), plugin("network")],
         driver: plugin("noop"),
+        deploy_timeout_secs: 600,
         desired: 0,
     };
     (t, instances)

@@ -19,6 +19,32 @@ pub struct Conn {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Progress bars on stderr for imports and minting: `auto` draws them when stderr is a
+    /// terminal, `always` also when it is not, `never` not at all.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    progress: ProgressMode,
+}
+
+/// When to draw progress bars.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressMode {
+    /// When stderr is a terminal.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+impl Conn {
+    fn bars(&self) -> bool {
+        use std::io::IsTerminal;
+        match self.progress {
+            ProgressMode::Always => true,
+            ProgressMode::Never => false,
+            ProgressMode::Auto => std::io::stderr().is_terminal(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -27,6 +53,8 @@ pub enum ImageCommand {
     Import { path: PathBuf, #[arg(long)] name: Option<String> },
     /// List images.
     List,
+    /// Show one image, by digest or name, and the tiers that use it.
+    Show { image: String },
 }
 
 #[derive(Subcommand)]
@@ -89,10 +117,75 @@ fn call(conn: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<Va
             let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {code}"));
             Err(Failure::call(anyhow!("{msg}")))
         }
-        Err(ureq::Error::Transport(t)) => Err(Failure {
-            code: 4,
-            error: anyhow!("cannot reach the mint daemon at {}: {t}; start it with `mint daemon` or set --server", conn.server),
-        }),
+        Err(e @ ureq::Error::Transport(_)) => call_failure(conn, e),
+    }
+}
+
+/// Sends a long operation (an import, a tier creation), drawing its progress from the
+/// daemon's NDJSON stream when bars are wanted; otherwise as [`call`].
+fn call_with_progress(conn: &Conn, path: &str, body: Value) -> Result<Value, Failure> {
+    use std::io::BufRead;
+    if !conn.bars() {
+        return call(conn, "POST", path, Some(body));
+    }
+    let resp = ureq::post(&url(conn, path)).timeout(std::time::Duration::from_secs(3600)).set("Accept", "application/x-ndjson").send_json(body);
+    let resp = match resp {
+        Ok(r) => r,
+        // Refused before the work started (a malformed body): an ordinary JSON error.
+        Err(ureq::Error::Status(code, r)) => {
+            let v: Value = r.into_json().unwrap_or(Value::Null);
+            return Err(Failure::call(anyhow!("{}", v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {code}")))));
+        }
+        Err(e @ ureq::Error::Transport(_)) => return call_failure(conn, e),
+    };
+    let mut bar = Bar::default();
+    for line in std::io::BufReader::new(resp.into_reader()).lines() {
+        let line = line.map_err(|e| Failure::call(anyhow!("the daemon's progress stream broke off: {e}")))?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| Failure::call(anyhow!("the daemon sent a progress line that is not JSON: {e}")))?;
+        if let Some(p) = v.get("progress") {
+            bar.draw(p["phase"].as_str().unwrap_or("working"), p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+        } else if let Some(r) = v.get("result") {
+            bar.finish();
+            return Ok(r.clone());
+        } else {
+            bar.finish();
+            return Err(Failure::call(anyhow!("{}", v["error"].as_str().unwrap_or("the daemon reported a failure without a message"))));
+        }
+    }
+    bar.finish();
+    Err(Failure::call(anyhow!("the daemon's progress stream ended without a result; check `mint events`")))
+}
+
+fn call_failure<T>(conn: &Conn, e: ureq::Error) -> Result<T, Failure> {
+    Err(Failure { code: 4, error: anyhow!("cannot reach the mint daemon at {}: {e}; start it with `mint daemon` or set --server", conn.server) })
+}
+
+/// A one-line progress bar on stderr, redrawn in place.
+#[derive(Default)]
+struct Bar {
+    drawn: bool,
+}
+
+impl Bar {
+    fn draw(&mut self, phase: &str, done: u64, total: u64) {
+        use std::io::Write;
+        const WIDTH: u64 = 30;
+        let line = if total == 0 {
+            format!("{phase:<10} ...")
+        } else {
+            let filled = (done.min(total) * WIDTH / total) as usize;
+            format!("{phase:<10} [{}{}] {done}/{total} {:>3}%", "#".repeat(filled), "-".repeat(WIDTH as usize - filled), done * 100 / total)
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{line:<60}");
+        let _ = err.flush();
+        self.drawn = true;
+    }
+
+    fn finish(&mut self) {
+        if std::mem::take(&mut self.drawn) {
+            eprintln!();
+        }
     }
 }
 
@@ -125,7 +218,7 @@ pub fn image(conn: &Conn, cmd: ImageCommand) -> Result<(), Failure> {
     match cmd {
         ImageCommand::Import { path, name } => {
             let abs = std::fs::canonicalize(&path).map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", path.display())))?;
-            let v = call(conn, "POST", "/v1/images", Some(json!({"path": abs, "name": name})))?;
+            let v = call_with_progress(conn, "/v1/images", json!({"path": abs, "name": name}))?;
             print(conn, &v, |v| println!("imported {} as {} ({} entries, {} bytes)", s(&v["name"]), s(&v["digest"]), v["entries"], v["size"]));
         }
         ImageCommand::List => {
@@ -135,6 +228,15 @@ pub fn image(conn: &Conn, cmd: ImageCommand) -> Result<(), Failure> {
                 for i in v.as_array().into_iter().flatten() {
                     println!("{:<20} {:<10} {:>10}  {}", s(&i["name"]), s(&i["format"]), s(&i["size"]), s(&i["digest"]));
                 }
+            });
+        }
+        ImageCommand::Show { image } => {
+            let v = call(conn, "GET", &format!("/v1/images/{image}"), None)?;
+            print(conn, &v, |v| {
+                let i = &v["image"];
+                println!("name     {}\ndigest   {}\nformat   {}\nbytes    {}\nentries  {}", s(&i["name"]), s(&i["digest"]), s(&i["format"]), s(&i["size"]), s(&i["entries"]));
+                let tiers: Vec<String> = v["tiers"].as_array().into_iter().flatten().map(s).collect();
+                println!("tiers    {}", if tiers.is_empty() { "-".into() } else { tiers.join(", ") });
             });
         }
     }
@@ -174,8 +276,7 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
     match cmd {
         TierCommand::Create { file } => {
             let spec = read_spec(&file)?;
-            eprintln!("minting instances...");
-            let v = call(conn, "POST", "/v1/tiers", Some(spec))?;
+            let v = call_with_progress(conn, "/v1/tiers", spec)?;
             print(conn, &v, |v| println!("tier {} created: {} instances minted in {}", s(&v["name"]), s(&v["max_instances"]), s(&v["plan"]["subnet"])));
         }
         TierCommand::List => {
@@ -306,7 +407,7 @@ pub fn apply(conn: &Conn, file: &PathBuf) -> Result<(), Failure> {
         if have_tier(&name) {
             kept.push(format!("tier {name}"));
         } else {
-            call(conn, "POST", "/v1/tiers", Some(t))?;
+            call_with_progress(conn, "/v1/tiers", t)?;
             created.push(format!("tier {name}"));
         }
     }

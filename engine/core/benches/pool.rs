@@ -36,6 +36,7 @@ fn spec(name: &str, image: &str, k: u32, subnet: &str) -> TierSpec {
             PluginRef { plugin: "network".into(), config: Default::default() },
         ],
         driver: PluginRef { plugin: "noop".into(), config: Default::default() },
+        deploy_timeout_secs: 600,
     }
 }
 
@@ -96,12 +97,13 @@ fn main() {
         reads.push(t0.elapsed());
     }
     reads.sort();
-    println!("  of which reading 10,000 node records from the store  median {:>8.2?}", reads[runs / 2]);
+    println!("  reading 10,000 node records (copies) from the store  median {:>8.2?}", reads[runs / 2]);
     let policy = engine.plugins.get("spread", mint_plugins::Kind::NodePolicy, "policy").unwrap();
     let mut sel = Vec::new();
     for _ in 0..runs {
         let t0 = Instant::now();
-        let (req, names) = mint_core::selection_request(&tier, &engine.store.nodes().unwrap(), 100);
+        let handles = engine.store.node_handles();
+        let (req, names) = mint_core::selection_request(&tier, handles.iter().map(|n| &**n), 100);
         let c = rt.block_on(policy.select(&req, &names, None)).unwrap();
         assert_eq!(c.value.len(), 100);
         sel.push(t0.elapsed());
@@ -127,7 +129,7 @@ fn main() {
         let inst: Vec<Instance> = addrs
             .iter()
             .enumerate()
-            .map(|(i, a)| Instance { id: InstanceId { tier: name.clone(), index: i as u32 }, hostname: tier.hostname.render(&name, i as u64), address: *a, state: InstanceState::Pooled, node: None, overlay: String::new() })
+            .map(|(i, a)| Instance { id: InstanceId { tier: name.clone(), index: i as u32 }, hostname: tier.hostname.render(&name, i as u64), address: *a, state: InstanceState::Pooled, node: None, overlay: String::new(), since_ms: 0 })
             .collect();
         engine.store.create_tier(&tier, &inst).unwrap();
     }

@@ -5,6 +5,7 @@
 //! from the source, so the same tree imported twice (from a directory or from any tar of
 //! it) gets the same digest.
 
+use crate::{Report, Step};
 use mint_model::records::Image;
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -50,21 +51,25 @@ impl ImageStore {
     }
 
     /// Imports a directory or a plain tar archive holding a root filesystem.
-    pub fn import(&self, source: &Path, name: Option<&str>) -> Result<Image, ImageError> {
+    /// Progress goes to `report`: `reading` a tar source, `hashing` the canonical tar entry
+    /// by entry, then `unpacking` the stored tree.
+    pub fn import(&self, source: &Path, name: Option<&str>, report: Report<'_>) -> Result<Image, ImageError> {
         let meta = std::fs::metadata(source).map_err(io(format!("cannot read {}", source.display())))?;
         let staging = tempdir_in(&self.dir)?;
         let tree = if meta.is_dir() {
             source.to_path_buf()
         } else {
+            report(Step { phase: "reading", done: 0, total: 0 });
             unpack_checked(source, &staging.0.join("tree"))?;
             staging.0.join("tree")
         };
         let tar_tmp = staging.0.join("image.tar");
-        let (digest, size, entries) = write_canonical_tar(&tree, &tar_tmp)?;
+        let (digest, size, entries) = write_canonical_tar(&tree, &tar_tmp, report)?;
         let hex = digest.trim_start_matches("sha256:").to_string();
         let final_tar = self.dir.join(format!("{hex}.tar"));
         let final_tree = self.dir.join(&hex);
         if !final_tree.exists() {
+            report(Step { phase: "unpacking", done: 0, total: 0 });
             let unpack_tmp = staging.0.join("unpacked");
             unpack_checked(&tar_tmp, &unpack_tmp)?;
             std::fs::rename(&tar_tmp, &final_tar).map_err(io("cannot store the image"))?;
@@ -139,7 +144,7 @@ fn unpack_checked(archive: &Path, into: &Path) -> Result<(), ImageError> {
 }
 
 /// Writes the canonical tar of `root` to `out`; returns its digest, size and entry count.
-fn write_canonical_tar(root: &Path, out: &Path) -> Result<(String, u64, u64), ImageError> {
+fn write_canonical_tar(root: &Path, out: &Path, report: Report<'_>) -> Result<(String, u64, u64), ImageError> {
     let mut paths = Vec::new();
     walk(root, Path::new(""), &mut paths)?;
     paths.sort();
@@ -147,9 +152,11 @@ fn write_canonical_tar(root: &Path, out: &Path) -> Result<(String, u64, u64), Im
     let mut b = tar::Builder::new(HashingWriter { inner: file, hash: Sha256::new(), size: 0 });
     b.follow_symlinks(false);
     b.mode(tar::HeaderMode::Deterministic);
-    for rel in &paths {
+    let total = paths.len() as u64;
+    for (i, rel) in paths.iter().enumerate() {
         let full = root.join(rel);
         b.append_path_with_name(&full, rel).map_err(io(format!("cannot add {}", rel.display())))?;
+        report(Step { phase: "hashing", done: i as u64 + 1, total });
     }
     let mut w = b.into_inner().map_err(io("cannot finish the image"))?;
     w.flush().map_err(io("cannot flush the image"))?;

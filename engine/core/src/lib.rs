@@ -27,6 +27,7 @@ pub use images::{ImageError, ImageStore};
 pub use spec::TierSpec;
 
 
+
 /// Why an engine operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -49,17 +50,21 @@ pub enum EngineError {
 
 type Result<T> = std::result::Result<T, EngineError>;
 
-/// Plugins by name: bundled ones, loaded on first use and kept.
+/// Plugins by name, loaded on first use and kept: the bundled ones, and the site's own
+/// from a plugin directory (`<name>.wasm` with its manifest `<name>.toml` beside it).
+/// Bundled names win, so a file cannot silently replace a plugin a tier was created with.
 pub struct Registry {
     runtime: Runtime,
+    dir: Option<PathBuf>,
     loaded: RwLock<HashMap<String, Arc<Plugin>>>,
 }
 
 impl Registry {
-    /// A registry whose compiled code is cached in `cache_dir`.
-    pub fn new(cache_dir: Option<PathBuf>) -> Result<Registry> {
+    /// A registry whose compiled code is cached in `cache_dir` and whose site plugins are
+    /// read from `plugin_dir`.
+    pub fn new(cache_dir: Option<PathBuf>, plugin_dir: Option<PathBuf>) -> Result<Registry> {
         let runtime = Runtime::new(RuntimeOptions { cache_dir, ..Default::default() }).map_err(EngineError::Invalid)?;
-        Ok(Registry { runtime, loaded: RwLock::new(HashMap::new()) })
+        Ok(Registry { runtime, dir: plugin_dir, loaded: RwLock::new(HashMap::new()) })
     }
 
     /// Loads every bundled plugin now (from the compiled-code cache when it has them), so
@@ -79,13 +84,46 @@ impl Registry {
         }
         let p = match self.runtime.load_bundled(name) {
             Some(r) => Arc::new(r?),
-            None => {
-                let names: Vec<_> = mint_plugins::bundled::ALL.iter().map(|b| b.name).collect();
-                return Err(EngineError::Invalid(format!("field `{field}`: no plugin named `{name}` (available: {})", names.join(", "))));
-            }
+            None => match self.site_file(name) {
+                Some(wasm) => Arc::new(self.load_site(name, &wasm)?),
+                None => return Err(EngineError::Invalid(format!("field `{field}`: no plugin named `{name}` ({})", self.available()))),
+            },
         };
         self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), p.clone());
         check_kind(p, kind, field)
+    }
+
+    /// Where site plugin `name` would be, if the name can be a file name and it is there.
+    fn site_file(&self, name: &str) -> Option<PathBuf> {
+        let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let wasm = self.dir.as_ref()?.join(format!("{name}.wasm"));
+        (valid && wasm.is_file()).then_some(wasm)
+    }
+
+    fn load_site(&self, name: &str, wasm: &Path) -> Result<Plugin> {
+        // Site plugins get no outbound hosts until the operator grants them; a manifest that
+        // asks for any is refused at load with the host it asked for.
+        let p = self.runtime.load_file(wasm, &mint_plugins::Grants::default())?;
+        if p.manifest().name != name {
+            return Err(EngineError::Invalid(format!(
+                "plugin file {} declares the name `{}` in its manifest; rename the file or the manifest's `name` so they agree",
+                wasm.display(),
+                p.manifest().name
+            )));
+        }
+        Ok(p)
+    }
+
+    /// The plugins a reference may name, for error messages.
+    fn available(&self) -> String {
+        let mut names: Vec<String> = mint_plugins::bundled::ALL.iter().map(|b| b.name.to_string()).collect();
+        if let Some(Ok(entries)) = self.dir.as_ref().map(std::fs::read_dir) {
+            names.extend(entries.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".wasm").map(str::to_string)));
+        }
+        match &self.dir {
+            Some(d) => format!("available: {}; site plugins go in {}", names.join(", "), d.display()),
+            None => format!("available: {}", names.join(", ")),
+        }
     }
 }
 
@@ -114,6 +152,25 @@ fn config_value(r: &PluginRef) -> Option<serde_json::Value> {
     if r.config.is_empty() { None } else { Some(serde_json::Value::Object(r.config.clone())) }
 }
 
+/// How far a long operation (an import, minting a tier) has come: `done` of `total` units
+/// of `phase` (`total` 0 while unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Step {
+    /// What is being done: `reading`, `hashing`, `unpacking` or `minting`.
+    pub phase: &'static str,
+    /// Units done.
+    pub done: u64,
+    /// Units in all, or 0 while unknown.
+    pub total: u64,
+}
+
+/// Receives [`Step`]s; called often, so it should be cheap (the daemon forwards them to
+/// a channel and the CLI draws a bar).
+pub type Report<'a> = &'a (dyn Fn(Step) + Send + Sync);
+
+/// A report that goes nowhere.
+pub fn quiet(_: Step) {}
+
 /// What a reconciliation pass did for one tier.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Progress {
@@ -121,23 +178,41 @@ pub struct Progress {
     pub deployed: Vec<InstanceId>,
     /// Instances removed from their nodes.
     pub undeployed: Vec<InstanceId>,
+    /// Deployments the driver reported finished on a later pass (it had answered
+    /// `deploying`).
+    pub finished: Vec<InstanceId>,
+    /// Deployments that failed or timed out; their nodes were declared failed and the
+    /// instances wait, with their identities, for a fresh node.
+    pub failed: Vec<InstanceId>,
     /// Why the pass could not do more, if it could not.
     pub blocked: Option<String>,
 }
 
 impl Engine {
-    /// Opens the engine's state under `data_dir` (`state/`, `images/`, `cache/`).
+    /// Opens the engine's state under `data_dir` (`state/`, `images/`, `cache/`, and
+    /// `plugins/` for the site's own plugins).
     pub fn open(data_dir: &Path) -> Result<Engine> {
         Ok(Engine {
             store: Arc::new(Store::open(&data_dir.join("state"))?),
             images: ImageStore::open(&data_dir.join("images"))?,
-            plugins: Registry::new(Some(data_dir.join("cache")))?,
+            plugins: Registry::new(Some(data_dir.join("cache")), Some(data_dir.join("plugins")))?,
         })
     }
 
     /// Imports a directory or tar archive as a master image.
     pub fn import_image(&self, source: &Path, name: Option<&str>) -> Result<Image> {
-        let image = self.images.import(source, name)?;
+        self.import_image_reporting(source, name, &quiet)
+    }
+
+    /// [`Engine::import_image`], reporting progress to `report`.
+    pub fn import_image_reporting(&self, source: &Path, name: Option<&str>, report: Report<'_>) -> Result<Image> {
+        let mut image = self.images.import(source, name, report)?;
+        // The same content imported again without a name keeps the name it was given.
+        if name.is_none()
+            && let Ok(known) = self.store.image(&image.digest)
+        {
+            image.name = known.name;
+        }
         self.store.put_image(&image)?;
         Ok(image)
     }
@@ -146,6 +221,11 @@ impl Engine {
     /// the next free address and its host name, and runs through the customization steps.
     /// Nothing is stored unless every instance minted.
     pub async fn create_tier(&self, spec: &TierSpec) -> Result<Tier> {
+        self.create_tier_reporting(spec, &quiet).await
+    }
+
+    /// [`Engine::create_tier`], reporting each minted instance to `report`.
+    pub async fn create_tier_reporting(&self, spec: &TierSpec, report: Report<'_>) -> Result<Tier> {
         let tier = spec.to_tier().map_err(EngineError::Invalid)?;
         self.store.image(&tier.image).map_err(|_| {
             EngineError::Invalid(format!("field `image`: no image `{}`; import it first (`mint image import`)", tier.image))
@@ -169,6 +249,8 @@ impl Engine {
             .into();
         let master: Arc<dyn MasterView> = Arc::new(DirMaster::new(self.images.tree(&tier.image)));
         let mut instances = Vec::with_capacity(addresses.len());
+        let total = addresses.len() as u64;
+        report(Step { phase: "minting", done: 0, total });
         for (i, address) in addresses.iter().enumerate() {
             let identity = wit::Instance {
                 tier: tier.name.clone(),
@@ -193,7 +275,9 @@ impl Engine {
                 state: InstanceState::Pooled,
                 node: None,
                 overlay: digest,
+                since_ms: 0,
             });
+            report(Step { phase: "minting", done: i as u64 + 1, total });
         }
         self.store.create_tier(&tier, &instances)?;
         Ok(tier)
@@ -210,9 +294,13 @@ impl Engine {
     /// instances, highest index first.
     pub async fn reconcile(&self, tier_name: &str) -> Result<Progress> {
         let tier = self.store.tier(tier_name)?;
-        let instances = self.store.instances(tier_name)?;
-        let on_nodes: Vec<&Instance> = instances.iter().filter(|i| i.state.holds_node()).collect();
+        let mut instances = self.store.instances(tier_name)?;
         let mut progress = Progress::default();
+        if instances.iter().any(|i| i.state == InstanceState::Deploying) {
+            self.poll_deploying(&tier, &instances, &mut progress).await?;
+            instances = self.store.instances(tier_name)?;
+        }
+        let on_nodes: Vec<&Instance> = instances.iter().filter(|i| i.state.holds_node()).collect();
         let desired = tier.desired as usize;
         if on_nodes.len() > desired {
             let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
@@ -234,8 +322,8 @@ impl Engine {
         // lowest index first, so the choice is deterministic and the same every time.
         let mut waiting: Vec<&Instance> = instances.iter().filter(|i| i.state.can_deploy()).collect();
         waiting.sort_by_key(|i| (i.state != InstanceState::Failed, i.id.index));
-        let nodes = self.store.nodes()?;
-        let (request, names) = selection_request(&tier, &nodes, need as u32);
+        let nodes = self.store.node_handles();
+        let (request, names) = selection_request(&tier, nodes.iter().map(|n| &**n), need as u32);
         let policy = self.plugins.get(&tier.policy.plugin, Kind::NodePolicy, "policy")?;
         let chosen = match policy.select(&request, &names, config_value(&tier.policy).as_ref()).await {
             Ok(c) => c.value,
@@ -280,6 +368,48 @@ impl Engine {
         Ok(progress)
     }
 
+    /// Asks the driver about every unfinished deployment of a tier. A running instance is
+    /// recorded deployed; one the node does not have (the daemon stopped between binding
+    /// it and calling the driver) is deployed again, which drivers must make idempotent; a
+    /// failed one, or one still unfinished after the tier's deploy timeout, fails its node,
+    /// so the instance is redeployed elsewhere with its identity.
+    async fn poll_deploying(&self, tier: &Tier, instances: &[Instance], progress: &mut Progress) -> Result<()> {
+        let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
+        let config = config_value(&tier.driver);
+        let timeout_ms = u64::from(tier.deploy_timeout_secs) * 1000;
+        let now = now_ms();
+        let mut finished = Vec::new();
+        for inst in instances.iter().filter(|i| i.state == InstanceState::Deploying) {
+            let Some(node_name) = inst.node.as_deref() else { continue };
+            let node = wit_node(&self.node(node_name)?);
+            let d = deployment(inst);
+            let waited_ms = now.saturating_sub(inst.since_ms);
+            let mut report = driver.status(&node, &d, config.as_ref()).await.map(|r| r.value);
+            if matches!(&report, Ok(r) if r.state == wit::InstanceState::Absent) {
+                report = driver.deploy(&node, &d, config.as_ref()).await.map(|r| r.value);
+            }
+            let failure = match report {
+                Ok(r) if r.state == wit::InstanceState::Running => {
+                    finished.push((inst.id.clone(), serde_json::json!({"driver": tier.driver.plugin, "detail": r.detail, "after-ms": waited_ms})));
+                    continue;
+                }
+                Ok(r) if r.state == wit::InstanceState::Failed => format!("the driver reports the instance failed: {}", r.detail),
+                _ if waited_ms > timeout_ms => format!(
+                    "the deployment of {} did not finish within the tier's deploy timeout of {} s",
+                    inst.id, tier.deploy_timeout_secs
+                ),
+                // Unfinished, or the driver could not tell: ask again on the next pass.
+                _ => continue,
+            };
+            self.store.fail_node(node_name, &failure)?;
+            progress.failed.push(inst.id.clone());
+            progress.blocked = Some(failure);
+        }
+        progress.finished = finished.iter().map(|f| f.0.clone()).collect();
+        self.store.finish_many(&finished)?;
+        Ok(())
+    }
+
     fn node(&self, name: &str) -> Result<Node> {
         Ok(self.store.node(name)?)
     }
@@ -291,8 +421,12 @@ impl Engine {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// The policy's view: every free node, interned; names kept aside by index.
-pub fn selection_request(tier: &Tier, nodes: &[Node], count: u32) -> (wit::SelectionRequest, Vec<String>) {
+pub fn selection_request<'a>(tier: &Tier, nodes: impl IntoIterator<Item = &'a Node>, count: u32) -> (wit::SelectionRequest, Vec<String>) {
     let mut b = SelectionBuilder::default();
     for n in nodes {
         if n.instance.as_ref().is_some_and(|i| i.tier == tier.name) {

@@ -41,6 +41,10 @@ pub struct TierSpec {
     pub customizers: Vec<PluginRef>,
     /// Provisioning driver.
     pub driver: PluginRef,
+    /// Seconds a deployment may stay unfinished (the driver reporting `deploying`) before
+    /// its node is declared failed and the instance goes elsewhere (default 600).
+    #[serde(default = "mint_model::records::default_deploy_timeout")]
+    pub deploy_timeout_secs: u32,
 }
 
 fn default_policy() -> PluginRef {
@@ -53,6 +57,9 @@ fn default_customizers() -> Vec<PluginRef> {
 
 /// The largest K a tier may ask for.
 pub const MAX_K: u32 = 1_000_000;
+
+/// The longest deploy timeout a tier may set: one day.
+pub const MAX_DEPLOY_TIMEOUT: u32 = 86_400;
 
 fn bad(field: &str, message: String) -> String {
     format!("field `{field}`: {message}")
@@ -74,6 +81,9 @@ impl TierSpec {
         }
         if self.max_instances == 0 || self.max_instances > MAX_K {
             return Err(bad("max-instances", format!("{} is outside 1..={MAX_K}", self.max_instances)));
+        }
+        if self.deploy_timeout_secs == 0 || self.deploy_timeout_secs > MAX_DEPLOY_TIMEOUT {
+            return Err(bad("deploy-timeout-secs", format!("{} is outside 1..={MAX_DEPLOY_TIMEOUT}", self.deploy_timeout_secs)));
         }
         if !self.image.starts_with("sha256:") {
             return Err(bad("image", format!("`{}` is not an image digest; import the image and use the `sha256:...` it prints", self.image)));
@@ -106,6 +116,7 @@ impl TierSpec {
             policy: self.policy.clone(),
             customizers: self.customizers.clone(),
             driver: self.driver.clone(),
+            deploy_timeout_secs: self.deploy_timeout_secs,
             desired: 0,
         })
     }

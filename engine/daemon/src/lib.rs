@@ -6,12 +6,13 @@
 //! Reconciliation passes are serialised: one pass at a time, whether the loop or a
 //! request started it.
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mint_core::{Engine, EngineError, Progress, TierSpec};
+use mint_core::{Engine, EngineError, Progress, Report, Step, TierSpec, quiet};
 use mint_model::NodeState;
 use mint_model::records::Node;
 use mint_store::StoreError;
@@ -60,10 +61,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+type ApiResult = Result<Response, ApiError>;
 
+/// A `200` JSON answer, serialised straight from the records (no intermediate `Value`:
+/// listing a large tier is dominated by encoding).
 fn ok(v: impl serde::Serialize) -> ApiResult {
-    serde_json::to_value(v).map(Json).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    Ok(Json(v).into_response())
 }
 
 #[derive(Deserialize)]
@@ -113,20 +116,115 @@ fn body<T>(r: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Resul
     r.map(|Json(v)| v).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("request body: {}", e.body_text())))
 }
 
-async fn import_image(State(app): State<Shared>, req: Result<Json<ImportRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
-    let req = body(req)?;
-    let image = app.engine.import_image(std::path::Path::new(&req.path), req.name.as_deref())?;
-    ok(image)
+/// The media type of a progress stream: one JSON object per line.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// Whether the client asked for a progress stream (`Accept: application/x-ndjson`).
+fn wants_stream(headers: &HeaderMap) -> bool {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains(NDJSON))
+}
+
+/// Forwards progress steps to a stream, at most one every 100 ms besides the first and
+/// the last of each phase, so a K of a million does not send a million lines.
+struct Forward {
+    tx: tokio::sync::mpsc::UnboundedSender<Value>,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Forward {
+    fn step(&self, s: Step) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let edge = s.done == 0 || s.done == s.total;
+        if edge || last.is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) {
+            *last = Some(std::time::Instant::now());
+            let _ = self.tx.send(json!({ "progress": s }));
+        }
+    }
+}
+
+/// Answers a long operation. Without a progress stream, one JSON document as any other
+/// route. With one, a `200` NDJSON stream of `{"progress": {...}}` lines and then one
+/// `{"result": ...}` line, or `{"error": "...", "status": N}` where the plain answer would
+/// have had that status. The work runs in its own task, so a client that goes away does not
+/// cut an operation in the middle (each operation is one transaction in any case).
+async fn long_operation<F>(stream: bool, work: F) -> Response
+where
+    F: FnOnce(Report<'_>) -> futures_util::future::BoxFuture<'_, Result<Value, ApiError>> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let forward = Forward { tx: tx.clone(), last: std::sync::Mutex::new(None) };
+    let task = tokio::spawn(async move {
+        let report = move |s: Step| forward.step(s);
+        let result = if stream { work(&report).await } else { work(&quiet).await };
+        let _ = tx.send(match &result {
+            Ok(v) => json!({ "result": v }),
+            Err(ApiError(status, message)) => json!({ "error": message, "status": status.as_u16() }),
+        });
+        result
+    });
+    if !stream {
+        return match task.await {
+            Ok(Ok(v)) => Json(v).into_response(),
+            Ok(Err(e)) => e.into_response(),
+            Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("the operation stopped: {e}")).into_response(),
+        };
+    }
+    let lines = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|v| v.map(|v| Ok::<_, std::convert::Infallible>(format!("{v}\n"))))
+    });
+    ([(header::CONTENT_TYPE, NDJSON)], Body::from_stream(lines)).into_response()
+}
+
+async fn import_image(State(app): State<Shared>, headers: HeaderMap, req: Result<Json<ImportRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+    let req = match body(req) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    long_operation(wants_stream(&headers), move |report| {
+        Box::pin(async move {
+            // Importing reads and writes the whole image: off the async threads.
+            let image = off_async_threads(|| app.engine.import_image_reporting(std::path::Path::new(&req.path), req.name.as_deref(), report))?;
+            serde_json::to_value(image).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        })
+    })
+    .await
+}
+
+/// Runs blocking work without stalling the other tasks of a multi-threaded runtime (on a
+/// single-threaded one, as in some embeddings, it simply runs).
+fn off_async_threads<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 async fn list_images(State(app): State<Shared>) -> ApiResult {
     ok(app.engine.store.images()?)
 }
 
-async fn create_tier(State(app): State<Shared>, spec: Result<Json<TierSpec>, axum::extract::rejection::JsonRejection>) -> ApiResult {
-    let spec = body(spec)?;
-    let _pass = app.reconciling.lock().await;
-    ok(app.engine.create_tier(&spec).await?)
+/// One image, by digest or by name (the newest import of that name).
+async fn show_image(State(app): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    let images = app.engine.store.images()?;
+    let found = images.into_iter().filter(|i| i.digest == id || i.name == id).last();
+    let image = found.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no image with digest or name `{id}`; `mint image list` shows them")))?;
+    let tiers: Vec<String> = app.engine.store.tiers()?.into_iter().filter(|t| t.image == image.digest).map(|t| t.name).collect();
+    ok(json!({ "image": image, "tiers": tiers }))
+}
+
+async fn create_tier(State(app): State<Shared>, headers: HeaderMap, spec: Result<Json<TierSpec>, axum::extract::rejection::JsonRejection>) -> Response {
+    let spec = match body(spec) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    long_operation(wants_stream(&headers), move |report| {
+        Box::pin(async move {
+            let _pass = app.reconciling.lock().await;
+            let tier = app.engine.create_tier_reporting(&spec, report).await?;
+            serde_json::to_value(tier).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        })
+    })
+    .await
 }
 
 async fn list_tiers(State(app): State<Shared>) -> ApiResult {
@@ -215,6 +313,7 @@ fn router(app: Shared) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/images", get(list_images).post(import_image))
+        .route("/v1/images/{id}", get(show_image))
         .route("/v1/tiers", get(list_tiers).post(create_tier))
         .route("/v1/tiers/{name}", get(show_tier).delete(delete_tier))
         .route("/v1/tiers/{name}/scale", post(scale))

@@ -57,8 +57,17 @@ pub struct Tier {
     pub customizers: Vec<PluginRef>,
     /// The provisioning driver.
     pub driver: PluginRef,
+    /// How long a deployment may stay unfinished before its node is declared failed.
+    #[serde(default = "default_deploy_timeout")]
+    pub deploy_timeout_secs: u32,
     /// How many instances should be deployed.
     pub desired: u32,
+}
+
+/// The deploy timeout of a tier that does not set one: ten minutes, enough for a BMC to
+/// boot a machine from virtual media.
+pub fn default_deploy_timeout() -> u32 {
+    600
 }
 
 /// Identifies an instance: its tier and index.
@@ -91,6 +100,10 @@ pub struct Instance {
     pub node: Option<String>,
     /// Digest of its customization overlay (the customizers' edits).
     pub overlay: String,
+    /// When it entered its current state, in milliseconds since the Unix epoch (0 for a
+    /// freshly minted instance): how long a deployment has been running, across restarts.
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 /// A node of the inventory.

@@ -8,6 +8,10 @@
 //! Writers are serialised by a process-wide lock: sled's transactions cannot scan a tree,
 //! and checks such as "no two tiers' address plans overlap" need a scan, so the scan and
 //! the transaction happen under the same lock. Readers take no lock.
+//!
+//! The node inventory is also kept in memory, refreshed by the single writer after each
+//! commit that touches a node: every selection reads the whole inventory, and iterating
+//! thousands of records out of sled costs more than the selection itself.
 
 use mint_model::records::{Event, Image, Instance, InstanceId, Node, Tier};
 use mint_model::{InstanceState, NodeState};
@@ -16,7 +20,8 @@ use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree, abort};
 use std::path::Path;
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Why a store operation failed. A refused operation changed nothing.
@@ -61,6 +66,8 @@ pub struct Store {
     images: sled::Tree,
     overlays: sled::Tree,
     write: Mutex<()>,
+    /// Every node as last committed, by name; changed only under `write`.
+    node_index: RwLock<BTreeMap<String, Arc<Node>>>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -168,7 +175,7 @@ impl Store {
             }
         };
         let tree = |name: &str| db.open_tree(name).map_err(storage);
-        Ok(Store {
+        let store = Store {
             tiers: tree("tiers")?,
             instances: tree("instances")?,
             addresses: tree("addresses")?,
@@ -180,7 +187,33 @@ impl Store {
             path: path.clone(),
             db,
             write: Mutex::new(()),
-        })
+            node_index: RwLock::new(BTreeMap::new()),
+        };
+        let all: Vec<Node> = store.all(store.nodes.iter())?;
+        *store.node_index.write().unwrap_or_else(|p| p.into_inner()) = all.into_iter().map(|n| (n.name.clone(), Arc::new(n))).collect();
+        Ok(store)
+    }
+
+    /// Re-reads the named nodes from the database into the in-memory index after a commit
+    /// that may have changed them. Called with the write lock held, so no commit can land
+    /// between the read and the update.
+    fn refresh_nodes<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<()> {
+        let mut fresh = Vec::new();
+        for name in names {
+            let node = match self.nodes.get(name.as_bytes()).map_err(|e| self.storage(e))? {
+                Some(b) => Some(Arc::new(decode::<Node>(&b)?)),
+                None => None,
+            };
+            fresh.push((name.to_string(), node));
+        }
+        let mut index = self.node_index.write().unwrap_or_else(|p| p.into_inner());
+        for (name, node) in fresh {
+            match node {
+                Some(n) => index.insert(name, n),
+                None => index.remove(&name),
+            };
+        }
+        Ok(())
     }
 
     fn storage(&self, e: impl std::fmt::Display) -> StoreError {
@@ -384,7 +417,8 @@ impl Store {
             }
             Tx::put(tx.nodes, node.name.as_bytes(), node)?;
             tx.event(None, "node-added", format!("node `{}` added ({} cpus, {} MiB, {})", node.name, node.cpus, node.memory_mib, node.arch), serde_json::json!({"labels": node.labels}))
-        })
+        })?;
+        self.refresh_nodes([node.name.as_str()])
     }
 
     /// Removes a node that holds no instance.
@@ -397,17 +431,27 @@ impl Store {
             }
             tx.nodes.remove(name.as_bytes())?;
             tx.event(None, "node-removed", format!("node `{name}` removed"), serde_json::Value::Null)
-        })
+        })?;
+        self.refresh_nodes([name])
     }
 
     /// Every node, by name.
     pub fn nodes(&self) -> Result<Vec<Node>> {
-        self.all(self.nodes.iter())
+        Ok(self.node_handles().iter().map(|n| Node::clone(n)).collect())
+    }
+
+    /// Every node, by name, as shared handles to the last committed records: what a
+    /// selection reads, without copying the inventory.
+    pub fn node_handles(&self) -> Vec<Arc<Node>> {
+        self.node_index.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
     /// One node by name.
     pub fn node(&self, name: &str) -> Result<Node> {
-        self.get_one(&self.nodes, name, "node")
+        match self.node_index.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            Some(n) => Ok(Node::clone(n)),
+            None => Err(StoreError::NotFound { what: "node", name: name.into() }),
+        }
     }
 
     /// Binds a pooled (or failed) instance to a free node and marks both deploying, in one
@@ -455,6 +499,7 @@ impl Store {
                 }
                 inst.state = InstanceState::Deploying;
                 inst.node = Some(node.to_string());
+                inst.since_ms = now_ms();
                 n.state = NodeState::Deploying;
                 n.instance = Some(id.clone());
                 Tx::put(tx.instances, &instance_key(id), &inst)?;
@@ -462,7 +507,8 @@ impl Store {
                 tx.event(Some(&id.tier), "bound", format!("instance {id} ({}, {}) bound to node `{node}`", inst.hostname, inst.address), detail.clone())?;
             }
             Ok(())
-        })
+        })?;
+        self.refresh_nodes(binds.iter().map(|b| b.1.as_str()))
     }
 
     /// Records that a deployment finished: the instance is deployed, its node in service.
@@ -476,7 +522,8 @@ impl Store {
             return Ok(());
         }
         let _w = self.lock();
-        self.transact(|tx| {
+        let nodes = self.transact(|tx| {
+            let mut nodes = Vec::new();
             for (id, detail) in done {
                 let mut inst = tx.instance(id)?;
                 if !inst.state.can_finish_deploy() {
@@ -485,33 +532,40 @@ impl Store {
                 let node = inst.node.clone().unwrap_or_default();
                 let mut n = tx.node(&node)?;
                 inst.state = InstanceState::Deployed;
+                inst.since_ms = now_ms();
                 n.state = NodeState::InService;
                 Tx::put(tx.instances, &instance_key(id), &inst)?;
                 Tx::put(tx.nodes, node.as_bytes(), &n)?;
                 tx.event(Some(&id.tier), "deployed", format!("instance {id} runs on node `{node}`"), detail.clone())?;
+                nodes.push(node);
             }
-            Ok(())
-        })
+            Ok(nodes)
+        })?;
+        self.refresh_nodes(nodes.iter().map(String::as_str))
     }
 
     /// Returns an instance to the pool with its identity and frees its node.
     pub fn release(&self, id: &InstanceId, node_state: NodeState, reason: &str) -> Result<()> {
         let _w = self.lock();
-        self.transact(|tx| {
+        let node = self.transact(|tx| {
             let mut inst = tx.instance(id)?;
             if !(inst.state.holds_node() || inst.state.can_return_to_pool()) {
                 return refuse(format!("instance {id} is {}, on no node", inst.state));
             }
-            if let Some(node) = inst.node.take() {
-                let mut n = tx.node(&node)?;
+            let node = inst.node.take();
+            if let Some(node) = &node {
+                let mut n = tx.node(node)?;
                 n.state = node_state;
                 n.instance = None;
                 Tx::put(tx.nodes, node.as_bytes(), &n)?;
             }
             inst.state = InstanceState::Pooled;
+            inst.since_ms = now_ms();
             Tx::put(tx.instances, &instance_key(id), &inst)?;
-            tx.event(Some(&id.tier), "released", format!("instance {id} returned to the pool: {reason}"), serde_json::Value::Null)
-        })
+            tx.event(Some(&id.tier), "released", format!("instance {id} returned to the pool: {reason}"), serde_json::Value::Null)?;
+            Ok(node)
+        })?;
+        self.refresh_nodes(node.as_deref())
     }
 
     /// Declares a node failed: it leaves the pool of candidates, and the instance it held
@@ -519,7 +573,7 @@ impl Store {
     /// elsewhere with the same address and host name.
     pub fn fail_node(&self, name: &str, reason: &str) -> Result<Option<InstanceId>> {
         let _w = self.lock();
-        self.transact(|tx| {
+        let held = self.transact(|tx| {
             let mut n = tx.node(name)?;
             let held = n.instance.take();
             n.state = NodeState::Failed;
@@ -528,13 +582,16 @@ impl Store {
                 let mut inst = tx.instance(id)?;
                 inst.state = InstanceState::Failed;
                 inst.node = None;
+                inst.since_ms = now_ms();
                 Tx::put(tx.instances, &instance_key(id), &inst)?;
             }
             let tier = held.as_ref().map(|i| i.tier.as_str());
             let what = held.as_ref().map(|i| format!("; instance {i} failed with it")).unwrap_or_default();
             tx.event(tier, "node-failed", format!("node `{name}` failed: {reason}{what}"), serde_json::Value::Null)?;
             Ok(held.clone())
-        })
+        });
+        self.refresh_nodes([name])?;
+        held
     }
 
     /// Events with a sequence number above `after`, oldest first, at most `limit`.
