@@ -116,6 +116,24 @@ fn the_whole_sequence_through_the_cli_survives_a_restart() {
     assert_eq!(after[4]["state"], "deployed");
     assert_eq!(after[4]["address"], before[4]["address"]);
 
+    // An operator declares the node of web/0 failed: the instance comes back on the one
+    // free node with its address and name; the failed node is repaired, set aside for
+    // maintenance, and returned.
+    let failed = after[0]["node"].as_str().unwrap().to_string();
+    let o = d.mint(&["node", "state", &failed, "maintenance"]);
+    assert_eq!(o.status.code(), Some(1), "a node holding an instance cannot go to maintenance");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("holding web/0"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(d.mint(&["node", "state", &failed, "in-service"]).status.code(), Some(2));
+    d.ok(&["node", "state", &failed, "failed", "--reason", "disk errors"]);
+    d.ok(&["tier", "scale", "web", "5"]);
+    let moved = d.json(&["instance", "list", "web"]);
+    assert_eq!(moved[0]["state"], "deployed");
+    assert_ne!(moved[0]["node"], after[0]["node"]);
+    assert_eq!((&moved[0]["address"], &moved[0]["hostname"]), (&after[0]["address"], &after[0]["hostname"]));
+    assert!(d.ok(&["events", "--tier", "web"]).contains("disk errors"));
+    d.ok(&["node", "state", &failed, "maintenance"]);
+    assert_eq!(d.json(&["node", "state", &failed, "free"])["state"], "free");
+
     // A tier with instances on nodes cannot be deleted; scaled to 0 it can, and its
     // addresses are free for a new tier on the same subnet.
     let o = d.mint(&["tier", "delete", "web"]);

@@ -97,6 +97,16 @@ pub enum NodeCommand {
     List,
     /// Remove a node that holds no instance.
     Remove { name: String },
+    /// Set a node free (repaired), in maintenance (never selected), or failed (its instance
+    /// is redeployed elsewhere with the same identity).
+    State {
+        name: String,
+        #[arg(value_parser = ["free", "maintenance", "failed"])]
+        state: String,
+        /// Why, for the event log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 fn url(conn: &Conn, path: &str) -> String {
@@ -338,6 +348,10 @@ pub fn node(conn: &Conn, cmd: NodeCommand) -> Result<(), Failure> {
         NodeCommand::Remove { name } => {
             let v = call(conn, "DELETE", &format!("/v1/nodes/{name}"), None)?;
             print(conn, &v, |_| println!("node {name} removed"));
+        }
+        NodeCommand::State { name, state, reason } => {
+            let v = call(conn, "POST", &format!("/v1/nodes/{name}/state"), Some(json!({ "state": state, "reason": reason })))?;
+            print(conn, &v, |v| println!("node {name} is {}", s(&v["state"])));
         }
     }
     Ok(())

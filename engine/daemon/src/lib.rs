@@ -296,6 +296,29 @@ async fn remove_node(State(app): State<Shared>, Path(name): Path<String>) -> Api
     ok(json!({ "removed": name }))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeStateRequest {
+    state: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn set_node_state(State(app): State<Shared>, Path(name): Path<String>, req: Result<Json<NodeStateRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    let req = body(req)?;
+    let to = match req.state.as_str() {
+        "free" => NodeState::Free,
+        "maintenance" => NodeState::Maintenance,
+        "failed" => NodeState::Failed,
+        other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `state`: `{other}` cannot be set; use free, maintenance or failed"))),
+    };
+    // Serialised with reconciliation: a node declared failed mid-pass would otherwise race
+    // the pass's driver calls for it.
+    let _pass = app.reconciling.lock().await;
+    app.engine.store.set_node_state(&name, to, req.reason.as_deref().unwrap_or("set by an operator"))?;
+    ok(app.engine.store.node(&name)?)
+}
+
 async fn events(State(app): State<Shared>, Query(q): Query<EventQuery>) -> ApiResult {
     let mut e = app.engine.store.events(q.after, q.limit.unwrap_or(1000).min(10_000))?;
     if let Some(t) = q.tier {
@@ -320,6 +343,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/tiers/{name}/instances", get(instances))
         .route("/v1/nodes", get(list_nodes).post(add_node))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
+        .route("/v1/nodes/{name}/state", post(set_node_state))
         .route("/v1/events", get(events))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route; see README for /v1/...".into()) })
         .with_state(app)

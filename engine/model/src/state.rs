@@ -105,6 +105,18 @@ impl NodeState {
     pub fn can_remove(self) -> bool {
         matches!(self, NodeState::Free | NodeState::Failed | NodeState::Maintenance)
     }
+    /// Whether an operator may move the node to `to`. Free and maintenance are for nodes
+    /// that hold nothing (a failed node returns to free once repaired); failed may be
+    /// declared of any node, and its instance is then redeployed elsewhere. Deploying and
+    /// in-service belong to the engine, which sets them while it deploys.
+    pub fn operator_can_set(self, to: NodeState) -> bool {
+        match to {
+            NodeState::Free => matches!(self, NodeState::Free | NodeState::Failed | NodeState::Maintenance),
+            NodeState::Maintenance => matches!(self, NodeState::Free | NodeState::Failed | NodeState::Maintenance),
+            NodeState::Failed => true,
+            NodeState::Deploying | NodeState::InService => false,
+        }
+    }
     /// The state's name as the API spells it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -163,5 +175,17 @@ mod tests {
         assert!(!Pooled.holds_node() && !Failed.holds_node());
         assert!(NodeState::Free.can_select() && !NodeState::Maintenance.can_select());
         assert!(!NodeState::InService.can_remove());
+    }
+
+    #[test]
+    fn operators_set_free_maintenance_and_failed_only() {
+        use NodeState::*;
+        let all = [Free, Deploying, InService, Failed, Maintenance];
+        for from in all {
+            assert!(from.operator_can_set(Failed), "any node can be declared failed");
+            assert!(!from.operator_can_set(Deploying) && !from.operator_can_set(InService));
+            assert_eq!(from.operator_can_set(Free), from.can_remove(), "{from}");
+            assert_eq!(from.operator_can_set(Maintenance), from.can_remove(), "{from}");
+        }
     }
 }

@@ -594,6 +594,32 @@ impl Store {
         held
     }
 
+    /// Sets a node's state as an operator asks: `failed` as [`Store::fail_node`]; `free` or
+    /// `maintenance` only for a node that holds no instance. Refused, with nothing written,
+    /// for any other change.
+    pub fn set_node_state(&self, name: &str, to: NodeState, reason: &str) -> Result<()> {
+        if to == NodeState::Failed {
+            return self.fail_node(name, reason).map(|_| ());
+        }
+        let _w = self.lock();
+        let r = self.transact(|tx| {
+            let mut n = tx.node(name)?;
+            if !n.state.operator_can_set(to) || n.instance.is_some() {
+                return refuse(format!(
+                    "node `{name}` is {}{}; only a node that holds no instance can be set {to} (scale its tier in, or declare it failed)",
+                    n.state,
+                    n.instance.as_ref().map(|i| format!(" holding {i}")).unwrap_or_default()
+                ));
+            }
+            let from = n.state;
+            n.state = to;
+            Tx::put(tx.nodes, name.as_bytes(), &n)?;
+            tx.event(None, "node-state", format!("node `{name}` set from {from} to {to}: {reason}"), serde_json::json!({"from": from, "to": to}))
+        });
+        self.refresh_nodes([name])?;
+        r
+    }
+
     /// Events with a sequence number above `after`, oldest first, at most `limit`.
     pub fn events(&self, after: Option<u64>, limit: usize) -> Result<Vec<Event>> {
         let start = after.map(|a| a.saturating_add(1)).unwrap_or(0).to_be_bytes();
