@@ -4,6 +4,7 @@ mod cli;
 mod crash;
 mod daemon;
 mod engine;
+mod images;
 mod model;
 mod plugin_host;
 mod store;

@@ -49,8 +49,16 @@ impl Conn {
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
-    /// Import a directory or tar archive (a path on the daemon's host) as a master image.
-    Import { path: PathBuf, #[arg(long)] name: Option<String> },
+    /// Import a master image (a path on the daemon's host): a directory, a tar archive
+    /// (plain, gzip or zstd), an OCI image layout, or a qcow2 or raw disk image.
+    Import {
+        path: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+        /// The format the source must be; read from its contents when not given.
+        #[arg(long, value_parser = ["dir", "tar", "tar+gzip", "tar+zstd", "oci", "qcow2", "raw"])]
+        format: Option<String>,
+    },
     /// List images.
     List,
     /// Show one image, by digest or name, and the tiers that use it.
@@ -226,9 +234,9 @@ fn s(v: &Value) -> String {
 
 pub fn image(conn: &Conn, cmd: ImageCommand) -> Result<(), Failure> {
     match cmd {
-        ImageCommand::Import { path, name } => {
+        ImageCommand::Import { path, name, format } => {
             let abs = std::fs::canonicalize(&path).map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", path.display())))?;
-            let v = call_with_progress(conn, "/v1/images", json!({"path": abs, "name": name}))?;
+            let v = call_with_progress(conn, "/v1/images", json!({"path": abs, "name": name, "format": format}))?;
             print(conn, &v, |v| println!("imported {} as {} ({} entries, {} bytes)", s(&v["name"]), s(&v["digest"]), v["entries"], v["size"]));
         }
         ImageCommand::List => {

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-pub use images::{ImageError, ImageStore};
+pub use images::{ImageError, ImageStore, SourceFormat};
 pub use spec::TierSpec;
 
 
@@ -199,14 +199,16 @@ impl Engine {
         })
     }
 
-    /// Imports a directory or tar archive as a master image.
+    /// Imports a master image, whose format is read from its contents (see
+    /// [`images::detect`]).
     pub fn import_image(&self, source: &Path, name: Option<&str>) -> Result<Image> {
-        self.import_image_reporting(source, name, &quiet)
+        self.import_image_reporting(source, name, None, &quiet)
     }
 
-    /// [`Engine::import_image`], reporting progress to `report`.
-    pub fn import_image_reporting(&self, source: &Path, name: Option<&str>, report: Report<'_>) -> Result<Image> {
-        let mut image = self.images.import(source, name, report)?;
+    /// [`Engine::import_image`] with a claimed format that the contents must match, reporting
+    /// progress to `report`.
+    pub fn import_image_reporting(&self, source: &Path, name: Option<&str>, claimed: Option<SourceFormat>, report: Report<'_>) -> Result<Image> {
+        let mut image = self.images.import(source, name, claimed, report)?;
         // The same content imported again without a name keeps the name it was given.
         if name.is_none()
             && let Ok(known) = self.store.image(&image.digest)

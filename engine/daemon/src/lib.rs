@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mint_core::{Engine, EngineError, Progress, Report, Step, TierSpec, quiet};
+use mint_core::{Engine, EngineError, Progress, Report, SourceFormat, Step, TierSpec, quiet};
 use mint_model::NodeState;
 use mint_model::records::Node;
 use mint_store::StoreError;
@@ -72,9 +72,12 @@ fn ok(v: impl serde::Serialize) -> ApiResult {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ImportRequest {
-    /// A directory or tar archive on the daemon's host.
+    /// A directory, archive, OCI layout or disk image on the daemon's host.
     path: String,
     name: Option<String>,
+    /// The format the source must be (read from its contents when absent).
+    #[serde(default)]
+    format: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -180,10 +183,15 @@ async fn import_image(State(app): State<Shared>, headers: HeaderMap, req: Result
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let claimed = match req.format.as_deref().map(SourceFormat::parse).transpose() {
+        Ok(c) => c,
+        Err(e) => return ApiError(StatusCode::BAD_REQUEST, e).into_response(),
+    };
     long_operation(wants_stream(&headers), move |report| {
         Box::pin(async move {
             // Importing reads and writes the whole image: off the async threads.
-            let image = off_async_threads(|| app.engine.import_image_reporting(std::path::Path::new(&req.path), req.name.as_deref(), report))?;
+            let path = std::path::Path::new(&req.path);
+            let image = off_async_threads(|| app.engine.import_image_reporting(path, req.name.as_deref(), claimed, report))?;
             serde_json::to_value(image).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         })
     })

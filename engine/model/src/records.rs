@@ -163,14 +163,28 @@ pub struct Event {
 /// A master image in the image store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Image {
-    /// `sha256:<hex>` of the image's canonical tar.
+    /// `sha256:<hex>` of the image's canonical tar (tree images) or of the disk file.
     pub digest: String,
     /// A name for people (the imported file or directory's name, or one given).
     pub name: String,
-    /// `tree` for directories and tar archives.
+    /// `tree` (a root filesystem), `qcow2` or `raw` (a disk).
     pub format: String,
-    /// Bytes of the canonical tar.
+    /// Bytes stored: the canonical tar, or the disk file.
     pub size: u64,
-    /// Files, directories and links in it.
+    /// Files, directories and links in a tree image; 0 for a disk.
     pub entries: u64,
+    /// What it was imported from: `dir`, `tar`, `tar+gzip`, `tar+zstd`, `oci`, `qcow2`, `raw`.
+    #[serde(default)]
+    pub source: String,
+    /// A disk's size as a guest sees it; 0 for a tree.
+    #[serde(default)]
+    pub virtual_size: u64,
+}
+
+impl Image {
+    /// Whether the image is a disk (its instances are qcow2 overlays plus a NoCloud seed)
+    /// rather than a tree (its instances are overlays of file edits).
+    pub fn is_disk(&self) -> bool {
+        self.format == "qcow2" || self.format == "raw"
+    }
 }

@@ -1,0 +1,264 @@
+//! Master images in every format mint imports: tar archives compressed by the real `gzip`
+//! and `zstd`, OCI image layouts with whiteouts, qcow2 and raw disks made by the real
+//! `qemu-img`; and each kind of bad input refused with nothing stored.
+
+use crate::support::scratch;
+use mint_core::images::disk;
+use mint_core::{Engine, SourceFormat};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let o = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(o.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// A small root filesystem.
+fn tree(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for (p, t) in [("etc/hostname", "debian\n"), ("etc/network/interfaces", "auto eth0\niface eth0 inet dhcp\n"), ("usr/share/doc/readme", "hello\n")] {
+        std::fs::create_dir_all(root.join(p).parent().unwrap()).unwrap();
+        std::fs::write(root.join(p), t).unwrap();
+    }
+    std::os::unix::fs::symlink("/etc/hostname", root.join("etc/name-link")).unwrap();
+    root
+}
+
+fn tar_of(root: &Path, out: &Path) {
+    run(Command::new("tar").arg("-C").arg(root).arg("-cf").arg(out).arg("."));
+}
+
+#[test]
+fn compressed_tars_import_as_the_same_tree() {
+    let dir = scratch("images-tar");
+    let root = tree(&dir);
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let from_dir = engine.import_image(&root, None).unwrap();
+    assert_eq!((from_dir.format.as_str(), from_dir.source.as_str()), ("tree", "dir"));
+    let plain = dir.join("root.tar");
+    tar_of(&root, &plain);
+    run(Command::new("gzip").arg("-k").arg(&plain));
+    run(Command::new("zstd").arg("-q").arg("-k").arg(&plain));
+    for (file, source) in [("root.tar", "tar"), ("root.tar.gz", "tar+gzip"), ("root.tar.zst", "tar+zstd")] {
+        let image = engine.import_image(&dir.join(file), None).unwrap();
+        assert_eq!(image.digest, from_dir.digest, "{file}: the same tree, the same digest");
+        assert_eq!(image.source, source);
+    }
+    // A compressed archive under a name that says nothing is read by its contents.
+    std::fs::copy(dir.join("root.tar.zst"), dir.join("blob")).unwrap();
+    assert_eq!(engine.import_image(&dir.join("blob"), None).unwrap().digest, from_dir.digest);
+
+    // A truncated gzip stream is refused, and nothing is stored.
+    let gz = std::fs::read(dir.join("root.tar.gz")).unwrap();
+    std::fs::write(dir.join("cut.tar.gz"), &gz[..gz.len() / 2]).unwrap();
+    let images = engine.store.images().unwrap().len();
+    let e = engine.import_image(&dir.join("cut.tar.gz"), None).unwrap_err().to_string();
+    assert!(e.contains("truncated or corrupt"), "{e}");
+    assert_eq!(engine.store.images().unwrap().len(), images);
+}
+
+/// Writes `files` (path, contents; a `None` content is a directory) as a gzip layer blob
+/// and returns its descriptor.
+fn layer(layout: &Path, files: &[(&str, Option<&str>)]) -> serde_json::Value {
+    let src = layout.parent().unwrap().join(format!("layer-src-{}", std::fs::read_dir(layout.join("blobs/sha256")).unwrap().count()));
+    std::fs::create_dir_all(&src).unwrap();
+    for (p, content) in files {
+        match content {
+            Some(text) => {
+                std::fs::create_dir_all(src.join(p).parent().unwrap()).unwrap();
+                std::fs::write(src.join(p), text).unwrap();
+            }
+            None => std::fs::create_dir_all(src.join(p)).unwrap(),
+        }
+    }
+    let tar = src.with_extension("tar");
+    tar_of(&src, &tar);
+    run(Command::new("gzip").arg("-f").arg(&tar));
+    blob(layout, &std::fs::read(tar.with_extension("tar.gz")).unwrap(), "application/vnd.oci.image.layer.v1.tar+gzip")
+}
+
+fn blob(layout: &Path, bytes: &[u8], media_type: &str) -> serde_json::Value {
+    let hex = hex::encode(Sha256::digest(bytes));
+    std::fs::write(layout.join("blobs/sha256").join(&hex), bytes).unwrap();
+    serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()})
+}
+
+/// An OCI layout of `layers`, with a config and a manifest as podman writes them.
+fn layout(dir: &Path, name: &str, layers: &[&[(&str, Option<&str>)]]) -> PathBuf {
+    let layout = dir.join(name);
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion": "1.0.0"}"#).unwrap();
+    let descs: Vec<serde_json::Value> = layers.iter().map(|l| layer(&layout, l)).collect();
+    let config = blob(&layout, br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#, "application/vnd.oci.image.config.v1+json");
+    let manifest = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": descs});
+    let m = blob(&layout, manifest.to_string().as_bytes(), "application/vnd.oci.image.manifest.v1+json");
+    std::fs::write(layout.join("index.json"), serde_json::json!({"schemaVersion": 2, "manifests": [m]}).to_string()).unwrap();
+    layout
+}
+
+#[test]
+fn oci_layouts_flatten_their_layers_honouring_whiteouts() {
+    let dir = scratch("images-oci");
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let base: &[(&str, Option<&str>)] = &[
+        ("etc/hostname", Some("debian\n")),
+        ("etc/old.conf", Some("old\n")),
+        ("usr/share/doc/a", Some("a\n")),
+        ("usr/share/doc/b", Some("b\n")),
+        ("var/cache/apt/pkgcache.bin", Some("cache\n")),
+    ];
+    let top: &[(&str, Option<&str>)] = &[
+        ("etc/.wh.old.conf", Some("")),
+        ("usr/share/doc/.wh..wh..opq", Some("")),
+        ("usr/share/doc/c", Some("c\n")),
+        ("var/.wh.cache", Some("")),
+        ("etc/hostname", Some("changed\n")),
+    ];
+    let oci = layout(&dir, "oci", &[base, top]);
+    let image = engine.import_image(&oci, Some("app")).unwrap();
+    assert_eq!(image.source, "oci");
+    let t = engine.images.tree(&image.digest);
+    assert_eq!(std::fs::read_to_string(t.join("etc/hostname")).unwrap(), "changed\n");
+    assert!(!t.join("etc/old.conf").exists() && !t.join("var/cache").exists(), "whited out");
+    let docs: Vec<String> = std::fs::read_dir(t.join("usr/share/doc")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(docs, ["c"], "the opaque directory hides what lower layers put there");
+    assert!(!t.join("etc/.wh.old.conf").exists(), "whiteout markers are not files of the image");
+
+    // The same tree as a directory has the same digest.
+    let same = dir.join("same");
+    for (p, c) in [("etc/hostname", "changed\n"), ("usr/share/doc/c", "c\n")] {
+        std::fs::create_dir_all(same.join(p).parent().unwrap()).unwrap();
+        std::fs::write(same.join(p), c).unwrap();
+    }
+    std::fs::create_dir_all(same.join("var")).unwrap();
+    for d in ["etc", "usr", "usr/share", "usr/share/doc", "var"] {
+        let mode = std::fs::metadata(t.join(d)).unwrap().permissions();
+        std::fs::set_permissions(same.join(d), mode).unwrap();
+    }
+    assert_eq!(engine.import_image(&same, Some("same")).unwrap().digest, image.digest);
+
+    // Bad layouts: a missing blob, a blob whose bytes are not its digest, a whiteout that
+    // would reach through a lower layer's symlink. Each refused, nothing stored.
+    let count = engine.store.images().unwrap().len();
+    let missing = layout(&dir, "missing", &[base]);
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(missing.join("index.json")).unwrap()).unwrap();
+    let m_hex = manifest["manifests"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(missing.join("blobs/sha256").join(&m_hex)).unwrap()).unwrap();
+    let layer_hex = m["layers"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    std::fs::remove_file(missing.join("blobs/sha256").join(&layer_hex)).unwrap();
+    let e = engine.import_image(&missing, None).unwrap_err().to_string();
+    assert!(e.contains(&format!("blob sha256:{layer_hex} is missing")), "{e}");
+
+    let altered = layout(&dir, "altered", &[base]);
+    let path = altered.join("blobs/sha256").join(&layer_hex);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let e = engine.import_image(&altered, None).unwrap_err().to_string();
+    assert!(e.contains("has the wrong digest"), "{e}");
+
+    let victim = dir.join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("keep"), "mine\n").unwrap();
+    let linked = dir.join("linked-src");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::os::unix::fs::symlink(&victim, linked.join("etc2")).unwrap();
+    let escape = layout(&dir, "escape", &[&[("etc/hostname", Some("x\n"))], &[("etc2/.wh.keep", Some(""))]]);
+    // Put the symlink into the first layer by rebuilding it with the link.
+    let first = escape.join("first.tar");
+    run(Command::new("tar").arg("-C").arg(&linked).arg("-cf").arg(&first).arg("."));
+    let first_bytes = std::fs::read(&first).unwrap();
+    let d = blob(&escape, &first_bytes, "application/vnd.oci.image.layer.v1.tar");
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(escape.join("index.json")).unwrap()).unwrap();
+    let mhex = index["manifests"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(escape.join("blobs/sha256").join(&mhex)).unwrap()).unwrap();
+    m["layers"][0] = d;
+    let md = blob(&escape, m.to_string().as_bytes(), "application/vnd.oci.image.manifest.v1+json");
+    std::fs::write(escape.join("index.json"), serde_json::json!({"schemaVersion": 2, "manifests": [md]}).to_string()).unwrap();
+    let e = engine.import_image(&escape, None).unwrap_err().to_string();
+    assert!(e.contains("is a symlink in a lower layer"), "{e}");
+    assert_eq!(std::fs::read_to_string(victim.join("keep")).unwrap(), "mine\n", "nothing outside the image is touched");
+    assert_eq!(engine.store.images().unwrap().len(), count);
+}
+
+fn qemu_img_json(args: &[&str], file: &Path) -> serde_json::Value {
+    let o = run(Command::new("qemu-img").args(args).arg("--output=json").arg(file));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// A raw disk with an MBR signature and some data, so a qcow2 made from it has clusters.
+fn raw_disk(path: &Path, mib: usize) {
+    let mut bytes = vec![0u8; mib << 20];
+    bytes[510] = 0x55;
+    bytes[511] = 0xaa;
+    for (i, b) in bytes[1 << 20..(1 << 20) + 300_000].iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8 + 1;
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn disk_masters_are_checked_stored_read_only_and_overlaid() {
+    let dir = scratch("images-disk");
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let raw = dir.join("disk.raw");
+    raw_disk(&raw, 8);
+    let q = dir.join("cloud.qcow2");
+    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&q));
+
+    let image = engine.import_image(&q, Some("cloud")).unwrap();
+    assert_eq!((image.format.as_str(), image.virtual_size), ("qcow2", 8 << 20));
+    let stored = engine.images.disk(&image.digest, "qcow2");
+    assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(std::fs::read(&stored).unwrap()))), image.digest);
+    assert!(std::fs::metadata(&stored).unwrap().permissions().readonly(), "a master is never changed");
+    let r = engine.import_image(&raw, None).unwrap();
+    assert_eq!((r.format.as_str(), r.virtual_size), ("raw", 8 << 20));
+
+    // An overlay backed by the master: what qemu-img itself reads of it.
+    let overlay = stored.parent().unwrap().join("test-overlay.qcow2");
+    disk::write_overlay(&overlay, stored.file_name().unwrap().to_str().unwrap(), "qcow2", image.virtual_size).unwrap();
+    let info = qemu_img_json(&["info"], &overlay);
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], 8 << 20);
+    assert_eq!(info["backing-filename"], stored.file_name().unwrap().to_str().unwrap());
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    let check = qemu_img_json(&["check"], &overlay);
+    assert_eq!(check["check-errors"], 0, "{check}");
+    assert!(check.get("corruptions").is_none_or(|c| c == 0) && check.get("leaks").is_none_or(|c| c == 0), "{check}");
+    // The overlay reads as the master through qemu's own block layer.
+    let back = dir.join("back.raw");
+    run(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&overlay).arg(&back));
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&raw).unwrap(), "an empty overlay shows the master");
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = std::fs::metadata(&overlay).unwrap().blocks() * 512;
+    assert!(on_disk <= 64 << 10, "an empty overlay costs {on_disk} bytes on disk");
+
+    // Bad disks, each refused with nothing stored.
+    let count = engine.store.images().unwrap().len();
+    let backed = dir.join("backed.qcow2");
+    run(Command::new("qemu-img").args(["create", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(&q).arg(&backed));
+    let e = engine.import_image(&backed, None).unwrap_err().to_string();
+    assert!(e.contains("has a backing file of its own"), "{e}");
+    let bytes = std::fs::read(&q).unwrap();
+    let cut = dir.join("cut.qcow2");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = engine.import_image(&cut, None).unwrap_err().to_string();
+    assert!(e.contains("the file is truncated"), "{e}");
+    std::fs::write(dir.join("header.qcow2"), &bytes[..40]).unwrap();
+    let e = engine.import_image(&dir.join("header.qcow2"), None).unwrap_err().to_string();
+    assert!(e.contains("claims to be qcow2 but is") || e.contains("no qcow2 header"), "{e}");
+    // Files that are not what they claim, by name or by --format.
+    let fake = dir.join("fake.qcow2");
+    tar_of(&tree(&dir.join("t")), &fake);
+    let e = engine.import_image(&fake, None).unwrap_err().to_string();
+    assert!(e.contains("claims to be qcow2 but is tar"), "{e}");
+    let e = engine.import_image_reporting(&q, None, Some(SourceFormat::Raw), &mint_core::quiet).unwrap_err().to_string();
+    assert!(e.contains("claims to be raw but is qcow2"), "{e}");
+    std::fs::write(dir.join("notes.txt"), "not an image\n").unwrap();
+    let e = engine.import_image(&dir.join("notes.txt"), None).unwrap_err().to_string();
+    assert!(e.contains("is not a format mint imports"), "{e}");
+    assert_eq!(engine.store.images().unwrap().len(), count);
+}
