@@ -262,3 +262,76 @@ fn disk_masters_are_checked_stored_read_only_and_overlaid() {
     assert!(e.contains("is not a format mint imports"), "{e}");
     assert_eq!(engine.store.images().unwrap().len(), count);
 }
+
+/// What cloud-init itself (Debian's package, installed by `cargo xtask setup`) makes of a
+/// seed's three files: it parses the meta-data, turns the network-config into its network
+/// state, and validates the user-data against its cloud-config schema.
+const CLOUD_INIT_CHECK: &str = r##"
+import json, sys
+from cloudinit import util
+from cloudinit.net import network_state
+from cloudinit.config import schema
+d = sys.argv[1]
+read = lambda n: open(d + "/" + n).read()
+meta = util.load_yaml(read("meta-data"))
+ns = network_state.parse_net_config_data(util.load_yaml(read("network-config")), skip_broken=False)
+ud = read("user-data")
+assert ud.startswith("#cloud-config\n"), "user-data header"
+cfg = util.load_yaml(ud)
+schema.validate_cloudconfig_schema(cfg, strict=True)
+ifaces = [{"subnets": i.get("subnets", [])} for i in ns.iter_interfaces()]
+print(json.dumps({"meta": meta, "ifaces": ifaces, "dns": ns.dns_nameservers, "hostname": cfg.get("hostname"),
+                  "files": [f["path"] for f in cfg.get("write_files", [])]}, default=str))
+"##;
+
+#[test]
+fn instances_of_a_disk_master_are_one_shared_overlay_and_their_own_seed() {
+    let dir = scratch("images-disk-tier");
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let raw = dir.join("disk.raw");
+    raw_disk(&raw, 8);
+    let q = dir.join("cloud.qcow2");
+    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&q));
+    let image = engine.import_image(&q, None).unwrap();
+    let spec: mint_core::TierSpec = serde_json::from_value(serde_json::json!({
+        "name": "vm", "image": image.digest, "max-instances": 3, "subnet": "198.18.4.0/24",
+        "gateway": "198.18.4.1", "dns": ["198.18.4.53"], "hostname": "vm-{index}",
+        "customizers": [{"plugin": "hostname", "config": {"domain": "mint.test"}}], "driver": {"plugin": "noop"},
+    }))
+    .unwrap();
+    crate::support::block_on(engine.create_tier(&spec)).unwrap();
+    let inst = engine.store.instances("vm").unwrap();
+    let parts: Vec<_> = inst.iter().map(|i| i.disk.clone().expect("disk parts")).collect();
+    assert!(parts.iter().all(|p| p.overlay == parts[0].overlay), "one overlay for every instance");
+    assert!(parts[0].seed != parts[1].seed && parts[1].seed != parts[2].seed, "a seed of its own each");
+
+    let overlay = engine.images.locate(&parts[0].overlay).unwrap();
+    let info = qemu_img_json(&["info"], &overlay);
+    assert_eq!(info["backing-filename"], engine.images.disk(&image.digest, "qcow2").file_name().unwrap().to_str().unwrap());
+    assert_eq!(qemu_img_json(&["check"], &overlay)["check-errors"], 0);
+
+    let seed = engine.images.locate(&parts[2].seed).unwrap();
+    let blkid = run(Command::new("blkid").args(["-p", "-o", "export"]).arg(&seed));
+    let blkid = String::from_utf8_lossy(&blkid.stdout);
+    assert!(blkid.contains("LABEL=cidata") && blkid.contains("TYPE=vfat"), "{blkid}");
+    use std::os::unix::fs::MetadataExt;
+    let on_disk = std::fs::metadata(&seed).unwrap().blocks() * 512;
+    assert!(on_disk <= 64 << 10, "a seed costs {on_disk} bytes on disk");
+
+    // Read the files back with mtools, an independent FAT reader, and hand them to cloud-init.
+    let files = dir.join("seed-files");
+    std::fs::create_dir_all(&files).unwrap();
+    for name in ["meta-data", "network-config", "user-data"] {
+        run(Command::new("mcopy").arg("-i").arg(&seed).arg(format!("::{name}")).arg(files.join(name)));
+    }
+    let o = run(Command::new("/usr/bin/python3").arg("-c").arg(CLOUD_INIT_CHECK).arg(&files));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["meta"]["local-hostname"], "vm-2");
+    assert!(v["meta"]["instance-id"].as_str().unwrap().starts_with("mint-vm-2-"));
+    assert_eq!(v["hostname"], "vm-2");
+    assert_eq!(v["ifaces"][0]["subnets"][0]["address"], inst[2].address.to_string());
+    let routes = &v["ifaces"][0]["subnets"][0]["routes"][0];
+    assert_eq!((&routes["gateway"], &routes["network"], &routes["prefix"]), (&"198.18.4.1".into(), &"0.0.0.0".into(), &0.into()), "{}", v["ifaces"]);
+    assert!(v["dns"].to_string().contains("198.18.4.53"), "{}", v["dns"]);
+    assert!(v["files"].to_string().contains("/etc/hostname"), "the customizers' edits travel as write_files: {}", v["files"]);
+}

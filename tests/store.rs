@@ -29,6 +29,7 @@ fn tier(name: &str, subnet: &str, pattern: &str, k: u32, store: &Store) -> (Tier
             node: None,
             overlay: String::new(),
             since_ms: 0,
+            disk: None,
         })
         .collect();
     let t = Tier {

@@ -16,8 +16,35 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// Installs the wasm32-wasip2 target when the toolchain lacks it.
+/// Installs the Debian packages the tests use as independent checkers when they are
+/// missing: cloud-init (its own parsers read mint's NoCloud seeds) and mtools (reads the
+/// seeds' FAT volumes without mint's code).
+fn debian_packages() -> Result<(), String> {
+    let have_mtools = std::path::Path::new("/usr/bin/mcopy").exists();
+    let have_cloud_init =
+        Command::new("/usr/bin/python3").args(["-c", "import cloudinit"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if have_mtools && have_cloud_init {
+        return Ok(());
+    }
+    let install = || {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "cloud-init", "mtools"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    install()
+        .or_else(|_| run(Command::new("apt-get").args(["update", "-q"])).and_then(|_| install()))
+        .map_err(|e| format!("{e}; the tests need Debian's cloud-init and mtools (apt-get install cloud-init mtools)"))
+}
+
+/// Everything a fresh clone needs to build and test: the wasm32-wasip2 target and the
+/// Debian packages the tests check with.
 fn setup() -> Result<(), String> {
+    wasm_target()?;
+    debian_packages()
+}
+
+/// Installs the wasm32-wasip2 target when the toolchain lacks it.
+fn wasm_target() -> Result<(), String> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
@@ -86,12 +113,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
-        Some("daemon") => setup().and_then(|_| {
+        Some("daemon") => wasm_target().and_then(|_| {
             run(cargo().args(["run", "--release", "--package", "mint", "--", "daemon", "--data-dir", "target/mint-data"]).args(&args[1..]))
         }),
-        Some("demo") => setup().and_then(|_| run(cargo().args(["run", "--release", "--package", "mint", "--", "demo"]).args(&args[1..]))),
+        Some("demo") => wasm_target().and_then(|_| run(cargo().args(["run", "--release", "--package", "mint", "--", "demo"]).args(&args[1..]))),
         Some("test") => test(),
-        Some("bench") => setup()
+        Some("bench") => wasm_target()
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-plugins", "--bench", "plugin_cost"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-core", "--bench", "pool"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "api"]))),

@@ -12,10 +12,10 @@ pub mod images;
 mod overlay;
 pub mod spec;
 
-use mint_model::records::{Image, Instance, InstanceId, Node, PluginRef, Tier};
+use mint_model::records::{DiskParts, Image, Instance, InstanceId, Node, PluginRef, Tier};
 use mint_model::{InstanceState, NodeState};
 use mint_plugins::fixture::{RequirementsJson, SelectionBuilder, ip};
-use mint_plugins::master::{DirMaster, MasterView};
+use mint_plugins::master::{DirMaster, EmptyMaster, MasterView};
 use mint_plugins::types as wit;
 use mint_plugins::{CallError, Kind, LoadError, Plugin, Runtime, RuntimeOptions};
 use mint_store::{Store, StoreError};
@@ -229,7 +229,7 @@ impl Engine {
     /// [`Engine::create_tier`], reporting each minted instance to `report`.
     pub async fn create_tier_reporting(&self, spec: &TierSpec, report: Report<'_>) -> Result<Tier> {
         let tier = spec.to_tier().map_err(EngineError::Invalid)?;
-        self.store.image(&tier.image).map_err(|_| {
+        let image = self.store.image(&tier.image).map_err(|_| {
             EngineError::Invalid(format!("field `image`: no image `{}`; import it first (`mint image import`)", tier.image))
         })?;
         self.store.check_new_tier(&tier)?;
@@ -249,7 +249,12 @@ impl Engine {
             .map(|(i, a)| wit::Peer { index: i as u32, hostname: tier.hostname.render(&tier.name, i as u64), address: ip(*a) })
             .collect::<Vec<_>>()
             .into();
-        let master: Arc<dyn MasterView> = Arc::new(DirMaster::new(self.images.tree(&tier.image)));
+        // Customizers read a tree master's files; a disk master is opaque to them (its
+        // instances get their identity from the NoCloud seed), so they see an empty one.
+        let master: Arc<dyn MasterView> =
+            if image.is_disk() { Arc::new(EmptyMaster) } else { Arc::new(DirMaster::new(self.images.tree(&tier.image))) };
+        // Every instance of a disk master shares one empty overlay backed by the master.
+        let disk_overlay = if image.is_disk() { Some(self.images.disk_overlay(&image)?) } else { None };
         let mut instances = Vec::with_capacity(addresses.len());
         let total = addresses.len() as u64;
         report(Step { phase: "minting", done: 0, total });
@@ -270,6 +275,23 @@ impl Engine {
             }
             let (digest, bytes) = overlay::encode(&edits);
             self.store.put_overlay(&digest, &bytes)?;
+            let disk = match &disk_overlay {
+                Some(overlay) => {
+                    let id = images::seed::SeedIdentity {
+                        tier: &tier.name,
+                        index: i as u32,
+                        hostname: &identity.hostname,
+                        address: *address,
+                        prefix_len: tier.plan.subnet.prefix_len(),
+                        gateway: tier.plan.gateway,
+                        dns: &tier.plan.dns,
+                        customization: &digest,
+                    };
+                    let volume = images::seed::volume(&images::seed::files(&id, &edits))?;
+                    Some(DiskParts { overlay: overlay.clone(), seed: self.images.put_blob(&volume)? })
+                }
+                None => None,
+            };
             instances.push(Instance {
                 id: InstanceId { tier: tier.name.clone(), index: i as u32 },
                 hostname: identity.hostname,
@@ -278,9 +300,12 @@ impl Engine {
                 node: None,
                 overlay: digest,
                 since_ms: 0,
+                disk,
             });
             report(Step { phase: "minting", done: i as u64 + 1, total });
         }
+        // The blobs the instances refer to are durable before the tier that refers to them.
+        self.images.sync()?;
         self.store.create_tier(&tier, &instances)?;
         Ok(tier)
     }

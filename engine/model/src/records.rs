@@ -104,6 +104,20 @@ pub struct Instance {
     /// freshly minted instance): how long a deployment has been running, across restarts.
     #[serde(default)]
     pub since_ms: u64,
+    /// For an instance of a disk master, its parts besides the master.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskParts>,
+}
+
+/// What an instance of a disk master is made of besides the master: a qcow2 overlay whose
+/// backing file is the master (the same empty overlay for every instance of a master, so
+/// it is stored once) and its own NoCloud seed. Both are blobs named by their digests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskParts {
+    /// Digest of the qcow2 overlay.
+    pub overlay: String,
+    /// Digest of the `cidata` volume.
+    pub seed: String,
 }
 
 /// A node of the inventory.

@@ -10,6 +10,7 @@
 pub mod archive;
 pub mod disk;
 pub mod oci;
+pub mod seed;
 
 use crate::{Report, Step};
 use archive::Compression;
@@ -162,6 +163,64 @@ impl ImageStore {
     /// The directory holding every stored image and blob.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    fn blobs(&self) -> PathBuf {
+        self.dir.join("blobs")
+    }
+
+    /// Stores `bytes` as a content-addressed blob (sparsely) and returns its digest. Storing
+    /// the same bytes again is free. Call [`ImageStore::sync`] before acknowledging
+    /// anything that refers to it.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<String, ImageError> {
+        use sha2::Digest;
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        let path = self.blobs().join(&hex);
+        if !path.exists() {
+            std::fs::create_dir_all(self.blobs()).map_err(io("cannot create the blob directory"))?;
+            let tmp = self.blobs().join(format!(".{hex}.{}", std::process::id()));
+            seed::write_sparse(&tmp, bytes, false)?;
+            std::fs::rename(&tmp, &path).map_err(io("cannot store a blob"))?;
+        }
+        Ok(format!("sha256:{hex}"))
+    }
+
+    /// Where the stored bytes of `digest` are: a blob, a disk master or overlay, or a tree
+    /// master's canonical tar.
+    pub fn locate(&self, digest: &str) -> Option<PathBuf> {
+        let hex = digest.strip_prefix("sha256:")?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        [self.blobs().join(hex), self.dir.join(format!("{hex}.qcow2")), self.dir.join(format!("{hex}.raw")), self.dir.join(format!("{hex}.tar"))]
+            .into_iter()
+            .find(|p| p.is_file())
+    }
+
+    /// The empty qcow2 overlay backed by disk master `image`, stored beside it (so its
+    /// relative backing-file name resolves) under its own digest; the same every time.
+    pub fn disk_overlay(&self, image: &Image) -> Result<String, ImageError> {
+        use sha2::Digest;
+        let backing = format!("{}.{}", image.digest.trim_start_matches("sha256:"), image.format);
+        let tmp = self.dir.join(format!(".overlay-{}-{}.qcow2", std::process::id(), backing));
+        disk::write_overlay(&tmp, &backing, &image.format, image.virtual_size)?;
+        let mut hash = sha2::Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&tmp).map_err(io("cannot read the overlay"))?, &mut hash).map_err(io("cannot read the overlay"))?;
+        let hex = hex::encode(hash.finalize());
+        std::fs::rename(&tmp, self.dir.join(format!("{hex}.qcow2"))).map_err(io("cannot store the overlay"))?;
+        Ok(format!("sha256:{hex}"))
+    }
+
+    /// Makes every blob written so far durable: one `syncfs` for the file system that
+    /// holds them, rather than one `fsync` per blob of a tier of thousands.
+    pub fn sync(&self) -> Result<(), ImageError> {
+        use std::os::fd::AsRawFd;
+        let d = std::fs::File::open(&self.dir).map_err(io("cannot open the image directory"))?;
+        // SAFETY: `syncfs` reads only the descriptor, which `d` keeps open for the call.
+        if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+            return Err(ImageError::Io { what: "cannot sync the image store".into(), source: std::io::Error::last_os_error() });
+        }
+        Ok(())
     }
 
     /// Imports a master. Its format is read from its contents; `claimed` (or, failing

@@ -1,0 +1,152 @@
+//! NoCloud seeds: the `cidata` volume that gives an instance of a disk master its
+//! pre-assigned identity when a standard cloud image boots, without touching the master.
+//!
+//! The volume is FAT (what `cloud-localds` also writes) labelled `cidata`, holding
+//! `meta-data` (instance id and host name), `network-config` (version 2, the instance's
+//! static address) and `user-data` (`#cloud-config` carrying the customizers' file edits as
+//! `write_files` and the rest as `runcmd`). All three are YAML written with JSON-quoted
+//! scalars, so no value can change the document's structure.
+
+use super::{ImageError, io};
+use mint_plugins::types as wit;
+use std::fmt::Write as _;
+use std::io::{Seek, SeekFrom, Write};
+use std::net::IpAddr;
+
+/// The identity a seed carries.
+pub struct SeedIdentity<'a> {
+    /// Tier name.
+    pub tier: &'a str,
+    /// Index in the tier.
+    pub index: u32,
+    /// Host name.
+    pub hostname: &'a str,
+    /// Address and prefix length.
+    pub address: IpAddr,
+    /// Prefix length of the subnet.
+    pub prefix_len: u8,
+    /// Default gateway.
+    pub gateway: Option<IpAddr>,
+    /// DNS servers.
+    pub dns: &'a [IpAddr],
+    /// Digest of the instance's customization, so a changed customization is a new
+    /// instance to cloud-init (which runs its per-instance steps again).
+    pub customization: &'a str,
+}
+
+fn q(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialise")
+}
+
+/// The three seed files, as text: `meta-data`, `network-config`, `user-data`.
+pub fn files(id: &SeedIdentity<'_>, edits: &[wit::Edit]) -> [(&'static str, String); 3] {
+    let short = id.customization.trim_start_matches("sha256:").get(..12).unwrap_or("");
+    let meta = format!("instance-id: {}\nlocal-hostname: {}\n", q(&format!("mint-{}-{}-{short}", id.tier, id.index)), q(id.hostname));
+
+    let mut net = String::from("version: 2\nethernets:\n  primary:\n    match:\n      name: \"e*\"\n");
+    let _ = writeln!(net, "    addresses:\n      - {}", q(&format!("{}/{}", id.address, id.prefix_len)));
+    if let Some(gw) = id.gateway {
+        let to = if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+        let _ = writeln!(net, "    routes:\n      - to: {}\n        via: {}", q(to), q(&gw.to_string()));
+    }
+    if !id.dns.is_empty() {
+        net.push_str("    nameservers:\n      addresses:\n");
+        for d in id.dns {
+            let _ = writeln!(net, "        - {}", q(&d.to_string()));
+        }
+    }
+
+    let mut user = format!("#cloud-config\nhostname: {}\npreserve_hostname: false\n", q(id.hostname));
+    let mut writes = String::new();
+    let mut cmds = String::new();
+    use base64::Engine as _;
+    for e in edits {
+        match e {
+            wit::Edit::WriteFile(w) => {
+                let _ = write!(
+                    writes,
+                    "  - path: {}\n    encoding: b64\n    content: {}\n    permissions: {}\n",
+                    q(&w.path),
+                    q(&base64::engine::general_purpose::STANDARD.encode(&w.contents)),
+                    q(&format!("{:04o}", w.meta.mode))
+                );
+                if w.meta.uid != 0 || w.meta.gid != 0 {
+                    let _ = writeln!(writes, "    owner: {}", q(&format!("{}:{}", w.meta.uid, w.meta.gid)));
+                }
+            }
+            wit::Edit::Remove(p) => {
+                let _ = writeln!(cmds, "  - [\"rm\", \"-rf\", \"--\", {}]", q(p));
+            }
+            wit::Edit::Symlink(s) => {
+                let _ = writeln!(cmds, "  - [\"ln\", \"-sfn\", \"--\", {}, {}]", q(&s.target), q(&s.path));
+            }
+            wit::Edit::MakeDir(d) => {
+                let _ = writeln!(cmds, "  - [\"install\", \"-d\", \"-m\", {}, \"--\", {}]", q(&format!("{:04o}", d.meta.mode)), q(&d.path));
+            }
+        }
+    }
+    if !writes.is_empty() {
+        user.push_str("write_files:\n");
+        user.push_str(&writes);
+    }
+    if !cmds.is_empty() {
+        user.push_str("runcmd:\n");
+        user.push_str(&cmds);
+    }
+    [("meta-data", meta), ("network-config", net), ("user-data", user)]
+}
+
+/// A FAT volume labelled `cidata` holding `files`.
+pub fn volume(files: &[(&str, String)]) -> Result<Vec<u8>, ImageError> {
+    let content: usize = files.iter().map(|(_, t)| t.len()).sum();
+    // Room for the files twice over and the file system's own tables; FAT12 up to 32 MiB.
+    let size = (2 * content + (1 << 20)).next_multiple_of(1 << 20);
+    let fat = |e: std::io::Error| ImageError::Invalid(format!("cannot build the NoCloud seed: {e}"));
+    let mut disk = std::io::Cursor::new(vec![0u8; size]);
+    fatfs::format_volume(&mut disk, fatfs::FormatVolumeOptions::new().volume_label(*b"cidata     ")).map_err(fat)?;
+    label_entry(disk.get_mut());
+    {
+        disk.seek(SeekFrom::Start(0)).map_err(fat)?;
+        let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).map_err(fat)?;
+        let root = fs.root_dir();
+        for (name, text) in files {
+            let mut f = root.create_file(name).map_err(fat)?;
+            f.write_all(text.as_bytes()).map_err(fat)?;
+            f.flush().map_err(fat)?;
+        }
+    }
+    Ok(disk.into_inner())
+}
+
+/// Adds the volume-label entry to the root directory. `format_volume` writes the label
+/// only into the boot sector; blkid, and so cloud-init's search for `LABEL=cidata`, also
+/// reads the root directory's entry, as mkfs.vfat writes it.
+fn label_entry(img: &mut [u8]) {
+    let u16le = |at: usize| u16::from_le_bytes([img[at], img[at + 1]]) as usize;
+    let bytes_per_sector = u16le(11);
+    let reserved = u16le(14);
+    let fats = img[16] as usize;
+    let per_fat = u16le(22);
+    let root = (reserved + fats * per_fat) * bytes_per_sector;
+    let mut entry = [0u8; 32];
+    entry[..11].copy_from_slice(b"cidata     ");
+    entry[11] = 0x08;
+    img[root..root + 32].copy_from_slice(&entry);
+}
+
+/// Writes `bytes` to `path` leaving holes where whole 4 KiB blocks are zero, so a mostly
+/// empty volume costs only its used blocks on disk; with `sync`, flushed before returning.
+pub fn write_sparse(path: &std::path::Path, bytes: &[u8], sync: bool) -> Result<(), ImageError> {
+    let mut f = std::fs::File::create(path).map_err(io(format!("cannot write {}", path.display())))?;
+    for (i, block) in bytes.chunks(4096).enumerate() {
+        if block.iter().any(|b| *b != 0) {
+            f.seek(SeekFrom::Start((i * 4096) as u64)).map_err(io("cannot seek"))?;
+            f.write_all(block).map_err(io(format!("cannot write {}", path.display())))?;
+        }
+    }
+    f.set_len(bytes.len() as u64).map_err(io("cannot size the file"))?;
+    if sync {
+        f.sync_all().map_err(io("cannot sync"))?;
+    }
+    Ok(())
+}
