@@ -192,6 +192,10 @@ fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
     assert!(o.status.success(), "{}", err(&o));
     assert!(err(&o).contains("minting") && err(&o).contains("8/8 100%"), "a bar for minting: {}", err(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("tier web created: 8 instances minted"));
+    let into = dir.join("web-002");
+    let out = d.ok(&["instance", "materialize", "web", "2", "--into", into.to_str().unwrap()]);
+    assert!(out.contains("web/2 materialized in") && out.contains("edits"), "{out}");
+    assert_eq!(std::fs::read_to_string(into.join("etc/hostname")).unwrap(), "web-002\n");
     // Without a terminal and by default, no bar.
     let o = d.mint(&["image", "import", "tests/fixtures/master-ifupdown"]);
     assert!(o.status.success() && !err(&o).contains("hashing"), "{}", err(&o));

@@ -142,17 +142,21 @@ fn oci_layouts_flatten_their_layers_honouring_whiteouts() {
     // Bad layouts: a missing blob, a blob whose bytes are not its digest, a whiteout that
     // would reach through a lower layer's symlink. Each refused, nothing stored.
     let count = engine.store.images().unwrap().len();
+    // The first layer's blob name in a layout (each layout's tars differ in their times).
+    let first_layer = |layout: &Path| -> String {
+        let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(layout.join("index.json")).unwrap()).unwrap();
+        let m_hex = index["manifests"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(&m_hex)).unwrap()).unwrap();
+        m["layers"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string()
+    };
     let missing = layout(&dir, "missing", &[base]);
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(missing.join("index.json")).unwrap()).unwrap();
-    let m_hex = manifest["manifests"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(missing.join("blobs/sha256").join(&m_hex)).unwrap()).unwrap();
-    let layer_hex = m["layers"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
+    let layer_hex = first_layer(&missing);
     std::fs::remove_file(missing.join("blobs/sha256").join(&layer_hex)).unwrap();
     let e = engine.import_image(&missing, None).unwrap_err().to_string();
     assert!(e.contains(&format!("blob sha256:{layer_hex} is missing")), "{e}");
 
     let altered = layout(&dir, "altered", &[base]);
-    let path = altered.join("blobs/sha256").join(&layer_hex);
+    let path = altered.join("blobs/sha256").join(first_layer(&altered));
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
@@ -334,4 +338,66 @@ fn instances_of_a_disk_master_are_one_shared_overlay_and_their_own_seed() {
     assert_eq!((&routes["gateway"], &routes["network"], &routes["prefix"]), (&"198.18.4.1".into(), &"0.0.0.0".into(), &0.into()), "{}", v["ifaces"]);
     assert!(v["dns"].to_string().contains("198.18.4.53"), "{}", v["dns"]);
     assert!(v["files"].to_string().contains("/etc/hostname"), "the customizers' edits travel as write_files: {}", v["files"]);
+}
+
+#[test]
+fn tree_instances_materialize_sharing_the_masters_files() {
+    use mint_core::images::materialize::{Method, OverlayEdit, materialize};
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch("images-materialize");
+    let root = tree(&dir);
+    std::fs::write(root.join("usr/share/doc/big"), vec![7u8; 1 << 20]).unwrap();
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let image = engine.import_image(&root, None).unwrap();
+    let spec: mint_core::TierSpec = serde_json::from_value(serde_json::json!({
+        "name": "web", "image": image.digest, "max-instances": 4, "subnet": "198.18.5.0/24", "gateway": "198.18.5.1",
+        "hostname": "web-{index:02}", "driver": {"plugin": "noop"},
+    }))
+    .unwrap();
+    crate::support::block_on(engine.create_tier(&spec)).unwrap();
+    let master = engine.images.tree(&image.digest);
+
+    // On the image store's own file system (ext4 here: no clones) files are hard links.
+    let into = dir.join("web-03");
+    let m = engine.materialize("web", 3, &into).unwrap();
+    assert_eq!(m.edits, 3, "hostname: /etc/hostname and /etc/hosts; network: /etc/network/interfaces");
+    assert!(matches!(m.method, Method::Reflink | Method::Hardlink), "{m:?}");
+    assert_eq!(m.bytes_copied, 0);
+    assert_eq!(std::fs::read_to_string(into.join("etc/hostname")).unwrap(), "web-03\n");
+    assert!(std::fs::read_to_string(into.join("etc/network/interfaces")).unwrap().contains("198.18.5.5/24"));
+    assert_eq!(std::fs::read_link(into.join("etc/name-link")).unwrap(), Path::new("/etc/hostname"));
+    assert_eq!(std::fs::read_to_string(master.join("etc/hostname")).unwrap(), "debian\n", "the master is untouched");
+    let big = |p: &Path| std::fs::metadata(p.join("usr/share/doc/big")).unwrap();
+    if m.method == Method::Hardlink {
+        assert_eq!(big(&into).ino(), big(&master).ino(), "an unedited file is the master's own");
+        let edited = |p: &Path| std::fs::metadata(p.join("etc/hostname")).unwrap().ino();
+        assert_ne!(edited(&into), edited(&master), "an edited file is never written through a link");
+    }
+    let e = engine.materialize("web", 3, &into).unwrap_err().to_string();
+    assert!(e.contains("exists; materialize into a new directory"), "{e}");
+
+    // Across file systems (tmpfs) neither clones nor links work: copies, counted.
+    let shm = Path::new("/dev/shm").join(format!("mint-materialize-{}", std::process::id()));
+    let m = engine.materialize("web", 1, &shm).unwrap();
+    assert_eq!((m.method, m.bytes_copied >= 1 << 20), (Method::Copy, true), "{m:?}");
+    assert_eq!(std::fs::read_to_string(shm.join("etc/hostname")).unwrap(), "web-01\n");
+    std::fs::remove_dir_all(&shm).unwrap();
+
+    // An edit through a symlink in the master lands inside the new root, wherever the
+    // link points on the host.
+    let victim = dir.join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    let linked = dir.join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::os::unix::fs::symlink(&victim, linked.join("out")).unwrap();
+    std::os::unix::fs::symlink("../../..", linked.join("up")).unwrap();
+    let edits = [
+        OverlayEdit::Write { path: "/out/pwned".into(), mode: 0o644, uid: 0, gid: 0, contents: "eA==".into() },
+        OverlayEdit::Write { path: "/up/escaped".into(), mode: 0o644, uid: 0, gid: 0, contents: "eA==".into() },
+    ];
+    let dest = dir.join("linked-instance");
+    materialize(&linked, &edits, &dest).unwrap();
+    assert!(!victim.join("pwned").exists() && !dir.join("escaped").exists(), "nothing is written outside the root");
+    assert!(dest.join(victim.strip_prefix("/").unwrap()).join("pwned").exists());
+    assert!(dest.join("escaped").exists(), "`..` stops at the new root");
 }

@@ -376,6 +376,22 @@ pub fn instances(conn: &Conn, tier: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+pub fn materialize(conn: &Conn, tier: &str, index: u32, into: &std::path::Path) -> Result<(), Failure> {
+    let into = std::path::absolute(into).map_err(|e| Failure::usage(anyhow!("--into {}: {e}", into.display())))?;
+    let v = call(conn, "POST", &format!("/v1/tiers/{tier}/instances/{index}/materialize"), Some(json!({ "into": into })))?;
+    print(conn, &v, |v| {
+        println!(
+            "{tier}/{index} materialized in {}: {} files by {}, {} bytes copied, {} edits",
+            into.display(),
+            s(&v["files"]),
+            s(&v["method"]),
+            s(&v["bytes_copied"]),
+            s(&v["edits"])
+        )
+    });
+    Ok(())
+}
+
 pub fn events(conn: &Conn, tier: Option<String>, after: Option<u64>) -> Result<(), Failure> {
     let mut q = vec![];
     if let Some(t) = tier {

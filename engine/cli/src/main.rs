@@ -70,6 +70,14 @@ enum Command {
 enum InstanceCommand {
     /// List a tier's instances with their identities and states.
     List { tier: String },
+    /// Build an instance's root filesystem in a new directory on the daemon's host.
+    Materialize {
+        tier: String,
+        index: u32,
+        /// The directory to create.
+        #[arg(long)]
+        into: std::path::PathBuf,
+    },
 }
 
 /// A failure with the exit code it maps to.
@@ -134,6 +142,9 @@ fn main() -> ExitCode {
             Command::Tier(c) => blocking(move || client::tier(&cli.conn, c)).await,
             Command::Node(c) => blocking(move || client::node(&cli.conn, c)).await,
             Command::Instance { cmd: InstanceCommand::List { tier } } => blocking(move || client::instances(&cli.conn, &tier)).await,
+            Command::Instance { cmd: InstanceCommand::Materialize { tier, index, into } } => {
+                blocking(move || client::materialize(&cli.conn, &tier, index, &into)).await
+            }
             Command::Apply { file } => blocking(move || client::apply(&cli.conn, &file)).await,
             Command::Events { tier, after } => blocking(move || client::events(&cli.conn, tier, after)).await,
         }

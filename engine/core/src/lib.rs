@@ -441,6 +441,26 @@ impl Engine {
         Ok(self.store.node(name)?)
     }
 
+    /// Builds the root filesystem of instance `index` of a tree tier in `into` (a new
+    /// directory on the daemon's host): the master's files shared by reflink, hard link or
+    /// copy (the report says which), then the instance's edits.
+    pub fn materialize(&self, tier: &str, index: u32, into: &Path) -> Result<images::materialize::Materialized> {
+        let t = self.store.tier(tier)?;
+        let inst = self.store.instances(tier)?.into_iter().find(|i| i.id.index == index).ok_or_else(|| {
+            EngineError::Store(StoreError::NotFound { what: "instance", name: format!("{tier}/{index}") })
+        })?;
+        let image = self.store.image(&t.image)?;
+        if image.is_disk() {
+            return Err(EngineError::Invalid(format!(
+                "tier `{tier}` runs a disk master: its instances are a qcow2 overlay and a NoCloud seed, served at /v1/artifacts/{tier}/{index}"
+            )));
+        }
+        let bytes = self.store.overlay(&inst.overlay)?;
+        let edits: Vec<images::materialize::OverlayEdit> = serde_json::from_slice(&bytes)
+            .map_err(|e| EngineError::Invalid(format!("overlay {} does not decode: {e}", inst.overlay)))?;
+        Ok(images::materialize::materialize(&self.images.tree(&t.image), &edits, into)?)
+    }
+
     /// An overlay's edits, decoded, for showing or materializing an instance.
     pub fn overlay(&self, digest: &str) -> Result<serde_json::Value> {
         let bytes = self.store.overlay(digest)?;

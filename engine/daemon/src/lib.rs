@@ -306,6 +306,26 @@ async fn remove_node(State(app): State<Shared>, Path(name): Path<String>) -> Api
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct MaterializeRequest {
+    /// A new directory on the daemon's host.
+    into: String,
+}
+
+async fn materialize(
+    State(app): State<Shared>,
+    Path((name, index)): Path<(String, u32)>,
+    req: Result<Json<MaterializeRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let req = body(req)?;
+    let into = std::path::PathBuf::from(&req.into);
+    if !into.is_absolute() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `into`: `{}` must be an absolute path on the daemon's host", req.into)));
+    }
+    ok(off_async_threads(|| app.engine.materialize(&name, index, &into))?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct NodeStateRequest {
     state: String,
     #[serde(default)]
@@ -349,6 +369,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/tiers/{name}", get(show_tier).delete(delete_tier))
         .route("/v1/tiers/{name}/scale", post(scale))
         .route("/v1/tiers/{name}/instances", get(instances))
+        .route("/v1/tiers/{name}/instances/{index}/materialize", post(materialize))
         .route("/v1/nodes", get(list_nodes).post(add_node))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/state", post(set_node_state))

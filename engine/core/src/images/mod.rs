@@ -9,6 +9,7 @@
 
 pub mod archive;
 pub mod disk;
+pub mod materialize;
 pub mod oci;
 pub mod seed;
 
