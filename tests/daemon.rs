@@ -196,6 +196,7 @@ fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
     let out = d.ok(&["instance", "materialize", "web", "2", "--into", into.to_str().unwrap()]);
     assert!(out.contains("web/2 materialized in") && out.contains("edits"), "{out}");
     assert_eq!(std::fs::read_to_string(into.join("etc/hostname")).unwrap(), "web-002\n");
+    artifacts_are_served_with_digests_etags_and_ranges(&d.url);
     // Without a terminal and by default, no bar.
     let o = d.mint(&["image", "import", "tests/fixtures/master-ifupdown"]);
     assert!(o.status.success() && !err(&o).contains("hashing"), "{}", err(&o));
@@ -215,4 +216,60 @@ fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err(&o).contains("no image with digest or name `nosuch`"), "{}", err(&o));
     d.stop();
+}
+
+/// The artifact server as an agent uses it: the descriptor, then the blob whole, in
+/// ranges, conditionally, and by HEAD.
+fn artifacts_are_served_with_digests_etags_and_ranges(base: &str) {
+    use sha2::Digest;
+    let get = |path: &str| ureq::get(&format!("{base}{path}")).call();
+    let desc: serde_json::Value = get("/v1/artifacts/web/2").unwrap().into_json().unwrap();
+    assert_eq!((desc["format"].as_str(), desc["hostname"].as_str()), (Some("tree"), Some("web-002")));
+    let part = &desc["parts"][0];
+    assert_eq!(part["role"], "rootfs");
+    let (url, digest) = (part["url"].as_str().unwrap(), part["digest"].as_str().unwrap());
+    let again: serde_json::Value = get("/v1/artifacts/web/2").unwrap().into_json().unwrap();
+    assert_eq!(again["parts"][0]["digest"], part["digest"], "built once, the same blob after");
+
+    let resp = get(url).unwrap();
+    assert_eq!(resp.header("ETag"), Some(format!("\"{digest}\"").as_str()));
+    assert_eq!(resp.header("Accept-Ranges"), Some("bytes"));
+    let mut whole = Vec::new();
+    std::io::Read::read_to_end(&mut resp.into_reader(), &mut whole).unwrap();
+    assert_eq!(whole.len() as u64, part["size"].as_u64().unwrap());
+    assert_eq!(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&whole))), digest, "the bytes are their digest");
+    let mut tar = tar::Archive::new(&whole[..]);
+    let hostname = tar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.path().unwrap().to_str() == Some("etc/hostname"))
+        .map(|mut e| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+            s
+        });
+    assert_eq!(hostname.as_deref(), Some("web-002\n"));
+
+    let ranged = |spec: &str| ureq::get(&format!("{base}{url}")).set("Range", spec).call();
+    let r = ranged("bytes=100-199").unwrap();
+    assert_eq!((r.status(), r.header("Content-Range").map(str::to_string)), (206, Some(format!("bytes 100-199/{}", whole.len()))));
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut r.into_reader(), &mut body).unwrap();
+    assert_eq!(body, whole[100..200]);
+    let mut tail = Vec::new();
+    std::io::Read::read_to_end(&mut ranged("bytes=-10").unwrap().into_reader(), &mut tail).unwrap();
+    assert_eq!(tail, whole[whole.len() - 10..]);
+    match ranged(&format!("bytes={}-", whole.len() + 5)) {
+        Err(ureq::Error::Status(416, r)) => assert_eq!(r.header("Content-Range"), Some(format!("bytes */{}", whole.len()).as_str())),
+        other => panic!("an unsatisfiable range: {:?}", other.map(|r| r.status())),
+    }
+    let cached = ureq::get(&format!("{base}{url}")).set("If-None-Match", &format!("\"{digest}\"")).call().unwrap();
+    assert_eq!(cached.status(), 304);
+    let head = ureq::head(&format!("{base}{url}")).call().unwrap();
+    assert_eq!(head.header("Content-Length"), Some(whole.len().to_string().as_str()));
+    match get(&format!("/v1/blobs/sha256:{}", "0".repeat(64))) {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("an unknown blob: {:?}", other.map(|r| r.status())),
+    }
 }

@@ -314,6 +314,13 @@ fn instances_of_a_disk_master_are_one_shared_overlay_and_their_own_seed() {
     assert_eq!(info["backing-filename"], engine.images.disk(&image.digest, "qcow2").file_name().unwrap().to_str().unwrap());
     assert_eq!(qemu_img_json(&["check"], &overlay)["check-errors"], 0);
 
+    // What a node fetches: the master under the name the overlay expects, the overlay, the seed.
+    let a = engine.artifact("vm", 2).unwrap();
+    assert_eq!(a.format, "disk");
+    let roles: Vec<(&str, &str)> = a.parts.iter().map(|p| (p.role, p.digest.as_str())).collect();
+    assert_eq!(roles, [("master", image.digest.as_str()), ("overlay", parts[2].overlay.as_str()), ("seed", parts[2].seed.as_str())]);
+    assert_eq!(serde_json::Value::from(a.parts[0].name.as_str()), info["backing-filename"]);
+
     let seed = engine.images.locate(&parts[2].seed).unwrap();
     let blkid = run(Command::new("blkid").args(["-p", "-o", "export"]).arg(&seed));
     let blkid = String::from_utf8_lossy(&blkid.stdout);

@@ -171,6 +171,38 @@ pub type Report<'a> = &'a (dyn Fn(Step) + Send + Sync);
 /// A report that goes nowhere.
 pub fn quiet(_: Step) {}
 
+/// What a node fetches to run an instance.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Artifact {
+    /// The tier.
+    pub tier: String,
+    /// The instance's index.
+    pub index: u32,
+    /// Its host name.
+    pub hostname: String,
+    /// Its address.
+    pub address: String,
+    /// `tree` (one part: `rootfs`, a tar) or `disk` (`master`, `overlay`, `seed`).
+    pub format: &'static str,
+    /// The blobs, each at a stable URL named by its digest.
+    pub parts: Vec<ArtifactPart>,
+}
+
+/// One blob of an artifact.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArtifactPart {
+    /// What it is: `rootfs`, `master`, `overlay` or `seed`.
+    pub role: &'static str,
+    /// Where to fetch it (relative to the daemon): `/v1/blobs/<digest>`.
+    pub url: String,
+    /// `sha256:<hex>` of its bytes.
+    pub digest: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// The file name to give it on the node (an overlay finds its master by this name).
+    pub name: String,
+}
+
 /// What a reconciliation pass did for one tier.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Progress {
@@ -446,9 +478,7 @@ impl Engine {
     /// copy (the report says which), then the instance's edits.
     pub fn materialize(&self, tier: &str, index: u32, into: &Path) -> Result<images::materialize::Materialized> {
         let t = self.store.tier(tier)?;
-        let inst = self.store.instances(tier)?.into_iter().find(|i| i.id.index == index).ok_or_else(|| {
-            EngineError::Store(StoreError::NotFound { what: "instance", name: format!("{tier}/{index}") })
-        })?;
+        let inst = self.instance(tier, index)?;
         let image = self.store.image(&t.image)?;
         if image.is_disk() {
             return Err(EngineError::Invalid(format!(
@@ -459,6 +489,71 @@ impl Engine {
         let edits: Vec<images::materialize::OverlayEdit> = serde_json::from_slice(&bytes)
             .map_err(|e| EngineError::Invalid(format!("overlay {} does not decode: {e}", inst.overlay)))?;
         Ok(images::materialize::materialize(&self.images.tree(&t.image), &edits, into)?)
+    }
+
+    /// What a node fetches to run instance `index` of `tier`: for a tree master, its root
+    /// filesystem as a tar (built on first request and kept as a blob); for a disk master,
+    /// the master, the overlay backed by it and the instance's NoCloud seed.
+    pub fn artifact(&self, tier: &str, index: u32) -> Result<Artifact> {
+        let t = self.store.tier(tier)?;
+        let inst = self.instance(tier, index)?;
+        let image = self.store.image(&t.image)?;
+        let part = |role: &'static str, digest: &str, name: String| -> Result<ArtifactPart> {
+            let path = self.images.locate(digest).ok_or_else(|| {
+                EngineError::Invalid(format!("blob {digest} ({role} of {tier}/{index}) is missing from the image store"))
+            })?;
+            let size = std::fs::metadata(&path).map_err(|e| EngineError::Invalid(format!("cannot stat {}: {e}", path.display())))?.len();
+            Ok(ArtifactPart { role, url: format!("/v1/blobs/{digest}"), digest: digest.to_string(), size, name })
+        };
+        let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
+        let parts = match &inst.disk {
+            Some(d) => vec![
+                part("master", &image.digest, format!("{}.{}", hex(&image.digest), image.format))?,
+                part("overlay", &d.overlay, format!("{}.qcow2", hex(&d.overlay)))?,
+                part("seed", &d.seed, "seed.img".into())?,
+            ],
+            None => {
+                let key = format!("rootfs:{}:{}", image.digest, inst.overlay);
+                let digest = match self.store.artifact(&key)?.filter(|d| self.images.locate(d).is_some()) {
+                    Some(d) => d,
+                    None => {
+                        let d = self.build_rootfs(&t, &inst)?;
+                        self.store.put_artifact(&key, &d)?;
+                        d
+                    }
+                };
+                vec![part("rootfs", &digest, "rootfs.tar".into())?]
+            }
+        };
+        Ok(Artifact {
+            tier: tier.into(),
+            index,
+            hostname: inst.hostname,
+            address: inst.address.to_string(),
+            format: if inst.disk.is_some() { "disk" } else { "tree" },
+            parts,
+        })
+    }
+
+    /// Builds a tree instance's root filesystem tar: materialized by hard links in a
+    /// staging directory, then written canonically and stored as a blob.
+    fn build_rootfs(&self, tier: &Tier, inst: &Instance) -> Result<String> {
+        let staging = self.images.dir().join(format!(".rootfs-{}-{}-{}", std::process::id(), tier.name, inst.id.index));
+        let _ = std::fs::remove_dir_all(&staging);
+        let result = (|| {
+            self.materialize(&tier.name, inst.id.index, &staging.join("root"))?;
+            let tar = staging.join("rootfs.tar");
+            let (digest, _, _) = images::archive::write_canonical(&staging.join("root"), &tar, &quiet)?;
+            Ok(self.images.adopt_blob(&tar, &digest)?)
+        })();
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    }
+
+    fn instance(&self, tier: &str, index: u32) -> Result<Instance> {
+        self.store.instances(tier)?.into_iter().find(|i| i.id.index == index).ok_or_else(|| {
+            EngineError::Store(StoreError::NotFound { what: "instance", name: format!("{tier}/{index}") })
+        })
     }
 
     /// An overlay's edits, decoded, for showing or materializing an instance.
@@ -508,7 +603,7 @@ fn deployment(i: &Instance) -> wit::Deployment {
             url: format!("/v1/artifacts/{}/{}", i.id.tier, i.id.index),
             digest: i.overlay.clone(),
             size: 0,
-            format: "tree".into(),
+            format: if i.disk.is_some() { "disk".into() } else { "tree".into() },
         },
     }
 }

@@ -6,6 +6,8 @@
 //! Reconciliation passes are serialised: one pass at a time, whether the loop or a
 //! request started it.
 
+mod artifacts;
+
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -374,6 +376,8 @@ fn router(app: Shared) -> Router {
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/state", post(set_node_state))
         .route("/v1/events", get(events))
+        .route("/v1/artifacts/{tier}/{index}", get(artifacts::describe))
+        .route("/v1/blobs/{digest}", get(artifacts::blob).head(artifacts::blob))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route; see README for /v1/...".into()) })
         .with_state(app)
 }

@@ -65,6 +65,7 @@ pub struct Store {
     events: sled::Tree,
     images: sled::Tree,
     overlays: sled::Tree,
+    artifacts: sled::Tree,
     write: Mutex<()>,
     /// Every node as last committed, by name; changed only under `write`.
     node_index: RwLock<BTreeMap<String, Arc<Node>>>,
@@ -184,6 +185,7 @@ impl Store {
             events: tree("events")?,
             images: tree("images")?,
             overlays: tree("overlays")?,
+            artifacts: tree("artifacts")?,
             path: path.clone(),
             db,
             write: Mutex::new(()),
@@ -318,6 +320,36 @@ impl Store {
     /// harmless; they are made durable with the tier that refers to them.
     pub fn put_overlay(&self, digest: &str, bytes: &[u8]) -> Result<()> {
         self.overlays.insert(digest.as_bytes(), bytes).map_err(|e| self.storage(e))?;
+        Ok(())
+    }
+
+    /// Records that the artifact built from `key` (for example a tree instance's root
+    /// filesystem from its master and overlay) is the blob `digest`. Artifacts are derived
+    /// data: losing this record only means building the artifact again.
+    pub fn put_artifact(&self, key: &str, digest: &str) -> Result<()> {
+        self.artifacts.insert(key.as_bytes(), digest.as_bytes()).map_err(|e| self.storage(e))?;
+        Ok(())
+    }
+
+    /// The blob built for `key`, if one was recorded.
+    pub fn artifact(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.artifacts.get(key.as_bytes()).map_err(|e| self.storage(e))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Every recorded artifact, as (key, digest).
+    pub fn artifacts(&self) -> Result<Vec<(String, String)>> {
+        self.artifacts
+            .iter()
+            .map(|r| {
+                let (k, v) = r.map_err(|e| self.storage(e))?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+            })
+            .collect()
+    }
+
+    /// Forgets the artifact recorded for `key`.
+    pub fn forget_artifact(&self, key: &str) -> Result<()> {
+        self.artifacts.remove(key.as_bytes()).map_err(|e| self.storage(e))?;
         Ok(())
     }
 

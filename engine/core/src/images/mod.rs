@@ -186,6 +186,21 @@ impl ImageStore {
         Ok(format!("sha256:{hex}"))
     }
 
+    /// Moves a file whose digest is known into the blob store; the same bytes stored
+    /// already make this free.
+    pub fn adopt_blob(&self, file: &Path, digest: &str) -> Result<String, ImageError> {
+        let hex = digest.trim_start_matches("sha256:");
+        std::fs::create_dir_all(self.blobs()).map_err(io("cannot create the blob directory"))?;
+        let path = self.blobs().join(hex);
+        if path.exists() {
+            let _ = std::fs::remove_file(file);
+        } else {
+            std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(io("cannot sync a blob"))?;
+            std::fs::rename(file, &path).map_err(io("cannot store a blob"))?;
+        }
+        Ok(digest.to_string())
+    }
+
     /// Where the stored bytes of `digest` are: a blob, a disk master or overlay, or a tree
     /// master's canonical tar.
     pub fn locate(&self, digest: &str) -> Option<PathBuf> {

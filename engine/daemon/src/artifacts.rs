@@ -1,0 +1,107 @@
+//! The artifact server: what nodes fetch to run an instance. `GET /v1/artifacts/{tier}/{index}`
+//! describes an instance's parts; `GET` or `HEAD /v1/blobs/{digest}` serves each part's
+//! bytes at a stable URL, with its digest as a strong ETag (`If-None-Match` answers 304)
+//! and single byte ranges (`Range: bytes=a-b`, `a-`, `-n`; 206, or 416 when unsatisfiable),
+//! so an agent or a BMC can resume a large download.
+
+use crate::{ApiError, Shared, ok};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use std::io::SeekFrom;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// `GET /v1/artifacts/{tier}/{index}`.
+pub async fn describe(State(app): State<Shared>, Path((tier, index)): Path<(String, u32)>) -> Result<Response, ApiError> {
+    // Building a tree instance's root filesystem the first time reads the whole master.
+    ok(crate::off_async_threads(|| app.engine.artifact(&tier, index))?)
+}
+
+/// A parsed `Range` header against a blob of `len` bytes: `None` for the whole blob,
+/// `Some(Ok((start, end)))` for an inclusive satisfiable range, `Some(Err(()))` when the
+/// range cannot be satisfied. Several ranges are answered with the whole blob, as HTTP
+/// allows.
+fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = headers.get(header::RANGE)?.to_str().ok()?.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let r = match (a.is_empty(), b.is_empty()) {
+        (true, false) => {
+            let n: u64 = b.parse().ok()?;
+            if n == 0 || len == 0 { Err(()) } else { Ok((len.saturating_sub(n), len - 1)) }
+        }
+        (false, _) => {
+            let start: u64 = a.parse().ok()?;
+            let end: u64 = if b.is_empty() { len.saturating_sub(1) } else { b.parse::<u64>().ok()?.min(len.saturating_sub(1)) };
+            if start >= len || end < start { Err(()) } else { Ok((start, end)) }
+        }
+        (true, true) => return None,
+    };
+    Some(r)
+}
+
+/// `GET` and `HEAD /v1/blobs/{digest}`.
+pub async fn blob(State(app): State<Shared>, method: Method, headers: HeaderMap, Path(digest): Path<String>) -> Response {
+    let Some(path) = app.engine.images.locate(&digest) else {
+        return ApiError(StatusCode::NOT_FOUND, format!("no blob `{digest}`; blob URLs come from /v1/artifacts/{{tier}}/{{index}}")).into_response();
+    };
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => return ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot open blob {digest}: {e}")).into_response(),
+    };
+    let len = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(e) => return ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot stat blob {digest}: {e}")).into_response(),
+    };
+    let etag = format!("\"{digest}\"");
+    let mut base = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("Digest", HeaderValue::from_str(&format!("sha-256={}", sha256_base64(&digest))).unwrap_or(HeaderValue::from_static("")));
+    let matches = |h: &HeaderValue| h.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if headers.get(header::IF_NONE_MATCH).is_some_and(matches) {
+        return base.status(StatusCode::NOT_MODIFIED).body(Body::empty()).unwrap_or_default();
+    }
+    let (status, start, count) = match range(&headers, len) {
+        None => (StatusCode::OK, 0, len),
+        Some(Ok((a, b))) => {
+            base = base.header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, a, b - a + 1)
+        }
+        Some(Err(())) => {
+            return base
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                .body(Body::empty())
+                .unwrap_or_default();
+        }
+    };
+    let base = base.status(status).header(header::CONTENT_LENGTH, count);
+    if method == Method::HEAD {
+        return base.body(Body::empty()).unwrap_or_default();
+    }
+    if let Err(e) = file.seek(SeekFrom::Start(start)).await {
+        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read blob {digest}: {e}")).into_response();
+    }
+    let chunks = futures_util::stream::unfold((file.take(count), vec![0u8; 1 << 16]), |(mut r, mut buf)| async move {
+        match r.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => Some((Ok::<_, std::io::Error>(axum::body::Bytes::copy_from_slice(&buf[..n])), (r, buf))),
+            Err(e) => Some((Err(e), (r, buf))),
+        }
+    });
+    base.body(Body::from_stream(chunks)).unwrap_or_default()
+}
+
+/// The base64 of a `sha256:<hex>` digest's bytes, for the `Digest` header.
+fn sha256_base64(digest: &str) -> String {
+    use base64::Engine as _;
+    let bytes = hex::decode(digest.trim_start_matches("sha256:")).unwrap_or_default();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
