@@ -212,6 +212,12 @@ fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
     assert_eq!((shown["image"]["digest"].as_str(), &shown["tiers"]), (Some(digest.as_str()), &serde_json::json!(["web"])));
     let text = d.ok(&["image", "show", &digest]);
     assert!(text.contains("name     debian") && text.contains("tiers    web"), "re-imported without a name, it keeps its name: {text}");
+    let o = d.mint(&["image", "delete", "debian"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("is the master of tier(s) web"), "{}", err(&o));
+    let gc = d.json(&["image", "gc", "--keep-masters"]);
+    assert_eq!(gc["masters"], serde_json::json!([]), "{gc}");
+    assert!(d.ok(&["image", "gc"]).contains("removed 0 masters"), "the one master is in use");
     let o = d.mint(&["image", "show", "nosuch"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(err(&o).contains("no image with digest or name `nosuch`"), "{}", err(&o));

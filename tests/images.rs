@@ -408,3 +408,55 @@ fn tree_instances_materialize_sharing_the_masters_files() {
     assert!(dest.join(victim.strip_prefix("/").unwrap()).join("pwned").exists());
     assert!(dest.join("escaped").exists(), "`..` stops at the new root");
 }
+
+#[test]
+fn collection_removes_what_no_tier_uses_and_keeps_what_one_does() {
+    let dir = scratch("images-gc");
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let tree_image = engine.import_image(&tree(&dir), Some("tree")).unwrap();
+    let raw = dir.join("disk.raw");
+    raw_disk(&raw, 4);
+    let disk_image = engine.import_image(&raw, Some("disk")).unwrap();
+    let unused = engine.import_image(&tree(&dir.join("other")).join("etc"), Some("unused")).unwrap();
+    let spec = |name: &str, image: &str, subnet: &str, customizers: serde_json::Value| -> mint_core::TierSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "image": image, "max-instances": 3, "subnet": subnet, "hostname": format!("{name}-{{index}}"),
+            "customizers": customizers, "driver": {"plugin": "noop"},
+        }))
+        .unwrap()
+    };
+    let hostname = serde_json::json!([{"plugin": "hostname"}]);
+    crate::support::block_on(engine.create_tier(&spec("web", &tree_image.digest, "198.18.6.0/24", hostname.clone()))).unwrap();
+    crate::support::block_on(engine.create_tier(&spec("vm", &disk_image.digest, "198.18.7.0/24", hostname))).unwrap();
+    let rootfs = engine.artifact("web", 0).unwrap().parts[0].digest.clone();
+    let seeds: Vec<String> = engine.store.instances("vm").unwrap().iter().map(|i| i.disk.as_ref().unwrap().seed.clone()).collect();
+
+    let e = engine.delete_image("tree").unwrap_err().to_string();
+    assert!(e.contains("is the master of tier(s) web"), "{e}");
+    std::fs::create_dir_all(engine.images.dir().join(".import-999-0/tree")).unwrap();
+    let r = engine.gc(true).unwrap();
+    assert_eq!((r.masters.len(), r.blobs, r.overlays, r.staging), (0, 0, 0, 1), "{r:?}");
+    assert!(engine.store.image(&unused.digest).is_ok(), "kept: --keep-masters");
+
+    engine.store.delete_tier("vm").unwrap();
+    let r = engine.gc(false).unwrap();
+    let mut masters = r.masters.clone();
+    masters.sort();
+    let mut expected = vec![disk_image.digest.clone(), unused.digest.clone()];
+    expected.sort();
+    assert_eq!(masters, expected, "the masters no tier uses");
+    assert_eq!(r.blobs, 4, "three seeds and the shared overlay: {r:?}");
+    assert_eq!(r.overlays, 3, "the deleted tier's customization overlays");
+    assert!(r.bytes_freed >= 4 << 20, "{r:?}");
+    assert!(seeds.iter().all(|s| engine.images.locate(s).is_none()));
+    assert!(!engine.images.disk(&disk_image.digest, "raw").exists() && engine.store.image(&disk_image.digest).is_err());
+
+    // What a live tier uses is all still there and still works.
+    assert!(engine.images.locate(&rootfs).is_some());
+    assert_eq!(engine.artifact("web", 0).unwrap().parts[0].digest, rootfs);
+    engine.materialize("web", 1, &dir.join("web-1")).unwrap();
+    assert_eq!(engine.gc(false).unwrap().blobs, 0, "a second collection finds nothing");
+    assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());
+    let e = engine.delete_image("nosuch").unwrap_err().to_string();
+    assert!(e.contains("no image with digest or name `nosuch`"), "{e}");
+}

@@ -8,6 +8,22 @@ use mint_model::{AddressPlan, HostnamePattern, InstanceState, NodeState};
 use mint_store::{Store, StoreError};
 use std::collections::BTreeMap;
 
+/// A store holding the image the test tiers name.
+fn open(dir: &std::path::Path) -> Store {
+    let s = Store::open(dir).unwrap();
+    let image = mint_model::records::Image {
+        digest: "sha256:00".into(),
+        name: "test".into(),
+        format: "tree".into(),
+        size: 0,
+        entries: 0,
+        source: "dir".into(),
+        virtual_size: 0,
+    };
+    s.put_image(&image).unwrap();
+    s
+}
+
 fn plugin(name: &str) -> PluginRef {
     PluginRef { plugin: name.into(), config: Default::default() }
 }
@@ -77,14 +93,14 @@ fn refused(r: Result<(), StoreError>, needle: &str) {
 fn a_tier_and_its_pool_survive_a_reopen() {
     let dir = scratch("store-reopen");
     {
-        let s = Store::open(&dir).unwrap();
+        let s = open(&dir);
         let (t, inst) = tier("web", "198.18.0.0/24", "web-{index:03}", 50, &s);
         s.create_tier(&t, &inst).unwrap();
         s.add_node(&node("n1", 4)).unwrap();
         s.bind(&id("web", 0), "n1", serde_json::json!({"reason": "test"})).unwrap();
         s.finish_deploy(&id("web", 0), serde_json::Value::Null).unwrap();
     }
-    let s = Store::open(&dir).unwrap();
+    let s = open(&dir);
     let inst = s.instances("web").unwrap();
     assert_eq!(inst.len(), 50);
     assert_eq!(inst[0].state, InstanceState::Deployed);
@@ -100,7 +116,7 @@ fn a_tier_and_its_pool_survive_a_reopen() {
 #[test]
 fn refused_tiers_write_nothing() {
     let dir = scratch("store-refuse");
-    let s = Store::open(&dir).unwrap();
+    let s = open(&dir);
     let (t, inst) = tier("web", "198.18.0.0/24", "web-{index}", 10, &s);
     s.create_tier(&t, &inst).unwrap();
     let events = s.events(None, 100).unwrap().len();
@@ -126,7 +142,7 @@ fn refused_tiers_write_nothing() {
 #[test]
 fn binding_keeps_one_instance_per_node_and_at_most_k() {
     let dir = scratch("store-bind");
-    let s = Store::open(&dir).unwrap();
+    let s = open(&dir);
     let (t, inst) = tier("web", "198.18.0.0/24", "web-{index}", 2, &s);
     s.create_tier(&t, &inst).unwrap();
     for (n, cpus) in [("a", 4), ("b", 4), ("c", 4), ("small", 1)] {

@@ -63,6 +63,14 @@ pub enum ImageCommand {
     List,
     /// Show one image, by digest or name, and the tiers that use it.
     Show { image: String },
+    /// Delete an image no tier uses.
+    Delete { image: String },
+    /// Remove masters no tier uses and blobs no instance refers to.
+    Gc {
+        /// Keep every imported master, used or not; collect only derived blobs.
+        #[arg(long)]
+        keep_masters: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -246,6 +254,23 @@ pub fn image(conn: &Conn, cmd: ImageCommand) -> Result<(), Failure> {
                 for i in v.as_array().into_iter().flatten() {
                     println!("{:<20} {:<10} {:>10}  {}", s(&i["name"]), s(&i["format"]), s(&i["size"]), s(&i["digest"]));
                 }
+            });
+        }
+        ImageCommand::Delete { image } => {
+            let v = call(conn, "DELETE", &format!("/v1/images/{image}"), None)?;
+            print(conn, &v, |v| println!("image {} ({}) deleted", s(&v["deleted"]["name"]), s(&v["deleted"]["digest"])));
+        }
+        ImageCommand::Gc { keep_masters } => {
+            let v = call(conn, "POST", "/v1/images/gc", Some(json!({ "keep-masters": keep_masters })))?;
+            print(conn, &v, |v| {
+                println!(
+                    "removed {} masters, {} blobs, {} overlays, {} staging directories; {} bytes freed",
+                    v["masters"].as_array().map(Vec::len).unwrap_or(0),
+                    s(&v["blobs"]),
+                    s(&v["overlays"]),
+                    s(&v["staging"]),
+                    s(&v["bytes_freed"])
+                )
             });
         }
         ImageCommand::Show { image } => {

@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+mod gc;
 pub mod images;
 mod overlay;
 pub mod spec;
@@ -23,6 +24,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+pub use gc::GcReport;
 pub use images::{ImageError, ImageStore, SourceFormat};
 pub use spec::TierSpec;
 

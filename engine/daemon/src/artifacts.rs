@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// `GET /v1/artifacts/{tier}/{index}`.
 pub async fn describe(State(app): State<Shared>, Path((tier, index)): Path<(String, u32)>) -> Result<Response, ApiError> {
+    let _files = app.image_files.read().await;
     // Building a tree instance's root filesystem the first time reads the whole master.
     ok(crate::off_async_threads(|| app.engine.artifact(&tier, index))?)
 }

@@ -31,6 +31,10 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 struct App {
     engine: Engine,
     reconciling: tokio::sync::Mutex<()>,
+    /// Writers of the image store's files (imports, artifact builds) share it; garbage
+    /// collection and image deletion take it alone, so they never see half-written files
+    /// as garbage.
+    image_files: tokio::sync::RwLock<()>,
 }
 
 type Shared = Arc<App>;
@@ -191,6 +195,7 @@ async fn import_image(State(app): State<Shared>, headers: HeaderMap, req: Result
     };
     long_operation(wants_stream(&headers), move |report| {
         Box::pin(async move {
+            let _files = app.image_files.read().await;
             // Importing reads and writes the whole image: off the async threads.
             let path = std::path::Path::new(&req.path);
             let image = off_async_threads(|| app.engine.import_image_reporting(path, req.name.as_deref(), claimed, report))?;
@@ -211,6 +216,29 @@ fn off_async_threads<T>(f: impl FnOnce() -> T) -> T {
 
 async fn list_images(State(app): State<Shared>) -> ApiResult {
     ok(app.engine.store.images()?)
+}
+
+/// `DELETE /v1/images/{id}`: refused while a tier uses the image.
+async fn delete_image(State(app): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    let _pass = app.reconciling.lock().await;
+    let _files = app.image_files.write().await;
+    let image = off_async_threads(|| app.engine.delete_image(&id))?;
+    ok(json!({ "deleted": image }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct GcRequest {
+    #[serde(default)]
+    keep_masters: bool,
+}
+
+/// `POST /v1/images/gc`: removes masters no tier uses and blobs no instance refers to.
+async fn gc(State(app): State<Shared>, req: Result<Json<GcRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    let req = body(req)?;
+    let _pass = app.reconciling.lock().await;
+    let _files = app.image_files.write().await;
+    ok(off_async_threads(|| app.engine.gc(req.keep_masters))?)
 }
 
 /// One image, by digest or by name (the newest import of that name).
@@ -366,7 +394,8 @@ fn router(app: Shared) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/images", get(list_images).post(import_image))
-        .route("/v1/images/{id}", get(show_image))
+        .route("/v1/images/gc", post(gc))
+        .route("/v1/images/{id}", get(show_image).delete(delete_image))
         .route("/v1/tiers", get(list_tiers).post(create_tier))
         .route("/v1/tiers/{name}", get(show_tier).delete(delete_tier))
         .route("/v1/tiers/{name}/scale", post(scale))
@@ -410,7 +439,7 @@ pub async fn serve(
 ) -> Result<(), String> {
     let engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
     engine.plugins.preload_bundled().map_err(|e| e.to_string())?;
-    let app = Arc::new(App { engine, reconciling: tokio::sync::Mutex::new(()) });
+    let app = Arc::new(App { engine, reconciling: tokio::sync::Mutex::new(()), image_files: tokio::sync::RwLock::new(()) });
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);

@@ -264,6 +264,10 @@ impl Store {
     pub fn create_tier(&self, tier: &Tier, instances: &[Instance]) -> Result<()> {
         let _w = self.lock();
         self.check_new_tier(tier)?;
+        // Checked under the write lock, which deleting an image also takes.
+        if !self.images.contains_key(tier.image.as_bytes()).map_err(|e| self.storage(e))? {
+            return Err(StoreError::Refused(format!("field `image`: no image `{}`; import it first", tier.image)));
+        }
         if instances.len() != tier.max_instances as usize {
             return Err(StoreError::Refused(format!(
                 "tier `{}` has max-instances {} but {} instances were minted",
@@ -301,6 +305,40 @@ impl Store {
     pub fn put_image(&self, image: &Image) -> Result<()> {
         let _w = self.lock();
         self.images.insert(image.digest.as_bytes(), encode(image)).map_err(|e| self.storage(e))?;
+        self.db.flush().map_err(|e| self.storage(e))?;
+        Ok(())
+    }
+
+    /// Deletes an image's record. Refused while any tier uses it, naming the tiers.
+    pub fn delete_image(&self, digest: &str) -> Result<Image> {
+        let _w = self.lock();
+        let image: Image = self.get_one(&self.images, digest, "image")?;
+        let users: Vec<String> = self.tiers()?.into_iter().filter(|t| t.image == digest).map(|t| t.name).collect();
+        if !users.is_empty() {
+            return Err(StoreError::Refused(format!(
+                "image {} ({}) is the master of tier(s) {}; delete those tiers first",
+                image.name,
+                digest,
+                users.join(", ")
+            )));
+        }
+        self.images.remove(digest.as_bytes()).map_err(|e| self.storage(e))?;
+        self.transact(|tx| tx.event(None, "image-deleted", format!("image {} ({digest}) deleted", image.name), serde_json::Value::Null))?;
+        Ok(image)
+    }
+
+    /// Every overlay digest stored.
+    pub fn overlay_digests(&self) -> Result<Vec<String>> {
+        self.overlays.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k.map_err(|e| self.storage(e))?).into_owned())).collect()
+    }
+
+    /// Removes overlays no instance refers to any more. The caller computes `unused` with
+    /// no tier being created meanwhile (the daemon holds its operation lock).
+    pub fn remove_overlays(&self, unused: &[String]) -> Result<()> {
+        let _w = self.lock();
+        for d in unused {
+            self.overlays.remove(d.as_bytes()).map_err(|e| self.storage(e))?;
+        }
         self.db.flush().map_err(|e| self.storage(e))?;
         Ok(())
     }
