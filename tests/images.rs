@@ -285,7 +285,8 @@ cfg = util.load_yaml(ud)
 schema.validate_cloudconfig_schema(cfg, strict=True)
 ifaces = [{"subnets": i.get("subnets", [])} for i in ns.iter_interfaces()]
 print(json.dumps({"meta": meta, "ifaces": ifaces, "dns": ns.dns_nameservers, "hostname": cfg.get("hostname"),
-                  "files": [f["path"] for f in cfg.get("write_files", [])]}, default=str))
+                  "files": [f["path"] for f in cfg.get("write_files", [])], "packages": cfg.get("packages"),
+                  "runcmd": cfg.get("runcmd"), "keys": cfg.get("ssh_authorized_keys")}, default=str))
 "##;
 
 #[test]
@@ -459,4 +460,73 @@ fn collection_removes_what_no_tier_uses_and_keeps_what_one_does() {
     assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());
     let e = engine.delete_image("nosuch").unwrap_err().to_string();
     assert!(e.contains("no image with digest or name `nosuch`"), "{e}");
+}
+
+const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ops@site";
+
+fn all_customizers() -> serde_json::Value {
+    serde_json::json!([
+        {"plugin": "hostname"},
+        {"plugin": "hosts", "config": {"domain": "mint.test"}},
+        {"plugin": "ssh-keys", "config": {"keys": [KEY]}},
+        {"plugin": "files", "config": {"files": [{"path": "/etc/motd", "template": "{hostname} of {tier} at {address}\n"}]}},
+        {"plugin": "cloud-init", "config": {"user-data": {"packages": ["nginx"]}}},
+    ])
+}
+
+/// cloud-init's verdict on the three seed files in `dir`.
+fn cloud_init(dir: &Path) -> serde_json::Value {
+    let o = run(Command::new("/usr/bin/python3").arg("-c").arg(CLOUD_INIT_CHECK).arg(dir));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn every_customizer_works_on_tree_and_disk_masters() {
+    let dir = scratch("images-customizers");
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let tree_image = engine.import_image(&tree(&dir), None).unwrap();
+    let raw = dir.join("disk.raw");
+    raw_disk(&raw, 4);
+    let disk_image = engine.import_image(&raw, None).unwrap();
+    let spec = |name: &str, image: &str, subnet: &str| -> mint_core::TierSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "image": image, "max-instances": 4, "subnet": subnet, "gateway": subnet.replace(".0/24", ".1"),
+            "hostname": format!("{name}-{{index}}"), "customizers": all_customizers(), "driver": {"plugin": "noop"},
+        }))
+        .unwrap()
+    };
+    crate::support::block_on(engine.create_tier(&spec("web", &tree_image.digest, "198.18.8.0/24"))).unwrap();
+    crate::support::block_on(engine.create_tier(&spec("vm", &disk_image.digest, "198.18.9.0/24"))).unwrap();
+
+    // A tree instance: every file in place, the seed where cloud-init looks for a local one.
+    let root = dir.join("web-2");
+    engine.materialize("web", 2, &root).unwrap();
+    let hosts = std::fs::read_to_string(root.join("etc/hosts")).unwrap();
+    for i in 0..4 {
+        assert!(hosts.contains(&format!("198.18.8.{}\tweb-{i}.mint.test web-{i}\n", i + 2)), "all K peers: {hosts}");
+    }
+    assert_eq!(std::fs::read_to_string(root.join("root/.ssh/authorized_keys")).unwrap(), format!("{KEY}\n"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(root.join("root/.ssh")).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::read_to_string(root.join("etc/motd")).unwrap(), "web-2 of web at 198.18.8.4\n");
+    let v = cloud_init(&root.join("var/lib/cloud/seed/nocloud"));
+    assert_eq!((v["hostname"].as_str(), v["packages"][0].as_str()), (Some("web-2"), Some("nginx")));
+    assert_eq!(v["ifaces"][0]["subnets"][0]["address"], "198.18.8.4");
+
+    // A disk instance: the same customization travels in its cidata volume.
+    let seed = engine.images.locate(&engine.store.instances("vm").unwrap()[1].disk.as_ref().unwrap().seed).unwrap();
+    let files = dir.join("vm-1-seed");
+    std::fs::create_dir_all(&files).unwrap();
+    for name in ["meta-data", "network-config", "user-data"] {
+        run(Command::new("mcopy").arg("-i").arg(&seed).arg(format!("::{name}")).arg(files.join(name)));
+    }
+    let v = cloud_init(&files);
+    assert_eq!((v["hostname"].as_str(), v["packages"][0].as_str()), (Some("vm-1"), Some("nginx")), "{v}");
+    let written = v["files"].to_string();
+    for f in ["/etc/hosts", "/etc/motd", "/root/.ssh/authorized_keys"] {
+        assert!(written.contains(f), "{f} travels as write_files: {written}");
+    }
+    assert!(!written.contains("/var/lib/cloud/seed"), "the seed itself is the volume, not a file in it");
+    assert!(v["runcmd"].to_string().contains("/root/.ssh"), "the .ssh directory is made first: {}", v["runcmd"]);
+    assert_eq!(v["ifaces"][0]["subnets"][0]["address"], "198.18.9.3");
 }

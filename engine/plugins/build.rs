@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-const PLUGINS: &[&str] = &["spread", "binpack", "hostname", "network", "noop"];
+const PLUGINS: &[&str] = &["spread", "binpack", "hostname", "network", "hosts", "ssh-keys", "files", "cloud-init", "noop"];
 
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../..");

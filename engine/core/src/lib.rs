@@ -321,7 +321,7 @@ impl Engine {
                         dns: &tier.plan.dns,
                         customization: &digest,
                     };
-                    let volume = images::seed::volume(&images::seed::files(&id, &edits))?;
+                    let volume = images::seed::volume(&images::seed::files(&id, &edits)?)?;
                     Some(DiskParts { overlay: overlay.clone(), seed: self.images.put_blob(&volume)? })
                 }
                 None => None,

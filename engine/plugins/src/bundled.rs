@@ -1,5 +1,6 @@
 //! The first-party plugins built into the engine, so it works out of the box: policies
-//! `spread` and `binpack`, customizers `hostname` and `network`, and the `noop` driver.
+//! `spread` and `binpack`, customizers `hostname`, `network`, `hosts`, `ssh-keys`, `files`
+//! and `cloud-init`, and the `noop` driver.
 //! Other plugins load from disk with [`crate::Runtime::load_file`].
 
 use crate::{Grants, LoadError, Manifest, Plugin, Runtime};

@@ -4,11 +4,13 @@
 //! The volume is FAT (what `cloud-localds` also writes) labelled `cidata`, holding
 //! `meta-data` (instance id and host name), `network-config` (version 2, the instance's
 //! static address) and `user-data` (`#cloud-config` carrying the customizers' file edits as
-//! `write_files` and the rest as `runcmd`). All three are YAML written with JSON-quoted
-//! scalars, so no value can change the document's structure.
+//! `write_files` and the rest as `runcmd`). The YAML files quote every scalar as JSON, and
+//! the user-data body is JSON (which YAML reads), so no value can change a document's
+//! structure.
 
 use super::{ImageError, io};
 use mint_plugins::types as wit;
+use serde_json::json;
 use std::fmt::Write as _;
 use std::io::{Seek, SeekFrom, Write};
 use std::net::IpAddr;
@@ -38,62 +40,92 @@ fn q(s: &str) -> String {
     serde_json::to_string(s).expect("strings serialise")
 }
 
-/// The three seed files, as text: `meta-data`, `network-config`, `user-data`.
-pub fn files(id: &SeedIdentity<'_>, edits: &[wit::Edit]) -> [(&'static str, String); 3] {
+/// Where the `cloud-init` customizer writes a seed inside a tree instance; on a disk master
+/// those files become the `cidata` volume's.
+pub const SEED_DIR: &str = "/var/lib/cloud/seed/nocloud";
+
+/// The three seed files, as text: `meta-data`, `network-config`, `user-data`. A seed the
+/// customizers wrote (the `cloud-init` step) is taken as the base; the identity fills what
+/// it lacks, and every other edit joins the user-data as `write_files` or `runcmd`.
+pub fn files(id: &SeedIdentity<'_>, edits: &[wit::Edit]) -> Result<[(&'static str, String); 3], ImageError> {
+    let from_step = |name: &str| {
+        let path = format!("{SEED_DIR}/{name}");
+        edits.iter().rev().find_map(|e| match e {
+            wit::Edit::WriteFile(w) if w.path == path => Some(String::from_utf8_lossy(&w.contents).into_owned()),
+            _ => None,
+        })
+    };
     let short = id.customization.trim_start_matches("sha256:").get(..12).unwrap_or("");
-    let meta = format!("instance-id: {}\nlocal-hostname: {}\n", q(&format!("mint-{}-{}-{short}", id.tier, id.index)), q(id.hostname));
-
-    let mut net = String::from("version: 2\nethernets:\n  primary:\n    match:\n      name: \"e*\"\n");
-    let _ = writeln!(net, "    addresses:\n      - {}", q(&format!("{}/{}", id.address, id.prefix_len)));
-    if let Some(gw) = id.gateway {
-        let to = if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
-        let _ = writeln!(net, "    routes:\n      - to: {}\n        via: {}", q(to), q(&gw.to_string()));
-    }
-    if !id.dns.is_empty() {
-        net.push_str("    nameservers:\n      addresses:\n");
-        for d in id.dns {
-            let _ = writeln!(net, "        - {}", q(&d.to_string()));
+    let meta = from_step("meta-data").unwrap_or_else(|| {
+        format!("instance-id: {}\nlocal-hostname: {}\n", q(&format!("mint-{}-{}-{short}", id.tier, id.index)), q(id.hostname))
+    });
+    let net = from_step("network-config").unwrap_or_else(|| {
+        let mut net = String::from("version: 2\nethernets:\n  primary:\n    match:\n      name: \"e*\"\n");
+        let _ = writeln!(net, "    addresses:\n      - {}", q(&format!("{}/{}", id.address, id.prefix_len)));
+        if let Some(gw) = id.gateway {
+            let to = if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+            let _ = writeln!(net, "    routes:\n      - to: {}\n        via: {}", q(to), q(&gw.to_string()));
         }
-    }
-
-    let mut user = format!("#cloud-config\nhostname: {}\npreserve_hostname: false\n", q(id.hostname));
-    let mut writes = String::new();
-    let mut cmds = String::new();
-    use base64::Engine as _;
-    for e in edits {
-        match e {
-            wit::Edit::WriteFile(w) => {
-                let _ = write!(
-                    writes,
-                    "  - path: {}\n    encoding: b64\n    content: {}\n    permissions: {}\n",
-                    q(&w.path),
-                    q(&base64::engine::general_purpose::STANDARD.encode(&w.contents)),
-                    q(&format!("{:04o}", w.meta.mode))
-                );
-                if w.meta.uid != 0 || w.meta.gid != 0 {
-                    let _ = writeln!(writes, "    owner: {}", q(&format!("{}:{}", w.meta.uid, w.meta.gid)));
+        if !id.dns.is_empty() {
+            net.push_str("    nameservers:\n      addresses:\n");
+            for d in id.dns {
+                let _ = writeln!(net, "        - {}", q(&d.to_string()));
+            }
+        }
+        net
+    });
+    let mut doc = match from_step("user-data") {
+        Some(text) => {
+            let body = text.strip_prefix("#cloud-config\n").unwrap_or(&text);
+            match serde_json::from_str::<serde_json::Value>(body) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => {
+                    return Err(ImageError::Invalid(format!(
+                        "{SEED_DIR}/user-data must be `#cloud-config` followed by a JSON object for mint to add the other edits to it"
+                    )));
                 }
             }
-            wit::Edit::Remove(p) => {
-                let _ = writeln!(cmds, "  - [\"rm\", \"-rf\", \"--\", {}]", q(p));
+        }
+        None => serde_json::Map::new(),
+    };
+    doc.entry("hostname").or_insert(json!(id.hostname));
+    doc.entry("preserve_hostname").or_insert(json!(false));
+    use base64::Engine as _;
+    let mut writes = Vec::new();
+    let mut cmds = Vec::new();
+    for e in edits {
+        match e {
+            wit::Edit::WriteFile(w) if w.path.starts_with(SEED_DIR) => {}
+            wit::Edit::WriteFile(w) => {
+                let mut f = json!({
+                    "path": w.path,
+                    "encoding": "b64",
+                    "content": base64::engine::general_purpose::STANDARD.encode(&w.contents),
+                    "permissions": format!("{:04o}", w.meta.mode),
+                });
+                if w.meta.uid != 0 || w.meta.gid != 0 {
+                    f["owner"] = json!(format!("{}:{}", w.meta.uid, w.meta.gid));
+                }
+                writes.push(f);
             }
-            wit::Edit::Symlink(s) => {
-                let _ = writeln!(cmds, "  - [\"ln\", \"-sfn\", \"--\", {}, {}]", q(&s.target), q(&s.path));
-            }
-            wit::Edit::MakeDir(d) => {
-                let _ = writeln!(cmds, "  - [\"install\", \"-d\", \"-m\", {}, \"--\", {}]", q(&format!("{:04o}", d.meta.mode)), q(&d.path));
-            }
+            wit::Edit::Remove(p) => cmds.push(json!(["rm", "-rf", "--", p])),
+            wit::Edit::Symlink(s) => cmds.push(json!(["ln", "-sfn", "--", s.target, s.path])),
+            wit::Edit::MakeDir(d) => cmds.push(json!(["install", "-d", "-m", format!("{:04o}", d.meta.mode), "--", d.path])),
         }
     }
-    if !writes.is_empty() {
-        user.push_str("write_files:\n");
-        user.push_str(&writes);
-    }
-    if !cmds.is_empty() {
-        user.push_str("runcmd:\n");
-        user.push_str(&cmds);
-    }
-    [("meta-data", meta), ("network-config", net), ("user-data", user)]
+    let mut append = |key: &str, items: Vec<serde_json::Value>| {
+        if items.is_empty() {
+            return;
+        }
+        match doc.entry(key).or_insert(json!([])) {
+            serde_json::Value::Array(list) => list.extend(items),
+            other => *other = serde_json::Value::Array(items),
+        }
+    };
+    append("write_files", writes);
+    append("runcmd", cmds);
+    let user = format!("#cloud-config\n{}\n", serde_json::to_string_pretty(&serde_json::Value::Object(doc)).expect("JSON serialises"));
+    Ok([("meta-data", meta), ("network-config", net), ("user-data", user)])
 }
 
 /// A FAT volume labelled `cidata` holding `files`.
