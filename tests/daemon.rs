@@ -212,6 +212,9 @@ fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
     assert_eq!((shown["image"]["digest"].as_str(), &shown["tiers"]), (Some(digest.as_str()), &serde_json::json!(["web"])));
     let text = d.ok(&["image", "show", &digest]);
     assert!(text.contains("name     debian") && text.contains("tiers    web"), "re-imported without a name, it keeps its name: {text}");
+    let out = d.ok(&["tier", "update-image", "web", "debian", "--batch", "2", "--progress", "never"]);
+    assert!(out.contains("re-minted at revision 1"), "{out}");
+    assert!(d.ok(&["events", "--tier", "web"]).contains("master-updated"));
     let o = d.mint(&["image", "delete", "debian"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(err(&o).contains("is the master of tier(s) web"), "{}", err(&o));

@@ -341,3 +341,60 @@ fn a_misbehaving_site_policy_blocks_its_tier_and_changes_nothing() {
         assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());
     });
 }
+
+/// A new master version: every instance re-minted with its identity, pooled ones at once,
+/// deployed ones rolled on their own nodes a batch at a time, lowest index first.
+#[test]
+fn a_new_master_rolls_through_deployed_instances_in_batches() {
+    let dir = scratch("engine-roll");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    master(&a);
+    master(&b);
+    std::fs::write(b.join("etc/hosts"), "127.0.0.1\tlocalhost\n# v2\n").unwrap();
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let image_a = engine.import_image(&a, Some("debian")).unwrap();
+    let image_b = engine.import_image(&b, Some("debian-v2")).unwrap();
+    block_on(async {
+        engine.create_tier(&spec("web", &image_a.digest, 6, "198.18.0.0/24")).await.unwrap();
+        for (n, z) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b"), ("c1", "c"), ("c2", "c")] {
+            engine.store.add_node(&node(n, z)).unwrap();
+        }
+        engine.scale("web", 4).await.unwrap();
+        let before = engine.store.instances("web").unwrap();
+
+        // Bad requests change nothing.
+        let e = engine.update_image("web", "nosuch", 2, &mint_core::quiet).await.unwrap_err().to_string();
+        assert!(e.contains("field `image`: no image with digest or name `nosuch`"), "{e}");
+        let e = engine.update_image("web", "debian-v2", 0, &mint_core::quiet).await.unwrap_err().to_string();
+        assert!(e.contains("field `batch`"), "{e}");
+        assert_eq!(engine.store.tier("web").unwrap().revision, 0);
+
+        assert_eq!(engine.update_image("web", "debian-v2", 2, &mint_core::quiet).await.unwrap(), 1);
+        let t = engine.store.tier("web").unwrap();
+        assert_eq!((t.image.as_str(), t.revision, t.rollout_batch), (image_b.digest.as_str(), 1, 2));
+        let now = engine.store.instances("web").unwrap();
+        for (old, new) in before.iter().zip(&now) {
+            assert_eq!((&old.hostname, old.address, &old.node, old.state), (&new.hostname, new.address, &new.node, new.state), "identity and place kept");
+            assert_ne!(old.overlay, new.overlay, "customized from the new master");
+        }
+        engine.materialize("web", 5, &dir.join("web-5")).unwrap();
+        let hosts = std::fs::read_to_string(dir.join("web-5/etc/hosts")).unwrap();
+        assert!(hosts.contains("# v2") && hosts.contains("web-05"), "pooled instances carry the new master at once: {hosts}");
+
+        let rolled = |p: &mint_core::Progress| p.rolled.iter().map(|i| i.index).collect::<Vec<_>>();
+        assert_eq!(rolled(&engine.reconcile("web").await.unwrap()), [0, 1]);
+        let mid = engine.store.instances("web").unwrap();
+        assert_eq!(mid.iter().map(|i| i.revision).collect::<Vec<_>>(), [1, 1, 0, 0, 0, 0]);
+        assert_eq!(mid[0].node, before[0].node, "rolled on the node it holds");
+        assert_eq!(rolled(&engine.reconcile("web").await.unwrap()), [2, 3]);
+        assert!(engine.reconcile("web").await.unwrap().rolled.is_empty(), "all deployed instances are at revision 1");
+        // A later scale-out deploys the new revision directly.
+        engine.scale("web", 5).await.unwrap();
+        let last = engine.store.instances("web").unwrap();
+        assert_eq!((last[4].state, last[4].revision), (InstanceState::Deployed, 1));
+        assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());
+        let kinds: Vec<String> = engine.store.events(None, 1000).unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.iter().filter(|k| *k == "master-updated").count(), 1);
+        assert_eq!(kinds.iter().filter(|k| *k == "rolling").count(), 4);
+    });
+}

@@ -45,6 +45,7 @@ fn tier(name: &str, subnet: &str, pattern: &str, k: u32, store: &Store) -> (Tier
             node: None,
             overlay: String::new(),
             since_ms: 0,
+            revision: 0,
             disk: None,
         })
         .collect();
@@ -59,6 +60,8 @@ fn tier(name: &str, subnet: &str, pattern: &str, k: u32, store: &Store) -> (Tier
         customizers: vec![plugin("hostname"), plugin("network")],
         driver: plugin("noop"),
         deploy_timeout_secs: 600,
+        revision: 0,
+        rollout_batch: 1,
         desired: 0,
     };
     (t, instances)

@@ -83,6 +83,14 @@ pub enum TierCommand {
     Show { name: String },
     /// Delete a tier whose instances are all in the pool (scale it to 0 first).
     Delete { name: String },
+    /// Move a tier to a new master (digest or name): its instances are re-minted with the
+    /// same identities and the deployed ones roll to it, `--batch` at a time.
+    UpdateImage {
+        name: String,
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        batch: u32,
+    },
     /// Set how many instances of a tier run.
     Scale {
         name: String,
@@ -340,11 +348,18 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
             let v = call(conn, "DELETE", &format!("/v1/tiers/{name}"), None)?;
             print(conn, &v, |_| println!("tier {name} deleted"));
         }
+        TierCommand::UpdateImage { name, image, batch } => {
+            let v = call_with_progress(conn, &format!("/v1/tiers/{name}/image"), json!({ "image": image, "batch": batch }))?;
+            print(conn, &v, |v| println!("tier {name} re-minted at revision {}; deployed instances roll {batch} at a time", s(&v["revision"])));
+        }
         TierCommand::Scale { name, instances } => {
             let v = call(conn, "POST", &format!("/v1/tiers/{name}/scale"), Some(json!({ "instances": instances })))?;
             print(conn, &v, |v| {
                 let ids = |k: &str| v[k].as_array().map(|a| a.iter().map(|i| format!("{}/{}", s(&i["tier"]), s(&i["index"]))).collect::<Vec<_>>().join(" ")).unwrap_or_default();
                 println!("tier {name} scaled to {instances}: deployed [{}] undeployed [{}]", ids("deployed"), ids("undeployed"));
+                if v["rolled"].as_array().is_some_and(|r| !r.is_empty()) {
+                    println!("rolled to the new master: [{}]", ids("rolled"));
+                }
                 if let Some(b) = v["blocked"].as_str() {
                     println!("blocked: {b}");
                 }

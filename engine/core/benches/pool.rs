@@ -129,7 +129,7 @@ fn main() {
         let inst: Vec<Instance> = addrs
             .iter()
             .enumerate()
-            .map(|(i, a)| Instance { id: InstanceId { tier: name.clone(), index: i as u32 }, hostname: tier.hostname.render(&name, i as u64), address: *a, state: InstanceState::Pooled, node: None, overlay: String::new(), since_ms: 0, disk: None })
+            .map(|(i, a)| Instance { id: InstanceId { tier: name.clone(), index: i as u32 }, hostname: tier.hostname.render(&name, i as u64), address: *a, state: InstanceState::Pooled, node: None, overlay: String::new(), since_ms: 0, disk: None, revision: 0 })
             .collect();
         engine.store.create_tier(&tier, &inst).unwrap();
     }

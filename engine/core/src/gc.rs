@@ -79,6 +79,16 @@ impl Engine {
     /// Deletes a master (by digest or name): refused while a tier uses it. Its files go
     /// now; blobs derived from it go at the next [`Engine::gc`].
     pub fn delete_image(&self, id: &str) -> Result<Image> {
+        let image = self.find_image(id)?;
+        self.store.delete_image(&image.digest)?;
+        for f in self.master_files(&image) {
+            remove(&f);
+        }
+        Ok(image)
+    }
+
+    /// The image with digest or name `id`; a name several images carry is refused.
+    pub fn find_image(&self, id: &str) -> Result<Image> {
         let images = self.store.images()?;
         let named: Vec<&Image> = images.iter().filter(|i| i.digest == id || i.name == id).collect();
         let image = match named.as_slice() {
@@ -86,16 +96,12 @@ impl Engine {
             [] => return Err(EngineError::Invalid(format!("no image with digest or name `{id}`; `mint image list` shows them"))),
             many => {
                 return Err(EngineError::Invalid(format!(
-                    "{} images are named `{id}`; delete one by digest ({})",
+                    "{} images are named `{id}`; name one by digest ({})",
                     many.len(),
                     many.iter().map(|i| i.digest.as_str()).collect::<Vec<_>>().join(", ")
                 )));
             }
         };
-        self.store.delete_image(&image.digest)?;
-        for f in self.master_files(&image) {
-            remove(&f);
-        }
         Ok(image)
     }
 

@@ -215,6 +215,8 @@ pub struct Progress {
     /// Deployments the driver reported finished on a later pass (it had answered
     /// `deploying`).
     pub finished: Vec<InstanceId>,
+    /// Deployed instances redeployed on their nodes to the tier's new master.
+    pub rolled: Vec<InstanceId>,
     /// Deployments that failed or timed out; their nodes were declared failed and the
     /// instances wait, with their identities, for a fresh node.
     pub failed: Vec<InstanceId>,
@@ -269,14 +271,22 @@ impl Engine {
         self.store.check_new_tier(&tier)?;
         self.plugins.get(&tier.policy.plugin, Kind::NodePolicy, "policy")?;
         self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
+        let taken = |a| self.store.address_taken(a).unwrap_or(true);
+        let addresses = tier.plan.allocate(tier.max_instances as u64, &taken).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let instances = self.mint(&tier, &image, &addresses, report).await?;
+        self.store.create_tier(&tier, &instances)?;
+        Ok(tier)
+    }
+
+    /// Mints one instance per address (index = position) of `tier` from `image`: each runs
+    /// through the customizers, its edits are stored as an overlay and, for a disk master,
+    /// its NoCloud seed is written. The blobs are durable when this returns.
+    async fn mint(&self, tier: &Tier, image: &Image, addresses: &[std::net::IpAddr], report: Report<'_>) -> Result<Vec<Instance>> {
         let steps = tier
             .customizers
             .iter()
             .map(|c| Ok((self.plugins.get(&c.plugin, Kind::Customizer, "customizers")?, config_value(c))))
             .collect::<Result<Vec<_>>>()?;
-
-        let taken = |a| self.store.address_taken(a).unwrap_or(true);
-        let addresses = tier.plan.allocate(tier.max_instances as u64, &taken).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let peers: Arc<[wit::Peer]> = addresses
             .iter()
             .enumerate()
@@ -286,9 +296,9 @@ impl Engine {
         // Customizers read a tree master's files; a disk master is opaque to them (its
         // instances get their identity from the NoCloud seed), so they see an empty one.
         let master: Arc<dyn MasterView> =
-            if image.is_disk() { Arc::new(EmptyMaster) } else { Arc::new(DirMaster::new(self.images.tree(&tier.image))) };
+            if image.is_disk() { Arc::new(EmptyMaster) } else { Arc::new(DirMaster::new(self.images.tree(&image.digest))) };
         // Every instance of a disk master shares one empty overlay backed by the master.
-        let disk_overlay = if image.is_disk() { Some(self.images.disk_overlay(&image)?) } else { None };
+        let disk_overlay = if image.is_disk() { Some(self.images.disk_overlay(image)?) } else { None };
         let mut instances = Vec::with_capacity(addresses.len());
         let total = addresses.len() as u64;
         report(Step { phase: "minting", done: 0, total });
@@ -335,13 +345,28 @@ impl Engine {
                 overlay: digest,
                 since_ms: 0,
                 disk,
+                revision: 0,
             });
             report(Step { phase: "minting", done: i as u64 + 1, total });
         }
         // The blobs the instances refer to are durable before the tier that refers to them.
         self.images.sync()?;
-        self.store.create_tier(&tier, &instances)?;
-        Ok(tier)
+        Ok(instances)
+    }
+
+    /// Replaces a tier's master with `image` (a digest or name of a new version of it): re-mints all K
+    /// instances with their identities, then reconciliation rolls the deployed ones to it
+    /// through the driver, `batch` at a time, lowest index first. Returns the new revision.
+    pub async fn update_image(&self, tier_name: &str, image: &str, batch: u32, report: Report<'_>) -> Result<u64> {
+        let tier = self.store.tier(tier_name)?;
+        let new = self.find_image(image).map_err(|e| EngineError::Invalid(format!("field `image`: {e}")))?;
+        if batch == 0 {
+            return Err(EngineError::Invalid("field `batch`: roll at least 1 instance at a time".into()));
+        }
+        let current = self.store.instances(tier_name)?;
+        let addresses: Vec<std::net::IpAddr> = current.iter().map(|i| i.address).collect();
+        let reminted = self.mint(&tier, &new, &addresses, report).await?;
+        Ok(self.store.remint(tier_name, &new.digest, batch, &reminted)?)
     }
 
     /// Sets a tier's desired count and runs one reconciliation pass for it.
@@ -377,6 +402,7 @@ impl Engine {
         }
         let need = desired - on_nodes.len();
         if need == 0 {
+            self.roll(&tier, &instances, &mut progress).await?;
             return Ok(progress);
         }
         // Which instances go: failed ones first (they were serving), then pooled ones,
@@ -427,6 +453,53 @@ impl Engine {
         }
         self.store.finish_many(&finished)?;
         Ok(progress)
+    }
+
+    /// Rolls deployed instances behind the tier's revision to it, `rollout_batch` at a
+    /// time, lowest index first: each is deployed again on the node it holds (undeploy,
+    /// then deploy with the new artifact). A batch starts only when no deployment of the
+    /// tier is unfinished, so the next waits for the last one to finish.
+    async fn roll(&self, tier: &Tier, instances: &[Instance], progress: &mut Progress) -> Result<()> {
+        if instances.iter().any(|i| i.state == InstanceState::Deploying) {
+            return Ok(());
+        }
+        let mut stale: Vec<&Instance> = instances.iter().filter(|i| i.state.can_roll() && i.revision < tier.revision).collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        stale.sort_by_key(|i| i.id.index);
+        stale.truncate(tier.rollout_batch.max(1) as usize);
+        let ids: Vec<InstanceId> = stale.iter().map(|i| i.id.clone()).collect();
+        self.store.begin_roll(&ids)?;
+        let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
+        let config = config_value(&tier.driver);
+        let mut finished = Vec::new();
+        for inst in stale {
+            let node_name = inst.node.as_deref().unwrap_or_default();
+            let node = wit_node(&self.node(node_name)?);
+            let d = deployment(inst);
+            let result = match driver.undeploy(&node, &d, config.as_ref()).await {
+                Ok(_) => driver.deploy(&node, &d, config.as_ref()).await.map(|r| r.value),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(r) if r.state == wit::InstanceState::Running => {
+                    finished.push((inst.id.clone(), serde_json::json!({"driver": tier.driver.plugin, "detail": r.detail, "revision": tier.revision})));
+                }
+                // Unfinished: polled on later passes like any deployment.
+                Ok(_) => {}
+                Err(e) => {
+                    let why = format!("rolling {} to revision {} failed: {e}", inst.id, tier.revision);
+                    self.store.fail_node(node_name, &why)?;
+                    progress.failed.push(inst.id.clone());
+                    progress.blocked = Some(why);
+                    continue;
+                }
+            }
+            progress.rolled.push(inst.id.clone());
+        }
+        self.store.finish_many(&finished)?;
+        Ok(())
     }
 
     /// Asks the driver about every unfinished deployment of a tier. A running instance is

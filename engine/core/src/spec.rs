@@ -117,6 +117,8 @@ impl TierSpec {
             customizers: self.customizers.clone(),
             driver: self.driver.clone(),
             deploy_timeout_secs: self.deploy_timeout_secs,
+            revision: 0,
+            rollout_batch: 1,
             desired: 0,
         })
     }

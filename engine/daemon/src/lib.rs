@@ -265,6 +265,41 @@ async fn create_tier(State(app): State<Shared>, headers: HeaderMap, spec: Result
     .await
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateImageRequest {
+    image: String,
+    #[serde(default = "one")]
+    batch: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `POST /v1/tiers/{name}/image`: re-mints the tier's instances from a new master; the
+/// reconciliation loop then rolls the deployed ones, `batch` at a time.
+async fn update_image(
+    State(app): State<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    req: Result<Json<UpdateImageRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let req = match body(req) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    long_operation(wants_stream(&headers), move |report| {
+        Box::pin(async move {
+            let _pass = app.reconciling.lock().await;
+            let _files = app.image_files.read().await;
+            let revision = app.engine.update_image(&name, &req.image, req.batch, report).await?;
+            Ok(json!({ "tier": name, "revision": revision }))
+        })
+    })
+    .await
+}
+
 async fn list_tiers(State(app): State<Shared>) -> ApiResult {
     let mut out = Vec::new();
     for t in app.engine.store.tiers()? {
@@ -399,6 +434,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/tiers", get(list_tiers).post(create_tier))
         .route("/v1/tiers/{name}", get(show_tier).delete(delete_tier))
         .route("/v1/tiers/{name}/scale", post(scale))
+        .route("/v1/tiers/{name}/image", post(update_image))
         .route("/v1/tiers/{name}/instances", get(instances))
         .route("/v1/tiers/{name}/instances/{index}/materialize", post(materialize))
         .route("/v1/nodes", get(list_nodes).post(add_node))

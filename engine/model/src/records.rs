@@ -60,8 +60,19 @@ pub struct Tier {
     /// How long a deployment may stay unfinished before its node is declared failed.
     #[serde(default = "default_deploy_timeout")]
     pub deploy_timeout_secs: u32,
+    /// How many times the tier's master has been replaced (0 for the first); an instance
+    /// deployed from an older revision is rolled to this one.
+    #[serde(default)]
+    pub revision: u64,
+    /// How many deployed instances are rolled to a new revision at once.
+    #[serde(default = "one")]
+    pub rollout_batch: u32,
     /// How many instances should be deployed.
     pub desired: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// The deploy timeout of a tier that does not set one: ten minutes, enough for a BMC to
@@ -107,6 +118,10 @@ pub struct Instance {
     /// For an instance of a disk master, its parts besides the master.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskParts>,
+    /// The tier revision of what is (being) deployed on its node; below the tier's
+    /// revision, the instance is rolled to the new master.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// What an instance of a disk master is made of besides the master: a qcow2 overlay whose

@@ -53,6 +53,11 @@ impl InstanceState {
     pub fn can_deploy(self) -> bool {
         matches!(self, InstanceState::Pooled | InstanceState::Failed)
     }
+    /// Whether a running instance may be redeployed on its node, to roll it to a new
+    /// revision of its tier's master.
+    pub fn can_roll(self) -> bool {
+        self == InstanceState::Deployed
+    }
     /// Whether the deployment may be declared finished.
     pub fn can_finish_deploy(self) -> bool {
         self == InstanceState::Deploying
@@ -77,7 +82,7 @@ impl InstanceState {
     pub fn can_become(self, to: InstanceState) -> bool {
         use InstanceState::*;
         match to {
-            Deploying => self.can_deploy(),
+            Deploying => self.can_deploy() || self.can_roll(),
             Deployed => self.can_finish_deploy(),
             Undeploying => self.can_undeploy(),
             Failed => self.can_fail(),
@@ -154,6 +159,7 @@ mod tests {
             (Pooled, Deploying),
             (Failed, Deploying),
             (Deploying, Deployed),
+            (Deployed, Deploying),
             (Deploying, Undeploying),
             (Deployed, Undeploying),
             (Deploying, Failed),

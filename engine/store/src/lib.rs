@@ -570,6 +570,7 @@ impl Store {
                 inst.state = InstanceState::Deploying;
                 inst.node = Some(node.to_string());
                 inst.since_ms = now_ms();
+                inst.revision = tier.revision;
                 n.state = NodeState::Deploying;
                 n.instance = Some(id.clone());
                 Tx::put(tx.instances, &instance_key(id), &inst)?;
@@ -579,6 +580,85 @@ impl Store {
             Ok(())
         })?;
         self.refresh_nodes(binds.iter().map(|b| b.1.as_str()))
+    }
+
+    /// Replaces a tier's master: every instance gets the overlay (and disk parts) minted
+    /// from the new master with its unchanged identity, the tier's revision goes up, and
+    /// deployed instances become due to roll, `batch` at a time. `reminted` must hold every
+    /// instance of the tier, with the same host names and addresses; states are kept.
+    pub fn remint(&self, tier_name: &str, image: &str, batch: u32, reminted: &[Instance]) -> Result<u64> {
+        let _w = self.lock();
+        if !self.images.contains_key(image.as_bytes()).map_err(|e| self.storage(e))? {
+            return Err(StoreError::Refused(format!("field `image`: no image `{image}`; import it first")));
+        }
+        if batch == 0 {
+            return Err(StoreError::Refused("field `batch`: roll at least 1 instance at a time".into()));
+        }
+        let revision = self.transact(|tx| {
+            let Some(mut tier) = Tx::get::<Tier>(tx.tiers, tier_name.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "tier", name: tier_name.into() });
+            };
+            if reminted.len() != tier.max_instances as usize {
+                return refuse(format!("tier `{tier_name}` has {} instances but {} were reminted", tier.max_instances, reminted.len()));
+            }
+            for new in reminted {
+                let mut inst = tx.instance(&new.id)?;
+                if inst.hostname != new.hostname || inst.address != new.address {
+                    return refuse(format!("instance {} would change its identity; a new master keeps identities", new.id));
+                }
+                inst.overlay = new.overlay.clone();
+                inst.disk = new.disk.clone();
+                Tx::put(tx.instances, &instance_key(&new.id), &inst)?;
+            }
+            let old = std::mem::replace(&mut tier.image, image.to_string());
+            tier.revision += 1;
+            tier.rollout_batch = batch;
+            Tx::put(tx.tiers, tier_name.as_bytes(), &tier)?;
+            tx.event(
+                Some(tier_name),
+                "master-updated",
+                format!("tier `{tier_name}` reminted from {old} to {image} (revision {}); deployed instances roll {batch} at a time", tier.revision),
+                serde_json::json!({"from": old, "to": image, "revision": tier.revision, "batch": batch}),
+            )?;
+            Ok(tier.revision)
+        })?;
+        Ok(revision)
+    }
+
+    /// Starts rolling deployed instances to their tier's current revision: each becomes
+    /// deploying again on the node it holds.
+    pub fn begin_roll(&self, ids: &[InstanceId]) -> Result<()> {
+        let _w = self.lock();
+        let nodes = self.transact(|tx| {
+            let mut nodes = Vec::new();
+            for id in ids {
+                let mut inst = tx.instance(id)?;
+                let Some(tier) = Tx::get::<Tier>(tx.tiers, id.tier.as_bytes())? else {
+                    return abort(StoreError::NotFound { what: "tier", name: id.tier.clone() });
+                };
+                if !inst.state.can_roll() || inst.revision >= tier.revision {
+                    return refuse(format!("instance {id} is {} at revision {}; only deployed instances behind the tier's revision {} roll", inst.state, inst.revision, tier.revision));
+                }
+                let node = inst.node.clone().unwrap_or_default();
+                let mut n = tx.node(&node)?;
+                let from = inst.revision;
+                inst.state = InstanceState::Deploying;
+                inst.since_ms = now_ms();
+                inst.revision = tier.revision;
+                n.state = NodeState::Deploying;
+                Tx::put(tx.instances, &instance_key(id), &inst)?;
+                Tx::put(tx.nodes, node.as_bytes(), &n)?;
+                tx.event(
+                    Some(&id.tier),
+                    "rolling",
+                    format!("instance {id} rolls from revision {from} to {} on node `{node}`", tier.revision),
+                    serde_json::json!({"from": from, "to": tier.revision}),
+                )?;
+                nodes.push(node);
+            }
+            Ok(nodes)
+        })?;
+        self.refresh_nodes(nodes.iter().map(String::as_str))
     }
 
     /// Records that a deployment finished: the instance is deployed, its node in service.
