@@ -530,3 +530,55 @@ fn every_customizer_works_on_tree_and_disk_masters() {
     assert!(v["runcmd"].to_string().contains("/root/.ssh"), "the .ssh directory is made first: {}", v["runcmd"]);
     assert_eq!(v["ifaces"][0]["subnets"][0]["address"], "198.18.9.3");
 }
+
+/// A tar written byte by byte, so that it can hold what well-behaved tools refuse to write.
+fn raw_tar(entries: &[(&str, u8, &str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, kind, link, data) in entries {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..107].copy_from_slice(b"0000644");
+        h[108..115].copy_from_slice(b"0000000");
+        h[116..123].copy_from_slice(b"0000000");
+        h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+        h[136..147].copy_from_slice(b"00000000000");
+        h[156] = *kind;
+        h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[test]
+fn archives_that_reach_outside_their_root_are_refused() {
+    let dir = scratch("images-escape");
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        ("dotdot.tar", raw_tar(&[("../evil", b'0', "", b"x")]), "climbs out with `..`"),
+        ("absolute.tar", raw_tar(&[("/etc/evil", b'0', "", b"x")]), "is absolute"),
+        ("symlink.tar", raw_tar(&[("etc/", b'5', "", b""), ("etc/link", b'2', "../../outside", b"")]), "escapes the root"),
+        ("hardlink.tar", raw_tar(&[("hard", b'1', "../../etc/shadow", b"")]), "escapes the root"),
+        ("hardabs.tar", raw_tar(&[("hard", b'1', "/etc/shadow", b"")]), "hard link `hard` has an absolute target"),
+    ];
+    for (name, bytes, needle) in cases {
+        std::fs::write(dir.join(name), &bytes).unwrap();
+        let e = engine.import_image(&dir.join(name), None).unwrap_err().to_string();
+        assert!(e.contains(needle), "{name}: {needle} not in {e}");
+        // The same archive gzipped is refused the same way.
+        run(Command::new("gzip").arg("-f").arg("-k").arg(dir.join(name)));
+        let gz = dir.join(format!("{name}.gz"));
+        let e = engine.import_image(&gz, None).unwrap_err().to_string();
+        assert!(e.contains(needle), "{name}.gz: {needle} not in {e}");
+    }
+    assert!(engine.store.images().unwrap().is_empty());
+    let left: Vec<_> = std::fs::read_dir(engine.images.dir()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "nothing is left behind: {left:?}");
+}

@@ -121,6 +121,7 @@ fn main() -> ExitCode {
         Some("bench") => wasm_target()
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-plugins", "--bench", "plugin_cost"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-core", "--bench", "pool"])))
+            .and_then(|_| run(cargo().args(["bench", "--package", "mint-core", "--bench", "instances"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "api"]))),
         _ => Err("usage: cargo xtask <setup | daemon | demo | test | bench>".to_string()),
     };
