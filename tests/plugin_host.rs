@@ -5,7 +5,7 @@ use crate::support::*;
 use mint_plugins::fixture::{NamedRequest, NodeJson, RequirementsJson, SelectRequestJson, ip};
 use mint_plugins::master::DirMaster;
 use mint_plugins::types::*;
-use mint_plugins::{CallError, CodeSource, Grants, HostPattern, LoadError, MAX_LOG_LINES, Runtime, RuntimeOptions};
+use mint_plugins::{CallError, CodeSource, Grants, HostPattern, LoadError, MAX_LOG_LINES, Manifest, Runtime, RuntimeOptions};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -361,6 +361,43 @@ fn drivers_reach_only_granted_hosts() {
         // And with no request in the manifest, nothing is reachable.
         let bare = load_guest_granted(&rt, "http-driver", "driver", "", &grants).unwrap();
         assert!(bare.deploy(&node(format!("{allowed}/status")), &d, None).await.is_err());
+    });
+}
+
+/// `node-endpoints`: a driver reaches the endpoint a node's own property names, during a
+/// call about that node, without any operator grant; nothing else.
+#[test]
+fn drivers_reach_the_nodes_own_endpoints() {
+    block_on(async {
+        let (port, _stop) = http_server("hello from the agent").await;
+        let (other, _stop2) = http_server("must not be reached").await;
+        let rt = runtime();
+        let d = Deployment {
+            tier: "w".into(),
+            index: 0,
+            hostname: "w-0".into(),
+            artifact: Artifact { url: String::new(), digest: String::new(), size: 0, format: "tree".into() },
+        };
+        let node = |props: &[(&str, String)]| Node {
+            name: "n".into(),
+            properties: props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            labels: vec![],
+        };
+        let agent = load_guest(&rt, "http-driver", "driver", "[capabilities]\nnode-endpoints = [\"agent-url\"]").unwrap();
+        let ok = agent.deploy(&node(&[("agent-url", format!("http://127.0.0.1:{port}/v1/status"))]), &d, None).await.unwrap();
+        assert_eq!(ok.value.detail, "hello from the agent");
+
+        // A driver whose endpoint is the node's `bmc-url` cannot use the node's `agent-url`.
+        let bmc = load_guest(&rt, "http-driver", "driver", "[capabilities]\nnode-endpoints = [\"bmc-url\"]").unwrap();
+        let props = [("agent-url", format!("http://127.0.0.1:{other}/")), ("bmc-url", format!("http://127.0.0.1:{port}/"))];
+        let e = bmc.deploy(&node(&props), &d, None).await.unwrap_err();
+        assert!(e.to_string().contains(&format!("denied outbound requests to http://127.0.0.1:{other}")), "{e}");
+        let e = agent.deploy(&node(&[("agent-url", "http://user:pw@127.0.0.1:1/".into())]), &d, None).await.unwrap_err();
+        assert!(e.to_string().contains("credentials do not belong"), "{e}");
+
+        let text = "name = \"p\"\nversion = \"0.0.0\"\nkind = \"node-policy\"\nwit = \"0.1.0\"\n[capabilities]\nnode-endpoints = [\"agent-url\"]";
+        let e = Manifest::parse("p", text).unwrap_err();
+        assert!(e.to_string().contains("only drivers reach nodes"), "{e}");
     });
 }
 

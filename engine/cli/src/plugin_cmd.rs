@@ -95,6 +95,7 @@ pub async fn run(cmd: PluginCommand) -> Result<(), Failure> {
                     "memory-mib": m.capabilities.memory_mib,
                     "timeout-ms": m.capabilities.timeout_ms,
                     "allowed-outbound-hosts": m.capabilities.outbound_hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                    "node-endpoints": m.capabilities.node_endpoints,
                 },
                 "config": m.config,
             });

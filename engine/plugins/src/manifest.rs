@@ -87,6 +87,10 @@ pub struct Capabilities {
     pub timeout_ms: u64,
     /// Outbound HTTP destinations (drivers only), as `scheme://host:port` patterns.
     pub outbound_hosts: Vec<HostPattern>,
+    /// Node properties (drivers only) that hold a management endpoint URL, such as
+    /// `agent-url` or `bmc-url`: during a call about a node, the driver may reach exactly
+    /// the endpoints that node's properties name, and no other node's.
+    pub node_endpoints: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +115,8 @@ struct RawCapabilities {
     timeout_ms: Option<u64>,
     #[serde(default)]
     allowed_outbound_hosts: Vec<String>,
+    #[serde(default)]
+    node_endpoints: Vec<String>,
 }
 
 impl Manifest {
@@ -157,6 +163,12 @@ impl Manifest {
                 "field `capabilities.allowed-outbound-hosts`: only drivers may reach the network, and this plugin is a {kind}"
             )));
         }
+        if kind != Kind::Driver && !caps.node_endpoints.is_empty() {
+            return Err(bad(format!("field `capabilities.node-endpoints`: only drivers reach nodes, and this plugin is a {kind}")));
+        }
+        if let Some(bad_name) = caps.node_endpoints.iter().find(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')) {
+            return Err(bad(format!("field `capabilities.node-endpoints`: `{bad_name}` is not a node property name")));
+        }
         let outbound_hosts = caps
             .allowed_outbound_hosts
             .iter()
@@ -175,7 +187,7 @@ impl Manifest {
             kind,
             wit,
             description: raw.description,
-            capabilities: Capabilities { memory_mib, timeout_ms, outbound_hosts },
+            capabilities: Capabilities { memory_mib, timeout_ms, outbound_hosts, node_endpoints: caps.node_endpoints },
             config,
         })
     }
@@ -227,6 +239,23 @@ impl HostPattern {
             None => self.host == host,
         };
         self.scheme == scheme && host_ok && self.port.is_none_or(|p| p == port)
+    }
+}
+
+impl HostPattern {
+    /// The one destination a URL names (`http://198.18.1.2:7601/v1` → that scheme, host and
+    /// port), for granting a node's own management endpoint.
+    pub fn of_url(url: &str) -> Result<HostPattern, String> {
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("`{url}` is not a URL"))?;
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err(format!("`{url}`: credentials do not belong in an endpoint URL"));
+        }
+        let p = HostPattern::parse(&format!("{scheme}://{authority}"))?;
+        if p.host.contains('*') {
+            return Err(format!("`{url}`: an endpoint names one host"));
+        }
+        Ok(p)
     }
 }
 

@@ -341,6 +341,23 @@ impl Plugin {
         CallError::WrongKind { plugin: self.manifest.name.clone(), call, kind: self.manifest.kind }
     }
 
+    /// A driver call's inputs: with the endpoints the node's properties name, for the
+    /// properties the manifest lists in `node-endpoints`.
+    fn node_inputs(&self, call: &'static str, node: &Node, config: Option<&serde_json::Value>) -> Result<CallInputs, CallError> {
+        let mut inputs = self.inputs(call, config)?;
+        for wanted in &self.manifest.capabilities.node_endpoints {
+            if let Some((_, url)) = node.properties.iter().find(|(k, _)| k == wanted) {
+                let p = HostPattern::of_url(url).map_err(|m| CallError::Host {
+                    plugin: self.manifest.name.clone(),
+                    call,
+                    message: format!("node `{}` property `{wanted}`: {m}", node.name),
+                })?;
+                inputs.endpoints.push(p);
+            }
+        }
+        Ok(inputs)
+    }
+
     fn inputs(&self, call: &'static str, config: Option<&serde_json::Value>) -> Result<CallInputs, CallError> {
         let config_json = merged_config(&self.manifest.config, config)
             .map_err(|message| CallError::Host { plugin: self.manifest.name.clone(), call, message })?;
@@ -397,7 +414,7 @@ impl Plugin {
                 let mut message = pe.message;
                 if !denied.is_empty() {
                     message.push_str(&format!(
-                        " (the host denied outbound requests to {}: not in capabilities.allowed-outbound-hosts)",
+                        " (the host denied outbound requests to {}: neither in capabilities.allowed-outbound-hosts nor the node's own endpoint)",
                         denied.join(", ")
                     ));
                 }
@@ -457,7 +474,7 @@ impl Plugin {
         const CALL: &str = "deploy";
         let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
         let called = self
-            .invoke(CALL, self.inputs(CALL, config)?, async |store| {
+            .invoke(CALL, self.node_inputs(CALL, node, config)?, async |store| {
                 let b = pre.instantiate_async(&mut *store).await?;
                 b.mint_plugin_driver().call_deploy(&mut *store, node, d).await
             })
@@ -469,7 +486,7 @@ impl Plugin {
     pub async fn undeploy(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<Called<()>, CallError> {
         const CALL: &str = "undeploy";
         let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
-        self.invoke(CALL, self.inputs(CALL, config)?, async |store| {
+        self.invoke(CALL, self.node_inputs(CALL, node, config)?, async |store| {
             let b = pre.instantiate_async(&mut *store).await?;
             b.mint_plugin_driver().call_undeploy(&mut *store, node, d).await
         })
@@ -481,7 +498,7 @@ impl Plugin {
         const CALL: &str = "status";
         let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
         let called = self
-            .invoke(CALL, self.inputs(CALL, config)?, async |store| {
+            .invoke(CALL, self.node_inputs(CALL, node, config)?, async |store| {
                 let b = pre.instantiate_async(&mut *store).await?;
                 b.mint_plugin_driver().call_status(&mut *store, node, d).await
             })

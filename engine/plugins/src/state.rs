@@ -42,11 +42,13 @@ pub struct CallInputs {
     pub master: Arc<dyn MasterView>,
     /// The tier's instances, by index, for `tier.peers`.
     pub peers: Arc<[Peer]>,
+    /// Destinations granted for this call only (the node's own management endpoints).
+    pub endpoints: Vec<HostPattern>,
 }
 
 impl Default for CallInputs {
     fn default() -> Self {
-        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()) }
+        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()), endpoints: Vec::new() }
     }
 }
 
@@ -74,8 +76,13 @@ impl CallState {
             .stderr(stderr.clone())
             .build();
         let denied = Arc::new(Mutex::new(Vec::new()));
+        let allowed = if inputs.endpoints.is_empty() {
+            outbound
+        } else {
+            outbound.iter().chain(&inputs.endpoints).cloned().collect::<Vec<_>>().into()
+        };
         Self {
-            hooks: Gate { allowed: outbound, denied },
+            hooks: Gate { allowed, denied },
             plugin,
             wasi,
             table: ResourceTable::new(),
