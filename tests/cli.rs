@@ -55,7 +55,7 @@ fn plugin_run_loads_from_disk_and_reports_failures_with_exit_codes() {
     // Bad usage: an unknown plugin, an unreadable fixture, a bad grant.
     let o = mint(&["plugin", "run", "nosuch", "--input", "tests/fixtures/select.json"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("bundled: spread, binpack, hostname, network, hosts, ssh-keys, files, cloud-init, noop"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("bundled: spread, binpack, hostname, network, hosts, ssh-keys, files, cloud-init, noop, agent"), "{}", stderr(&o));
     let o = mint(&["plugin", "run", "spread", "--input", "tests/fixtures/nope.json"]);
     assert_eq!(o.status.code(), Some(2));
     let o = mint(&["plugin", "run", "noop", "--input", "tests/fixtures/deploy.json", "--allow-host", "127.0.0.1"]);

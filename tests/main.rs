@@ -6,6 +6,7 @@ mod daemon;
 mod engine;
 mod images;
 mod model;
+mod nodes;
 mod plugin_host;
 mod store;
 mod support;

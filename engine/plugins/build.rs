@@ -3,7 +3,16 @@
 
 use std::path::PathBuf;
 
-const PLUGINS: &[&str] = &["spread", "binpack", "hostname", "network", "hosts", "ssh-keys", "files", "cloud-init", "noop"];
+/// Each bundled plugin's name and directory; its package is `mint-<name>`, except where
+/// that name is the engine's own (the `agent` driver's package is `mint-agent-driver`).
+const PLUGINS: &[&str] = &["spread", "binpack", "hostname", "network", "hosts", "ssh-keys", "files", "cloud-init", "noop", "agent"];
+
+fn package(plugin: &str) -> String {
+    match plugin {
+        "agent" => "mint-agent-driver".into(),
+        p => format!("mint-{p}"),
+    }
+}
 
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../..");
@@ -18,7 +27,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let mut table = String::from("/// The plugins built into the engine.\npub const ALL: &[Bundled] = &[\n");
     for p in PLUGINS {
-        let wasm = mint_guest_build::build(&plugins, &format!("mint-{p}"));
+        let wasm = mint_guest_build::build(&plugins, &package(p));
         let dest = out.join(format!("{p}.wasm"));
         std::fs::copy(&wasm, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", wasm.display()));
         let manifest = plugins.join(p).join("plugin.toml");

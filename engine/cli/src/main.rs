@@ -35,6 +35,9 @@ enum Command {
         /// Address to serve the API on (loopback by default).
         #[arg(long, default_value = "127.0.0.1:7600")]
         listen: std::net::SocketAddr,
+        /// The URL nodes reach the daemon at, for artifact URLs (default: http://LISTEN).
+        #[arg(long)]
+        advertise_url: Option<String>,
     },
     /// Master images.
     #[command(subcommand)]
@@ -103,7 +106,7 @@ async fn blocking(f: impl FnOnce() -> Result<(), Failure> + Send + 'static) -> R
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(Failure::call(anyhow::anyhow!("client task failed: {e}"))))
 }
 
-async fn daemon(data_dir: std::path::PathBuf, listen: std::net::SocketAddr) -> Result<(), Failure> {
+async fn daemon(data_dir: std::path::PathBuf, listen: std::net::SocketAddr, advertise: Option<String>) -> Result<(), Failure> {
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -113,7 +116,7 @@ async fn daemon(data_dir: std::path::PathBuf, listen: std::net::SocketAddr) -> R
         eprintln!("mint daemon: shutting down");
     };
     let dir = data_dir.clone();
-    mint_daemon::serve(&data_dir, listen, shutdown, move |addr| {
+    mint_daemon::serve(&data_dir, listen, advertise, shutdown, move |addr| {
         eprintln!("mint daemon: serving http://{addr} with state in {}", dir.display());
     })
     .await
@@ -137,7 +140,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Plugin(cmd) => plugin_cmd::run(cmd).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Daemon { data_dir, listen } => daemon(data_dir, listen).await,
+            Command::Daemon { data_dir, listen, advertise_url } => daemon(data_dir, listen, advertise_url).await,
             Command::Image(c) => blocking(move || client::image(&cli.conn, c)).await,
             Command::Tier(c) => blocking(move || client::tier(&cli.conn, c)).await,
             Command::Node(c) => blocking(move || client::node(&cli.conn, c)).await,

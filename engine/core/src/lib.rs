@@ -148,6 +148,9 @@ pub struct Engine {
     pub images: ImageStore,
     /// Loaded plugins.
     pub plugins: Registry,
+    /// The daemon's URL as nodes reach it (`http://198.18.0.1:7600`), which artifact URLs
+    /// handed to drivers start with; empty for URLs relative to the daemon.
+    pub advertise: String,
 }
 
 fn config_value(r: &PluginRef) -> Option<serde_json::Value> {
@@ -184,6 +187,8 @@ pub struct Artifact {
     pub hostname: String,
     /// Its address.
     pub address: String,
+    /// The prefix length of its subnet.
+    pub prefix_len: u8,
     /// `tree` (one part: `rootfs`, a tar) or `disk` (`master`, `overlay`, `seed`).
     pub format: &'static str,
     /// The blobs, each at a stable URL named by its digest.
@@ -232,6 +237,7 @@ impl Engine {
             store: Arc::new(Store::open(&data_dir.join("state"))?),
             images: ImageStore::open(&data_dir.join("images"))?,
             plugins: Registry::new(Some(data_dir.join("cache")), Some(data_dir.join("plugins")))?,
+            advertise: String::new(),
         })
     }
 
@@ -394,7 +400,7 @@ impl Engine {
             surplus.sort_by_key(|i| std::cmp::Reverse(i.id.index));
             for inst in surplus.into_iter().take(on_nodes.len() - desired) {
                 let node = self.node(inst.node.as_deref().unwrap_or_default())?;
-                driver.undeploy(&wit_node(&node), &deployment(inst), config_value(&tier.driver).as_ref()).await?;
+                driver.undeploy(&wit_node(&node), &deployment(&self.advertise, inst), config_value(&tier.driver).as_ref()).await?;
                 self.store.release(&inst.id, NodeState::Free, &format!("tier scaled in to {desired}"))?;
                 progress.undeployed.push(inst.id.clone());
             }
@@ -438,7 +444,7 @@ impl Engine {
         let mut finished = Vec::new();
         for (inst, node_name, _) in &pairs {
             let node = self.node(node_name)?;
-            match driver.deploy(&wit_node(&node), &deployment(inst), config_value(&tier.driver).as_ref()).await {
+            match driver.deploy(&wit_node(&node), &deployment(&self.advertise, inst), config_value(&tier.driver).as_ref()).await {
                 Ok(r) if r.value.state == wit::InstanceState::Running => {
                     finished.push((inst.id.clone(), serde_json::json!({"driver": tier.driver.plugin, "detail": r.value.detail})));
                 }
@@ -477,7 +483,7 @@ impl Engine {
         for inst in stale {
             let node_name = inst.node.as_deref().unwrap_or_default();
             let node = wit_node(&self.node(node_name)?);
-            let d = deployment(inst);
+            let d = deployment(&self.advertise, inst);
             let result = match driver.undeploy(&node, &d, config.as_ref()).await {
                 Ok(_) => driver.deploy(&node, &d, config.as_ref()).await.map(|r| r.value),
                 Err(e) => Err(e),
@@ -516,7 +522,7 @@ impl Engine {
         for inst in instances.iter().filter(|i| i.state == InstanceState::Deploying) {
             let Some(node_name) = inst.node.as_deref() else { continue };
             let node = wit_node(&self.node(node_name)?);
-            let d = deployment(inst);
+            let d = deployment(&self.advertise, inst);
             let waited_ms = now.saturating_sub(inst.since_ms);
             let mut report = driver.status(&node, &d, config.as_ref()).await.map(|r| r.value);
             if matches!(&report, Ok(r) if r.state == wit::InstanceState::Absent) {
@@ -605,6 +611,7 @@ impl Engine {
             index,
             hostname: inst.hostname,
             address: inst.address.to_string(),
+            prefix_len: t.plan.subnet.prefix_len(),
             format: if inst.disk.is_some() { "disk" } else { "tree" },
             parts,
         })
@@ -669,13 +676,13 @@ fn wit_node(n: &Node) -> wit::Node {
     wit::Node { name: n.name.clone(), properties: pairs(&n.properties), labels: pairs(&n.labels) }
 }
 
-fn deployment(i: &Instance) -> wit::Deployment {
+fn deployment(base: &str, i: &Instance) -> wit::Deployment {
     wit::Deployment {
         tier: i.id.tier.clone(),
         index: i.id.index,
         hostname: i.hostname.clone(),
         artifact: wit::Artifact {
-            url: format!("/v1/artifacts/{}/{}", i.id.tier, i.id.index),
+            url: format!("{}/v1/artifacts/{}/{}", base.trim_end_matches('/'), i.id.tier, i.id.index),
             digest: i.overlay.clone(),
             size: 0,
             format: if i.disk.is_some() { "disk".into() } else { "tree".into() },

@@ -30,6 +30,8 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 struct App {
     engine: Engine,
+    /// When each node's agent last reported, and the load it reported.
+    heartbeats: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
     reconciling: tokio::sync::Mutex<()>,
     /// Writers of the image store's files (imports, artifact builds) share it; garbage
     /// collection and image deletion take it alone, so they never see half-written files
@@ -412,6 +414,58 @@ async fn set_node_state(State(app): State<Shared>, Path(name): Path<String>, req
     ok(app.engine.store.node(&name)?)
 }
 
+/// What a node agent says of its node when it starts.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Registration {
+    name: String,
+    cpus: u32,
+    memory_mib: u64,
+    arch: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// Where the agent's API is, as the engine's drivers reach it.
+    agent_url: String,
+    #[serde(default)]
+    macs: Vec<String>,
+}
+
+/// `POST /v1/agents/register`: adds the agent's node (free) or refreshes its facts.
+async fn register(State(app): State<Shared>, r: Result<Json<Registration>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    let r = body(r)?;
+    if r.name.is_empty() || !r.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `name`: `{}` must be letters, digits, `-`, `_` or `.`", r.name)));
+    }
+    if r.cpus == 0 || r.memory_mib == 0 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "fields `cpus` and `memory-mib` must be above 0".into()));
+    }
+    mint_plugins::HostPattern::of_url(&r.agent_url).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `agent-url`: {e}")))?;
+    let mut properties = BTreeMap::from([("agent-url".to_string(), r.agent_url)]);
+    if !r.macs.is_empty() {
+        properties.insert("macs".into(), r.macs.join(","));
+    }
+    let node = Node { name: r.name, cpus: r.cpus, memory_mib: r.memory_mib, arch: r.arch, labels: r.labels, properties, state: NodeState::Free, instance: None, load: 0 };
+    app.engine.store.register_node(&node)?;
+    app.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(node.name.clone(), (std::time::Instant::now(), 0));
+    ok(app.engine.store.node(&node.name)?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Heartbeat {
+    #[serde(default)]
+    load: u32,
+}
+
+/// `POST /v1/nodes/{name}/heartbeat`: the agent is alive and reports its load (0-1000 per
+/// mille of its capacity). An unknown node is 404, telling the agent to register again.
+async fn heartbeat(State(app): State<Shared>, Path(name): Path<String>, h: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    let h = body(h)?;
+    app.engine.store.node(&name)?;
+    app.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(name, (std::time::Instant::now(), h.load));
+    ok(json!({ "ok": true }))
+}
+
 async fn events(State(app): State<Shared>, Query(q): Query<EventQuery>) -> ApiResult {
     let mut e = app.engine.store.events(q.after, q.limit.unwrap_or(1000).min(10_000))?;
     if let Some(t) = q.tier {
@@ -441,6 +495,8 @@ fn router(app: Shared) -> Router {
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/state", post(set_node_state))
         .route("/v1/events", get(events))
+        .route("/v1/agents/register", post(register))
+        .route("/v1/nodes/{name}/heartbeat", post(heartbeat))
         .route("/v1/artifacts/{tier}/{index}", get(artifacts::describe))
         .route("/v1/blobs/{digest}", get(artifacts::blob).head(artifacts::blob))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route; see README for /v1/...".into()) })
@@ -470,14 +526,19 @@ async fn reconcile_all(app: &App) {
 pub async fn serve(
     data_dir: &std::path::Path,
     listen: SocketAddr,
+    advertise: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
-    let engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
+    let mut engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
     engine.plugins.preload_bundled().map_err(|e| e.to_string())?;
-    let app = Arc::new(App { engine, reconciling: tokio::sync::Mutex::new(()), image_files: tokio::sync::RwLock::new(()) });
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    // Drivers hand nodes artifact URLs under this address.
+    let advertise = advertise.unwrap_or_else(|| format!("http://{bound}"));
+    mint_plugins::HostPattern::of_url(&advertise).map_err(|e| format!("--advertise-url: {e}"))?;
+    engine.advertise = advertise;
+    let app = Arc::new(App { engine, heartbeats: Default::default(), reconciling: tokio::sync::Mutex::new(()), image_files: tokio::sync::RwLock::new(()) });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let looping = app.clone();
     let reconciler = tokio::spawn(async move {

@@ -491,6 +491,21 @@ impl Store {
         self.refresh_nodes([node.name.as_str()])
     }
 
+    /// Adds a node that registers itself (a node agent), or refreshes the facts and
+    /// properties of one already known, keeping its state and instance.
+    pub fn register_node(&self, node: &Node) -> Result<()> {
+        let _w = self.lock();
+        self.transact(|tx| {
+            let (n, verb) = match Tx::get::<Node>(tx.nodes, node.name.as_bytes())? {
+                Some(known) => (Node { state: known.state, instance: known.instance.clone(), load: known.load, ..node.clone() }, "re-registered"),
+                None => (Node { state: NodeState::Free, instance: None, ..node.clone() }, "registered"),
+            };
+            Tx::put(tx.nodes, node.name.as_bytes(), &n)?;
+            tx.event(None, "node-registered", format!("node `{}` {verb} ({} cpus, {} MiB, {})", n.name, n.cpus, n.memory_mib, n.arch), serde_json::json!({"properties": n.properties, "labels": n.labels}))
+        })?;
+        self.refresh_nodes([node.name.as_str()])
+    }
+
     /// Removes a node that holds no instance.
     pub fn remove_node(&self, name: &str) -> Result<()> {
         let _w = self.lock();

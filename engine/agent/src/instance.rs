@@ -1,0 +1,310 @@
+//! The one instance a node runs: fetching its artifact from the engine's artifact server,
+//! checking the digest, unpacking it as the instance's root, bringing up its address,
+//! starting its service, and undoing all of it.
+//!
+//! A deploy request is answered at once (`deploying`) and carried out by a worker thread;
+//! the driver polls `status`. Asking again for the same instance and version answers its
+//! state and deploys nothing twice.
+
+use crate::Agent;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+/// What the `agent` driver sends.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DeployRequest {
+    pub tier: String,
+    pub index: u32,
+    pub hostname: String,
+    /// The artifact descriptor's URL on the engine.
+    pub artifact_url: String,
+    /// The version of the instance's customization: a new one is a new deployment.
+    pub version: String,
+}
+
+/// Where the instance is on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    #[default]
+    Absent,
+    Deploying,
+    Running,
+    Failed,
+}
+
+/// The node's one instance slot.
+#[derive(Default)]
+pub struct Slot {
+    request: Option<DeployRequest>,
+    state: State,
+    detail: String,
+    address: Option<(String, u8)>,
+    service: Option<Child>,
+    /// Bumped by every deploy and stop, so a worker that was overtaken drops its result.
+    generation: u64,
+}
+
+/// The answer to `status` and `deploy`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    state: State,
+    tier: Option<String>,
+    index: Option<u32>,
+    version: Option<String>,
+    detail: String,
+}
+
+pub fn status(agent: &Agent) -> Status {
+    let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
+    // A service that died makes the instance failed.
+    if slot.state == State::Running
+        && let Some(child) = slot.service.as_mut()
+        && let Ok(Some(exit)) = child.try_wait()
+    {
+        slot.state = State::Failed;
+        slot.detail = format!("the instance's service exited: {exit}");
+    }
+    Status {
+        state: slot.state,
+        tier: slot.request.as_ref().map(|r| r.tier.clone()),
+        index: slot.request.as_ref().map(|r| r.index),
+        version: slot.request.as_ref().map(|r| r.version.clone()),
+        detail: slot.detail.clone(),
+    }
+}
+
+/// Starts deploying `req`, or answers the state of the same deployment already here.
+pub fn start(agent: &std::sync::Arc<Agent>, req: DeployRequest) -> Result<Status, String> {
+    {
+        let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
+        match &slot.request {
+            Some(r) if *r == req && slot.state != State::Failed => {}
+            Some(r) if slot.state != State::Absent => {
+                return Err(format!("this node holds {}/{} ({:?}); undeploy it first", r.tier, r.index, slot.state));
+            }
+            _ => {
+                slot.generation += 1;
+                slot.request = Some(req.clone());
+                slot.state = State::Deploying;
+                slot.detail = "fetching the artifact".into();
+                let (agent, generation) = (agent.clone(), slot.generation);
+                std::thread::spawn(move || {
+                    let outcome = deploy(&agent, &req);
+                    let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.generation != generation {
+                        return;
+                    }
+                    match outcome {
+                        Ok((address, service)) => {
+                            slot.state = State::Running;
+                            slot.detail = format!("{} at {}/{}", req.hostname, address.0, address.1);
+                            slot.address = Some(address);
+                            slot.service = service;
+                        }
+                        Err(e) => {
+                            slot.state = State::Failed;
+                            slot.detail = e;
+                        }
+                    }
+                });
+            }
+        }
+    }
+    Ok(status(agent))
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    format: String,
+    hostname: String,
+    address: String,
+    prefix_len: u8,
+    parts: Vec<Part>,
+}
+
+#[derive(Deserialize)]
+struct Part {
+    role: String,
+    url: String,
+    digest: String,
+}
+
+fn instance_dir(agent: &Agent, tier: &str, index: u32) -> PathBuf {
+    agent.args.root.join(format!("{tier}-{index}"))
+}
+
+/// Resolves a URL the descriptor gives (absolute, or a path on the engine).
+fn absolute(base: &str, url: &str) -> String {
+    if url.contains("://") {
+        return url.into();
+    }
+    let origin = match base.find("://").map(|i| i + 3) {
+        Some(start) => match base[start..].find('/') {
+            Some(end) => &base[..start + end],
+            None => base,
+        },
+        None => base,
+    };
+    format!("{origin}{url}")
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() { Ok(()) } else { Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())) }
+}
+
+/// Fetches, checks, unpacks, configures and starts; returns the address brought up and
+/// the service started.
+fn deploy(agent: &Agent, req: &DeployRequest) -> Result<((String, u8), Option<Child>), String> {
+    let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
+    let desc: Descriptor = http
+        .get(&req.artifact_url)
+        .call()
+        .map_err(|e| format!("fetching the artifact descriptor {}: {e}", req.artifact_url))?
+        .into_json()
+        .map_err(|e| format!("the artifact descriptor is not what the agent reads: {e}"))?;
+    if desc.format != "tree" {
+        return Err(format!("artifact format `{}`: this agent runs tree instances (a disk instance needs a VM host)", desc.format));
+    }
+    if desc.hostname != req.hostname {
+        return Err(format!("the artifact is for `{}`, not `{}`", desc.hostname, req.hostname));
+    }
+    let address: std::net::IpAddr = desc.address.parse().map_err(|_| format!("the artifact's address `{}` is not an IP address", desc.address))?;
+    let rootfs = desc.parts.iter().find(|p| p.role == "rootfs").ok_or("the artifact has no rootfs part")?;
+    let dir = instance_dir(agent, &req.tier, req.index);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+
+    // Download to a file while hashing; a wrong digest stops the deployment before
+    // anything is unpacked.
+    let tar_path = dir.join("rootfs.tar");
+    let resp = http.get(&absolute(&req.artifact_url, &rootfs.url)).call().map_err(|e| format!("fetching {}: {e}", rootfs.url))?;
+    let mut reader = resp.into_reader();
+    let mut file = std::fs::File::create(&tar_path).map_err(|e| format!("cannot write {}: {e}", tar_path.display()))?;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| format!("downloading the rootfs: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        file.write_all(&buf[..n]).map_err(|e| format!("writing the rootfs: {e}"))?;
+    }
+    let got = format!("sha256:{}", hex::encode(hash.finalize()));
+    if got != rootfs.digest {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(format!("the rootfs digest is {got}, not the {} the engine announced; refusing it", rootfs.digest));
+    }
+    let root = dir.join("root");
+    unpack(&tar_path, &root)?;
+    let _ = std::fs::remove_file(&tar_path);
+
+    ip(&["addr", "replace", &format!("{address}/{}", desc.prefix_len), "dev", &agent.args.interface])?;
+    if agent.args.set_hostname {
+        // SAFETY: the pointer and length describe a live byte slice.
+        let rc = unsafe { libc::sethostname(req.hostname.as_ptr().cast(), req.hostname.len()) };
+        if rc != 0 {
+            return Err(format!("cannot set the host name: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let service = start_service(&root, req, &desc.address)?;
+    Ok(((desc.address.clone(), desc.prefix_len), service))
+}
+
+/// Unpacks the instance's root, refusing entries that would land outside it.
+fn unpack(tar_path: &Path, root: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    let file = std::fs::File::open(tar_path).map_err(|e| e.to_string())?;
+    let mut archive = tar::Archive::new(file);
+    archive.set_preserve_permissions(true);
+    for entry in archive.entries().map_err(|e| format!("the rootfs is not a tar: {e}"))? {
+        let mut entry = entry.map_err(|e| format!("the rootfs is truncated: {e}"))?;
+        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
+        if path.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir)) {
+            return Err(format!("rootfs entry `{}` leaves the root", path.display()));
+        }
+        entry.unpack_in(root).map_err(|e| format!("cannot unpack `{}`: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Starts the command in the root's `/etc/mint/service`, if there is one: a program path
+/// inside the root and its arguments, with the identity in the environment.
+fn start_service(root: &Path, req: &DeployRequest, address: &str) -> Result<Option<Child>, String> {
+    let Ok(line) = std::fs::read_to_string(root.join("etc/mint/service")) else { return Ok(None) };
+    let mut words = line.split_whitespace();
+    let Some(program) = words.next() else { return Ok(None) };
+    let program = if program.starts_with('/') { root.join(program.trim_start_matches('/')) } else { PathBuf::from(program) };
+    let mut child = Command::new(&program)
+        .args(words)
+        .current_dir(root)
+        .env("MINT_ROOT", root)
+        .env("MINT_ADDRESS", address)
+        .env("MINT_HOSTNAME", &req.hostname)
+        .env("MINT_TIER", &req.tier)
+        .env("MINT_INDEX", req.index.to_string())
+        .spawn()
+        .map_err(|e| format!("cannot start the service {}: {e}", program.display()))?;
+    // A service that cannot start usually says so at once.
+    std::thread::sleep(Duration::from_millis(200));
+    if let Ok(Some(exit)) = child.try_wait() {
+        return Err(format!("the service {} exited at once: {exit}", program.display()));
+    }
+    Ok(Some(child))
+}
+
+/// Stops the service, releases the address and removes the instance's root.
+pub fn stop(agent: &Agent) -> Result<(), String> {
+    let (request, address, service) = {
+        let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.generation += 1;
+        slot.state = State::Absent;
+        slot.detail.clear();
+        (slot.request.take(), slot.address.take(), slot.service.take())
+    };
+    if let Some(mut child) = service {
+        // SAFETY: kill with a pid this process spawned and has not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if let Some((addr, prefix)) = address {
+        let _ = ip(&["addr", "del", &format!("{addr}/{prefix}"), "dev", &agent.args.interface]);
+    }
+    if let Some(r) = request {
+        let _ = std::fs::remove_dir_all(instance_dir(agent, &r.tier, r.index));
+    }
+    Ok(())
+}
+
+/// `mint-agent hello`: answers every HTTP request on `$MINT_ADDRESS:port` with the
+/// instance's host name (from its root's /etc/hostname) and address.
+pub fn hello(port: u16) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let address = std::env::var("MINT_ADDRESS").context("MINT_ADDRESS is not set")?;
+    let root = PathBuf::from(std::env::var("MINT_ROOT").unwrap_or_else(|_| "/".into()));
+    let hostname = std::fs::read_to_string(root.join("etc/hostname")).context("reading the instance's /etc/hostname")?;
+    let body = format!("{} {address}\n", hostname.trim());
+    let ip: std::net::IpAddr = address.parse().context("MINT_ADDRESS is not an IP address")?;
+    let listener = std::net::TcpListener::bind((ip, port)).with_context(|| format!("listening on {address}:{port}"))?;
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { continue };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = [0u8; 2048];
+        let _ = s.read(&mut buf);
+        let reply = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+        let _ = s.write_all(reply.as_bytes());
+    }
+    Ok(())
+}

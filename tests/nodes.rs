@@ -1,0 +1,196 @@
+//! Real nodes: Linux network namespaces on a bridge, one `mint-agent` in each, a daemon on
+//! the host, and the `agent` driver between them. After a deploy the test reaches every
+//! instance at its pre-assigned address and gets its identity back.
+//!
+//! Needs root (network namespaces, veth pairs, a bridge); these machines run tests as root.
+//! Every address is in 198.18.0.0/15: the bridge 198.18.0.1/16, agents 198.18.1.x,
+//! instances 198.18.2.x. Everything is torn down when the test bed is dropped, also when a
+//! test fails.
+
+use crate::support::{root, scratch};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A bridge, namespaces with an agent each, and a daemon, removed on drop.
+struct TestBed {
+    bridge: String,
+    namespaces: Vec<String>,
+    agents: Vec<Child>,
+    daemon: Option<Child>,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = Command::new("kill").args(["-TERM", &a.id().to_string()]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for a in &mut self.agents {
+            while Instant::now() < deadline && matches!(a.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        if let Some(d) = &mut self.daemon {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}
+
+impl TestBed {
+    fn new(name: &str, nodes: usize) -> TestBed {
+        let id = std::process::id() % 100_000;
+        let dir = scratch(name);
+        let mut bed = TestBed { bridge: format!("mintbr{id}"), namespaces: Vec::new(), agents: Vec::new(), daemon: None, url: String::new(), dir };
+        // A bed left by a killed run of this process id would be in the way.
+        let _ = Command::new("ip").args(["link", "del", &bed.bridge]).output();
+        sh(&["ip", "link", "add", &bed.bridge, "type", "bridge"]);
+        sh(&["ip", "addr", "add", "198.18.0.1/16", "dev", &bed.bridge]);
+        sh(&["ip", "link", "set", &bed.bridge, "up"]);
+        for i in 0..nodes {
+            let ns = format!("mint-{id}-{i}");
+            let veth = format!("mv{id}-{i}");
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            sh(&["ip", "netns", "add", &ns]);
+            bed.namespaces.push(ns.clone());
+            sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            sh(&["ip", "link", "set", &veth, "master", &bed.bridge, "up"]);
+            sh(&["ip", "-n", &ns, "addr", "add", &format!("198.18.1.{}/16", 10 + i), "dev", "eth0"]);
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        bed.start_daemon();
+        for i in 0..nodes {
+            bed.start_agent(i);
+        }
+        bed
+    }
+
+    fn start_daemon(&mut self) {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
+            .args(["daemon", "--listen", "198.18.0.1:0", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("serving ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                }
+            }
+        });
+        self.daemon = Some(child);
+        self.url = rx.recv_timeout(Duration::from_secs(60)).expect("the daemon says where it serves");
+    }
+
+    fn start_agent(&mut self, i: usize) {
+        let ns = &self.namespaces[i];
+        let node_dir = self.dir.join(format!("node-{i}"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "unshare", "--uts"])
+            .arg(env!("CARGO_BIN_EXE_mint-agent"))
+            .args(["run", "--engine", &self.url, "--name", &format!("node-{i}"), "--listen", &format!("198.18.1.{}:7601", 10 + i)])
+            .arg("--root")
+            .arg(&node_dir)
+            .args(["--interface", "eth0", "--cpus", "4", "--memory-mib", "4096", "--heartbeat-ms", "300", "--set-hostname"])
+            .args(["--label", &format!("zone=z{}", i % 3)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start an agent");
+        self.agents.push(child);
+    }
+
+    fn mint(&self, args: &[&str]) -> serde_json::Value {
+        let o = Command::new(env!("CARGO_BIN_EXE_mint")).args(args).arg("--json").env("MINT_SERVER", &self.url).current_dir(root()).output().unwrap();
+        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    /// Polls `probe` every 200 ms until it answers, for at most `limit`.
+    fn wait_for<T>(&self, what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = probe() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The test master: a root with the `hello` service, which answers with the identity.
+fn master(dir: &Path) -> PathBuf {
+    let m = dir.join("master");
+    std::fs::create_dir_all(m.join("etc/mint")).unwrap();
+    std::fs::create_dir_all(m.join("usr/bin")).unwrap();
+    std::fs::write(m.join("etc/hostname"), "debian\n").unwrap();
+    std::fs::write(m.join("etc/hosts"), "127.0.0.1\tlocalhost\n").unwrap();
+    std::fs::write(m.join("etc/mint/service"), "/usr/bin/mint-agent hello --port 80\n").unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_mint-agent"), m.join("usr/bin/mint-agent")).unwrap();
+    m
+}
+
+fn get(url: &str) -> Option<String> {
+    ureq::get(url).timeout(Duration::from_secs(2)).call().ok()?.into_string().ok()
+}
+
+#[test]
+fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
+    let bed = TestBed::new("nodes-deploy", 6);
+    let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
+    let spec = serde_json::json!({
+        "name": "web", "image": image["digest"], "max-instances": 8, "subnet": "198.18.2.0/24",
+        "hostname": "web-{index:03}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
+        "deploy-timeout-secs": 60,
+    });
+    let file = bed.dir.join("web.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
+
+    // The agents register their nodes themselves.
+    bed.wait_for("six registered nodes", Duration::from_secs(30), || {
+        let nodes = bed.mint(&["node", "list"]);
+        (nodes.as_array()?.len() == 6).then_some(())
+    });
+    let node = &bed.mint(&["node", "list"])[0];
+    assert!(node["properties"]["agent-url"].as_str().unwrap().starts_with("http://198.18.1."), "{node}");
+
+    bed.mint(&["tier", "scale", "web", "3"]);
+    let inst = bed.wait_for("three running instances", Duration::from_secs(60), || {
+        let inst = bed.mint(&["instance", "list", "web"]);
+        (inst.as_array()?.iter().filter(|i| i["state"] == "deployed").count() == 3).then_some(inst)
+    });
+    for i in inst.as_array().unwrap().iter().filter(|i| i["state"] == "deployed") {
+        let address = i["address"].as_str().unwrap();
+        let answer = bed.wait_for("the instance to answer", Duration::from_secs(10), || get(&format!("http://{address}/")));
+        assert_eq!(answer, format!("{} {address}\n", i["hostname"].as_str().unwrap()), "the instance answers with its own identity");
+    }
+
+    // Scaling in stops the service and releases the address on the node.
+    bed.mint(&["tier", "scale", "web", "2"]);
+    let gone = inst.as_array().unwrap().iter().filter(|i| i["state"] == "deployed").map(|i| i["address"].as_str().unwrap().to_string()).max_by_key(|a| a.rsplit('.').next().unwrap().parse::<u32>().unwrap()).unwrap();
+    bed.wait_for("the removed instance to stop answering", Duration::from_secs(10), || get(&format!("http://{gone}/")).is_none().then_some(()));
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).output().unwrap();
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(events.contains("deployed") && events.contains("released"), "{events}");
+}
