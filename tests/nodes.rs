@@ -19,6 +19,7 @@ fn sh(args: &[&str]) {
 
 /// A bridge, namespaces with an agent each, and a daemon, removed on drop.
 struct TestBed {
+    _one: std::sync::MutexGuard<'static, ()>,
     bridge: String,
     namespaces: Vec<String>,
     agents: Vec<Child>,
@@ -27,8 +28,19 @@ struct TestBed {
     dir: PathBuf,
 }
 
+/// One test bed at a time: they share the bridge's address range.
+static BEDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Drop for TestBed {
     fn drop(&mut self) {
+        // Instance services outlive their agents by design; stop everything in the namespaces.
+        for ns in &self.namespaces {
+            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
+        }
         for a in &mut self.agents {
             let _ = Command::new("kill").args(["-TERM", &a.id().to_string()]).status();
         }
@@ -52,10 +64,12 @@ impl Drop for TestBed {
 }
 
 impl TestBed {
-    fn new(name: &str, nodes: usize) -> TestBed {
+    fn new(name: &str, nodes: usize, daemon_args: &[&str]) -> TestBed {
+        let one = BEDS.lock().unwrap_or_else(|p| p.into_inner());
         let id = std::process::id() % 100_000;
         let dir = scratch(name);
-        let mut bed = TestBed { bridge: format!("mintbr{id}"), namespaces: Vec::new(), agents: Vec::new(), daemon: None, url: String::new(), dir };
+        let mut bed =
+            TestBed { _one: one, bridge: format!("mintbr{id}"), namespaces: Vec::new(), agents: Vec::new(), daemon: None, url: String::new(), dir };
         // A bed left by a killed run of this process id would be in the way.
         let _ = Command::new("ip").args(["link", "del", &bed.bridge]).output();
         sh(&["ip", "link", "add", &bed.bridge, "type", "bridge"]);
@@ -73,18 +87,20 @@ impl TestBed {
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         }
-        bed.start_daemon();
+        bed.start_daemon(daemon_args);
         for i in 0..nodes {
-            bed.start_agent(i);
+            let agent = bed.start_agent(i);
+            bed.agents.push(agent);
         }
         bed
     }
 
-    fn start_daemon(&mut self) {
+    fn start_daemon(&mut self, extra: &[&str]) {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
             .args(["daemon", "--listen", "198.18.0.1:0", "--data-dir"])
             .arg(self.dir.join("data"))
+            .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the daemon");
@@ -101,7 +117,7 @@ impl TestBed {
         self.url = rx.recv_timeout(Duration::from_secs(60)).expect("the daemon says where it serves");
     }
 
-    fn start_agent(&mut self, i: usize) {
+    fn start_agent(&self, i: usize) -> Child {
         let ns = &self.namespaces[i];
         let node_dir = self.dir.join(format!("node-{i}"));
         let child = Command::new("ip")
@@ -116,7 +132,7 @@ impl TestBed {
             .stderr(Stdio::null())
             .spawn()
             .expect("start an agent");
-        self.agents.push(child);
+        child
     }
 
     fn mint(&self, args: &[&str]) -> serde_json::Value {
@@ -156,7 +172,7 @@ fn get(url: &str) -> Option<String> {
 
 #[test]
 fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
-    let bed = TestBed::new("nodes-deploy", 6);
+    let bed = TestBed::new("nodes-deploy", 6, &[]);
     let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
     let spec = serde_json::json!({
         "name": "web", "image": image["digest"], "max-instances": 8, "subnet": "198.18.2.0/24",
@@ -193,4 +209,67 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
     let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).output().unwrap();
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("deployed") && events.contains("released"), "{events}");
+}
+
+/// Addresses on a namespace's eth0.
+fn addresses_in(ns: &str) -> String {
+    let o = Command::new("ip").args(["-n", ns, "-o", "addr", "show", "dev", "eth0"]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_node_is_fenced() {
+    let mut bed = TestBed::new("nodes-failure", 4, &["--node-timeout-secs", "2"]);
+    let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
+    let spec = serde_json::json!({
+        "name": "web", "image": image["digest"], "max-instances": 4, "subnet": "198.18.2.0/24",
+        "hostname": "web-{index:03}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
+        "deploy-timeout-secs": 60,
+    });
+    let file = bed.dir.join("web.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
+    bed.wait_for("four registered nodes", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 4).then_some(()));
+    bed.mint(&["tier", "scale", "web", "2"]);
+    let running = |bed: &TestBed| -> Option<serde_json::Value> {
+        let inst = bed.mint(&["instance", "list", "web"]);
+        (inst.as_array()?.iter().filter(|i| i["state"] == "deployed").count() == 2).then_some(inst)
+    };
+    let before = bed.wait_for("two running instances", Duration::from_secs(60), || running(&bed));
+    let address = before[0]["address"].as_str().unwrap().to_string();
+    let old_node = before[0]["node"].as_str().unwrap().to_string();
+    let i: usize = old_node.trim_start_matches("node-").parse().unwrap();
+    let ns = bed.namespaces[i].clone();
+    bed.wait_for("web-000 to answer", Duration::from_secs(10), || get(&format!("http://{address}/")));
+
+    // The node dies: its network goes and its agent with it. Its instance's service is
+    // still there, unreachable, as on a machine that lost its link.
+    sh(&["ip", "-n", &ns, "link", "set", "eth0", "down"]);
+    let _ = bed.agents[i].kill();
+    let _ = bed.agents[i].wait();
+
+    let after = bed.wait_for("web-000 back on another node", Duration::from_secs(60), || {
+        let inst = bed.mint(&["instance", "list", "web"]);
+        let i0 = &inst[0];
+        (i0["state"] == "deployed" && i0["node"] != old_node.as_str()).then(|| inst.clone())
+    });
+    assert_eq!((after[0]["address"].as_str(), after[0]["hostname"].as_str()), (Some(address.as_str()), Some("web-000")), "same identity");
+    let answer = bed.wait_for("web-000 to answer from its new node", Duration::from_secs(10), || get(&format!("http://{address}/")));
+    assert_eq!(answer, format!("web-000 {address}\n"));
+    let nodes = bed.mint(&["node", "list"]);
+    let old = nodes.as_array().unwrap().iter().find(|n| n["name"] == old_node.as_str()).unwrap();
+    assert_eq!(old["state"], "failed");
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events"]).env("MINT_SERVER", &bed.url).output().unwrap();
+    assert!(String::from_utf8_lossy(&events.stdout).contains("no heartbeat from its agent"), "the event says why");
+
+    // The old node comes back with its agent, which still runs web-000: it is fenced, and
+    // stops the instance and releases the address rather than contend for it.
+    assert!(addresses_in(&ns).contains(&format!("{address}/24")), "the dead node still holds the address");
+    sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+    bed.agents[i] = bed.start_agent(i);
+    bed.wait_for("the old node to be fenced", Duration::from_secs(20), || (!addresses_in(&ns).contains(&format!("{address}/"))).then_some(()));
+    let answer = bed.wait_for("web-000 to answer", Duration::from_secs(10), || get(&format!("http://{address}/")));
+    assert_eq!(answer, format!("web-000 {address}\n"));
+    let inst = bed.mint(&["instance", "list", "web"]);
+    assert_eq!(inst[0]["node"], after[0]["node"], "the engine's record stays with the new node");
 }

@@ -46,8 +46,51 @@ pub struct Slot {
     detail: String,
     address: Option<(String, u8)>,
     service: Option<Child>,
+    /// A service started by an earlier run of the agent, found alive at start.
+    adopted: Option<i32>,
     /// Bumped by every deploy and stop, so a worker that was overtaken drops its result.
     generation: u64,
+}
+
+/// What the agent keeps on disk about its instance, so that a restarted agent knows what
+/// runs on its node (and can be told to stop it).
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    request: DeployRequest,
+    address: (String, u8),
+    pid: Option<u32>,
+}
+
+fn saved_path(agent: &Agent) -> PathBuf {
+    agent.args.root.join("instance.json")
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Takes up what an earlier run of the agent left: the instance it ran, running still if
+/// its service is alive, failed otherwise.
+pub fn restore(agent: &Agent) {
+    let Ok(text) = std::fs::read_to_string(saved_path(agent)) else { return };
+    let Ok(saved) = serde_json::from_str::<Saved>(&text) else { return };
+    let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
+    let pid = saved.pid.map(|p| p as i32).filter(|p| alive(*p));
+    slot.state = if pid.is_some() || saved.pid.is_none() { State::Running } else { State::Failed };
+    slot.detail = format!("taken up after an agent restart ({})", if pid.is_some() { "service alive" } else { "service gone" });
+    slot.request = Some(saved.request);
+    slot.address = Some(saved.address);
+    slot.adopted = pid;
+}
+
+/// The instance this node runs, for heartbeats.
+pub fn current(agent: &Agent) -> Option<(String, u32)> {
+    let slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.state == State::Absent {
+        return None;
+    }
+    slot.request.as_ref().map(|r| (r.tier.clone(), r.index))
 }
 
 /// The answer to `status` and `deploy`.
@@ -69,6 +112,13 @@ pub fn status(agent: &Agent) -> Status {
     {
         slot.state = State::Failed;
         slot.detail = format!("the instance's service exited: {exit}");
+    }
+    if slot.state == State::Running
+        && let Some(pid) = slot.adopted
+        && !alive(pid)
+    {
+        slot.state = State::Failed;
+        slot.detail = "the instance's service exited".into();
     }
     Status {
         state: slot.state,
@@ -104,6 +154,10 @@ pub fn start(agent: &std::sync::Arc<Agent>, req: DeployRequest) -> Result<Status
                         Ok((address, service)) => {
                             slot.state = State::Running;
                             slot.detail = format!("{} at {}/{}", req.hostname, address.0, address.1);
+                            let saved = Saved { request: req.clone(), address: address.clone(), pid: service.as_ref().map(Child::id) };
+                            if let Ok(text) = serde_json::to_string(&saved) {
+                                let _ = std::fs::write(saved_path(&agent), text);
+                            }
                             slot.address = Some(address);
                             slot.service = service;
                         }
@@ -207,6 +261,13 @@ fn deploy(agent: &Agent, req: &DeployRequest) -> Result<((String, u8), Option<Ch
     let _ = std::fs::remove_file(&tar_path);
 
     ip(&["addr", "replace", &format!("{address}/{}", desc.prefix_len), "dev", &agent.args.interface])?;
+    // The address may have lived on another node until a moment ago (a failed node's
+    // instance, redeployed): tell the segment where it is now.
+    if let std::net::IpAddr::V4(v4) = address
+        && let Err(e) = gratuitous_arp(&agent.args.interface, v4)
+    {
+        eprintln!("mint-agent: gratuitous ARP for {v4} on {}: {e}", agent.args.interface);
+    }
     if agent.args.set_hostname {
         // SAFETY: the pointer and length describe a live byte slice.
         let rc = unsafe { libc::sethostname(req.hostname.as_ptr().cast(), req.hostname.len()) };
@@ -262,13 +323,26 @@ fn start_service(root: &Path, req: &DeployRequest, address: &str) -> Result<Opti
 
 /// Stops the service, releases the address and removes the instance's root.
 pub fn stop(agent: &Agent) -> Result<(), String> {
-    let (request, address, service) = {
+    let (request, address, service, adopted) = {
         let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
         slot.generation += 1;
         slot.state = State::Absent;
         slot.detail.clear();
-        (slot.request.take(), slot.address.take(), slot.service.take())
+        (slot.request.take(), slot.address.take(), slot.service.take(), slot.adopted.take())
     };
+    let _ = std::fs::remove_file(saved_path(agent));
+    if let Some(pid) = adopted {
+        // SAFETY: signals to the pid the agent recorded for its own service.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < deadline && alive(pid) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive(pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
     if let Some(mut child) = service {
         // SAFETY: kill with a pid this process spawned and has not reaped.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -307,4 +381,58 @@ pub fn hello(port: u16) -> anyhow::Result<()> {
         let _ = s.write_all(reply.as_bytes());
     }
     Ok(())
+}
+
+/// Announces `addr` on `interface` with gratuitous ARP requests (sender and target both the
+/// address, to the broadcast address), so neighbours that cached the address's old place
+/// move it here at once, as keepalived and cloud agents do when an address moves.
+fn gratuitous_arp(interface: &str, addr: std::net::Ipv4Addr) -> std::io::Result<()> {
+    let mac_text = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))?;
+    let mac: Vec<u8> = mac_text.trim().split(':').filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
+    if mac.len() != 6 {
+        return Err(std::io::Error::other(format!("interface {interface} has no Ethernet address")));
+    }
+    let ifindex: i32 = std::fs::read_to_string(format!("/sys/class/net/{interface}/ifindex"))?.trim().parse().map_err(std::io::Error::other)?;
+    let ip = addr.octets();
+    let mut frame = Vec::with_capacity(42);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x08, 0x06]); // ARP
+    frame.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01]); // Ethernet, IPv4, request
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip);
+    let proto = (libc::ETH_P_ARP as u16).to_be();
+    // SAFETY: a raw packet socket; every pointer below refers to a live local value of the
+    // size given, and the descriptor is closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let mut result = Ok(());
+        for _ in 0..3 {
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            if sent < 0 {
+                result = Err(std::io::Error::last_os_error());
+                break;
+            }
+        }
+        libc::close(fd);
+        result
+    }
 }

@@ -140,19 +140,31 @@ fn register(args: &RunArgs, agent_url: &str) -> anyhow::Result<()> {
 }
 
 /// Registers, then heartbeats forever; registers again when the engine does not know the
-/// node (its state was reset, or the node was removed).
-fn heartbeat_loop(args: RunArgs, agent_url: String) {
+/// node (its state was reset, or the node was removed). When the engine answers that this
+/// node must not run what it runs (it was declared failed meanwhile), the agent fences
+/// itself: it stops the instance and releases its address.
+fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
+    let args = &agent.args;
     let mut registered = false;
     loop {
         if !registered {
-            match register(&args, &agent_url) {
+            match register(args, &agent_url) {
                 Ok(()) => registered = true,
                 Err(e) => eprintln!("mint-agent: {e:#}; retrying"),
             }
         } else {
             let url = format!("{}/v1/nodes/{}/heartbeat", args.engine.trim_end_matches('/'), args.name);
-            match ureq::post(&url).timeout(Duration::from_secs(5)).send_json(json!({ "load": load(&args) })) {
-                Ok(_) => {}
+            let instance = instance::current(&agent).map(|(tier, index)| json!({ "tier": tier, "index": index }));
+            match ureq::post(&url).timeout(Duration::from_secs(5)).send_json(json!({ "load": load(args), "instance": instance })) {
+                Ok(resp) => {
+                    let v: serde_json::Value = resp.into_json().unwrap_or_default();
+                    if v["fence"] == true {
+                        eprintln!("mint-agent: fenced: {}", v["reason"].as_str().unwrap_or("the engine says so"));
+                        if let Err(e) = instance::stop(&agent) {
+                            eprintln!("mint-agent: cannot stop the fenced instance: {e}");
+                        }
+                    }
+                }
                 Err(ureq::Error::Status(404, _)) => registered = false,
                 Err(e) => eprintln!("mint-agent: heartbeat: {e}"),
             }
@@ -194,8 +206,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let agent_url = args.advertise.clone().unwrap_or_else(|| format!("http://{}", args.listen));
     let agent = Arc::new(Agent { args: args.clone(), slot: Mutex::new(Slot::default()) });
-    let (hb_args, hb_url) = (args.clone(), agent_url.clone());
-    std::thread::spawn(move || heartbeat_loop(hb_args, hb_url));
+    instance::restore(&agent);
+    let (hb_agent, hb_url) = (agent.clone(), agent_url.clone());
+    std::thread::spawn(move || heartbeat_loop(hb_agent, hb_url));
     eprintln!("mint-agent {}: serving {agent_url}, engine {}", args.name, args.engine);
     let app = Router::new()
         .route("/v1/deploy", post(deploy))
@@ -210,8 +223,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     axum::serve(listener, app).with_graceful_shutdown(stop).await?;
-    // Leave nothing running on the node behind the agent.
-    let _ = tokio::task::spawn_blocking(move || instance::stop(&agent)).await;
+    // The instance keeps running: an agent restarted (an upgrade, say) takes it up again
+    // from what it saved, and the engine fences it if the node was declared failed meanwhile.
+    drop(agent);
     Ok(())
 }
 

@@ -38,6 +38,9 @@ enum Command {
         /// The URL nodes reach the daemon at, for artifact URLs (default: http://LISTEN).
         #[arg(long)]
         advertise_url: Option<String>,
+        /// Seconds an agent's node may miss heartbeats before it is declared failed.
+        #[arg(long, default_value_t = 10.0)]
+        node_timeout_secs: f64,
     },
     /// Master images.
     #[command(subcommand)]
@@ -106,7 +109,7 @@ async fn blocking(f: impl FnOnce() -> Result<(), Failure> + Send + 'static) -> R
     tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(Failure::call(anyhow::anyhow!("client task failed: {e}"))))
 }
 
-async fn daemon(data_dir: std::path::PathBuf, listen: std::net::SocketAddr, advertise: Option<String>) -> Result<(), Failure> {
+async fn daemon(data_dir: std::path::PathBuf, options: mint_daemon::Options) -> Result<(), Failure> {
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -116,7 +119,7 @@ async fn daemon(data_dir: std::path::PathBuf, listen: std::net::SocketAddr, adve
         eprintln!("mint daemon: shutting down");
     };
     let dir = data_dir.clone();
-    mint_daemon::serve(&data_dir, listen, advertise, shutdown, move |addr| {
+    mint_daemon::serve(&data_dir, options, shutdown, move |addr| {
         eprintln!("mint daemon: serving http://{addr} with state in {}", dir.display());
     })
     .await
@@ -140,7 +143,14 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Plugin(cmd) => plugin_cmd::run(cmd).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Daemon { data_dir, listen, advertise_url } => daemon(data_dir, listen, advertise_url).await,
+            Command::Daemon { data_dir, listen, advertise_url, node_timeout_secs } => {
+                match std::time::Duration::try_from_secs_f64(node_timeout_secs) {
+                    Ok(t) if t >= std::time::Duration::from_millis(100) => {
+                        daemon(data_dir, mint_daemon::Options { listen, advertise: advertise_url, node_timeout: t }).await
+                    }
+                    _ => Err(Failure::usage(anyhow::anyhow!("--node-timeout-secs: {node_timeout_secs} must be at least 0.1"))),
+                }
+            }
             Command::Image(c) => blocking(move || client::image(&cli.conn, c)).await,
             Command::Tier(c) => blocking(move || client::tier(&cli.conn, c)).await,
             Command::Node(c) => blocking(move || client::node(&cli.conn, c)).await,

@@ -7,6 +7,7 @@
 //! request started it.
 
 mod artifacts;
+mod liveness;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -30,8 +31,8 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 struct App {
     engine: Engine,
-    /// When each node's agent last reported, and the load it reported.
-    heartbeats: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u32)>>,
+    /// When each node's agent last reported, and the loads it reported.
+    liveness: liveness::Liveness,
     reconciling: tokio::sync::Mutex<()>,
     /// Writers of the image store's files (imports, artifact builds) share it; garbage
     /// collection and image deletion take it alone, so they never see half-written files
@@ -446,24 +447,8 @@ async fn register(State(app): State<Shared>, r: Result<Json<Registration>, axum:
     }
     let node = Node { name: r.name, cpus: r.cpus, memory_mib: r.memory_mib, arch: r.arch, labels: r.labels, properties, state: NodeState::Free, instance: None, load: 0 };
     app.engine.store.register_node(&node)?;
-    app.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(node.name.clone(), (std::time::Instant::now(), 0));
+    app.liveness.beat(&node.name, 0);
     ok(app.engine.store.node(&node.name)?)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Heartbeat {
-    #[serde(default)]
-    load: u32,
-}
-
-/// `POST /v1/nodes/{name}/heartbeat`: the agent is alive and reports its load (0-1000 per
-/// mille of its capacity). An unknown node is 404, telling the agent to register again.
-async fn heartbeat(State(app): State<Shared>, Path(name): Path<String>, h: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>) -> ApiResult {
-    let h = body(h)?;
-    app.engine.store.node(&name)?;
-    app.heartbeats.lock().unwrap_or_else(|p| p.into_inner()).insert(name, (std::time::Instant::now(), h.load));
-    ok(json!({ "ok": true }))
 }
 
 async fn events(State(app): State<Shared>, Query(q): Query<EventQuery>) -> ApiResult {
@@ -496,7 +481,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/nodes/{name}/state", post(set_node_state))
         .route("/v1/events", get(events))
         .route("/v1/agents/register", post(register))
-        .route("/v1/nodes/{name}/heartbeat", post(heartbeat))
+        .route("/v1/nodes/{name}/heartbeat", post(liveness::heartbeat))
         .route("/v1/artifacts/{tier}/{index}", get(artifacts::describe))
         .route("/v1/blobs/{digest}", get(artifacts::blob).head(artifacts::blob))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route; see README for /v1/...".into()) })
@@ -506,6 +491,7 @@ fn router(app: Shared) -> Router {
 /// One reconciliation pass over every tier.
 async fn reconcile_all(app: &App) {
     let _pass = app.reconciling.lock().await;
+    liveness::fail_silent_nodes(app);
     let tiers = match app.engine.store.tiers() {
         Ok(t) => t,
         Err(e) => {
@@ -522,14 +508,32 @@ async fn reconcile_all(app: &App) {
     }
 }
 
-/// Serves the API on `listen` until `shutdown` resolves, reconciling in the background.
+/// How the daemon serves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where the API listens.
+    pub listen: SocketAddr,
+    /// The URL nodes reach the daemon at (default `http://LISTEN`).
+    pub advertise: Option<String>,
+    /// How long an agent-managed node may miss heartbeats before it is declared failed.
+    pub node_timeout: Duration,
+}
+
+impl Options {
+    /// Serving on `listen`, advertised as itself, nodes failed after 10 s of silence.
+    pub fn new(listen: SocketAddr) -> Options {
+        Options { listen, advertise: None, node_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Serves the API until `shutdown` resolves, reconciling in the background.
 pub async fn serve(
     data_dir: &std::path::Path,
-    listen: SocketAddr,
-    advertise: Option<String>,
+    options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
+    let Options { listen, advertise, node_timeout } = options;
     let mut engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
     engine.plugins.preload_bundled().map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -538,7 +542,7 @@ pub async fn serve(
     let advertise = advertise.unwrap_or_else(|| format!("http://{bound}"));
     mint_plugins::HostPattern::of_url(&advertise).map_err(|e| format!("--advertise-url: {e}"))?;
     engine.advertise = advertise;
-    let app = Arc::new(App { engine, heartbeats: Default::default(), reconciling: tokio::sync::Mutex::new(()), image_files: tokio::sync::RwLock::new(()) });
+    let app = Arc::new(App { engine, liveness: liveness::Liveness::new(node_timeout), reconciling: tokio::sync::Mutex::new(()), image_files: tokio::sync::RwLock::new(()) });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let looping = app.clone();
     let reconciler = tokio::spawn(async move {

@@ -1,0 +1,119 @@
+//! Node liveness: agents' heartbeats with their load, the failure detector that declares a
+//! silent node failed (so reconciliation redeploys its instance, with the same identity, on
+//! a fresh node), and fencing: an agent that reports an instance its node no longer holds,
+//! such as one coming back after its node was declared failed, is told to stop it.
+//!
+//! Heartbeats live in memory: after a restart every node gets a full timeout of grace from
+//! the moment the daemon first looks at it, so a restart never fails healthy nodes.
+
+use crate::{ApiError, App, ApiResult, Shared, body, ok};
+use axum::extract::{Path, State};
+use axum::Json;
+use mint_model::NodeState;
+use mint_model::records::InstanceId;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Loads kept per node, for load rules that look back over a duration.
+const HISTORY: usize = 600;
+
+/// What the daemon knows of one agent.
+struct Seen {
+    at: Instant,
+    loads: VecDeque<(Instant, u32)>,
+}
+
+/// Heartbeats by node name.
+pub struct Liveness {
+    seen: Mutex<HashMap<String, Seen>>,
+    timeout: Duration,
+}
+
+impl Liveness {
+    /// Nodes are declared failed after `timeout` without a heartbeat.
+    pub fn new(timeout: Duration) -> Liveness {
+        Liveness { seen: Mutex::new(HashMap::new()), timeout }
+    }
+
+    /// Records a heartbeat.
+    pub fn beat(&self, node: &str, load: u32) {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let s = seen.entry(node.to_string()).or_insert_with(|| Seen { at: now, loads: VecDeque::new() });
+        s.at = now;
+        s.loads.push_back((now, load));
+        while s.loads.len() > HISTORY {
+            s.loads.pop_front();
+        }
+    }
+
+    /// How long `node` has been silent; a node not heard of since the daemon started
+    /// begins its grace now.
+    fn silence(&self, node: &str) -> Duration {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.entry(node.to_string()).or_insert_with(|| Seen { at: Instant::now(), loads: VecDeque::new() }).at.elapsed()
+    }
+
+    /// The node's loads reported within the last `window`, oldest first, and whether the
+    /// reports cover the whole window (the first is at least `window` old).
+    pub fn loads(&self, node: &str, window: Duration) -> (Vec<u32>, bool) {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = seen.get(node) else { return (Vec::new(), false) };
+        let covered = s.loads.front().is_some_and(|(t, _)| t.elapsed() >= window);
+        (s.loads.iter().filter(|(t, _)| t.elapsed() <= window).map(|(_, l)| *l).collect(), covered)
+    }
+}
+
+/// Declares failed every agent-managed node silent for longer than the timeout (nodes
+/// without an `agent-url` are managed by other means and never time out here).
+pub fn fail_silent_nodes(app: &App) {
+    let nodes = app.engine.store.node_handles();
+    for n in nodes.iter().filter(|n| n.properties.contains_key("agent-url")) {
+        if matches!(n.state, NodeState::Failed | NodeState::Maintenance) {
+            continue;
+        }
+        let silence = app.liveness.silence(&n.name);
+        if silence > app.liveness.timeout {
+            let reason = format!("no heartbeat from its agent for {:.1} s (timeout {:.1} s)", silence.as_secs_f64(), app.liveness.timeout.as_secs_f64());
+            match app.engine.store.fail_node(&n.name, &reason) {
+                Ok(held) => tracing::warn!(node = %n.name, instance = ?held, "{reason}"),
+                Err(e) => tracing::warn!(node = %n.name, "cannot declare the node failed: {e}"),
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    #[serde(default)]
+    load: u32,
+    /// The instance the agent runs, if any.
+    #[serde(default)]
+    instance: Option<InstanceId>,
+}
+
+/// `POST /v1/nodes/{name}/heartbeat`: the agent is alive, reports its load (per mille of
+/// its capacity, 0-1000) and what it runs. The answer says whether to fence: stop the
+/// instance because the node does not hold it (any more). An unknown node is 404, telling
+/// the agent to register again.
+pub async fn heartbeat(State(app): State<Shared>, Path(name): Path<String>, h: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+    let h = body(h)?;
+    if h.load > 1000 {
+        return Err(ApiError(axum::http::StatusCode::BAD_REQUEST, format!("field `load`: {} is above 1000 (per mille of the node's capacity)", h.load)));
+    }
+    let node = app.engine.store.node(&name)?;
+    app.liveness.beat(&name, h.load);
+    let fence = match (&h.instance, node.state) {
+        (Some(i), NodeState::Failed) => Some(format!("node `{name}` was declared failed; its instance {i} runs elsewhere now")),
+        (Some(i), _) if node.instance.as_ref() != Some(i) => Some(format!("node `{name}` does not hold {i}")),
+        _ => None,
+    };
+    if let Some(why) = &fence {
+        tracing::warn!(node = %name, "fencing: {why}");
+    }
+    ok(json!({ "fence": fence.is_some(), "reason": fence }))
+}
