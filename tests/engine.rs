@@ -36,6 +36,7 @@ fn spec(name: &str, image: &str, k: u32, subnet: &str) -> TierSpec {
         ],
         driver: PluginRef { plugin: "noop".into(), config: Default::default() },
         deploy_timeout_secs: 600,
+        autoscale: None,
     }
 }
 
@@ -137,6 +138,22 @@ fn bad_specs_are_refused_with_nothing_changed() {
                 "plugin `spread` is a node-policy, not a driver",
             ),
             (TierSpec { hostname: "db".into(), ..spec("db", &image.digest, 2, "198.18.1.0/24") }, "no {index}"),
+            (
+                TierSpec {
+                    autoscale: Some(mint_model::records::Autoscale {
+                        scale_out_above: 500,
+                        scale_in_below: 600,
+                        for_secs: 5,
+                        step: 1,
+                        cooldown_secs: 0,
+                        min: 0,
+                        max: None,
+                    }),
+                    ..spec("db", &image.digest, 2, "198.18.1.0/24")
+                },
+                "field `autoscale.scale-in-below`: 600 must be below scale-out-above (500)",
+            ),
+            (TierSpec { deploy_timeout_secs: 0, ..spec("db", &image.digest, 2, "198.18.1.0/24") }, "field `deploy-timeout-secs`"),
         ];
         for (s, needle) in cases {
             let e = engine.create_tier(&s).await.unwrap_err().to_string();

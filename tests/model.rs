@@ -78,6 +78,7 @@ fn spec(name: &str, image: &str, k: u32, subnet: u32) -> TierSpec {
         customizers: vec![PluginRef { plugin: "hostname".into(), config: Default::default() }],
         driver: PluginRef { plugin: "noop".into(), config: Default::default() },
         deploy_timeout_secs: 600,
+        autoscale: None,
     }
 }
 

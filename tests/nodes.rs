@@ -128,11 +128,24 @@ impl TestBed {
             .arg(&node_dir)
             .args(["--interface", "eth0", "--cpus", "4", "--memory-mib", "4096", "--heartbeat-ms", "300", "--set-hostname"])
             .args(["--label", &format!("zone=z{}", i % 3)])
+            .arg("--load-file")
+            .arg(self.load_file(i))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start an agent");
         child
+    }
+
+    /// The file node `i`'s agent reads its load from (per mille).
+    fn load_file(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("load-{i}"))
+    }
+
+    fn set_load(&self, load: u32) {
+        for i in 0..self.namespaces.len() {
+            std::fs::write(self.load_file(i), load.to_string()).unwrap();
+        }
     }
 
     fn mint(&self, args: &[&str]) -> serde_json::Value {
@@ -272,4 +285,42 @@ fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_nod
     assert_eq!(answer, format!("web-000 {address}\n"));
     let inst = bed.mint(&["instance", "list", "web"]);
     assert_eq!(inst[0]["node"], after[0]["node"], "the engine's record stays with the new node");
+}
+
+#[test]
+fn a_load_rule_grows_the_tier_under_load_and_shrinks_it_after() {
+    let bed = TestBed::new("nodes-load", 6, &[]);
+    bed.set_load(500);
+    let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
+    let spec = serde_json::json!({
+        "name": "web", "image": image["digest"], "max-instances": 8, "subnet": "198.18.2.0/24",
+        "hostname": "web-{index:03}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
+        "autoscale": {"scale-out-above": 700, "scale-in-below": 200, "for-secs": 2, "step": 2, "cooldown-secs": 2, "min": 2, "max": 5},
+    });
+    let file = bed.dir.join("web.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
+    bed.wait_for("six registered nodes", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 6).then_some(()));
+    bed.mint(&["tier", "scale", "web", "3"]);
+    let deployed = |bed: &TestBed| -> usize {
+        bed.mint(&["instance", "list", "web"]).as_array().map(|a| a.iter().filter(|i| i["state"] == "deployed").count()).unwrap_or(0)
+    };
+    bed.wait_for("three running instances", Duration::from_secs(60), || (deployed(&bed) == 3).then_some(()));
+    // A load between the thresholds changes nothing.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(bed.mint(&["tier", "show", "web"])["tier"]["desired"], 3);
+
+    bed.set_load(900);
+    bed.wait_for("the tier to grow to its max of 5", Duration::from_secs(60), || (deployed(&bed) == 5).then_some(()));
+    let events = bed.mint(&["events", "--tier", "web"]);
+    let grew = events.as_array().unwrap().iter().find(|e| e["kind"] == "autoscaled").expect("an autoscaled event");
+    assert!(grew["message"].as_str().unwrap().contains("above 700‰"), "{grew}");
+    assert_eq!((grew["detail"]["from"].as_u64(), grew["detail"]["to"].as_u64()), (Some(3), Some(5)), "one step of 2: {grew}");
+    assert!(grew["detail"]["average"].as_u64().unwrap() > 700);
+
+    bed.set_load(100);
+    bed.wait_for("the tier to shrink to its min of 2", Duration::from_secs(60), || (deployed(&bed) == 2).then_some(()));
+    let events = bed.mint(&["events", "--tier", "web"]);
+    let shrank: Vec<&serde_json::Value> = events.as_array().unwrap().iter().filter(|e| e["kind"] == "autoscaled" && e["detail"]["direction"] == "below").collect();
+    assert_eq!(shrank.iter().map(|e| e["detail"]["to"].as_u64().unwrap()).collect::<Vec<_>>(), [3, 2], "5 -> 3 -> 2, never below min");
 }

@@ -62,6 +62,8 @@ fn tier(name: &str, subnet: &str, pattern: &str, k: u32, store: &Store) -> (Tier
         deploy_timeout_secs: 600,
         revision: 0,
         rollout_batch: 1,
+        autoscale: None,
+        autoscaled_at_ms: 0,
         desired: 0,
     };
     (t, instances)

@@ -37,6 +37,7 @@ fn spec(name: &str, image: &str, k: u32, subnet: &str) -> TierSpec {
         ],
         driver: PluginRef { plugin: "noop".into(), config: Default::default() },
         deploy_timeout_secs: 600,
+        autoscale: None,
     }
 }
 

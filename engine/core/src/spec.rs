@@ -45,6 +45,9 @@ pub struct TierSpec {
     /// its node is declared failed and the instance goes elsewhere (default 600).
     #[serde(default = "mint_model::records::default_deploy_timeout")]
     pub deploy_timeout_secs: u32,
+    /// A load rule that scales the tier by itself.
+    #[serde(default)]
+    pub autoscale: Option<mint_model::records::Autoscale>,
 }
 
 fn default_policy() -> PluginRef {
@@ -85,6 +88,9 @@ impl TierSpec {
         if self.deploy_timeout_secs == 0 || self.deploy_timeout_secs > MAX_DEPLOY_TIMEOUT {
             return Err(bad("deploy-timeout-secs", format!("{} is outside 1..={MAX_DEPLOY_TIMEOUT}", self.deploy_timeout_secs)));
         }
+        if let Some(a) = &self.autoscale {
+            a.check(self.max_instances)?;
+        }
         if !self.image.starts_with("sha256:") {
             return Err(bad("image", format!("`{}` is not an image digest; import the image and use the `sha256:...` it prints", self.image)));
         }
@@ -119,6 +125,8 @@ impl TierSpec {
             deploy_timeout_secs: self.deploy_timeout_secs,
             revision: 0,
             rollout_batch: 1,
+            autoscale: self.autoscale.clone(),
+            autoscaled_at_ms: 0,
             desired: 0,
         })
     }

@@ -7,6 +7,7 @@
 //! request started it.
 
 mod artifacts;
+mod autoscale;
 mod liveness;
 
 use axum::body::Body;
@@ -500,6 +501,7 @@ async fn reconcile_all(app: &App) {
         }
     };
     for t in tiers {
+        autoscale::decide(app, &t);
         match app.engine.reconcile(&t.name).await {
             Ok(p) if p.blocked.is_some() => tracing::warn!(tier = %t.name, "blocked: {}", p.blocked.unwrap_or_default()),
             Ok(_) => {}

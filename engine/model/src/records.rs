@@ -67,12 +67,66 @@ pub struct Tier {
     /// How many deployed instances are rolled to a new revision at once.
     #[serde(default = "one")]
     pub rollout_batch: u32,
+    /// The load rule that changes `desired` by itself, if the tier has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
+    /// When the load rule last changed `desired` (ms since the epoch), for its cooldown.
+    #[serde(default)]
+    pub autoscaled_at_ms: u64,
     /// How many instances should be deployed.
     pub desired: u32,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// A tier's load rule. A node's load is what its agent reports, per mille of its capacity.
+/// Over the last `for-secs`, each of the tier's nodes' reports are averaged and those
+/// averages averaged; above `scale-out-above` the tier grows by `step` (up to `max`), below
+/// `scale-in-below` it shrinks by `step` (down to `min`), at most once per `cooldown-secs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Autoscale {
+    /// Grow above this average load (per mille).
+    pub scale_out_above: u32,
+    /// Shrink below this average load (per mille).
+    pub scale_in_below: u32,
+    /// How long the average must hold, in seconds.
+    pub for_secs: u32,
+    /// Instances added or removed per decision.
+    #[serde(default = "one")]
+    pub step: u32,
+    /// Seconds between decisions.
+    #[serde(default)]
+    pub cooldown_secs: u32,
+    /// Never fewer deployed instances than this.
+    #[serde(default)]
+    pub min: u32,
+    /// Never more than this (at most K; K when absent).
+    #[serde(default)]
+    pub max: Option<u32>,
+}
+
+impl Autoscale {
+    /// Checks the rule against a tier of `k` instances; the message names the field.
+    pub fn check(&self, k: u32) -> Result<(), String> {
+        let bad = |f: &str, m: String| Err(format!("field `autoscale.{f}`: {m}"));
+        if self.scale_out_above > 1000 || self.scale_in_below >= self.scale_out_above {
+            return bad("scale-in-below", format!("{} must be below scale-out-above ({}), which is at most 1000", self.scale_in_below, self.scale_out_above));
+        }
+        if self.for_secs == 0 || self.for_secs > 3600 {
+            return bad("for-secs", format!("{} is outside 1..=3600", self.for_secs));
+        }
+        if self.step == 0 {
+            return bad("step", "add or remove at least 1 instance".into());
+        }
+        let max = self.max.unwrap_or(k);
+        if max > k || self.min > max {
+            return bad("max", format!("need min ({}) <= max ({max}) <= max-instances ({k})", self.min));
+        }
+        Ok(())
+    }
 }
 
 /// The deploy timeout of a tier that does not set one: ten minutes, enough for a BMC to

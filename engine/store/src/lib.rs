@@ -475,6 +475,25 @@ impl Store {
         })
     }
 
+    /// Sets a tier's desired count because its load rule says so, recording the reason and
+    /// the figures behind it, and when (for the rule's cooldown).
+    pub fn autoscale(&self, tier: &str, desired: u32, message: &str, detail: serde_json::Value) -> Result<()> {
+        let _w = self.lock();
+        self.transact(|tx| {
+            let Some(mut t) = Tx::get::<Tier>(tx.tiers, tier.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "tier", name: tier.into() });
+            };
+            if desired > t.max_instances {
+                return refuse(format!("cannot scale tier `{tier}` to {desired}: its max-instances (K) is {}", t.max_instances));
+            }
+            let before = t.desired;
+            t.desired = desired;
+            t.autoscaled_at_ms = now_ms();
+            Tx::put(tx.tiers, tier.as_bytes(), &t)?;
+            tx.event(Some(tier), "autoscaled", format!("tier `{tier}` scaled from {before} to {desired}: {message}"), detail.clone())
+        })
+    }
+
     /// Adds a node to the inventory; it starts free unless it is in maintenance.
     pub fn add_node(&self, node: &Node) -> Result<()> {
         let _w = self.lock();
