@@ -287,9 +287,12 @@ fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_nod
     assert_eq!(inst[0]["node"], after[0]["node"], "the engine's record stays with the new node");
 }
 
+/// The whole story on six namespace nodes: K = 8 minted, 3 deployed; load rises and the
+/// rule grows the tier to 5; a node dies and its instance comes back on the free node with
+/// the same address; load falls and the tier shrinks to its minimum.
 #[test]
-fn a_load_rule_grows_the_tier_under_load_and_shrinks_it_after() {
-    let bed = TestBed::new("nodes-load", 6, &[]);
+fn a_load_rule_grows_the_tier_a_dead_node_is_replaced_and_the_tier_shrinks() {
+    let mut bed = TestBed::new("nodes-load", 6, &["--node-timeout-secs", "2"]);
     bed.set_load(500);
     let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
     let spec = serde_json::json!({
@@ -318,9 +321,116 @@ fn a_load_rule_grows_the_tier_under_load_and_shrinks_it_after() {
     assert_eq!((grew["detail"]["from"].as_u64(), grew["detail"]["to"].as_u64()), (Some(3), Some(5)), "one step of 2: {grew}");
     assert!(grew["detail"]["average"].as_u64().unwrap() > 700);
 
+    // A node of the tier dies; its instance comes back on the one free node.
+    let inst = bed.mint(&["instance", "list", "web"]);
+    let victim = inst.as_array().unwrap().iter().find(|i| i["state"] == "deployed").unwrap().clone();
+    let (address, old_node) = (victim["address"].as_str().unwrap().to_string(), victim["node"].as_str().unwrap().to_string());
+    let i: usize = old_node.trim_start_matches("node-").parse().unwrap();
+    sh(&["ip", "-n", &bed.namespaces[i].clone(), "link", "set", "eth0", "down"]);
+    let _ = bed.agents[i].kill();
+    let _ = bed.agents[i].wait();
+    let index = victim["id"]["index"].as_u64().unwrap() as usize;
+    bed.wait_for("the instance back on the free node", Duration::from_secs(60), || {
+        let now = &bed.mint(&["instance", "list", "web"])[index];
+        (now["state"] == "deployed" && now["node"] != old_node.as_str()).then_some(())
+    });
+    let answer = bed.wait_for("the instance to answer at its address", Duration::from_secs(10), || get(&format!("http://{address}/")));
+    assert_eq!(answer, format!("{} {address}\n", victim["hostname"].as_str().unwrap()));
+    assert_eq!(deployed(&bed), 5, "the tier is whole again");
+
     bed.set_load(100);
     bed.wait_for("the tier to shrink to its min of 2", Duration::from_secs(60), || (deployed(&bed) == 2).then_some(()));
     let events = bed.mint(&["events", "--tier", "web"]);
     let shrank: Vec<&serde_json::Value> = events.as_array().unwrap().iter().filter(|e| e["kind"] == "autoscaled" && e["detail"]["direction"] == "below").collect();
     assert_eq!(shrank.iter().map(|e| e["detail"]["to"].as_u64().unwrap()).collect::<Vec<_>>(), [3, 2], "5 -> 3 -> 2, never below min");
+}
+
+/// A stand-in for a misbehaving agent on 127.0.0.1: every request gets `body` with
+/// status 200. It stops serving after two minutes, whatever happens to the test.
+fn fake_agent(body: &'static str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 8192];
+                    let _ = s.read(&mut buf);
+                    let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    let _ = s.write_all(reply.as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    url
+}
+
+/// Agents that cannot be reached, answer garbage, or never finish: each deployment ends in
+/// a clear state with an event saying why, and no instance or identity is lost.
+#[test]
+fn unreachable_garbled_and_never_ready_agents_end_in_clear_states() {
+    let dir = scratch("nodes-bad-agents");
+    let (mut daemon, url) = crate::support::start_daemon_with(&dir.join("data"), &["--node-timeout-secs", "120"]);
+    let mint = |args: &[&str]| -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_mint")).args(args).env("MINT_SERVER", &url).current_dir(root()).output().unwrap()
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let o = mint(&a);
+        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let image = json(&["image", "import", "tests/fixtures/master-ifupdown"]);
+    let never_ready = fake_agent(r#"{"state": "deploying", "tier": "slow", "index": 0, "detail": "still booting"}"#);
+    let garbage = fake_agent("<html>not an agent</html>");
+    for (node, role, agent_url) in [("ghost", "ghost", "http://127.0.0.1:1".to_string()), ("slow", "slow", never_ready), ("garbled", "garbled", garbage)] {
+        let o = mint(&["node", "add", node, "--cpus", "2", "--memory-mib", "1024", "--label", &format!("role={role}"), "--property", &format!("agent-url={agent_url}")]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for (i, name) in ["ghost", "slow", "garbled"].into_iter().enumerate() {
+        let spec = serde_json::json!({
+            "name": name, "image": image["digest"], "max-instances": 2, "subnet": format!("198.18.{}.0/24", 10 + i),
+            "hostname": format!("{name}-{{index}}"), "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
+            "requirements": {"labels": {"role": name}}, "deploy-timeout-secs": 2,
+        });
+        let file = dir.join(format!("{name}.json"));
+        std::fs::write(&file, spec.to_string()).unwrap();
+        json(&["tier", "create", "-f", file.to_str().unwrap()]);
+        let _ = mint(&["tier", "scale", name, "1"]);
+    }
+    let node_state = |name: &str| -> String {
+        json(&["node", "list"]).as_array().unwrap().iter().find(|n| n["name"] == name).map(|n| n["state"].as_str().unwrap().to_string()).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ["ghost", "slow", "garbled"].iter().any(|n| node_state(n) != "failed") {
+        assert!(Instant::now() < deadline, "every bad node ends failed: {}", json(&["node", "list"]));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let events = String::from_utf8_lossy(&mint(&["events"]).stdout).into_owned();
+    assert!(events.contains("node `ghost`") && events.contains("127.0.0.1:1"), "the unreachable node is named with its URL: {events}");
+    assert!(events.contains("did not finish within the tier's deploy timeout of 2 s"), "{events}");
+    assert!(events.contains("node `garbled`: the agent answered 200 with something that is not JSON"), "{events}");
+    for name in ["ghost", "slow", "garbled"] {
+        let inst = json(&["instance", "list", name]);
+        assert_eq!(inst.as_array().unwrap().len(), 2, "all K instances of {name} are still there");
+        assert!(inst.as_array().unwrap().iter().all(|i| i["node"].is_null()), "none is left on a bad node: {inst}");
+    }
+
+    // Garbage from an agent's heartbeat is refused, naming the field, and changes nothing.
+    let hb = |body: &str| ureq::post(&format!("{url}/v1/nodes/slow/heartbeat")).set("content-type", "application/json").send_string(body);
+    match hb("{\"load\": 5000}") {
+        Err(ureq::Error::Status(400, r)) => assert!(r.into_string().unwrap().contains("field `load`")),
+        other => panic!("a load above 1000: {:?}", other.map(|r| r.status())),
+    }
+    assert!(matches!(hb("garbage"), Err(ureq::Error::Status(400, _))));
+    assert_eq!(node_state("slow"), "failed");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }

@@ -68,10 +68,16 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
 /// process and the URL it says it serves on. Its stderr keeps being drained so it never
 /// blocks on a full pipe.
 pub fn start_daemon(data: &Path) -> (std::process::Child, String) {
+    start_daemon_with(data, &[])
+}
+
+/// [`start_daemon`] with extra `mint daemon` arguments.
+pub fn start_daemon_with(data: &Path, extra: &[&str]) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mint"))
         .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
+        .args(extra)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start the daemon");
