@@ -10,3 +10,4 @@ mod nodes;
 mod plugin_host;
 mod store;
 mod support;
+mod testbed;

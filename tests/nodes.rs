@@ -1,191 +1,20 @@
 //! Real nodes: Linux network namespaces on a bridge, one `mint-agent` in each, a daemon on
-//! the host, and the `agent` driver between them. After a deploy the test reaches every
-//! instance at its pre-assigned address and gets its identity back.
-//!
-//! Needs root (network namespaces, veth pairs, a bridge); these machines run tests as root.
-//! Every address is in 198.18.0.0/15: the bridge 198.18.0.1/16, agents 198.18.1.x,
-//! instances 198.18.2.x. Everything is torn down when the test bed is dropped, also when a
-//! test fails.
+//! the host, and the `agent` driver between them (the bed is `testbed.rs`). After a deploy
+//! the test reaches every instance at its pre-assigned address and gets its identity back.
 
 use crate::support::{root, scratch};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use crate::testbed::{TestBed, get, master, sh};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A bridge, namespaces with an agent each, and a daemon, removed on drop.
-struct TestBed {
-    _one: std::sync::MutexGuard<'static, ()>,
-    bridge: String,
-    namespaces: Vec<String>,
-    agents: Vec<Child>,
-    daemon: Option<Child>,
-    url: String,
-    dir: PathBuf,
-}
-
-/// One test bed at a time: they share the bridge's address range.
-static BEDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-impl Drop for TestBed {
-    fn drop(&mut self) {
-        // Instance services outlive their agents by design; stop everything in the namespaces.
-        for ns in &self.namespaces {
-            if let Ok(o) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-KILL", pid]).status();
-                }
-            }
-        }
-        for a in &mut self.agents {
-            let _ = Command::new("kill").args(["-TERM", &a.id().to_string()]).status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for a in &mut self.agents {
-            while Instant::now() < deadline && matches!(a.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = a.kill();
-            let _ = a.wait();
-        }
-        if let Some(d) = &mut self.daemon {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
-    }
-}
-
-impl TestBed {
-    fn new(name: &str, nodes: usize, daemon_args: &[&str]) -> TestBed {
-        let one = BEDS.lock().unwrap_or_else(|p| p.into_inner());
-        let id = std::process::id() % 100_000;
-        let dir = scratch(name);
-        let mut bed =
-            TestBed { _one: one, bridge: format!("mintbr{id}"), namespaces: Vec::new(), agents: Vec::new(), daemon: None, url: String::new(), dir };
-        // A bed left by a killed run of this process id would be in the way.
-        let _ = Command::new("ip").args(["link", "del", &bed.bridge]).output();
-        sh(&["ip", "link", "add", &bed.bridge, "type", "bridge"]);
-        sh(&["ip", "addr", "add", "198.18.0.1/16", "dev", &bed.bridge]);
-        sh(&["ip", "link", "set", &bed.bridge, "up"]);
-        for i in 0..nodes {
-            let ns = format!("mint-{id}-{i}");
-            let veth = format!("mv{id}-{i}");
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-            sh(&["ip", "netns", "add", &ns]);
-            bed.namespaces.push(ns.clone());
-            sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
-            sh(&["ip", "link", "set", &veth, "master", &bed.bridge, "up"]);
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("198.18.1.{}/16", 10 + i), "dev", "eth0"]);
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        }
-        bed.start_daemon(daemon_args);
-        for i in 0..nodes {
-            let agent = bed.start_agent(i);
-            bed.agents.push(agent);
-        }
-        bed
-    }
-
-    fn start_daemon(&mut self, extra: &[&str]) {
-        use std::io::{BufRead, BufReader};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
-            .args(["daemon", "--listen", "198.18.0.1:0", "--data-dir"])
-            .arg(self.dir.join("data"))
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the daemon");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("serving ").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
-                }
-            }
-        });
-        self.daemon = Some(child);
-        self.url = rx.recv_timeout(Duration::from_secs(60)).expect("the daemon says where it serves");
-    }
-
-    fn start_agent(&self, i: usize) -> Child {
-        let ns = &self.namespaces[i];
-        let node_dir = self.dir.join(format!("node-{i}"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "unshare", "--uts"])
-            .arg(env!("CARGO_BIN_EXE_mint-agent"))
-            .args(["run", "--engine", &self.url, "--name", &format!("node-{i}"), "--listen", &format!("198.18.1.{}:7601", 10 + i)])
-            .arg("--root")
-            .arg(&node_dir)
-            .args(["--interface", "eth0", "--cpus", "4", "--memory-mib", "4096", "--heartbeat-ms", "300", "--set-hostname"])
-            .args(["--label", &format!("zone=z{}", i % 3)])
-            .arg("--load-file")
-            .arg(self.load_file(i))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start an agent");
-        child
-    }
-
-    /// The file node `i`'s agent reads its load from (per mille).
-    fn load_file(&self, i: usize) -> PathBuf {
-        self.dir.join(format!("load-{i}"))
-    }
-
-    fn set_load(&self, load: u32) {
-        for i in 0..self.namespaces.len() {
-            std::fs::write(self.load_file(i), load.to_string()).unwrap();
-        }
-    }
-
-    fn mint(&self, args: &[&str]) -> serde_json::Value {
-        let o = Command::new(env!("CARGO_BIN_EXE_mint")).args(args).arg("--json").env("MINT_SERVER", &self.url).current_dir(root()).output().unwrap();
-        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap()
-    }
-
-    /// Polls `probe` every 200 ms until it answers, for at most `limit`.
-    fn wait_for<T>(&self, what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = probe() {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-/// The test master: a root with the `hello` service, which answers with the identity.
-fn master(dir: &Path) -> PathBuf {
-    let m = dir.join("master");
-    std::fs::create_dir_all(m.join("etc/mint")).unwrap();
-    std::fs::create_dir_all(m.join("usr/bin")).unwrap();
-    std::fs::write(m.join("etc/hostname"), "debian\n").unwrap();
-    std::fs::write(m.join("etc/hosts"), "127.0.0.1\tlocalhost\n").unwrap();
-    std::fs::write(m.join("etc/mint/service"), "/usr/bin/mint-agent hello --port 80\n").unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_mint-agent"), m.join("usr/bin/mint-agent")).unwrap();
-    m
-}
-
-fn get(url: &str) -> Option<String> {
-    ureq::get(url).timeout(Duration::from_secs(2)).call().ok()?.into_string().ok()
+/// A test bed in a fresh scratch directory.
+fn bed(name: &str, nodes: usize, daemon_args: &[&str]) -> TestBed {
+    TestBed::new(scratch(name), root(), nodes, daemon_args)
 }
 
 #[test]
 fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
-    let bed = TestBed::new("nodes-deploy", 6, &[]);
+    let bed = bed("nodes-deploy", 6, &[]);
     let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
     let spec = serde_json::json!({
         "name": "web", "image": image["digest"], "max-instances": 8, "subnet": "198.18.2.0/24",
@@ -232,7 +61,7 @@ fn addresses_in(ns: &str) -> String {
 
 #[test]
 fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_node_is_fenced() {
-    let mut bed = TestBed::new("nodes-failure", 4, &["--node-timeout-secs", "2"]);
+    let mut bed = bed("nodes-failure", 4, &["--node-timeout-secs", "2"]);
     let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
     let spec = serde_json::json!({
         "name": "web", "image": image["digest"], "max-instances": 4, "subnet": "198.18.2.0/24",
@@ -292,7 +121,7 @@ fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_nod
 /// the same address; load falls and the tier shrinks to its minimum.
 #[test]
 fn a_load_rule_grows_the_tier_a_dead_node_is_replaced_and_the_tier_shrinks() {
-    let mut bed = TestBed::new("nodes-load", 6, &["--node-timeout-secs", "2"]);
+    let mut bed = bed("nodes-load", 6, &["--node-timeout-secs", "2"]);
     bed.set_load(500);
     let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
     let spec = serde_json::json!({

@@ -59,6 +59,7 @@ struct Saved {
     request: DeployRequest,
     address: (String, u8),
     pid: Option<u32>,
+    generation: u64,
 }
 
 fn saved_path(agent: &Agent) -> PathBuf {
@@ -82,6 +83,7 @@ pub fn restore(agent: &Agent) {
     slot.request = Some(saved.request);
     slot.address = Some(saved.address);
     slot.adopted = pid;
+    slot.generation = saved.generation;
 }
 
 /// The instance this node runs, for heartbeats.
@@ -145,16 +147,21 @@ pub fn start(agent: &std::sync::Arc<Agent>, req: DeployRequest) -> Result<Status
                 slot.detail = "fetching the artifact".into();
                 let (agent, generation) = (agent.clone(), slot.generation);
                 std::thread::spawn(move || {
-                    let outcome = deploy(&agent, &req);
+                    let outcome = deploy(&agent, &req, generation);
                     let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
                     if slot.generation != generation {
+                        // Undeployed (or replaced) while this worker ran: undo what it did.
+                        drop(slot);
+                        if let Ok((address, service)) = outcome {
+                            undo(&agent, &req, generation, Some(address), service);
+                        }
                         return;
                     }
                     match outcome {
                         Ok((address, service)) => {
                             slot.state = State::Running;
                             slot.detail = format!("{} at {}/{}", req.hostname, address.0, address.1);
-                            let saved = Saved { request: req.clone(), address: address.clone(), pid: service.as_ref().map(Child::id) };
+                            let saved = Saved { request: req.clone(), address: address.clone(), pid: service.as_ref().map(Child::id), generation };
                             if let Ok(text) = serde_json::to_string(&saved) {
                                 let _ = std::fs::write(saved_path(&agent), text);
                             }
@@ -189,8 +196,10 @@ struct Part {
     digest: String,
 }
 
-fn instance_dir(agent: &Agent, tier: &str, index: u32) -> PathBuf {
-    agent.args.root.join(format!("{tier}-{index}"))
+/// Each deployment gets its own directory, so one being undone never touches the files
+/// of a newer deployment of the same instance.
+fn instance_dir(agent: &Agent, tier: &str, index: u32, generation: u64) -> PathBuf {
+    agent.args.root.join(format!("{tier}-{index}.{generation}"))
 }
 
 /// Resolves a URL the descriptor gives (absolute, or a path on the engine).
@@ -215,7 +224,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 /// Fetches, checks, unpacks, configures and starts; returns the address brought up and
 /// the service started.
-fn deploy(agent: &Agent, req: &DeployRequest) -> Result<((String, u8), Option<Child>), String> {
+fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<((String, u8), Option<Child>), String> {
     let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
     let desc: Descriptor = http
         .get(&req.artifact_url)
@@ -231,7 +240,7 @@ fn deploy(agent: &Agent, req: &DeployRequest) -> Result<((String, u8), Option<Ch
     }
     let address: std::net::IpAddr = desc.address.parse().map_err(|_| format!("the artifact's address `{}` is not an IP address", desc.address))?;
     let rootfs = desc.parts.iter().find(|p| p.role == "rootfs").ok_or("the artifact has no rootfs part")?;
-    let dir = instance_dir(agent, &req.tier, req.index);
+    let dir = instance_dir(agent, &req.tier, req.index, generation);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
 
@@ -321,14 +330,41 @@ fn start_service(root: &Path, req: &DeployRequest, address: &str) -> Result<Opti
     Ok(Some(child))
 }
 
-/// Stops the service, releases the address and removes the instance's root.
+/// Stops a service this agent started, releases its address and removes its root.
+fn undo(agent: &Agent, req: &DeployRequest, generation: u64, address: Option<(String, u8)>, service: Option<Child>) {
+    if let Some(mut child) = service {
+        // SAFETY: kill with a pid this process spawned and has not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // The address stays when a newer deployment of the same instance holds it now.
+    let reused = {
+        let slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.generation != generation && slot.state != State::Absent && slot.request.as_ref().is_some_and(|r| r.tier == req.tier && r.index == req.index)
+    };
+    if let Some((addr, prefix)) = address
+        && !reused
+    {
+        let _ = ip(&["addr", "del", &format!("{addr}/{prefix}"), "dev", &agent.args.interface]);
+    }
+    let _ = std::fs::remove_dir_all(instance_dir(agent, &req.tier, req.index, generation));
+}
+
+/// Stops the service, releases the address and removes the instance's root. A deployment
+/// still in progress is undone by its worker when it finishes.
 pub fn stop(agent: &Agent) -> Result<(), String> {
-    let (request, address, service, adopted) = {
+    let (request, address, service, adopted, generation) = {
         let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = slot.generation;
         slot.generation += 1;
         slot.state = State::Absent;
         slot.detail.clear();
-        (slot.request.take(), slot.address.take(), slot.service.take(), slot.adopted.take())
+        (slot.request.take(), slot.address.take(), slot.service.take(), slot.adopted.take(), generation)
     };
     let _ = std::fs::remove_file(saved_path(agent));
     if let Some(pid) = adopted {
@@ -343,21 +379,8 @@ pub fn stop(agent: &Agent) -> Result<(), String> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    if let Some(mut child) = service {
-        // SAFETY: kill with a pid this process spawned and has not reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    if let Some((addr, prefix)) = address {
-        let _ = ip(&["addr", "del", &format!("{addr}/{prefix}"), "dev", &agent.args.interface]);
-    }
     if let Some(r) = request {
-        let _ = std::fs::remove_dir_all(instance_dir(agent, &r.tier, r.index));
+        undo(agent, &r, generation, address, service);
     }
     Ok(())
 }
