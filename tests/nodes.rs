@@ -3,7 +3,7 @@
 //! the test reaches every instance at its pre-assigned address and gets its identity back.
 
 use crate::support::{root, scratch};
-use crate::testbed::{TestBed, get, master, sh};
+use crate::testbed::{TestBed, addresses_in, get, master, sh};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -53,11 +53,6 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
     assert!(events.contains("deployed") && events.contains("released"), "{events}");
 }
 
-/// Addresses on a namespace's eth0.
-fn addresses_in(ns: &str) -> String {
-    let o = Command::new("ip").args(["-n", ns, "-o", "addr", "show", "dev", "eth0"]).output().unwrap();
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 #[test]
 fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_node_is_fenced() {
@@ -262,4 +257,79 @@ fn unreachable_garbled_and_never_ready_agents_end_in_clear_states() {
     assert_eq!(node_state("slow"), "failed");
     let _ = daemon.kill();
     let _ = daemon.wait();
+}
+
+/// Between the agents and the daemon, a stand-in for a tampering proxy: it passes every GET
+/// through but announces a wrong digest for every artifact part.
+fn tampering_proxy(upstream: std::sync::Arc<std::sync::Mutex<String>>) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            let Ok((s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut reader = BufReader::new(s);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let base = upstream.lock().unwrap().clone();
+            let body: Vec<u8> = match ureq::get(&format!("{base}{path}")).call() {
+                Ok(r) => {
+                    let mut bytes = Vec::new();
+                    let _ = std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes);
+                    if path.starts_with("/v1/artifacts/") {
+                        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                        for p in v["parts"].as_array_mut().into_iter().flatten() {
+                            p["digest"] = format!("sha256:{}", "0".repeat(64)).into();
+                        }
+                        bytes = v.to_string().into_bytes();
+                    }
+                    bytes
+                }
+                Err(_) => Vec::new(),
+            };
+            let mut s = reader.into_inner();
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    port
+}
+
+/// An artifact whose bytes are not the digest announced for them is refused by the agent:
+/// nothing is unpacked or brought up, the node ends failed with the reason in the event
+/// log, and the instance keeps its identity in the pool.
+#[test]
+fn an_artifact_with_a_wrong_digest_is_refused_and_nothing_comes_up() {
+    let upstream = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let port = tampering_proxy(upstream.clone());
+    let advertise = format!("http://198.18.0.1:{port}");
+    let bed = bed("nodes-digest", 1, &["--advertise-url", &advertise]);
+    *upstream.lock().unwrap() = bed.url.clone();
+    let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
+    let spec = serde_json::json!({
+        "name": "web", "image": image["digest"], "max-instances": 2, "subnet": "198.18.2.0/24",
+        "hostname": "web-{index}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
+    });
+    let file = bed.dir.join("web.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
+    bed.wait_for("the node to register", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 1).then_some(()));
+    bed.mint(&["tier", "scale", "web", "1"]);
+    bed.wait_for("the node to be failed", Duration::from_secs(30), || (bed.mint(&["node", "list"])[0]["state"] == "failed").then_some(()));
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).output().unwrap();
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(events.contains("not the sha256:0000") && events.contains("refusing it"), "{events}");
+    let inst = bed.mint(&["instance", "list", "web"]);
+    assert_eq!((inst[0]["state"].as_str(), inst[0]["address"].as_str()), (Some("failed"), Some("198.18.2.1")), "kept, identity and all");
+    assert!(!crate::testbed::addresses_in(&bed.namespaces[0]).contains("198.18.2.1"), "no address was brought up");
+    assert!(get("http://198.18.2.1/").is_none());
 }

@@ -199,3 +199,9 @@ pub fn master(dir: &Path) -> PathBuf {
 pub fn get(url: &str) -> Option<String> {
     ureq::get(url).timeout(Duration::from_secs(2)).call().ok()?.into_string().ok()
 }
+
+/// Addresses on a namespace's eth0.
+pub fn addresses_in(ns: &str) -> String {
+    let o = Command::new("ip").args(["-n", ns, "-o", "addr", "show", "dev", "eth0"]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
