@@ -333,3 +333,53 @@ fn an_artifact_with_a_wrong_digest_is_refused_and_nothing_comes_up() {
     assert!(!crate::testbed::addresses_in(&bed.namespaces[0]).contains("198.18.2.1"), "no address was brought up");
     assert!(get("http://198.18.2.1/").is_none());
 }
+
+/// The daemon crashes while its records say deploying: restarted on its state, it takes up
+/// the deployments where they are (asking the agents), and every instance ends running
+/// once, on one node, at its address.
+#[test]
+fn a_daemon_crashing_mid_deploy_resumes_and_deploys_nothing_twice() {
+    let mut bed = bed("nodes-restart", 4, &[]);
+    let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
+    let spec = serde_json::json!({
+        "name": "web", "image": image["digest"], "max-instances": 6, "subnet": "198.18.2.0/24",
+        "hostname": "web-{index}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
+        "deploy-timeout-secs": 60,
+    });
+    let file = bed.dir.join("web.json");
+    std::fs::write(&file, spec.to_string()).unwrap();
+    bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
+    bed.wait_for("four registered nodes", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 4).then_some(()));
+    bed.mint(&["tier", "scale", "web", "3"]);
+    // The agents have had time to act on the deploy requests; the engine has not yet polled
+    // them (every 2 s), so its records still say deploying when it dies.
+    std::thread::sleep(Duration::from_millis(1500));
+    bed.crash_and_restart_daemon(&[]);
+    let inst = bed.wait_for("three running instances after the restart", Duration::from_secs(60), || {
+        let inst = bed.mint(&["instance", "list", "web"]);
+        (inst.as_array()?.iter().filter(|i| i["state"] == "deployed").count() == 3).then_some(inst)
+    });
+    // Each agent runs at most one instance, and the three running ones are the three the
+    // engine placed: nothing was deployed twice.
+    let mut running = Vec::new();
+    for i in 0..4 {
+        let status: serde_json::Value = ureq::get(&format!("http://198.18.1.{}:7601/v1/status", 10 + i)).call().unwrap().into_json().unwrap();
+        if status["state"] == "running" {
+            running.push((format!("node-{i}"), status["index"].as_u64().unwrap()));
+        }
+    }
+    running.sort();
+    let mut placed: Vec<(String, u64)> = inst
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "deployed")
+        .map(|i| (i["node"].as_str().unwrap().to_string(), i["id"]["index"].as_u64().unwrap()))
+        .collect();
+    placed.sort();
+    assert_eq!(running, placed);
+    for i in inst.as_array().unwrap().iter().filter(|i| i["state"] == "deployed") {
+        let address = i["address"].as_str().unwrap();
+        assert_eq!(get(&format!("http://{address}/")).as_deref(), Some(format!("{} {address}\n", i["hostname"].as_str().unwrap()).as_str()));
+    }
+}

@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The host end of node `i`'s veth pair.
+fn veth_name(i: usize) -> String {
+    format!("mv{}-{i}", std::process::id() % 100_000)
+}
+
 /// Runs a command that must succeed.
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
@@ -60,7 +65,10 @@ impl Drop for TestBed {
             let _ = d.kill();
             let _ = d.wait();
         }
-        for ns in &self.namespaces {
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            // Deleting the host end removes the pair at once; a namespace's own cleanup
+            // happens later, in the kernel's time, and the next bed reuses the names.
+            let _ = Command::new("ip").args(["link", "del", &veth_name(i)]).output();
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
@@ -90,8 +98,9 @@ impl TestBed {
         sh(&["ip", "link", "set", &bed.bridge, "up"]);
         for i in 0..nodes {
             let ns = format!("mint-{id}-{i}");
-            let veth = format!("mv{id}-{i}");
+            let veth = veth_name(i);
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            let _ = Command::new("ip").args(["link", "del", &veth]).output();
             sh(&["ip", "netns", "add", &ns]);
             bed.namespaces.push(ns.clone());
             sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
@@ -108,10 +117,25 @@ impl TestBed {
         bed
     }
 
+    /// Kills the daemon (SIGKILL, as a crash) and starts it again on the same address and
+    /// state, where the agents find it.
+    pub fn crash_and_restart_daemon(&mut self, extra: &[&str]) {
+        if let Some(d) = &mut self.daemon {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let listen = self.url.trim_start_matches("http://").to_string();
+        self.start_daemon_on(&listen, extra);
+    }
+
     fn start_daemon(&mut self, extra: &[&str]) {
+        self.start_daemon_on("198.18.0.1:0", extra);
+    }
+
+    fn start_daemon_on(&mut self, listen: &str, extra: &[&str]) {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
-            .args(["daemon", "--listen", "198.18.0.1:0", "--data-dir"])
+            .args(["daemon", "--listen", listen, "--data-dir"])
             .arg(self.dir.join("data"))
             .args(extra)
             .stderr(Stdio::piped())
@@ -120,7 +144,11 @@ impl TestBed {
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let echo = std::env::var_os("MINT_TESTBED_LOGS").is_some();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("daemon: {line}");
+                }
                 if let Some(rest) = line.split("serving ").nth(1) {
                     let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
                 }
