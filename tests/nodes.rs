@@ -334,8 +334,9 @@ fn an_artifact_with_a_wrong_digest_is_refused_and_nothing_comes_up() {
     assert!(get("http://198.18.2.1/").is_none());
 }
 
-/// The daemon crashes while its records say deploying: restarted on its state, it takes up
-/// the deployments where they are (asking the agents), and every instance ends running
+/// The daemon crashes right after it asked the agents to deploy, while they fetch the
+/// artifacts from it: restarted on its state and address, it takes up the deployments where
+/// they are (the agents keep trying to reach it meanwhile), and every instance ends running
 /// once, on one node, at its address.
 #[test]
 fn a_daemon_crashing_mid_deploy_resumes_and_deploys_nothing_twice() {
@@ -351,9 +352,7 @@ fn a_daemon_crashing_mid_deploy_resumes_and_deploys_nothing_twice() {
     bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
     bed.wait_for("four registered nodes", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 4).then_some(()));
     bed.mint(&["tier", "scale", "web", "3"]);
-    // The agents have had time to act on the deploy requests; the engine has not yet polled
-    // them (every 2 s), so its records still say deploying when it dies.
-    std::thread::sleep(Duration::from_millis(1500));
+    // At once: the agents are still fetching artifacts from the daemon that dies under them.
     bed.crash_and_restart_daemon(&[]);
     let inst = bed.wait_for("three running instances after the restart", Duration::from_secs(60), || {
         let inst = bed.mint(&["instance", "list", "web"]);

@@ -222,13 +222,33 @@ fn ip(args: &[&str]) -> Result<(), String> {
     if out.status.success() { Ok(()) } else { Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())) }
 }
 
+/// How long a deployment keeps trying to reach the artifact server: the engine may be
+/// restarting (the deployment it asked for is still wanted), and its driver's deploy
+/// timeout, not a refused connection, decides when a deployment has failed.
+const FETCH_PATIENCE: Duration = Duration::from_secs(60);
+
+/// GETs `url`, retrying while the server cannot be reached or answers 5xx.
+fn fetch(http: &ureq::Agent, url: &str) -> Result<ureq::Response, ureq::Error> {
+    let deadline = std::time::Instant::now() + FETCH_PATIENCE;
+    loop {
+        let result = http.get(url).call();
+        let retry = match &result {
+            Ok(_) => false,
+            Err(ureq::Error::Transport(_)) => true,
+            Err(ureq::Error::Status(code, _)) => *code >= 500,
+        };
+        if !retry || std::time::Instant::now() >= deadline {
+            return result;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Fetches, checks, unpacks, configures and starts; returns the address brought up and
 /// the service started.
 fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<((String, u8), Option<Child>), String> {
     let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
-    let desc: Descriptor = http
-        .get(&req.artifact_url)
-        .call()
+    let desc: Descriptor = fetch(&http, &req.artifact_url)
         .map_err(|e| format!("fetching the artifact descriptor {}: {e}", req.artifact_url))?
         .into_json()
         .map_err(|e| format!("the artifact descriptor is not what the agent reads: {e}"))?;
@@ -247,7 +267,7 @@ fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<((Strin
     // Download to a file while hashing; a wrong digest stops the deployment before
     // anything is unpacked.
     let tar_path = dir.join("rootfs.tar");
-    let resp = http.get(&absolute(&req.artifact_url, &rootfs.url)).call().map_err(|e| format!("fetching {}: {e}", rootfs.url))?;
+    let resp = fetch(&http, &absolute(&req.artifact_url, &rootfs.url)).map_err(|e| format!("fetching {}: {e}", rootfs.url))?;
     let mut reader = resp.into_reader();
     let mut file = std::fs::File::create(&tar_path).map_err(|e| format!("cannot write {}: {e}", tar_path.display()))?;
     let mut hash = Sha256::new();
