@@ -44,6 +44,27 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
         assert_eq!(answer, format!("{} {address}\n", i["hostname"].as_str().unwrap()), "the instance answers with its own identity");
     }
 
+    // The service of one instance dies on a healthy node: the health check sees it, the
+    // node is failed and the instance answers again, from a free node, at its address.
+    let sick = inst.as_array().unwrap().iter().find(|i| i["state"] == "deployed").unwrap().clone();
+    let (address, node) = (sick["address"].as_str().unwrap().to_string(), sick["node"].as_str().unwrap().to_string());
+    let n: usize = node.trim_start_matches("node-").parse().unwrap();
+    let agent_pid = bed.agents[n].id().to_string();
+    let pids = Command::new("ip").args(["netns", "pids", &bed.namespaces[n]]).output().unwrap();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace().filter(|p| *p != agent_pid) {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+    let index = sick["id"]["index"].as_u64().unwrap() as usize;
+    bed.wait_for("the instance redeployed after its health check failed", Duration::from_secs(60), || {
+        let now = &bed.mint(&["instance", "list", "web"])[index];
+        (now["state"] == "deployed" && now["node"] != node.as_str()).then_some(())
+    });
+    let answer = bed.wait_for("the instance to answer again", Duration::from_secs(10), || get(&format!("http://{address}/")));
+    assert_eq!(answer, format!("{} {address}\n", sick["hostname"].as_str().unwrap()));
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).output().unwrap();
+    assert!(String::from_utf8_lossy(&events.stdout).contains("health check"), "the event says why");
+    let inst = bed.mint(&["instance", "list", "web"]);
+
     // Scaling in stops the service and releases the address on the node.
     bed.mint(&["tier", "scale", "web", "2"]);
     let gone = inst.as_array().unwrap().iter().filter(|i| i["state"] == "deployed").map(|i| i["address"].as_str().unwrap().to_string()).max_by_key(|a| a.rsplit('.').next().unwrap().parse::<u32>().unwrap()).unwrap();

@@ -508,6 +508,29 @@ impl Engine {
         Ok(())
     }
 
+    /// Health check: asks the driver about every deployed instance of a tier. One the
+    /// driver reports failed or gone fails its node, so reconciliation redeploys it, with
+    /// its identity, on a fresh node; the node's agent is fenced when it next reports. A
+    /// driver that cannot answer is left to the node's heartbeats. Returns what failed.
+    pub async fn check_health(&self, tier_name: &str) -> Result<Vec<InstanceId>> {
+        let tier = self.store.tier(tier_name)?;
+        let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
+        let config = config_value(&tier.driver);
+        let mut failed = Vec::new();
+        for inst in self.store.instances(tier_name)?.into_iter().filter(|i| i.state == InstanceState::Deployed) {
+            let Some(node_name) = inst.node.as_deref() else { continue };
+            let node = wit_node(&self.node(node_name)?);
+            let why = match driver.status(&node, &deployment(&self.advertise, &inst), config.as_ref()).await.map(|r| r.value) {
+                Ok(r) if r.state == wit::InstanceState::Failed => format!("health check: the driver reports {} failed: {}", inst.id, r.detail),
+                Ok(r) if r.state == wit::InstanceState::Absent => format!("health check: {} is no longer on its node ({})", inst.id, r.detail),
+                _ => continue,
+            };
+            self.store.fail_node(node_name, &why)?;
+            failed.push(inst.id.clone());
+        }
+        Ok(failed)
+    }
+
     /// Asks the driver about every unfinished deployment of a tier. A running instance is
     /// recorded deployed; one the node does not have (the daemon stopped between binding
     /// it and calling the driver) is deployed again, which drivers must make idempotent; a

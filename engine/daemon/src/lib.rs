@@ -30,10 +30,15 @@ use std::time::Duration;
 /// How often the loop reconciles every tier when nothing asks it to sooner.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
+/// How often deployed instances are health-checked through their drivers.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(4);
+
 struct App {
     engine: Engine,
     /// When each node's agent last reported, and the loads it reported.
     liveness: liveness::Liveness,
+    /// When deployed instances were last health-checked.
+    checked: std::sync::Mutex<std::time::Instant>,
     reconciling: tokio::sync::Mutex<()>,
     /// Writers of the image store's files (imports, artifact builds) share it; garbage
     /// collection and image deletion take it alone, so they never see half-written files
@@ -500,7 +505,22 @@ async fn reconcile_all(app: &App) {
             return;
         }
     };
+    let health_due = {
+        let mut at = app.checked.lock().unwrap_or_else(|p| p.into_inner());
+        let due = at.elapsed() >= HEALTH_EVERY;
+        if due {
+            *at = std::time::Instant::now();
+        }
+        due
+    };
     for t in tiers {
+        if health_due {
+            match app.engine.check_health(&t.name).await {
+                Ok(failed) if !failed.is_empty() => tracing::warn!(tier = %t.name, "health check failed for {failed:?}"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(tier = %t.name, "health check: {e}"),
+            }
+        }
         autoscale::decide(app, &t);
         match app.engine.reconcile(&t.name).await {
             Ok(p) if p.blocked.is_some() => tracing::warn!(tier = %t.name, "blocked: {}", p.blocked.unwrap_or_default()),
@@ -544,7 +564,7 @@ pub async fn serve(
     let advertise = advertise.unwrap_or_else(|| format!("http://{bound}"));
     mint_plugins::HostPattern::of_url(&advertise).map_err(|e| format!("--advertise-url: {e}"))?;
     engine.advertise = advertise;
-    let app = Arc::new(App { engine, liveness: liveness::Liveness::new(node_timeout), reconciling: tokio::sync::Mutex::new(()), image_files: tokio::sync::RwLock::new(()) });
+    let app = Arc::new(App { engine, liveness: liveness::Liveness::new(node_timeout), checked: std::sync::Mutex::new(std::time::Instant::now()), reconciling: tokio::sync::Mutex::new(()), image_files: tokio::sync::RwLock::new(()) });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let looping = app.clone();
     let reconciler = tokio::spawn(async move {
