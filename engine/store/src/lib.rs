@@ -460,24 +460,28 @@ impl Store {
 
     /// Sets how many instances of a tier should be deployed (0 to K).
     pub fn set_desired(&self, tier: &str, desired: u32) -> Result<()> {
-        let _w = self.lock();
-        self.transact(|tx| {
-            let Some(mut t) = Tx::get::<Tier>(tx.tiers, tier.as_bytes())? else {
-                return abort(StoreError::NotFound { what: "tier", name: tier.into() });
-            };
-            if desired > t.max_instances {
-                return refuse(format!("cannot scale tier `{tier}` to {desired}: its max-instances (K) is {}", t.max_instances));
-            }
-            let before = t.desired;
-            t.desired = desired;
-            Tx::put(tx.tiers, tier.as_bytes(), &t)?;
-            tx.event(Some(tier), "scale-requested", format!("tier `{tier}` scaled from {before} to {desired}"), serde_json::json!({"from": before, "to": desired}))
+        self.change_desired(tier, desired, None, |before| {
+            ("scale-requested", format!("tier `{tier}` scaled from {before} to {desired}"), serde_json::json!({"from": before, "to": desired}))
         })
     }
 
     /// Sets a tier's desired count because its load rule says so, recording the reason and
     /// the figures behind it, and when (for the rule's cooldown).
     pub fn autoscale(&self, tier: &str, desired: u32, message: &str, detail: serde_json::Value) -> Result<()> {
+        self.change_desired(tier, desired, Some(now_ms()), |before| {
+            ("autoscaled", format!("tier `{tier}` scaled from {before} to {desired}: {message}"), detail.clone())
+        })
+    }
+
+    /// One change of a tier's desired count (refused above K), with the event `event` makes
+    /// of the count before; `autoscaled_at` marks a load rule's decision.
+    fn change_desired(
+        &self,
+        tier: &str,
+        desired: u32,
+        autoscaled_at: Option<u64>,
+        event: impl Fn(u32) -> (&'static str, String, serde_json::Value),
+    ) -> Result<()> {
         let _w = self.lock();
         self.transact(|tx| {
             let Some(mut t) = Tx::get::<Tier>(tx.tiers, tier.as_bytes())? else {
@@ -486,11 +490,13 @@ impl Store {
             if desired > t.max_instances {
                 return refuse(format!("cannot scale tier `{tier}` to {desired}: its max-instances (K) is {}", t.max_instances));
             }
-            let before = t.desired;
+            let (kind, message, detail) = event(t.desired);
             t.desired = desired;
-            t.autoscaled_at_ms = now_ms();
+            if let Some(at) = autoscaled_at {
+                t.autoscaled_at_ms = at;
+            }
             Tx::put(tx.tiers, tier.as_bytes(), &t)?;
-            tx.event(Some(tier), "autoscaled", format!("tier `{tier}` scaled from {before} to {desired}: {message}"), detail.clone())
+            tx.event(Some(tier), kind, message, detail)
         })
     }
 
