@@ -12,24 +12,34 @@ fn bed(name: &str, nodes: usize, daemon_args: &[&str]) -> TestBed {
     TestBed::new(scratch(name), root(), nodes, daemon_args)
 }
 
-#[test]
-fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
-    let bed = bed("nodes-deploy", 6, &[]);
+/// Imports the test master and creates tier `web` of `k` instances on 198.18.2.0/24 with
+/// the agent driver; `extra` adds or replaces fields of the spec.
+fn web_tier(bed: &TestBed, k: u32, extra: serde_json::Value) {
     let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
-    let spec = serde_json::json!({
-        "name": "web", "image": image["digest"], "max-instances": 8, "subnet": "198.18.2.0/24",
+    let mut spec = serde_json::json!({
+        "name": "web", "image": image["digest"], "max-instances": k, "subnet": "198.18.2.0/24",
         "hostname": "web-{index:03}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
-        "deploy-timeout-secs": 60,
     });
+    for (key, value) in extra.as_object().into_iter().flatten() {
+        spec[key] = value.clone();
+    }
     let file = bed.dir.join("web.json");
     std::fs::write(&file, spec.to_string()).unwrap();
     bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
+}
+
+/// Waits until `n` agents have registered their nodes.
+fn wait_for_nodes(bed: &TestBed, n: usize) {
+    bed.wait_for(&format!("{n} registered nodes"), Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == n).then_some(()));
+}
+
+#[test]
+fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
+    let bed = bed("nodes-deploy", 6, &[]);
+    web_tier(&bed, 8, serde_json::json!({"deploy-timeout-secs": 60}));
 
     // The agents register their nodes themselves.
-    bed.wait_for("six registered nodes", Duration::from_secs(30), || {
-        let nodes = bed.mint(&["node", "list"]);
-        (nodes.as_array()?.len() == 6).then_some(())
-    });
+    wait_for_nodes(&bed, 6);
     let node = &bed.mint(&["node", "list"])[0];
     assert!(node["properties"]["agent-url"].as_str().unwrap().starts_with("http://198.18.1."), "{node}");
 
@@ -78,16 +88,8 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
 #[test]
 fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_node_is_fenced() {
     let mut bed = bed("nodes-failure", 4, &["--node-timeout-secs", "2"]);
-    let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
-    let spec = serde_json::json!({
-        "name": "web", "image": image["digest"], "max-instances": 4, "subnet": "198.18.2.0/24",
-        "hostname": "web-{index:03}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
-        "deploy-timeout-secs": 60,
-    });
-    let file = bed.dir.join("web.json");
-    std::fs::write(&file, spec.to_string()).unwrap();
-    bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
-    bed.wait_for("four registered nodes", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 4).then_some(()));
+    web_tier(&bed, 4, serde_json::json!({"deploy-timeout-secs": 60}));
+    wait_for_nodes(&bed, 4);
     bed.mint(&["tier", "scale", "web", "2"]);
     let running = |bed: &TestBed| -> Option<serde_json::Value> {
         let inst = bed.mint(&["instance", "list", "web"]);
@@ -139,16 +141,8 @@ fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_nod
 fn a_load_rule_grows_the_tier_a_dead_node_is_replaced_and_the_tier_shrinks() {
     let mut bed = bed("nodes-load", 6, &["--node-timeout-secs", "2"]);
     bed.set_load(500);
-    let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
-    let spec = serde_json::json!({
-        "name": "web", "image": image["digest"], "max-instances": 8, "subnet": "198.18.2.0/24",
-        "hostname": "web-{index:03}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
-        "autoscale": {"scale-out-above": 700, "scale-in-below": 200, "for-secs": 2, "step": 2, "cooldown-secs": 2, "min": 2, "max": 5},
-    });
-    let file = bed.dir.join("web.json");
-    std::fs::write(&file, spec.to_string()).unwrap();
-    bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
-    bed.wait_for("six registered nodes", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 6).then_some(()));
+    web_tier(&bed, 8, serde_json::json!({"autoscale": {"scale-out-above": 700, "scale-in-below": 200, "for-secs": 2, "step": 2, "cooldown-secs": 2, "min": 2, "max": 5}}));
+    wait_for_nodes(&bed, 6);
     bed.mint(&["tier", "scale", "web", "3"]);
     let deployed = |bed: &TestBed| -> usize {
         bed.mint(&["instance", "list", "web"]).as_array().map(|a| a.iter().filter(|i| i["state"] == "deployed").count()).unwrap_or(0)
@@ -335,15 +329,8 @@ fn an_artifact_with_a_wrong_digest_is_refused_and_nothing_comes_up() {
     let advertise = format!("http://198.18.0.1:{port}");
     let bed = bed("nodes-digest", 1, &["--advertise-url", &advertise]);
     *upstream.lock().unwrap() = bed.url.clone();
-    let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
-    let spec = serde_json::json!({
-        "name": "web", "image": image["digest"], "max-instances": 2, "subnet": "198.18.2.0/24",
-        "hostname": "web-{index}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
-    });
-    let file = bed.dir.join("web.json");
-    std::fs::write(&file, spec.to_string()).unwrap();
-    bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
-    bed.wait_for("the node to register", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 1).then_some(()));
+    web_tier(&bed, 2, serde_json::json!({"hostname": "web-{index}"}));
+    wait_for_nodes(&bed, 1);
     bed.mint(&["tier", "scale", "web", "1"]);
     bed.wait_for("the node to be failed", Duration::from_secs(30), || (bed.mint(&["node", "list"])[0]["state"] == "failed").then_some(()));
     let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).output().unwrap();
@@ -362,16 +349,8 @@ fn an_artifact_with_a_wrong_digest_is_refused_and_nothing_comes_up() {
 #[test]
 fn a_daemon_crashing_mid_deploy_resumes_and_deploys_nothing_twice() {
     let mut bed = bed("nodes-restart", 4, &[]);
-    let image = bed.mint(&["image", "import", master(&bed.dir).to_str().unwrap(), "--name", "hello"]);
-    let spec = serde_json::json!({
-        "name": "web", "image": image["digest"], "max-instances": 6, "subnet": "198.18.2.0/24",
-        "hostname": "web-{index}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"},
-        "deploy-timeout-secs": 60,
-    });
-    let file = bed.dir.join("web.json");
-    std::fs::write(&file, spec.to_string()).unwrap();
-    bed.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
-    bed.wait_for("four registered nodes", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 4).then_some(()));
+    web_tier(&bed, 6, serde_json::json!({"hostname": "web-{index}", "deploy-timeout-secs": 60}));
+    wait_for_nodes(&bed, 4);
     bed.mint(&["tier", "scale", "web", "3"]);
     // At once: the agents are still fetching artifacts from the daemon that dies under them.
     bed.crash_and_restart_daemon(&[]);
