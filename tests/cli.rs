@@ -55,7 +55,7 @@ fn plugin_run_loads_from_disk_and_reports_failures_with_exit_codes() {
     // Bad usage: an unknown plugin, an unreadable fixture, a bad grant.
     let o = mint(&["plugin", "run", "nosuch", "--input", "tests/fixtures/select.json"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("bundled: spread, binpack, hostname, network, hosts, ssh-keys, files, cloud-init, noop, agent"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("bundled: spread, binpack, hostname, network, hosts, ssh-keys, files, cloud-init, noop, agent, redfish"), "{}", stderr(&o));
     let o = mint(&["plugin", "run", "spread", "--input", "tests/fixtures/nope.json"]);
     assert_eq!(o.status.code(), Some(2));
     let o = mint(&["plugin", "run", "noop", "--input", "tests/fixtures/deploy.json", "--allow-host", "127.0.0.1"]);
@@ -65,14 +65,30 @@ fn plugin_run_loads_from_disk_and_reports_failures_with_exit_codes() {
 
 #[test]
 fn plugin_list_and_inspect() {
-    let o = mint(&["plugin", "list"]);
-    assert!(o.status.success());
-    for name in ["spread", "binpack", "hostname", "network", "noop"] {
+    let data = crate::support::scratch("cli-plugin-list");
+    let (mut daemon, url) = crate::support::start_daemon(&data);
+    let o = mint(&["--server", &url, "plugin", "list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for name in ["spread", "binpack", "hostname", "network", "noop", "agent", "redfish"] {
         assert!(stdout(&o).contains(name), "{}", stdout(&o));
     }
-    let o = mint(&["plugin", "inspect", "spread"]);
+    let o = mint(&["--server", &url, "plugin", "inspect", "spread"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["world"], "mint:plugin/node-policy-plugin");
-    assert_eq!(v["wit"], "mint:plugin@0.1.0");
+    assert_eq!(v["wit"], "mint:plugin@0.1.1");
+    assert_eq!(v["signer"], "bundled");
     assert_eq!(v["sha256"].as_str().unwrap().len(), 64);
+    let o = mint(&["--server", &url, "plugin", "inspect", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no plugin named `nosuch`") && stderr(&o).contains("mint plugin install"), "{}", stderr(&o));
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    // A local file is inspected without a daemon, for authors.
+    let dir = crate::support::scratch("cli-plugin-inspect-file");
+    std::fs::copy(crate::support::guest("panic"), dir.join("panic.wasm")).unwrap();
+    std::fs::write(dir.join("panic.toml"), "name = \"panic\"\nversion = \"0.1.0\"\nkind = \"node-policy\"\nwit = \"0.1.0\"\n").unwrap();
+    let o = mint(&["plugin", "inspect", dir.join("panic.wasm").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["wit"], "mint:plugin@0.1.1", "read from the component, not the manifest");
 }

@@ -298,6 +298,11 @@ fn a_misbehaving_site_policy_blocks_its_tier_and_changes_nothing() {
     std::fs::write(plugins.join("misnamed.toml"), "name = \"other\"\nversion = \"1.0.0\"\nkind = \"node-policy\"\nwit = \"0.1.0\"\n").unwrap();
 
     let engine = Engine::open(&data).unwrap();
+    // Loose files are unsigned: refused until the operator allows unsigned plugins.
+    let e = engine.plugins.get("echo", mint_plugins::Kind::NodePolicy, "policy").err().unwrap().to_string();
+    assert!(e.contains("not a signed package") && e.contains("allow-unsigned"), "{e}");
+    let trust = mint_plugins::package::Trust::new(&Default::default(), true).unwrap();
+    engine.plugins.set_policy(mint_core::PluginPolicy { trust, ..Default::default() });
     let image = engine.import_image(&src, None).unwrap();
     let policy = |plugin: &str, config: serde_json::Value| PluginRef { plugin: plugin.into(), config: config.as_object().unwrap().clone() };
     block_on(async {

@@ -1,5 +1,6 @@
 //! mint's integration tests: one binary, one module per area.
 
+mod bmc;
 mod cli;
 mod crash;
 mod daemon;
@@ -7,7 +8,9 @@ mod engine;
 mod images;
 mod model;
 mod nodes;
+mod packages;
 mod plugin_host;
+mod redfish;
 mod store;
 mod support;
 mod testbed;

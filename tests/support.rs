@@ -16,7 +16,7 @@ pub fn guest(name: &str) -> PathBuf {
     let target = BUILT.get_or_init(|| {
         let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target dir").join("wasm-guests");
         let ws = root().join("tests/guests");
-        for g in ["panic", "spin", "memory-bomb", "flood", "bad-answer", "peers", "http-driver", "wit-v1"] {
+        for g in ["panic", "spin", "memory-bomb", "flood", "bad-answer", "peers", "http-driver", "wit-v1", "compat-0-1-0", "versioned"] {
             mint_guest_build::build_into(&ws, &format!("guest-{g}"), &target);
         }
         target

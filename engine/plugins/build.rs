@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 /// Each bundled plugin's name and directory; its package is `mint-<name>`, except where
 /// that name is the engine's own (the `agent` driver's package is `mint-agent-driver`).
-const PLUGINS: &[&str] = &["spread", "binpack", "hostname", "network", "hosts", "ssh-keys", "files", "cloud-init", "noop", "agent"];
+const PLUGINS: &[&str] = &["spread", "binpack", "hostname", "network", "hosts", "ssh-keys", "files", "cloud-init", "noop", "agent", "redfish"];
 
 fn package(plugin: &str) -> String {
     match plugin {

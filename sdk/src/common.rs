@@ -221,3 +221,17 @@ pub(crate) fn host_config() -> Result<Config, Error> {
     return Ok(crate::testing::current_config());
     Ok(Config::new())
 }
+
+/// How long the current call has left before the host's wall-clock limit
+/// (`capabilities.timeout-ms`) ends it. A plugin that waits on something outside uses it
+/// to answer in time. Natively (unit tests) it is 60 s.
+#[allow(unreachable_code)]
+pub fn remaining() -> std::time::Duration {
+    #[cfg(all(target_arch = "wasm32", feature = "policy"))]
+    return std::time::Duration::from_millis(crate::policy::bindings::mint::plugin::host::remaining_ms());
+    #[cfg(all(target_arch = "wasm32", feature = "customizer"))]
+    return std::time::Duration::from_millis(crate::customizer::bindings::mint::plugin::host::remaining_ms());
+    #[cfg(all(target_arch = "wasm32", feature = "driver"))]
+    return std::time::Duration::from_millis(crate::driver::bindings::mint::plugin::host::remaining_ms());
+    std::time::Duration::from_secs(60)
+}

@@ -41,12 +41,14 @@ pub mod net;
 pub mod customizer;
 #[cfg(feature = "driver")]
 pub mod driver;
+#[cfg(feature = "driver")]
+pub mod http;
 #[cfg(feature = "policy")]
 pub mod policy;
 
 pub mod testing;
 
-pub use common::{Config, Error, ErrorKind, log};
+pub use common::{Config, Error, ErrorKind, log, remaining};
 
 #[doc(hidden)]
 pub mod __private {

@@ -349,3 +349,34 @@ mod select {
         }
     }
 }
+
+#[cfg(all(feature = "driver", not(target_arch = "wasm32")))]
+pub use http_stub::*;
+
+#[cfg(all(feature = "driver", not(target_arch = "wasm32")))]
+mod http_stub {
+    use crate::http::{HttpError, Request, Response};
+    use std::cell::RefCell;
+
+    type Responder = Box<dyn FnMut(&Request) -> Result<Response, HttpError>>;
+
+    thread_local! {
+        static HTTP: RefCell<Option<Responder>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `f` with `responder` answering every request a driver sends on this thread, as
+    /// the network would inside a component (natively there is none).
+    pub fn with_http<R>(responder: impl FnMut(&Request) -> Result<Response, HttpError> + 'static, f: impl FnOnce() -> R) -> R {
+        let old = HTTP.with(|h| h.replace(Some(Box::new(responder))));
+        let r = f();
+        HTTP.with(|h| h.replace(old));
+        r
+    }
+
+    pub(crate) fn http_answer(r: &Request) -> Result<Response, HttpError> {
+        HTTP.with(|h| match h.borrow_mut().as_mut() {
+            Some(respond) => respond(r),
+            None => Err(HttpError::Other("no network in a native test: answer requests with testing::with_http".into())),
+        })
+    }
+}

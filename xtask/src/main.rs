@@ -21,26 +21,45 @@ fn cargo() -> Command {
 /// seeds' FAT volumes without mint's code).
 fn debian_packages() -> Result<(), String> {
     let have_mtools = std::path::Path::new("/usr/bin/mcopy").exists();
+    let have_minisign = std::path::Path::new("/usr/bin/minisign").exists();
     let have_cloud_init =
         Command::new("/usr/bin/python3").args(["-c", "import cloudinit"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if have_mtools && have_cloud_init {
+    if have_mtools && have_cloud_init && have_minisign {
         return Ok(());
     }
     let install = || {
         run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "cloud-init", "mtools"])
+            .args(["install", "-y", "-q", "--no-install-recommends", "cloud-init", "mtools", "minisign"])
             .env("DEBIAN_FRONTEND", "noninteractive"))
     };
     install()
         .or_else(|_| run(Command::new("apt-get").args(["update", "-q"])).and_then(|_| install()))
-        .map_err(|e| format!("{e}; the tests need Debian's cloud-init and mtools (apt-get install cloud-init mtools)"))
+        .map_err(|e| format!("{e}; the tests need Debian's cloud-init, mtools and minisign (apt-get install cloud-init mtools minisign)"))
 }
 
-/// Everything a fresh clone needs to build and test: the wasm32-wasip2 target and the
-/// Debian packages the tests check with.
+/// The Python tools the tests run (tests/python-requirements.txt), in a virtual
+/// environment under target/mint-py, installed again when the requirements change.
+fn python_tools() -> Result<(), String> {
+    let venv = std::path::Path::new("target/mint-py");
+    let wanted = std::fs::read_to_string("tests/python-requirements.txt").map_err(|e| format!("tests/python-requirements.txt: {e}"))?;
+    let stamp = venv.join("requirements.installed");
+    if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+        return Ok(());
+    }
+    if !venv.join("bin/pip").exists() {
+        run(Command::new("python3").args(["-m", "venv"]).arg(venv))
+            .map_err(|e| format!("{e}; the tests need Python 3 with venv (python3 -m venv)"))?;
+    }
+    run(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", "-r", "tests/python-requirements.txt"]))?;
+    std::fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))
+}
+
+/// Everything a fresh clone needs to build and test: the wasm32-wasip2 target, the
+/// Debian packages the tests check with, and the Python tools they run.
 fn setup() -> Result<(), String> {
     wasm_target()?;
-    debian_packages()
+    debian_packages()?;
+    python_tools()
 }
 
 /// Installs the wasm32-wasip2 target when the toolchain lacks it.
@@ -111,6 +130,11 @@ fn test() -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Tasks name files relative to the repository's root, wherever cargo was run from.
+    if let Err(e) = std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/..")) {
+        eprintln!("xtask: cannot enter the repository's root: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("daemon") => wasm_target().and_then(|_| {

@@ -73,6 +73,18 @@ pub enum ImageCommand {
     },
 }
 
+/// The daemon's plugin commands.
+pub enum PluginRequest {
+    /// Install a package with its signature, if any.
+    Install { package: PathBuf, signature: Option<PathBuf>, unsigned: bool },
+    /// List every plugin.
+    List,
+    /// Show one.
+    Inspect { name: String },
+    /// Remove an installed one.
+    Remove { name: String },
+}
+
 #[derive(Subcommand)]
 pub enum TierCommand {
     /// Create a tier from a TOML or JSON file and mint all its instances.
@@ -499,4 +511,92 @@ pub fn apply(conn: &Conn, file: &PathBuf) -> Result<(), Failure> {
         }
     });
     Ok(())
+}
+
+fn plugin_row(v: &Value) {
+    let signer = signer_text(&v["signer"]);
+    if let Some(e) = v["error"].as_str() {
+        println!("{:<16} does not load: {e}", s(&v["name"]));
+        return;
+    }
+    println!(
+        "{:<16} {:<12} {:<9} {:<18} {:<10} {:<22} {}",
+        s(&v["name"]),
+        s(&v["kind"]),
+        s(&v["version"]),
+        s(&v["wit"]),
+        s(&v["source"]),
+        signer,
+        s(&v["description"])
+    );
+}
+
+/// `mint plugin install|list|inspect|remove`, against the daemon.
+pub fn plugin(conn: &Conn, req: PluginRequest) -> Result<(), Failure> {
+    match req {
+        PluginRequest::List => {
+            let v = call(conn, "GET", "/v1/plugins", None)?;
+            print(conn, &v, |v| {
+                println!("{:<16} {:<12} {:<9} {:<18} {:<10} {:<22} DESCRIPTION", "NAME", "KIND", "VERSION", "WIT", "SOURCE", "SIGNER");
+                for p in v.as_array().into_iter().flatten() {
+                    plugin_row(p);
+                }
+            });
+        }
+        PluginRequest::Inspect { name } => {
+            let v = call(conn, "GET", &format!("/v1/plugins/{name}"), None)?;
+            // One plugin is best read whole; the table form is the same JSON.
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        PluginRequest::Remove { name } => {
+            call(conn, "DELETE", &format!("/v1/plugins/{name}"), None)?;
+            if !conn.json {
+                println!("removed plugin `{name}`");
+            }
+        }
+        PluginRequest::Install { package, signature, unsigned } => {
+            use base64::Engine as _;
+            let bytes = std::fs::read(&package).map_err(|e| Failure::usage(anyhow!("cannot read package {}: {e}", package.display())))?;
+            let default_sig = PathBuf::from(format!("{}.minisig", package.display()));
+            let sig_path = match signature {
+                Some(_) if unsigned => return Err(Failure::usage(anyhow!("--signature and --unsigned contradict each other; give one"))),
+                Some(p) => Some(p),
+                None if unsigned => None,
+                None if default_sig.is_file() => Some(default_sig),
+                None => {
+                    return Err(Failure::usage(anyhow!(
+                        "no signature: {} does not exist; pass --signature FILE, or --unsigned if the daemon allows unsigned packages",
+                        default_sig.display()
+                    )));
+                }
+            };
+            let mut req = ureq::post(&url(conn, "/v1/plugins")).timeout(std::time::Duration::from_secs(600)).set("Content-Type", "application/octet-stream");
+            if let Some(p) = &sig_path {
+                let text = std::fs::read(p).map_err(|e| Failure::usage(anyhow!("cannot read signature {}: {e}", p.display())))?;
+                req = req.set("Mint-Signature", &base64::engine::general_purpose::STANDARD.encode(text));
+            }
+            let v: Value = match req.send_bytes(&bytes) {
+                Ok(r) => r.into_json().map_err(|e| Failure::call(anyhow!("the daemon's answer is not JSON: {e}")))?,
+                Err(ureq::Error::Status(code, r)) => {
+                    let v: Value = r.into_json().unwrap_or(Value::Null);
+                    return Err(Failure::call(anyhow!("{}", v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {code}")))));
+                }
+                Err(e @ ureq::Error::Transport(_)) => return call_failure(conn, e),
+            };
+            print(conn, &v, |v| {
+                println!("installed plugin `{}` {} ({}, {}), signed by {}", s(&v["name"]), s(&v["version"]), s(&v["kind"]), s(&v["wit"]), signer_text(&v["signer"]));
+            });
+        }
+    }
+    Ok(())
+}
+
+fn signer_text(v: &Value) -> String {
+    match v {
+        Value::Object(o) if o.contains_key("vendor") => {
+            let inner = &o["vendor"];
+            format!("{} (key {})", s(&inner["vendor"]), s(&inner["key-id"]))
+        }
+        other => s(other),
+    }
 }

@@ -41,6 +41,10 @@ enum Command {
         /// Seconds an agent's node may miss heartbeats before it is declared failed.
         #[arg(long, default_value_t = 10.0)]
         node_timeout_secs: f64,
+        /// The configuration file (trusted plugin keys, grants, BMC credentials, driver
+        /// concurrency); default DATA_DIR/mint.toml when it exists.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
     },
     /// Master images.
     #[command(subcommand)]
@@ -141,12 +145,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Plugin(cmd) => plugin_cmd::run(cmd).await,
+            Command::Plugin(cmd) => plugin_cmd::run(cmd, &cli.conn).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Daemon { data_dir, listen, advertise_url, node_timeout_secs } => {
+            Command::Daemon { data_dir, listen, advertise_url, node_timeout_secs, config } => {
                 match std::time::Duration::try_from_secs_f64(node_timeout_secs) {
                     Ok(t) if t >= std::time::Duration::from_millis(100) => {
-                        daemon(data_dir, mint_daemon::Options { listen, advertise: advertise_url, node_timeout: t }).await
+                        daemon(data_dir, mint_daemon::Options { listen, advertise: advertise_url, node_timeout: t, config }).await
                     }
                     _ => Err(Failure::usage(anyhow::anyhow!("--node-timeout-secs: {node_timeout_secs} must be at least 0.1"))),
                 }

@@ -1,5 +1,7 @@
-//! `mint plugin ...`: the plugin author's harness. `run` drives one call of any plugin
-//! through the engine's real loader and sandbox and prints the checked result as JSON.
+//! `mint plugin ...`: the plugin author's harness and the operator's plugin management.
+//! `run` drives one call of any plugin through the engine's real loader and sandbox and
+//! prints the checked result as JSON; `pack` makes a package to sign; `install`, `list`,
+//! `inspect` and `remove` manage the daemon's plugins (`inspect FILE` reads a local file).
 
 use crate::Failure;
 use anyhow::{Context, anyhow};
@@ -14,10 +16,41 @@ use std::path::{Path, PathBuf};
 pub enum PluginCommand {
     /// Run one call of a plugin on a JSON fixture and print the result.
     Run(RunArgs),
-    /// Show a plugin's manifest, digest and capabilities.
+    /// Show a plugin's WIT world and version, capabilities, signer and costs: one the
+    /// daemon has (by name), or a local `.wasm` (with its manifest beside it) or package.
     Inspect(LoadArgs),
-    /// List the plugins built into this mint.
+    /// List the daemon's plugins: bundled, installed and site files.
     List,
+    /// Install a signed package into the daemon; replaces a plugin of the same name for
+    /// calls that start afterwards.
+    Install {
+        /// The package (`mint plugin pack` makes one).
+        package: PathBuf,
+        /// Its minisign signature (default: PACKAGE.minisig).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        /// Send it without a signature (the daemon refuses unless it allows unsigned packages).
+        #[arg(long)]
+        unsigned: bool,
+    },
+    /// Remove an installed plugin no tier uses.
+    Remove {
+        /// The plugin's name.
+        name: String,
+    },
+    /// Make a package from a component and its manifest, for the vendor to sign with
+    /// `minisign -Sm PACKAGE`.
+    Pack {
+        /// The plugin's manifest.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The plugin's component.
+        #[arg(long)]
+        wasm: PathBuf,
+        /// Where to write the package.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -73,23 +106,46 @@ fn load(args: &LoadArgs) -> Result<(Runtime, Plugin), Failure> {
     Ok((runtime, plugin))
 }
 
-pub async fn run(cmd: PluginCommand) -> Result<(), Failure> {
+async fn daemon(conn: &crate::client::Conn, req: crate::client::PluginRequest) -> Result<(), Failure> {
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || crate::client::plugin(&conn, req))
+        .await
+        .map_err(|e| Failure::call(anyhow!("the request's thread failed: {e}")))?
+}
+
+pub async fn run(cmd: PluginCommand, conn: &crate::client::Conn) -> Result<(), Failure> {
+    use crate::client::PluginRequest;
     match cmd {
-        PluginCommand::List => {
-            for b in bundled::ALL {
-                let m = mint_plugins::Manifest::parse(b.name, b.manifest).map_err(Failure::load)?;
-                println!("{:<10} {:<12} {:<8} {}", m.name, m.kind, m.version, m.description);
-            }
+        PluginCommand::List => daemon(conn, PluginRequest::List).await,
+        PluginCommand::Install { package, signature, unsigned } => daemon(conn, PluginRequest::Install { package, signature, unsigned }).await,
+        PluginCommand::Remove { name } => daemon(conn, PluginRequest::Remove { name }).await,
+        PluginCommand::Pack { manifest, wasm, output } => {
+            let read = |p: &Path| std::fs::read(p).map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", p.display())));
+            let text = String::from_utf8(read(&manifest)?).map_err(|_| Failure::usage(anyhow!("{} is not UTF-8 text", manifest.display())))?;
+            let m = mint_plugins::Manifest::parse(&manifest.display().to_string(), &text).map_err(Failure::load)?;
+            let bytes = read(&wasm)?;
+            // Loading it here finds a broken package before it is signed and shipped.
+            let runtime = Runtime::new(RuntimeOptions::default()).map_err(|e| Failure::load(anyhow!("cannot start the plugin runtime: {e}")))?;
+            let grants = Grants { outbound_hosts: m.capabilities.outbound_hosts.clone() };
+            runtime.load(m.clone(), &bytes, &wasm.display().to_string(), &grants).map_err(Failure::load)?;
+            let package = mint_plugins::package::Package { manifest: text, wasm: bytes }.write();
+            std::fs::write(&output, &package).map_err(|e| Failure::usage(anyhow!("cannot write {}: {e}", output.display())))?;
+            eprintln!("packed `{}` {} into {}; sign it with `minisign -Sm {}`", m.name, m.version, output.display(), output.display());
             Ok(())
+        }
+        PluginCommand::Inspect(args) if !Path::new(&args.plugin).exists() && !args.plugin.starts_with("bundled:") => {
+            daemon(conn, PluginRequest::Inspect { name: args.plugin }).await
         }
         PluginCommand::Inspect(args) => {
             let (_rt, p) = load(&args)?;
             let m = p.manifest();
             let out = json!({
                 "name": m.name, "version": m.version, "kind": m.kind.as_str(),
-                "wit": format!("mint:plugin@{}", m.wit),
-                "world": format!("mint:plugin/{}-plugin", m.kind.as_str()),
+                "wit": format!("mint:plugin@{}", p.built_for()),
+                "world": p.world(),
                 "description": m.description,
+                "vendor": m.vendor,
+                "signer": "not checked (a local file)",
                 "sha256": p.digest(),
                 "capabilities": {
                     "memory-mib": m.capabilities.memory_mib,

@@ -11,6 +11,7 @@
 mod gc;
 pub mod images;
 mod overlay;
+mod registry;
 pub mod spec;
 
 use mint_model::records::{DiskParts, Image, Instance, InstanceId, Node, PluginRef, Tier};
@@ -18,13 +19,13 @@ use mint_model::{InstanceState, NodeState};
 use mint_plugins::fixture::{RequirementsJson, SelectionBuilder, ip};
 use mint_plugins::master::{DirMaster, EmptyMaster, MasterView};
 use mint_plugins::types as wit;
-use mint_plugins::{CallError, Kind, LoadError, Plugin, Runtime, RuntimeOptions};
+use mint_plugins::{CallError, Kind, LoadError};
 use mint_store::{Store, StoreError};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::path::Path;
+use std::sync::Arc;
 
 pub use gc::GcReport;
+pub use registry::{PluginInfo, PluginPolicy, Registry, Source};
 pub use images::{ImageError, ImageStore, SourceFormat};
 pub use spec::TierSpec;
 
@@ -52,94 +53,6 @@ pub enum EngineError {
 
 type Result<T> = std::result::Result<T, EngineError>;
 
-/// Plugins by name, loaded on first use and kept: the bundled ones, and the site's own
-/// from a plugin directory (`<name>.wasm` with its manifest `<name>.toml` beside it).
-/// Bundled names win, so a file cannot silently replace a plugin a tier was created with.
-pub struct Registry {
-    runtime: Runtime,
-    dir: Option<PathBuf>,
-    loaded: RwLock<HashMap<String, Arc<Plugin>>>,
-}
-
-impl Registry {
-    /// A registry whose compiled code is cached in `cache_dir` and whose site plugins are
-    /// read from `plugin_dir`.
-    pub fn new(cache_dir: Option<PathBuf>, plugin_dir: Option<PathBuf>) -> Result<Registry> {
-        let runtime = Runtime::new(RuntimeOptions { cache_dir, ..Default::default() }).map_err(EngineError::Invalid)?;
-        Ok(Registry { runtime, dir: plugin_dir, loaded: RwLock::new(HashMap::new()) })
-    }
-
-    /// Loads every bundled plugin now (from the compiled-code cache when it has them), so
-    /// that the first request does not pay for compiling and a broken plugin shows at start.
-    pub fn preload_bundled(&self) -> Result<()> {
-        for b in mint_plugins::bundled::ALL {
-            let p = Arc::new(self.runtime.load_bundled(b.name).expect("listed in ALL")?);
-            self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert(b.name.to_string(), p);
-        }
-        Ok(())
-    }
-
-    /// The plugin `name`, which must be of `kind`; `field` names the reference in errors.
-    pub fn get(&self, name: &str, kind: Kind, field: &str) -> Result<Arc<Plugin>> {
-        if let Some(p) = self.loaded.read().unwrap_or_else(|p| p.into_inner()).get(name) {
-            return check_kind(p.clone(), kind, field);
-        }
-        let p = match self.runtime.load_bundled(name) {
-            Some(r) => Arc::new(r?),
-            None => match self.site_file(name) {
-                Some(wasm) => Arc::new(self.load_site(name, &wasm)?),
-                None => return Err(EngineError::Invalid(format!("field `{field}`: no plugin named `{name}` ({})", self.available()))),
-            },
-        };
-        self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), p.clone());
-        check_kind(p, kind, field)
-    }
-
-    /// Where site plugin `name` would be, if the name can be a file name and it is there.
-    fn site_file(&self, name: &str) -> Option<PathBuf> {
-        let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        let wasm = self.dir.as_ref()?.join(format!("{name}.wasm"));
-        (valid && wasm.is_file()).then_some(wasm)
-    }
-
-    fn load_site(&self, name: &str, wasm: &Path) -> Result<Plugin> {
-        // Site plugins get no outbound hosts until the operator grants them; a manifest that
-        // asks for any is refused at load with the host it asked for.
-        let p = self.runtime.load_file(wasm, &mint_plugins::Grants::default())?;
-        if p.manifest().name != name {
-            return Err(EngineError::Invalid(format!(
-                "plugin file {} declares the name `{}` in its manifest; rename the file or the manifest's `name` so they agree",
-                wasm.display(),
-                p.manifest().name
-            )));
-        }
-        Ok(p)
-    }
-
-    /// The plugins a reference may name, for error messages.
-    fn available(&self) -> String {
-        let mut names: Vec<String> = mint_plugins::bundled::ALL.iter().map(|b| b.name.to_string()).collect();
-        if let Some(Ok(entries)) = self.dir.as_ref().map(std::fs::read_dir) {
-            names.extend(entries.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".wasm").map(str::to_string)));
-        }
-        match &self.dir {
-            Some(d) => format!("available: {}; site plugins go in {}", names.join(", "), d.display()),
-            None => format!("available: {}", names.join(", ")),
-        }
-    }
-}
-
-fn check_kind(p: Arc<Plugin>, kind: Kind, field: &str) -> Result<Arc<Plugin>> {
-    if p.manifest().kind != kind {
-        return Err(EngineError::Invalid(format!(
-            "field `{field}`: plugin `{}` is a {}, not a {kind}",
-            p.manifest().name,
-            p.manifest().kind
-        )));
-    }
-    Ok(p)
-}
-
 /// The engine: state, images and plugins.
 pub struct Engine {
     /// The state database.
@@ -151,6 +64,24 @@ pub struct Engine {
     /// The daemon's URL as nodes reach it (`http://198.18.0.1:7600`), which artifact URLs
     /// handed to drivers start with; empty for URLs relative to the daemon.
     pub advertise: String,
+    /// How many driver calls (deploy, status) one pass makes at once. Drivers wait on
+    /// nodes and BMCs for seconds; calling them one after another would make a pass over
+    /// many nodes take minutes, while unbounded calls would flood the BMC network.
+    pub driver_concurrency: usize,
+}
+
+/// The default of [`Engine::driver_concurrency`].
+pub const DRIVER_CONCURRENCY: usize = 16;
+
+/// Runs `calls`, at most `limit` at once, and returns their results in order.
+async fn bounded<T>(calls: Vec<impl Future<Output = T>>, limit: usize) -> Vec<T> {
+    let permits = tokio::sync::Semaphore::new(limit.max(1));
+    futures_util::future::join_all(calls.into_iter().map(|call| async {
+        // The semaphore is never closed, so acquiring fails only if it were.
+        let _permit = permits.acquire().await;
+        call.await
+    }))
+    .await
 }
 
 fn config_value(r: &PluginRef) -> Option<serde_json::Value> {
@@ -238,7 +169,30 @@ impl Engine {
             images: ImageStore::open(&data_dir.join("images"))?,
             plugins: Registry::new(Some(data_dir.join("cache")), Some(data_dir.join("plugins")))?,
             advertise: String::new(),
+            driver_concurrency: DRIVER_CONCURRENCY,
         })
+    }
+
+    /// Installs a plugin package (see [`Registry::install`]); a replacement must keep the
+    /// kind of the plugin it replaces where tiers use it.
+    pub fn install_plugin(&self, package: &[u8], signature: Option<&str>) -> Result<PluginInfo> {
+        let tiers = self.store.tiers()?;
+        self.plugins.install(package, signature, |name, kind| {
+            tiers.iter().find_map(|t| {
+                let uses = [(&t.policy.plugin, Kind::NodePolicy), (&t.driver.plugin, Kind::Driver)]
+                    .into_iter()
+                    .chain(t.customizers.iter().map(|c| (&c.plugin, Kind::Customizer)));
+                uses.into_iter().any(|(p, k)| p == name && k != kind).then(|| t.name.clone())
+            })
+        })
+    }
+
+    /// Removes an installed plugin that no tier uses.
+    pub fn remove_plugin(&self, name: &str) -> Result<()> {
+        let user = self.store.tiers()?.into_iter().find(|t| {
+            t.policy.plugin == name || t.driver.plugin == name || t.customizers.iter().any(|c| c.plugin == name)
+        });
+        self.plugins.remove(name, user.map(|t| t.name))
     }
 
     /// Imports a master image, whose format is read from its contents (see
@@ -442,9 +396,15 @@ impl Engine {
             .collect();
         self.store.bind_many(&binds)?;
         let mut finished = Vec::new();
+        let config = config_value(&tier.driver);
+        let mut jobs = Vec::new();
         for (inst, node_name, _) in &pairs {
-            let node = self.node(node_name)?;
-            match driver.deploy(&wit_node(&node), &deployment(&self.advertise, inst), config_value(&tier.driver).as_ref()).await {
+            jobs.push((*inst, wit_node(&self.node(node_name)?), deployment(&self.advertise, inst)));
+        }
+        let calls = jobs.iter().map(|(_, node, d)| driver.deploy(node, d, config.as_ref())).collect();
+        let results = bounded(calls, self.driver_concurrency).await;
+        for ((inst, _, _), result) in jobs.iter().zip(results) {
+            match result {
                 Ok(r) if r.value.state == wit::InstanceState::Running => {
                     finished.push((inst.id.clone(), serde_json::json!({"driver": tier.driver.plugin, "detail": r.value.detail})));
                 }
@@ -517,10 +477,17 @@ impl Engine {
         let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
         let config = config_value(&tier.driver);
         let mut failed = Vec::new();
+        let mut jobs = Vec::new();
         for inst in self.store.instances(tier_name)?.into_iter().filter(|i| i.state == InstanceState::Deployed) {
-            let Some(node_name) = inst.node.as_deref() else { continue };
-            let node = wit_node(&self.node(node_name)?);
-            let why = match driver.status(&node, &deployment(&self.advertise, &inst), config.as_ref()).await.map(|r| r.value) {
+            let Some(node_name) = inst.node.clone() else { continue };
+            let node = wit_node(&self.node(&node_name)?);
+            let d = deployment(&self.advertise, &inst);
+            jobs.push((inst, node_name, node, d));
+        }
+        let calls = jobs.iter().map(|(_, _, node, d)| async { driver.status(node, d, config.as_ref()).await.map(|r| r.value) }).collect();
+        let reports = bounded(calls, self.driver_concurrency).await;
+        for ((inst, node_name, _, _), report) in jobs.iter().zip(reports) {
+            let why = match report {
                 Ok(r) if r.state == wit::InstanceState::Failed => format!("health check: the driver reports {} failed: {}", inst.id, r.detail),
                 Ok(r) if r.state == wit::InstanceState::Absent => format!("health check: {} is no longer on its node ({})", inst.id, r.detail),
                 _ => continue,
@@ -542,15 +509,25 @@ impl Engine {
         let timeout_ms = u64::from(tier.deploy_timeout_secs) * 1000;
         let now = now_ms();
         let mut finished = Vec::new();
+        let mut jobs = Vec::new();
         for inst in instances.iter().filter(|i| i.state == InstanceState::Deploying) {
             let Some(node_name) = inst.node.as_deref() else { continue };
-            let node = wit_node(&self.node(node_name)?);
-            let d = deployment(&self.advertise, inst);
+            jobs.push((inst, node_name, wit_node(&self.node(node_name)?), deployment(&self.advertise, inst)));
+        }
+        let calls = jobs
+            .iter()
+            .map(|(_, _, node, d)| async {
+                let report = driver.status(node, d, config.as_ref()).await.map(|r| r.value);
+                if matches!(&report, Ok(r) if r.state == wit::InstanceState::Absent) {
+                    return driver.deploy(node, d, config.as_ref()).await.map(|r| r.value);
+                }
+                report
+            })
+            .collect();
+        let reports = bounded(calls, self.driver_concurrency).await;
+        for ((inst, node_name, _, _), report) in jobs.iter().zip(reports) {
+            let (inst, node_name) = (*inst, *node_name);
             let waited_ms = now.saturating_sub(inst.since_ms);
-            let mut report = driver.status(&node, &d, config.as_ref()).await.map(|r| r.value);
-            if matches!(&report, Ok(r) if r.state == wit::InstanceState::Absent) {
-                report = driver.deploy(&node, &d, config.as_ref()).await.map(|r| r.value);
-            }
             let failure = match report {
                 Ok(r) if r.state == wit::InstanceState::Running => {
                     finished.push((inst.id.clone(), serde_json::json!({"driver": tier.driver.plugin, "detail": r.detail, "after-ms": waited_ms})));

@@ -1,5 +1,7 @@
 //! The artifact server: what nodes fetch to run an instance. `GET /v1/artifacts/{tier}/{index}`
-//! describes an instance's parts; `GET` or `HEAD /v1/blobs/{digest}` serves each part's
+//! describes an instance's parts, and `GET /v1/artifacts/{tier}/{index}/{role}` serves one
+//! part by its role (a BMC takes one URL per virtual-media device and cannot read the
+//! descriptor); `GET` or `HEAD /v1/blobs/{digest}` serves each part's
 //! bytes at a stable URL, with its digest as a strong ETag (`If-None-Match` answers 304)
 //! and single byte ranges (`Range: bytes=a-b`, `a-`, `-n`; 206, or 416 when unsatisfiable),
 //! so an agent or a BMC can resume a large download.
@@ -17,6 +19,30 @@ pub async fn describe(State(app): State<Shared>, Path((tier, index)): Path<(Stri
     let _files = app.image_files.read().await;
     // Building a tree instance's root filesystem the first time reads the whole master.
     ok(crate::off_async_threads(|| app.engine.artifact(&tier, index))?)
+}
+
+/// `GET` and `HEAD /v1/artifacts/{tier}/{index}/{role}`: the part of that role, served as
+/// its blob is.
+pub async fn part(State(app): State<Shared>, method: Method, headers: HeaderMap, Path((tier, index, role)): Path<(String, u32, String)>) -> Response {
+    let described = {
+        let _files = app.image_files.read().await;
+        crate::off_async_threads(|| app.engine.artifact(&tier, index))
+    };
+    let artifact = match described {
+        Ok(a) => a,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    match artifact.parts.iter().find(|p| p.role == role) {
+        Some(p) => serve(&app, method, &headers, &p.digest).await,
+        None => {
+            let roles: Vec<&str> = artifact.parts.iter().map(|p| p.role).collect();
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("instance {tier}/{index} ({}) has no part `{role}`; its parts are {}", artifact.format, roles.join(", ")),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// A parsed `Range` header against a blob of `len` bytes: `None` for the whole blob,
@@ -47,6 +73,10 @@ fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
 
 /// `GET` and `HEAD /v1/blobs/{digest}`.
 pub async fn blob(State(app): State<Shared>, method: Method, headers: HeaderMap, Path(digest): Path<String>) -> Response {
+    serve(&app, method, &headers, &digest).await
+}
+
+async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) -> Response {
     let Some(path) = app.engine.images.locate(&digest) else {
         return ApiError(StatusCode::NOT_FOUND, format!("no blob `{digest}`; blob URLs come from /v1/artifacts/{{tier}}/{{index}}")).into_response();
     };
@@ -69,7 +99,7 @@ pub async fn blob(State(app): State<Shared>, method: Method, headers: HeaderMap,
     if headers.get(header::IF_NONE_MATCH).is_some_and(matches) {
         return base.status(StatusCode::NOT_MODIFIED).body(Body::empty()).unwrap_or_default();
     }
-    let (status, start, count) = match range(&headers, len) {
+    let (status, start, count) = match range(headers, len) {
         None => (StatusCode::OK, 0, len),
         Some(Ok((a, b))) => {
             base = base.header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{len}"));

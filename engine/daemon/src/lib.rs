@@ -8,7 +8,9 @@
 
 mod artifacts;
 mod autoscale;
+pub mod config;
 mod liveness;
+mod plugins;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -488,7 +490,10 @@ fn router(app: Shared) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/agents/register", post(register))
         .route("/v1/nodes/{name}/heartbeat", post(liveness::heartbeat))
+        .route("/v1/plugins", get(plugins::list).post(plugins::install).layer(axum::extract::DefaultBodyLimit::max(mint_plugins::package::MAX_PACKAGE_BYTES as usize)))
+        .route("/v1/plugins/{name}", get(plugins::show).delete(plugins::remove))
         .route("/v1/artifacts/{tier}/{index}", get(artifacts::describe))
+        .route("/v1/artifacts/{tier}/{index}/{role}", get(artifacts::part).head(artifacts::part))
         .route("/v1/blobs/{digest}", get(artifacts::blob).head(artifacts::blob))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route; see README for /v1/...".into()) })
         .with_state(app)
@@ -539,12 +544,14 @@ pub struct Options {
     pub advertise: Option<String>,
     /// How long an agent-managed node may miss heartbeats before it is declared failed.
     pub node_timeout: Duration,
+    /// The configuration file; `<data-dir>/mint.toml` when absent, if that exists.
+    pub config: Option<std::path::PathBuf>,
 }
 
 impl Options {
     /// Serving on `listen`, advertised as itself, nodes failed after 10 s of silence.
     pub fn new(listen: SocketAddr) -> Options {
-        Options { listen, advertise: None, node_timeout: Duration::from_secs(10) }
+        Options { listen, advertise: None, node_timeout: Duration::from_secs(10), config: None }
     }
 }
 
@@ -555,9 +562,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
-    let Options { listen, advertise, node_timeout } = options;
+    let Options { listen, advertise, node_timeout, config } = options;
+    let config = match config {
+        Some(path) => config::Config::read(&path)?,
+        None if data_dir.join("mint.toml").is_file() => config::Config::read(&data_dir.join("mint.toml"))?,
+        None => config::Config::default_for_daemon(),
+    };
     let mut engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
+    tracing::info!(trusted = ?config.plugins.trust.describe(), credentials = ?config.credentials.summary(), concurrency = config.concurrency, "configuration");
+    engine.driver_concurrency = config.concurrency;
+    engine.plugins.runtime().set_credentials(config.credentials);
+    engine.plugins.set_policy(config.plugins);
     engine.plugins.preload_bundled().map_err(|e| e.to_string())?;
+    for problem in engine.plugins.preload_installed() {
+        tracing::warn!("{problem}");
+    }
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     // Drivers hand nodes artifact URLs under this address.

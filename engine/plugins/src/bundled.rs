@@ -1,6 +1,7 @@
 //! The first-party plugins built into the engine, so it works out of the box: policies
 //! `spread` and `binpack`, customizers `hostname`, `network`, `hosts`, `ssh-keys`, `files`
-//! and `cloud-init`, and the `noop` driver.
+//! and `cloud-init`, and the drivers `noop`, `agent` (a mint-agent on the node) and `redfish`
+//! (the node's BMC).
 //! Other plugins load from disk with [`crate::Runtime::load_file`].
 
 use crate::{Grants, LoadError, Manifest, Plugin, Runtime};

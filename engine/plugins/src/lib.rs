@@ -8,17 +8,20 @@
 pub mod bindings;
 pub mod bundled;
 pub mod checks;
+pub mod credentials;
 pub mod fixture;
 mod error;
 pub mod manifest;
 pub mod master;
+pub mod package;
 mod runtime;
 mod state;
 pub mod version;
 
 pub use error::{CallError, LoadError};
 pub use manifest::{Capabilities, HostPattern, Kind, Manifest};
-pub use runtime::{Called, CodeSource, EPOCH_TICK, Grants, Plugin, Runtime, RuntimeOptions};
+pub use credentials::Credentials;
+pub use runtime::{Called, CodeSource, EPOCH_TICK, Grants, Plugin, Runtime, RuntimeOptions, Stats};
 pub use state::{LogLine, MAX_LOG_LINES};
 
 /// The types plugins exchange with the host, by world, re-exported for the engine.

@@ -72,6 +72,8 @@ pub struct Manifest {
     pub wit: WitVersion,
     /// One line for `mint plugin` listings.
     pub description: String,
+    /// Who ships it; a signed package's key must belong to this vendor.
+    pub vendor: Option<String>,
     /// What it may use.
     pub capabilities: Capabilities,
     /// Configuration defaults, a JSON object; a tier's settings overlay them.
@@ -102,6 +104,8 @@ struct RawManifest {
     wit: String,
     #[serde(default)]
     description: String,
+    #[serde(default)]
+    vendor: Option<String>,
     #[serde(default)]
     capabilities: RawCapabilities,
     #[serde(default)]
@@ -187,6 +191,7 @@ impl Manifest {
             kind,
             wit,
             description: raw.description,
+            vendor: raw.vendor,
             capabilities: Capabilities { memory_mib, timeout_ms, outbound_hosts, node_endpoints: caps.node_endpoints },
             config,
         })
@@ -248,8 +253,11 @@ impl HostPattern {
     pub fn of_url(url: &str) -> Result<HostPattern, String> {
         let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("`{url}` is not a URL"))?;
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        if authority.contains('@') {
-            return Err(format!("`{url}`: credentials do not belong in an endpoint URL"));
+        if let Some((_, host)) = authority.rsplit_once('@') {
+            // Not echoed: the part before `@` is a secret.
+            return Err(format!(
+                "the URL for {scheme}://{host} carries credentials (`user:password@`), which do not belong in an endpoint URL; put them in the daemon's credentials file"
+            ));
         }
         let p = HostPattern::parse(&format!("{scheme}://{authority}"))?;
         if p.host.contains('*') {

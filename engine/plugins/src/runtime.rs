@@ -16,8 +16,9 @@ use crate::version::{HOST_WIT, WitVersion};
 use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::credentials::Credentials;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
@@ -68,6 +69,31 @@ pub struct Called<T> {
     pub dropped_logs: usize,
     /// Wall time of the call, instantiation included.
     pub elapsed: Duration,
+    /// The part of `elapsed` spent waiting on outbound HTTP requests (a driver's BMC or
+    /// agent); the rest ran in the sandbox or the host's imports.
+    pub waited: Duration,
+}
+
+/// What one loaded plugin has cost since it was loaded, across all its calls.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Stats {
+    /// Calls made.
+    pub calls: u64,
+    /// Calls that failed (trap, timeout, memory, refusal, invalid answer).
+    pub failures: u64,
+    /// Wall time of all calls, in milliseconds.
+    pub busy_ms: f64,
+    /// The part of `busy_ms` spent waiting on outbound HTTP requests.
+    pub waited_ms: f64,
+}
+
+#[derive(Default)]
+struct Counters {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    busy_ns: AtomicU64,
+    waited_ns: AtomicU64,
 }
 
 /// The wasmtime side of mint: compiles, caches, checks and instantiates plugins.
@@ -78,6 +104,7 @@ pub struct Runtime {
     driver_linker: Linker<CallState>,
     cache_dir: Option<PathBuf>,
     stop_ticker: Arc<AtomicBool>,
+    credentials: Arc<RwLock<Arc<Credentials>>>,
 }
 
 impl Drop for Runtime {
@@ -95,6 +122,9 @@ pub struct Plugin {
     engine: Engine,
     outbound: Arc<[HostPattern]>,
     pre: Pre,
+    credentials: Arc<RwLock<Arc<Credentials>>>,
+    counters: Arc<Counters>,
+    built_for: WitVersion,
 }
 
 enum Pre {
@@ -154,7 +184,21 @@ impl Runtime {
         if let Some(dir) = &options.cache_dir {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
         }
-        Ok(Runtime { engine, policy_linker, customizer_linker, driver_linker, cache_dir: options.cache_dir, stop_ticker })
+        Ok(Runtime {
+            engine,
+            policy_linker,
+            customizer_linker,
+            driver_linker,
+            cache_dir: options.cache_dir,
+            stop_ticker,
+            credentials: Arc::default(),
+        })
+    }
+
+    /// Replaces the credentials the host adds to drivers' requests to node endpoints;
+    /// calls that start afterwards use the new ones, in every plugin already loaded.
+    pub fn set_credentials(&self, credentials: Credentials) {
+        *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
     }
 
     /// Loads a plugin from a `.wasm` file and the manifest beside it (`x.wasm` → `x.toml`).
@@ -191,9 +235,14 @@ impl Runtime {
         }
         let digest = hex::encode(Sha256::digest(bytes));
         let (component, code) = self.compile(&plugin, bytes, &digest)?;
-        check_exports(&self.engine, &component, &manifest)?;
+        let built_for = check_exports(&self.engine, &component, &manifest)?;
 
-        let link = |e: wasmtime::Error| LoadError::Link { plugin: plugin.clone(), message: format!("{e:#}") };
+        // A plugin built for a newer 0.1.x than this engine may import what this engine
+        // lacks; say so with both versions rather than only the missing name.
+        let newer = (built_for > HOST_WIT)
+            .then(|| format!("built for mint:plugin@{built_for}, newer than this engine's mint:plugin@{HOST_WIT} (upgrade mint, or build against {HOST_WIT}): "))
+            .unwrap_or_default();
+        let link = |e: wasmtime::Error| LoadError::Link { plugin: plugin.clone(), message: format!("{newer}{e:#}") };
         let pre = match manifest.kind {
             Kind::NodePolicy => Pre::Policy(
                 bindings::policy::NodePolicyPluginPre::new(self.policy_linker.instantiate_pre(&component).map_err(link)?)
@@ -218,6 +267,9 @@ impl Runtime {
             code,
             engine: self.engine.clone(),
             pre,
+            credentials: self.credentials.clone(),
+            counters: Arc::default(),
+            built_for,
         })
     }
 
@@ -253,8 +305,8 @@ impl Runtime {
 }
 
 /// Checks that the component exports the interface of its declared kind at a compatible
-/// version, and says what it does export otherwise.
-fn check_exports(engine: &Engine, component: &Component, manifest: &Manifest) -> Result<(), LoadError> {
+/// version, and says what it does export otherwise. Returns the version it was built for.
+fn check_exports(engine: &Engine, component: &Component, manifest: &Manifest) -> Result<WitVersion, LoadError> {
     let plugin = manifest.name.clone();
     let ty = component.component_type();
     let mut found = Vec::new();
@@ -271,17 +323,16 @@ fn check_exports(engine: &Engine, component: &Component, manifest: &Manifest) ->
     let expected = manifest.kind.export_interface();
     match ours {
         Some((interface, version)) if interface == expected => {
-            let v = WitVersion::parse(&version);
-            if !v.is_some_and(|v| v.compatible_with(HOST_WIT)) {
+            let Some(v) = WitVersion::parse(&version).filter(|v| v.compatible_with(HOST_WIT)) else {
                 return Err(LoadError::IncompatibleWit { plugin, found: version, host: HOST_WIT.to_string() });
-            }
-            if v != Some(manifest.wit) && v.is_some_and(|v| v.minor != manifest.wit.minor || v.major != manifest.wit.major) {
+            };
+            if v.minor != manifest.wit.minor || v.major != manifest.wit.major {
                 return Err(LoadError::Manifest {
                     source_name: plugin,
                     message: format!("field `wit` says {} but the component was built for {version}", manifest.wit),
                 });
             }
-            Ok(())
+            Ok(v)
         }
         _ => Err(LoadError::WrongKind {
             plugin,
@@ -321,14 +372,35 @@ impl Plugin {
     pub fn digest(&self) -> &str {
         &self.digest
     }
+    /// The `mint:plugin` version the component was built for, read from its exports.
+    pub fn built_for(&self) -> WitVersion {
+        self.built_for
+    }
+    /// The WIT world the component implements, such as `mint:plugin/node-policy-plugin`.
+    pub fn world(&self) -> String {
+        format!("mint:plugin/{}-plugin", self.manifest.kind.as_str())
+    }
     /// Whether the load compiled the component or read it from the cache.
     pub fn code_source(&self) -> CodeSource {
         self.code
     }
 
+    /// What this plugin has cost since it was loaded.
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let ms = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1e6;
+        Stats {
+            calls: c.calls.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            busy_ms: ms(&c.busy_ns),
+            waited_ms: ms(&c.waited_ns),
+        }
+    }
+
     fn store(&self, inputs: CallInputs) -> Store<CallState> {
         let caps = &self.manifest.capabilities;
-        let state = CallState::new(self.name.clone(), (caps.memory_mib as usize) << 20, self.outbound.clone(), inputs);
+        let deadline = Instant::now() + Duration::from_millis(caps.timeout_ms);
+        let state = CallState::new(self.name.clone(), (caps.memory_mib as usize) << 20, self.outbound.clone(), inputs, deadline);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         let ticks = (caps.timeout_ms / EPOCH_TICK.as_millis() as u64).max(1) + 1;
@@ -345,6 +417,7 @@ impl Plugin {
     /// properties the manifest lists in `node-endpoints`.
     fn node_inputs(&self, call: &'static str, node: &Node, config: Option<&serde_json::Value>) -> Result<CallInputs, CallError> {
         let mut inputs = self.inputs(call, config)?;
+        let credentials = self.credentials.read().unwrap_or_else(|p| p.into_inner()).clone();
         for wanted in &self.manifest.capabilities.node_endpoints {
             if let Some((_, url)) = node.properties.iter().find(|(k, _)| k == wanted) {
                 let p = HostPattern::of_url(url).map_err(|m| CallError::Host {
@@ -352,7 +425,8 @@ impl Plugin {
                     call,
                     message: format!("node `{}` property `{wanted}`: {m}", node.name),
                 })?;
-                inputs.endpoints.push(p);
+                let auth = credentials.lookup(&node.name, &p).cloned();
+                inputs.endpoints.push((p, auth));
             }
         }
         Ok(inputs)
@@ -374,10 +448,26 @@ impl Plugin {
     ) -> Result<Called<R>, CallError> {
         let started = Instant::now();
         let mut store = self.store(inputs);
+        let result = self.run(call, &mut store, started, f).await;
+        let c = &self.counters;
+        c.calls.fetch_add(1, Ordering::Relaxed);
+        c.failures.fetch_add(u64::from(result.is_err()), Ordering::Relaxed);
+        c.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        c.waited_ns.fetch_add(store.data().waited().as_nanos() as u64, Ordering::Relaxed);
+        result
+    }
+
+    async fn run<R>(
+        &self,
+        call: &'static str,
+        store: &mut Store<CallState>,
+        started: Instant,
+        f: impl AsyncFnOnce(&mut Store<CallState>) -> wasmtime::Result<Result<R, PluginError>>,
+    ) -> Result<Called<R>, CallError> {
         let limit = Duration::from_millis(self.manifest.capabilities.timeout_ms);
         // The epoch deadline stops a guest spinning in its own code; this timeout also
         // covers time spent waiting in host calls (an HTTP request, for a driver).
-        let outcome = tokio::time::timeout(limit + EPOCH_TICK * 5, f(&mut store)).await;
+        let outcome = tokio::time::timeout(limit + EPOCH_TICK * 5, f(&mut *store)).await;
         let plugin = self.manifest.name.clone();
         let state = store.data();
         let result = match outcome {
@@ -409,6 +499,7 @@ impl Plugin {
                 logs: state.logs.clone(),
                 dropped_logs: state.dropped_logs,
                 elapsed: started.elapsed(),
+                waited: state.waited(),
             }),
             Err(pe) => {
                 let mut message = pe.message;

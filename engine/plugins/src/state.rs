@@ -6,7 +6,9 @@ use crate::bindings::customizer::mint::plugin::tier::{self, Peer};
 use crate::bindings::policy::mint::plugin::{host, types};
 use crate::manifest::HostPattern;
 use crate::master::{EmptyMaster, MasterView};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -42,8 +44,10 @@ pub struct CallInputs {
     pub master: Arc<dyn MasterView>,
     /// The tier's instances, by index, for `tier.peers`.
     pub peers: Arc<[Peer]>,
-    /// Destinations granted for this call only (the node's own management endpoints).
-    pub endpoints: Vec<HostPattern>,
+    /// Destinations granted for this call only (the node's own management endpoints),
+    /// each with the `Authorization` value the host adds to requests to it, if the
+    /// operator configured credentials for it. The plugin never sees that value.
+    pub endpoints: Vec<(HostPattern, Option<crate::credentials::Authorization>)>,
 }
 
 impl Default for CallInputs {
@@ -64,10 +68,12 @@ pub struct CallState {
     pub(crate) logs: Vec<LogLine>,
     pub(crate) dropped_logs: usize,
     pub(crate) stderr: MemoryOutputPipe,
+    /// When the call's wall-clock limit ends it, for `host.remaining-ms`.
+    pub(crate) deadline: Instant,
 }
 
 impl CallState {
-    pub(crate) fn new(plugin: Arc<str>, memory_bytes: usize, outbound: Arc<[HostPattern]>, inputs: CallInputs) -> Self {
+    pub(crate) fn new(plugin: Arc<str>, memory_bytes: usize, outbound: Arc<[HostPattern]>, inputs: CallInputs, deadline: Instant) -> Self {
         let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
         // No preopened directories, no environment, no arguments, no sockets: WASI is
         // linked because guests built by Rust import it, not to give them anything.
@@ -79,10 +85,12 @@ impl CallState {
         let allowed = if inputs.endpoints.is_empty() {
             outbound
         } else {
-            outbound.iter().chain(&inputs.endpoints).cloned().collect::<Vec<_>>().into()
+            outbound.iter().chain(inputs.endpoints.iter().map(|(p, _)| p)).cloned().collect::<Vec<_>>().into()
         };
+        let credentials = inputs.endpoints.iter().filter_map(|(p, a)| Some((p.clone(), a.clone()?))).collect();
         Self {
-            hooks: Gate { allowed, denied },
+            hooks: Gate { allowed, credentials, denied, waited_ns: Arc::new(AtomicU64::new(0)) },
+            deadline,
             plugin,
             wasi,
             table: ResourceTable::new(),
@@ -100,6 +108,11 @@ impl CallState {
         let bytes = self.stderr.contents();
         let tail = &bytes[bytes.len().saturating_sub(4096)..];
         String::from_utf8_lossy(tail).trim().to_string()
+    }
+
+    /// How long this call waited on outbound HTTP requests (until their answers' heads).
+    pub(crate) fn waited(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.hooks.waited_ns.load(Ordering::Relaxed))
     }
 
     /// The outbound requests the gate refused during this call.
@@ -130,10 +143,14 @@ impl wasmtime::ResourceLimiter for Limits {
     }
 }
 
-/// The outbound-HTTP gate: a request leaves only for a granted destination.
+/// The outbound-HTTP gate: a request leaves only for a granted destination, carries the
+/// operator's credentials only to the endpoint they were configured for, and is timed, so
+/// that a call's time splits into time in the sandbox and time waiting on the network.
 struct Gate {
     allowed: Arc<[HostPattern]>,
+    credentials: Vec<(HostPattern, crate::credentials::Authorization)>,
     denied: Arc<Mutex<Vec<String>>>,
+    waited_ns: Arc<AtomicU64>,
 }
 
 impl WasiHttpHooks for Gate {
@@ -160,9 +177,22 @@ impl WasiHttpHooks for Gate {
             }
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
+        let mut request = request;
+        // The host's credentials replace whatever the guest set: a plugin can neither read
+        // them nor send other ones in their place to this endpoint.
+        if let Some((_, auth)) = self.credentials.iter().find(|(p, _)| p.matches(&scheme, &host, port)) {
+            request.headers_mut().insert(http::header::AUTHORIZATION, auth.header_value());
+        }
         struct Default;
         impl WasiHttpHooks for Default {}
-        Default.send_request(request, options, fut)
+        let sent = Box::into_pin(Default.send_request(request, options, fut));
+        let waited = self.waited_ns.clone();
+        Box::new(async move {
+            let started = Instant::now();
+            let answer = sent.await;
+            waited.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            answer
+        })
     }
 }
 
@@ -214,6 +244,10 @@ impl host::Host for CallState {
 
     fn config(&mut self) -> String {
         self.inputs.config_json.clone()
+    }
+
+    fn remaining_ms(&mut self) -> u64 {
+        self.deadline.saturating_duration_since(Instant::now()).as_millis() as u64
     }
 }
 

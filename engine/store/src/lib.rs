@@ -516,6 +516,13 @@ impl Store {
         self.refresh_nodes([node.name.as_str()])
     }
 
+    /// Records an event about something outside the store's records (a plugin installed
+    /// or removed), so the event log tells the whole story.
+    pub fn note(&self, kind: &str, message: String, detail: serde_json::Value) -> Result<()> {
+        let _w = self.lock();
+        self.transact(|tx| tx.event(None, kind, message.clone(), detail.clone()))
+    }
+
     /// Adds a node that registers itself (a node agent), or refreshes the facts and
     /// properties of one already known, keeping its state and instance.
     pub fn register_node(&self, node: &Node) -> Result<()> {

@@ -1,0 +1,137 @@
+//! The daemon's configuration file (`mint.toml`): what the operator allows plugins (trusted
+//! vendor keys, unsigned packages, outbound hosts per plugin), where BMC credentials are,
+//! and how many driver calls run at once.
+//!
+//! ```toml
+//! [plugins]
+//! allow-unsigned = false
+//! [plugins.trusted-keys]
+//! acme = ["RWQf6LRCGA9i53mlYecO4IzT51TGPpvWucNSCh1CBM0QTaLn73Y7GFO3"]
+//! [plugins.grants]
+//! acme-redfish = ["https://*.bmc.example.net"]
+//!
+//! [credentials]
+//! file = "bmc-credentials.toml"   # relative to this file
+//!
+//! [drivers]
+//! concurrency = 16
+//! ```
+
+use mint_core::PluginPolicy;
+use mint_plugins::package::Trust;
+use mint_plugins::{Credentials, HostPattern};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    plugins: RawPlugins,
+    #[serde(default)]
+    credentials: RawCredentials,
+    #[serde(default)]
+    drivers: RawDrivers,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawPlugins {
+    #[serde(default)]
+    allow_unsigned: bool,
+    #[serde(default)]
+    trusted_keys: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    grants: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCredentials {
+    file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDrivers {
+    concurrency: Option<usize>,
+}
+
+/// The most driver calls at once the configuration may ask for.
+pub const MAX_CONCURRENCY: usize = 256;
+
+/// A checked configuration.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// Trust and grants for plugins.
+    pub plugins: PluginPolicy,
+    /// BMC and other node-endpoint credentials.
+    pub credentials: Credentials,
+    /// Driver calls one pass makes at once.
+    pub concurrency: usize,
+}
+
+impl Config {
+    /// The configuration of a daemon started without a file: no trusted keys, unsigned
+    /// packages refused, no grants, no credentials.
+    pub fn default_for_daemon() -> Config {
+        Config { concurrency: mint_core::DRIVER_CONCURRENCY, ..Config::default() }
+    }
+
+    /// Reads and checks `path`. Errors name the file and the field.
+    pub fn read(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the configuration {}: {e}", path.display()))?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses a configuration's text; `path` places relative file names and names errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, String> {
+        let at = |m: String| format!("{}: {m}", path.display());
+        let raw: Raw = toml::from_str(text).map_err(|e| at(e.message().trim_end().to_string()))?;
+        let trust = Trust::new(&raw.plugins.trusted_keys, raw.plugins.allow_unsigned).map_err(at)?;
+        let mut grants = BTreeMap::new();
+        for (plugin, hosts) in raw.plugins.grants {
+            let hosts = hosts
+                .iter()
+                .map(|h| HostPattern::parse(h).map_err(|m| at(format!("plugins.grants.{plugin}: {m}"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            grants.insert(plugin, hosts);
+        }
+        let credentials = match raw.credentials.file {
+            None => Credentials::default(),
+            Some(f) => {
+                let f = if f.is_relative() { path.parent().unwrap_or(Path::new(".")).join(f) } else { f };
+                Credentials::read(&f).map_err(|m| at(format!("credentials.file: {m}")))?
+            }
+        };
+        let concurrency = raw.drivers.concurrency.unwrap_or(mint_core::DRIVER_CONCURRENCY);
+        if concurrency == 0 || concurrency > MAX_CONCURRENCY {
+            return Err(at(format!("drivers.concurrency: {concurrency} is outside 1..={MAX_CONCURRENCY}")));
+        }
+        Ok(Config { plugins: PluginPolicy { trust, grants }, credentials, concurrency })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_fields_are_named() {
+        let p = Path::new("/etc/mint/mint.toml");
+        for (text, needle) in [
+            ("[plugins]\nallow_unsigned = true", "allow_unsigned"),
+            ("[plugins.trusted-keys]\nacme = [\"nope\"]", "plugins.trusted-keys.acme"),
+            ("[plugins.grants]\nx = [\"ftp://h\"]", "plugins.grants.x"),
+            ("[drivers]\nconcurrency = 0", "drivers.concurrency"),
+            ("[credentials]\nfile = \"/nonexistent/creds.toml\"", "credentials.file"),
+        ] {
+            let e = Config::parse(p, text).unwrap_err();
+            assert!(e.contains(needle) && e.contains("/etc/mint/mint.toml"), "{needle}: {e}");
+        }
+        let c = Config::parse(p, "").unwrap();
+        assert_eq!(c.concurrency, mint_core::DRIVER_CONCURRENCY);
+        assert!(!c.plugins.trust.allow_unsigned);
+    }
+}

@@ -1,0 +1,339 @@
+//! The `redfish` driver: boots a disk instance on a node through the node's BMC, over the
+//! DMTF Redfish API at the node's `bmc-url` property (the system's own resource, such as
+//! `https://10.1.0.17/redfish/v1/Systems/1`).
+//!
+//! `deploy` inserts the instance's master disk as virtual media on a CD/DVD device and the
+//! instance's NoCloud seed (its identity: host name, address, keys) on a USB stick or floppy
+//! device, sets a one-time boot override to that CD, powers the system on (or restarts
+//! it), and waits until the system reports itself on. `undeploy` powers it off and ejects
+//! both. `status` reads the system's `PowerState` and `Status` and which image is inserted.
+//!
+//! The driver never sees the BMC's credentials: the host adds them to requests to exactly
+//! the node's endpoint, from the operator's credentials file.
+
+use mint_sdk::driver::{Deployment, Driver, InstanceState, Node, StatusReport};
+use mint_sdk::http::{HttpError, Method, Request, Response};
+use mint_sdk::{Config, Error};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+/// The driver; see the crate documentation.
+pub struct Redfish;
+
+/// One node's BMC: where it is and how long to wait for it.
+struct Bmc<'a> {
+    node: &'a Node,
+    /// `scheme://host:port`.
+    base: String,
+    /// The system's resource path, `/redfish/v1/Systems/<id>`.
+    system: String,
+    timeout: Duration,
+}
+
+/// The two virtual-media devices an instance uses.
+struct Media {
+    boot: Device,
+    seed: Device,
+}
+
+struct Device {
+    path: String,
+    image: Option<String>,
+    inserted: bool,
+}
+
+impl<'a> Bmc<'a> {
+    fn of(node: &'a Node, config: &Config) -> Result<Bmc<'a>, Error> {
+        let url = node.require_property("bmc-url")?.trim_end_matches('/');
+        let bad = || {
+            Error::invalid_input(format!(
+                "node `{}`: property `bmc-url` = `{url}` must be the system's Redfish resource, such as `https://10.1.0.17/redfish/v1/Systems/1`",
+                node.name
+            ))
+        };
+        let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+        let at = rest.find('/').ok_or_else(bad)?;
+        let system = rest[at..].to_string();
+        if !system.starts_with("/redfish/v1/Systems/") || system.len() <= "/redfish/v1/Systems/".len() {
+            return Err(bad());
+        }
+        let timeout = Duration::from_millis(config.get_or("request-timeout-ms", 5_000u64)?.clamp(100, 60_000));
+        Ok(Bmc { node, base: format!("{scheme}://{}", &rest[..at]), system, timeout })
+    }
+
+    /// Sends one request and turns every way it can fail into an error that names the
+    /// node, the BMC and what to check.
+    fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Response, Error> {
+        let url = format!("{}{path}", self.base);
+        let request = match body {
+            Some(b) => Request::json(method, &url, b),
+            None => Request::new(method, &url),
+        };
+        let who = format!("node `{}`: the BMC at {}", self.node.name, self.base);
+        let answer = request.header("accept", "application/json").timeout(self.timeout).send().map_err(|e| match e {
+            HttpError::Timeout => Error::external(format!("{who} did not answer {method} {path} within {} ms", self.timeout.as_millis())),
+            HttpError::Denied => Error::external(format!("{who}: the host refused the request; `bmc-url` must name the BMC this node's requests go to")),
+            other => Error::external(format!("{who} cannot be reached for {method} {path}: {other}")),
+        })?;
+        if answer.is_success() {
+            return Ok(answer);
+        }
+        let said = redfish_message(&answer).map(|m| format!(": {m}")).unwrap_or_default();
+        Err(Error::external(match answer.status {
+            401 => format!(
+                "{who} refused the credentials for {method} {path} (401 Unauthorized); set this node's BMC user and password in the daemon's credentials file"
+            ),
+            403 => format!("{who} forbids {method} {path} (403) to the configured BMC user; give that user the operator role"),
+            404 => format!("{who} has no {path} (404 Not Found); check the node's `bmc-url` property"),
+            s if s >= 500 => format!("{who} failed {method} {path} ({s}){said}"),
+            s => format!("{who} refused {method} {path} ({s}){said}"),
+        }))
+    }
+
+    fn get(&self, path: &str) -> Result<Value, Error> {
+        let answer = self.send(Method::Get, path, None)?;
+        answer.json().map_err(|e| {
+            Error::external(format!("node `{}`: the BMC at {} answered GET {path} with {e}", self.node.name, self.base))
+        })
+    }
+
+    fn post(&self, path: &str, body: Value) -> Result<(), Error> {
+        self.send(Method::Post, path, Some(&body)).map(|_| ())
+    }
+
+    fn system(&self) -> Result<Value, Error> {
+        self.get(&self.system)
+    }
+
+    /// The system's virtual-media devices: from the system's own `VirtualMedia`
+    /// collection, or its manager's (older BMCs keep them there).
+    fn media(&self, system: &Value) -> Result<Media, Error> {
+        let collection = match odata_id(&system["VirtualMedia"]) {
+            Some(p) => p,
+            None => {
+                let manager = odata_id(&system["Links"]["ManagedBy"][0]).ok_or_else(|| self.lacks("a VirtualMedia collection or a manager"))?;
+                odata_id(&self.get(&manager)?["VirtualMedia"]).ok_or_else(|| self.lacks("virtual media"))?
+            }
+        };
+        let members = self.get(&collection)?["Members"].as_array().cloned().unwrap_or_default();
+        let (mut boot, mut seed) = (None, None);
+        for m in members {
+            let Some(path) = odata_id(&m) else { continue };
+            let d = self.get(&path)?;
+            let types: Vec<&str> = d["MediaTypes"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            let device = Device {
+                path,
+                image: d["Image"].as_str().filter(|s| !s.is_empty()).map(str::to_string),
+                inserted: d["Inserted"].as_bool().unwrap_or(false),
+            };
+            if boot.is_none() && types.iter().any(|t| *t == "CD" || *t == "DVD") {
+                boot = Some(device);
+            } else if seed.is_none() && types.iter().any(|t| *t == "USBStick" || *t == "Floppy") {
+                seed = Some(device);
+            }
+        }
+        match (boot, seed) {
+            (Some(boot), Some(seed)) => Ok(Media { boot, seed }),
+            (None, _) => Err(self.lacks("a CD or DVD virtual-media device to boot the instance's disk from")),
+            (_, None) => Err(self.lacks("a USB stick or floppy virtual-media device for the instance's seed")),
+        }
+    }
+
+    fn lacks(&self, what: &str) -> Error {
+        Error::external(format!("node `{}`: the BMC at {} offers no {what} for {}", self.node.name, self.base, self.system))
+    }
+
+    /// Makes `device` hold `image`, ejecting another image first.
+    fn insert(&self, device: &Device, image: &str) -> Result<(), Error> {
+        if device.inserted && device.image.as_deref() == Some(image) {
+            return Ok(());
+        }
+        if device.inserted {
+            self.post(&format!("{}/Actions/VirtualMedia.EjectMedia", device.path), json!({}))?;
+        }
+        self.post(
+            &format!("{}/Actions/VirtualMedia.InsertMedia", device.path),
+            json!({ "Image": image, "Inserted": true, "WriteProtected": true }),
+        )
+    }
+
+    fn eject(&self, device: &Device) -> Result<(), Error> {
+        if device.inserted || device.image.is_some() {
+            self.post(&format!("{}/Actions/VirtualMedia.EjectMedia", device.path), json!({}))?;
+        }
+        Ok(())
+    }
+
+    fn reset(&self, kind: &str) -> Result<(), Error> {
+        self.post(&format!("{}/Actions/ComputerSystem.Reset", self.system), json!({ "ResetType": kind }))
+    }
+}
+
+fn odata_id(v: &Value) -> Option<String> {
+    v["@odata.id"].as_str().map(str::to_string)
+}
+
+/// The message of a Redfish error body (`{"error": {"message": ...}}`), if there is one.
+fn redfish_message(r: &Response) -> Option<String> {
+    let v: Value = r.json().ok()?;
+    let e = &v["error"];
+    let m = e["@Message.ExtendedInfo"][0]["Message"].as_str().or(e["message"].as_str())?;
+    Some(m.chars().take(300).collect())
+}
+
+/// The URLs of the instance's boot disk and seed, which the artifact server serves as parts
+/// of the deployment's artifact.
+fn images(d: &Deployment) -> Result<(String, String), Error> {
+    if d.artifact.format != "disk" {
+        return Err(Error::invalid_input(format!(
+            "tier `{}` runs a `{}` master; the redfish driver boots disk images: import a qcow2 or raw disk (`mint image import`) for this tier",
+            d.tier, d.artifact.format
+        )));
+    }
+    if !d.artifact.url.contains("://") {
+        return Err(Error::invalid_input(format!(
+            "artifact URL `{}` is relative; start the daemon with --advertise-url so BMCs can fetch from it",
+            d.artifact.url
+        )));
+    }
+    let base = d.artifact.url.trim_end_matches('/');
+    Ok((format!("{base}/master"), format!("{base}/seed")))
+}
+
+/// The instance's state from the system's resource and its media.
+fn report(system: &Value, media: &Media, boot: &str, seed: &str) -> StatusReport {
+    let ours = media.boot.inserted && media.boot.image.as_deref() == Some(boot) && media.seed.inserted && media.seed.image.as_deref() == Some(seed);
+    let power = system["PowerState"].as_str().unwrap_or("unknown");
+    let health = system["Status"]["Health"].as_str().unwrap_or("OK");
+    if !ours {
+        let holds = media.seed.image.as_deref().or(media.boot.image.as_deref()).unwrap_or("no media");
+        return StatusReport::new(InstanceState::Absent, format!("the system holds {holds}, not this instance"));
+    }
+    if health == "Critical" {
+        return StatusReport::new(InstanceState::Failed, format!("the BMC reports the system's health Critical (power {power})"));
+    }
+    match power {
+        "On" => StatusReport::new(InstanceState::Running, format!("power On, health {health}, booted from {boot}")),
+        "PoweringOn" => StatusReport::new(InstanceState::Deploying, "powering on"),
+        other => StatusReport::new(InstanceState::Failed, format!("the system is powered {other} with this instance's media inserted")),
+    }
+}
+
+impl Driver for Redfish {
+    fn deploy(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
+        let (boot, seed) = images(d)?;
+        let bmc = Bmc::of(node, config)?;
+        let system = bmc.system()?;
+        let media = bmc.media(&system)?;
+        // Deploying again what already runs (after an engine restart) changes nothing.
+        let now = report(&system, &media, &boot, &seed);
+        if now.state == InstanceState::Running {
+            return Ok(now);
+        }
+        bmc.insert(&media.seed, &seed)?;
+        bmc.insert(&media.boot, &boot)?;
+        bmc.send(
+            Method::Patch,
+            &bmc.system,
+            Some(&json!({ "Boot": { "BootSourceOverrideTarget": "Cd", "BootSourceOverrideEnabled": "Once" } })),
+        )?;
+        let on = system["PowerState"].as_str() == Some("On");
+        bmc.reset(if on { "ForceRestart" } else { "On" })?;
+        // Wait for the system to come on, leaving time to answer before the call's limit.
+        let poll = Duration::from_millis(config.get_or("poll-ms", 250u64)?.clamp(10, 10_000));
+        let started = Instant::now();
+        loop {
+            let system = bmc.system()?;
+            if system["PowerState"].as_str() == Some("On") {
+                let media = bmc.media(&system)?;
+                return Ok(report(&system, &media, &boot, &seed));
+            }
+            if mint_sdk::remaining() < bmc.timeout + poll * 2 {
+                return Ok(StatusReport::new(
+                    InstanceState::Deploying,
+                    format!("powering on for {} ms; the engine asks again", started.elapsed().as_millis()),
+                ));
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
+    fn undeploy(node: &Node, _d: &Deployment, config: &Config) -> Result<(), Error> {
+        let bmc = Bmc::of(node, config)?;
+        let system = bmc.system()?;
+        if system["PowerState"].as_str() != Some("Off") {
+            bmc.reset("ForceOff")?;
+        }
+        let media = bmc.media(&system)?;
+        bmc.eject(&media.boot)?;
+        bmc.eject(&media.seed)
+    }
+
+    fn status(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
+        let (boot, seed) = images(d)?;
+        let bmc = Bmc::of(node, config)?;
+        let system = bmc.system()?;
+        let media = bmc.media(&system)?;
+        Ok(report(&system, &media, &boot, &seed))
+    }
+}
+
+mint_sdk::export_driver!(Redfish);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mint_sdk::driver::Artifact;
+    use mint_sdk::testing::with_http;
+
+    fn node() -> Node {
+        Node {
+            name: "n1".into(),
+            properties: vec![("bmc-url".into(), "http://127.0.0.1:9/redfish/v1/Systems/s1".into())],
+            labels: vec![],
+        }
+    }
+
+    fn deployment(format: &str) -> Deployment {
+        Deployment {
+            tier: "web".into(),
+            index: 2,
+            hostname: "web-002".into(),
+            artifact: Artifact { url: "http://127.0.0.1:7600/v1/artifacts/web/2".into(), digest: "sha256:00".into(), size: 0, format: format.into() },
+        }
+    }
+
+    fn answer(status: u16, body: &str) -> Result<Response, HttpError> {
+        Ok(Response { status, body: body.as_bytes().to_vec() })
+    }
+
+    #[test]
+    fn bmc_url_must_name_a_system() {
+        let mut n = node();
+        n.properties[0].1 = "http://127.0.0.1:9/redfish/v1".into();
+        let e = Redfish::status(&n, &deployment("disk"), &Config::new()).unwrap_err();
+        assert!(e.message.contains("`bmc-url`"), "{}", e.message);
+    }
+
+    #[test]
+    fn tree_tiers_are_refused_before_the_bmc_is_asked() {
+        let e = with_http(|r| panic!("no request expected, got {}", r.url()), || Redfish::deploy(&node(), &deployment("tree"), &Config::new()))
+            .unwrap_err();
+        assert!(e.message.contains("disk"), "{}", e.message);
+    }
+
+    #[test]
+    fn bmc_failures_name_the_node_and_the_fix() {
+        let cases: [(Result<Response, HttpError>, &str); 5] = [
+            (answer(401, ""), "credentials file"),
+            (answer(404, "{}"), "`bmc-url`"),
+            (answer(500, r#"{"error":{"message":"flash busy"}}"#), "(500): flash busy"),
+            (answer(200, "{not json"), "malformed JSON"),
+            (Err(HttpError::Timeout), "within 5000 ms"),
+        ];
+        for (reply, needle) in cases {
+            let e = with_http(move |_| reply.clone(), || Redfish::status(&node(), &deployment("disk"), &Config::new())).unwrap_err();
+            assert!(e.message.contains(needle) && e.message.contains("node `n1`"), "{needle}: {}", e.message);
+        }
+    }
+}

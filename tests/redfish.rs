@@ -1,0 +1,251 @@
+//! The `redfish` driver against OpenStack's Redfish emulator (sushy-tools, fake-driver
+//! mode) on 127.0.0.1: virtual media, boot override and power, checked in the emulator's
+//! own state after each step; BMC credentials that only the host handles; and BMCs that
+//! refuse, fail, garble or stay silent.
+
+use crate::bmc::{BadBmc, Emulator, Misbehaviour};
+use crate::support::{root, scratch};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PASSWORD: &str = "Fr0zen-Sushi-7";
+
+/// A daemon whose every log line (at debug level) is kept, to check what it never says.
+struct Daemon {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn start(data: &Path, config: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
+            .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .arg("--config")
+            .arg(config)
+            .env("MINT_LOG", "debug")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let stderr = child.stderr.take().expect("piped");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("serving ").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                }
+                if let Ok(mut l) = kept.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("the daemon did not start: {}", log.lock().unwrap()));
+        Daemon { child, url, log }
+    }
+
+    /// Runs `mint --json ARGS`, which must succeed, and parses its output.
+    fn mint(&self, args: &[&str]) -> Value {
+        let o = self.run(args);
+        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_mint")).arg("--json").args(args).env("MINT_SERVER", &self.url).current_dir(root()).output().expect("run mint")
+    }
+
+    fn wait_for<T>(&self, what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = probe() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; events: {}", self.mint(&["events"]));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn instances(&self, tier: &str) -> Vec<Value> {
+        self.mint(&["instance", "list", tier]).as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// A small raw disk with an MBR signature.
+fn raw_disk(path: &Path) {
+    let mut bytes = vec![0u8; 2 << 20];
+    bytes[510] = 0x55;
+    bytes[511] = 0xaa;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Writes the daemon's configuration and the credentials file it names: one entry per
+/// (endpoint, password), user `admin`, after the entries in `extra`.
+fn configure(dir: &Path, credentials: &[(&str, &str)], extra: &str) -> std::path::PathBuf {
+    let mut creds = String::from(extra);
+    for (endpoint, password) in credentials {
+        creds.push_str(&format!("[[credential]]\nendpoint = \"{endpoint}\"\nusername = \"admin\"\npassword = \"{password}\"\n"));
+    }
+    std::fs::write(dir.join("bmc-credentials.toml"), creds).unwrap();
+    let config = dir.join("mint.toml");
+    std::fs::write(&config, "[credentials]\nfile = \"bmc-credentials.toml\"\n[drivers]\nconcurrency = 4\n").unwrap();
+    config
+}
+
+/// Imports a raw disk and creates tier `name` of `k` instances with the redfish driver.
+fn disk_tier(d: &Daemon, dir: &Path, name: &str, k: u32, subnet: &str, driver_config: Value, labels: Value) {
+    let disk = dir.join("disk.raw");
+    if !disk.exists() {
+        raw_disk(&disk);
+    }
+    let image = d.mint(&["image", "import", disk.to_str().unwrap(), "--name", "metal"]);
+    let spec = json!({
+        "name": name, "image": image["digest"], "max-instances": k, "subnet": subnet,
+        "hostname": format!("{name}-{{index:02}}"), "customizers": [{"plugin": "hostname"}],
+        "driver": {"plugin": "redfish", "config": driver_config}, "deploy-timeout-secs": 60,
+        "requirements": {"labels": labels},
+    });
+    let file = dir.join(format!("{name}.json"));
+    std::fs::write(&file, spec.to_string()).unwrap();
+    d.mint(&["tier", "create", "-f", file.to_str().unwrap()]);
+}
+
+fn add_node(d: &Daemon, name: &str, bmc_url: &str, label: &str) {
+    d.mint(&["node", "add", name, "--cpus", "4", "--memory-mib", "4096", "--property", &format!("bmc-url={bmc_url}"), "--label", &format!("case={label}")]);
+}
+
+#[test]
+fn the_redfish_driver_boots_instances_through_the_emulator() {
+    let dir = scratch("redfish-deploy");
+    let bmc = Emulator::start(&root(), &dir.join("bmc"), 1, 3, Some(("admin", PASSWORD)));
+    let d = Daemon::start(&dir.join("data"), &configure(&dir, &[(&bmc.base, PASSWORD)], ""));
+    disk_tier(&d, &dir, "bm", 4, "198.18.5.0/24", json!({"poll-ms": 100}), json!({}));
+    for i in 0..3 {
+        add_node(&d, &format!("n{i}"), &bmc.system_url(i), "ok");
+    }
+    let node_index = |name: &str| name.trim_start_matches('n').parse::<usize>().unwrap();
+
+    // Before: every system off, no media.
+    for i in 0..3 {
+        assert_eq!(bmc.system(i)["PowerState"], "Off");
+        assert_eq!(bmc.media(i, "Cd")["Inserted"], false);
+    }
+
+    d.mint(&["tier", "scale", "bm", "2"]);
+    let deployed = d.wait_for("two deployed instances", Duration::from_secs(60), || {
+        let v: Vec<Value> = d.instances("bm").into_iter().filter(|i| i["state"] == "deployed").collect();
+        (v.len() == 2).then_some(v)
+    });
+    let mut used = Vec::new();
+    for inst in &deployed {
+        let i = node_index(inst["node"].as_str().unwrap());
+        used.push(i);
+        let index = inst["id"]["index"].as_u64().unwrap();
+        let artifact = format!("{}/v1/artifacts/bm/{index}", d.url);
+        // The emulator's own state: on, booting once from the CD that holds the master,
+        // with the instance's seed on the removable device.
+        let system = bmc.system(i);
+        assert_eq!(system["PowerState"], "On", "{system}");
+        assert_eq!(system["Boot"]["BootSourceOverrideTarget"], "Cd", "{system}");
+        let cd = bmc.media(i, "Cd");
+        assert_eq!((cd["Image"].as_str().unwrap(), &cd["Inserted"]), (format!("{artifact}/master").as_str(), &json!(true)), "{cd}");
+        let seed = bmc.media(i, "Floppy");
+        assert_eq!(seed["Image"].as_str().unwrap(), format!("{artifact}/seed"), "{seed}");
+        // What the BMC fetched from that URL is this instance's identity.
+        let bytes = ureq::get(&format!("{artifact}/seed")).call().unwrap();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut bytes.into_reader(), &mut body).unwrap();
+        let hostname = inst["hostname"].as_str().unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("local-hostname") && text.contains(hostname), "the seed names {hostname}");
+    }
+    let idle = (0..3).find(|i| !used.contains(i)).unwrap();
+    assert_eq!(bmc.system(idle)["PowerState"], "Off", "the third system was left alone");
+    assert_eq!(bmc.media(idle, "Cd")["Inserted"], false);
+    // The emulator saw the deploys' requests and the downloads of both parts.
+    assert!(bmc.log().contains("VirtualMedia.InsertMedia"), "{}", bmc.log());
+
+    // Scale in: the highest index leaves; its system powers off and its media are ejected.
+    let top = deployed.iter().max_by_key(|i| i["id"]["index"].as_u64()).unwrap();
+    let top_system = node_index(top["node"].as_str().unwrap());
+    d.mint(&["tier", "scale", "bm", "1"]);
+    assert_eq!(bmc.media(top_system, "Cd")["Inserted"], false, "ejected when undeploy returns");
+    assert_eq!(bmc.media(top_system, "Floppy")["Inserted"], false);
+    d.wait_for("the undeployed system to power off", Duration::from_secs(30), || (bmc.system(top_system)["PowerState"] == "Off").then_some(()));
+    let still = deployed.iter().find(|i| i["id"]["index"] != top["id"]["index"]).unwrap();
+    assert_eq!(bmc.system(node_index(still["node"].as_str().unwrap()))["PowerState"], "On");
+
+    // The credentials reached the BMC (it requires them) but appear nowhere mint shows.
+    let seen = [
+        d.mint(&["events"]).to_string(),
+        d.mint(&["node", "list"]).to_string(),
+        d.mint(&["tier", "show", "bm"]).to_string(),
+        d.mint(&["plugin", "inspect", "redfish"]).to_string(),
+        d.log.lock().unwrap().clone(),
+    ];
+    for text in &seen {
+        assert!(!text.contains(PASSWORD), "the BMC password leaked: {text}");
+    }
+    let info = d.mint(&["plugin", "inspect", "redfish"]);
+    assert!(info["stats"]["calls"].as_u64().unwrap() >= 3, "{info}");
+    assert!(info["stats"]["waited-ms"].as_f64().unwrap() > 0.0, "time waiting on the BMC is measured: {info}");
+}
+
+#[test]
+fn bmc_failures_are_clear_and_leave_the_pool_as_it_was() {
+    let dir = scratch("redfish-failures");
+    let good = Emulator::start(&root(), &dir.join("bmc"), 2, 2, Some(("admin", PASSWORD)));
+    let (failing, garbled, silent) = (BadBmc::start(Misbehaviour::ServerError), BadBmc::start(Misbehaviour::Garbled), BadBmc::start(Misbehaviour::Silent));
+    // The emulator's endpoint is configured with a wrong password, so it answers 401; node
+    // `missing` has the right one (a node's entry wins over its endpoint's), to reach 404.
+    let right = format!("[[credential]]\nnode = \"missing\"\nusername = \"admin\"\npassword = \"{PASSWORD}\"\n");
+    let d = Daemon::start(&dir.join("data"), &configure(&dir, &[(&good.base, "not-the-password")], &right));
+    let cases = [
+        ("unauthorized", good.system_url(0), "refused the credentials for GET"),
+        ("missing", format!("{}/redfish/v1/Systems/no-such-system", good.base), "(404 Not Found); check the node's `bmc-url` property"),
+        ("failing", format!("{}/redfish/v1/Systems/1", failing.base), "(500): the BMC's firmware is updating"),
+        ("garbled", format!("{}/redfish/v1/Systems/1", garbled.base), "malformed JSON"),
+        ("silent", format!("{}/redfish/v1/Systems/1", silent.base), "did not answer GET /redfish/v1/Systems/1 within 500 ms"),
+    ];
+    for (i, (case, url, _)) in cases.iter().enumerate() {
+        add_node(&d, case, url, case);
+        disk_tier(&d, &dir, case, 2, &format!("198.18.{}.0/24", 10 + i), json!({"request-timeout-ms": 500}), json!({"case": case}));
+        // The pass that tries the deploy fails, and the CLI says why.
+        let o = d.run(&["tier", "scale", case, "1"]);
+        assert_eq!(o.status.code(), Some(1), "{case}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(cases[i].2), "{case}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    for (case, _, needle) in &cases {
+        let events = d.wait_for(&format!("the `{case}` node to fail"), Duration::from_secs(30), || {
+            let n = d.mint(&["node", "list"]).as_array()?.iter().find(|n| n["name"] == *case)?.clone();
+            (n["state"] == "failed").then(|| d.mint(&["events", "--tier", case]).to_string())
+        });
+        assert!(events.contains(needle) && events.contains(&format!("node `{case}`")), "{case}: `{needle}` not in {events}");
+        assert!(!events.contains(PASSWORD) && !events.contains("not-the-password"));
+        // Nothing deployed, both instances still in the pool with their identities.
+        let inst = d.instances(case);
+        assert_eq!(inst.len(), 2);
+        assert!(inst.iter().all(|i| i["state"] == "pooled" && i["node"].is_null()), "{case}: {inst:?}");
+    }
+    // The emulator's systems were not touched: still off, nothing inserted.
+    for i in 0..2 {
+        assert_eq!(good.system(i)["PowerState"], "Off");
+        assert_eq!(good.media(i, "Cd")["Inserted"], false);
+        assert_eq!(good.media(i, "Floppy")["Inserted"], false);
+    }
+    assert!(failing.requests.load(std::sync::atomic::Ordering::Relaxed) > 0, "the failing BMC was asked");
+}
