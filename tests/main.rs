@@ -10,6 +10,7 @@ mod model;
 mod nodes;
 mod packages;
 mod plugin_host;
+mod python;
 mod redfish;
 mod store;
 mod support;

@@ -93,3 +93,31 @@ pub fn start_daemon_with(data: &Path, extra: &[&str]) -> (std::process::Child, S
     let url = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the daemon says where it serves");
     (child, url)
 }
+
+/// The Python node policy `plugins/python/least-loaded`, built with componentize-py from
+/// the environment `cargo xtask setup` makes, on first use; its manifest is beside it.
+pub fn python_policy() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let venv = crate::bmc::python_env(&root());
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-plugins");
+            std::fs::create_dir_all(&out).expect("output dir");
+            let src = root().join("plugins/python/least-loaded");
+            let wasm = out.join("least-loaded.wasm");
+            let o = std::process::Command::new(venv.join("bin/componentize-py"))
+                .arg("-d")
+                .arg(root().join("wit"))
+                .args(["-w", "node-policy-plugin", "componentize", "-p"])
+                .arg(&src)
+                .arg("app")
+                .arg("-o")
+                .arg(&wasm)
+                .output()
+                .expect("run componentize-py");
+            assert!(o.status.success(), "componentize-py: {}", String::from_utf8_lossy(&o.stderr));
+            std::fs::copy(src.join("plugin.toml"), out.join("least-loaded.toml")).expect("manifest");
+            wasm
+        })
+        .clone()
+}
