@@ -12,6 +12,7 @@ mod packages;
 mod plugin_host;
 mod python;
 mod redfish;
+mod running;
 mod store;
 mod support;
 mod testbed;

@@ -3,46 +3,19 @@
 //! call runs, removed; and every way a package can be wrong, each refused with nothing
 //! changed. Also the WIT compatibility rule on real components.
 
-use crate::support::{guest, load_guest, root, runtime, scratch, start_daemon_with};
+use crate::running::Daemon;
+use crate::support::{guest, load_guest, root, runtime, scratch};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-struct Daemon {
-    child: Child,
-    url: String,
+fn start(data: &Path, config: &Path) -> Daemon {
+    Daemon::start(data, &["--config", config.to_str().unwrap()], &root())
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start(data: &Path, config: &Path) -> Daemon {
-        let (child, url) = start_daemon_with(data, &["--config", config.to_str().unwrap()]);
-        Daemon { child, url }
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_mint")).arg("--json").args(args).env("MINT_SERVER", &self.url).current_dir(root()).output().expect("run mint")
-    }
-    fn mint(&self, args: &[&str]) -> Value {
-        let o = self.run(args);
-        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
-    }
-    /// Runs a command that must fail with exit code 1 and returns its message.
-    fn refused(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.status.code(), Some(1), "mint {args:?} should be refused: {}", String::from_utf8_lossy(&o.stdout));
-        String::from_utf8_lossy(&o.stderr).into_owned()
-    }
-    fn installed(&self) -> Vec<Value> {
-        self.mint(&["plugin", "list"]).as_array().unwrap().iter().filter(|p| p["source"] == "installed").cloned().collect()
-    }
+fn installed(d: &Daemon) -> Vec<Value> {
+    d.mint(&["plugin", "list"]).as_array().unwrap().iter().filter(|p| p["source"] == "installed").cloned().collect()
 }
 
 fn sh(cmd: &mut Command) -> Output {
@@ -107,7 +80,7 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
     let dir = scratch("packages-install");
     let (acme, acme_secret) = keypair(&dir, "acme");
     let (_, rogue_secret) = keypair(&dir, "rogue");
-    let d = Daemon::start(&dir.join("data"), &config(&dir, &acme, ""));
+    let d = start(&dir.join("data"), &config(&dir, &acme, ""));
     let wasm = guest("versioned");
 
     let v1 = pack(&dir, "picker-1.mintpkg", &wasm, &picker("1.0.0", "first", 0, "acme"));
@@ -122,7 +95,7 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
     assert!(shown["signer"]["vendor"]["comment"].as_str().unwrap().contains("picker-1.mintpkg"), "{shown}");
     assert_eq!(shown["capabilities"]["memory-mib"], 64);
     assert_eq!(shown["config"]["pick"], "first");
-    let before = d.installed();
+    let before = installed(&d);
     let events_before = d.mint(&["events"]).as_array().unwrap().len();
 
     // Each bad package is refused with a message naming the problem and the fix.
@@ -169,7 +142,7 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
         full.extend(args.iter().map(String::as_str));
         let e = d.refused(&full);
         assert!(e.contains(needle.as_str()), "{args:?}: `{needle}` not in {e}");
-        assert_eq!(d.installed().len(), before.len(), "nothing installed by {args:?}");
+        assert_eq!(installed(&d).len(), before.len(), "nothing installed by {args:?}");
         assert_eq!(d.mint(&["plugin", "inspect", "picker"])["version"], "1.0.0", "v1 still current after {args:?}");
     }
     assert!(d.refused(&["plugin", "install", &format!("{}", dir.join("reacher.mintpkg").display())]).contains("[plugins.grants]"));
@@ -182,25 +155,25 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
     assert!(d.refused(&["plugin", "remove", "picker"]).contains("tier `t` uses plugin `picker`"));
     // The installed plugin survives a restart, verified again against the trust.
     drop(d);
-    let d = Daemon::start(&dir.join("data"), &config(&dir, &acme, ""));
+    let d = start(&dir.join("data"), &config(&dir, &acme, ""));
     assert_eq!(d.mint(&["plugin", "inspect", "picker"])["version"], "1.0.0");
     // A daemon that no longer trusts the vendor's key refuses to load it.
     drop(d);
     let (other_key, _) = keypair(&dir, "other");
-    let d = Daemon::start(&dir.join("data"), &config(&dir, &other_key, ""));
+    let d = start(&dir.join("data"), &config(&dir, &other_key, ""));
     let e = d.refused(&["plugin", "inspect", "picker"]);
     assert!(e.contains("not among the trusted keys"), "{e}");
     drop(d);
-    let d = Daemon::start(&dir.join("data"), &config(&dir, &acme, ""));
+    let d = start(&dir.join("data"), &config(&dir, &acme, ""));
     d.mint(&["tier", "delete", "t"]);
     d.mint(&["plugin", "remove", "picker"]);
-    assert!(d.installed().is_empty());
+    assert!(installed(&d).is_empty());
     assert!(d.refused(&["plugin", "inspect", "picker"]).contains("no plugin named `picker`"));
     assert!(d.refused(&["plugin", "remove", "spread"]).contains("built into mint"));
 
     // With the grant, the driver installs.
     drop(d);
-    let d = Daemon::start(&dir.join("data"), &config(&dir, &acme, "[plugins.grants]\nreacher = [\"http://198.18.9.9:8080\"]\n"));
+    let d = start(&dir.join("data"), &config(&dir, &acme, "[plugins.grants]\nreacher = [\"http://198.18.9.9:8080\"]\n"));
     d.mint(&["plugin", "install", dir.join("reacher.mintpkg").to_str().unwrap()]);
     assert_eq!(d.mint(&["plugin", "inspect", "reacher"])["capabilities"]["allowed-outbound-hosts"], json!(["http://198.18.9.9:8080"]));
 }
@@ -209,7 +182,7 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
 fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
     let dir = scratch("packages-replace");
     let (acme, secret) = keypair(&dir, "acme");
-    let d = Daemon::start(&dir.join("data"), &config(&dir, &acme, ""));
+    let d = start(&dir.join("data"), &config(&dir, &acme, ""));
     let wasm = guest("versioned");
     // v1 works for 1.5 s and picks the first node; v2 answers at once and picks the last.
     let v1 = pack(&dir, "v1.mintpkg", &wasm, &picker("1.0.0", "first", 1500, "acme"));

@@ -1,7 +1,8 @@
 //! A node-selection policy written in Python (`plugins/python/least-loaded`), built with
 //! componentize-py and run by the same host, checks and daemon as a Rust one.
 
-use crate::support::{block_on, python_policy, root, scratch, start_daemon_with};
+use crate::running::Daemon;
+use crate::support::{block_on, python_policy, root, scratch};
 use mint_plugins::fixture::Fixture;
 use mint_plugins::{Grants, Runtime, RuntimeOptions};
 use serde_json::json;
@@ -60,12 +61,8 @@ fn the_python_policy_installs_as_a_package_and_places_instances() {
     assert!(s.status.success());
     let public = std::fs::read_to_string(key("mint.pub")).unwrap().lines().nth(1).unwrap().to_string();
     std::fs::write(dir.join("mint.toml"), format!("[plugins.trusted-keys]\nmint = [\"{public}\"]\n")).unwrap();
-    let (mut child, url) = start_daemon_with(&dir.join("data"), &["--config", dir.join("mint.toml").to_str().unwrap()]);
-    let run = |args: &[&str]| {
-        let o = mint().arg("--json").args(args).env("MINT_SERVER", &url).current_dir(root()).output().unwrap();
-        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_default()
-    };
+    let d = Daemon::start(&dir.join("data"), &["--config", dir.join("mint.toml").to_str().unwrap()], &root());
+    let run = |args: &[&str]| d.mint(args);
     let info = run(&["plugin", "install", package.to_str().unwrap()]);
     assert_eq!(info["signer"]["vendor"]["vendor"], "mint");
     let master = dir.join("master");
@@ -87,6 +84,4 @@ fn the_python_policy_installs_as_a_package_and_places_instances() {
     assert_eq!(nodes, ["big-1", "big-2"], "the node below min-cpus is never chosen");
     let events = run(&["events", "--tier", "py"]).to_string();
     assert!(events.contains("least-loaded") && events.contains("load 0"), "{events}");
-    let _ = child.kill();
-    let _ = child.wait();
 }

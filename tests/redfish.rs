@@ -4,86 +4,13 @@
 //! refuse, fail, garble or stay silent.
 
 use crate::bmc::{BadBmc, Emulator, Misbehaviour};
+use crate::running::Daemon;
 use crate::support::{root, scratch};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PASSWORD: &str = "Fr0zen-Sushi-7";
-
-/// A daemon whose every log line (at debug level) is kept, to check what it never says.
-struct Daemon {
-    child: Child,
-    url: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start(data: &Path, config: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
-            .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .arg("--config")
-            .arg(config)
-            .env("MINT_LOG", "debug")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the daemon");
-        let stderr = child.stderr.take().expect("piped");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let kept = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("serving ").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
-                }
-                if let Ok(mut l) = kept.lock() {
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            }
-        });
-        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("the daemon did not start: {}", log.lock().unwrap()));
-        Daemon { child, url, log }
-    }
-
-    /// Runs `mint --json ARGS`, which must succeed, and parses its output.
-    fn mint(&self, args: &[&str]) -> Value {
-        let o = self.run(args);
-        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_mint")).arg("--json").args(args).env("MINT_SERVER", &self.url).current_dir(root()).output().expect("run mint")
-    }
-
-    fn wait_for<T>(&self, what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = probe() {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; events: {}", self.mint(&["events"]));
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn instances(&self, tier: &str) -> Vec<Value> {
-        self.mint(&["instance", "list", tier]).as_array().cloned().unwrap_or_default()
-    }
-}
 
 /// A small raw disk with an MBR signature.
 fn raw_disk(path: &Path) {
@@ -132,7 +59,7 @@ fn add_node(d: &Daemon, name: &str, bmc_url: &str, label: &str) {
 fn the_redfish_driver_boots_instances_through_the_emulator() {
     let dir = scratch("redfish-deploy");
     let bmc = Emulator::start(&root(), &dir.join("bmc"), 1, 3, Some(("admin", PASSWORD)));
-    let d = Daemon::start(&dir.join("data"), &configure(&dir, &[(&bmc.base, PASSWORD)], ""));
+    let d = Daemon::start(&dir.join("data"), &["--config", configure(&dir, &[(&bmc.base, PASSWORD)], "").to_str().unwrap()], &root());
     disk_tier(&d, &dir, "bm", 4, "198.18.5.0/24", json!({"poll-ms": 100}), json!({}));
     for i in 0..3 {
         add_node(&d, &format!("n{i}"), &bmc.system_url(i), "ok");
@@ -213,7 +140,8 @@ fn bmc_failures_are_clear_and_leave_the_pool_as_it_was() {
     // The emulator's endpoint is configured with a wrong password, so it answers 401; node
     // `missing` has the right one (a node's entry wins over its endpoint's), to reach 404.
     let right = format!("[[credential]]\nnode = \"missing\"\nusername = \"admin\"\npassword = \"{PASSWORD}\"\n");
-    let d = Daemon::start(&dir.join("data"), &configure(&dir, &[(&good.base, "not-the-password")], &right));
+    let config = configure(&dir, &[(&good.base, "not-the-password")], &right);
+    let d = Daemon::start(&dir.join("data"), &["--config", config.to_str().unwrap()], &root());
     let cases = [
         ("unauthorized", good.system_url(0), "refused the credentials for GET"),
         ("missing", format!("{}/redfish/v1/Systems/no-such-system", good.base), "(404 Not Found); check the node's `bmc-url` property"),

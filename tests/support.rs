@@ -73,24 +73,7 @@ pub fn start_daemon(data: &Path) -> (std::process::Child, String) {
 
 /// [`start_daemon`] with extra `mint daemon` arguments.
 pub fn start_daemon_with(data: &Path, extra: &[&str]) -> (std::process::Child, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mint"))
-        .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .args(extra)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the daemon");
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("serving ").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
-            }
-        }
-    });
-    let url = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the daemon says where it serves");
+    let (child, url, _log) = crate::running::spawn_daemon(data, extra, "warn");
     (child, url)
 }
 

@@ -11,7 +11,11 @@
 //! acme-redfish = ["https://*.bmc.example.net"]
 //!
 //! [credentials]
-//! file = "bmc-credentials.toml"   # relative to this file
+//! file = "bmc-credentials.toml"   # relative to this file; or entries inline:
+//! # [[credentials.credential]]
+//! # endpoint = "https://10.1.0.17"
+//! # username = "admin"
+//! # password = "..."
 //!
 //! [drivers]
 //! concurrency = 16
@@ -50,6 +54,9 @@ struct RawPlugins {
 #[serde(deny_unknown_fields)]
 struct RawCredentials {
     file: Option<PathBuf>,
+    /// Entries given inline, in the secrets file's form.
+    #[serde(default)]
+    credential: Vec<toml::Table>,
 }
 
 #[derive(Deserialize, Default)]
@@ -98,12 +105,19 @@ impl Config {
                 .collect::<Result<Vec<_>, _>>()?;
             grants.insert(plugin, hosts);
         }
-        let credentials = match raw.credentials.file {
-            None => Credentials::default(),
-            Some(f) => {
+        let credentials = match (raw.credentials.file, raw.credentials.credential) {
+            (None, inline) if inline.is_empty() => Credentials::default(),
+            (None, inline) => {
+                // Checked by the same parser as a secrets file, so both read alike.
+                let mut table = toml::Table::new();
+                table.insert("credential".into(), toml::Value::Array(inline.into_iter().map(toml::Value::Table).collect()));
+                Credentials::parse(&format!("{} [credentials]", path.display()), &table.to_string())?
+            }
+            (Some(f), inline) if inline.is_empty() => {
                 let f = if f.is_relative() { path.parent().unwrap_or(Path::new(".")).join(f) } else { f };
                 Credentials::read(&f).map_err(|m| at(format!("credentials.file: {m}")))?
             }
+            (Some(_), _) => return Err(at("[credentials]: give `file` or inline `[[credentials.credential]]` entries, not both".into())),
         };
         let concurrency = raw.drivers.concurrency.unwrap_or(mint_core::DRIVER_CONCURRENCY);
         if concurrency == 0 || concurrency > MAX_CONCURRENCY {
@@ -130,6 +144,13 @@ mod tests {
             let e = Config::parse(p, text).unwrap_err();
             assert!(e.contains(needle) && e.contains("/etc/mint/mint.toml"), "{needle}: {e}");
         }
+        let inline = "[[credentials.credential]]\nnode = \"n1\"\nusername = \"u\"\npassword = \"hunter2\"\n";
+        let c = Config::parse(p, inline).unwrap();
+        assert_eq!(c.credentials.summary(), vec!["node `n1` as `u`"]);
+        let e = Config::parse(p, &format!("{inline}[credentials]\nfile = \"x\"\n")).unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = Config::parse(p, "[[credentials.credential]]\nnode = \"n1\"\npassword = \"hunter2\"\n").unwrap_err();
+        assert!(e.contains("username") && !e.contains("hunter2"), "{e}");
         let c = Config::parse(p, "").unwrap();
         assert_eq!(c.concurrency, mint_core::DRIVER_CONCURRENCY);
         assert!(!c.plugins.trust.allow_unsigned);

@@ -70,8 +70,11 @@ pub struct Called<T> {
     /// Wall time of the call, instantiation included.
     pub elapsed: Duration,
     /// The part of `elapsed` spent waiting on outbound HTTP requests (a driver's BMC or
-    /// agent); the rest ran in the sandbox or the host's imports.
+    /// agent).
     pub waited: Duration,
+    /// The part of `elapsed` spent running the guest's own code; the rest is the host's
+    /// (instantiation, imports, waits such as sleeps between polls).
+    pub in_guest: Duration,
 }
 
 /// What one loaded plugin has cost since it was loaded, across all its calls.
@@ -86,6 +89,8 @@ pub struct Stats {
     pub busy_ms: f64,
     /// The part of `busy_ms` spent waiting on outbound HTTP requests.
     pub waited_ms: f64,
+    /// The part of `busy_ms` spent running the guest's own code in the sandbox.
+    pub guest_ms: f64,
 }
 
 #[derive(Default)]
@@ -94,6 +99,7 @@ struct Counters {
     failures: AtomicU64,
     busy_ns: AtomicU64,
     waited_ns: AtomicU64,
+    guest_ns: AtomicU64,
 }
 
 /// The wasmtime side of mint: compiles, caches, checks and instantiates plugins.
@@ -394,6 +400,7 @@ impl Plugin {
             failures: c.failures.load(Ordering::Relaxed),
             busy_ms: ms(&c.busy_ns),
             waited_ms: ms(&c.waited_ns),
+            guest_ms: ms(&c.guest_ns),
         }
     }
 
@@ -403,6 +410,10 @@ impl Plugin {
         let state = CallState::new(self.name.clone(), (caps.memory_mib as usize) << 20, self.outbound.clone(), inputs, deadline);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
+        store.call_hook(|mut cx, hook| {
+            cx.data_mut().guest.hook(hook);
+            Ok(())
+        });
         let ticks = (caps.timeout_ms / EPOCH_TICK.as_millis() as u64).max(1) + 1;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
@@ -454,6 +465,7 @@ impl Plugin {
         c.failures.fetch_add(u64::from(result.is_err()), Ordering::Relaxed);
         c.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         c.waited_ns.fetch_add(store.data().waited().as_nanos() as u64, Ordering::Relaxed);
+        c.guest_ns.fetch_add(store.data().guest.total.as_nanos() as u64, Ordering::Relaxed);
         result
     }
 
@@ -500,6 +512,7 @@ impl Plugin {
                 dropped_logs: state.dropped_logs,
                 elapsed: started.elapsed(),
                 waited: state.waited(),
+                in_guest: state.guest.total,
             }),
             Err(pe) => {
                 let mut message = pe.message;

@@ -70,6 +70,31 @@ pub struct CallState {
     pub(crate) stderr: MemoryOutputPipe,
     /// When the call's wall-clock limit ends it, for `host.remaining-ms`.
     pub(crate) deadline: Instant,
+    /// Time spent running the guest's own code (not in host imports).
+    pub(crate) guest: GuestClock,
+}
+
+/// Counts the wall time the guest's own code runs, from wasmtime's call hooks: entering
+/// wasm (a call, or a host import returning) starts the clock, leaving it (a return, or a
+/// call of a host import, where waits happen) stops it.
+#[derive(Default)]
+pub(crate) struct GuestClock {
+    since: Option<Instant>,
+    pub(crate) total: std::time::Duration,
+}
+
+impl GuestClock {
+    pub(crate) fn hook(&mut self, hook: wasmtime::CallHook) {
+        use wasmtime::CallHook as H;
+        match hook {
+            H::CallingWasm | H::ReturningFromHost => self.since = Some(Instant::now()),
+            H::ReturningFromWasm | H::CallingHost => {
+                if let Some(s) = self.since.take() {
+                    self.total += s.elapsed();
+                }
+            }
+        }
+    }
 }
 
 impl CallState {
@@ -91,6 +116,7 @@ impl CallState {
         Self {
             hooks: Gate { allowed, credentials, denied, waited_ns: Arc::new(AtomicU64::new(0)) },
             deadline,
+            guest: GuestClock::default(),
             plugin,
             wasi,
             table: ResourceTable::new(),

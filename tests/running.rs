@@ -1,0 +1,110 @@
+//! A `mint daemon` child process on an ephemeral loopback port, and the `mint` CLI run
+//! against it: shared by the integration tests and the benchmarks that drive a real daemon.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Starts `mint daemon` with state in `data` and `extra` arguments (and `MINT_LOG` =
+/// `log_level`), and returns the process, the URL it says it serves on, and everything it
+/// writes to stderr, kept as it comes (the pipe is always drained, so it never blocks).
+pub fn spawn_daemon(data: &Path, extra: &[&str], log_level: &str) -> (Child, String, Arc<Mutex<String>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
+        .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env("MINT_LOG", log_level)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let stderr = child.stderr.take().expect("piped");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("serving ").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+            }
+            if let Ok(mut l) = kept.lock() {
+                l.push_str(&line);
+                l.push('\n');
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(url) => (child, url, log),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("the daemon did not start: {}", log.lock().map(|l| l.clone()).unwrap_or_default())
+        }
+    }
+}
+
+/// A daemon process, killed when dropped, with the CLI pointed at it.
+pub struct Daemon {
+    child: Child,
+    /// Its URL.
+    pub url: String,
+    /// What it wrote to stderr so far.
+    pub log: Arc<Mutex<String>>,
+    /// Where `mint` commands run (relative paths in them are from here).
+    pub cwd: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts one with state in `data` and `extra` daemon arguments; the daemon logs at
+    /// `debug`, so tests can check what it never says.
+    pub fn start(data: &Path, extra: &[&str], cwd: &Path) -> Daemon {
+        let (child, url, log) = spawn_daemon(data, extra, "debug");
+        Daemon { child, url, log, cwd: cwd.to_path_buf() }
+    }
+
+    /// Runs `mint --json ARGS` against the daemon.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_mint")).arg("--json").args(args).env("MINT_SERVER", &self.url).current_dir(&self.cwd).output().expect("run mint")
+    }
+
+    /// Runs a command that must succeed and parses its JSON output.
+    pub fn mint(&self, args: &[&str]) -> Value {
+        let o = self.run(args);
+        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
+    }
+
+    /// Runs a command the daemon must refuse (exit code 1) and returns its message.
+    pub fn refused(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert_eq!(o.status.code(), Some(1), "mint {args:?} should be refused: {}", String::from_utf8_lossy(&o.stdout));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    /// Polls `probe` every 200 ms until it answers, for at most `limit`.
+    pub fn wait_for<T>(&self, what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = probe() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; events: {}", self.mint(&["events"]));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The instances of `tier`.
+    pub fn instances(&self, tier: &str) -> Vec<Value> {
+        self.mint(&["instance", "list", tier]).as_array().cloned().unwrap_or_default()
+    }
+}
