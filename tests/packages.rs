@@ -146,6 +146,10 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
         assert_eq!(d.mint(&["plugin", "inspect", "picker"])["version"], "1.0.0", "v1 still current after {args:?}");
     }
     assert!(d.refused(&["plugin", "install", &format!("{}", dir.join("reacher.mintpkg").display())]).contains("[plugins.grants]"));
+    // A bare component is not a package: the CLI says how to make one.
+    let o = d.run(&["plugin", "install", wasm.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("mint plugin pack"), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(d.mint(&["events"]).as_array().unwrap().len(), events_before, "refusals record nothing");
     let leftovers: Vec<_> = std::fs::read_dir(dir.join("data/plugins")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("picker")], "no staging left behind");

@@ -557,6 +557,13 @@ pub fn plugin(conn: &Conn, req: PluginRequest) -> Result<(), Failure> {
         PluginRequest::Install { package, signature, unsigned } => {
             use base64::Engine as _;
             let bytes = std::fs::read(&package).map_err(|e| Failure::usage(anyhow!("cannot read package {}: {e}", package.display())))?;
+            if bytes.starts_with(b"\0asm") {
+                return Err(Failure::usage(anyhow!(
+                    "{} is a bare WebAssembly component; make a package of it and its manifest first: mint plugin pack --manifest plugin.toml --wasm {} -o PACKAGE",
+                    package.display(),
+                    package.display()
+                )));
+            }
             let default_sig = PathBuf::from(format!("{}.minisig", package.display()));
             let sig_path = match signature {
                 Some(_) if unsigned => return Err(Failure::usage(anyhow!("--signature and --unsigned contradict each other; give one"))),

@@ -179,6 +179,9 @@ impl Package {
         if bytes.len() as u64 > MAX_PACKAGE_BYTES {
             return Err(bad(format!("{} bytes exceeds the limit of {MAX_PACKAGE_BYTES}", bytes.len())));
         }
+        if bytes.starts_with(b"\0asm") {
+            return Err(bad("this is a bare WebAssembly component; a package holds it with its manifest (`mint plugin pack --manifest plugin.toml --wasm FILE -o PACKAGE`)".into()));
+        }
         let mut archive = tar::Archive::new(bytes);
         let (mut manifest, mut wasm) = (None, None);
         for entry in archive.entries().map_err(|e| bad(format!("not a tar archive: {e}")))? {
@@ -239,6 +242,7 @@ mod tests {
         let e = Package::read(&extra.into_inner().unwrap()).unwrap_err().to_string();
         assert!(e.contains("evil.sh"), "{e}");
         assert!(Package::read(b"garbage").unwrap_err().to_string().contains("not a mint plugin package"));
+        assert!(Package::read(b"\0asm\x0d\0\x01\0").unwrap_err().to_string().contains("mint plugin pack"));
     }
 
     #[test]

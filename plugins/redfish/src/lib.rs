@@ -215,8 +215,19 @@ fn report(system: &Value, media: &Media, boot: &str, seed: &str) -> StatusReport
     match power {
         "On" => StatusReport::new(InstanceState::Running, format!("power On, health {health}, booted from {boot}")),
         "PoweringOn" => StatusReport::new(InstanceState::Deploying, "powering on"),
+        // A BMC clears a one-time boot override when the system boots from it: while it is
+        // still set, the power-on deploy asked for has not happened yet. Once it is gone,
+        // a system that is off was switched off after it ran.
+        other if boot_pending(system) => {
+            StatusReport::new(InstanceState::Deploying, format!("powered {other}; the one-time boot from the instance's CD is still pending"))
+        }
         other => StatusReport::new(InstanceState::Failed, format!("the system is powered {other} with this instance's media inserted")),
     }
+}
+
+/// Whether the system still holds a one-time boot override to the CD.
+fn boot_pending(system: &Value) -> bool {
+    system["Boot"]["BootSourceOverrideEnabled"] == "Once" && system["Boot"]["BootSourceOverrideTarget"] == "Cd"
 }
 
 impl Driver for Redfish {
@@ -305,6 +316,27 @@ mod tests {
 
     fn answer(status: u16, body: &str) -> Result<Response, HttpError> {
         Ok(Response { status, body: body.as_bytes().to_vec() })
+    }
+
+    fn media(boot: Option<&str>, seed: Option<&str>) -> Media {
+        let device = |image: Option<&str>| Device { path: "/x".into(), image: image.map(str::to_string), inserted: image.is_some() };
+        Media { boot: device(boot), seed: device(seed) }
+    }
+
+    #[test]
+    fn states_come_from_power_health_media_and_the_pending_boot() {
+        let ours = media(Some("m"), Some("s"));
+        let system = |power: &str, health: &str, enabled: &str| {
+            serde_json::json!({"PowerState": power, "Status": {"Health": health}, "Boot": {"BootSourceOverrideEnabled": enabled, "BootSourceOverrideTarget": "Cd"}})
+        };
+        let state = |sys: Value, m: &Media| report(&sys, m, "m", "s").state;
+        assert_eq!(state(system("On", "OK", "Disabled"), &ours), InstanceState::Running);
+        assert_eq!(state(system("PoweringOn", "OK", "Once"), &ours), InstanceState::Deploying);
+        assert_eq!(state(system("Off", "OK", "Once"), &ours), InstanceState::Deploying, "asked to boot, not yet booted");
+        assert_eq!(state(system("Off", "OK", "Disabled"), &ours), InstanceState::Failed, "switched off after it ran");
+        assert_eq!(state(system("On", "Critical", "Disabled"), &ours), InstanceState::Failed);
+        assert_eq!(state(system("On", "OK", "Disabled"), &media(Some("other"), Some("s"))), InstanceState::Absent);
+        assert_eq!(state(system("On", "OK", "Disabled"), &media(None, None)), InstanceState::Absent);
     }
 
     #[test]
