@@ -203,8 +203,12 @@ fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
     let scale = std::thread::spawn(move || {
         Command::new(env!("CARGO_BIN_EXE_mint")).args(["--json", "tier", "scale", "t", "1"]).env("MINT_SERVER", url).current_dir(root).output().unwrap()
     });
-    // Replace v1 while its select is running.
-    std::thread::sleep(Duration::from_millis(400));
+    // Replace v1 while its select is running: the request is recorded before its pass
+    // starts, and v1 then works for 1.5 s.
+    d.wait_for("the scale request", Duration::from_secs(20), || {
+        d.mint(&["events", "--tier", "t"]).as_array()?.iter().any(|e| e["kind"] == "scale-requested").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
     d.mint(&["plugin", "install", v2.to_str().unwrap()]);
     assert!(!scale.is_finished(), "the install returned while v1's call was still in flight");

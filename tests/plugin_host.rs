@@ -395,6 +395,23 @@ fn drivers_reach_the_nodes_own_endpoints() {
         let e = agent.deploy(&node(&[("agent-url", "http://user:pw@127.0.0.1:1/".into())]), &d, None).await.unwrap_err();
         assert!(e.to_string().contains("do not belong in an endpoint URL") && !e.to_string().contains("user:pw"), "{e}");
 
+        // Any driver may read the artifact its call is about, and what lies under it, and
+        // nothing else of the engine's.
+        let bare = load_guest(&rt, "http-driver", "driver", "").unwrap();
+        let artifact = format!("http://127.0.0.1:{port}/v1/artifacts/w/0");
+        let d = Deployment { artifact: Artifact { url: artifact.clone(), ..d.artifact.clone() }, ..d.clone() };
+        for (url, readable) in [
+            (artifact.clone(), true),
+            (format!("{artifact}/seed"), true),
+            (format!("http://127.0.0.1:{port}/v1/artifacts/w/1"), false),
+            (format!("{artifact}0"), false),
+            (format!("http://127.0.0.1:{port}/v1/tiers"), false),
+            (format!("http://127.0.0.1:{other}/v1/artifacts/w/0"), false),
+        ] {
+            let r = bare.deploy(&node(&[("agent-url", url.clone())]), &d, None).await;
+            assert_eq!(r.is_ok(), readable, "{url}: {:?}", r.map(|c| c.value.detail));
+        }
+
         let text = "name = \"p\"\nversion = \"0.0.0\"\nkind = \"node-policy\"\nwit = \"0.1.0\"\n[capabilities]\nnode-endpoints = [\"agent-url\"]";
         let e = Manifest::parse("p", text).unwrap_err();
         assert!(e.to_string().contains("only drivers reach nodes"), "{e}");

@@ -33,13 +33,15 @@ fn configure(dir: &Path, credentials: &[(&str, &str)], extra: &str) -> std::path
     config
 }
 
-/// Imports a raw disk and creates tier `name` of `k` instances with the redfish driver.
-fn disk_tier(d: &Daemon, dir: &Path, name: &str, k: u32, subnet: &str, driver_config: Value, labels: Value) {
+/// Imports a disk (`master`, or a small raw disk) and creates tier `name` of `k` instances
+/// with the redfish driver.
+fn disk_tier(d: &Daemon, dir: &Path, name: &str, k: u32, subnet: &str, driver_config: Value, labels: Value, master: Option<&Path>) {
     let disk = dir.join("disk.raw");
     if !disk.exists() {
         raw_disk(&disk);
     }
-    let image = d.mint(&["image", "import", disk.to_str().unwrap(), "--name", "metal"]);
+    let disk = master.unwrap_or(&disk);
+    let image = d.mint(&["image", "import", disk.to_str().unwrap()]);
     let spec = json!({
         "name": name, "image": image["digest"], "max-instances": k, "subnet": subnet,
         "hostname": format!("{name}-{{index:02}}"), "customizers": [{"plugin": "hostname"}],
@@ -60,7 +62,7 @@ fn the_redfish_driver_boots_instances_through_the_emulator() {
     let dir = scratch("redfish-deploy");
     let bmc = Emulator::start(&root(), &dir.join("bmc"), 1, 3, Some(("admin", PASSWORD)));
     let d = Daemon::start(&dir.join("data"), &["--config", configure(&dir, &[(&bmc.base, PASSWORD)], "").to_str().unwrap()], &root());
-    disk_tier(&d, &dir, "bm", 4, "198.18.5.0/24", json!({"poll-ms": 100}), json!({}));
+    disk_tier(&d, &dir, "bm", 4, "198.18.5.0/24", json!({"poll-ms": 100}), json!({}), None);
     for i in 0..3 {
         add_node(&d, &format!("n{i}"), &bmc.system_url(i), "ok");
     }
@@ -139,19 +141,26 @@ fn bmc_failures_are_clear_and_leave_the_pool_as_it_was() {
     let (failing, garbled, silent) = (BadBmc::start(Misbehaviour::ServerError), BadBmc::start(Misbehaviour::Garbled), BadBmc::start(Misbehaviour::Silent));
     // The emulator's endpoint is configured with a wrong password, so it answers 401; node
     // `missing` has the right one (a node's entry wins over its endpoint's), to reach 404.
-    let right = format!("[[credential]]\nnode = \"missing\"\nusername = \"admin\"\npassword = \"{PASSWORD}\"\n");
+    let right = ["missing", "qcow2"].map(|n| format!("[[credential]]\nnode = \"{n}\"\nusername = \"admin\"\npassword = \"{PASSWORD}\"\n")).concat();
     let config = configure(&dir, &[(&good.base, "not-the-password")], &right);
     let d = Daemon::start(&dir.join("data"), &["--config", config.to_str().unwrap()], &root());
     let cases = [
+        ("qcow2", good.system_url(1), "runs a qcow2 master, which a BMC cannot boot from virtual media; convert it"),
         ("unauthorized", good.system_url(0), "refused the credentials for GET"),
         ("missing", format!("{}/redfish/v1/Systems/no-such-system", good.base), "(404 Not Found); check the node's `bmc-url` property"),
         ("failing", format!("{}/redfish/v1/Systems/1", failing.base), "(500): the BMC's firmware is updating"),
         ("garbled", format!("{}/redfish/v1/Systems/1", garbled.base), "malformed JSON"),
         ("silent", format!("{}/redfish/v1/Systems/1", silent.base), "did not answer GET /redfish/v1/Systems/1 within 500 ms"),
     ];
+    // The qcow2 case's master is the same disk converted to qcow2.
+    let qcow2 = dir.join("disk.qcow2");
+    raw_disk(&dir.join("disk.raw"));
+    let o = std::process::Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(dir.join("disk.raw")).arg(&qcow2).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for (i, (case, url, _)) in cases.iter().enumerate() {
         add_node(&d, case, url, case);
-        disk_tier(&d, &dir, case, 2, &format!("198.18.{}.0/24", 10 + i), json!({"request-timeout-ms": 500}), json!({"case": case}));
+        let master = if *case == "qcow2" { Some(qcow2.as_path()) } else { None };
+        disk_tier(&d, &dir, case, 2, &format!("198.18.{}.0/24", 10 + i), json!({"request-timeout-ms": 500}), json!({"case": case}), master);
         // The pass that tries the deploy fails, and the CLI says why.
         let o = d.run(&["tier", "scale", case, "1"]);
         assert_eq!(o.status.code(), Some(1), "{case}");

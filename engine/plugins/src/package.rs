@@ -105,10 +105,10 @@ impl std::fmt::Debug for Trust {
 }
 
 /// The key ID in a minisign key or signature blob (bytes 2..10, little-endian), as
-/// minisign prints it.
+/// minisign prints it: upper-case hex without leading zeros.
 fn key_id(blob: &[u8]) -> Option<String> {
     let id: [u8; 8] = blob.get(2..10)?.try_into().ok()?;
-    Some(format!("{:016X}", u64::from_le_bytes(id)))
+    Some(format!("{:X}", u64::from_le_bytes(id)))
 }
 
 impl Trust {
@@ -243,6 +243,14 @@ mod tests {
         assert!(e.contains("evil.sh"), "{e}");
         assert!(Package::read(b"garbage").unwrap_err().to_string().contains("not a mint plugin package"));
         assert!(Package::read(b"\0asm\x0d\0\x01\0").unwrap_err().to_string().contains("mint plugin pack"));
+    }
+
+    #[test]
+    fn key_ids_read_as_minisign_prints_them() {
+        // minisign prints its key IDs with "%" PRIX64: no leading zeros.
+        let blob = [0x45, 0x64, 0x35, 0xd9, 0x39, 0xc3, 0x87, 0x84, 0xea, 0x04];
+        assert_eq!(key_id(&blob).unwrap(), "4EA8487C339D935");
+        assert_eq!(key_id(&blob[..9]), None);
     }
 
     #[test]

@@ -425,9 +425,11 @@ impl Plugin {
     }
 
     /// A driver call's inputs: with the endpoints the node's properties name, for the
-    /// properties the manifest lists in `node-endpoints`.
-    fn node_inputs(&self, call: &'static str, node: &Node, config: Option<&serde_json::Value>) -> Result<CallInputs, CallError> {
+    /// properties the manifest lists in `node-endpoints`, and read access to the
+    /// deployment's own artifact.
+    fn node_inputs(&self, call: &'static str, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<CallInputs, CallError> {
         let mut inputs = self.inputs(call, config)?;
+        inputs.artifact = Some(d.artifact.url.clone());
         let credentials = self.credentials.read().unwrap_or_else(|p| p.into_inner()).clone();
         for wanted in &self.manifest.capabilities.node_endpoints {
             if let Some((_, url)) = node.properties.iter().find(|(k, _)| k == wanted) {
@@ -578,7 +580,7 @@ impl Plugin {
         const CALL: &str = "deploy";
         let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
         let called = self
-            .invoke(CALL, self.node_inputs(CALL, node, config)?, async |store| {
+            .invoke(CALL, self.node_inputs(CALL, node, d, config)?, async |store| {
                 let b = pre.instantiate_async(&mut *store).await?;
                 b.mint_plugin_driver().call_deploy(&mut *store, node, d).await
             })
@@ -590,7 +592,7 @@ impl Plugin {
     pub async fn undeploy(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<Called<()>, CallError> {
         const CALL: &str = "undeploy";
         let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
-        self.invoke(CALL, self.node_inputs(CALL, node, config)?, async |store| {
+        self.invoke(CALL, self.node_inputs(CALL, node, d, config)?, async |store| {
             let b = pre.instantiate_async(&mut *store).await?;
             b.mint_plugin_driver().call_undeploy(&mut *store, node, d).await
         })
@@ -602,7 +604,7 @@ impl Plugin {
         const CALL: &str = "status";
         let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
         let called = self
-            .invoke(CALL, self.node_inputs(CALL, node, config)?, async |store| {
+            .invoke(CALL, self.node_inputs(CALL, node, d, config)?, async |store| {
                 let b = pre.instantiate_async(&mut *store).await?;
                 b.mint_plugin_driver().call_status(&mut *store, node, d).await
             })

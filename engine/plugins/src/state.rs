@@ -48,11 +48,14 @@ pub struct CallInputs {
     /// each with the `Authorization` value the host adds to requests to it, if the
     /// operator configured credentials for it. The plugin never sees that value.
     pub endpoints: Vec<(HostPattern, Option<crate::credentials::Authorization>)>,
+    /// The URL of the artifact a driver call is about: the driver may read (GET, HEAD)
+    /// it and what lies under it (its descriptor and parts), nothing else of the engine.
+    pub artifact: Option<String>,
 }
 
 impl Default for CallInputs {
     fn default() -> Self {
-        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()), endpoints: Vec::new() }
+        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()), endpoints: Vec::new(), artifact: None }
     }
 }
 
@@ -113,8 +116,9 @@ impl CallState {
             outbound.iter().chain(inputs.endpoints.iter().map(|(p, _)| p)).cloned().collect::<Vec<_>>().into()
         };
         let credentials = inputs.endpoints.iter().filter_map(|(p, a)| Some((p.clone(), a.clone()?))).collect();
+        let artifact = inputs.artifact.as_deref().and_then(ArtifactGrant::of);
         Self {
-            hooks: Gate { allowed, credentials, denied, waited_ns: Arc::new(AtomicU64::new(0)) },
+            hooks: Gate { allowed, credentials, artifact, denied, waited_ns: Arc::new(AtomicU64::new(0)) },
             deadline,
             guest: GuestClock::default(),
             plugin,
@@ -175,8 +179,29 @@ impl wasmtime::ResourceLimiter for Limits {
 struct Gate {
     allowed: Arc<[HostPattern]>,
     credentials: Vec<(HostPattern, crate::credentials::Authorization)>,
+    artifact: Option<ArtifactGrant>,
     denied: Arc<Mutex<Vec<String>>>,
     waited_ns: Arc<AtomicU64>,
+}
+
+/// Read access to one artifact's URL and what lies under it.
+struct ArtifactGrant {
+    origin: HostPattern,
+    path: String,
+}
+
+impl ArtifactGrant {
+    fn of(url: &str) -> Option<ArtifactGrant> {
+        let origin = HostPattern::of_url(url).ok()?;
+        let rest = url.split_once("://")?.1;
+        let path = rest.find('/').map(|i| rest[i..].trim_end_matches('/').to_string())?;
+        Some(ArtifactGrant { origin, path })
+    }
+
+    fn admits(&self, method: &http::Method, scheme: &str, host: &str, port: u16, path: &str) -> bool {
+        let under = path == self.path || path.strip_prefix(&self.path).is_some_and(|r| r.starts_with('/') || r.starts_with('?'));
+        (method == http::Method::GET || method == http::Method::HEAD) && self.origin.matches(scheme, host, port) && under
+    }
 }
 
 impl WasiHttpHooks for Gate {
@@ -197,7 +222,10 @@ impl WasiHttpHooks for Gate {
         let scheme = uri.scheme_str().unwrap_or("https").to_string();
         let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_string();
         let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
-        if !self.allowed.iter().any(|p| p.matches(&scheme, &host, port)) {
+        let path = uri.path().to_string();
+        let admitted = self.allowed.iter().any(|p| p.matches(&scheme, &host, port))
+            || self.artifact.as_ref().is_some_and(|a| a.admits(request.method(), &scheme, &host, port, &path));
+        if !admitted {
             if let Ok(mut d) = self.denied.lock() {
                 d.push(format!("{scheme}://{host}:{port}"));
             }

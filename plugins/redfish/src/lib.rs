@@ -230,9 +230,34 @@ fn boot_pending(system: &Value) -> bool {
     system["Boot"]["BootSourceOverrideEnabled"] == "Once" && system["Boot"]["BootSourceOverrideTarget"] == "Cd"
 }
 
+/// Reads the artifact's descriptor from the engine (the host lets a driver read the
+/// artifact it deploys) and checks that a BMC can boot its master: raw disks and ISO
+/// images boot from virtual media, qcow2 does not.
+fn check_bootable(d: &Deployment) -> Result<(), Error> {
+    let answer = Request::get(&d.artifact.url)
+        .header("accept", "application/json")
+        .timeout(Duration::from_secs(10))
+        .send()
+        .map_err(|e| Error::external(format!("cannot read the artifact descriptor {}: {e}", d.artifact.url)))?;
+    if !answer.is_success() {
+        return Err(Error::external(format!("the engine answered {} for the artifact descriptor {}", answer.status, d.artifact.url)));
+    }
+    let v: Value = answer.json().map_err(|e| Error::external(format!("the artifact descriptor {}: {e}", d.artifact.url)))?;
+    let master = v["parts"].as_array().and_then(|parts| parts.iter().find(|p| p["role"] == "master")).cloned().unwrap_or_default();
+    let name = master["name"].as_str().unwrap_or_default();
+    if name.ends_with(".qcow2") {
+        return Err(Error::invalid_input(format!(
+            "tier `{}` runs a qcow2 master, which a BMC cannot boot from virtual media; convert it (`qemu-img convert -O raw master.qcow2 master.raw`), import the raw disk and move the tier to it (`mint tier update-image`)",
+            d.tier
+        )));
+    }
+    Ok(())
+}
+
 impl Driver for Redfish {
     fn deploy(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
         let (boot, seed) = images(d)?;
+        check_bootable(d)?;
         let bmc = Bmc::of(node, config)?;
         let system = bmc.system()?;
         let media = bmc.media(&system)?;
