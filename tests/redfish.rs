@@ -185,4 +185,19 @@ fn bmc_failures_are_clear_and_leave_the_pool_as_it_was() {
         assert_eq!(good.media(i, "Floppy")["Inserted"], false);
     }
     assert!(failing.requests.load(std::sync::atomic::Ordering::Relaxed) > 0, "the failing BMC was asked");
+
+    // The operator fixes the password and signals the daemon, which reads its
+    // configuration again; the repaired node then takes the tier's instance.
+    configure(&dir, &[(&good.base, PASSWORD)], &right);
+    let hup = std::process::Command::new("kill").args(["-HUP", &d.pid().to_string()]).status().unwrap();
+    assert!(hup.success());
+    d.wait_for("the configuration to be reloaded", Duration::from_secs(20), || {
+        d.mint(&["events"]).as_array()?.iter().any(|e| e["kind"] == "configuration-reloaded").then_some(())
+    });
+    d.mint(&["node", "state", "unauthorized", "free"]);
+    d.wait_for("the repaired node to run the instance", Duration::from_secs(60), || {
+        d.instances("unauthorized").iter().any(|i| i["state"] == "deployed" && i["node"] == "unauthorized").then_some(())
+    });
+    assert_eq!(good.system(0)["PowerState"], "On");
+    assert!(!d.log.lock().unwrap().contains(PASSWORD), "the reload logs no password");
 }

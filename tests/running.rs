@@ -72,6 +72,11 @@ impl Daemon {
         Daemon { child, url, log, cwd: cwd.to_path_buf() }
     }
 
+    /// The daemon's process ID (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs `mint --json ARGS` against the daemon.
     pub fn run(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_mint")).arg("--json").args(args).env("MINT_SERVER", &self.url).current_dir(&self.cwd).output().expect("run mint")

@@ -24,7 +24,7 @@ pub use wit::{Artifact, Deployment, InstanceState, Node, StatusReport};
 
 crate::common::impl_plugin_error_conversion!(bindings::mint::plugin::types);
 
-/// A provisioning driver. Implement it and name the type in [`export_driver!`].
+/// A provisioning driver. Implement it and name the type in [`export_driver!`](crate::export_driver).
 pub trait Driver {
     /// Deploys `deployment` on `node`. Must be idempotent: the host calls it again after a
     /// restart, and an instance already running must not be deployed twice.

@@ -26,7 +26,12 @@
 //! ```
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2` and load the `.wasm`
-//! with a manifest beside it. The same code runs natively in unit tests: the
+//! with a manifest beside it, or pack it (`mint plugin pack`), sign it with minisign and
+//! install it into a daemon (`mint plugin install`).
+//!
+//! Drivers talk HTTP through [`http`] (to the hosts their manifest may reach, and to the
+//! node's own endpoint; the host adds the operator's credentials for it) and can ask how
+//! long their call has left with [`remaining`]. The same code runs natively in unit tests: the
 //! [`testing`] module stands in for the host (configuration, the master's files, the
 //! tier's peers, logs).
 

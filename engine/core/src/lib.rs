@@ -66,8 +66,9 @@ pub struct Engine {
     pub advertise: String,
     /// How many driver calls (deploy, status) one pass makes at once. Drivers wait on
     /// nodes and BMCs for seconds; calling them one after another would make a pass over
-    /// many nodes take minutes, while unbounded calls would flood the BMC network.
-    pub driver_concurrency: usize,
+    /// many nodes take minutes, while unbounded calls would flood the BMC network. An
+    /// atomic, so a daemon can change it when its configuration is reloaded.
+    pub driver_concurrency: std::sync::atomic::AtomicUsize,
 }
 
 /// The default of [`Engine::driver_concurrency`].
@@ -169,7 +170,7 @@ impl Engine {
             images: ImageStore::open(&data_dir.join("images"))?,
             plugins: Registry::new(Some(data_dir.join("cache")), Some(data_dir.join("plugins")))?,
             advertise: String::new(),
-            driver_concurrency: DRIVER_CONCURRENCY,
+            driver_concurrency: std::sync::atomic::AtomicUsize::new(DRIVER_CONCURRENCY),
         })
     }
 
@@ -402,7 +403,7 @@ impl Engine {
             jobs.push((*inst, wit_node(&self.node(node_name)?), deployment(&self.advertise, inst)));
         }
         let calls = jobs.iter().map(|(_, node, d)| driver.deploy(node, d, config.as_ref())).collect();
-        let results = bounded(calls, self.driver_concurrency).await;
+        let results = bounded(calls, self.driver_concurrency.load(std::sync::atomic::Ordering::Relaxed)).await;
         for ((inst, _, _), result) in jobs.iter().zip(results) {
             match result {
                 Ok(r) if r.value.state == wit::InstanceState::Running => {
@@ -485,7 +486,7 @@ impl Engine {
             jobs.push((inst, node_name, node, d));
         }
         let calls = jobs.iter().map(|(_, _, node, d)| async { driver.status(node, d, config.as_ref()).await.map(|r| r.value) }).collect();
-        let reports = bounded(calls, self.driver_concurrency).await;
+        let reports = bounded(calls, self.driver_concurrency.load(std::sync::atomic::Ordering::Relaxed)).await;
         for ((inst, node_name, _, _), report) in jobs.iter().zip(reports) {
             let why = match report {
                 Ok(r) if r.state == wit::InstanceState::Failed => format!("health check: the driver reports {} failed: {}", inst.id, r.detail),
@@ -524,7 +525,7 @@ impl Engine {
                 report
             })
             .collect();
-        let reports = bounded(calls, self.driver_concurrency).await;
+        let reports = bounded(calls, self.driver_concurrency.load(std::sync::atomic::Ordering::Relaxed)).await;
         for ((inst, node_name, _, _), report) in jobs.iter().zip(reports) {
             let (inst, node_name) = (*inst, *node_name);
             let waited_ms = now.saturating_sub(inst.since_ms);

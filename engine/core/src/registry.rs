@@ -170,6 +170,12 @@ impl Registry {
         let mut problems = Vec::new();
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
+            // What an install interrupted by a crash left: the old or the new version is in
+            // place (renames are atomic), so these are leftovers.
+            if name.starts_with(".staging-") || name.starts_with(".old-") {
+                let _ = std::fs::remove_dir_all(e.path());
+                continue;
+            }
             if !valid_name(&name) || !e.path().join(PACKAGE).is_file() {
                 continue;
             }

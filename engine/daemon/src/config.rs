@@ -127,6 +127,49 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Puts the configuration into effect: trust and grants for plugins loaded from now on,
+    /// credentials and concurrency for calls that start from now on.
+    pub fn apply(self, engine: &mint_core::Engine) {
+        tracing::info!(
+            trusted = ?self.plugins.trust.describe(),
+            credentials = ?self.credentials.summary(),
+            concurrency = self.concurrency,
+            "configuration"
+        );
+        engine.driver_concurrency.store(self.concurrency, std::sync::atomic::Ordering::Relaxed);
+        engine.plugins.runtime().set_credentials(self.credentials);
+        engine.plugins.set_policy(self.plugins);
+    }
+}
+
+/// Reads the configuration again on SIGHUP (rotated BMC passwords, a new vendor key) and
+/// applies it; a file that does not check out is reported and the running configuration
+/// kept. Plugins already loaded stay loaded.
+pub(crate) fn reload_on_hangup(app: crate::Shared, path: PathBuf, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; the configuration is read at start only");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hangups.recv() => {}
+                _ = stop.changed() => return,
+            }
+            let _pass = app.reconciling.lock().await;
+            match Config::read(&path) {
+                Ok(c) => {
+                    c.apply(&app.engine);
+                    let _ = app.engine.store.note("configuration-reloaded", format!("configuration reloaded from {}", path.display()), serde_json::json!({}));
+                }
+                Err(e) => tracing::error!("SIGHUP: keeping the running configuration: {e}"),
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

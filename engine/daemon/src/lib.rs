@@ -563,16 +563,13 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
     let Options { listen, advertise, node_timeout, config } = options;
-    let config = match config {
-        Some(path) => config::Config::read(&path)?,
-        None if data_dir.join("mint.toml").is_file() => config::Config::read(&data_dir.join("mint.toml"))?,
+    let config_path = config.or_else(|| Some(data_dir.join("mint.toml")).filter(|p| p.is_file()));
+    let config = match &config_path {
+        Some(path) => config::Config::read(path)?,
         None => config::Config::default_for_daemon(),
     };
     let mut engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
-    tracing::info!(trusted = ?config.plugins.trust.describe(), credentials = ?config.credentials.summary(), concurrency = config.concurrency, "configuration");
-    engine.driver_concurrency = config.concurrency;
-    engine.plugins.runtime().set_credentials(config.credentials);
-    engine.plugins.set_policy(config.plugins);
+    config.apply(&engine);
     engine.plugins.preload_bundled().map_err(|e| e.to_string())?;
     for problem in engine.plugins.preload_installed() {
         tracing::warn!("{problem}");
@@ -585,6 +582,9 @@ pub async fn serve(
     engine.advertise = advertise;
     let app = Arc::new(App { engine, liveness: liveness::Liveness::new(node_timeout), checked: std::sync::Mutex::new(std::time::Instant::now()), reconciling: tokio::sync::Mutex::new(()), image_files: tokio::sync::RwLock::new(()) });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(path) = config_path {
+        config::reload_on_hangup(app.clone(), path, stop_rx.clone());
+    }
     let looping = app.clone();
     let reconciler = tokio::spawn(async move {
         loop {
