@@ -405,6 +405,8 @@ fn drivers_reach_the_nodes_own_endpoints() {
             (format!("{artifact}/seed"), true),
             (format!("http://127.0.0.1:{port}/v1/artifacts/w/1"), false),
             (format!("{artifact}0"), false),
+            (format!("{artifact}/../1"), false),
+            (format!("{artifact}/%2e%2e/1"), false),
             (format!("http://127.0.0.1:{port}/v1/tiers"), false),
             (format!("http://127.0.0.1:{other}/v1/artifacts/w/0"), false),
         ] {

@@ -199,8 +199,12 @@ impl ArtifactGrant {
     }
 
     fn admits(&self, method: &http::Method, scheme: &str, host: &str, port: u16, path: &str) -> bool {
-        let under = path == self.path || path.strip_prefix(&self.path).is_some_and(|r| r.starts_with('/') || r.starts_with('?'));
-        (method == http::Method::GET || method == http::Method::HEAD) && self.origin.matches(scheme, host, port) && under
+        // Dot segments, encoded or not, could climb out of the artifact on a server or proxy
+        // that normalises them; an artifact's own paths never contain them.
+        let lower = path.to_ascii_lowercase();
+        let climbs = lower.split('/').any(|seg| seg == ".." || seg == ".") || lower.contains("%2e") || lower.contains("%2f") || lower.contains('\\');
+        let under = path == self.path || path.strip_prefix(&self.path).is_some_and(|r| r.starts_with('/'));
+        (method == http::Method::GET || method == http::Method::HEAD) && self.origin.matches(scheme, host, port) && under && !climbs
     }
 }
 
