@@ -66,10 +66,9 @@ fn the_whole_sequence_through_the_cli_survives_a_restart() {
 
     let image = d.json(&["image", "import", "tests/fixtures/master-ifupdown", "--name", "debian"]);
     let digest = image["digest"].as_str().unwrap().to_string();
-    let spec = std::fs::read_to_string(root().join("tests/fixtures/web-tier.toml")).unwrap().replace("IMAGE", &digest);
-    let spec_file = dir.join("web.toml");
-    std::fs::write(&spec_file, spec).unwrap();
-    d.ok(&["tier", "create", "-f", spec_file.to_str().unwrap()]);
+    // The fixture names its master `debian`; the tier records the digest that name had.
+    d.ok(&["tier", "create", "-f", "tests/fixtures/web-tier.toml"]);
+    assert_eq!(d.json(&["tier", "show", "web"])["tier"]["image"], digest.as_str());
 
     // All K instances exist with their identities before any node is known.
     let inst = d.json(&["instance", "list", "web"]);
@@ -143,7 +142,7 @@ fn the_whole_sequence_through_the_cli_survives_a_restart() {
     d.ok(&["tier", "delete", "web"]);
     assert_eq!(d.json(&["tier", "list"]), serde_json::json!([]));
     assert!(d.json(&["node", "list"]).as_array().unwrap().iter().all(|n| n["state"] == "free"));
-    d.ok(&["tier", "create", "-f", spec_file.to_str().unwrap()]);
+    d.ok(&["tier", "create", "-f", "tests/fixtures/web-tier.toml"]);
     assert_eq!(d.json(&["instance", "list", "web"])[2]["address"], "198.18.0.4");
     d.stop();
 }
@@ -152,10 +151,8 @@ fn the_whole_sequence_through_the_cli_survives_a_restart() {
 fn apply_creates_what_a_file_declares_once() {
     let dir = scratch("daemon-apply");
     let d = Daemon::start(&dir.join("data"));
-    let digest = d.json(&["image", "import", "tests/fixtures/master-ifupdown"])["digest"].as_str().unwrap().to_string();
-    let site = std::fs::read_to_string(root().join("tests/fixtures/site.toml")).unwrap().replace("IMAGE", &digest);
-    let file = dir.join("site.toml");
-    std::fs::write(&file, site).unwrap();
+    d.ok(&["image", "import", "tests/fixtures/master-ifupdown", "--name", "debian"]);
+    let file = root().join("tests/fixtures/site.toml");
     let first = d.json(&["apply", "-f", file.to_str().unwrap()]);
     assert_eq!(first["created"], serde_json::json!(["node node-a1", "node node-b1", "tier api"]));
     let again = d.json(&["apply", "-f", file.to_str().unwrap()]);
@@ -185,7 +182,7 @@ fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
     assert!(err(&o).contains("hashing"), "a bar for the import: {}", err(&o));
     let digest = String::from_utf8_lossy(&o.stdout).split_whitespace().find(|w| w.starts_with("sha256:")).unwrap().to_string();
 
-    let spec = std::fs::read_to_string(root().join("tests/fixtures/web-tier.toml")).unwrap().replace("IMAGE", &digest);
+    let spec = std::fs::read_to_string(root().join("tests/fixtures/web-tier.toml")).unwrap().replace("\"debian\"", &format!("\"{digest}\""));
     let spec_file = dir.join("web.toml");
     std::fs::write(&spec_file, spec).unwrap();
     let o = d.mint(&["tier", "create", "-f", spec_file.to_str().unwrap(), "--progress", "always"]);

@@ -4,6 +4,7 @@ mod bmc;
 mod cli;
 mod crash;
 mod daemon;
+mod docs;
 mod engine;
 mod images;
 mod model;

@@ -6,14 +6,34 @@ use std::process::{Command, ExitCode};
 
 const WASM_TARGET: &str = "wasm32-wasip2";
 
-fn run(cmd: &mut Command) -> Result<(), String> {
-    eprintln!("+ {cmd:?}");
-    let status = cmd.status().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+/// A command as a shell would show it (without the environment it is given).
+fn shown(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
 }
 
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("+ {}", shown(cmd));
+    let status = cmd.status().map_err(|e| format!("cannot start {}: {e}", shown(cmd)))?;
+    if status.success() { Ok(()) } else { Err(format!("{} failed with {status}", shown(cmd))) }
+}
+
+/// A `cargo` command without the variables cargo sets for the program it runs (this task,
+/// or a test that runs it). Build scripts watch some of them (ring's watches
+/// `CARGO_MANIFEST_DIR`), so inheriting them would make a build from here recompile what a
+/// build from the shell compiled, and the other way round.
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_by_cargo = ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"]
+            .contains(&key)
+            || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_");
+        if set_by_cargo {
+            c.env_remove(key);
+        }
+    }
+    c
 }
 
 /// Installs the Debian packages the tests use as independent checkers when they are
@@ -85,8 +105,8 @@ struct Totals {
 /// Runs a `cargo test` command, echoing its output and adding up its `test result:` lines.
 fn run_tests(cmd: &mut Command, totals: &mut Totals) -> Result<(), String> {
     use std::io::{BufRead, BufReader};
-    eprintln!("+ {cmd:?}");
-    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    eprintln!("+ {}", shown(cmd));
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("cannot start {}: {e}", shown(cmd)))?;
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         let line = line.map_err(|e| format!("reading test output: {e}"))?;
@@ -103,8 +123,8 @@ fn run_tests(cmd: &mut Command, totals: &mut Totals) -> Result<(), String> {
             totals.ignored += count(" ignored");
         }
     }
-    let status = child.wait().map_err(|e| format!("waiting for {cmd:?}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+    let status = child.wait().map_err(|e| format!("waiting for {}: {e}", shown(cmd)))?;
+    if status.success() { Ok(()) } else { Err(format!("{} failed with {status}", shown(cmd))) }
 }
 
 fn test() -> Result<(), String> {
@@ -128,6 +148,35 @@ fn test() -> Result<(), String> {
     host.and(guests)
 }
 
+/// The `mint` binary's arguments for `cargo xtask daemon ARGS`: the daemon with its state in
+/// `target/mint-data`, unless ARGS name another `--data-dir`.
+fn daemon_args(extra: &[String]) -> Vec<String> {
+    let mut args = vec!["daemon".to_string()];
+    if !extra.iter().any(|a| a == "--data-dir" || a.starts_with("--data-dir=")) {
+        args.extend(["--data-dir".to_string(), "target/mint-data".to_string()]);
+    }
+    args.extend(extra.iter().cloned());
+    args
+}
+
+/// Builds the workspace the way the test command does and runs `target/release/mint ARGS`
+/// in place of this process.
+///
+/// Why not `cargo run -p mint`: a build of one package resolves features without the
+/// workspace's dev-dependencies, so it compiles wasmtime's crates a second time, with other
+/// features, beside the ones the tests built. Building what `cargo test` builds (libraries,
+/// binaries, tests) shares one set of artifacts with `cargo xtask test`, so after either
+/// the other builds nothing.
+/// The process is replaced rather than spawned, so signals reach the daemon itself.
+fn run_mint(args: &[String]) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    run(cargo().args(["build", "--quiet", "--release", "--workspace", "--exclude", "xtask", "--lib", "--bins", "--tests"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| "target".into());
+    let mint = target.join("release/mint");
+    let e = Command::new(&mint).args(args).exec();
+    Err(format!("cannot run {}: {e}", mint.display()))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // Tasks name files relative to the repository's root, wherever cargo was run from.
@@ -137,10 +186,8 @@ fn main() -> ExitCode {
     }
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
-        Some("daemon") => wasm_target().and_then(|_| {
-            run(cargo().args(["run", "--release", "--package", "mint", "--", "daemon", "--data-dir", "target/mint-data"]).args(&args[1..]))
-        }),
-        Some("demo") => wasm_target().and_then(|_| run(cargo().args(["run", "--release", "--package", "mint", "--", "demo"]).args(&args[1..]))),
+        Some("daemon") => wasm_target().and_then(|_| run_mint(&daemon_args(&args[1..]))),
+        Some("demo") => wasm_target().and_then(|_| run_mint(&[&["demo".to_string()], &args[1..]].concat())),
         Some("test") => test(),
         Some("bench") => wasm_target()
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-plugins", "--bench", "plugin_cost"])))

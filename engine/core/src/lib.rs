@@ -225,6 +225,16 @@ impl Engine {
 
     /// [`Engine::create_tier`], reporting each minted instance to `report`.
     pub async fn create_tier_reporting(&self, spec: &TierSpec, report: Report<'_>) -> Result<Tier> {
+        // A tier file may name its master as `mint image import --name` did; the tier
+        // records the digest, so a later import under the same name changes nothing here.
+        let resolved;
+        let spec = if spec.image.starts_with("sha256:") || spec.image.is_empty() {
+            spec
+        } else {
+            let image = self.find_image(&spec.image).map_err(|e| EngineError::Invalid(format!("field `image`: {e}")))?;
+            resolved = TierSpec { image: image.digest, ..spec.clone() };
+            &resolved
+        };
         let tier = spec.to_tier().map_err(EngineError::Invalid)?;
         let image = self.store.image(&tier.image).map_err(|_| {
             EngineError::Invalid(format!("field `image`: no image `{}`; import it first (`mint image import`)", tier.image))

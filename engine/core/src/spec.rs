@@ -13,7 +13,7 @@ use std::net::IpAddr;
 pub struct TierSpec {
     /// Unique name: lowercase letters, digits and `-`.
     pub name: String,
-    /// The master image's digest (`sha256:...`).
+    /// The master image: its digest (`sha256:...`) or the name it was imported under.
     pub image: String,
     /// K, the hard maximum of instances; all are minted at creation.
     pub max_instances: u32,
@@ -92,7 +92,7 @@ impl TierSpec {
             a.check(self.max_instances)?;
         }
         if !self.image.starts_with("sha256:") {
-            return Err(bad("image", format!("`{}` is not an image digest; import the image and use the `sha256:...` it prints", self.image)));
+            return Err(bad("image", format!("`{}` is not an image; give the name it was imported under or the `sha256:...` digest `mint image import` printed", self.image)));
         }
         let subnet: Cidr = self.subnet.parse().map_err(|e| bad("subnet", e))?;
         let reserved = self
