@@ -35,8 +35,12 @@ struct Acked {
     scaled: u32,
 }
 
-fn post(url: &str, path: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
-    ureq::post(&format!("{url}{path}"))
+/// A daemon's URL and the `Authorization` its admin sends.
+type Api = (String, String);
+
+fn post((base, auth): &Api, path: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
+    ureq::post(&format!("{base}{path}"))
+        .set("Authorization", auth)
         .timeout(Duration::from_secs(30))
         .send_json(body)
         .map_err(|e| e.to_string())?
@@ -61,6 +65,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         // Bound the whole test in time whatever the machine's speed.
         assert!(started.elapsed() < Duration::from_secs(600), "100 cycles took over 10 minutes");
         let (mut child, url) = start_daemon(&data);
+        let url: Api = (url, crate::support::admin_auth(&data));
         if cycle == 0 {
             let v = post(&url, "/v1/images", serde_json::json!({"path": master})).unwrap();
             digest = v["digest"].as_str().unwrap().to_string();

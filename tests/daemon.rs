@@ -193,7 +193,7 @@ fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
     let out = d.ok(&["instance", "materialize", "web", "2", "--into", into.to_str().unwrap()]);
     assert!(out.contains("web/2 materialized in") && out.contains("edits"), "{out}");
     assert_eq!(std::fs::read_to_string(into.join("etc/hostname")).unwrap(), "web-002\n");
-    artifacts_are_served_with_digests_etags_and_ranges(&d.url);
+    artifacts_are_served_with_digests_etags_and_ranges(&d.url, &crate::support::admin_auth(&dir.join("data")));
     // Without a terminal and by default, no bar.
     let o = d.mint(&["image", "import", "tests/fixtures/master-ifupdown"]);
     assert!(o.status.success() && !err(&o).contains("hashing"), "{}", err(&o));
@@ -226,9 +226,9 @@ fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
 
 /// The artifact server as an agent uses it: the descriptor, then the blob whole, in
 /// ranges, conditionally, and by HEAD.
-fn artifacts_are_served_with_digests_etags_and_ranges(base: &str) {
+fn artifacts_are_served_with_digests_etags_and_ranges(base: &str, auth: &str) {
     use sha2::Digest;
-    let get = |path: &str| ureq::get(&format!("{base}{path}")).call();
+    let get = |path: &str| ureq::get(&format!("{base}{path}")).set("Authorization", auth).call();
     let desc: serde_json::Value = get("/v1/artifacts/web/2").unwrap().into_json().unwrap();
     assert_eq!((desc["format"].as_str(), desc["hostname"].as_str()), (Some("tree"), Some("web-002")));
     let part = &desc["parts"][0];
@@ -257,7 +257,7 @@ fn artifacts_are_served_with_digests_etags_and_ranges(base: &str) {
         });
     assert_eq!(hostname.as_deref(), Some("web-002\n"));
 
-    let ranged = |spec: &str| ureq::get(&format!("{base}{url}")).set("Range", spec).call();
+    let ranged = |spec: &str| ureq::get(&format!("{base}{url}")).set("Authorization", auth).set("Range", spec).call();
     let r = ranged("bytes=100-199").unwrap();
     assert_eq!((r.status(), r.header("Content-Range").map(str::to_string)), (206, Some(format!("bytes 100-199/{}", whole.len()))));
     let mut body = Vec::new();
@@ -270,9 +270,9 @@ fn artifacts_are_served_with_digests_etags_and_ranges(base: &str) {
         Err(ureq::Error::Status(416, r)) => assert_eq!(r.header("Content-Range"), Some(format!("bytes */{}", whole.len()).as_str())),
         other => panic!("an unsatisfiable range: {:?}", other.map(|r| r.status())),
     }
-    let cached = ureq::get(&format!("{base}{url}")).set("If-None-Match", &format!("\"{digest}\"")).call().unwrap();
+    let cached = ureq::get(&format!("{base}{url}")).set("Authorization", auth).set("If-None-Match", &format!("\"{digest}\"")).call().unwrap();
     assert_eq!(cached.status(), 304);
-    let head = ureq::head(&format!("{base}{url}")).call().unwrap();
+    let head = ureq::head(&format!("{base}{url}")).set("Authorization", auth).call().unwrap();
     assert_eq!(head.header("Content-Length"), Some(whole.len().to_string().as_str()));
     match get(&format!("/v1/blobs/sha256:{}", "0".repeat(64))) {
         Err(ureq::Error::Status(404, _)) => {}

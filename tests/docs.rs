@@ -38,6 +38,7 @@ const CLAIMS: &[(&str, &str, &str, &str)] = &[
     ("README.md", "sh", "cargo xtask daemon", "readme_main_command_and_quickstart"),
     ("README.md", "sh", "mint=target/release/mint", "readme_main_command_and_quickstart"),
     ("README.md", "toml", "[autoscale]", "configuration_blocks_parse"),
+    ("README.md", "sh", "$mint token create", "readme_identity_commands"),
     ("README.md", "toml", "name = \"my-policy\"", "plugin_authors_build_pack_sign_and_install_as_documented"),
     ("README.md", "sh", "$mint plugin install acme-redfish", "plugin_authors_build_pack_sign_and_install_as_documented"),
     ("README.md", "toml", "[plugins]", "plugin_authors_build_pack_sign_and_install_as_documented"),
@@ -259,7 +260,7 @@ fn readme_main_command_and_quickstart() {
     assert!(out.contains("tier web deleted"), "{out}");
     assert_eq!(std::fs::read_to_string(cwd.join("web-002/etc/hostname")).unwrap().trim(), "web-002");
     // The quickstart's last command collected both masters once the tier was gone.
-    let images: serde_json::Value = ureq::get(&format!("{url}/v1/images")).call().unwrap().into_json().unwrap();
+    let images: serde_json::Value = ureq::get(&format!("{url}/v1/images")).set("Authorization", &admin_auth(&data)).call().unwrap().into_json().unwrap();
     assert_eq!(images, serde_json::json!([]), "{out}");
 
     let status = daemon.stop().expect("the daemon stops on SIGTERM");
@@ -469,4 +470,22 @@ fn python_policies_build_and_run_as_documented() {
     let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"));
     let chosen: Vec<&str> = v["chosen"].as_array().unwrap().iter().map(|c| c["node"].as_str().unwrap()).collect();
     assert_eq!(chosen, ["a1-1", "a2-1", "b1-1"]);
+}
+
+#[test]
+fn readme_identity_commands() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = block("README.md", "sh", "$mint token create", "readme_identity_commands");
+    let dir = scratch("docs-identities");
+    let daemon = crate::running::Daemon::start(&dir.join("data"), &[], &dir);
+    let out = run_block(&b, &dir, &[("MINT_SERVER", &daemon.url), ("mint", "mint")], &[], Duration::from_secs(60));
+    assert!(out.contains("token ci revoked"), "{out}");
+    for file in ["ci.token", "join.token"] {
+        let meta = std::fs::metadata(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{file}");
+    }
+    let ci = std::fs::read_to_string(dir.join("ci.token")).unwrap();
+    assert!(ci.starts_with("mint_op_") && !out.contains(ci.trim()), "the token went to the file only");
+    let events = daemon.mint(&["events"]).to_string();
+    assert!(events.contains("node `rack1-n03` may join once") && events.contains("token `ci` revoked"), "{events}");
 }

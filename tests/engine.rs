@@ -67,7 +67,7 @@ fn mint_all_k_then_deploy_scale_out_and_in() {
     let mut s = spec("web", &image.digest, 8, "198.18.0.0/24");
     s.gateway = Some("198.18.0.1".into());
     block_on(async {
-        engine.create_tier(&s).await.unwrap();
+        engine.create_tier(&s, "admin:test").await.unwrap();
         // All K exist, with identities and overlays, before any node exists.
         let inst = engine.store.instances("web").unwrap();
         assert_eq!(inst.len(), 8);
@@ -78,30 +78,30 @@ fn mint_all_k_then_deploy_scale_out_and_in() {
         assert!(overlay.contains("/etc/network/interfaces") && overlay.contains("/etc/hostname"), "{overlay}");
 
         for (n, z) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b"), ("c1", "c"), ("c2", "c")] {
-            engine.store.add_node(&node(n, z)).unwrap();
+            engine.store.add_node(&node(n, z), "admin:test").unwrap();
         }
-        let p = engine.scale("web", 3).await.unwrap();
+        let p = engine.scale("web", 3, "admin:test").await.unwrap();
         assert_eq!(p.deployed.iter().map(|i| i.index).collect::<Vec<_>>(), [0, 1, 2], "lowest indexes first");
         let zones: std::collections::BTreeSet<String> =
             engine.store.nodes().unwrap().iter().filter(|n| n.instance.is_some()).map(|n| n.labels["zone"].clone()).collect();
         assert_eq!(zones.len(), 3, "spread over the three zones");
 
-        engine.scale("web", 5).await.unwrap();
+        engine.scale("web", 5, "admin:test").await.unwrap();
         let inst = engine.store.instances("web").unwrap();
         assert_eq!(inst.iter().filter(|i| i.state == InstanceState::Deployed).count(), 5);
 
         let before = inst[4].clone();
-        let p = engine.scale("web", 2).await.unwrap();
+        let p = engine.scale("web", 2, "admin:test").await.unwrap();
         assert_eq!(p.undeployed.iter().map(|i| i.index).collect::<Vec<_>>(), [4, 3, 2], "highest indexes leave first");
         let after = &engine.store.instances("web").unwrap()[4];
         assert_eq!((after.state, after.address, &after.hostname), (InstanceState::Pooled, before.address, &before.hostname));
 
         // Asking for more than the free, eligible nodes can hold is blocked with the
         // policy's reason, and changes nothing.
-        let p = engine.scale("web", 8).await.unwrap();
+        let p = engine.scale("web", 8, "admin:test").await.unwrap();
         assert_eq!(p.deployed.len(), 0);
         assert!(p.blocked.as_deref().unwrap().contains("only 4 of 4"), "{:?}", p.blocked);
-        assert!(matches!(engine.scale("web", 9).await, Err(EngineError::Store(_))));
+        assert!(matches!(engine.scale("web", 9, "admin:test").await, Err(EngineError::Store(_))));
 
         assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());
         let kinds: Vec<String> = engine.store.events(None, 1000).unwrap().into_iter().map(|e| e.kind).collect();
@@ -119,7 +119,7 @@ fn bad_specs_are_refused_with_nothing_changed() {
     let engine = Engine::open(&dir.join("data")).unwrap();
     let image = engine.import_image(&src, None).unwrap();
     block_on(async {
-        engine.create_tier(&spec("web", &image.digest, 4, "198.18.0.0/28")).await.unwrap();
+        engine.create_tier(&spec("web", &image.digest, 4, "198.18.0.0/28"), "admin:test").await.unwrap();
         let events = engine.store.events(None, 1000).unwrap().len();
         let cases: Vec<(TierSpec, &str)> = vec![
             (spec("db", &image.digest, 4, "198.18.1.0/33"), "field `subnet`"),
@@ -156,7 +156,7 @@ fn bad_specs_are_refused_with_nothing_changed() {
             (TierSpec { deploy_timeout_secs: 0, ..spec("db", &image.digest, 2, "198.18.1.0/24") }, "field `deploy-timeout-secs`"),
         ];
         for (s, needle) in cases {
-            let e = engine.create_tier(&s).await.unwrap_err().to_string();
+            let e = engine.create_tier(&s, "admin:test").await.unwrap_err().to_string();
             assert!(e.contains(needle), "{needle} not in {e}");
         }
         assert_eq!(engine.store.tiers().unwrap().len(), 1);
@@ -229,9 +229,9 @@ fn unfinished_deployments_are_polled_until_they_run_fail_or_time_out() {
         n
     };
     block_on(async {
-        engine.create_tier(&s).await.unwrap();
-        engine.store.add_node(&with_state("ok", "a", "running")).unwrap();
-        let p = engine.scale("web", 1).await.unwrap();
+        engine.create_tier(&s, "admin:test").await.unwrap();
+        engine.store.add_node(&with_state("ok", "a", "running"), "admin:test").unwrap();
+        let p = engine.scale("web", 1, "admin:test").await.unwrap();
         assert_eq!(p.deployed.len(), 1);
         assert_eq!(engine.store.instances("web").unwrap()[0].state, InstanceState::Deploying, "the driver said deploying");
         assert_eq!(engine.store.node("ok").unwrap().state, NodeState::Deploying);
@@ -242,8 +242,8 @@ fn unfinished_deployments_are_polled_until_they_run_fail_or_time_out() {
 
         // A node whose driver reports the instance failed is declared failed; the instance
         // keeps its identity and goes to the next node.
-        engine.store.add_node(&with_state("bad", "b", "failed")).unwrap();
-        engine.scale("web", 2).await.unwrap();
+        engine.store.add_node(&with_state("bad", "b", "failed"), "admin:test").unwrap();
+        engine.scale("web", 2, "admin:test").await.unwrap();
         let p = engine.reconcile("web").await.unwrap();
         assert_eq!(p.failed.iter().map(|i| i.index).collect::<Vec<_>>(), [1], "{p:?}");
         assert_eq!(engine.store.node("bad").unwrap().state, NodeState::Failed);
@@ -251,7 +251,7 @@ fn unfinished_deployments_are_polled_until_they_run_fail_or_time_out() {
         assert_eq!((failed.state, failed.node.as_deref()), (InstanceState::Failed, None));
 
         // A node that never finishes is failed after the deploy timeout, not before.
-        engine.store.add_node(&with_state("slow", "c", "deploying")).unwrap();
+        engine.store.add_node(&with_state("slow", "c", "deploying"), "admin:test").unwrap();
         engine.reconcile("web").await.unwrap();
         let again = engine.store.instances("web").unwrap()[1].clone();
         assert_eq!((again.state, again.node.as_deref(), again.address), (InstanceState::Deploying, Some("slow"), failed.address));
@@ -266,7 +266,7 @@ fn unfinished_deployments_are_polled_until_they_run_fail_or_time_out() {
 
         // A deployment the node does not have (the daemon stopped between binding the
         // instance and calling the driver) is deployed again, then finishes.
-        engine.store.add_node(&with_state("lost", "d", "absent")).unwrap();
+        engine.store.add_node(&with_state("lost", "d", "absent"), "admin:test").unwrap();
         engine.reconcile("web").await.unwrap();
         assert_eq!(engine.store.node("lost").unwrap().state, NodeState::Deploying);
         let events = engine.store.events(None, 1000).unwrap().len();
@@ -307,11 +307,11 @@ fn a_misbehaving_site_policy_blocks_its_tier_and_changes_nothing() {
     let policy = |plugin: &str, config: serde_json::Value| PluginRef { plugin: plugin.into(), config: config.as_object().unwrap().clone() };
     block_on(async {
         for (n, z) in [("a1", "a"), ("b1", "b"), ("c1", "c")] {
-            engine.store.add_node(&node(n, z)).unwrap();
+            engine.store.add_node(&node(n, z), "admin:test").unwrap();
         }
         let mut n = node("m1", "a");
         n.state = NodeState::Maintenance;
-        engine.store.add_node(&n).unwrap();
+        engine.store.add_node(&n, "admin:test").unwrap();
         let cases = [
             (serde_json::json!({"answer": [0, 0]}), "twice"),
             (serde_json::json!({"answer": [7, 1]}), "it chose candidate 7, but there are only 3 candidates"),
@@ -321,9 +321,9 @@ fn a_misbehaving_site_policy_blocks_its_tier_and_changes_nothing() {
         for (i, (config, needle)) in cases.iter().enumerate() {
             let name = format!("t{i}");
             let s = TierSpec { policy: policy("echo", config.clone()), ..spec(&name, &image.digest, 3, &format!("198.18.{i}.0/24")) };
-            engine.create_tier(&s).await.unwrap();
+            engine.create_tier(&s, "admin:test").await.unwrap();
             let events = engine.store.events(None, 10_000).unwrap().len();
-            let p = engine.scale(&name, 2).await.unwrap();
+            let p = engine.scale(&name, 2, "admin:test").await.unwrap();
             let blocked = p.blocked.unwrap_or_default();
             assert!(p.deployed.is_empty() && blocked.contains(needle), "{needle} not in {blocked}");
             assert_eq!(engine.store.events(None, 10_000).unwrap().len(), events + 1, "only the scale request is recorded");
@@ -333,20 +333,20 @@ fn a_misbehaving_site_policy_blocks_its_tier_and_changes_nothing() {
         // offered but ineligible, and choosing it is refused.
         let mut s = TierSpec { policy: policy("echo", serde_json::json!({"answer": [1]})), ..spec("zoned", &image.digest, 3, "198.18.8.0/24") };
         s.requirements.labels.insert("zone".into(), "a".into());
-        engine.create_tier(&s).await.unwrap();
-        let p = engine.scale("zoned", 1).await.unwrap();
+        engine.create_tier(&s, "admin:test").await.unwrap();
+        let p = engine.scale("zoned", 1, "admin:test").await.unwrap();
         assert!(p.blocked.unwrap_or_default().contains("it chose node `b1`, which does not meet the tier's requirements"));
         assert!(engine.store.instances("zoned").unwrap().iter().all(|i| i.state == InstanceState::Pooled));
 
         let s = TierSpec { policy: policy("spinner", serde_json::json!({})), ..spec("spin", &image.digest, 3, "198.18.9.0/24") };
-        engine.create_tier(&s).await.unwrap();
+        engine.create_tier(&s, "admin:test").await.unwrap();
         let started = std::time::Instant::now();
-        let p = engine.scale("spin", 1).await.unwrap();
+        let p = engine.scale("spin", 1, "admin:test").await.unwrap();
         assert!(p.blocked.unwrap_or_default().contains("did not finish `select` within"), "a policy that never returns is stopped");
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
         // The engine still serves: a tier on a bundled policy deploys.
-        engine.create_tier(&spec("good", &image.digest, 3, "198.18.10.0/24")).await.unwrap();
-        assert_eq!(engine.scale("good", 2).await.unwrap().deployed.len(), 2);
+        engine.create_tier(&spec("good", &image.digest, 3, "198.18.10.0/24"), "admin:test").await.unwrap();
+        assert_eq!(engine.scale("good", 2, "admin:test").await.unwrap().deployed.len(), 2);
         assert!(engine.store.nodes().unwrap().iter().filter(|n| n.instance.is_some()).all(|n| n.instance.as_ref().unwrap().tier == "good"));
 
         let bad = [
@@ -356,7 +356,7 @@ fn a_misbehaving_site_policy_blocks_its_tier_and_changes_nothing() {
         ];
         let tiers = engine.store.tiers().unwrap().len();
         for (s, needle) in bad {
-            let e = engine.create_tier(&s).await.unwrap_err().to_string();
+            let e = engine.create_tier(&s, "admin:test").await.unwrap_err().to_string();
             assert!(e.contains(needle), "{needle} not in {e}");
         }
         assert_eq!(engine.store.tiers().unwrap().len(), tiers);
@@ -377,21 +377,21 @@ fn a_new_master_rolls_through_deployed_instances_in_batches() {
     let image_a = engine.import_image(&a, Some("debian")).unwrap();
     let image_b = engine.import_image(&b, Some("debian-v2")).unwrap();
     block_on(async {
-        engine.create_tier(&spec("web", &image_a.digest, 6, "198.18.0.0/24")).await.unwrap();
+        engine.create_tier(&spec("web", &image_a.digest, 6, "198.18.0.0/24"), "admin:test").await.unwrap();
         for (n, z) in [("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b"), ("c1", "c"), ("c2", "c")] {
-            engine.store.add_node(&node(n, z)).unwrap();
+            engine.store.add_node(&node(n, z), "admin:test").unwrap();
         }
-        engine.scale("web", 4).await.unwrap();
+        engine.scale("web", 4, "admin:test").await.unwrap();
         let before = engine.store.instances("web").unwrap();
 
         // Bad requests change nothing.
-        let e = engine.update_image("web", "nosuch", 2, &mint_core::quiet).await.unwrap_err().to_string();
+        let e = engine.update_image("web", "nosuch", 2, &mint_core::quiet, "admin:test").await.unwrap_err().to_string();
         assert!(e.contains("field `image`: no image with digest or name `nosuch`"), "{e}");
-        let e = engine.update_image("web", "debian-v2", 0, &mint_core::quiet).await.unwrap_err().to_string();
+        let e = engine.update_image("web", "debian-v2", 0, &mint_core::quiet, "admin:test").await.unwrap_err().to_string();
         assert!(e.contains("field `batch`"), "{e}");
         assert_eq!(engine.store.tier("web").unwrap().revision, 0);
 
-        assert_eq!(engine.update_image("web", "debian-v2", 2, &mint_core::quiet).await.unwrap(), 1);
+        assert_eq!(engine.update_image("web", "debian-v2", 2, &mint_core::quiet, "admin:test").await.unwrap(), 1);
         let t = engine.store.tier("web").unwrap();
         assert_eq!((t.image.as_str(), t.revision, t.rollout_batch), (image_b.digest.as_str(), 1, 2));
         let now = engine.store.instances("web").unwrap();
@@ -411,7 +411,7 @@ fn a_new_master_rolls_through_deployed_instances_in_batches() {
         assert_eq!(rolled(&engine.reconcile("web").await.unwrap()), [2, 3]);
         assert!(engine.reconcile("web").await.unwrap().rolled.is_empty(), "all deployed instances are at revision 1");
         // A later scale-out deploys the new revision directly.
-        engine.scale("web", 5).await.unwrap();
+        engine.scale("web", 5, "admin:test").await.unwrap();
         let last = engine.store.instances("web").unwrap();
         assert_eq!((last[4].state, last[4].revision), (InstanceState::Deployed, 1));
         assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());

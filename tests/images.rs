@@ -304,7 +304,7 @@ fn instances_of_a_disk_master_are_one_shared_overlay_and_their_own_seed() {
         "customizers": [{"plugin": "hostname", "config": {"domain": "mint.test"}}], "driver": {"plugin": "noop"},
     }))
     .unwrap();
-    crate::support::block_on(engine.create_tier(&spec)).unwrap();
+    crate::support::block_on(engine.create_tier(&spec, "admin:test")).unwrap();
     let inst = engine.store.instances("vm").unwrap();
     let parts: Vec<_> = inst.iter().map(|i| i.disk.clone().expect("disk parts")).collect();
     assert!(parts.iter().all(|p| p.overlay == parts[0].overlay), "one overlay for every instance");
@@ -362,7 +362,7 @@ fn tree_instances_materialize_sharing_the_masters_files() {
         "hostname": "web-{index:02}", "driver": {"plugin": "noop"},
     }))
     .unwrap();
-    crate::support::block_on(engine.create_tier(&spec)).unwrap();
+    crate::support::block_on(engine.create_tier(&spec, "admin:test")).unwrap();
     let master = engine.images.tree(&image.digest);
 
     // On the image store's own file system (ext4 here: no clones) files are hard links.
@@ -427,20 +427,20 @@ fn collection_removes_what_no_tier_uses_and_keeps_what_one_does() {
         .unwrap()
     };
     let hostname = serde_json::json!([{"plugin": "hostname"}]);
-    crate::support::block_on(engine.create_tier(&spec("web", &tree_image.digest, "198.18.6.0/24", hostname.clone()))).unwrap();
-    crate::support::block_on(engine.create_tier(&spec("vm", &disk_image.digest, "198.18.7.0/24", hostname))).unwrap();
+    crate::support::block_on(engine.create_tier(&spec("web", &tree_image.digest, "198.18.6.0/24", hostname.clone()), "admin:test")).unwrap();
+    crate::support::block_on(engine.create_tier(&spec("vm", &disk_image.digest, "198.18.7.0/24", hostname), "admin:test")).unwrap();
     let rootfs = engine.artifact("web", 0).unwrap().parts[0].digest.clone();
     let seeds: Vec<String> = engine.store.instances("vm").unwrap().iter().map(|i| i.disk.as_ref().unwrap().seed.clone()).collect();
 
-    let e = engine.delete_image("tree").unwrap_err().to_string();
+    let e = engine.delete_image("tree", "admin:test").unwrap_err().to_string();
     assert!(e.contains("is the master of tier(s) web"), "{e}");
     std::fs::create_dir_all(engine.images.dir().join(".import-999-0/tree")).unwrap();
-    let r = engine.gc(true).unwrap();
+    let r = engine.gc(true, "admin:test").unwrap();
     assert_eq!((r.masters.len(), r.blobs, r.overlays, r.staging), (0, 0, 0, 1), "{r:?}");
     assert!(engine.store.image(&unused.digest).is_ok(), "kept: --keep-masters");
 
-    engine.store.delete_tier("vm").unwrap();
-    let r = engine.gc(false).unwrap();
+    engine.store.delete_tier("vm", "admin:test").unwrap();
+    let r = engine.gc(false, "admin:test").unwrap();
     let mut masters = r.masters.clone();
     masters.sort();
     let mut expected = vec![disk_image.digest.clone(), unused.digest.clone()];
@@ -456,9 +456,9 @@ fn collection_removes_what_no_tier_uses_and_keeps_what_one_does() {
     assert!(engine.images.locate(&rootfs).is_some());
     assert_eq!(engine.artifact("web", 0).unwrap().parts[0].digest, rootfs);
     engine.materialize("web", 1, &dir.join("web-1")).unwrap();
-    assert_eq!(engine.gc(false).unwrap().blobs, 0, "a second collection finds nothing");
+    assert_eq!(engine.gc(false, "admin:test").unwrap().blobs, 0, "a second collection finds nothing");
     assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());
-    let e = engine.delete_image("nosuch").unwrap_err().to_string();
+    let e = engine.delete_image("nosuch", "admin:test").unwrap_err().to_string();
     assert!(e.contains("no image with digest or name `nosuch`"), "{e}");
 }
 
@@ -495,8 +495,8 @@ fn every_customizer_works_on_tree_and_disk_masters() {
         }))
         .unwrap()
     };
-    crate::support::block_on(engine.create_tier(&spec("web", &tree_image.digest, "198.18.8.0/24"))).unwrap();
-    crate::support::block_on(engine.create_tier(&spec("vm", &disk_image.digest, "198.18.9.0/24"))).unwrap();
+    crate::support::block_on(engine.create_tier(&spec("web", &tree_image.digest, "198.18.8.0/24"), "admin:test")).unwrap();
+    crate::support::block_on(engine.create_tier(&spec("vm", &disk_image.digest, "198.18.9.0/24"), "admin:test")).unwrap();
 
     // A tree instance: every file in place, the seed where cloud-init looks for a local one.
     let root = dir.join("web-2");

@@ -1,5 +1,6 @@
 //! mint's integration tests: one binary, one module per area.
 
+mod auth;
 mod bmc;
 mod cli;
 mod crash;

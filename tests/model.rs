@@ -123,7 +123,7 @@ fn random_operations_match_the_model_across_restarts() {
                     created += 1;
                     let name = format!("t{n}");
                     let k = rng.below(12) as u32 + 1;
-                    engine.create_tier(&spec(&name, &image, k, n)).await.unwrap();
+                    engine.create_tier(&spec(&name, &image, k, n), "admin:test").await.unwrap();
                     // The model mints identities the way the plan orders them: .2 upward.
                     let instances = (0..k).map(|i| (InstanceState::Pooled, format!("198.18.{n}.{}", i + 2).parse().unwrap(), format!("{name}-{i:02}"))).collect();
                     model.tiers.insert(name, ModelTier { desired: 0, instances });
@@ -133,7 +133,7 @@ fn random_operations_match_the_model_across_restarts() {
                     nodes += 1;
                     let labels = BTreeMap::from([("zone".to_string(), format!("z{}", rng.below(3)))]);
                     let node = Node { name, cpus: 4, memory_mib: 4096, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: 0 };
-                    engine.store.add_node(&node).unwrap();
+                    engine.store.add_node(&node, "admin:test").unwrap();
                     model.free_nodes += 1;
                 }
                 3..=6 if !model.tiers.is_empty() => {
@@ -141,7 +141,7 @@ fn random_operations_match_the_model_across_restarts() {
                     let name = &names[rng.below(names.len() as u64) as usize];
                     let m = model.tiers.get_mut(name).unwrap();
                     let n = rng.below(m.instances.len() as u64 + 1) as u32;
-                    engine.scale(name, n).await.unwrap();
+                    engine.scale(name, n, "admin:test").await.unwrap();
                     m.desired = n;
                     m.reconcile(&mut model.free_nodes);
                 }
@@ -159,8 +159,8 @@ fn random_operations_match_the_model_across_restarts() {
                 9 if !model.tiers.is_empty() && rng.below(3) == 0 => {
                     let names: Vec<String> = model.tiers.keys().cloned().collect();
                     let name = names[rng.below(names.len() as u64) as usize].clone();
-                    engine.scale(&name, 0).await.unwrap();
-                    engine.store.delete_tier(&name).unwrap();
+                    engine.scale(&name, 0, "admin:test").await.unwrap();
+                    engine.store.delete_tier(&name, "admin:test").unwrap();
                     let mut m = model.tiers.remove(&name).unwrap();
                     m.desired = 0;
                     m.reconcile(&mut model.free_nodes);

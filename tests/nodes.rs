@@ -71,7 +71,7 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
     });
     let answer = bed.wait_for("the instance to answer again", Duration::from_secs(10), || get(&format!("http://{address}/")));
     assert_eq!(answer, format!("{} {address}\n", sick["hostname"].as_str().unwrap()));
-    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).output().unwrap();
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).env("MINT_TOKEN_FILE", bed.token_file()).output().unwrap();
     assert!(String::from_utf8_lossy(&events.stdout).contains("health check"), "the event says why");
     let inst = bed.mint(&["instance", "list", "web"]);
 
@@ -79,7 +79,7 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
     bed.mint(&["tier", "scale", "web", "2"]);
     let gone = inst.as_array().unwrap().iter().filter(|i| i["state"] == "deployed").map(|i| i["address"].as_str().unwrap().to_string()).max_by_key(|a| a.rsplit('.').next().unwrap().parse::<u32>().unwrap()).unwrap();
     bed.wait_for("the removed instance to stop answering", Duration::from_secs(10), || get(&format!("http://{gone}/")).is_none().then_some(()));
-    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).output().unwrap();
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).env("MINT_TOKEN_FILE", bed.token_file()).output().unwrap();
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("deployed") && events.contains("released"), "{events}");
 }
@@ -119,7 +119,7 @@ fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_nod
     let nodes = bed.mint(&["node", "list"]);
     let old = nodes.as_array().unwrap().iter().find(|n| n["name"] == old_node.as_str()).unwrap();
     assert_eq!(old["state"], "failed");
-    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events"]).env("MINT_SERVER", &bed.url).output().unwrap();
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events"]).env("MINT_SERVER", &bed.url).env("MINT_TOKEN_FILE", bed.token_file()).output().unwrap();
     assert!(String::from_utf8_lossy(&events.stdout).contains("no heartbeat from its agent"), "the event says why");
 
     // The old node comes back with its agent, which still runs web-000: it is fenced, and
@@ -262,13 +262,25 @@ fn unreachable_garbled_and_never_ready_agents_end_in_clear_states() {
         assert!(inst.as_array().unwrap().iter().all(|i| i["node"].is_null()), "none is left on a bad node: {inst}");
     }
 
-    // Garbage from an agent's heartbeat is refused, naming the field, and changes nothing.
-    let hb = |body: &str| ureq::post(&format!("{url}/v1/nodes/slow/heartbeat")).set("content-type", "application/json").send_string(body);
-    match hb("{\"load\": 5000}") {
+    // Nobody but a node's own agent heartbeats for it: not without a credential, not with
+    // an operator's token.
+    let admin = crate::support::admin_auth(&dir.join("data"));
+    let hb = |node: &str, auth: &str, body: &str| {
+        ureq::post(&format!("{url}/v1/nodes/{node}/heartbeat")).set("Authorization", auth).set("content-type", "application/json").send_string(body)
+    };
+    assert!(matches!(hb("slow", "", "{}"), Err(ureq::Error::Status(401, _))));
+    assert!(matches!(hb("slow", &admin, "{}"), Err(ureq::Error::Status(403, _))));
+    // Garbage from an enrolled agent's heartbeat is refused, naming the field, and changes
+    // nothing.
+    let credential = crate::support::join(&url, &dir.join("data"), "prober");
+    let own = format!("Bearer {credential}");
+    assert!(matches!(hb("slow", &own, "{}"), Err(ureq::Error::Status(403, _))), "one node's credential does not speak for another");
+    match hb("prober", &own, "{\"load\": 5000}") {
         Err(ureq::Error::Status(400, r)) => assert!(r.into_string().unwrap().contains("field `load`")),
         other => panic!("a load above 1000: {:?}", other.map(|r| r.status())),
     }
-    assert!(matches!(hb("garbage"), Err(ureq::Error::Status(400, _))));
+    assert!(matches!(hb("prober", &own, "garbage"), Err(ureq::Error::Status(400, _))));
+    assert!(hb("prober", &own, "{\"load\": 10}").is_ok());
     assert_eq!(node_state("slow"), "failed");
     let _ = daemon.kill();
     let _ = daemon.wait();
@@ -294,12 +306,24 @@ fn tampering_proxy(upstream: std::sync::Arc<std::sync::Mutex<String>>) -> u16 {
             let mut line = String::new();
             let _ = reader.read_line(&mut line);
             let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            // The agent's credential passes through, as through any proxy.
+            let mut auth = String::new();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') && k.eq_ignore_ascii_case("authorization") {
+                    auth = v.trim().to_string();
+                }
+            }
             let base = upstream.lock().unwrap().clone();
-            let body: Vec<u8> = match ureq::get(&format!("{base}{path}")).call() {
+            let body: Vec<u8> = match ureq::get(&format!("{base}{path}")).set("Authorization", &auth).call() {
                 Ok(r) => {
                     let mut bytes = Vec::new();
                     let _ = std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes);
-                    if path.starts_with("/v1/artifacts/") {
+                    // A descriptor, by token or by capability URL.
+                    if path.starts_with("/v1/artifacts/") || (path.starts_with("/v1/cap/") && path.matches('/').count() == 5) {
                         let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
                         for p in v["parts"].as_array_mut().into_iter().flatten() {
                             p["digest"] = format!("sha256:{}", "0".repeat(64)).into();
@@ -333,7 +357,7 @@ fn an_artifact_with_a_wrong_digest_is_refused_and_nothing_comes_up() {
     wait_for_nodes(&bed, 1);
     bed.mint(&["tier", "scale", "web", "1"]);
     bed.wait_for("the node to be failed", Duration::from_secs(30), || (bed.mint(&["node", "list"])[0]["state"] == "failed").then_some(()));
-    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).output().unwrap();
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).env("MINT_TOKEN_FILE", bed.token_file()).output().unwrap();
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("not the sha256:0000") && events.contains("refusing it"), "{events}");
     let inst = bed.mint(&["instance", "list", "web"]);
@@ -362,7 +386,15 @@ fn a_daemon_crashing_mid_deploy_resumes_and_deploys_nothing_twice() {
     // engine placed: nothing was deployed twice.
     let mut running = Vec::new();
     for i in 0..4 {
-        let status: serde_json::Value = ureq::get(&format!("http://198.18.1.{}:7601/v1/status", 10 + i)).call().unwrap().into_json().unwrap();
+        let agent = format!("http://198.18.1.{}:7601", 10 + i);
+        // Only the engine, with its credential for the node, reaches an agent's API.
+        assert!(matches!(ureq::get(&format!("{agent}/v1/status")).call(), Err(ureq::Error::Status(401, _))));
+        let forged = ureq::post(&format!("{agent}/v1/deploy")).set("Authorization", "Bearer mint_ea_0000").send_json(serde_json::json!({
+            "tier": "web", "index": 7, "hostname": "intruder", "artifact-url": format!("{}/v1/artifacts/web/7", bed.url), "version": "x"
+        }));
+        assert!(matches!(forged, Err(ureq::Error::Status(401, _))), "a deploy without the engine's credential");
+        let status: serde_json::Value =
+            ureq::get(&format!("{agent}/v1/status")).set("Authorization", &format!("Bearer {}", bed.engine_credential(i))).call().unwrap().into_json().unwrap();
         if status["state"] == "running" {
             running.push((format!("node-{i}"), status["index"].as_u64().unwrap()));
         }

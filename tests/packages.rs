@@ -53,7 +53,7 @@ fn sign(package: &Path, secret: &Path) {
 
 fn picker(version: &str, pick: &str, busy_ms: u64, vendor: &str) -> String {
     format!(
-        "name = \"picker\"\nversion = \"{version}\"\nkind = \"node-policy\"\nwit = \"mint:plugin@0.1.1\"\nvendor = \"{vendor}\"\ndescription = \"picks the {pick} nodes\"\n[capabilities]\ntimeout-ms = 10000\n[config]\npick = \"{pick}\"\nbusy-ms = {busy_ms}\n"
+        "name = \"picker\"\nversion = \"{version}\"\nkind = \"node-policy\"\nwit = \"mint:plugin@0.1.1\"\nvendor = \"{vendor}\"\ndescription = \"picks the {pick} nodes\"\n[capabilities]\ntimeout-ms = 20000\n[config]\npick = \"{pick}\"\nbusy-ms = {busy_ms}\n"
     )
 }
 
@@ -191,9 +191,12 @@ fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
     let (acme, secret) = keypair(&dir, "acme");
     let d = start(&dir.join("data"), &config(&dir, &acme, ""));
     let wasm = guest("versioned");
-    // v1 works for 5 s and picks the first node; v2 answers at once and picks the last.
+    // v1 works for a while (BUSY_MS) and picks the first node; v2 answers at once and picks the last.
     // (An install syncs files to disk, which can take a second on a busy machine.)
-    let v1 = pack(&dir, "v1.mintpkg", &wasm, &picker("1.0.0", "first", 5000, "acme"));
+    // v1 works long enough that an install on a loaded machine (it compiles v2 and syncs
+    // files) still finishes well before it.
+    const BUSY_MS: u64 = 9000;
+    let v1 = pack(&dir, "v1.mintpkg", &wasm, &picker("1.0.0", "first", BUSY_MS, "acme"));
     let v2 = pack(&dir, "v2.mintpkg", &wasm, &picker("2.0.0", "last", 0, "acme"));
     sign(&v1, &secret);
     sign(&v2, &secret);
@@ -208,14 +211,25 @@ fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
         Command::new(env!("CARGO_BIN_EXE_mint")).args(["--json", "tier", "scale", "t", "1"]).env("MINT_SERVER", url).current_dir(root).output().unwrap()
     });
     // Replace v1 while its select is running: the request is recorded before its pass
-    // starts, and v1 then works for 5 s.
+    // starts, and v1 then works for BUSY_MS.
+    // Watched over HTTP directly: a CLI process per poll is slow to start on a loaded
+    // machine, and a late look would miss the window.
+    let auth = crate::support::admin_auth(&dir.join("data"));
     d.wait_for("the scale request", Duration::from_secs(20), || {
-        d.mint(&["events", "--tier", "t"]).as_array()?.iter().any(|e| e["kind"] == "scale-requested").then_some(())
+        let events: serde_json::Value = ureq::get(&format!("{}/v1/events?tier=t", d.url)).set("Authorization", &auth).call().ok()?.into_json().ok()?;
+        events.as_array()?.iter().any(|e| e["kind"] == "scale-requested").then_some(())
     });
-    std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
     d.mint(&["plugin", "install", v2.to_str().unwrap()]);
-    assert!(!scale.is_finished(), "the install returned while v1's call was still in flight");
+    if scale.is_finished() {
+        let o = scale.join().unwrap();
+        panic!(
+            "the install returned after {:?}, when v1's call was no longer in flight: {} {}",
+            started.elapsed(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
     let installed_in = started.elapsed();
     let o = scale.join().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -228,7 +242,7 @@ fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
     let events = d.mint(&["events"]).to_string();
     assert!(events.contains("pick first") && events.contains("pick last"), "{events}");
     assert!(events.contains("plugin `picker` 2.0.0 (node-policy) installed, signed by acme"), "{events}");
-    assert!(installed_in < Duration::from_millis(5000), "installing did not wait for the call: {installed_in:?}");
+    assert!(installed_in < Duration::from_millis(BUSY_MS), "installing did not wait for the call: {installed_in:?}");
 }
 
 #[test]

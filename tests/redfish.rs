@@ -80,28 +80,36 @@ fn the_redfish_driver_boots_instances_through_the_emulator() {
         (v.len() == 2).then_some(v)
     });
     let mut used = Vec::new();
+    let mut media_urls = Vec::new();
     for inst in &deployed {
         let i = node_index(inst["node"].as_str().unwrap());
         used.push(i);
         let index = inst["id"]["index"].as_u64().unwrap();
-        let artifact = format!("{}/v1/artifacts/bm/{index}", d.url);
+        // The media URLs are capability URLs for this deployment, under the daemon's own.
+        let cap = format!("{}/v1/cap/bm/{index}/", d.url);
         // The emulator's own state: on, booting once from the CD that holds the master,
         // with the instance's seed on the removable device.
         let system = bmc.system(i);
         assert_eq!(system["PowerState"], "On", "{system}");
         assert_eq!(system["Boot"]["BootSourceOverrideTarget"], "Cd", "{system}");
         let cd = bmc.media(i, "Cd");
-        assert_eq!((cd["Image"].as_str().unwrap(), &cd["Inserted"]), (format!("{artifact}/master").as_str(), &json!(true)), "{cd}");
+        let cd_url = cd["Image"].as_str().unwrap().to_string();
+        assert!(cd_url.starts_with(&cap) && cd_url.ends_with("/master") && cd["Inserted"] == json!(true), "{cd}");
         let seed = bmc.media(i, "Floppy");
-        assert_eq!(seed["Image"].as_str().unwrap(), format!("{artifact}/seed"), "{seed}");
-        // What the BMC fetched from that URL is this instance's identity.
-        let bytes = ureq::get(&format!("{artifact}/seed")).call().unwrap();
+        let seed_url = seed["Image"].as_str().unwrap().to_string();
+        assert!(seed_url.starts_with(&cap) && seed_url.ends_with("/seed"), "{seed}");
+        media_urls.push(seed_url.clone());
+        // What a BMC fetches from that URL, with no token, is this instance's identity.
+        let bytes = ureq::get(&seed_url).call().unwrap();
         let mut body = Vec::new();
         std::io::Read::read_to_end(&mut bytes.into_reader(), &mut body).unwrap();
         let hostname = inst["hostname"].as_str().unwrap();
         let text = String::from_utf8_lossy(&body);
         assert!(text.contains("local-hostname") && text.contains(hostname), "the seed names {hostname}");
     }
+    // Tampered with, a capability URL admits nothing.
+    let forged = format!("{}0", media_urls[0].trim_end_matches("/seed"));
+    assert!(matches!(ureq::get(&format!("{forged}/seed")).call(), Err(ureq::Error::Status(404, _))));
     let idle = (0..3).find(|i| !used.contains(i)).unwrap();
     assert_eq!(bmc.system(idle)["PowerState"], "Off", "the third system was left alone");
     assert_eq!(bmc.media(idle, "Cd")["Inserted"], false);
@@ -115,6 +123,11 @@ fn the_redfish_driver_boots_instances_through_the_emulator() {
     assert_eq!(bmc.media(top_system, "Cd")["Inserted"], false, "ejected when undeploy returns");
     assert_eq!(bmc.media(top_system, "Floppy")["Inserted"], false);
     d.wait_for("the undeployed system to power off", Duration::from_secs(30), || (bmc.system(top_system)["PowerState"] == "Off").then_some(()));
+    // The undeployed instance's capability URLs died with its deployment.
+    let top_index = top["id"]["index"].as_u64().unwrap();
+    for url in media_urls.iter().filter(|u| u.contains(&format!("/v1/cap/bm/{top_index}/"))) {
+        assert!(matches!(ureq::get(url).call(), Err(ureq::Error::Status(404, _))), "{url} after undeploy");
+    }
     let still = deployed.iter().find(|i| i["id"]["index"] != top["id"]["index"]).unwrap();
     assert_eq!(bmc.system(node_index(still["node"].as_str().unwrap()))["PowerState"], "On");
 

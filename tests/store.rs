@@ -46,6 +46,8 @@ fn tier(name: &str, subnet: &str, pattern: &str, k: u32, store: &Store) -> (Tier
             overlay: String::new(),
             since_ms: 0,
             revision: 0,
+            deployment: 0,
+            deployment_started_ms: 0,
             disk: None,
         })
         .collect();
@@ -100,8 +102,8 @@ fn a_tier_and_its_pool_survive_a_reopen() {
     {
         let s = open(&dir);
         let (t, inst) = tier("web", "198.18.0.0/24", "web-{index:03}", 50, &s);
-        s.create_tier(&t, &inst).unwrap();
-        s.add_node(&node("n1", 4)).unwrap();
+        s.create_tier(&t, &inst, "admin:test").unwrap();
+        s.add_node(&node("n1", 4), "admin:test").unwrap();
         s.bind(&id("web", 0), "n1", serde_json::json!({"reason": "test"})).unwrap();
         s.finish_deploy(&id("web", 0), serde_json::Value::Null).unwrap();
     }
@@ -123,19 +125,19 @@ fn refused_tiers_write_nothing() {
     let dir = scratch("store-refuse");
     let s = open(&dir);
     let (t, inst) = tier("web", "198.18.0.0/24", "web-{index}", 10, &s);
-    s.create_tier(&t, &inst).unwrap();
+    s.create_tier(&t, &inst, "admin:test").unwrap();
     let events = s.events(None, 100).unwrap().len();
 
     let (dup, dup_inst) = tier("web", "198.18.9.0/24", "x-{index}", 3, &s);
-    refused(s.create_tier(&dup, &dup_inst), "a tier named `web` exists");
+    refused(s.create_tier(&dup, &dup_inst, "admin:test"), "a tier named `web` exists");
     let (over, over_inst) = tier("api", "198.18.0.128/25", "api-{index}", 3, &s);
-    refused(s.create_tier(&over, &over_inst), "overlaps 198.18.0.0/24 of tier `web`");
+    refused(s.create_tier(&over, &over_inst, "admin:test"), "overlaps 198.18.0.0/24 of tier `web`");
     // Host names collide half-way through the transaction: nothing of it may remain.
     let (clash, clash_inst) = tier("web2", "198.18.1.0/24", "web-{index}", 20, &s);
-    refused(s.create_tier(&clash, &clash_inst), "host name web-0 is already held by web/0");
+    refused(s.create_tier(&clash, &clash_inst, "admin:test"), "host name web-0 is already held by web/0");
     let (short, mut short_inst) = tier("db", "198.18.2.0/24", "db-{index}", 4, &s);
     short_inst.pop();
-    refused(s.create_tier(&short, &short_inst), "max-instances 4 but 3 instances");
+    refused(s.create_tier(&short, &short_inst, "admin:test"), "max-instances 4 but 3 instances");
 
     assert_eq!(s.tiers().unwrap().len(), 1);
     assert!(s.instances("web2").unwrap().is_empty());
@@ -149,21 +151,21 @@ fn binding_keeps_one_instance_per_node_and_at_most_k() {
     let dir = scratch("store-bind");
     let s = open(&dir);
     let (t, inst) = tier("web", "198.18.0.0/24", "web-{index}", 2, &s);
-    s.create_tier(&t, &inst).unwrap();
+    s.create_tier(&t, &inst, "admin:test").unwrap();
     for (n, cpus) in [("a", 4), ("b", 4), ("c", 4), ("small", 1)] {
-        s.add_node(&node(n, cpus)).unwrap();
+        s.add_node(&node(n, cpus), "admin:test").unwrap();
     }
-    refused(s.add_node(&node("a", 4)), "a node named `a` exists");
+    refused(s.add_node(&node("a", 4), "admin:test"), "a node named `a` exists");
     s.bind(&id("web", 0), "a", serde_json::Value::Null).unwrap();
     refused(s.bind(&id("web", 1), "a", serde_json::Value::Null), "node `a` is deploying, not free");
     refused(s.bind(&id("web", 0), "b", serde_json::Value::Null), "instance web/0 is deploying");
     refused(s.bind(&id("web", 1), "small", serde_json::Value::Null), "does not meet the requirements");
-    refused(s.remove_node("a"), "scale its tier in first");
+    refused(s.remove_node("a", "admin:test"), "scale its tier in first");
     s.bind(&id("web", 1), "b", serde_json::Value::Null).unwrap();
     // Both instances hold nodes: a third bind would pass K, whatever it names.
     refused(s.bind(&id("web", 2), "c", serde_json::Value::Null), "would exceed its maximum of 2");
-    refused(s.set_desired("web", 3), "its max-instances (K) is 2");
-    s.set_desired("web", 2).unwrap();
+    refused(s.set_desired("web", 3, "admin:test"), "its max-instances (K) is 2");
+    s.set_desired("web", 2, "admin:test").unwrap();
 
     // Scaling in returns the instance to the pool with its identity; a later bind reuses it.
     let before = s.instances("web").unwrap()[1].clone();
@@ -173,6 +175,6 @@ fn binding_keeps_one_instance_per_node_and_at_most_k() {
     assert_eq!((after.address, &after.hostname), (before.address, &before.hostname));
     s.bind(&id("web", 1), "c", serde_json::Value::Null).unwrap();
     assert_eq!(s.instances("web").unwrap()[1].address, before.address, "identity lives with the instance");
-    s.remove_node("b").unwrap();
+    s.remove_node("b", "admin:test").unwrap();
     assert_eq!(s.check_invariants().unwrap(), Vec::<String>::new());
 }

@@ -77,6 +77,32 @@ pub fn start_daemon_with(data: &Path, extra: &[&str]) -> (std::process::Child, S
     (child, url)
 }
 
+/// The admin token a daemon with state in `data` wrote at its first start.
+pub fn admin_token(data: &Path) -> String {
+    std::fs::read_to_string(data.join("admin.token")).expect("the daemon's admin token").trim().to_string()
+}
+
+/// `Authorization` for the daemon with state in `data`, as its admin.
+pub fn admin_auth(data: &Path) -> String {
+    format!("Bearer {}", admin_token(data))
+}
+
+/// Enrolls node `name` at the daemon with state in `data` and registers it with the join
+/// token, as an agent would; returns the node's credential.
+pub fn join(url: &str, data: &Path, name: &str) -> String {
+    let enrolled: serde_json::Value = ureq::post(&format!("{url}/v1/nodes/{name}/enroll"))
+        .set("Authorization", &admin_auth(data))
+        .send_json(serde_json::json!({}))
+        .expect("enroll")
+        .into_json()
+        .unwrap();
+    let join = enrolled["join-token"].as_str().expect("a join token").to_string();
+    let body = serde_json::json!({"name": name, "cpus": 4, "memory-mib": 8192, "arch": "x86_64", "agent-url": "http://127.0.0.1:9"});
+    let registered: serde_json::Value =
+        ureq::post(&format!("{url}/v1/agents/register")).set("Authorization", &format!("Bearer {join}")).send_json(body).expect("register").into_json().unwrap();
+    registered["credential"].as_str().expect("a credential").to_string()
+}
+
 /// The Python node policy `plugins/python/least-loaded`, built with componentize-py from
 /// the environment `cargo xtask setup` makes, on first use; its manifest is beside it.
 pub fn python_policy() -> PathBuf {

@@ -158,10 +158,32 @@ impl TestBed {
         self.url = rx.recv_timeout(Duration::from_secs(60)).expect("the daemon says where it serves");
     }
 
-    /// Starts node `i`'s agent.
+    /// The admin token file of the bed's daemon.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.join("data/admin.token")
+    }
+
+    /// Enrolls node `i` (once) and returns the file holding its join token.
+    fn join_token(&self, i: usize) -> PathBuf {
+        let file = self.dir.join(format!("join-{i}"));
+        if !file.exists() {
+            let o = Command::new(env!("CARGO_BIN_EXE_mint"))
+                .args(["node", "enroll", &format!("node-{i}"), "--output"])
+                .arg(&file)
+                .env("MINT_SERVER", &self.url)
+                .env("MINT_TOKEN_FILE", self.token_file())
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "mint node enroll: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        file
+    }
+
+    /// Starts node `i`'s agent (enrolled on first start; later it has its credential).
     pub fn start_agent(&self, i: usize) -> Child {
         let ns = &self.namespaces[i];
         let node_dir = self.dir.join(format!("node-{i}"));
+        let join = self.join_token(i);
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "unshare", "--uts"])
             .arg(env!("CARGO_BIN_EXE_mint-agent"))
@@ -172,11 +194,20 @@ impl TestBed {
             .args(["--label", &format!("zone=z{}", i % 3)])
             .arg("--load-file")
             .arg(self.load_file(i))
+            .arg("--join-token-file")
+            .arg(&join)
             .stdout(Stdio::null())
             .stderr(if std::env::var_os("MINT_TESTBED_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
             .spawn()
             .expect("start an agent");
         child
+    }
+
+    /// The credential the engine presents to node `i`'s agent, as the agent keeps it.
+    pub fn engine_credential(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("node-{i}/credential"))).expect("the agent joined");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["engine"].as_str().unwrap().to_string()
     }
 
     /// The file node `i`'s agent reads its load from (per mille).
@@ -193,7 +224,14 @@ impl TestBed {
 
     /// Runs `mint ARGS --json` against the bed's daemon.
     pub fn mint(&self, args: &[&str]) -> serde_json::Value {
-        let o = Command::new(env!("CARGO_BIN_EXE_mint")).args(args).arg("--json").env("MINT_SERVER", &self.url).current_dir(&self.repo).output().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_mint"))
+            .args(args)
+            .arg("--json")
+            .env("MINT_SERVER", &self.url)
+            .env("MINT_TOKEN_FILE", self.token_file())
+            .current_dir(&self.repo)
+            .output()
+            .unwrap();
         assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     }

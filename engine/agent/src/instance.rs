@@ -228,10 +228,10 @@ fn ip(args: &[&str]) -> Result<(), String> {
 const FETCH_PATIENCE: Duration = Duration::from_secs(60);
 
 /// GETs `url`, retrying while the server cannot be reached or answers 5xx.
-fn fetch(http: &ureq::Agent, url: &str) -> Result<ureq::Response, ureq::Error> {
+fn fetch(agent: &Agent, http: &ureq::Agent, url: &str) -> Result<ureq::Response, ureq::Error> {
     let deadline = std::time::Instant::now() + FETCH_PATIENCE;
     loop {
-        let result = http.get(url).call();
+        let result = agent.authorized(http.get(url)).call();
         let retry = match &result {
             Ok(_) => false,
             Err(ureq::Error::Transport(_)) => true,
@@ -248,7 +248,7 @@ fn fetch(http: &ureq::Agent, url: &str) -> Result<ureq::Response, ureq::Error> {
 /// the service started.
 fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<((String, u8), Option<Child>), String> {
     let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
-    let desc: Descriptor = fetch(&http, &req.artifact_url)
+    let desc: Descriptor = fetch(agent, &http, &req.artifact_url)
         .map_err(|e| format!("fetching the artifact descriptor {}: {e}", req.artifact_url))?
         .into_json()
         .map_err(|e| format!("the artifact descriptor is not what the agent reads: {e}"))?;
@@ -267,7 +267,7 @@ fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<((Strin
     // Download to a file while hashing; a wrong digest stops the deployment before
     // anything is unpacked.
     let tar_path = dir.join("rootfs.tar");
-    let resp = fetch(&http, &absolute(&req.artifact_url, &rootfs.url)).map_err(|e| format!("fetching {}: {e}", rootfs.url))?;
+    let resp = fetch(agent, &http, &absolute(&req.artifact_url, &rootfs.url)).map_err(|e| format!("fetching {}: {e}", rootfs.url))?;
     let mut reader = resp.into_reader();
     let mut file = std::fs::File::create(&tar_path).map_err(|e| format!("cannot write {}: {e}", tar_path.display()))?;
     let mut hash = Sha256::new();

@@ -80,12 +80,76 @@ pub struct RunArgs {
     /// its own UTS namespace, as `unshare --uts`, when this is on).
     #[arg(long)]
     set_hostname: bool,
+    /// The one-time join token `mint node enroll NAME` printed, traded at the first
+    /// registration for the node's own credential (prefer --join-token-file: arguments
+    /// are visible to every user of the machine).
+    #[arg(long, env = "MINT_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
 }
 
 /// The agent's state, shared by the API and the deploy worker.
 pub struct Agent {
     args: RunArgs,
     slot: Mutex<Slot>,
+    /// The node's credentials, once it has joined (kept in ROOT/credential, mode 0600).
+    credential: Mutex<Option<Credentials>>,
+}
+
+/// What a node gets when it joins: its own credential, which it sends to the engine, and
+/// the engine's, which the engine sends to it.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Credentials {
+    /// The node's, for the engine.
+    node: String,
+    /// The engine's, for this agent's API.
+    engine: String,
+}
+
+/// Where the agent keeps its node's credential.
+fn credential_path(args: &RunArgs) -> PathBuf {
+    args.root.join("credential")
+}
+
+impl Agent {
+    /// The credential the agent sends to the engine, if it has joined.
+    pub fn credential(&self) -> Option<String> {
+        self.credential.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.node.clone())
+    }
+
+    /// Whether `header` (an `Authorization` value) carries the engine's credential for this
+    /// node, compared in constant time.
+    fn is_engine(&self, header: Option<&str>) -> bool {
+        let held = self.credential.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.engine.clone());
+        let (Some(held), Some(given)) = (held, header.and_then(|h| h.strip_prefix("Bearer "))) else { return false };
+        let (a, b) = (held.as_bytes(), given.trim().as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// `request` with the node's credential, when it has one.
+    pub fn authorized(&self, request: ureq::Request) -> ureq::Request {
+        match self.credential() {
+            Some(c) => request.set("Authorization", &format!("Bearer {c}")),
+            None => request,
+        }
+    }
+
+    /// Keeps a new credential: in memory, and in a file only this user may read.
+    fn keep_credentials(&self, credentials: Credentials) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = credential_path(&self.args);
+        let staged = path.with_extension("new");
+        let _ = std::fs::remove_file(&staged);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staged).with_context(|| format!("writing {}", staged.display()))?;
+        let text = serde_json::to_vec(&credentials)?;
+        f.write_all(&text).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", staged.display()))?;
+        std::fs::rename(&staged, &path).with_context(|| format!("writing {}", path.display()))?;
+        *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = Some(credentials);
+        Ok(())
+    }
 }
 
 fn machine_cpus() -> u32 {
@@ -126,17 +190,44 @@ fn load(args: &RunArgs) -> u32 {
     }
 }
 
-fn register(args: &RunArgs, agent_url: &str) -> anyhow::Result<()> {
+fn register(agent: &Agent, agent_url: &str) -> anyhow::Result<()> {
+    let args = &agent.args;
     let labels: BTreeMap<String, String> = args.labels.iter().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
     let body = json!({
         "name": args.name, "cpus": args.cpus.unwrap_or_else(machine_cpus), "memory-mib": args.memory_mib.unwrap_or_else(machine_memory_mib),
         "arch": std::env::consts::ARCH, "labels": labels, "agent-url": agent_url, "macs": macs(),
     });
-    ureq::post(&format!("{}/v1/agents/register", args.engine.trim_end_matches('/')))
-        .timeout(Duration::from_secs(10))
-        .send_json(body)
-        .with_context(|| format!("registering with {}", args.engine))?;
+    let url = format!("{}/v1/agents/register", args.engine.trim_end_matches('/'));
+    // The node's own credential once it has one; the join token only to get it.
+    let bearer = match (agent.credential(), join_token(args)?) {
+        (Some(c), _) => c,
+        (None, Some(j)) => j,
+        (None, None) => anyhow::bail!("no credential for node `{}`: give --join-token-file FILE with the token `mint node enroll {}` prints", args.name, args.name),
+    };
+    let answer = ureq::post(&url).timeout(Duration::from_secs(10)).set("Authorization", &format!("Bearer {bearer}")).send_json(body);
+    let v: serde_json::Value = match answer {
+        Ok(r) => r.into_json().with_context(|| format!("registering with {}: the answer is not JSON", args.engine))?,
+        Err(ureq::Error::Status(code, r)) => {
+            let v: serde_json::Value = r.into_json().unwrap_or_default();
+            anyhow::bail!("registering with {} was refused ({code}): {}", args.engine, v["error"].as_str().unwrap_or("no reason given"));
+        }
+        Err(e) => return Err(e).with_context(|| format!("registering with {}", args.engine)),
+    };
+    if let (Some(node), Some(engine)) = (v["credential"].as_str(), v["engine-credential"].as_str()) {
+        agent.keep_credentials(Credentials { node: node.into(), engine: engine.into() })?;
+    }
     Ok(())
+}
+
+/// The join token from --join-token or --join-token-file, if given.
+fn join_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
+    if let Some(t) = &args.join_token {
+        return Ok(Some(t.trim().to_string()));
+    }
+    match &args.join_token_file {
+        Some(f) => Ok(Some(std::fs::read_to_string(f).with_context(|| format!("--join-token-file {}", f.display()))?.trim().to_string())),
+        None => Ok(None),
+    }
 }
 
 /// Registers, then heartbeats forever; registers again when the engine does not know the
@@ -148,14 +239,14 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
     let mut registered = false;
     loop {
         if !registered {
-            match register(args, &agent_url) {
+            match register(&agent, &agent_url) {
                 Ok(()) => registered = true,
                 Err(e) => eprintln!("mint-agent: {e:#}; retrying"),
             }
         } else {
             let url = format!("{}/v1/nodes/{}/heartbeat", args.engine.trim_end_matches('/'), args.name);
             let instance = instance::current(&agent).map(|(tier, index)| json!({ "tier": tier, "index": index }));
-            match ureq::post(&url).timeout(Duration::from_secs(5)).send_json(json!({ "load": load(args), "instance": instance })) {
+            match agent.authorized(ureq::post(&url)).timeout(Duration::from_secs(5)).send_json(json!({ "load": load(args), "instance": instance })) {
                 Ok(resp) => {
                     let v: serde_json::Value = resp.into_json().unwrap_or_default();
                     if v["fence"] == true {
@@ -166,11 +257,25 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
                     }
                 }
                 Err(ureq::Error::Status(404, _)) => registered = false,
+                Err(ureq::Error::Status(401, _)) => {
+                    eprintln!("mint-agent: the engine no longer knows this node's credential (the node was removed?); registering again");
+                    registered = false;
+                }
                 Err(e) => eprintln!("mint-agent: heartbeat: {e}"),
             }
         }
         std::thread::sleep(Duration::from_millis(args.heartbeat_ms.max(50)));
     }
+}
+
+/// Every route of the agent's API answers only the engine: a request without the
+/// engine's credential for this node is refused (401) before anything runs.
+async fn engine_only(State(agent): State<Arc<Agent>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if !agent.is_engine(header) {
+        return fail(StatusCode::UNAUTHORIZED, "only the engine, with its credential for this node, may call this agent");
+    }
+    next.run(req).await
 }
 
 fn fail(status: StatusCode, message: impl Into<String>) -> Response {
@@ -205,7 +310,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.root).with_context(|| format!("creating {}", args.root.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let agent_url = args.advertise.clone().unwrap_or_else(|| format!("http://{}", args.listen));
-    let agent = Arc::new(Agent { args: args.clone(), slot: Mutex::new(Slot::default()) });
+    let credential: Option<Credentials> = std::fs::read(credential_path(&args)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let agent = Arc::new(Agent { args: args.clone(), slot: Mutex::new(Slot::default()), credential: Mutex::new(credential) });
     instance::restore(&agent);
     let (hb_agent, hb_url) = (agent.clone(), agent_url.clone());
     std::thread::spawn(move || heartbeat_loop(hb_agent, hb_url));
@@ -214,6 +320,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .route("/v1/deploy", post(deploy))
         .route("/v1/status", get(status))
         .route("/v1/undeploy", post(undeploy))
+        .layer(axum::middleware::from_fn_with_state(agent.clone(), engine_only))
         .with_state(agent.clone());
     let stop = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

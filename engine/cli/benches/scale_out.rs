@@ -14,8 +14,13 @@ use testbed::{TestBed, get, master};
 
 const ROUNDS: usize = 7;
 
+/// `Authorization` for the bed's daemon, as its admin.
+fn admin() -> String {
+    format!("Bearer {}", std::env::var("MINT_TOKEN").unwrap_or_default())
+}
+
 fn post(base: &str, path: &str, body: Value) -> Value {
-    ureq::post(&format!("{base}{path}")).timeout(Duration::from_secs(60)).send_json(body).unwrap().into_json().unwrap()
+    ureq::post(&format!("{base}{path}")).set("Authorization", &admin()).timeout(Duration::from_secs(60)).send_json(body).unwrap().into_json().unwrap()
 }
 
 /// Polls the address every 5 ms until the instance answers; the time from `t0`.
@@ -26,7 +31,7 @@ fn until_answer(address: &str, t0: Instant) -> Duration {
             return t0.elapsed();
         }
         if Instant::now() >= deadline {
-            let events = ureq::get(&format!("{}/v1/events", std::env::var("MINT_SERVER").unwrap_or_default())).call().ok().and_then(|r| r.into_string().ok());
+            let events = ureq::get(&format!("{}/v1/events", std::env::var("MINT_SERVER").unwrap_or_default())).set("Authorization", &admin()).call().ok().and_then(|r| r.into_string().ok());
             panic!("{address} never answered; events: {}", events.unwrap_or_default());
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -61,12 +66,15 @@ fn main() {
     };
     let base = bed.url.clone();
     // SAFETY: set before any other thread of this process reads the environment.
-    unsafe { std::env::set_var("MINT_SERVER", &base) };
+    unsafe {
+        std::env::set_var("MINT_SERVER", &base);
+        std::env::set_var("MINT_TOKEN", std::fs::read_to_string(bed.token_file()).unwrap().trim());
+    }
 
     // From the pool: the tier's K instances were minted long before.
     post(&base, "/v1/tiers", tier("pool", 64, "198.18.2.0/24"));
     let first_address = |tier: &str| -> String {
-        let v: Value = ureq::get(&format!("{base}/v1/tiers/{tier}/instances")).call().unwrap().into_json().unwrap();
+        let v: Value = ureq::get(&format!("{base}/v1/tiers/{tier}/instances")).set("Authorization", &admin()).call().unwrap().into_json().unwrap();
         v[0]["address"].as_str().unwrap().to_string()
     };
     let address = first_address("pool");

@@ -23,6 +23,15 @@ pub struct Conn {
     /// terminal, `always` also when it is not, `never` not at all.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     progress: ProgressMode,
+    /// A file holding the bearer token to send (the token itself may be given in the
+    /// MINT_TOKEN environment variable instead). Without either, a daemon on this host
+    /// is asked where its first admin token is, and that file is used if this user may
+    /// read it.
+    #[arg(long, global = true, env = "MINT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The token, once found.
+    #[arg(skip)]
+    token: std::sync::Arc<std::sync::OnceLock<Option<String>>>,
 }
 
 /// When to draw progress bars.
@@ -37,6 +46,46 @@ pub enum ProgressMode {
 }
 
 impl Conn {
+    /// The bearer token to send: `--token-file`, else `MINT_TOKEN`, else the admin token
+    /// file a daemon on this host names in its health answer (given only to callers on the
+    /// same host), if readable. Found once per command.
+    fn token(&self) -> Result<Option<String>, Failure> {
+        if let Some(t) = self.token.get() {
+            return Ok(t.clone());
+        }
+        let found = if let Some(f) = &self.token_file {
+            let text = std::fs::read_to_string(f).map_err(|e| Failure::usage(anyhow!("--token-file {}: {e}", f.display())))?;
+            Some(text.trim().to_string())
+        } else if let Some(t) = std::env::var("MINT_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+            Some(t.trim().to_string())
+        } else {
+            self.local_token_file().and_then(|f| std::fs::read_to_string(f).ok()).map(|t| t.trim().to_string())
+        };
+        let _ = self.token.set(found.clone());
+        Ok(found)
+    }
+
+    /// Where a daemon on this host keeps its first admin token, as its health answer says.
+    fn local_token_file(&self) -> Option<PathBuf> {
+        let host = self.server.split("://").nth(1)?.split('/').next()?;
+        let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_start_matches('[').trim_end_matches(']');
+        let local = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+        if !local {
+            return None;
+        }
+        let v: Value = ureq::get(&url(self, "/v1/health")).timeout(std::time::Duration::from_secs(10)).call().ok()?.into_json().ok()?;
+        v["token-file"].as_str().map(PathBuf::from)
+    }
+
+    /// A request with the token, if any.
+    fn request(&self, method: &str, path: &str) -> Result<ureq::Request, Failure> {
+        let mut r = ureq::request(method, &url(self, path));
+        if let Some(t) = self.token()? {
+            r = r.set("Authorization", &format!("Bearer {t}"));
+        }
+        Ok(r)
+    }
+
     fn bars(&self) -> bool {
         use std::io::IsTerminal;
         match self.progress {
@@ -131,6 +180,21 @@ pub enum NodeCommand {
     },
     /// List nodes.
     List,
+    /// Issue a one-time join token for node NAME: its agent trades it for its own
+    /// credential (`mint-agent run --join-token-file FILE`). Printed once, or written to
+    /// `--output` (mode 0600).
+    Enroll {
+        name: String,
+        /// A label the node gets, as `zone=a`; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// How long the token works: `90s`, `30m`, `1h`, `2d` (at most 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Write the token to this new file (mode 0600) instead of printing it.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Remove a node that holds no instance.
     Remove { name: String },
     /// Set a node free (repaired), in maintenance (never selected), or failed (its instance
@@ -145,13 +209,92 @@ pub enum NodeCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create an operator token. It is shown once: printed, or written to `--output`
+    /// (a new file, mode 0600); the daemon keeps only its hash.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["admin", "read-only"])]
+        role: String,
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// List tokens: names, roles, creation times (never a token).
+    List,
+    /// Revoke a token: it authenticates nothing from now on.
+    Revoke { name: String },
+}
+
+/// Seconds in a duration written as `90s`, `30m`, `1h` or `2d`.
+fn parse_ttl(text: &str) -> Result<u64, Failure> {
+    let bad = || Failure::usage(anyhow!("--ttl `{text}`: write a whole number with s, m, h or d, as `1h`"));
+    let (n, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(per).filter(|s| *s > 0).ok_or_else(bad)
+}
+
+/// Hands a secret to the operator once: into a new file with mode 0600, or on stdout.
+fn hand_over(secret: &str, output: Option<&PathBuf>, what: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match output {
+        Some(path) => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| Failure::usage(anyhow!("--output {}: {e} (it must be a new file)", path.display())))?;
+            f.write_all(format!("{secret}\n").as_bytes()).map_err(|e| Failure::usage(anyhow!("--output {}: {e}", path.display())))?;
+            eprintln!("{what} written to {} (mode 0600); it is not shown again", path.display());
+        }
+        None => {
+            println!("{secret}");
+            eprintln!("{what} shown once; the daemon keeps only its hash");
+        }
+    }
+    Ok(())
+}
+
+pub fn token(conn: &Conn, cmd: TokenCommand) -> Result<(), Failure> {
+    match cmd {
+        TokenCommand::Create { name, role, output } => {
+            let v = call(conn, "POST", "/v1/tokens", Some(json!({ "name": name, "role": role })))?;
+            hand_over(v["token"].as_str().unwrap_or_default(), output.as_ref(), &format!("token `{name}` ({role})"))?;
+        }
+        TokenCommand::List => {
+            let v = call(conn, "GET", "/v1/tokens", None)?;
+            print(conn, &v, |v| {
+                println!("{:<20} {:<10} CREATED-MS", "NAME", "ROLE");
+                for t in v.as_array().into_iter().flatten() {
+                    println!("{:<20} {:<10} {}", s(&t["name"]), s(&t["role"]), s(&t["created-ms"]));
+                }
+            });
+        }
+        TokenCommand::Revoke { name } => {
+            let v = call(conn, "DELETE", &format!("/v1/tokens/{name}"), None)?;
+            print(conn, &v, |_| println!("token {name} revoked"));
+        }
+    }
+    Ok(())
+}
+
 fn url(conn: &Conn, path: &str) -> String {
     format!("{}{path}", conn.server.trim_end_matches('/'))
 }
 
 /// Sends a request and returns the JSON answer, mapping failures to exit codes.
 fn call(conn: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
-    let req = ureq::request(method, &url(conn, path)).timeout(std::time::Duration::from_secs(300));
+    let req = conn.request(method, path)?.timeout(std::time::Duration::from_secs(300));
     let resp = match body {
         Some(b) => req.send_json(b),
         None => req.call(),
@@ -174,7 +317,7 @@ fn call_with_progress(conn: &Conn, path: &str, body: Value) -> Result<Value, Fai
     if !conn.bars() {
         return call(conn, "POST", path, Some(body));
     }
-    let resp = ureq::post(&url(conn, path)).timeout(std::time::Duration::from_secs(3600)).set("Accept", "application/x-ndjson").send_json(body);
+    let resp = conn.request("POST", path)?.timeout(std::time::Duration::from_secs(3600)).set("Accept", "application/x-ndjson").send_json(body);
     let resp = match resp {
         Ok(r) => r,
         // Refused before the work started (a malformed body): an ordinary JSON error.
@@ -405,6 +548,11 @@ pub fn node(conn: &Conn, cmd: NodeCommand) -> Result<(), Failure> {
                 }
             });
         }
+        NodeCommand::Enroll { name, labels, ttl, output } => {
+            let body = json!({ "labels": pairs(&labels, "label")?, "ttl-secs": parse_ttl(&ttl)? });
+            let v = call(conn, "POST", &format!("/v1/nodes/{name}/enroll"), Some(body))?;
+            hand_over(v["join-token"].as_str().unwrap_or_default(), output.as_ref(), &format!("join token for node `{name}` (valid {ttl}, once)"))?;
+        }
         NodeCommand::Remove { name } => {
             let v = call(conn, "DELETE", &format!("/v1/nodes/{name}"), None)?;
             print(conn, &v, |_| println!("node {name} removed"));
@@ -577,7 +725,7 @@ pub fn plugin(conn: &Conn, req: PluginRequest) -> Result<(), Failure> {
                     )));
                 }
             };
-            let mut req = ureq::post(&url(conn, "/v1/plugins")).timeout(std::time::Duration::from_secs(600)).set("Content-Type", "application/octet-stream");
+            let mut req = conn.request("POST", "/v1/plugins")?.timeout(std::time::Duration::from_secs(600)).set("Content-Type", "application/octet-stream");
             if let Some(p) = &sig_path {
                 let text = std::fs::read(p).map_err(|e| Failure::usage(anyhow!("cannot read signature {}: {e}", p.display())))?;
                 req = req.set("Mint-Signature", &base64::engine::general_purpose::STANDARD.encode(text));

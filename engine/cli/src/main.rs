@@ -45,6 +45,10 @@ enum Command {
         /// concurrency); default DATA_DIR/mint.toml when it exists.
         #[arg(long)]
         config: Option<std::path::PathBuf>,
+        /// Failed authentications one address may make in a minute; past them, every
+        /// request from it is answered 429 until the minute ends.
+        #[arg(long, default_value_t = mint_daemon::auth::MAX_FAILURES)]
+        max_auth_failures: u32,
     },
     /// Master images.
     #[command(subcommand)]
@@ -55,6 +59,9 @@ enum Command {
     /// The node inventory.
     #[command(subcommand)]
     Node(client::NodeCommand),
+    /// Operators' bearer tokens.
+    #[command(subcommand)]
+    Token(client::TokenCommand),
     /// A tier's instances.
     Instance {
         #[command(subcommand)]
@@ -147,10 +154,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Plugin(cmd) => plugin_cmd::run(cmd, &cli.conn).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Daemon { data_dir, listen, advertise_url, node_timeout_secs, config } => {
+            Command::Daemon { data_dir, listen, advertise_url, node_timeout_secs, config, max_auth_failures } => {
                 match std::time::Duration::try_from_secs_f64(node_timeout_secs) {
                     Ok(t) if t >= std::time::Duration::from_millis(100) => {
-                        daemon(data_dir, mint_daemon::Options { listen, advertise: advertise_url, node_timeout: t, config }).await
+                        daemon(data_dir, mint_daemon::Options { listen, advertise: advertise_url, node_timeout: t, config, max_auth_failures }).await
                     }
                     _ => Err(Failure::usage(anyhow::anyhow!("--node-timeout-secs: {node_timeout_secs} must be at least 0.1"))),
                 }
@@ -158,6 +165,7 @@ fn main() -> ExitCode {
             Command::Image(c) => blocking(move || client::image(&cli.conn, c)).await,
             Command::Tier(c) => blocking(move || client::tier(&cli.conn, c)).await,
             Command::Node(c) => blocking(move || client::node(&cli.conn, c)).await,
+            Command::Token(c) => blocking(move || client::token(&cli.conn, c)).await,
             Command::Instance { cmd: InstanceCommand::List { tier } } => blocking(move || client::instances(&cli.conn, &tier)).await,
             Command::Instance { cmd: InstanceCommand::Materialize { tier, index, into } } => {
                 blocking(move || client::materialize(&cli.conn, &tier, index, &into)).await

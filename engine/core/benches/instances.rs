@@ -89,7 +89,7 @@ fn main() {
         {"plugin": "cloud-init", "config": {"user-data": {"packages": ["nginx"]}}},
     ]);
     let t = Instant::now();
-    rt.block_on(engine.create_tier(&spec("vm", &image.digest, "198.18.0.0/20", customizers))).unwrap();
+    rt.block_on(engine.create_tier(&spec("vm", &image.digest, "198.18.0.0/20", customizers), "admin:test")).unwrap();
     let mint_disk_s = t.elapsed().as_secs_f64();
     let mint_disk_bytes = du(&dir.join("data")) - before;
     let master_bytes = du(&engine.images.disk(&image.digest, "raw"));
@@ -176,7 +176,7 @@ fn main() {
     println!("\nimport the 1 GiB tree master (canonical tar + tree)  {:>9.2} s", t.elapsed().as_secs_f64());
     let before = du(&dir.join("data2"));
     let t = Instant::now();
-    rt.block_on(engine.create_tier(&spec("web", &image.digest, "198.18.16.0/20", serde_json::json!([{"plugin": "hostname"}, {"plugin": "network"}])))).unwrap();
+    rt.block_on(engine.create_tier(&spec("web", &image.digest, "198.18.16.0/20", serde_json::json!([{"plugin": "hostname"}, {"plugin": "network"}])), "admin:test")).unwrap();
     let mint_tree_s = t.elapsed().as_secs_f64();
     // Written through sled, whose files grow in steps; count what the state directory gained.
     let mint_tree_bytes = du(&dir.join("data2")) - before;

@@ -59,7 +59,7 @@ fn main() {
     // Minting 10,000 instances, two customizers each, one durable transaction.
     let k = 10_000;
     let t = Instant::now();
-    rt.block_on(engine.create_tier(&spec("web", &image, k, "198.18.0.0/16"))).unwrap();
+    rt.block_on(engine.create_tier(&spec("web", &image, k, "198.18.0.0/16"), "admin:test")).unwrap();
     let secs = t.elapsed().as_secs_f64();
     let rate = k as f64 / secs;
     println!(
@@ -71,12 +71,12 @@ fn main() {
     for i in 0..10_000u32 {
         let labels = BTreeMap::from([("zone".to_string(), format!("z{}", i % 4)), ("rack".to_string(), format!("r{}", i % 100))]);
         let node = Node { name: format!("node-{i:05}"), cpus: 8, memory_mib: 16384, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: i * 7 % 1000 };
-        engine.store.add_node(&node).unwrap();
+        engine.store.add_node(&node, "admin:test").unwrap();
     }
     let mut samples = Vec::new();
     for round in 0..10 {
         let want = (round + 1) * 100;
-        engine.store.set_desired("web", want).unwrap();
+        engine.store.set_desired("web", want, "admin:test").unwrap();
         let t = Instant::now();
         let p = rt.block_on(engine.reconcile("web")).unwrap();
         samples.push(t.elapsed());
@@ -130,9 +130,9 @@ fn main() {
         let inst: Vec<Instance> = addrs
             .iter()
             .enumerate()
-            .map(|(i, a)| Instance { id: InstanceId { tier: name.clone(), index: i as u32 }, hostname: tier.hostname.render(&name, i as u64), address: *a, state: InstanceState::Pooled, node: None, overlay: String::new(), since_ms: 0, disk: None, revision: 0 })
+            .map(|(i, a)| Instance { id: InstanceId { tier: name.clone(), index: i as u32 }, hostname: tier.hostname.render(&name, i as u64), address: *a, state: InstanceState::Pooled, node: None, overlay: String::new(), since_ms: 0, disk: None, revision: 0, deployment: 0, deployment_started_ms: 0 })
             .collect();
-        engine.store.create_tier(&tier, &inst).unwrap();
+        engine.store.create_tier(&tier, &inst, "admin:test").unwrap();
     }
     drop(engine);
     let rss_before = rss_mib();

@@ -78,9 +78,9 @@ impl Engine {
 
     /// Deletes a master (by digest or name): refused while a tier uses it. Its files go
     /// now; blobs derived from it go at the next [`Engine::gc`].
-    pub fn delete_image(&self, id: &str) -> Result<Image> {
+    pub fn delete_image(&self, id: &str, by: &str) -> Result<Image> {
         let image = self.find_image(id)?;
-        self.store.delete_image(&image.digest)?;
+        self.store.delete_image(&image.digest, by)?;
         for f in self.master_files(&image) {
             remove(&f);
         }
@@ -109,7 +109,7 @@ impl Engine {
     /// blobs and disk overlays no instance refers to, overlays of deleted tiers, and
     /// staging left by interrupted operations. Run it with no tier creation or import in
     /// flight (the daemon holds its operation lock).
-    pub fn gc(&self, keep_masters: bool) -> Result<GcReport> {
+    pub fn gc(&self, keep_masters: bool, by: &str) -> Result<GcReport> {
         let mut report = GcReport::default();
         let tiers = self.store.tiers()?;
         let used_masters: HashSet<String> = tiers.iter().map(|t| t.image.clone()).collect();
@@ -119,7 +119,7 @@ impl Engine {
                 live_images.push(image);
             } else {
                 let freed: u64 = self.master_files(&image).iter().map(|f| disk_usage(f)).sum();
-                self.delete_image(&image.digest)?;
+                self.delete_image(&image.digest, by)?;
                 report.bytes_freed += freed;
                 report.masters.push(image.digest);
             }

@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod capability;
 mod gc;
 pub mod images;
 mod overlay;
@@ -69,6 +70,8 @@ pub struct Engine {
     /// many nodes take minutes, while unbounded calls would flood the BMC network. An
     /// atomic, so a daemon can change it when its configuration is reloaded.
     pub driver_concurrency: std::sync::atomic::AtomicUsize,
+    /// Signs the capability URLs drivers hand BMCs.
+    pub capabilities: capability::Capabilities,
 }
 
 /// The default of [`Engine::driver_concurrency`].
@@ -165,10 +168,24 @@ impl Engine {
     /// Opens the engine's state under `data_dir` (`state/`, `images/`, `cache/`, and
     /// `plugins/` for the site's own plugins).
     pub fn open(data_dir: &Path) -> Result<Engine> {
+        let store = Arc::new(Store::open(&data_dir.join("state"))?);
+        let key = store.secret("capabilities")?;
+        let plugins = Registry::new(Some(data_dir.join("cache")), Some(data_dir.join("plugins")))?;
+        // What the host adds to a driver's requests to a node's agent: the engine's
+        // credential for the node's current enrollment.
+        let (signer, records) = (capability::Capabilities::new(&key), store.clone());
+        plugins.runtime().set_engine_secrets(Arc::new(move |node: &str, property: &str| {
+            if property != "agent-url" {
+                return None;
+            }
+            let generation = records.node_credential(node).ok().flatten()?.generation;
+            mint_plugins::credentials::Authorization::bearer(&signer.agent_credential(node, generation)).ok()
+        }));
         Ok(Engine {
-            store: Arc::new(Store::open(&data_dir.join("state"))?),
+            capabilities: capability::Capabilities::new(&key),
+            store,
             images: ImageStore::open(&data_dir.join("images"))?,
-            plugins: Registry::new(Some(data_dir.join("cache")), Some(data_dir.join("plugins")))?,
+            plugins,
             advertise: String::new(),
             driver_concurrency: std::sync::atomic::AtomicUsize::new(DRIVER_CONCURRENCY),
         })
@@ -219,12 +236,13 @@ impl Engine {
     /// Creates a tier and mints all K of its instances before any node is chosen: each gets
     /// the next free address and its host name, and runs through the customization steps.
     /// Nothing is stored unless every instance minted.
-    pub async fn create_tier(&self, spec: &TierSpec) -> Result<Tier> {
-        self.create_tier_reporting(spec, &quiet).await
+    pub async fn create_tier(&self, spec: &TierSpec, by: &str) -> Result<Tier> {
+        self.create_tier_reporting(spec, &quiet, by).await
     }
 
-    /// [`Engine::create_tier`], reporting each minted instance to `report`.
-    pub async fn create_tier_reporting(&self, spec: &TierSpec, report: Report<'_>) -> Result<Tier> {
+    /// [`Engine::create_tier`], reporting each minted instance to `report`; `by` is the
+    /// identity the event log records.
+    pub async fn create_tier_reporting(&self, spec: &TierSpec, report: Report<'_>, by: &str) -> Result<Tier> {
         // A tier file may name its master as `mint image import --name` did; the tier
         // records the digest, so a later import under the same name changes nothing here.
         let resolved;
@@ -245,7 +263,7 @@ impl Engine {
         let taken = |a| self.store.address_taken(a).unwrap_or(true);
         let addresses = tier.plan.allocate(tier.max_instances as u64, &taken).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let instances = self.mint(&tier, &image, &addresses, report).await?;
-        self.store.create_tier(&tier, &instances)?;
+        self.store.create_tier(&tier, &instances, by)?;
         Ok(tier)
     }
 
@@ -317,6 +335,8 @@ impl Engine {
                 since_ms: 0,
                 disk,
                 revision: 0,
+                deployment: 0,
+                deployment_started_ms: 0,
             });
             report(Step { phase: "minting", done: i as u64 + 1, total });
         }
@@ -328,7 +348,7 @@ impl Engine {
     /// Replaces a tier's master with `image` (a digest or name of a new version of it): re-mints all K
     /// instances with their identities, then reconciliation rolls the deployed ones to it
     /// through the driver, `batch` at a time, lowest index first. Returns the new revision.
-    pub async fn update_image(&self, tier_name: &str, image: &str, batch: u32, report: Report<'_>) -> Result<u64> {
+    pub async fn update_image(&self, tier_name: &str, image: &str, batch: u32, report: Report<'_>, by: &str) -> Result<u64> {
         let tier = self.store.tier(tier_name)?;
         let new = self.find_image(image).map_err(|e| EngineError::Invalid(format!("field `image`: {e}")))?;
         if batch == 0 {
@@ -337,12 +357,13 @@ impl Engine {
         let current = self.store.instances(tier_name)?;
         let addresses: Vec<std::net::IpAddr> = current.iter().map(|i| i.address).collect();
         let reminted = self.mint(&tier, &new, &addresses, report).await?;
-        Ok(self.store.remint(tier_name, &new.digest, batch, &reminted)?)
+        Ok(self.store.remint(tier_name, &new.digest, batch, &reminted, by)?)
     }
 
-    /// Sets a tier's desired count and runs one reconciliation pass for it.
-    pub async fn scale(&self, tier: &str, desired: u32) -> Result<Progress> {
-        self.store.set_desired(tier, desired)?;
+    /// Sets a tier's desired count (for the identity `by`) and runs one reconciliation
+    /// pass for it.
+    pub async fn scale(&self, tier: &str, desired: u32, by: &str) -> Result<Progress> {
+        self.store.set_desired(tier, desired, by)?;
         self.reconcile(tier).await
     }
 
@@ -365,7 +386,7 @@ impl Engine {
             surplus.sort_by_key(|i| std::cmp::Reverse(i.id.index));
             for inst in surplus.into_iter().take(on_nodes.len() - desired) {
                 let node = self.node(inst.node.as_deref().unwrap_or_default())?;
-                driver.undeploy(&wit_node(&node), &deployment(&self.advertise, inst), config_value(&tier.driver).as_ref()).await?;
+                driver.undeploy(&wit_node(&node), &self.deployment(inst), config_value(&tier.driver).as_ref()).await?;
                 self.store.release(&inst.id, NodeState::Free, &format!("tier scaled in to {desired}"))?;
                 progress.undeployed.push(inst.id.clone());
             }
@@ -406,11 +427,15 @@ impl Engine {
             })
             .collect();
         self.store.bind_many(&binds)?;
+        // The records as bound: each binding began a new deployment, which the driver's
+        // artifact URL names.
+        let bound = self.store.instances(tier_name)?;
         let mut finished = Vec::new();
         let config = config_value(&tier.driver);
         let mut jobs = Vec::new();
         for (inst, node_name, _) in &pairs {
-            jobs.push((*inst, wit_node(&self.node(node_name)?), deployment(&self.advertise, inst)));
+            let now = bound.iter().find(|b| b.id == inst.id).unwrap_or(inst);
+            jobs.push((*inst, wit_node(&self.node(node_name)?), self.deployment(now)));
         }
         let calls = jobs.iter().map(|(_, node, d)| driver.deploy(node, d, config.as_ref())).collect();
         let results = bounded(calls, self.driver_concurrency.load(std::sync::atomic::Ordering::Relaxed)).await;
@@ -454,9 +479,12 @@ impl Engine {
         for inst in stale {
             let node_name = inst.node.as_deref().unwrap_or_default();
             let node = wit_node(&self.node(node_name)?);
-            let d = deployment(&self.advertise, inst);
-            let result = match driver.undeploy(&node, &d, config.as_ref()).await {
-                Ok(_) => driver.deploy(&node, &d, config.as_ref()).await.map(|r| r.value),
+            // The old deployment is undeployed; the new one, which `begin_roll` started, is
+            // what the driver deploys.
+            let old = self.deployment(inst);
+            let new = self.deployment(&self.instance(&tier.name, inst.id.index)?);
+            let result = match driver.undeploy(&node, &old, config.as_ref()).await {
+                Ok(_) => driver.deploy(&node, &new, config.as_ref()).await.map(|r| r.value),
                 Err(e) => Err(e),
             };
             match result {
@@ -492,7 +520,7 @@ impl Engine {
         for inst in self.store.instances(tier_name)?.into_iter().filter(|i| i.state == InstanceState::Deployed) {
             let Some(node_name) = inst.node.clone() else { continue };
             let node = wit_node(&self.node(&node_name)?);
-            let d = deployment(&self.advertise, &inst);
+            let d = self.deployment(&inst);
             jobs.push((inst, node_name, node, d));
         }
         let calls = jobs.iter().map(|(_, _, node, d)| async { driver.status(node, d, config.as_ref()).await.map(|r| r.value) }).collect();
@@ -523,7 +551,7 @@ impl Engine {
         let mut jobs = Vec::new();
         for inst in instances.iter().filter(|i| i.state == InstanceState::Deploying) {
             let Some(node_name) = inst.node.as_deref() else { continue };
-            jobs.push((inst, node_name, wit_node(&self.node(node_name)?), deployment(&self.advertise, inst)));
+            jobs.push((inst, node_name, wit_node(&self.node(node_name)?), self.deployment(inst)));
         }
         let calls = jobs
             .iter()
@@ -687,13 +715,34 @@ fn wit_node(n: &Node) -> wit::Node {
     wit::Node { name: n.name.clone(), properties: pairs(&n.properties), labels: pairs(&n.labels) }
 }
 
-fn deployment(base: &str, i: &Instance) -> wit::Deployment {
+impl Engine {
+    /// What a driver gets to deploy `i`: its artifact as a capability URL for the
+    /// instance's current deployment, which a BMC can fetch without a token.
+    fn deployment(&self, i: &Instance) -> wit::Deployment {
+        // Counted from the deployment's start, so every call about it (deploy, status,
+        // undeploy) names the same URLs, which drivers compare with what a BMC holds.
+        let expires = i.deployment_started_ms / 1000 + capability::TTL_SECS;
+        let token = self.capabilities.token(&i.id.tier, i.id.index, i.deployment, expires);
+        deployment(&self.advertise, i, &token)
+    }
+
+    /// The instance a capability token admits to: its MAC and expiry hold and it names
+    /// the instance's current deployment, which holds a node. `None` otherwise, for every
+    /// reason alike.
+    pub fn capability_instance(&self, tier: &str, index: u32, token: &str) -> Option<Instance> {
+        let deployment = self.capabilities.check(tier, index, token, now_ms() / 1000).ok()?;
+        let inst = self.instance(tier, index).ok()?;
+        (inst.deployment == deployment && inst.state.holds_node()).then_some(inst)
+    }
+}
+
+fn deployment(base: &str, i: &Instance, token: &str) -> wit::Deployment {
     wit::Deployment {
         tier: i.id.tier.clone(),
         index: i.id.index,
         hostname: i.hostname.clone(),
         artifact: wit::Artifact {
-            url: format!("{}/v1/artifacts/{}/{}", base.trim_end_matches('/'), i.id.tier, i.id.index),
+            url: format!("{}/v1/cap/{}/{}/{token}", base.trim_end_matches('/'), i.id.tier, i.id.index),
             digest: i.overlay.clone(),
             size: 0,
             format: if i.disk.is_some() { "disk".into() } else { "tree".into() },

@@ -27,8 +27,9 @@ fn main() {
             .unwrap();
     });
     let base = format!("http://{}", addr_rx.recv_timeout(Duration::from_secs(120)).expect("the daemon starts"));
+    let auth = format!("Bearer {}", std::fs::read_to_string(dir.join("data/admin.token")).unwrap().trim());
     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
-    let post = |path: &str, body: Value| -> Value { agent.post(&format!("{base}{path}")).send_json(body).unwrap().into_json().unwrap() };
+    let post = |path: &str, body: Value| -> Value { agent.post(&format!("{base}{path}")).set("Authorization", &auth).send_json(body).unwrap().into_json().unwrap() };
 
     let image = post("/v1/images", json!({"path": master}))["digest"].as_str().unwrap().to_string();
     post(
@@ -51,7 +52,7 @@ fn main() {
                     let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
                     for _ in 0..per_client {
                         // Counted, not parsed: the figure is the daemon's, not the client's JSON parser's.
-                        let text = agent.get(&format!("{base}/v1/tiers/web/instances")).call().unwrap().into_string().unwrap();
+                        let text = agent.get(&format!("{base}/v1/tiers/web/instances")).set("Authorization", &auth).call().unwrap().into_string().unwrap();
                         assert_eq!(text.matches("\"hostname\"").count(), K as usize);
                     }
                 });

@@ -6,16 +6,36 @@
 //! and single byte ranges (`Range: bytes=a-b`, `a-`, `-n`; 206, or 416 when unsatisfiable),
 //! so an agent or a BMC can resume a large download.
 
+use crate::auth::Caller;
 use crate::{ApiError, Shared, ok};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::io::SeekFrom;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+/// The answer to a node asking for an instance that is not bound to it: the same as for
+/// an instance that does not exist, so a node learns nothing about other tiers.
+fn not_found_instance(tier: &str, index: u32) -> ApiError {
+    ApiError::from(mint_store::StoreError::NotFound { what: "instance", name: format!("{tier}/{index}") })
+}
+
+/// Whether `caller` may read instance `tier/index`'s artifact: operators (the router lets
+/// only admins reach here) may; a node only the instance bound to it.
+fn may_read(app: &Shared, caller: &Caller, tier: &str, index: u32) -> Result<(), ApiError> {
+    match caller {
+        Caller::Node { name, .. } => {
+            let bound = app.engine.store.node(name).ok().and_then(|n| n.instance);
+            if bound.is_some_and(|i| i.tier == tier && i.index == index) { Ok(()) } else { Err(not_found_instance(tier, index)) }
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `GET /v1/artifacts/{tier}/{index}`.
-pub async fn describe(State(app): State<Shared>, Path((tier, index)): Path<(String, u32)>) -> Result<Response, ApiError> {
+pub async fn describe(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path((tier, index)): Path<(String, u32)>) -> Result<Response, ApiError> {
+    may_read(&app, &caller, &tier, index)?;
     let _files = app.image_files.read().await;
     // Building a tree instance's root filesystem the first time reads the whole master.
     ok(crate::off_async_threads(|| app.engine.artifact(&tier, index))?)
@@ -23,7 +43,16 @@ pub async fn describe(State(app): State<Shared>, Path((tier, index)): Path<(Stri
 
 /// `GET` and `HEAD /v1/artifacts/{tier}/{index}/{role}`: the part of that role, served as
 /// its blob is.
-pub async fn part(State(app): State<Shared>, method: Method, headers: HeaderMap, Path((tier, index, role)): Path<(String, u32, String)>) -> Response {
+pub async fn part(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    method: Method,
+    headers: HeaderMap,
+    Path((tier, index, role)): Path<(String, u32, String)>,
+) -> Response {
+    if let Err(e) = may_read(&app, &caller, &tier, index) {
+        return e.into_response();
+    }
     let described = {
         let _files = app.image_files.read().await;
         crate::off_async_threads(|| app.engine.artifact(&tier, index))
@@ -71,14 +100,70 @@ fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
     Some(r)
 }
 
-/// `GET` and `HEAD /v1/blobs/{digest}`.
-pub async fn blob(State(app): State<Shared>, method: Method, headers: HeaderMap, Path(digest): Path<String>) -> Response {
+/// `GET` and `HEAD /v1/blobs/{digest}`. A node may read only the parts of the instance
+/// bound to it; any other digest is answered as one that does not exist.
+pub async fn blob(State(app): State<Shared>, Extension(caller): Extension<Caller>, method: Method, headers: HeaderMap, Path(digest): Path<String>) -> Response {
+    if let Caller::Node { name, .. } = &caller {
+        let bound = app.engine.store.node(name).ok().and_then(|n| n.instance);
+        let parts = match bound {
+            Some(id) => {
+                let _files = app.image_files.read().await;
+                crate::off_async_threads(|| app.engine.artifact(&id.tier, id.index)).map(|a| a.parts).unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        if !parts.iter().any(|p| p.digest == digest) {
+            return no_blob(&digest).into_response();
+        }
+    }
     serve(&app, method, &headers, &digest).await
 }
 
+/// The answer to a capability that admits nothing (forged, expired, or for a deployment
+/// that has ended): one answer for every reason.
+fn no_capability() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no artifact at this capability URL (it may have expired, or its deployment ended)".into())
+}
+
+/// `GET /v1/cap/{tier}/{index}/{token}`: the descriptor of the deployment a capability
+/// names, with its parts' URLs under the same capability.
+pub async fn cap_describe(State(app): State<Shared>, Path((tier, index, token)): Path<(String, u32, String)>) -> Result<Response, ApiError> {
+    if app.engine.capability_instance(&tier, index, &token).is_none() {
+        return Err(no_capability());
+    }
+    let mut artifact = {
+        let _files = app.image_files.read().await;
+        crate::off_async_threads(|| app.engine.artifact(&tier, index))?
+    };
+    for p in &mut artifact.parts {
+        p.url = format!("/v1/cap/{tier}/{index}/{token}/{}", p.role);
+    }
+    ok(artifact)
+}
+
+/// `GET` and `HEAD /v1/cap/{tier}/{index}/{token}/{role}`: one part, by capability.
+pub async fn cap_part(State(app): State<Shared>, method: Method, headers: HeaderMap, Path((tier, index, token, role)): Path<(String, u32, String, String)>) -> Response {
+    if app.engine.capability_instance(&tier, index, &token).is_none() {
+        return no_capability().into_response();
+    }
+    let described = {
+        let _files = app.image_files.read().await;
+        crate::off_async_threads(|| app.engine.artifact(&tier, index))
+    };
+    match described.map(|a| a.parts.into_iter().find(|p| p.role == role)) {
+        Ok(Some(p)) => serve(&app, method, &headers, &p.digest).await,
+        Ok(None) => no_capability().into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+fn no_blob(digest: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no blob `{digest}`; blob URLs come from /v1/artifacts/{{tier}}/{{index}}"))
+}
+
 async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) -> Response {
-    let Some(path) = app.engine.images.locate(&digest) else {
-        return ApiError(StatusCode::NOT_FOUND, format!("no blob `{digest}`; blob URLs come from /v1/artifacts/{{tier}}/{{index}}")).into_response();
+    let Some(path) = app.engine.images.locate(digest) else {
+        return no_blob(digest).into_response();
     };
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,

@@ -162,7 +162,7 @@ pub(crate) fn reload_on_hangup(app: crate::Shared, path: PathBuf, mut stop: toki
             match Config::read(&path) {
                 Ok(c) => {
                     c.apply(&app.engine);
-                    let _ = app.engine.store.note("configuration-reloaded", format!("configuration reloaded from {}", path.display()), serde_json::json!({}));
+                    let _ = app.engine.store.note("configuration-reloaded", format!("configuration reloaded from {}", path.display()), serde_json::json!({}), mint_model::records::ENGINE);
                 }
                 Err(e) => tracing::error!("SIGHUP: keeping the running configuration: {e}"),
             }

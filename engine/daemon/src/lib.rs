@@ -7,13 +7,16 @@
 //! request started it.
 
 mod artifacts;
+pub mod auth;
 mod autoscale;
 pub mod config;
+mod identities;
 mod liveness;
 mod plugins;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use auth::Caller;
+use axum::extract::{ConnectInfo, Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -46,6 +49,29 @@ struct App {
     /// collection and image deletion take it alone, so they never see half-written files
     /// as garbage.
     image_files: tokio::sync::RwLock<()>,
+    /// Where the daemon keeps its state (the admin token file is there).
+    data_dir: std::path::PathBuf,
+    /// Failed authentications by address.
+    failures: auth::Failures,
+    /// Long operations (imports, tier creations, new masters) running at once: each reads
+    /// or writes a whole image, so a flood of them would exhaust the disk's bandwidth.
+    long_operations: Arc<tokio::sync::Semaphore>,
+}
+
+/// How many long operations may run at once; more are answered 429.
+pub const MAX_LONG_OPERATIONS: usize = 4;
+
+/// The largest request body of any route but plugin installation.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A permit for one long operation, or the 429 that says to retry later.
+fn long_permit(app: &App) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    app.long_operations.clone().try_acquire_owned().map_err(|_| {
+        ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{MAX_LONG_OPERATIONS} imports, tier creations or master updates are running; retry when one has finished"),
+        )
+    })
 }
 
 type Shared = Arc<App>;
@@ -133,7 +159,14 @@ struct EventQuery {
 
 /// Turns a JSON body's rejection into the API's error shape.
 fn body<T>(r: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
-    r.map(|Json(v)| v).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("request body: {}", e.body_text())))
+    r.map(|Json(v)| v).map_err(|e| {
+        // A body over the limit is 413, with the limit named; any other rejection is bad input.
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: larger than the {MAX_BODY_BYTES} bytes this route takes"))
+        } else {
+            ApiError(StatusCode::BAD_REQUEST, format!("request body: {}", e.body_text()))
+        }
+    })
 }
 
 /// The media type of a progress stream: one JSON object per line.
@@ -204,8 +237,13 @@ async fn import_image(State(app): State<Shared>, headers: HeaderMap, req: Result
         Ok(c) => c,
         Err(e) => return ApiError(StatusCode::BAD_REQUEST, e).into_response(),
     };
+    let permit = match long_permit(&app) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     long_operation(wants_stream(&headers), move |report| {
         Box::pin(async move {
+            let _permit = permit;
             let _files = app.image_files.read().await;
             // Importing reads and writes the whole image: off the async threads.
             let path = std::path::Path::new(&req.path);
@@ -230,10 +268,10 @@ async fn list_images(State(app): State<Shared>) -> ApiResult {
 }
 
 /// `DELETE /v1/images/{id}`: refused while a tier uses the image.
-async fn delete_image(State(app): State<Shared>, Path(id): Path<String>) -> ApiResult {
+async fn delete_image(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> ApiResult {
     let _pass = app.reconciling.lock().await;
     let _files = app.image_files.write().await;
-    let image = off_async_threads(|| app.engine.delete_image(&id))?;
+    let image = off_async_threads(|| app.engine.delete_image(&id, &caller.label()))?;
     ok(json!({ "deleted": image }))
 }
 
@@ -245,11 +283,11 @@ struct GcRequest {
 }
 
 /// `POST /v1/images/gc`: removes masters no tier uses and blobs no instance refers to.
-async fn gc(State(app): State<Shared>, req: Result<Json<GcRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn gc(State(app): State<Shared>, Extension(caller): Extension<Caller>, req: Result<Json<GcRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
     let req = body(req)?;
     let _pass = app.reconciling.lock().await;
     let _files = app.image_files.write().await;
-    ok(off_async_threads(|| app.engine.gc(req.keep_masters))?)
+    ok(off_async_threads(|| app.engine.gc(req.keep_masters, &caller.label()))?)
 }
 
 /// One image, by digest or by name (the newest import of that name).
@@ -261,15 +299,20 @@ async fn show_image(State(app): State<Shared>, Path(id): Path<String>) -> ApiRes
     ok(json!({ "image": image, "tiers": tiers }))
 }
 
-async fn create_tier(State(app): State<Shared>, headers: HeaderMap, spec: Result<Json<TierSpec>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn create_tier(State(app): State<Shared>, Extension(caller): Extension<Caller>, headers: HeaderMap, spec: Result<Json<TierSpec>, axum::extract::rejection::JsonRejection>) -> Response {
     let spec = match body(spec) {
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
+    let permit = match long_permit(&app) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     long_operation(wants_stream(&headers), move |report| {
         Box::pin(async move {
+            let _permit = permit;
             let _pass = app.reconciling.lock().await;
-            let tier = app.engine.create_tier_reporting(&spec, report).await?;
+            let tier = app.engine.create_tier_reporting(&spec, report, &caller.label()).await?;
             serde_json::to_value(tier).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         })
     })
@@ -292,6 +335,7 @@ fn one() -> u32 {
 /// reconciliation loop then rolls the deployed ones, `batch` at a time.
 async fn update_image(
     State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     headers: HeaderMap,
     req: Result<Json<UpdateImageRequest>, axum::extract::rejection::JsonRejection>,
@@ -300,11 +344,16 @@ async fn update_image(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let permit = match long_permit(&app) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     long_operation(wants_stream(&headers), move |report| {
         Box::pin(async move {
+            let _permit = permit;
             let _pass = app.reconciling.lock().await;
             let _files = app.image_files.read().await;
-            let revision = app.engine.update_image(&name, &req.image, req.batch, report).await?;
+            let revision = app.engine.update_image(&name, &req.image, req.batch, report, &caller.label()).await?;
             Ok(json!({ "tier": name, "revision": revision }))
         })
     })
@@ -328,18 +377,18 @@ async fn show_tier(State(app): State<Shared>, Path(name): Path<String>) -> ApiRe
     ok(json!({ "tier": t, "deployed": deployed }))
 }
 
-async fn delete_tier(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
+async fn delete_tier(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> ApiResult {
     let _pass = app.reconciling.lock().await;
-    app.engine.store.delete_tier(&name)?;
+    app.engine.store.delete_tier(&name, &caller.label())?;
     ok(json!({ "deleted": name }))
 }
 
-async fn scale(State(app): State<Shared>, Path(name): Path<String>, req: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn scale(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>, req: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
     let req = body(req)?;
     let n = u32::try_from(req.instances)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("field `instances`: {} is not a count from 0 up", req.instances)))?;
     let _pass = app.reconciling.lock().await;
-    let p: Progress = app.engine.scale(&name, n).await?;
+    let p: Progress = app.engine.scale(&name, n, &caller.label()).await?;
     ok(p)
 }
 
@@ -348,7 +397,7 @@ async fn instances(State(app): State<Shared>, Path(name): Path<String>) -> ApiRe
     ok(app.engine.store.instances(&name)?)
 }
 
-async fn add_node(State(app): State<Shared>, spec: Result<Json<NodeSpec>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn add_node(State(app): State<Shared>, Extension(caller): Extension<Caller>, spec: Result<Json<NodeSpec>, axum::extract::rejection::JsonRejection>) -> ApiResult {
     let s = body(spec)?;
     if s.name.is_empty() || !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `name`: `{}` must be letters, digits, `-`, `_` or `.`", s.name)));
@@ -367,7 +416,7 @@ async fn add_node(State(app): State<Shared>, spec: Result<Json<NodeSpec>, axum::
         instance: None,
         load: 0,
     };
-    app.engine.store.add_node(&node)?;
+    app.engine.store.add_node(&node, &caller.label())?;
     ok(node)
 }
 
@@ -375,8 +424,8 @@ async fn list_nodes(State(app): State<Shared>) -> ApiResult {
     ok(app.engine.store.nodes()?)
 }
 
-async fn remove_node(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
-    app.engine.store.remove_node(&name)?;
+async fn remove_node(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> ApiResult {
+    app.engine.store.remove_node(&name, &caller.label())?;
     ok(json!({ "removed": name }))
 }
 
@@ -408,7 +457,7 @@ struct NodeStateRequest {
     reason: Option<String>,
 }
 
-async fn set_node_state(State(app): State<Shared>, Path(name): Path<String>, req: Result<Json<NodeStateRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn set_node_state(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>, req: Result<Json<NodeStateRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
     let req = body(req)?;
     let to = match req.state.as_str() {
         "free" => NodeState::Free,
@@ -419,44 +468,8 @@ async fn set_node_state(State(app): State<Shared>, Path(name): Path<String>, req
     // Serialised with reconciliation: a node declared failed mid-pass would otherwise race
     // the pass's driver calls for it.
     let _pass = app.reconciling.lock().await;
-    app.engine.store.set_node_state(&name, to, req.reason.as_deref().unwrap_or("set by an operator"))?;
+    app.engine.store.set_node_state(&name, to, req.reason.as_deref().unwrap_or("set by an operator"), &caller.label())?;
     ok(app.engine.store.node(&name)?)
-}
-
-/// What a node agent says of its node when it starts.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct Registration {
-    name: String,
-    cpus: u32,
-    memory_mib: u64,
-    arch: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    /// Where the agent's API is, as the engine's drivers reach it.
-    agent_url: String,
-    #[serde(default)]
-    macs: Vec<String>,
-}
-
-/// `POST /v1/agents/register`: adds the agent's node (free) or refreshes its facts.
-async fn register(State(app): State<Shared>, r: Result<Json<Registration>, axum::extract::rejection::JsonRejection>) -> ApiResult {
-    let r = body(r)?;
-    if r.name.is_empty() || !r.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `name`: `{}` must be letters, digits, `-`, `_` or `.`", r.name)));
-    }
-    if r.cpus == 0 || r.memory_mib == 0 {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "fields `cpus` and `memory-mib` must be above 0".into()));
-    }
-    mint_plugins::HostPattern::of_url(&r.agent_url).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `agent-url`: {e}")))?;
-    let mut properties = BTreeMap::from([("agent-url".to_string(), r.agent_url)]);
-    if !r.macs.is_empty() {
-        properties.insert("macs".into(), r.macs.join(","));
-    }
-    let node = Node { name: r.name, cpus: r.cpus, memory_mib: r.memory_mib, arch: r.arch, labels: r.labels, properties, state: NodeState::Free, instance: None, load: 0 };
-    app.engine.store.register_node(&node)?;
-    app.liveness.beat(&node.name, 0);
-    ok(app.engine.store.node(&node.name)?)
 }
 
 async fn events(State(app): State<Shared>, Query(q): Query<EventQuery>) -> ApiResult {
@@ -467,14 +480,26 @@ async fn events(State(app): State<Shared>, Query(q): Query<EventQuery>) -> ApiRe
     ok(e)
 }
 
-async fn health() -> ApiResult {
-    ok(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+/// `GET /v1/health`, the one route without authentication. A caller on the daemon's own
+/// host (loopback) is also told where the first admin token is: the file is the daemon
+/// user's alone (mode 0600), so only that user (or root) can read it, which is how the CLI
+/// on the same host works with no setup.
+async fn health(State(app): State<Shared>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> ApiResult {
+    let mut v = json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") });
+    if peer.ip().is_loopback() {
+        v["token-file"] = json!(app.data_dir.join(auth::ADMIN_TOKEN_FILE));
+    }
+    ok(v)
 }
 
 /// The API's routes over an engine.
 fn router(app: Shared) -> Router {
-    Router::new()
+    // Without a bearer credential: health, and capability URLs, which carry their own proof.
+    let open = Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/cap/{tier}/{index}/{token}", get(artifacts::cap_describe))
+        .route("/v1/cap/{tier}/{index}/{token}/{role}", get(artifacts::cap_part).head(artifacts::cap_part));
+    let authenticated = Router::new()
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/gc", post(gc))
         .route("/v1/images/{id}", get(show_image).delete(delete_image))
@@ -488,13 +513,20 @@ fn router(app: Shared) -> Router {
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/state", post(set_node_state))
         .route("/v1/events", get(events))
-        .route("/v1/agents/register", post(register))
+        .route("/v1/agents/register", post(identities::register))
         .route("/v1/nodes/{name}/heartbeat", post(liveness::heartbeat))
         .route("/v1/plugins", get(plugins::list).post(plugins::install).layer(axum::extract::DefaultBodyLimit::max(mint_plugins::package::MAX_PACKAGE_BYTES as usize)))
         .route("/v1/plugins/{name}", get(plugins::show).delete(plugins::remove))
         .route("/v1/artifacts/{tier}/{index}", get(artifacts::describe))
         .route("/v1/artifacts/{tier}/{index}/{role}", get(artifacts::part).head(artifacts::part))
         .route("/v1/blobs/{digest}", get(artifacts::blob).head(artifacts::blob))
+        .route("/v1/tokens", get(identities::list_tokens).post(identities::create_token))
+        .route("/v1/tokens/{name}", axum::routing::delete(identities::revoke_token))
+        .route("/v1/nodes/{name}/enroll", post(identities::enroll))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth::require));
+    open.merge(authenticated)
+        // Every body is bounded; plugin packages have their own, larger bound above.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route; see README for /v1/...".into()) })
         .with_state(app)
 }
@@ -546,12 +578,14 @@ pub struct Options {
     pub node_timeout: Duration,
     /// The configuration file; `<data-dir>/mint.toml` when absent, if that exists.
     pub config: Option<std::path::PathBuf>,
+    /// Failed authentications one address may make in a minute before it is answered 429.
+    pub max_auth_failures: u32,
 }
 
 impl Options {
     /// Serving on `listen`, advertised as itself, nodes failed after 10 s of silence.
     pub fn new(listen: SocketAddr) -> Options {
-        Options { listen, advertise: None, node_timeout: Duration::from_secs(10), config: None }
+        Options { listen, advertise: None, node_timeout: Duration::from_secs(10), config: None, max_auth_failures: auth::MAX_FAILURES }
     }
 }
 
@@ -562,7 +596,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
-    let Options { listen, advertise, node_timeout, config } = options;
+    let Options { listen, advertise, node_timeout, config, max_auth_failures } = options;
     let config_path = config.or_else(|| Some(data_dir.join("mint.toml")).filter(|p| p.is_file()));
     let config = match &config_path {
         Some(path) => config::Config::read(path)?,
@@ -580,7 +614,17 @@ pub async fn serve(
     let advertise = advertise.unwrap_or_else(|| format!("http://{bound}"));
     mint_plugins::HostPattern::of_url(&advertise).map_err(|e| format!("--advertise-url: {e}"))?;
     engine.advertise = advertise;
-    let app = Arc::new(App { engine, liveness: liveness::Liveness::new(node_timeout), checked: std::sync::Mutex::new(std::time::Instant::now()), reconciling: tokio::sync::Mutex::new(()), image_files: tokio::sync::RwLock::new(()) });
+    auth::first_admin_token(data_dir, &engine.store)?;
+    let app = Arc::new(App {
+        engine,
+        liveness: liveness::Liveness::new(node_timeout),
+        checked: std::sync::Mutex::new(std::time::Instant::now()),
+        reconciling: tokio::sync::Mutex::new(()),
+        image_files: tokio::sync::RwLock::new(()),
+        data_dir: data_dir.to_path_buf(),
+        failures: auth::Failures::new(max_auth_failures),
+        long_operations: Arc::new(tokio::sync::Semaphore::new(MAX_LONG_OPERATIONS)),
+    });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     if let Some(path) = config_path {
         config::reload_on_hangup(app.clone(), path, stop_rx.clone());
@@ -595,7 +639,7 @@ pub async fn serve(
         }
     });
     on_ready(bound);
-    axum::serve(listener, router(app))
+    axum::serve(listener, router(app).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

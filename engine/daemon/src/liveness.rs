@@ -7,7 +7,8 @@
 //! the moment the daemon first looks at it, so a restart never fails healthy nodes.
 
 use crate::{ApiError, App, ApiResult, Shared, body, ok};
-use axum::extract::{Path, State};
+use crate::auth::Caller;
+use axum::extract::{Extension, Path, State};
 use axum::Json;
 use mint_model::NodeState;
 use mint_model::records::InstanceId;
@@ -100,7 +101,17 @@ pub struct Heartbeat {
 /// its capacity, 0-1000) and what it runs. The answer says whether to fence: stop the
 /// instance because the node does not hold it (any more). An unknown node is 404, telling
 /// the agent to register again.
-pub async fn heartbeat(State(app): State<Shared>, Path(name): Path<String>, h: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+pub async fn heartbeat(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    h: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    // Only the node's own agent speaks for it: another node's credential, or an operator's
+    // token, would let it keep a dead node alive or learn whether to fence it.
+    if !matches!(&caller, Caller::Node { name: own, .. } if *own == name) {
+        return Err(ApiError(axum::http::StatusCode::FORBIDDEN, format!("{} may not heartbeat for node `{name}`; each agent heartbeats with its own credential", caller.label())));
+    }
     let h = body(h)?;
     if h.load > 1000 {
         return Err(ApiError(axum::http::StatusCode::BAD_REQUEST, format!("field `load`: {} is above 1000 (per mille of the node's capacity)", h.load)));

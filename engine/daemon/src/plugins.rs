@@ -6,7 +6,8 @@
 
 use crate::{ApiError, ApiResult, Shared, ok};
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use crate::auth::Caller;
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::json;
@@ -34,7 +35,7 @@ pub async fn show(State(app): State<Shared>, Path(name): Path<String>) -> ApiRes
     ok(info)
 }
 
-pub async fn install(State(app): State<Shared>, headers: HeaderMap, package: Bytes) -> ApiResult {
+pub async fn install(State(app): State<Shared>, Extension(caller): Extension<Caller>, headers: HeaderMap, package: Bytes) -> ApiResult {
     use base64::Engine as _;
     let signature = match headers.get(SIGNATURE_HEADER) {
         None => None,
@@ -58,12 +59,13 @@ pub async fn install(State(app): State<Shared>, headers: HeaderMap, package: Byt
         "plugin-installed",
         format!("plugin `{}` {} ({}) installed, signed by {}", info.name, info.version, info.kind, info.signer),
         json!({ "sha256": info.sha256, "signer": info.signer, "wit": info.wit }),
+        &caller.label(),
     );
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
-pub async fn remove(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
+pub async fn remove(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> ApiResult {
     crate::off_async_threads(|| app.engine.remove_plugin(&name))?;
-    let _ = app.engine.store.note("plugin-removed", format!("plugin `{name}` removed"), json!({}));
+    let _ = app.engine.store.note("plugin-removed", format!("plugin `{name}` removed"), json!({}), &caller.label());
     ok(json!({ "removed": name }))
 }

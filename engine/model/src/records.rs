@@ -176,6 +176,14 @@ pub struct Instance {
     /// revision, the instance is rolled to the new master.
     #[serde(default)]
     pub revision: u64,
+    /// Counts the instance's deployments: bumped each time it is bound to a node or rolled,
+    /// so what was handed out for one deployment (a BMC's capability URL) dies with it.
+    #[serde(default)]
+    pub deployment: u64,
+    /// When the current deployment began (milliseconds since the Unix epoch): what it
+    /// hands out expires counting from here, so every call about it names the same URLs.
+    #[serde(default)]
+    pub deployment_started_ms: u64,
 }
 
 /// What an instance of a disk master is made of besides the master: a qcow2 overlay whose
@@ -241,6 +249,121 @@ pub struct Event {
     /// Structured detail (scores, reasons, driver results).
     #[serde(default)]
     pub detail: serde_json::Value,
+    /// Who made the change: an operator's token (`admin:NAME`, `read-only:NAME`), a node
+    /// (`node:NAME`), or `mint` for the engine's own decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// The identity of the engine itself in the event log: reconciliation, failure detection
+/// and load rules act as `mint`.
+pub const ENGINE: &str = "mint";
+
+/// What an operator's token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Read the pool's state (GET), never artifact bytes or seeds.
+    ReadOnly,
+}
+
+impl Role {
+    /// Whether the role may change anything.
+    pub fn can_write(self) -> bool {
+        self == Role::Admin
+    }
+
+    /// Whether the role may read instances' artifacts: root filesystems and seeds carry
+    /// host keys, SSH keys and user-data.
+    pub fn can_read_artifacts(self) -> bool {
+        self == Role::Admin
+    }
+
+    /// The role's name, as the CLI and the event log spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+        }
+    }
+
+    /// Parses a role's name.
+    pub fn parse(s: &str) -> Result<Role, String> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "read-only" => Ok(Role::ReadOnly),
+            other => Err(format!("`{other}` is not a role; use admin or read-only")),
+        }
+    }
+}
+
+/// An operator's bearer token as the store keeps it: never the token, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// Unique name, as `ci` or `admin`.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// `sha256:<hex>` of the token.
+    pub hash: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// Whose a credential is, as authentication finds it by the credential's hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Principal {
+    /// An operator's token.
+    Operator {
+        /// The token's name.
+        name: String,
+        /// What it may do.
+        role: Role,
+    },
+    /// A node's agent.
+    Node {
+        /// The node.
+        name: String,
+    },
+}
+
+impl Principal {
+    /// How the event log names it: `admin:NAME`, `read-only:NAME` or `node:NAME`.
+    pub fn label(&self) -> String {
+        match self {
+            Principal::Operator { name, role } => format!("{}:{name}", role.name()),
+            Principal::Node { name } => format!("node:{name}"),
+        }
+    }
+}
+
+/// A pending enrollment: the one-time join token an operator issued for a node name, and
+/// the labels the node gets when it joins. Only the token's SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// The node name the token admits.
+    pub node: String,
+    /// `sha256:<hex>` of the join token.
+    pub hash: String,
+    /// Labels given at enrollment; they win over what the agent reports.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// When the token stops working, in milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// The credential a node's agent traded its join token for: only its SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCredential {
+    /// The node.
+    pub node: String,
+    /// `sha256:<hex>` of the credential.
+    pub hash: String,
+    /// Bumped by every enrollment, so what was derived from an earlier one is dead.
+    pub generation: u64,
 }
 
 /// A master image in the image store.

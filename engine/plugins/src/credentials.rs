@@ -20,6 +20,13 @@ impl Authorization {
         Ok(Authorization(v))
     }
 
+    /// A bearer token.
+    pub fn bearer(token: &str) -> Result<Authorization, String> {
+        let mut v = http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| "not a header value".to_string())?;
+        v.set_sensitive(true);
+        Ok(Authorization(v))
+    }
+
     pub(crate) fn header_value(&self) -> http::HeaderValue {
         self.0.clone()
     }
@@ -49,11 +56,27 @@ struct Entry {
     authorization: Authorization,
 }
 
-/// The operator's credentials for node endpoints. Lookup prefers an entry for the node,
-/// then one for the endpoint, then the default.
+/// Credentials the engine itself holds for a node's endpoint (what it presents to the
+/// node's agent), found per call from the node's name and the property naming the
+/// endpoint (`agent-url`).
+pub type EngineSecrets = std::sync::Arc<dyn Fn(&str, &str) -> Option<Authorization> + Send + Sync>;
+
+/// [`EngineSecrets`], if any, printable without showing anything.
+#[derive(Clone, Default)]
+struct Resolver(Option<EngineSecrets>);
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "EngineSecrets(<redacted>)" } else { "EngineSecrets(none)" })
+    }
+}
+
+/// The operator's credentials for node endpoints, and the engine's own. Lookup prefers an
+/// entry for the node, then one for the endpoint, then the default.
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
     entries: Vec<Entry>,
+    engine: Resolver,
 }
 
 #[derive(Deserialize)]
@@ -113,7 +136,26 @@ impl Credentials {
             let authorization = Authorization::basic(&r.username, &r.password).map_err(|m| format!("{here}: field `password`: {m}"))?;
             entries.push(Entry { scope, username: r.username, authorization });
         }
-        Ok(Credentials { entries })
+        Ok(Credentials { entries, engine: Resolver::default() })
+    }
+
+    /// Keeps the engine's own secrets from `earlier` (which a reloaded secrets file knows
+    /// nothing of).
+    pub fn keeping_engine_secrets(mut self, earlier: &Credentials) -> Credentials {
+        self.engine = earlier.engine.clone();
+        self
+    }
+
+    /// Sets how the engine's own secrets for node endpoints are found.
+    pub fn with_engine_secrets(mut self, secrets: EngineSecrets) -> Credentials {
+        self.engine = Resolver(Some(secrets));
+        self
+    }
+
+    /// The engine's own credential for node `node`'s endpoint named by `property`, if it
+    /// holds one.
+    pub fn engine_secret(&self, node: &str, property: &str) -> Option<Authorization> {
+        self.engine.0.as_ref().and_then(|f| f(node, property))
     }
 
     /// Reads and parses a secrets file.

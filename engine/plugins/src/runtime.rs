@@ -204,7 +204,15 @@ impl Runtime {
     /// Replaces the credentials the host adds to drivers' requests to node endpoints;
     /// calls that start afterwards use the new ones, in every plugin already loaded.
     pub fn set_credentials(&self, credentials: Credentials) {
-        *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
+        let mut current = self.credentials.write().unwrap_or_else(|p| p.into_inner());
+        *current = Arc::new(credentials.keeping_engine_secrets(&current));
+    }
+
+    /// Sets how the engine's own secrets for node endpoints are found (see
+    /// [`crate::credentials::EngineSecrets`]); they survive [`Runtime::set_credentials`].
+    pub fn set_engine_secrets(&self, secrets: crate::credentials::EngineSecrets) {
+        let mut current = self.credentials.write().unwrap_or_else(|p| p.into_inner());
+        *current = Arc::new(Credentials::clone(&current).with_engine_secrets(secrets));
     }
 
     /// Loads a plugin from a `.wasm` file and the manifest beside it (`x.wasm` → `x.toml`).
@@ -438,7 +446,9 @@ impl Plugin {
                     call,
                     message: format!("node `{}` property `{wanted}`: {m}", node.name),
                 })?;
-                let auth = credentials.lookup(&node.name, &p).cloned();
+                // The engine's own credential for this endpoint (its agent's) first: an
+                // operator's default BMC password must never go to an agent.
+                let auth = credentials.engine_secret(&node.name, wanted).or_else(|| credentials.lookup(&node.name, &p).cloned());
                 inputs.endpoints.push((p, auth));
             }
         }

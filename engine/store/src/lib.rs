@@ -13,7 +13,7 @@
 //! commit that touches a node: every selection reads the whole inventory, and iterating
 //! thousands of records out of sled costs more than the selection itself.
 
-use mint_model::records::{Event, Image, Instance, InstanceId, Node, Tier};
+use mint_model::records::{ENGINE, Enrollment, Event, Image, Instance, InstanceId, Node, NodeCredential, Principal, Token, Tier};
 use mint_model::{InstanceState, NodeState};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -66,6 +66,10 @@ pub struct Store {
     images: sled::Tree,
     overlays: sled::Tree,
     artifacts: sled::Tree,
+    /// Operators' tokens, pending enrollments and node credentials, by key prefix
+    /// (`token/`, `enroll/`, `cred/`), and every credential's hash (`hash/`), which says
+    /// whose it is: what authentication looks up.
+    identities: sled::Tree,
     write: Mutex<()>,
     /// Every node as last committed, by name; changed only under `write`.
     node_index: RwLock<BTreeMap<String, Arc<Node>>>,
@@ -94,6 +98,13 @@ fn tier_prefix(tier: &str) -> Vec<u8> {
     k
 }
 
+/// Whether two `sha256:<hex>` hashes are equal, compared in constant time: how long the
+/// comparison takes says nothing about where they differ.
+pub fn same_hash(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -112,6 +123,9 @@ struct Tx<'a> {
     hostnames: &'a TransactionalTree,
     nodes: &'a TransactionalTree,
     events: &'a TransactionalTree,
+    identities: &'a TransactionalTree,
+    /// Who the transaction acts for, recorded in its events.
+    by: &'a str,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
@@ -145,7 +159,7 @@ impl Tx<'_> {
     }
     fn event(&self, tier: Option<&str>, kind: &str, message: String, detail: serde_json::Value) -> TxResult<()> {
         let seq = self.events.generate_id()?;
-        let e = Event { seq, at_ms: now_ms(), tier: tier.map(str::to_string), kind: kind.into(), message, detail };
+        let e = Event { seq, at_ms: now_ms(), tier: tier.map(str::to_string), kind: kind.into(), message, detail, by: Some(self.by.to_string()) };
         Self::put(self.events, &seq.to_be_bytes(), &e)
     }
 }
@@ -186,6 +200,7 @@ impl Store {
             images: tree("images")?,
             overlays: tree("overlays")?,
             artifacts: tree("artifacts")?,
+            identities: tree("identities")?,
             path: path.clone(),
             db,
             write: Mutex::new(()),
@@ -222,11 +237,17 @@ impl Store {
         StoreError::Storage { path: self.path.clone(), message: e.to_string() }
     }
 
-    /// Runs `f` as one transaction over every tree, then makes it durable.
+    /// Runs `f` as one transaction over every tree for the engine itself, then makes it
+    /// durable.
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
-        let r = (&self.tiers, &self.instances, &self.addresses, &self.hostnames, &self.nodes, &self.events).transaction(
-            |(tiers, instances, addresses, hostnames, nodes, events)| {
-                f(&Tx { tiers, instances, addresses, hostnames, nodes, events })
+        self.transact_as(ENGINE, f)
+    }
+
+    /// [`Store::transact`] for the identity `by`, which its events record.
+    fn transact_as<T>(&self, by: &str, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
+        let r = (&self.tiers, &self.instances, &self.addresses, &self.hostnames, &self.nodes, &self.events, &self.identities).transaction(
+            |(tiers, instances, addresses, hostnames, nodes, events, identities)| {
+                f(&Tx { tiers, instances, addresses, hostnames, nodes, events, identities, by })
             },
         );
         let value = match r {
@@ -261,7 +282,7 @@ impl Store {
     /// Stores a tier with all K of its minted instances, in one transaction. Refused, with
     /// nothing written, if the name is taken, the plan overlaps another tier's, the instance
     /// count differs from K, or an address or host name is already held.
-    pub fn create_tier(&self, tier: &Tier, instances: &[Instance]) -> Result<()> {
+    pub fn create_tier(&self, tier: &Tier, instances: &[Instance], by: &str) -> Result<()> {
         let _w = self.lock();
         self.check_new_tier(tier)?;
         // Checked under the write lock, which deleting an image also takes.
@@ -276,7 +297,7 @@ impl Store {
                 instances.len()
             )));
         }
-        self.transact(|tx| {
+        self.transact_as(by, |tx| {
             Tx::put(tx.tiers, tier.name.as_bytes(), tier)?;
             for i in instances {
                 let id = i.id.to_string();
@@ -310,7 +331,7 @@ impl Store {
     }
 
     /// Deletes an image's record. Refused while any tier uses it, naming the tiers.
-    pub fn delete_image(&self, digest: &str) -> Result<Image> {
+    pub fn delete_image(&self, digest: &str, by: &str) -> Result<Image> {
         let _w = self.lock();
         let image: Image = self.get_one(&self.images, digest, "image")?;
         let users: Vec<String> = self.tiers()?.into_iter().filter(|t| t.image == digest).map(|t| t.name).collect();
@@ -323,7 +344,7 @@ impl Store {
             )));
         }
         self.images.remove(digest.as_bytes()).map_err(|e| self.storage(e))?;
-        self.transact(|tx| tx.event(None, "image-deleted", format!("image {} ({digest}) deleted", image.name), serde_json::Value::Null))?;
+        self.transact_as(by, |tx| tx.event(None, "image-deleted", format!("image {} ({digest}) deleted", image.name), serde_json::Value::Null))?;
         Ok(image)
     }
 
@@ -401,7 +422,7 @@ impl Store {
 
     /// Deletes a tier whose instances are all off nodes, freeing its addresses and host
     /// names for other tiers. Refused while any instance holds a node.
-    pub fn delete_tier(&self, name: &str) -> Result<()> {
+    pub fn delete_tier(&self, name: &str, by: &str) -> Result<()> {
         let _w = self.lock();
         self.tier(name)?;
         let instances = self.instances(name)?;
@@ -409,7 +430,7 @@ impl Store {
         if on_nodes > 0 {
             return Err(StoreError::Refused(format!("tier `{name}` has {on_nodes} instances on nodes; scale it to 0 first")));
         }
-        self.transact(|tx| {
+        self.transact_as(by, |tx| {
             for i in &instances {
                 tx.instances.remove(instance_key(&i.id))?;
                 tx.addresses.remove(i.address.to_string().as_bytes())?;
@@ -459,8 +480,8 @@ impl Store {
     }
 
     /// Sets how many instances of a tier should be deployed (0 to K).
-    pub fn set_desired(&self, tier: &str, desired: u32) -> Result<()> {
-        self.change_desired(tier, desired, None, |before| {
+    pub fn set_desired(&self, tier: &str, desired: u32, by: &str) -> Result<()> {
+        self.change_desired(tier, desired, None, by, |before| {
             ("scale-requested", format!("tier `{tier}` scaled from {before} to {desired}"), serde_json::json!({"from": before, "to": desired}))
         })
     }
@@ -468,7 +489,7 @@ impl Store {
     /// Sets a tier's desired count because its load rule says so, recording the reason and
     /// the figures behind it, and when (for the rule's cooldown).
     pub fn autoscale(&self, tier: &str, desired: u32, message: &str, detail: serde_json::Value) -> Result<()> {
-        self.change_desired(tier, desired, Some(now_ms()), |before| {
+        self.change_desired(tier, desired, Some(now_ms()), ENGINE, |before| {
             ("autoscaled", format!("tier `{tier}` scaled from {before} to {desired}: {message}"), detail.clone())
         })
     }
@@ -480,10 +501,11 @@ impl Store {
         tier: &str,
         desired: u32,
         autoscaled_at: Option<u64>,
+        by: &str,
         event: impl Fn(u32) -> (&'static str, String, serde_json::Value),
     ) -> Result<()> {
         let _w = self.lock();
-        self.transact(|tx| {
+        self.transact_as(by, |tx| {
             let Some(mut t) = Tx::get::<Tier>(tx.tiers, tier.as_bytes())? else {
                 return abort(StoreError::NotFound { what: "tier", name: tier.into() });
             };
@@ -501,12 +523,12 @@ impl Store {
     }
 
     /// Adds a node to the inventory; it starts free unless it is in maintenance.
-    pub fn add_node(&self, node: &Node) -> Result<()> {
+    pub fn add_node(&self, node: &Node, by: &str) -> Result<()> {
         let _w = self.lock();
         if node.instance.is_some() || !matches!(node.state, NodeState::Free | NodeState::Maintenance) {
             return Err(StoreError::Refused(format!("node `{}` must be added free or in maintenance, holding no instance", node.name)));
         }
-        self.transact(|tx| {
+        self.transact_as(by, |tx| {
             if tx.nodes.get(node.name.as_bytes())?.is_some() {
                 return refuse(format!("a node named `{}` exists; remove it first or choose another name", node.name));
             }
@@ -518,35 +540,186 @@ impl Store {
 
     /// Records an event about something outside the store's records (a plugin installed
     /// or removed), so the event log tells the whole story.
-    pub fn note(&self, kind: &str, message: String, detail: serde_json::Value) -> Result<()> {
+    pub fn note(&self, kind: &str, message: String, detail: serde_json::Value, by: &str) -> Result<()> {
         let _w = self.lock();
-        self.transact(|tx| tx.event(None, kind, message.clone(), detail.clone()))
+        self.transact_as(by, |tx| tx.event(None, kind, message.clone(), detail.clone()))
     }
 
-    /// Adds a node that registers itself (a node agent), or refreshes the facts and
-    /// properties of one already known, keeping its state and instance.
-    pub fn register_node(&self, node: &Node) -> Result<()> {
+    /// Stores a new operator token (only its hash). Refused if the name is taken.
+    pub fn create_token(&self, t: &Token, by: &str) -> Result<()> {
         let _w = self.lock();
-        self.transact(|tx| {
-            let (n, verb) = match Tx::get::<Node>(tx.nodes, node.name.as_bytes())? {
-                Some(known) => (Node { state: known.state, instance: known.instance.clone(), load: known.load, ..node.clone() }, "re-registered"),
-                None => (Node { state: NodeState::Free, instance: None, ..node.clone() }, "registered"),
+        self.transact_as(by, |tx| {
+            let key = format!("token/{}", t.name);
+            if tx.identities.get(key.as_bytes())?.is_some() {
+                return refuse(format!("a token named `{}` exists; revoke it first or choose another `--name`", t.name));
+            }
+            if tx.identities.get(format!("hash/{}", t.hash).as_bytes())?.is_some() {
+                return refuse("that token is in use already; create a new one".into());
+            }
+            Tx::put(tx.identities, key.as_bytes(), t)?;
+            Tx::put(tx.identities, format!("hash/{}", t.hash).as_bytes(), &Principal::Operator { name: t.name.clone(), role: t.role })?;
+            tx.event(None, "token-created", format!("token `{}` created with role {}", t.name, t.role.name()), serde_json::json!({"name": t.name, "role": t.role}))
+        })
+    }
+
+    /// The engine's secret named `name` (32 random bytes), made at its first use and kept
+    /// in the store, so every daemon on the same state signs alike.
+    pub fn secret(&self, name: &str) -> Result<[u8; 32]> {
+        let key = format!("secret/{name}");
+        let _w = self.lock();
+        if let Some(v) = self.identities.get(key.as_bytes()).map_err(|e| self.storage(e))? {
+            return v.as_ref().try_into().map_err(|_| StoreError::Corrupt(format!("secret `{name}` is not 32 bytes")));
+        }
+        let mut bytes = [0u8; 32];
+        getrandom::getrandom(&mut bytes).map_err(|e| self.storage(format!("no random bytes from the operating system: {e}")))?;
+        self.identities.insert(key.as_bytes(), &bytes[..]).map_err(|e| self.storage(e))?;
+        self.db.flush().map_err(|e| self.storage(e))?;
+        Ok(bytes)
+    }
+
+    /// Every operator token's record (names, roles and hashes; never a token).
+    pub fn tokens(&self) -> Result<Vec<Token>> {
+        self.all(self.identities.scan_prefix("token/"))
+    }
+
+    /// Revokes an operator token: from this commit on it authenticates nothing.
+    pub fn revoke_token(&self, name: &str, by: &str) -> Result<Token> {
+        let _w = self.lock();
+        self.transact_as(by, |tx| {
+            let key = format!("token/{name}");
+            let Some(t) = Tx::get::<Token>(tx.identities, key.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "token", name: name.into() });
             };
-            Tx::put(tx.nodes, node.name.as_bytes(), &n)?;
-            tx.event(None, "node-registered", format!("node `{}` {verb} ({} cpus, {} MiB, {})", n.name, n.cpus, n.memory_mib, n.arch), serde_json::json!({"properties": n.properties, "labels": n.labels}))
+            tx.identities.remove(key.as_bytes())?;
+            tx.identities.remove(format!("hash/{}", t.hash).as_bytes())?;
+            tx.event(None, "token-revoked", format!("token `{name}` revoked"), serde_json::json!({"name": name}))?;
+            Ok(t)
+        })
+    }
+
+    /// Whose credential has the hash `hash`, if anyone's.
+    pub fn principal(&self, hash: &str) -> Result<Option<Principal>> {
+        match self.identities.get(format!("hash/{hash}").as_bytes()).map_err(|e| self.storage(e))? {
+            Some(b) => decode(&b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a pending enrollment for a node name, replacing any earlier one for it.
+    pub fn enroll(&self, e: &Enrollment, by: &str) -> Result<()> {
+        let _w = self.lock();
+        self.transact_as(by, |tx| {
+            Tx::put(tx.identities, format!("enroll/{}", e.node).as_bytes(), e)?;
+            tx.event(
+                None,
+                "node-enrolled",
+                format!("node `{}` may join once with a join token until {}", e.node, e.expires_ms),
+                serde_json::json!({"node": e.node, "labels": e.labels, "expires-ms": e.expires_ms}),
+            )
+        })
+    }
+
+    /// A pending enrollment, if there is one for `node`.
+    pub fn enrollment(&self, node: &str) -> Result<Option<Enrollment>> {
+        match self.identities.get(format!("enroll/{node}").as_bytes()).map_err(|e| self.storage(e))? {
+            Some(b) => decode(&b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A node's credential record, if it has one.
+    pub fn node_credential(&self, node: &str) -> Result<Option<NodeCredential>> {
+        match self.identities.get(format!("cred/{node}").as_bytes()).map_err(|e| self.storage(e))? {
+            Some(b) => decode(&b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A node joins with its one-time join token: in one transaction the enrollment whose
+    /// token hashes to `join_hash` is used up (it must be unexpired at `now_ms`), the node
+    /// is added or its facts refreshed (keeping its state and instance; the enrollment's
+    /// labels win), and its credential becomes the one hashing to `credential_hash`, with
+    /// the next generation. Refused, writing nothing, for any other token.
+    pub fn join(&self, node: &Node, join_hash: &str, now_ms: u64, credential_hash: &str) -> Result<NodeCredential> {
+        let _w = self.lock();
+        let credential = self.transact_as(&format!("node:{}", node.name), |tx| {
+            let key = format!("enroll/{}", node.name);
+            let pending = Tx::get::<Enrollment>(tx.identities, key.as_bytes())?;
+            let Some(e) = pending.filter(|e| same_hash(&e.hash, join_hash)) else {
+                return refuse(format!("no enrollment of node `{}` matches this join token; `mint node enroll {}` issues one", node.name, node.name));
+            };
+            if e.expires_ms <= now_ms {
+                return refuse(format!("the join token for node `{}` expired; `mint node enroll {}` issues a new one", node.name, node.name));
+            }
+            tx.identities.remove(key.as_bytes())?;
+            let cred_key = format!("cred/{}", node.name);
+            let generation = match Tx::get::<NodeCredential>(tx.identities, cred_key.as_bytes())? {
+                Some(old) => {
+                    tx.identities.remove(format!("hash/{}", old.hash).as_bytes())?;
+                    old.generation + 1
+                }
+                None => 1,
+            };
+            let c = NodeCredential { node: node.name.clone(), hash: credential_hash.to_string(), generation };
+            Tx::put(tx.identities, cred_key.as_bytes(), &c)?;
+            Tx::put(tx.identities, format!("hash/{credential_hash}").as_bytes(), &Principal::Node { name: node.name.clone() })?;
+            let mut joined = node.clone();
+            joined.labels.extend(e.labels.clone());
+            Self::put_registered(tx, &joined, "joined")?;
+            Ok(c)
+        })?;
+        self.refresh_nodes([node.name.as_str()])?;
+        Ok(credential)
+    }
+
+    /// A known node's agent registers again with its credential (after a restart): its
+    /// facts and properties are refreshed, its state and instance kept. Refused, writing
+    /// nothing, unless `credential_hash` is the node's current credential's.
+    pub fn reregister(&self, node: &Node, credential_hash: &str) -> Result<()> {
+        let _w = self.lock();
+        self.transact_as(&format!("node:{}", node.name), |tx| {
+            let current = Tx::get::<NodeCredential>(tx.identities, format!("cred/{}", node.name).as_bytes())?;
+            if !current.is_some_and(|c| same_hash(&c.hash, credential_hash)) {
+                return refuse(format!("node `{}` registers only with its own credential", node.name));
+            }
+            let mut n = node.clone();
+            if let Some(known) = Tx::get::<Node>(tx.nodes, node.name.as_bytes())? {
+                // Labels an operator gave at enrollment stay; the agent adds its own.
+                let mut labels = known.labels.clone();
+                labels.extend(node.labels.clone());
+                n.labels = labels;
+            }
+            Self::put_registered(tx, &n, "re-registered")
         })?;
         self.refresh_nodes([node.name.as_str()])
     }
 
+    /// Writes a registering node: new ones start free, known ones keep their state,
+    /// instance and load.
+    fn put_registered(tx: &Tx<'_>, node: &Node, verb: &str) -> TxResult<()> {
+        let n = match Tx::get::<Node>(tx.nodes, node.name.as_bytes())? {
+            Some(known) => Node { state: known.state, instance: known.instance.clone(), load: known.load, ..node.clone() },
+            None => Node { state: NodeState::Free, instance: None, ..node.clone() },
+        };
+        Tx::put(tx.nodes, node.name.as_bytes(), &n)?;
+        tx.event(None, "node-registered", format!("node `{}` {verb} ({} cpus, {} MiB, {})", n.name, n.cpus, n.memory_mib, n.arch), serde_json::json!({"properties": n.properties, "labels": n.labels}))
+    }
+
     /// Removes a node that holds no instance.
-    pub fn remove_node(&self, name: &str) -> Result<()> {
+    pub fn remove_node(&self, name: &str, by: &str) -> Result<()> {
         let _w = self.lock();
-        self.transact(|tx| {
+        self.transact_as(by, |tx| {
             let n = tx.node(name)?;
             if !n.state.can_remove() || n.instance.is_some() {
                 return refuse(format!("node `{name}` is {} and holds an instance; scale its tier in first", n.state));
             }
             tx.nodes.remove(name.as_bytes())?;
+            // Its agent's credential dies with it: the name may join again only through
+            // a new enrollment.
+            if let Some(c) = Tx::get::<NodeCredential>(tx.identities, format!("cred/{name}").as_bytes())? {
+                tx.identities.remove(format!("hash/{}", c.hash).as_bytes())?;
+                tx.identities.remove(format!("cred/{name}").as_bytes())?;
+            }
             tx.event(None, "node-removed", format!("node `{name}` removed"), serde_json::Value::Null)
         })?;
         self.refresh_nodes([name])
@@ -618,6 +791,8 @@ impl Store {
                 inst.node = Some(node.to_string());
                 inst.since_ms = now_ms();
                 inst.revision = tier.revision;
+                inst.deployment += 1;
+                inst.deployment_started_ms = inst.since_ms;
                 n.state = NodeState::Deploying;
                 n.instance = Some(id.clone());
                 Tx::put(tx.instances, &instance_key(id), &inst)?;
@@ -633,7 +808,7 @@ impl Store {
     /// from the new master with its unchanged identity, the tier's revision goes up, and
     /// deployed instances become due to roll, `batch` at a time. `reminted` must hold every
     /// instance of the tier, with the same host names and addresses; states are kept.
-    pub fn remint(&self, tier_name: &str, image: &str, batch: u32, reminted: &[Instance]) -> Result<u64> {
+    pub fn remint(&self, tier_name: &str, image: &str, batch: u32, reminted: &[Instance], by: &str) -> Result<u64> {
         let _w = self.lock();
         if !self.images.contains_key(image.as_bytes()).map_err(|e| self.storage(e))? {
             return Err(StoreError::Refused(format!("field `image`: no image `{image}`; import it first")));
@@ -641,7 +816,7 @@ impl Store {
         if batch == 0 {
             return Err(StoreError::Refused("field `batch`: roll at least 1 instance at a time".into()));
         }
-        let revision = self.transact(|tx| {
+        let revision = self.transact_as(by, |tx| {
             let Some(mut tier) = Tx::get::<Tier>(tx.tiers, tier_name.as_bytes())? else {
                 return abort(StoreError::NotFound { what: "tier", name: tier_name.into() });
             };
@@ -692,6 +867,8 @@ impl Store {
                 inst.state = InstanceState::Deploying;
                 inst.since_ms = now_ms();
                 inst.revision = tier.revision;
+                inst.deployment += 1;
+                inst.deployment_started_ms = inst.since_ms;
                 n.state = NodeState::Deploying;
                 Tx::put(tx.instances, &instance_key(id), &inst)?;
                 Tx::put(tx.nodes, node.as_bytes(), &n)?;
@@ -769,8 +946,13 @@ impl Store {
     /// becomes failed (off any node, identity kept) so that reconciliation redeploys it
     /// elsewhere with the same address and host name.
     pub fn fail_node(&self, name: &str, reason: &str) -> Result<Option<InstanceId>> {
+        self.fail_node_as(name, reason, ENGINE)
+    }
+
+    /// [`Store::fail_node`] for the identity `by` (an operator declaring it).
+    fn fail_node_as(&self, name: &str, reason: &str, by: &str) -> Result<Option<InstanceId>> {
         let _w = self.lock();
-        let held = self.transact(|tx| {
+        let held = self.transact_as(by, |tx| {
             let mut n = tx.node(name)?;
             let held = n.instance.take();
             n.state = NodeState::Failed;
@@ -794,12 +976,12 @@ impl Store {
     /// Sets a node's state as an operator asks: `failed` as [`Store::fail_node`]; `free` or
     /// `maintenance` only for a node that holds no instance. Refused, with nothing written,
     /// for any other change.
-    pub fn set_node_state(&self, name: &str, to: NodeState, reason: &str) -> Result<()> {
+    pub fn set_node_state(&self, name: &str, to: NodeState, reason: &str, by: &str) -> Result<()> {
         if to == NodeState::Failed {
-            return self.fail_node(name, reason).map(|_| ());
+            return self.fail_node_as(name, reason, by).map(|_| ());
         }
         let _w = self.lock();
-        let r = self.transact(|tx| {
+        let r = self.transact_as(by, |tx| {
             let mut n = tx.node(name)?;
             if !n.state.operator_can_set(to) || n.instance.is_some() {
                 return refuse(format!(
