@@ -387,3 +387,39 @@ fn request_bodies_are_bounded() {
     }
     assert_eq!(daemon.mint(&["node", "list"]), json!([]), "nothing was added");
 }
+
+#[test]
+fn materialize_writes_only_below_its_root() {
+    let site = Site::new("auth-materialize");
+    // Unconfigured, it is off.
+    let o = site.daemon.run(&["instance", "materialize", "web", "0", "--into", "x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("materialize is off"), "{}", String::from_utf8_lossy(&o.stderr));
+    drop(site);
+
+    let dir = scratch("auth-materialize-root");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("mint.toml"), "[materialize]\nroot = \"../root\"\n").unwrap();
+    let d = Daemon::start(&data, &[], &root());
+    d.mint(&["image", "import", "tests/fixtures/master-ifupdown", "--name", "debian"]);
+    d.mint(&["tier", "create", "-f", "tests/fixtures/web-tier.toml"]);
+    let outside = dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join("root/link")).unwrap();
+    for (into, why) in [
+        ("/etc/mint-materialized", "outside the materialize root"),
+        ("../outside/x", "no `..`"),
+        ("a/../../outside/x", "no `..`"),
+        ("link/x", "is a symlink"),
+        (outside.join("x").to_str().unwrap(), "outside the materialize root"),
+    ] {
+        let o = d.run(&["instance", "materialize", "web", "0", "--into", into]);
+        assert_eq!(o.status.code(), Some(1), "{into}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(why), "{into}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(!std::path::Path::new("/etc/mint-materialized").exists());
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside");
+    d.mint(&["instance", "materialize", "web", "0", "--into", "ok/web-000"]);
+    assert_eq!(std::fs::read_to_string(dir.join("root/ok/web-000/etc/hostname")).unwrap().trim(), "web-000");
+}

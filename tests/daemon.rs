@@ -175,6 +175,9 @@ fn a_daemon_that_is_not_running_is_exit_code_4() {
 #[test]
 fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
     let dir = scratch("daemon-progress");
+    // The daemon's configuration lets materialize write below one directory.
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/mint.toml"), "[materialize]\nroot = \"../materialized\"\n").unwrap();
     let d = Daemon::start(&dir.join("data"));
     let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
     let o = d.mint(&["image", "import", "tests/fixtures/master-ifupdown", "--name", "debian", "--progress", "always"]);
@@ -189,8 +192,8 @@ fn imports_and_minting_draw_progress_and_images_show_their_tiers() {
     assert!(o.status.success(), "{}", err(&o));
     assert!(err(&o).contains("minting") && err(&o).contains("8/8 100%"), "a bar for minting: {}", err(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("tier web created: 8 instances minted"));
-    let into = dir.join("web-002");
-    let out = d.ok(&["instance", "materialize", "web", "2", "--into", into.to_str().unwrap()]);
+    let into = dir.join("materialized/web-002");
+    let out = d.ok(&["instance", "materialize", "web", "2", "--into", "web-002"]);
     assert!(out.contains("web/2 materialized in") && out.contains("edits"), "{out}");
     assert_eq!(std::fs::read_to_string(into.join("etc/hostname")).unwrap(), "web-002\n");
     artifacts_are_served_with_digests_etags_and_ranges(&d.url, &crate::support::admin_auth(&dir.join("data")));

@@ -258,7 +258,9 @@ fn readme_main_command_and_quickstart() {
     assert!(out.contains("tier web scaled to 3: deployed [web/0 web/1 web/2]"), "{out}");
     assert!(out.contains("re-minted at revision 1"), "{out}");
     assert!(out.contains("tier web deleted"), "{out}");
-    assert_eq!(std::fs::read_to_string(cwd.join("web-002/etc/hostname")).unwrap().trim(), "web-002");
+    // Below the materialize root `cargo xtask daemon` configured in the data directory.
+    assert_eq!(std::fs::read_to_string(data.join("materialized/web-002/etc/hostname")).unwrap().trim(), "web-002");
+    assert!(!cwd.join("web-002").exists());
     // The quickstart's last command collected both masters once the tier was gone.
     let images: serde_json::Value = ureq::get(&format!("{url}/v1/images")).set("Authorization", &admin_auth(&data)).call().unwrap().into_json().unwrap();
     assert_eq!(images, serde_json::json!([]), "{out}");
@@ -384,7 +386,9 @@ fn plugin_authors_build_pack_sign_and_install_as_documented() {
     assert!(config_block.text.contains(example_key));
     let etc = ws.join("etc");
     std::fs::create_dir_all(&etc).unwrap();
-    std::fs::write(etc.join("mint.toml"), config_block.text.replace(example_key, &key)).unwrap();
+    let materialized = ws.join("materialized");
+    let config_text = config_block.text.replace(example_key, &key).replace("/srv/mint/materialized", materialized.to_str().unwrap());
+    std::fs::write(etc.join("mint.toml"), config_text).unwrap();
     // A password to look for afterwards, in place of README's `...`.
     let bmc_password = "docs-bmc-password-7f3a";
     let credentials = block("README.md", "toml", "# bmc-credentials.toml", T);
@@ -395,6 +399,7 @@ fn plugin_authors_build_pack_sign_and_install_as_documented() {
         .unwrap_or_else(|e| panic!("docs/plugin-authors.md:{}: {e}", guide_config.line));
     let config = etc.join("mint.toml");
     let daemon = crate::running::Daemon::start(&ws.join("data"), &["--config", config.to_str().unwrap()], &ws);
+    assert!(materialized.is_dir(), "README's configuration sets the materialize root, made at start");
 
     let install = block("docs/plugin-authors.md", "sh", "mint plugin install my-policy", T);
     let out = run_block(&install, &policy, &[("MINT_SERVER", &daemon.url)], &[], Duration::from_secs(120));

@@ -159,6 +159,26 @@ fn daemon_args(extra: &[String]) -> Vec<String> {
     args
 }
 
+/// A configuration for the daemon of this checkout, written into its data directory once
+/// (the daemon reads `<data-dir>/mint.toml` by default) unless ARGS name one: it lets
+/// `mint instance materialize` write below `<data-dir>/materialized`, as the quickstart does.
+/// Returns ARGS.
+fn dev_config(args: &[String]) -> Result<Vec<String>, String> {
+    if args.iter().any(|a| a == "--config" || a.starts_with("--config=")) {
+        return Ok(args.to_vec());
+    }
+    let data = args.iter().position(|a| a == "--data-dir").and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| "target/mint-data".into());
+    let file = std::path::Path::new(&data).join("mint.toml");
+    if !file.exists() {
+        std::fs::create_dir_all(&data).map_err(|e| format!("cannot create {data}: {e}"))?;
+        let text = "# Written by `cargo xtask daemon` for the daemon of this checkout; edit freely.\n\
+                    [materialize]\n\
+                    root = \"materialized\"   # relative to this file: instances materialize below it\n";
+        std::fs::write(&file, text).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    }
+    Ok(args.to_vec())
+}
+
 /// Builds the workspace the way the test command does and runs `target/release/mint ARGS`
 /// in place of this process.
 ///
@@ -186,7 +206,7 @@ fn main() -> ExitCode {
     }
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
-        Some("daemon") => wasm_target().and_then(|_| run_mint(&daemon_args(&args[1..]))),
+        Some("daemon") => wasm_target().and_then(|_| dev_config(&daemon_args(&args[1..]))).and_then(|a| run_mint(&a)),
         Some("demo") => wasm_target().and_then(|_| run_mint(&[&["demo".to_string()], &args[1..]].concat())),
         Some("test") => test(),
         Some("bench") => wasm_target()

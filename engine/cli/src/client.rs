@@ -577,12 +577,12 @@ pub fn instances(conn: &Conn, tier: &str) -> Result<(), Failure> {
 }
 
 pub fn materialize(conn: &Conn, tier: &str, index: u32, into: &std::path::Path) -> Result<(), Failure> {
-    let into = std::path::absolute(into).map_err(|e| Failure::usage(anyhow!("--into {}: {e}", into.display())))?;
+    // A path below the daemon's materialize root, on the daemon's host: sent as given.
     let v = call(conn, "POST", &format!("/v1/tiers/{tier}/instances/{index}/materialize"), Some(json!({ "into": into })))?;
     print(conn, &v, |v| {
         println!(
             "{tier}/{index} materialized in {}: {} files by {}, {} bytes copied, {} edits",
-            into.display(),
+            s(&v["into"]),
             s(&v["files"]),
             s(&v["method"]),
             s(&v["bytes_copied"]),

@@ -87,11 +87,12 @@ enum Command {
 enum InstanceCommand {
     /// List a tier's instances with their identities and states.
     List { tier: String },
-    /// Build an instance's root filesystem in a new directory on the daemon's host.
+    /// Build an instance's root filesystem in a new directory on the daemon's host, below the
+    /// directory its configuration allows (`[materialize] root`).
     Materialize {
         tier: String,
         index: u32,
-        /// The directory to create.
+        /// The directory to create: a path below the daemon's materialize root.
         #[arg(long)]
         into: std::path::PathBuf,
     },

@@ -185,7 +185,7 @@ impl Failures {
     }
 
     /// Counts one failure from `ip`.
-    fn count(&self, ip: std::net::IpAddr) {
+    pub(crate) fn count(&self, ip: std::net::IpAddr) {
         let mut map = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         // A flood of addresses must not grow the map without bound: forget old windows.
         if map.len() > 10_000 {

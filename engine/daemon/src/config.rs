@@ -19,6 +19,9 @@
 //!
 //! [drivers]
 //! concurrency = 16
+//!
+//! [materialize]
+//! root = "/srv/mint/materialized"   # relative to this file; absent: materialize is off
 //! ```
 
 use mint_core::PluginPolicy;
@@ -37,6 +40,14 @@ struct Raw {
     credentials: RawCredentials,
     #[serde(default)]
     drivers: RawDrivers,
+    #[serde(default)]
+    materialize: RawMaterialize,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMaterialize {
+    root: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -77,6 +88,8 @@ pub struct Config {
     pub credentials: Credentials,
     /// Driver calls one pass makes at once.
     pub concurrency: usize,
+    /// The directory `materialize` writes below; none turns it off.
+    pub materialize_root: Option<PathBuf>,
 }
 
 impl Config {
@@ -123,7 +136,13 @@ impl Config {
         if concurrency == 0 || concurrency > MAX_CONCURRENCY {
             return Err(at(format!("drivers.concurrency: {concurrency} is outside 1..={MAX_CONCURRENCY}")));
         }
-        Ok(Config { plugins: PluginPolicy { trust, grants }, credentials, concurrency })
+        let materialize_root = match raw.materialize.root {
+            None => None,
+            Some(r) => {
+                Some(if r.is_relative() { path.parent().unwrap_or(Path::new(".")).join(r) } else { r })
+            }
+        };
+        Ok(Config { plugins: PluginPolicy { trust, grants }, credentials, concurrency, materialize_root })
     }
 }
 
@@ -161,6 +180,7 @@ pub(crate) fn reload_on_hangup(app: crate::Shared, path: PathBuf, mut stop: toki
             let _pass = app.reconciling.lock().await;
             match Config::read(&path) {
                 Ok(c) => {
+                    *app.materialize_root.write().unwrap_or_else(|p| p.into_inner()) = c.materialize_root.clone();
                     c.apply(&app.engine);
                     let _ = app.engine.store.note("configuration-reloaded", format!("configuration reloaded from {}", path.display()), serde_json::json!({}), mint_model::records::ENGINE);
                 }

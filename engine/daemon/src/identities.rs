@@ -8,7 +8,7 @@
 use crate::auth::{self, Caller};
 use crate::{ApiError, ApiResult, Shared, body, ok};
 use axum::Json;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::http::StatusCode;
 use mint_model::NodeState;
 use mint_model::records::{Enrollment, Node, Role, Token};
@@ -109,7 +109,12 @@ pub struct Registration {
 /// refreshed) and the answer carries its new credential, once; with the node's credential,
 /// a known node refreshes its facts. Nothing else registers a node: a known node's name
 /// without its credential is refused and the node stays as it was.
-pub async fn register(State(app): State<Shared>, Extension(caller): Extension<Caller>, r: JsonBody<Registration>) -> ApiResult {
+pub async fn register(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    r: JsonBody<Registration>,
+) -> ApiResult {
     let r = body(r)?;
     check_name("name", &r.name)?;
     if r.cpus == 0 || r.memory_mib == 0 {
@@ -124,7 +129,11 @@ pub async fn register(State(app): State<Shared>, Extension(caller): Extension<Ca
     let credential = match &caller {
         Caller::Joining { hash } => {
             let secret = auth::new_secret(auth::NODE_PREFIX).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-            let c = app.engine.store.join(&node, hash, auth::now_ms(), &auth::hash(&secret)).map_err(|e| ApiError(StatusCode::FORBIDDEN, e.to_string()))?;
+            let c = app.engine.store.join(&node, hash, auth::now_ms(), &auth::hash(&secret)).map_err(|e| {
+                // A wrong join token is a failed authentication, braked like any other.
+                app.failures.count(peer.ip());
+                ApiError(StatusCode::FORBIDDEN, e.to_string())
+            })?;
             // The agent keeps both: its own credential, and the one the engine will
             // present to its API (only a caller holding it may deploy there).
             Some((secret, app.engine.capabilities.agent_credential(&node.name, c.generation)))

@@ -10,6 +10,7 @@ mod artifacts;
 pub mod auth;
 mod autoscale;
 pub mod config;
+mod confine;
 mod identities;
 mod liveness;
 mod plugins;
@@ -53,6 +54,8 @@ struct App {
     data_dir: std::path::PathBuf,
     /// Failed authentications by address.
     failures: auth::Failures,
+    /// The one directory `materialize` may write below (none: it is off).
+    materialize_root: std::sync::RwLock<Option<std::path::PathBuf>>,
     /// Long operations (imports, tier creations, new masters) running at once: each reads
     /// or writes a whole image, so a flood of them would exhaust the disk's bandwidth.
     long_operations: Arc<tokio::sync::Semaphore>,
@@ -442,11 +445,17 @@ async fn materialize(
     req: Result<Json<MaterializeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let req = body(req)?;
-    let into = std::path::PathBuf::from(&req.into);
-    if !into.is_absolute() {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `into`: `{}` must be an absolute path on the daemon's host", req.into)));
-    }
-    ok(off_async_threads(|| app.engine.materialize(&name, index, &into))?)
+    let root = app.materialize_root.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(root) = root else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "materialize is off: the operator allows it below one directory, `[materialize] root = \"DIR\"` in the daemon's mint.toml".into(),
+        ));
+    };
+    let into = confine::new_dir_under(&root, &req.into).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let mut done = serde_json::to_value(off_async_threads(|| app.engine.materialize(&name, index, &into))?).unwrap_or_default();
+    done["into"] = json!(into);
+    ok(done)
 }
 
 #[derive(Deserialize)]
@@ -603,6 +612,10 @@ pub async fn serve(
         None => config::Config::default_for_daemon(),
     };
     let mut engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
+    let materialize_root = config.materialize_root.clone();
+    if let Some(root) = &materialize_root {
+        std::fs::create_dir_all(root).map_err(|e| format!("materialize.root: cannot create {}: {e}", root.display()))?;
+    }
     config.apply(&engine);
     engine.plugins.preload_bundled().map_err(|e| e.to_string())?;
     for problem in engine.plugins.preload_installed() {
@@ -623,6 +636,7 @@ pub async fn serve(
         image_files: tokio::sync::RwLock::new(()),
         data_dir: data_dir.to_path_buf(),
         failures: auth::Failures::new(max_auth_failures),
+        materialize_root: std::sync::RwLock::new(materialize_root),
         long_operations: Arc::new(tokio::sync::Semaphore::new(MAX_LONG_OPERATIONS)),
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
