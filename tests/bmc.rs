@@ -50,6 +50,11 @@ impl Emulator {
     /// `auth` (HTTP basic, checked against a bcrypt htpasswd file) when given. `tag`
     /// makes the systems' UUIDs unique across emulators.
     pub fn start(repo: &Path, dir: &Path, tag: u32, systems: usize, auth: Option<(&str, &str)>) -> Emulator {
+        Emulator::start_with(repo, dir, tag, systems, auth, None)
+    }
+
+    /// [`Emulator::start`], serving HTTPS with the PEM certificate and key `tls` when given.
+    pub fn start_with(repo: &Path, dir: &Path, tag: u32, systems: usize, auth: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Emulator {
         let venv = python_env(repo);
         std::fs::create_dir_all(dir).expect("emulator dir");
         let uuids: Vec<String> = (0..systems).map(|i| format!("5a17e000-{tag:04x}-4000-8000-{:012x}", i + 1)).collect();
@@ -76,6 +81,9 @@ impl Emulator {
             std::fs::write(&file, format!("{user}:{}", String::from_utf8_lossy(&hash.stdout).trim())).expect("htpasswd");
             conf.push_str(&format!("SUSHY_EMULATOR_AUTH_FILE = '{}'\n", file.display()));
         }
+        if let Some((cert, key)) = tls {
+            conf.push_str(&format!("SUSHY_EMULATOR_SSL_CERT = '{}'\nSUSHY_EMULATOR_SSL_KEY = '{}'\n", cert.display(), key.display()));
+        }
         let config = dir.join("emulator.conf");
         std::fs::write(&config, conf).expect("emulator config");
         let log = dir.join("emulator.log");
@@ -92,7 +100,7 @@ impl Emulator {
                 .expect("start sushy-emulator");
             let mut e = Emulator {
                 child,
-                base: format!("http://127.0.0.1:{port}"),
+                base: format!("{}://127.0.0.1:{port}", if tls.is_some() { "https" } else { "http" }),
                 systems: uuids.clone(),
                 auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
                 log: log.clone(),
@@ -125,7 +133,12 @@ impl Emulator {
 
     /// The emulator's own view of a resource (with its credentials), as JSON.
     pub fn get(&self, path: &str) -> Option<serde_json::Value> {
-        let mut req = ureq::get(&format!("{}{path}", self.base)).timeout(Duration::from_secs(5));
+        // The test's own look at the emulator checks no certificate: it is not what is tested.
+        let http = match self.base.starts_with("https://") {
+            true => ureq::AgentBuilder::new().tls_config(mint_tls::ClientTrust::new(&mint_tls::Trust::Insecure).unwrap().config()).build(),
+            false => ureq::AgentBuilder::new().build(),
+        };
+        let mut req = http.get(&format!("{}{path}", self.base)).timeout(Duration::from_secs(5));
         if let Some((u, p)) = &self.auth {
             use base64::Engine as _;
             req = req.set("Authorization", &format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));

@@ -38,6 +38,7 @@ const CLAIMS: &[(&str, &str, &str, &str)] = &[
     ("README.md", "sh", "cargo xtask daemon", "readme_main_command_and_quickstart"),
     ("README.md", "sh", "mint=target/release/mint", "readme_main_command_and_quickstart"),
     ("README.md", "toml", "[autoscale]", "configuration_blocks_parse"),
+    ("README.md", "toml", "[[endpoint]]", "configuration_blocks_parse"),
     ("README.md", "sh", "$mint token create", "readme_identity_commands"),
     ("README.md", "toml", "name = \"my-policy\"", "plugin_authors_build_pack_sign_and_install_as_documented"),
     ("README.md", "sh", "$mint plugin install acme-redfish", "plugin_authors_build_pack_sign_and_install_as_documented"),
@@ -293,6 +294,11 @@ fn configuration_blocks_parse() {
     let spec: mint_core::TierSpec = toml::from_str(&text).unwrap_or_else(|e| panic!("README.md:{}: {e}", rule.line));
     let tier = spec.to_tier().unwrap_or_else(|e| panic!("README.md:{}: {e}", rule.line));
     assert_eq!(tier.autoscale.map(|a| a.max), Some(Some(6)));
+    // README's BMC trust entries: a configuration the daemon accepts.
+    let endpoints = block("README.md", "toml", "[[endpoint]]", "configuration_blocks_parse");
+    let config = mint_daemon::config::Config::parse(Path::new("/etc/mint/mint.toml"), &endpoints.text)
+        .unwrap_or_else(|e| panic!("README.md:{}: {e}", endpoints.line));
+    assert_eq!(config.endpoint_tls.summary().len(), 3, "README.md:{}", endpoints.line);
 }
 
 /// Runs a shell block one line at a time (each as written, in its own `bash`), feeding

@@ -18,3 +18,4 @@ mod running;
 mod store;
 mod support;
 mod testbed;
+mod tls;

@@ -41,7 +41,8 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
     // The agents register their nodes themselves.
     wait_for_nodes(&bed, 6);
     let node = &bed.mint(&["node", "list"])[0];
-    assert!(node["properties"]["agent-url"].as_str().unwrap().starts_with("http://198.18.1."), "{node}");
+    assert!(node["properties"]["agent-url"].as_str().unwrap().starts_with("https://198.18.1."), "{node}");
+    assert!(node["properties"]["agent-pin"].as_str().unwrap().starts_with("sha256:"), "{node}");
 
     bed.mint(&["tier", "scale", "web", "3"]);
     let inst = bed.wait_for("three running instances", Duration::from_secs(60), || {
@@ -71,7 +72,7 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
     });
     let answer = bed.wait_for("the instance to answer again", Duration::from_secs(10), || get(&format!("http://{address}/")));
     assert_eq!(answer, format!("{} {address}\n", sick["hostname"].as_str().unwrap()));
-    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).env("MINT_TOKEN_FILE", bed.token_file()).output().unwrap();
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).envs(bed.cli_env()).output().unwrap();
     assert!(String::from_utf8_lossy(&events.stdout).contains("health check"), "the event says why");
     let inst = bed.mint(&["instance", "list", "web"]);
 
@@ -79,7 +80,7 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
     bed.mint(&["tier", "scale", "web", "2"]);
     let gone = inst.as_array().unwrap().iter().filter(|i| i["state"] == "deployed").map(|i| i["address"].as_str().unwrap().to_string()).max_by_key(|a| a.rsplit('.').next().unwrap().parse::<u32>().unwrap()).unwrap();
     bed.wait_for("the removed instance to stop answering", Duration::from_secs(10), || get(&format!("http://{gone}/")).is_none().then_some(()));
-    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).env("MINT_TOKEN_FILE", bed.token_file()).output().unwrap();
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).envs(bed.cli_env()).output().unwrap();
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("deployed") && events.contains("released"), "{events}");
 }
@@ -119,7 +120,7 @@ fn a_failed_nodes_instance_comes_back_elsewhere_with_its_address_and_the_old_nod
     let nodes = bed.mint(&["node", "list"]);
     let old = nodes.as_array().unwrap().iter().find(|n| n["name"] == old_node.as_str()).unwrap();
     assert_eq!(old["state"], "failed");
-    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events"]).env("MINT_SERVER", &bed.url).env("MINT_TOKEN_FILE", bed.token_file()).output().unwrap();
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events"]).envs(bed.cli_env()).output().unwrap();
     assert!(String::from_utf8_lossy(&events.stdout).contains("no heartbeat from its agent"), "the event says why");
 
     // The old node comes back with its agent, which still runs web-000: it is fenced, and
@@ -288,7 +289,7 @@ fn unreachable_garbled_and_never_ready_agents_end_in_clear_states() {
 
 /// Between the agents and the daemon, a stand-in for a tampering proxy: it passes every GET
 /// through but announces a wrong digest for every artifact part.
-fn tampering_proxy(upstream: std::sync::Arc<std::sync::Mutex<String>>) -> u16 {
+fn tampering_proxy(upstream: std::sync::Arc<std::sync::Mutex<Option<(String, ureq::Agent)>>>) -> u16 {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -317,8 +318,8 @@ fn tampering_proxy(upstream: std::sync::Arc<std::sync::Mutex<String>>) -> u16 {
                     auth = v.trim().to_string();
                 }
             }
-            let base = upstream.lock().unwrap().clone();
-            let body: Vec<u8> = match ureq::get(&format!("{base}{path}")).set("Authorization", &auth).call() {
+            let Some((base, http)) = upstream.lock().unwrap().clone() else { continue };
+            let body: Vec<u8> = match http.get(&format!("{base}{path}")).set("Authorization", &auth).call() {
                 Ok(r) => {
                     let mut bytes = Vec::new();
                     let _ = std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes);
@@ -348,16 +349,16 @@ fn tampering_proxy(upstream: std::sync::Arc<std::sync::Mutex<String>>) -> u16 {
 /// log, and the instance keeps its identity in the pool.
 #[test]
 fn an_artifact_with_a_wrong_digest_is_refused_and_nothing_comes_up() {
-    let upstream = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let upstream = std::sync::Arc::new(std::sync::Mutex::new(None));
     let port = tampering_proxy(upstream.clone());
     let advertise = format!("http://198.18.0.1:{port}");
     let bed = bed("nodes-digest", 1, &["--advertise-url", &advertise]);
-    *upstream.lock().unwrap() = bed.url.clone();
+    *upstream.lock().unwrap() = Some((bed.url.clone(), bed.http()));
     web_tier(&bed, 2, serde_json::json!({"hostname": "web-{index}"}));
     wait_for_nodes(&bed, 1);
     bed.mint(&["tier", "scale", "web", "1"]);
     bed.wait_for("the node to be failed", Duration::from_secs(30), || (bed.mint(&["node", "list"])[0]["state"] == "failed").then_some(()));
-    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).env("MINT_SERVER", &bed.url).env("MINT_TOKEN_FILE", bed.token_file()).output().unwrap();
+    let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).envs(bed.cli_env()).output().unwrap();
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("not the sha256:0000") && events.contains("refusing it"), "{events}");
     let inst = bed.mint(&["instance", "list", "web"]);
@@ -386,15 +387,19 @@ fn a_daemon_crashing_mid_deploy_resumes_and_deploys_nothing_twice() {
     // engine placed: nothing was deployed twice.
     let mut running = Vec::new();
     for i in 0..4 {
-        let agent = format!("http://198.18.1.{}:7601", 10 + i);
+        let agent = format!("https://198.18.1.{}:7601", 10 + i);
+        let http = bed.agent_http(i);
+        // An agent serves TLS only, under the key it reported at registration.
+        assert!(ureq::get(&format!("http://198.18.1.{}:7601/v1/status", 10 + i)).call().is_err());
+        assert!(bed.http().get(&format!("{agent}/v1/status")).call().is_err(), "the agent's certificate is not the daemon's");
         // Only the engine, with its credential for the node, reaches an agent's API.
-        assert!(matches!(ureq::get(&format!("{agent}/v1/status")).call(), Err(ureq::Error::Status(401, _))));
-        let forged = ureq::post(&format!("{agent}/v1/deploy")).set("Authorization", "Bearer mint_ea_0000").send_json(serde_json::json!({
+        assert!(matches!(http.get(&format!("{agent}/v1/status")).call(), Err(ureq::Error::Status(401, _))));
+        let forged = http.post(&format!("{agent}/v1/deploy")).set("Authorization", "Bearer mint_ea_0000").send_json(serde_json::json!({
             "tier": "web", "index": 7, "hostname": "intruder", "artifact-url": format!("{}/v1/artifacts/web/7", bed.url), "version": "x"
         }));
         assert!(matches!(forged, Err(ureq::Error::Status(401, _))), "a deploy without the engine's credential");
         let status: serde_json::Value =
-            ureq::get(&format!("{agent}/v1/status")).set("Authorization", &format!("Bearer {}", bed.engine_credential(i))).call().unwrap().into_json().unwrap();
+            http.get(&format!("{agent}/v1/status")).set("Authorization", &format!("Bearer {}", bed.engine_credential(i))).call().unwrap().into_json().unwrap();
         if status["state"] == "running" {
             running.push((format!("node-{i}"), status["index"].as_u64().unwrap()));
         }

@@ -214,3 +214,51 @@ fn bmc_failures_are_clear_and_leave_the_pool_as_it_was() {
     assert_eq!(good.system(0)["PowerState"], "On");
     assert!(!d.log.lock().unwrap().contains(PASSWORD), "the reload logs no password");
 }
+
+/// A BMC serving HTTPS with a self-signed certificate, as real ones do: under the default
+/// trust (the system's roots) the deploy is refused with a message that names the fix and
+/// the key the BMC presented; with the certificate as a CA, or its key pinned, the same
+/// emulator deploys; `insecure` deploys too, and says so in the log on every use.
+#[test]
+fn a_self_signed_bmc_is_trusted_only_as_the_operator_configures() {
+    let dir = scratch("redfish-tls");
+    let cert = mint_tls::ServerCert::load(mint_tls::ServerSource::SelfSigned { dir: dir.join("bmc-tls"), names: vec![] }).unwrap();
+    let (pem, key) = (dir.join("bmc-tls/cert.pem"), dir.join("bmc-tls/key.pem"));
+    let bmc = Emulator::start_with(&root(), &dir.join("bmc"), 3, 4, Some(("admin", PASSWORD)), Some((&pem, &key)));
+    assert!(bmc.base.starts_with("https://"));
+    std::fs::write(dir.join("bmc-credentials.toml"), format!("[[credential]]\nendpoint = \"{}\"\nusername = \"admin\"\npassword = \"{PASSWORD}\"\n", bmc.base)).unwrap();
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let config = format!(
+        "[credentials]\nfile = \"bmc-credentials.toml\"\n\
+         [[endpoint]]\nnode = \"ca\"\ntls = {{ ca = \"bmc-tls/cert.pem\" }}\n\
+         [[endpoint]]\nnode = \"pin\"\ntls = {{ pin = \"{}\" }}\n\
+         [[endpoint]]\nnode = \"lab\"\ntls = \"insecure\"\n\
+         [[endpoint]]\nnode = \"wrong-pin\"\ntls = {{ pin = \"{wrong}\" }}\n",
+        cert.pin()
+    );
+    std::fs::write(dir.join("mint.toml"), config).unwrap();
+    let d = Daemon::start(&dir.join("data"), &["--config", dir.join("mint.toml").to_str().unwrap()], &root());
+    for (i, case) in ["system", "ca", "pin", "lab", "wrong-pin"].into_iter().enumerate() {
+        add_node(&d, case, &bmc.system_url(i % 4), case);
+        disk_tier(&d, &dir, case, 1, &format!("198.18.{}.0/24", 20 + i), json!({"poll-ms": 100}), json!({"case": case}), None);
+    }
+    for case in ["system", "wrong-pin"] {
+        let o = d.run(&["tier", "scale", case, "1"]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "{case}: {err}");
+        // What was refused, under which trust, the key presented, and the lines that fix it.
+        assert!(err.contains("TLS refused") && err.contains(&bmc.base) && err.contains(&cert.pin().to_string()), "{case}: {err}");
+        assert!(err.contains("[[endpoint]]") && err.contains("tls = { pin = ") && err.contains("ca = "), "{case}: {err}");
+        assert!(!err.contains(PASSWORD));
+        if case == "wrong-pin" {
+            assert!(err.contains(&wrong), "the pin that did not match is named: {err}");
+        }
+    }
+    for case in ["ca", "pin", "lab"] {
+        d.mint(&["tier", "scale", case, "1"]);
+        d.wait_for(&format!("`{case}` deployed"), Duration::from_secs(60), || d.instances(case).iter().any(|i| i["state"] == "deployed").then_some(()));
+    }
+    let log = d.log.lock().unwrap().clone();
+    assert!(log.contains("NOT verified") && log.contains("insecure"), "every insecure use is logged: {log}");
+    assert!(!log.contains(PASSWORD));
+}

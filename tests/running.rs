@@ -55,6 +55,8 @@ pub struct Daemon {
     pub log: Arc<Mutex<String>>,
     /// Where `mint` commands run (relative paths in them are from here).
     pub cwd: PathBuf,
+    /// Its data directory.
+    pub data: PathBuf,
 }
 
 impl Drop for Daemon {
@@ -69,7 +71,7 @@ impl Daemon {
     /// `debug`, so tests can check what it never says.
     pub fn start(data: &Path, extra: &[&str], cwd: &Path) -> Daemon {
         let (child, url, log) = spawn_daemon(data, extra, "debug");
-        Daemon { child, url, log, cwd: cwd.to_path_buf() }
+        Daemon { child, url, log, cwd: cwd.to_path_buf(), data: data.to_path_buf() }
     }
 
     /// The daemon's process ID (to signal it).
@@ -79,7 +81,20 @@ impl Daemon {
 
     /// Runs `mint --json ARGS` against the daemon.
     pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_mint")).arg("--json").args(args).env("MINT_SERVER", &self.url).current_dir(&self.cwd).output().expect("run mint")
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mint"));
+        c.arg("--json").args(args).env("MINT_SERVER", &self.url).current_dir(&self.cwd);
+        if let Some(pin) = self.pin() {
+            c.env("MINT_PIN", pin);
+        }
+        c.output().expect("run mint")
+    }
+
+    /// The pin of the certificate the daemon serves, when it serves TLS.
+    pub fn pin(&self) -> Option<String> {
+        if !self.url.starts_with("https://") {
+            return None;
+        }
+        std::fs::read_to_string(self.data.join("server.pin")).ok().map(|p| p.trim().to_string())
     }
 
     /// Runs a command that must succeed and parses its JSON output.

@@ -124,7 +124,7 @@ impl TestBed {
             let _ = d.kill();
             let _ = d.wait();
         }
-        let listen = self.url.trim_start_matches("http://").to_string();
+        let listen = self.url.trim_start_matches("https://").to_string();
         self.start_daemon_on(&listen, extra);
     }
 
@@ -135,7 +135,7 @@ impl TestBed {
     fn start_daemon_on(&mut self, listen: &str, extra: &[&str]) {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
-            .args(["daemon", "--listen", listen, "--data-dir"])
+            .args(["daemon", "--listen", listen, "--tls-self-signed", "--data-dir"])
             .arg(self.dir.join("data"))
             .args(extra)
             .stderr(Stdio::piped())
@@ -158,6 +158,32 @@ impl TestBed {
         self.url = rx.recv_timeout(Duration::from_secs(60)).expect("the daemon says where it serves");
     }
 
+    /// The pin of the daemon's certificate, as it wrote it beside its admin token.
+    pub fn pin(&self) -> String {
+        std::fs::read_to_string(self.dir.join("data/server.pin")).expect("the daemon's pin").trim().to_string()
+    }
+
+    /// The environment that points the `mint` CLI at the bed's daemon, as its admin.
+    pub fn cli_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("MINT_SERVER", self.url.clone()),
+            ("MINT_PIN", self.pin()),
+            ("MINT_TOKEN_FILE", self.token_file().display().to_string()),
+        ]
+    }
+
+    /// An HTTP client trusting exactly the daemon's certificate.
+    pub fn http(&self) -> ureq::Agent {
+        pinned(&self.pin())
+    }
+
+    /// An HTTP client trusting exactly node `i`'s agent's certificate.
+    pub fn agent_http(&self, i: usize) -> ureq::Agent {
+        let pem = std::fs::read(self.dir.join(format!("node-{i}/tls/cert.pem"))).expect("the agent's certificate");
+        let der = pem_to_der(&pem);
+        pinned(&mint_tls::Pin::of_certificate(&der).unwrap().to_string())
+    }
+
     /// The admin token file of the bed's daemon.
     pub fn token_file(&self) -> PathBuf {
         self.dir.join("data/admin.token")
@@ -170,8 +196,7 @@ impl TestBed {
             let o = Command::new(env!("CARGO_BIN_EXE_mint"))
                 .args(["node", "enroll", &format!("node-{i}"), "--output"])
                 .arg(&file)
-                .env("MINT_SERVER", &self.url)
-                .env("MINT_TOKEN_FILE", self.token_file())
+                .envs(self.cli_env())
                 .output()
                 .unwrap();
             assert!(o.status.success(), "mint node enroll: {}", String::from_utf8_lossy(&o.stderr));
@@ -187,7 +212,7 @@ impl TestBed {
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "unshare", "--uts"])
             .arg(env!("CARGO_BIN_EXE_mint-agent"))
-            .args(["run", "--engine", &self.url, "--name", &format!("node-{i}"), "--listen", &format!("198.18.1.{}:7601", 10 + i)])
+            .args(["run", "--engine", &self.url, "--pin", &self.pin(), "--name", &format!("node-{i}"), "--listen", &format!("198.18.1.{}:7601", 10 + i)])
             .arg("--root")
             .arg(&node_dir)
             .args(["--interface", "eth0", "--cpus", "4", "--memory-mib", "4096", "--heartbeat-ms", "300", "--set-hostname"])
@@ -227,8 +252,7 @@ impl TestBed {
         let o = Command::new(env!("CARGO_BIN_EXE_mint"))
             .args(args)
             .arg("--json")
-            .env("MINT_SERVER", &self.url)
-            .env("MINT_TOKEN_FILE", self.token_file())
+            .envs(self.cli_env())
             .current_dir(&self.repo)
             .output()
             .unwrap();
@@ -247,6 +271,20 @@ impl TestBed {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// An HTTP client that trusts exactly the certificate key with `pin`.
+pub fn pinned(pin: &str) -> ureq::Agent {
+    let trust = mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(pin.parse().expect("a pin"))).unwrap();
+    ureq::AgentBuilder::new().tls_config(trust.config()).build()
+}
+
+/// The first certificate of a PEM file, as DER.
+pub fn pem_to_der(pem: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let text = String::from_utf8_lossy(pem);
+    let body: String = text.lines().skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE")).skip(1).take_while(|l| !l.starts_with("-----END")).collect();
+    base64::engine::general_purpose::STANDARD.decode(body).expect("PEM")
 }
 
 /// The test master: a root with the `hello` service, which answers with the identity.

@@ -231,7 +231,7 @@ const FETCH_PATIENCE: Duration = Duration::from_secs(60);
 fn fetch(agent: &Agent, http: &ureq::Agent, url: &str) -> Result<ureq::Response, ureq::Error> {
     let deadline = std::time::Instant::now() + FETCH_PATIENCE;
     loop {
-        let result = agent.authorized(http.get(url)).call();
+        let result = agent.authorized(http.get(url)).timeout(Duration::from_secs(60)).call();
         let retry = match &result {
             Ok(_) => false,
             Err(ureq::Error::Transport(_)) => true,
@@ -247,7 +247,7 @@ fn fetch(agent: &Agent, http: &ureq::Agent, url: &str) -> Result<ureq::Response,
 /// Fetches, checks, unpacks, configures and starts; returns the address brought up and
 /// the service started.
 fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<((String, u8), Option<Child>), String> {
-    let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
+    let http = agent.http.clone();
     let desc: Descriptor = fetch(agent, &http, &req.artifact_url)
         .map_err(|e| format!("fetching the artifact descriptor {}: {e}", req.artifact_url))?
         .into_json()

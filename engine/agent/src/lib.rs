@@ -88,11 +88,32 @@ pub struct RunArgs {
     /// A file holding the join token.
     #[arg(long)]
     join_token_file: Option<PathBuf>,
+    /// Trust the engine's certificate when it chains to the CA certificates in this PEM
+    /// file (for an https:// --engine).
+    #[arg(long, conflicts_with = "pin")]
+    ca: Option<PathBuf>,
+    /// Trust exactly the engine certificate whose key has this pin (`sha256:...`, as
+    /// `mint daemon` prints). Without --ca or --pin, an https:// engine must have a
+    /// certificate the system trusts; the agent never trusts one on first use.
+    #[arg(long)]
+    pin: Option<String>,
+    /// The certificate chain (PEM) the agent serves its API with. Without it (and
+    /// --tls-key), the agent makes a self-signed one in ROOT/tls at first start; either way
+    /// it tells the engine the key's pin when it registers.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// The agent's state, shared by the API and the deploy worker.
 pub struct Agent {
     args: RunArgs,
+    /// The HTTP client for the engine, trusting what --ca or --pin say.
+    pub(crate) http: ureq::Agent,
+    /// The pin of the certificate the agent's API serves.
+    pin: mint_tls::Pin,
     slot: Mutex<Slot>,
     /// The node's credentials, once it has joined (kept in ROOT/credential, mode 0600).
     credential: Mutex<Option<Credentials>>,
@@ -195,7 +216,7 @@ fn register(agent: &Agent, agent_url: &str) -> anyhow::Result<()> {
     let labels: BTreeMap<String, String> = args.labels.iter().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
     let body = json!({
         "name": args.name, "cpus": args.cpus.unwrap_or_else(machine_cpus), "memory-mib": args.memory_mib.unwrap_or_else(machine_memory_mib),
-        "arch": std::env::consts::ARCH, "labels": labels, "agent-url": agent_url, "macs": macs(),
+        "arch": std::env::consts::ARCH, "labels": labels, "agent-url": agent_url, "agent-pin": agent.pin.to_string(), "macs": macs(),
     });
     let url = format!("{}/v1/agents/register", args.engine.trim_end_matches('/'));
     // The node's own credential once it has one; the join token only to get it.
@@ -204,7 +225,7 @@ fn register(agent: &Agent, agent_url: &str) -> anyhow::Result<()> {
         (None, Some(j)) => j,
         (None, None) => anyhow::bail!("no credential for node `{}`: give --join-token-file FILE with the token `mint node enroll {}` prints", args.name, args.name),
     };
-    let answer = ureq::post(&url).timeout(Duration::from_secs(10)).set("Authorization", &format!("Bearer {bearer}")).send_json(body);
+    let answer = agent.http.post(&url).timeout(Duration::from_secs(10)).set("Authorization", &format!("Bearer {bearer}")).send_json(body);
     let v: serde_json::Value = match answer {
         Ok(r) => r.into_json().with_context(|| format!("registering with {}: the answer is not JSON", args.engine))?,
         Err(ureq::Error::Status(code, r)) => {
@@ -246,7 +267,7 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
         } else {
             let url = format!("{}/v1/nodes/{}/heartbeat", args.engine.trim_end_matches('/'), args.name);
             let instance = instance::current(&agent).map(|(tier, index)| json!({ "tier": tier, "index": index }));
-            match agent.authorized(ureq::post(&url)).timeout(Duration::from_secs(5)).send_json(json!({ "load": load(args), "instance": instance })) {
+            match agent.authorized(agent.http.post(&url)).timeout(Duration::from_secs(5)).send_json(json!({ "load": load(args), "instance": instance })) {
                 Ok(resp) => {
                     let v: serde_json::Value = resp.into_json().unwrap_or_default();
                     if v["fence"] == true {
@@ -308,14 +329,21 @@ async fn undeploy(State(agent): State<Arc<Agent>>) -> Response {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.root).with_context(|| format!("creating {}", args.root.display()))?;
+    let http = engine_client(&args)?;
+    let source = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => mint_tls::ServerSource::Files { cert: cert.clone(), key: key.clone() },
+        _ => mint_tls::ServerSource::SelfSigned { dir: args.root.join("tls"), names: vec![args.listen.ip().to_string()] },
+    };
+    let cert = mint_tls::ServerCert::load(source).context("the agent's certificate")?;
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let agent_url = args.advertise.clone().unwrap_or_else(|| format!("http://{}", args.listen));
+    let listener = mint_tls::Incoming::tls(listener, cert.acceptor()).with_context(|| format!("listening on {}", args.listen))?;
+    let agent_url = args.advertise.clone().unwrap_or_else(|| format!("https://{}", args.listen));
     let credential: Option<Credentials> = std::fs::read(credential_path(&args)).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let agent = Arc::new(Agent { args: args.clone(), slot: Mutex::new(Slot::default()), credential: Mutex::new(credential) });
+    let agent = Arc::new(Agent { args: args.clone(), http, pin: cert.pin(), slot: Mutex::new(Slot::default()), credential: Mutex::new(credential) });
     instance::restore(&agent);
     let (hb_agent, hb_url) = (agent.clone(), agent_url.clone());
     std::thread::spawn(move || heartbeat_loop(hb_agent, hb_url));
-    eprintln!("mint-agent {}: serving {agent_url}, engine {}", args.name, args.engine);
+    eprintln!("mint-agent {}: serving {agent_url} (certificate key {}), engine {}", args.name, cert.pin(), args.engine);
     let app = Router::new()
         .route("/v1/deploy", post(deploy))
         .route("/v1/status", get(status))
@@ -334,6 +362,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // from what it saved, and the engine fences it if the node was declared failed meanwhile.
     drop(agent);
     Ok(())
+}
+
+/// The client for the engine: trusting --ca or --pin, else the system's roots.
+fn engine_client(args: &RunArgs) -> anyhow::Result<ureq::Agent> {
+    let trust = match (&args.ca, &args.pin) {
+        (Some(ca), _) => mint_tls::Trust::Ca(ca.clone()),
+        (None, Some(pin)) => mint_tls::Trust::Pin(pin.parse().context("--pin")?),
+        (None, None) if args.engine.starts_with("https://") => mint_tls::Trust::System,
+        (None, None) => return Ok(ureq::AgentBuilder::new().build()),
+    };
+    let trust = mint_tls::ClientTrust::new(&trust).context("--ca/--pin")?;
+    Ok(ureq::AgentBuilder::new().tls_config(trust.config()).build())
 }
 
 /// The `mint-agent` command line.

@@ -29,9 +29,21 @@ pub struct Conn {
     /// read it.
     #[arg(long, global = true, env = "MINT_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Trust the daemon's certificate when it chains to the CA certificates in this PEM
+    /// file (for an https:// --server).
+    #[arg(long, global = true, env = "MINT_CA", conflicts_with = "pin")]
+    ca: Option<PathBuf>,
+    /// Trust exactly the daemon certificate whose key has this pin (`sha256:...`, as
+    /// `mint daemon` prints and writes to DATA_DIR/server.pin). Without --ca or --pin, an
+    /// https:// daemon must have a certificate the system trusts.
+    #[arg(long, global = true, env = "MINT_PIN")]
+    pin: Option<String>,
     /// The token, once found.
     #[arg(skip)]
     token: std::sync::Arc<std::sync::OnceLock<Option<String>>>,
+    /// The HTTP client, once made.
+    #[arg(skip)]
+    agent: std::sync::Arc<std::sync::OnceLock<Result<ureq::Agent, String>>>,
 }
 
 /// When to draw progress bars.
@@ -73,13 +85,29 @@ impl Conn {
         if !local {
             return None;
         }
-        let v: Value = ureq::get(&url(self, "/v1/health")).timeout(std::time::Duration::from_secs(10)).call().ok()?.into_json().ok()?;
+        let v: Value = self.agent().ok()?.get(&url(self, "/v1/health")).timeout(std::time::Duration::from_secs(10)).call().ok()?.into_json().ok()?;
         v["token-file"].as_str().map(PathBuf::from)
+    }
+
+    /// The HTTP client, trusting what `--ca` or `--pin` say (the system's roots without).
+    pub(crate) fn agent(&self) -> Result<ureq::Agent, Failure> {
+        let made = self.agent.get_or_init(|| {
+            let trust = match (&self.ca, &self.pin) {
+                (Some(ca), _) => mint_tls::Trust::Ca(ca.clone()),
+                (None, Some(pin)) => mint_tls::Trust::Pin(pin.parse().map_err(|e| format!("--pin: {e}"))?),
+                (None, None) if self.server.starts_with("https://") => mint_tls::Trust::System,
+                // Plain HTTP needs no trust anchors; reading the system's would be wasted.
+                (None, None) => return Ok(ureq::AgentBuilder::new().build()),
+            };
+            let trust = mint_tls::ClientTrust::new(&trust).map_err(|e| format!("--ca/--pin: {e}"))?;
+            Ok(ureq::AgentBuilder::new().tls_config(trust.config()).build())
+        });
+        made.clone().map_err(|e| Failure::usage(anyhow!(e)))
     }
 
     /// A request with the token, if any.
     fn request(&self, method: &str, path: &str) -> Result<ureq::Request, Failure> {
-        let mut r = ureq::request(method, &url(self, path));
+        let mut r = self.agent()?.request(method, &url(self, path));
         if let Some(t) = self.token()? {
             r = r.set("Authorization", &format!("Bearer {t}"));
         }
@@ -346,7 +374,22 @@ fn call_with_progress(conn: &Conn, path: &str, body: Value) -> Result<Value, Fai
 }
 
 fn call_failure<T>(conn: &Conn, e: ureq::Error) -> Result<T, Failure> {
-    Err(Failure { code: 4, error: anyhow!("cannot reach the mint daemon at {}: {e}; start it with `mint daemon` or set --server", conn.server) })
+    // ureq's own text leaves out the cause (a certificate refused, and why).
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(&format!(": {more}"));
+        }
+        source = s.source();
+    }
+    let hint = if text.to_ascii_lowercase().contains("certificate") {
+        "; trust the daemon's certificate with --pin sha256:... (the daemon prints it and keeps it in DATA_DIR/server.pin) or --ca FILE"
+    } else {
+        "; start it with `mint daemon` or set --server"
+    };
+    Err(Failure { code: 4, error: anyhow!("cannot reach the mint daemon at {}: {text}{hint}", conn.server) })
 }
 
 /// A one-line progress bar on stderr, redrawn in place.

@@ -20,6 +20,32 @@ struct Cli {
     command: Command,
 }
 
+/// How the daemon serves TLS. Plain HTTP is for loopback only.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// The certificate chain (PEM, end entity first) to serve TLS with; reread on SIGHUP.
+    #[arg(long, requires = "tls_key", conflicts_with = "tls_self_signed")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM); reread on SIGHUP.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Serve TLS with a self-signed certificate, made at first start and kept in
+    /// DATA_DIR/tls; its key's pin is printed and written to DATA_DIR/server.pin for agents'
+    /// and the CLI's `--pin`.
+    #[arg(long)]
+    tls_self_signed: bool,
+}
+
+impl TlsArgs {
+    fn source(self, data_dir: &std::path::Path) -> Option<mint_tls::ServerSource> {
+        match (self.tls_cert, self.tls_key, self.tls_self_signed) {
+            (Some(cert), Some(key), _) => Some(mint_tls::ServerSource::Files { cert, key }),
+            (_, _, true) => Some(mint_tls::ServerSource::SelfSigned { dir: data_dir.join("tls"), names: Vec::new() }),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Work with plugins: run one call, inspect, list the bundled ones.
@@ -49,6 +75,8 @@ enum Command {
         /// request from it is answered 429 until the minute ends.
         #[arg(long, default_value_t = mint_daemon::auth::MAX_FAILURES)]
         max_auth_failures: u32,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Master images.
     #[command(subcommand)]
@@ -131,8 +159,11 @@ async fn daemon(data_dir: std::path::PathBuf, options: mint_daemon::Options) -> 
         eprintln!("mint daemon: shutting down");
     };
     let dir = data_dir.clone();
-    mint_daemon::serve(&data_dir, options, shutdown, move |addr| {
-        eprintln!("mint daemon: serving http://{addr} with state in {}", dir.display());
+    mint_daemon::serve(&data_dir, options, shutdown, move |ready| {
+        eprintln!("mint daemon: serving {} with state in {}", ready.url, dir.display());
+        if let Some(pin) = ready.pin {
+            eprintln!("mint daemon: certificate key {pin} (clients: --pin {pin}; also in {})", dir.join(mint_daemon::PIN_FILE).display());
+        }
     })
     .await
     .map_err(|e| Failure::usage(anyhow::anyhow!(e)))
@@ -155,10 +186,20 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Plugin(cmd) => plugin_cmd::run(cmd, &cli.conn).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Daemon { data_dir, listen, advertise_url, node_timeout_secs, config, max_auth_failures } => {
+            Command::Daemon { data_dir, listen, advertise_url, node_timeout_secs, config, max_auth_failures, tls } => {
                 match std::time::Duration::try_from_secs_f64(node_timeout_secs) {
                     Ok(t) if t >= std::time::Duration::from_millis(100) => {
-                        daemon(data_dir, mint_daemon::Options { listen, advertise: advertise_url, node_timeout: t, config, max_auth_failures }).await
+                        let tls = tls.source(&data_dir);
+                        let options = mint_daemon::Options {
+                            listen,
+                            advertise: advertise_url,
+                            node_timeout: t,
+                            config,
+                            max_auth_failures,
+                            tls,
+                            unauthenticated: false,
+                        };
+                        daemon(data_dir, options).await
                     }
                     _ => Err(Failure::usage(anyhow::anyhow!("--node-timeout-secs: {node_timeout_secs} must be at least 0.1"))),
                 }

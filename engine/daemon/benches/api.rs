@@ -23,7 +23,7 @@ fn main() {
     let data = dir.join("data");
     let server = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-        rt.block_on(mint_daemon::serve(&data, mint_daemon::Options::new("127.0.0.1:0".parse().unwrap()), async { stop_rx.await.ok(); }, move |a| addr_tx.send(a).unwrap()))
+        rt.block_on(mint_daemon::serve(&data, mint_daemon::Options::new("127.0.0.1:0".parse().unwrap()), async { stop_rx.await.ok(); }, move |r| addr_tx.send(r.addr).unwrap()))
             .unwrap();
     });
     let base = format!("http://{}", addr_rx.recv_timeout(Duration::from_secs(120)).expect("the daemon starts"));

@@ -22,6 +22,10 @@
 //!
 //! [materialize]
 //! root = "/srv/mint/materialized"   # relative to this file; absent: materialize is off
+//!
+//! [[endpoint]]                      # how BMCs' certificates are trusted
+//! endpoint = "https://10.1.0.17"    # or node = "rack1-n03"; neither: every endpoint
+//! tls = { pin = "sha256:..." }      # or { ca = "bmc-ca.pem" }, "system" (the default), "insecure"
 //! ```
 
 use mint_core::PluginPolicy;
@@ -42,6 +46,34 @@ struct Raw {
     drivers: RawDrivers,
     #[serde(default)]
     materialize: RawMaterialize,
+    #[serde(default)]
+    endpoint: Vec<RawEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    node: Option<String>,
+    endpoint: Option<String>,
+    tls: toml::Value,
+}
+
+/// Reads an `[[endpoint]]` entry's `tls`; `base` places a relative CA file.
+fn endpoint_trust(at: &str, value: &toml::Value, base: &Path) -> Result<mint_tls::Trust, String> {
+    let fix = "write `tls = \"system\"`, `tls = \"insecure\"`, `tls = { ca = \"FILE\" }` or `tls = { pin = \"sha256:...\" }`";
+    match value {
+        toml::Value::String(s) if s == "system" => Ok(mint_tls::Trust::System),
+        toml::Value::String(s) if s == "insecure" => Ok(mint_tls::Trust::Insecure),
+        toml::Value::Table(t) if t.len() == 1 => match t.iter().next() {
+            Some((k, toml::Value::String(v))) if k == "ca" => {
+                let f = PathBuf::from(v);
+                Ok(mint_tls::Trust::Ca(if f.is_relative() { base.join(f) } else { f }))
+            }
+            Some((k, toml::Value::String(v))) if k == "pin" => v.parse().map(mint_tls::Trust::Pin).map_err(|e| format!("{at}: field `tls.pin`: {e}")),
+            _ => Err(format!("{at}: field `tls`: {fix}")),
+        },
+        _ => Err(format!("{at}: field `tls`: {fix}")),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -90,6 +122,8 @@ pub struct Config {
     pub concurrency: usize,
     /// The directory `materialize` writes below; none turns it off.
     pub materialize_root: Option<PathBuf>,
+    /// How node endpoints' certificates are trusted.
+    pub endpoint_tls: mint_plugins::TlsPolicies,
 }
 
 impl Config {
@@ -142,7 +176,14 @@ impl Config {
                 Some(if r.is_relative() { path.parent().unwrap_or(Path::new(".")).join(r) } else { r })
             }
         };
-        Ok(Config { plugins: PluginPolicy { trust, grants }, credentials, concurrency, materialize_root })
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut endpoint_tls = mint_plugins::TlsPolicies::default();
+        for (i, e) in raw.endpoint.into_iter().enumerate() {
+            let at = format!("{}: endpoint #{}", path.display(), i + 1);
+            let trust = endpoint_trust(&at, &e.tls, base)?;
+            endpoint_tls.add(&at, e.node, e.endpoint, trust)?;
+        }
+        Ok(Config { plugins: PluginPolicy { trust, grants }, credentials, concurrency, materialize_root, endpoint_tls })
     }
 }
 
@@ -153,11 +194,13 @@ impl Config {
         tracing::info!(
             trusted = ?self.plugins.trust.describe(),
             credentials = ?self.credentials.summary(),
+            endpoint_tls = ?self.endpoint_tls.summary(),
             concurrency = self.concurrency,
             "configuration"
         );
         engine.driver_concurrency.store(self.concurrency, std::sync::atomic::Ordering::Relaxed);
         engine.plugins.runtime().set_credentials(self.credentials);
+        engine.plugins.runtime().set_tls_policies(self.endpoint_tls);
         engine.plugins.set_policy(self.plugins);
     }
 }
@@ -165,10 +208,18 @@ impl Config {
 /// Reads the configuration again on SIGHUP (rotated BMC passwords, a new vendor key) and
 /// applies it; a file that does not check out is reported and the running configuration
 /// kept. Plugins already loaded stay loaded.
-pub(crate) fn reload_on_hangup(app: crate::Shared, path: PathBuf, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub(crate) fn reload_on_hangup(
+    app: crate::Shared,
+    path: Option<PathBuf>,
+    cert: Option<mint_tls::ServerCert>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
+    if path.is_none() && cert.is_none() {
+        return;
+    }
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; the configuration is read at start only");
+        tracing::warn!("cannot listen for SIGHUP; the configuration and certificate are read at start only");
         return;
     };
     tokio::spawn(async move {
@@ -177,8 +228,12 @@ pub(crate) fn reload_on_hangup(app: crate::Shared, path: PathBuf, mut stop: toki
                 _ = hangups.recv() => {}
                 _ = stop.changed() => return,
             }
+            if let Some(cert) = &cert {
+                crate::tls::reload(&app, cert);
+            }
+            let Some(path) = &path else { continue };
             let _pass = app.reconciling.lock().await;
-            match Config::read(&path) {
+            match Config::read(path) {
                 Ok(c) => {
                     *app.materialize_root.write().unwrap_or_else(|p| p.into_inner()) = c.materialize_root.clone();
                     c.apply(&app.engine);
@@ -203,6 +258,11 @@ mod tests {
             ("[plugins.grants]\nx = [\"ftp://h\"]", "plugins.grants.x"),
             ("[drivers]\nconcurrency = 0", "drivers.concurrency"),
             ("[credentials]\nfile = \"/nonexistent/creds.toml\"", "credentials.file"),
+            ("[[endpoint]]\ntls = \"trusting\"", "endpoint #1: field `tls`"),
+            ("[[endpoint]]\ntls = { pin = \"md5:00\" }", "tls.pin"),
+            ("[[endpoint]]\ntls = { ca = \"/nonexistent/ca.pem\" }", "/nonexistent/ca.pem"),
+            ("[[endpoint]]\nnode = \"a\"\nendpoint = \"https://h\"\ntls = \"system\"", "not both"),
+            ("[[endpoint]]\ntls = \"insecure\"\n[[endpoint]]\ntls = \"system\"", "endpoint #2"),
         ] {
             let e = Config::parse(p, text).unwrap_err();
             assert!(e.contains(needle) && e.contains("/etc/mint/mint.toml"), "{needle}: {e}");

@@ -101,6 +101,9 @@ pub struct Registration {
     labels: BTreeMap<String, String>,
     /// Where the agent's API is, as the engine's drivers reach it.
     agent_url: String,
+    /// The pin of the certificate the agent serves its API with (an `https` agent-url).
+    #[serde(default)]
+    agent_pin: Option<String>,
     #[serde(default)]
     macs: Vec<String>,
 }
@@ -122,6 +125,10 @@ pub async fn register(
     }
     mint_plugins::HostPattern::of_url(&r.agent_url).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `agent-url`: {e}")))?;
     let mut properties = BTreeMap::from([("agent-url".to_string(), r.agent_url)]);
+    if let Some(pin) = r.agent_pin {
+        let pin: mint_tls::Pin = pin.parse().map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `agent-pin`: {e}")))?;
+        properties.insert(mint_plugins::AGENT_PIN.into(), pin.to_string());
+    }
     if !r.macs.is_empty() {
         properties.insert("macs".into(), r.macs.join(","));
     }

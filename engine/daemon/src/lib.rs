@@ -14,6 +14,8 @@ mod confine;
 mod identities;
 mod liveness;
 mod plugins;
+mod tls;
+pub use tls::PIN_FILE;
 
 use axum::body::Body;
 use auth::Caller;
@@ -21,6 +23,7 @@ use axum::extract::{ConnectInfo, Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use axum::{Json, Router};
 use mint_core::{Engine, EngineError, Progress, Report, SourceFormat, Step, TierSpec, quiet};
 use mint_model::NodeState;
@@ -59,6 +62,8 @@ struct App {
     /// Long operations (imports, tier creations, new masters) running at once: each reads
     /// or writes a whole image, so a flood of them would exhaust the disk's bandwidth.
     long_operations: Arc<tokio::sync::Semaphore>,
+    /// Whether requests go unauthenticated (a loopback benchmark's daemon only).
+    unauthenticated: bool,
 }
 
 /// How many long operations may run at once; more are answered 429.
@@ -589,13 +594,39 @@ pub struct Options {
     pub config: Option<std::path::PathBuf>,
     /// Failed authentications one address may make in a minute before it is answered 429.
     pub max_auth_failures: u32,
+    /// The certificate to serve TLS with; none serves plain HTTP, which only a loopback
+    /// address may.
+    pub tls: Option<mint_tls::ServerSource>,
+    /// Serve without authentication: every request acts as the identity its route expects.
+    /// Only on loopback and only from the library (there is no flag): it exists so a
+    /// benchmark can measure what authentication and TLS cost.
+    pub unauthenticated: bool,
 }
 
 impl Options {
     /// Serving on `listen`, advertised as itself, nodes failed after 10 s of silence.
     pub fn new(listen: SocketAddr) -> Options {
-        Options { listen, advertise: None, node_timeout: Duration::from_secs(10), config: None, max_auth_failures: auth::MAX_FAILURES }
+        Options {
+            listen,
+            advertise: None,
+            node_timeout: Duration::from_secs(10),
+            config: None,
+            max_auth_failures: auth::MAX_FAILURES,
+            tls: None,
+            unauthenticated: false,
+        }
     }
+}
+
+/// What a daemon that has started serving tells its caller.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The URL the API answers at (`http://` or `https://` and the bound address).
+    pub url: String,
+    /// The pin of the certificate served, when serving TLS.
+    pub pin: Option<mint_tls::Pin>,
 }
 
 /// Serves the API until `shutdown` resolves, reconciling in the background.
@@ -603,9 +634,18 @@ pub async fn serve(
     data_dir: &std::path::Path,
     options: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(&Ready),
 ) -> Result<(), String> {
-    let Options { listen, advertise, node_timeout, config, max_auth_failures } = options;
+    let Options { listen, advertise, node_timeout, config, max_auth_failures, tls, unauthenticated } = options;
+    // Checked before anything is opened or written, so a refused start changes nothing.
+    if tls.is_none() && !listen.ip().is_loopback() {
+        return Err(format!(
+            "refusing to serve plain HTTP on {listen}, which is not a loopback address: give --tls-self-signed (a certificate made and kept in DATA_DIR/tls), or --tls-cert FILE --tls-key FILE"
+        ));
+    }
+    if unauthenticated && !listen.ip().is_loopback() {
+        return Err(format!("an unauthenticated daemon serves loopback only, not {listen}"));
+    }
     let config_path = config.or_else(|| Some(data_dir.join("mint.toml")).filter(|p| p.is_file()));
     let config = match &config_path {
         Some(path) => config::Config::read(path)?,
@@ -623,8 +663,16 @@ pub async fn serve(
     }
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let cert = match tls {
+        Some(source) => Some(tls::start(data_dir, source, bound, advertise.as_deref())?),
+        None => None,
+    };
+    let listener = match &cert {
+        Some(c) => mint_tls::Incoming::tls(listener, c.acceptor()).map_err(|e| format!("cannot listen on {listen}: {e}"))?,
+        None => mint_tls::Incoming::plain(listener),
+    };
     // Drivers hand nodes artifact URLs under this address.
-    let advertise = advertise.unwrap_or_else(|| format!("http://{bound}"));
+    let advertise = advertise.unwrap_or_else(|| format!("{}://{bound}", if cert.is_some() { "https" } else { "http" }));
     mint_plugins::HostPattern::of_url(&advertise).map_err(|e| format!("--advertise-url: {e}"))?;
     engine.advertise = advertise;
     auth::first_admin_token(data_dir, &engine.store)?;
@@ -638,11 +686,11 @@ pub async fn serve(
         failures: auth::Failures::new(max_auth_failures),
         materialize_root: std::sync::RwLock::new(materialize_root),
         long_operations: Arc::new(tokio::sync::Semaphore::new(MAX_LONG_OPERATIONS)),
+        unauthenticated,
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(path) = config_path {
-        config::reload_on_hangup(app.clone(), path, stop_rx.clone());
-    }
+    let pin = cert.as_ref().map(|c| c.pin());
+    config::reload_on_hangup(app.clone(), config_path, cert, stop_rx.clone());
     let looping = app.clone();
     let reconciler = tokio::spawn(async move {
         loop {
@@ -652,8 +700,10 @@ pub async fn serve(
             }
         }
     });
-    on_ready(bound);
-    axum::serve(listener, router(app).into_make_service_with_connect_info::<SocketAddr>())
+    let scheme = if listener.is_tls() { "https" } else { "http" };
+    on_ready(&Ready { addr: bound, url: format!("{scheme}://{bound}"), pin });
+    // `tap_io` makes the peer's address available to handlers for any listener.
+    axum::serve(listener.tap_io(|_| ()), router(app).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stop_tx.send(true);

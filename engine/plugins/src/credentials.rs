@@ -38,9 +38,9 @@ impl fmt::Debug for Authorization {
     }
 }
 
-/// Which requests one entry's credentials go with.
+/// Which requests one entry's credentials (or TLS trust) go with.
 #[derive(Debug, Clone, PartialEq)]
-enum Scope {
+pub(crate) enum Scope {
     /// Requests about this node, to the endpoint its properties name.
     Node(String),
     /// Requests to this endpoint, about any node.
@@ -183,7 +183,7 @@ impl Credentials {
     }
 }
 
-fn describe(s: &Scope) -> String {
+pub(crate) fn describe(s: &Scope) -> String {
     match s {
         Scope::Node(n) => format!("node `{n}`"),
         Scope::Endpoint(p) => format!("endpoint {p}"),

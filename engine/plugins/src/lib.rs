@@ -9,6 +9,8 @@ pub mod bindings;
 pub mod bundled;
 pub mod checks;
 pub mod credentials;
+pub mod endpoint_tls;
+mod outbound;
 pub mod fixture;
 mod error;
 pub mod manifest;
@@ -21,6 +23,7 @@ pub mod version;
 pub use error::{CallError, LoadError};
 pub use manifest::{Capabilities, HostPattern, Kind, Manifest};
 pub use credentials::Credentials;
+pub use endpoint_tls::{AGENT_PIN, TlsPolicies};
 pub use runtime::{Called, CodeSource, EPOCH_TICK, Grants, Plugin, Runtime, RuntimeOptions, Stats};
 pub use state::{LogLine, MAX_LOG_LINES};
 

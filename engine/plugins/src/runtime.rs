@@ -111,6 +111,7 @@ pub struct Runtime {
     cache_dir: Option<PathBuf>,
     stop_ticker: Arc<AtomicBool>,
     credentials: Arc<RwLock<Arc<Credentials>>>,
+    tls: Arc<RwLock<Arc<crate::TlsPolicies>>>,
 }
 
 impl Drop for Runtime {
@@ -129,6 +130,7 @@ pub struct Plugin {
     outbound: Arc<[HostPattern]>,
     pre: Pre,
     credentials: Arc<RwLock<Arc<Credentials>>>,
+    tls: Arc<RwLock<Arc<crate::TlsPolicies>>>,
     counters: Arc<Counters>,
     built_for: WitVersion,
 }
@@ -198,7 +200,14 @@ impl Runtime {
             cache_dir: options.cache_dir,
             stop_ticker,
             credentials: Arc::default(),
+            tls: Arc::default(),
         })
+    }
+
+    /// Replaces how node endpoints' certificates are trusted; calls that start afterwards
+    /// use the new choices, in every plugin already loaded.
+    pub fn set_tls_policies(&self, policies: crate::TlsPolicies) {
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policies);
     }
 
     /// Replaces the credentials the host adds to drivers' requests to node endpoints;
@@ -282,6 +291,7 @@ impl Runtime {
             engine: self.engine.clone(),
             pre,
             credentials: self.credentials.clone(),
+            tls: self.tls.clone(),
             counters: Arc::default(),
             built_for,
         })
@@ -422,9 +432,13 @@ impl Plugin {
             cx.data_mut().guest.hook(hook);
             Ok(())
         });
-        let ticks = (caps.timeout_ms / EPOCH_TICK.as_millis() as u64).max(1) + 1;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // Every tick the guest yields to the executor, so a plugin that computes for
+        // seconds shares its thread with the rest of the daemon instead of holding it; at
+        // the call's deadline it is interrupted.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline { wasmtime::UpdateDeadline::Interrupt } else { wasmtime::UpdateDeadline::Yield(1) })
+        });
         store
     }
 
@@ -439,6 +453,7 @@ impl Plugin {
         let mut inputs = self.inputs(call, config)?;
         inputs.artifact = Some(d.artifact.url.clone());
         let credentials = self.credentials.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let tls = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
         for wanted in &self.manifest.capabilities.node_endpoints {
             if let Some((_, url)) = node.properties.iter().find(|(k, _)| k == wanted) {
                 let p = HostPattern::of_url(url).map_err(|m| CallError::Host {
@@ -448,8 +463,19 @@ impl Plugin {
                 })?;
                 // The engine's own credential for this endpoint (its agent's) first: an
                 // operator's default BMC password must never go to an agent.
-                let auth = credentials.engine_secret(&node.name, wanted).or_else(|| credentials.lookup(&node.name, &p).cloned());
-                inputs.endpoints.push((p, auth));
+                let authorization = credentials.engine_secret(&node.name, wanted).or_else(|| credentials.lookup(&node.name, &p).cloned());
+                // An agent is trusted by the pin it reported when it registered (with its
+                // node's credential); any other endpoint as the operator configured.
+                let agent_pin = (wanted == "agent-url").then(|| node.properties.iter().find(|(k, _)| k == crate::AGENT_PIN)).flatten();
+                let tls = match agent_pin {
+                    Some((_, pin)) => {
+                        let pin = pin.parse().map_err(|e| CallError::Host { plugin: self.manifest.name.clone(), call, message: format!("node `{}` property `{}`: {e}", node.name, crate::AGENT_PIN) })?;
+                        let trust = mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(pin)).map_err(|e| CallError::Host { plugin: self.manifest.name.clone(), call, message: e.to_string() })?;
+                        Some(crate::endpoint_tls::EndpointTrust { trust: Arc::new(trust), from: format!("the pin node `{}`'s agent registered", node.name) })
+                    }
+                    None => tls.lookup(&node.name, &p).cloned(),
+                };
+                inputs.endpoints.push(crate::state::Endpoint { pattern: p, authorization, tls });
             }
         }
         Ok(inputs)
@@ -517,6 +543,7 @@ impl Plugin {
             }
         };
         let denied = state.denied();
+        let tls_refused = state.tls_refused();
         match result {
             Ok(value) => Ok(Called {
                 value,
@@ -533,6 +560,9 @@ impl Plugin {
                         " (the host denied outbound requests to {}: neither in capabilities.allowed-outbound-hosts nor the node's own endpoint)",
                         denied.join(", ")
                     ));
+                }
+                if !tls_refused.is_empty() {
+                    message.push_str(&format!(" (the host refused: {})", tls_refused.join("; ")));
                 }
                 Err(CallError::Refused { plugin, call, kind: error_kind(pe.kind), message })
             }

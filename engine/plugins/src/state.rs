@@ -44,10 +44,8 @@ pub struct CallInputs {
     pub master: Arc<dyn MasterView>,
     /// The tier's instances, by index, for `tier.peers`.
     pub peers: Arc<[Peer]>,
-    /// Destinations granted for this call only (the node's own management endpoints),
-    /// each with the `Authorization` value the host adds to requests to it, if the
-    /// operator configured credentials for it. The plugin never sees that value.
-    pub endpoints: Vec<(HostPattern, Option<crate::credentials::Authorization>)>,
+    /// Destinations granted for this call only (the node's own management endpoints).
+    pub endpoints: Vec<Endpoint>,
     /// The URL of the artifact a driver call is about: the driver may read (GET, HEAD)
     /// it and what lies under it (its descriptor and parts), nothing else of the engine.
     pub artifact: Option<String>,
@@ -57,6 +55,18 @@ impl Default for CallInputs {
     fn default() -> Self {
         Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()), endpoints: Vec::new(), artifact: None }
     }
+}
+
+/// A node endpoint one driver call may reach.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// Its scheme, host and port.
+    pub pattern: HostPattern,
+    /// The `Authorization` value the host adds to requests to it, if the operator (or the
+    /// engine, for its agents) holds credentials for it. The plugin never sees it.
+    pub authorization: Option<crate::credentials::Authorization>,
+    /// How its certificate is trusted; none: the system's roots.
+    pub tls: Option<crate::endpoint_tls::EndpointTrust>,
 }
 
 /// Store data of one call.
@@ -113,12 +123,12 @@ impl CallState {
         let allowed = if inputs.endpoints.is_empty() {
             outbound
         } else {
-            outbound.iter().chain(inputs.endpoints.iter().map(|(p, _)| p)).cloned().collect::<Vec<_>>().into()
+            outbound.iter().chain(inputs.endpoints.iter().map(|e| &e.pattern)).cloned().collect::<Vec<_>>().into()
         };
-        let credentials = inputs.endpoints.iter().filter_map(|(p, a)| Some((p.clone(), a.clone()?))).collect();
+        let endpoints = inputs.endpoints.clone();
         let artifact = inputs.artifact.as_deref().and_then(ArtifactGrant::of);
         Self {
-            hooks: Gate { allowed, credentials, artifact, denied, waited_ns: Arc::new(AtomicU64::new(0)) },
+            hooks: Gate { allowed, endpoints, artifact, denied, tls_refused: Arc::default(), waited_ns: Arc::new(AtomicU64::new(0)) },
             deadline,
             guest: GuestClock::default(),
             plugin,
@@ -149,6 +159,11 @@ impl CallState {
     pub(crate) fn denied(&self) -> Vec<String> {
         self.hooks.denied.lock().map(|d| d.clone()).unwrap_or_default()
     }
+
+    /// Why the host refused endpoints' certificates, with the fix, one line each.
+    pub(crate) fn tls_refused(&self) -> Vec<String> {
+        self.hooks.tls_refused.lock().map(|d| d.clone()).unwrap_or_default()
+    }
 }
 
 /// Memory limiter that remembers whether it refused a growth, so a memory bomb is told
@@ -174,13 +189,15 @@ impl wasmtime::ResourceLimiter for Limits {
 }
 
 /// The outbound-HTTP gate: a request leaves only for a granted destination, carries the
-/// operator's credentials only to the endpoint they were configured for, and is timed, so
+/// operator's credentials only to the endpoint they were configured for, goes out through
+/// the host's own client with the TLS trust chosen for that endpoint, and is timed, so
 /// that a call's time splits into time in the sandbox and time waiting on the network.
 struct Gate {
     allowed: Arc<[HostPattern]>,
-    credentials: Vec<(HostPattern, crate::credentials::Authorization)>,
+    endpoints: Vec<Endpoint>,
     artifact: Option<ArtifactGrant>,
     denied: Arc<Mutex<Vec<String>>>,
+    tls_refused: Arc<Mutex<Vec<String>>>,
     waited_ns: Arc<AtomicU64>,
 }
 
@@ -213,7 +230,7 @@ impl WasiHttpHooks for Gate {
         &mut self,
         request: http::Request<wasmtime_wasi_http::WasiBody>,
         options: Option<wasmtime_wasi_http::RequestOptions>,
-        fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+        _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<
         dyn Future<
                 Output = wasmtime_wasi_http::Result<(
@@ -236,22 +253,71 @@ impl WasiHttpHooks for Gate {
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         let mut request = request;
+        let endpoint = self.endpoints.iter().find(|e| e.pattern.matches(&scheme, &host, port));
         // The host's credentials replace whatever the guest set: a plugin can neither read
         // them nor send other ones in their place to this endpoint.
-        if let Some((_, auth)) = self.credentials.iter().find(|(p, _)| p.matches(&scheme, &host, port)) {
+        if let Some(auth) = endpoint.and_then(|e| e.authorization.as_ref()) {
             request.headers_mut().insert(http::header::AUTHORIZATION, auth.header_value());
         }
-        struct Default;
-        impl WasiHttpHooks for Default {}
-        let sent = Box::into_pin(Default.send_request(request, options, fut));
+        let trust = match endpoint.and_then(|e| e.tls.clone()) {
+            Some(t) => Ok(t),
+            None => crate::endpoint_tls::system(),
+        };
+        let origin = format!("{scheme}://{host}:{port}");
         let waited = self.waited_ns.clone();
+        let refused = self.tls_refused.clone();
         Box::new(async move {
             let started = Instant::now();
-            let answer = sent.await;
+            let trust = match trust {
+                Ok(t) => t,
+                Err(why) if scheme == "https" => {
+                    push(&refused, format!("{origin}: {why}"));
+                    return Err(wasmtime_wasi_http::Error::Tls(std::io::Error::other(why)));
+                }
+                // Plain HTTP needs no trust anchors.
+                Err(_) => crate::endpoint_tls::EndpointTrust { trust: Arc::new(insecure()), from: String::new() },
+            };
+            if scheme == "https" && *trust.trust.trust() == mint_tls::Trust::Insecure {
+                tracing::warn!(endpoint = %origin, from = %trust.from, "TLS certificate NOT verified: tls = \"insecure\"");
+            }
+            let mut presented = None;
+            let answer = crate::outbound::send(request, options, &trust.trust, &mut presented).await;
+            if let Err(wasmtime_wasi_http::Error::Tls(e)) = &answer {
+                let seen = presented.and_then(|p| p.pin());
+                push(&refused, refusal(&origin, &trust, e, seen));
+            }
             waited.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             answer
         })
     }
+}
+
+fn push(list: &Mutex<Vec<String>>, line: String) {
+    if let Ok(mut l) = list.lock()
+        && !l.contains(&line)
+        && l.len() < 16
+    {
+        l.push(line);
+    }
+}
+
+/// A trust that checks nothing, for plain-HTTP requests (which never use it).
+fn insecure() -> mint_tls::ClientTrust {
+    mint_tls::ClientTrust::new(&mint_tls::Trust::Insecure).expect("insecure trust needs no files")
+}
+
+/// Says why `origin`'s certificate was refused and what in mint.toml would admit it.
+fn refusal(origin: &str, trust: &crate::endpoint_tls::EndpointTrust, error: &std::io::Error, seen: Option<mint_tls::Pin>) -> String {
+    let key = match seen {
+        Some(p) => format!("; the certificate's key is {p}"),
+        None => String::new(),
+    };
+    let pin = seen.map(|p| p.to_string()).unwrap_or_else(|| "sha256:...".into());
+    format!(
+        "{origin}: TLS refused under {} ({}): {error}{key}. If that is the endpoint's own certificate, add to mint.toml `[[endpoint]]` with `endpoint = \"{origin}\"` (or `node = \"NAME\"`) and `tls = {{ pin = \"{pin}\" }}`, or `tls = {{ ca = \"FILE\" }}` with the CA that signed it, then send the daemon SIGHUP",
+        trust.trust.trust(),
+        trust.from
+    )
 }
 
 impl WasiView for CallState {
