@@ -423,3 +423,54 @@ fn materialize_writes_only_below_its_root() {
     d.mint(&["instance", "materialize", "web", "0", "--into", "ok/web-000"]);
     assert_eq!(std::fs::read_to_string(dir.join("root/ok/web-000/etc/hostname")).unwrap().trim(), "web-000");
 }
+
+/// Imports hold the long-operation bound while they read: four reading from FIFOs that
+/// nobody writes yet keep it full, so a fifth long operation (an import, a tier creation) is
+/// answered 429 at once; once the four end, the same import goes through.
+#[test]
+fn long_operations_beyond_the_bound_are_answered_429() {
+    let dir = scratch("auth-long-ops");
+    let data = dir.join("data");
+    let daemon = Daemon::start(&data, &[], &root());
+    let admin = admin_auth(&data);
+    let url = daemon.url.clone();
+    let import = move |path: &std::path::Path| -> Result<u16, u16> {
+        match ureq::post(&format!("{url}/v1/images")).set("Authorization", &admin).timeout(std::time::Duration::from_secs(60)).send_json(json!({"path": path})) {
+            Ok(r) => Ok(r.status()),
+            Err(ureq::Error::Status(code, _)) => Err(code),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let fifos: Vec<PathBuf> = (0..mint_daemon::MAX_LONG_OPERATIONS).map(|i| dir.join(format!("fifo-{i}"))).collect();
+    for f in &fifos {
+        assert!(Command::new("mkfifo").arg(f).status().unwrap().success());
+    }
+    let held: Vec<_> = fifos.iter().cloned().map(|f| {
+        let import = import.clone();
+        std::thread::spawn(move || import(&f))
+    }).collect();
+    let master = dir.join("master");
+    std::fs::create_dir_all(master.join("etc")).unwrap();
+    std::fs::write(master.join("etc/hostname"), "debian\n").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match import(&master) {
+            Err(429) => break,
+            other => {
+                assert!(std::time::Instant::now() < deadline, "the bound never filled: {other:?}");
+                // The import got in before the four held it: that image is simply there.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+    let refused = daemon.refused(&["tier", "create", "-f", root().join("tests/fixtures/web-tier.toml").to_str().unwrap()]);
+    assert!(refused.contains("retry"), "{refused}");
+    // The writers come and go without a byte: each held import ends, refused as no format.
+    for f in &fifos {
+        drop(std::fs::OpenOptions::new().write(true).open(f).unwrap());
+    }
+    for h in held {
+        assert_eq!(h.join().unwrap(), Err(400));
+    }
+    assert_eq!(import(&master), Ok(200), "with the bound free again the import goes through");
+}

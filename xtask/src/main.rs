@@ -214,6 +214,7 @@ fn main() -> ExitCode {
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-core", "--bench", "pool"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-core", "--bench", "instances"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "api"])))
+            .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "secure_api"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "scale_out"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "redfish_deploys"]))),
         _ => Err("usage: cargo xtask <setup | daemon | demo | test | bench>".to_string()),

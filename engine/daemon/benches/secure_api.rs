@@ -1,6 +1,6 @@
-//! What authentication and TLS cost: the same daemon measured twice in one run, once
-//! serving plain HTTP on 127.0.0.1 with authentication off, once serving TLS (its
-//! self-signed certificate, pinned by the clients) with tokens and node credentials.
+//! What authentication and TLS cost: the same daemon measured three times in one run:
+//! serving plain HTTP on 127.0.0.1 with authentication off, plain HTTP with tokens and node
+//! credentials, and TLS (its self-signed certificate, pinned by the clients) with them.
 //! Figures: listing a tier's 1,000 instances, and agents' heartbeats per second (over
 //! kept-alive connections, as agents send them, and with a new connection each).
 //! `cargo bench -p mint-daemon --bench secure_api`.
@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 const K: u32 = 1_000;
 const AGENTS: usize = 16;
 const CLIENT_THREADS: usize = 4;
-const HEARTBEAT_SECS: f64 = 5.0;
+const HEARTBEAT_SECS: f64 = 1.5;
+const ROUNDS: usize = 7;
 
 /// One daemon under test and how to speak to it.
 struct Site {
@@ -23,7 +24,8 @@ struct Site {
     nodes: Vec<(String, Option<String>)>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<std::thread::JoinHandle<()>>,
-    trust: Option<mint_tls::ClientTrust>,
+    /// One client configuration, as one agent process has (so TLS sessions resume).
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Drop for Site {
@@ -38,14 +40,15 @@ impl Drop for Site {
 }
 
 impl Site {
-    fn start(dir: &std::path::Path, secure: bool) -> Site {
-        let data = dir.join(if secure { "secure" } else { "open" });
+    fn start(dir: &std::path::Path, mode: Mode) -> Site {
+        let data = dir.join(format!("{mode:?}"));
         let mut options = mint_daemon::Options::new("127.0.0.1:0".parse().unwrap());
-        if secure {
-            options.tls = Some(mint_tls::ServerSource::SelfSigned { dir: data.join("tls"), names: vec![] });
-        } else {
-            options.unauthenticated = true;
+        match mode {
+            Mode::Open => options.unauthenticated = true,
+            Mode::Tokens => {}
+            Mode::TlsTokens => options.tls = Some(mint_tls::ServerSource::SelfSigned { dir: data.join("tls"), names: vec![] }),
         }
+        let secure = mode != Mode::Open;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let d = data.clone();
@@ -54,9 +57,9 @@ impl Site {
             rt.block_on(mint_daemon::serve(&d, options, async { stop_rx.await.ok(); }, move |r| ready_tx.send(r.clone()).unwrap())).unwrap();
         });
         let ready = ready_rx.recv_timeout(Duration::from_secs(120)).expect("the daemon starts");
-        let trust = ready.pin.map(|p| mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(p)).unwrap());
+        let tls = ready.pin.map(|p| mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(p)).unwrap().config());
         let admin = secure.then(|| format!("Bearer {}", std::fs::read_to_string(data.join("admin.token")).unwrap().trim()));
-        let mut site = Site { base: ready.url, http: ureq::Agent::new(), admin, nodes: Vec::new(), stop: Some(stop_tx), server: Some(server), trust };
+        let mut site = Site { base: ready.url, http: ureq::Agent::new(), admin, nodes: Vec::new(), stop: Some(stop_tx), server: Some(server), tls };
         site.http = site.client();
         site
     }
@@ -64,8 +67,8 @@ impl Site {
     /// A new client (its own connection pool), trusting the daemon's pin when it has one.
     fn client(&self) -> ureq::Agent {
         let b = ureq::AgentBuilder::new().timeout(Duration::from_secs(120));
-        match &self.trust {
-            Some(t) => b.tls_config(t.config()).build(),
+        match &self.tls {
+            Some(t) => b.tls_config(t.clone()).build(),
             None => b.build(),
         }
     }
@@ -152,6 +155,13 @@ impl Site {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Open,
+    Tokens,
+    TlsTokens,
+}
+
 fn main() {
     let dir = std::env::temp_dir().join(format!("mint-secure-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -161,21 +171,38 @@ fn main() {
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(f, t).unwrap();
     }
-    let mut rows: Vec<(&str, f64, f64)> = Vec::new();
-    let mut figures = Vec::new();
-    for secure in [false, true] {
-        let mut site = Site::start(&dir, secure);
-        site.populate(&master);
-        site.list(5);
-        site.heartbeats(false);
-        figures.push([site.list(200), site.heartbeats(false), site.heartbeats(true)]);
+    // All three daemons run at once, idle but for the one measured, and the measurements
+    // alternate between them, round after round: the machine's noise then falls on all
+    // three alike, and each figure is the median of its rounds.
+    let sites: Vec<Site> = [Mode::Open, Mode::Tokens, Mode::TlsTokens]
+        .into_iter()
+        .map(|mode| {
+            let mut site = Site::start(&dir, mode);
+            site.populate(&master);
+            site.list(5);
+            site
+        })
+        .collect();
+    let mut samples = vec![[Vec::new(), Vec::new(), Vec::new()]; sites.len()];
+    for _round in 0..ROUNDS {
+        for (i, site) in sites.iter().enumerate() {
+            samples[i][0].push(site.list(40));
+            samples[i][1].push(site.heartbeats(false));
+            samples[i][2].push(site.heartbeats(true));
+        }
     }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("medians of {ROUNDS} alternating rounds");
+    println!("{:<42} {:>12} {:>14} {:>14}", "", "plain, open", "plain, tokens", "TLS + tokens");
     for (i, what) in [(0, "list 1,000 instances (requests/s)"), (1, "heartbeats, kept-alive connections (/s)"), (2, "heartbeats, a new connection each (/s)")] {
-        rows.push((what, figures[0][i], figures[1][i]));
+        let [open, tokens, tls] = [median(&samples[0][i]), median(&samples[1][i]), median(&samples[2][i])];
+        let pct = |x: f64| (x / open - 1.0) * 100.0;
+        println!("{what:<42} {open:>12.0} {tokens:>7.0} {:>+5.1}% {tls:>7.0} {:>+5.1}%", pct(tokens), pct(tls));
     }
-    println!("{:<42} {:>12} {:>14} {:>8}", "", "plain, open", "TLS + tokens", "ratio");
-    for (what, open, secure) in rows {
-        println!("{what:<42} {open:>12.0} {secure:>14.0} {:>7.1}%", (secure / open - 1.0) * 100.0);
-    }
+    drop(sites);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -144,6 +144,21 @@ impl AsyncWrite for Stream {
         }
     }
 
+    fn poll_write_vectored(self: StdPin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => StdPin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => StdPin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    // Passed on, so hyper writes a response's head and body in one call, not one each.
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: StdPin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => StdPin::new(s).poll_flush(cx),
