@@ -219,6 +219,7 @@ fn bmc_failures_are_clear_and_leave_the_pool_as_it_was() {
 /// trust (the system's roots) the deploy is refused with a message that names the fix and
 /// the key the BMC presented; with the certificate as a CA, or its key pinned, the same
 /// emulator deploys; `insecure` deploys too, and says so in the log on every use.
+/// The daemon itself serves TLS with a self-signed certificate.
 #[test]
 fn a_self_signed_bmc_is_trusted_only_as_the_operator_configures() {
     let dir = scratch("redfish-tls");
@@ -237,7 +238,10 @@ fn a_self_signed_bmc_is_trusted_only_as_the_operator_configures() {
         cert.pin()
     );
     std::fs::write(dir.join("mint.toml"), config).unwrap();
-    let d = Daemon::start(&dir.join("data"), &["--config", dir.join("mint.toml").to_str().unwrap()], &root());
+    // The daemon serves TLS too: the driver reads its artifact's descriptor from it, which
+    // the host checks against the daemon's own pin.
+    let d = Daemon::start(&dir.join("data"), &["--config", dir.join("mint.toml").to_str().unwrap(), "--tls-self-signed"], &root());
+    assert!(d.url.starts_with("https://"));
     for (i, case) in ["system", "ca", "pin", "lab", "wrong-pin"].into_iter().enumerate() {
         add_node(&d, case, &bmc.system_url(i % 4), case);
         disk_tier(&d, &dir, case, 1, &format!("198.18.{}.0/24", 20 + i), json!({"poll-ms": 100}), json!({"case": case}), None);

@@ -690,6 +690,7 @@ pub async fn serve(
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let pin = cert.as_ref().map(|c| c.pin());
+    app.engine.plugins.runtime().set_engine_pin(pin);
     config::reload_on_hangup(app.clone(), config_path, cert, stop_rx.clone());
     let looping = app.clone();
     let reconciler = tokio::spawn(async move {

@@ -41,6 +41,7 @@ fn write_pin(data_dir: &Path, cert: &ServerCert) -> Result<(), String> {
 pub(crate) fn reload(app: &crate::Shared, cert: &ServerCert) {
     match cert.reload().map_err(|e| e.to_string()).and_then(|pin| write_pin(&app.data_dir, cert).map(|_| pin)) {
         Ok(pin) => {
+            app.engine.plugins.runtime().set_engine_pin(Some(pin));
             let _ = app.engine.store.note(
                 "certificate-reloaded",
                 format!("TLS certificate reloaded; its key is {pin}"),

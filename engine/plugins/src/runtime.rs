@@ -112,6 +112,7 @@ pub struct Runtime {
     stop_ticker: Arc<AtomicBool>,
     credentials: Arc<RwLock<Arc<Credentials>>>,
     tls: Arc<RwLock<Arc<crate::TlsPolicies>>>,
+    engine_tls: Arc<RwLock<Option<crate::endpoint_tls::EndpointTrust>>>,
 }
 
 impl Drop for Runtime {
@@ -131,6 +132,7 @@ pub struct Plugin {
     pre: Pre,
     credentials: Arc<RwLock<Arc<Credentials>>>,
     tls: Arc<RwLock<Arc<crate::TlsPolicies>>>,
+    engine_tls: Arc<RwLock<Option<crate::endpoint_tls::EndpointTrust>>>,
     counters: Arc<Counters>,
     built_for: WitVersion,
 }
@@ -201,7 +203,18 @@ impl Runtime {
             stop_ticker,
             credentials: Arc::default(),
             tls: Arc::default(),
+            engine_tls: Arc::default(),
         })
+    }
+
+    /// Sets the pin of the certificate the engine's own API serves, which drivers' reads of
+    /// their artifacts (under the engine's URL) are checked against; none: the system's roots.
+    pub fn set_engine_pin(&self, pin: Option<mint_tls::Pin>) {
+        let trust = pin.and_then(|p| {
+            let t = mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(p)).ok()?;
+            Some(crate::endpoint_tls::EndpointTrust { trust: Arc::new(t), from: "the engine's own certificate".into() })
+        });
+        *self.engine_tls.write().unwrap_or_else(|p| p.into_inner()) = trust;
     }
 
     /// Replaces how node endpoints' certificates are trusted; calls that start afterwards
@@ -292,6 +305,7 @@ impl Runtime {
             pre,
             credentials: self.credentials.clone(),
             tls: self.tls.clone(),
+            engine_tls: self.engine_tls.clone(),
             counters: Arc::default(),
             built_for,
         })
@@ -452,6 +466,7 @@ impl Plugin {
     fn node_inputs(&self, call: &'static str, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<CallInputs, CallError> {
         let mut inputs = self.inputs(call, config)?;
         inputs.artifact = Some(d.artifact.url.clone());
+        inputs.artifact_tls = self.engine_tls.read().unwrap_or_else(|p| p.into_inner()).clone();
         let credentials = self.credentials.read().unwrap_or_else(|p| p.into_inner()).clone();
         let tls = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
         for wanted in &self.manifest.capabilities.node_endpoints {

@@ -49,11 +49,13 @@ pub struct CallInputs {
     /// The URL of the artifact a driver call is about: the driver may read (GET, HEAD)
     /// it and what lies under it (its descriptor and parts), nothing else of the engine.
     pub artifact: Option<String>,
+    /// How the engine's certificate is trusted when the driver reads that artifact.
+    pub artifact_tls: Option<crate::endpoint_tls::EndpointTrust>,
 }
 
 impl Default for CallInputs {
     fn default() -> Self {
-        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()), endpoints: Vec::new(), artifact: None }
+        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()), endpoints: Vec::new(), artifact: None, artifact_tls: None }
     }
 }
 
@@ -126,7 +128,10 @@ impl CallState {
             outbound.iter().chain(inputs.endpoints.iter().map(|e| &e.pattern)).cloned().collect::<Vec<_>>().into()
         };
         let endpoints = inputs.endpoints.clone();
-        let artifact = inputs.artifact.as_deref().and_then(ArtifactGrant::of);
+        let artifact = inputs.artifact.as_deref().and_then(ArtifactGrant::of).map(|mut a| {
+            a.tls = inputs.artifact_tls.clone();
+            a
+        });
         Self {
             hooks: Gate { allowed, endpoints, artifact, denied, tls_refused: Arc::default(), waited_ns: Arc::new(AtomicU64::new(0)) },
             deadline,
@@ -205,6 +210,7 @@ struct Gate {
 struct ArtifactGrant {
     origin: HostPattern,
     path: String,
+    tls: Option<crate::endpoint_tls::EndpointTrust>,
 }
 
 impl ArtifactGrant {
@@ -212,7 +218,7 @@ impl ArtifactGrant {
         let origin = HostPattern::of_url(url).ok()?;
         let rest = url.split_once("://")?.1;
         let path = rest.find('/').map(|i| rest[i..].trim_end_matches('/').to_string())?;
-        Some(ArtifactGrant { origin, path })
+        Some(ArtifactGrant { origin, path, tls: None })
     }
 
     fn admits(&self, method: &http::Method, scheme: &str, host: &str, port: u16, path: &str) -> bool {
@@ -259,7 +265,8 @@ impl WasiHttpHooks for Gate {
         if let Some(auth) = endpoint.and_then(|e| e.authorization.as_ref()) {
             request.headers_mut().insert(http::header::AUTHORIZATION, auth.header_value());
         }
-        let trust = match endpoint.and_then(|e| e.tls.clone()) {
+        let engine = self.artifact.as_ref().filter(|a| a.origin.matches(&scheme, &host, port)).and_then(|a| a.tls.clone());
+        let trust = match endpoint.and_then(|e| e.tls.clone()).or(engine) {
             Some(t) => Ok(t),
             None => crate::endpoint_tls::system(),
         };
