@@ -366,11 +366,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// The client for the engine: trusting --ca or --pin, else the system's roots.
 fn engine_client(args: &RunArgs) -> anyhow::Result<ureq::Agent> {
-    let trust = match (&args.ca, &args.pin) {
-        (Some(ca), _) => mint_tls::Trust::Ca(ca.clone()),
-        (None, Some(pin)) => mint_tls::Trust::Pin(pin.parse().context("--pin")?),
-        (None, None) if args.engine.starts_with("https://") => mint_tls::Trust::System,
-        (None, None) => return Ok(ureq::AgentBuilder::new().build()),
+    let Some(trust) = mint_tls::Trust::from_flags(args.ca.as_deref(), args.pin.as_deref(), &args.engine).context("--pin")? else {
+        return Ok(ureq::AgentBuilder::new().build());
     };
     let trust = mint_tls::ClientTrust::new(&trust).context("--ca/--pin")?;
     Ok(ureq::AgentBuilder::new().tls_config(trust.config()).build())

@@ -92,13 +92,8 @@ impl Conn {
     /// The HTTP client, trusting what `--ca` or `--pin` say (the system's roots without).
     pub(crate) fn agent(&self) -> Result<ureq::Agent, Failure> {
         let made = self.agent.get_or_init(|| {
-            let trust = match (&self.ca, &self.pin) {
-                (Some(ca), _) => mint_tls::Trust::Ca(ca.clone()),
-                (None, Some(pin)) => mint_tls::Trust::Pin(pin.parse().map_err(|e| format!("--pin: {e}"))?),
-                (None, None) if self.server.starts_with("https://") => mint_tls::Trust::System,
-                // Plain HTTP needs no trust anchors; reading the system's would be wasted.
-                (None, None) => return Ok(ureq::AgentBuilder::new().build()),
-            };
+            let trust = mint_tls::Trust::from_flags(self.ca.as_deref(), self.pin.as_deref(), &self.server).map_err(|e| format!("--pin: {e}"))?;
+            let Some(trust) = trust else { return Ok(ureq::AgentBuilder::new().build()) };
             let trust = mint_tls::ClientTrust::new(&trust).map_err(|e| format!("--ca/--pin: {e}"))?;
             Ok(ureq::AgentBuilder::new().tls_config(trust.config()).build())
         });

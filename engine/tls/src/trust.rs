@@ -25,6 +25,20 @@ pub enum Trust {
     Insecure,
 }
 
+impl Trust {
+    /// What a client's `--ca FILE` / `--pin sha256:...` flags choose for a server at `url`:
+    /// the CA file, else the pin, else the system's roots for an `https://` URL; none for
+    /// plain HTTP, which needs no anchors.
+    pub fn from_flags(ca: Option<&std::path::Path>, pin: Option<&str>, url: &str) -> Result<Option<Trust>, TlsError> {
+        Ok(match (ca, pin) {
+            (Some(ca), _) => Some(Trust::Ca(ca.to_path_buf())),
+            (None, Some(pin)) => Some(Trust::Pin(pin.parse()?)),
+            (None, None) if url.starts_with("https://") => Some(Trust::System),
+            (None, None) => None,
+        })
+    }
+}
+
 impl std::fmt::Display for Trust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
