@@ -3,6 +3,8 @@
 //! instances through the `noop` driver, and scale requests that change nothing.
 //! `cargo bench -p mint-daemon --bench api`.
 
+mod common;
+
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -10,14 +12,7 @@ const K: u32 = 1_000;
 const NODES: u32 = 1_000;
 
 fn main() {
-    let dir = std::env::temp_dir().join(format!("mint-api-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let master = dir.join("master");
-    for (p, t) in [("etc/hostname", "debian\n"), ("etc/network/interfaces", "auto eth0\niface eth0 inet dhcp\n"), ("sbin/ifup", "")] {
-        let f = master.join(p);
-        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
-        std::fs::write(f, t).unwrap();
-    }
+    let (dir, master) = common::scratch_with_master("api-bench");
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let data = dir.join("data");

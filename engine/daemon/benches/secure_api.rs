@@ -5,6 +5,8 @@
 //! kept-alive connections, as agents send them, and with a new connection each).
 //! `cargo bench -p mint-daemon --bench secure_api`.
 
+mod common;
+
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -163,14 +165,7 @@ enum Mode {
 }
 
 fn main() {
-    let dir = std::env::temp_dir().join(format!("mint-secure-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let master = dir.join("master");
-    for (p, t) in [("etc/hostname", "debian\n"), ("etc/network/interfaces", "auto eth0\niface eth0 inet dhcp\n"), ("sbin/ifup", "")] {
-        let f = master.join(p);
-        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
-        std::fs::write(f, t).unwrap();
-    }
+    let (dir, master) = common::scratch_with_master("secure-bench");
     // All three daemons run at once, idle but for the one measured, and the measurements
     // alternate between them, round after round: the machine's noise then falls on all
     // three alike, and each figure is the median of its rounds.
