@@ -40,8 +40,7 @@ impl ModelTier {
         self.instances.iter().filter(|i| i.0.holds_node()).count()
     }
     /// What one reconciliation pass does: scale in from the highest index; scale out
-    /// failed instances first, then pooled ones by index, all or nothing (the policy
-    /// refuses when too few nodes are free).
+    /// failed instances first, then pooled ones by index, as many as there are free nodes.
     fn reconcile(&mut self, free: &mut usize) {
         let on = self.on_nodes();
         let desired = self.desired as usize;
@@ -52,10 +51,10 @@ impl ModelTier {
                 self.instances[i].0 = InstanceState::Pooled;
                 *free += 1;
             }
-        } else if desired > on && desired - on <= *free {
+        } else if desired > on && *free > 0 {
             let mut waiting: Vec<usize> = (0..self.instances.len()).filter(|&i| self.instances[i].0.can_deploy()).collect();
             waiting.sort_by_key(|&i| (self.instances[i].0 != InstanceState::Failed, i));
-            for i in waiting.into_iter().take(desired - on) {
+            for i in waiting.into_iter().take((desired - on).min(*free)) {
                 self.instances[i].0 = InstanceState::Deployed;
                 *free -= 1;
             }

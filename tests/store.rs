@@ -66,6 +66,7 @@ fn tier(name: &str, subnet: &str, pattern: &str, k: u32, store: &Store) -> (Tier
         rollout_batch: 1,
         autoscale: None,
         autoscaled_at_ms: 0,
+        generation: 0,
         desired: 0,
     };
     (t, instances)
@@ -89,7 +90,7 @@ fn id(tier: &str, index: u32) -> InstanceId {
     InstanceId { tier: tier.into(), index }
 }
 
-fn refused(r: Result<(), StoreError>, needle: &str) {
+fn refused<T: std::fmt::Debug>(r: Result<T, StoreError>, needle: &str) {
     match r {
         Err(StoreError::Refused(m)) => assert!(m.contains(needle), "{needle} not in {m}"),
         other => panic!("expected a refusal containing {needle}, got {other:?}"),

@@ -175,11 +175,18 @@ pub enum TierCommand {
         #[arg(long, default_value_t = 1)]
         batch: u32,
     },
-    /// Set how many instances of a tier run.
+    /// Set how many instances of a tier run. The daemon records the intent and answers at
+    /// once; this waits, drawing progress, until the tier reaches it or is blocked.
     Scale {
         name: String,
         #[arg(allow_negative_numbers = true)]
         instances: i64,
+        /// Return once the intent is recorded; `mint tier show` follows it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (the intent stands).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
     },
 }
 
@@ -535,6 +542,22 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
             print(conn, &v, |v| {
                 tier_header();
                 tier_row(v);
+                let st = &v["status"];
+                let c = &st["counts"];
+                println!(
+                    "instances: {} deployed, {} deploying, {} undeploying, {} failed, {} pooled; {}",
+                    s(&c["deployed"]), s(&c["deploying"]), s(&c["undeploying"]), s(&c["failed"]), s(&c["pooled"]),
+                    if st["settled"] == true { "settled" } else { "in progress" }
+                );
+                for f in st["in-flight"].as_array().into_iter().flatten() {
+                    println!("in flight: {name}/{} {} on node {}", s(&f["index"]), s(&f["action"]), s(&f["node"]));
+                }
+                if let Some(b) = st["blocked"].as_str() {
+                    println!("blocked: {b}");
+                }
+                if let Some(f) = st["last-failure"].as_str() {
+                    println!("last driver failure: {f}");
+                }
             });
         }
         TierCommand::Delete { name } => {
@@ -545,23 +568,67 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
             let v = call_with_progress(conn, &format!("/v1/tiers/{name}/image"), json!({ "image": image, "batch": batch }))?;
             print(conn, &v, |v| println!("tier {name} re-minted at revision {}; deployed instances roll {batch} at a time", s(&v["revision"])));
         }
-        TierCommand::Scale { name, instances } => {
-            let v = call(conn, "POST", &format!("/v1/tiers/{name}/scale"), Some(json!({ "instances": instances })))?;
-            print(conn, &v, |v| {
-                let ids = |k: &str| v[k].as_array().map(|a| a.iter().map(|i| format!("{}/{}", s(&i["tier"]), s(&i["index"]))).collect::<Vec<_>>().join(" ")).unwrap_or_default();
-                println!("tier {name} scaled to {instances}: deployed [{}] undeployed [{}]", ids("deployed"), ids("undeployed"));
-                if v["rolled"].as_array().is_some_and(|r| !r.is_empty()) {
-                    println!("rolled to the new master: [{}]", ids("rolled"));
-                }
-                if let Some(b) = v["blocked"].as_str() {
-                    println!("blocked: {b}");
-                }
-            });
-            if v["blocked"].is_string() {
-                return Err(Failure::call(anyhow!("the tier could not reach {instances} instances: {}", s(&v["blocked"]))));
-            }
-        }
+        TierCommand::Scale { name, instances, no_wait, timeout } => scale(conn, &name, instances, no_wait, timeout)?,
     }
+    Ok(())
+}
+
+/// `mint tier scale`: records the intent, then follows the tier until it is settled (every
+/// wanted instance deployed, none on its way or leaving), blocked, or changed by someone
+/// else.
+fn scale(conn: &Conn, name: &str, instances: i64, no_wait: bool, timeout: Option<u64>) -> Result<(), Failure> {
+    let before = call(conn, "GET", &format!("/v1/tiers/{name}/instances"), None)?;
+    let v = call(conn, "POST", &format!("/v1/tiers/{name}/scale"), Some(json!({ "instances": instances })))?;
+    let generation = v["generation"].as_u64().unwrap_or(0);
+    if no_wait {
+        print(conn, &v, |v| {
+            println!(
+                "tier {name} scaling to {instances} (generation {generation}): {} to deploy, {} to undeploy; `mint tier show {name}` follows it",
+                s(&v["will"]["deploy"]),
+                s(&v["will"]["undeploy"])
+            )
+        });
+        return Ok(());
+    }
+    let deadline = timeout.map(|t| std::time::Instant::now() + std::time::Duration::from_secs(t));
+    let mut bar = Bar::default();
+    let draw = conn.bars() && !conn.json;
+    let last = loop {
+        let t = call(conn, "GET", &format!("/v1/tiers/{name}"), None)?;
+        let st = &t["status"];
+        if st["settled"] == true {
+            break t;
+        }
+        if t["tier"]["generation"].as_u64().unwrap_or(0) > generation {
+            bar.finish();
+            return Err(Failure::call(anyhow!("tier {name} was changed again (generation {}) while scaling to {instances}; `mint tier show {name}`", s(&t["tier"]["generation"]))));
+        }
+        let idle = st["in-flight"].as_array().is_none_or(|a| a.is_empty());
+        if st["observed-generation"].as_u64().unwrap_or(0) >= generation && idle && st["blocked"].is_string() {
+            bar.finish();
+            let failure = st["last-failure"].as_str().map(|f| format!("; the last driver failure: {f}")).unwrap_or_default();
+            return Err(Failure::call(anyhow!("tier {name} is blocked short of {instances} instances: {}{failure}", s(&st["blocked"]))));
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            bar.finish();
+            return Err(Failure::call(anyhow!("tier {name} did not reach {instances} instances in time; the intent stands, `mint tier show {name}` follows it")));
+        }
+        if draw {
+            let c = &st["counts"];
+            bar.draw("deploying", c["deployed"].as_u64().unwrap_or(0), instances.max(0) as u64);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    bar.finish();
+    let after = call(conn, "GET", &format!("/v1/tiers/{name}/instances"), None)?;
+    let state = |v: &Value, i: usize| v[i]["state"].as_str().unwrap_or_default().to_string();
+    let node = |v: &Value, i: usize| v[i]["node"].as_str().map(str::to_string);
+    let n = after.as_array().map_or(0, |a| a.len());
+    let pick = |f: &dyn Fn(usize) -> bool| (0..n).filter(|&i| f(i)).map(|i| format!("{name}/{i}")).collect::<Vec<_>>().join(" ");
+    let deployed = pick(&|i| state(&after, i) == "deployed" && (state(&before, i) != "deployed" || node(&before, i) != node(&after, i)));
+    let undeployed = pick(&|i| node(&before, i).is_some() && node(&after, i).is_none());
+    let out = json!({ "tier": name, "desired": instances, "generation": generation, "deployed": deployed, "undeployed": undeployed, "status": last["status"] });
+    print(conn, &out, |_| println!("tier {name} scaled to {instances}: deployed [{deployed}] undeployed [{undeployed}]"));
     Ok(())
 }
 

@@ -10,13 +10,14 @@
 
 pub mod capability;
 mod gc;
+pub mod reconcile;
 pub mod images;
 mod overlay;
 mod registry;
 pub mod spec;
 
 use mint_model::records::{DiskParts, Image, Instance, InstanceId, Node, PluginRef, Tier};
-use mint_model::{InstanceState, NodeState};
+use mint_model::InstanceState;
 use mint_plugins::fixture::{RequirementsJson, SelectionBuilder, ip};
 use mint_plugins::master::{DirMaster, EmptyMaster, MasterView};
 use mint_plugins::types as wit;
@@ -29,6 +30,7 @@ pub use gc::GcReport;
 pub use registry::{PluginInfo, PluginPolicy, Registry, Source};
 pub use images::{ImageError, ImageStore, SourceFormat};
 pub use spec::TierSpec;
+pub use reconcile::{Action, Effect, Outcome, PER_ENDPOINT, Permits, StepInput};
 
 
 
@@ -65,28 +67,23 @@ pub struct Engine {
     /// The daemon's URL as nodes reach it (`http://198.18.0.1:7600`), which artifact URLs
     /// handed to drivers start with; empty for URLs relative to the daemon.
     pub advertise: String,
-    /// How many driver calls (deploy, status) one pass makes at once. Drivers wait on
-    /// nodes and BMCs for seconds; calling them one after another would make a pass over
-    /// many nodes take minutes, while unbounded calls would flood the BMC network. An
-    /// atomic, so a daemon can change it when its configuration is reloaded.
-    pub driver_concurrency: std::sync::atomic::AtomicUsize,
+    /// How many driver calls run at once, in all and per endpoint, for every tier alike.
+    /// Drivers wait on nodes and BMCs for seconds; calling them one after another would
+    /// make a site of many nodes take minutes, while unbounded calls would flood the BMC
+    /// network. A daemon changes the bounds when its configuration is reloaded.
+    pub permits: Permits,
+    /// How often each running instance is health-checked (ms), each on its own jittered
+    /// schedule.
+    pub health_check_ms: std::sync::atomic::AtomicU64,
     /// Signs the capability URLs drivers hand BMCs.
     pub capabilities: capability::Capabilities,
 }
 
-/// The default of [`Engine::driver_concurrency`].
-pub const DRIVER_CONCURRENCY: usize = 16;
+/// The default interval of health checks (see [`Engine::health_check_ms`]).
+pub const HEALTH_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Runs `calls`, at most `limit` at once, and returns their results in order.
-async fn bounded<T>(calls: Vec<impl Future<Output = T>>, limit: usize) -> Vec<T> {
-    let permits = tokio::sync::Semaphore::new(limit.max(1));
-    futures_util::future::join_all(calls.into_iter().map(|call| async {
-        // The semaphore is never closed, so acquiring fails only if it were.
-        let _permit = permits.acquire().await;
-        call.await
-    }))
-    .await
-}
+/// The default bound of driver calls at once (see [`Engine::permits`]).
+pub const DRIVER_CONCURRENCY: usize = 16;
 
 fn config_value(r: &PluginRef) -> Option<serde_json::Value> {
     if r.config.is_empty() { None } else { Some(serde_json::Value::Object(r.config.clone())) }
@@ -187,7 +184,8 @@ impl Engine {
             images: ImageStore::open(&data_dir.join("images"))?,
             plugins,
             advertise: String::new(),
-            driver_concurrency: std::sync::atomic::AtomicUsize::new(DRIVER_CONCURRENCY),
+            permits: Permits::new(DRIVER_CONCURRENCY, PER_ENDPOINT),
+            health_check_ms: std::sync::atomic::AtomicU64::new(HEALTH_CHECK_EVERY.as_millis() as u64),
         })
     }
 
@@ -361,232 +359,10 @@ impl Engine {
     }
 
     /// Sets a tier's desired count (for the identity `by`) and runs one reconciliation
-    /// pass for it.
+    /// pass for it, its driver calls included.
     pub async fn scale(&self, tier: &str, desired: u32, by: &str) -> Result<Progress> {
         self.store.set_desired(tier, desired, by)?;
         self.reconcile(tier).await
-    }
-
-    /// Drives a tier toward its desired count: selects nodes for missing instances
-    /// through the policy and deploys undeployed instances on them, or removes surplus
-    /// instances, highest index first.
-    pub async fn reconcile(&self, tier_name: &str) -> Result<Progress> {
-        let tier = self.store.tier(tier_name)?;
-        let mut instances = self.store.instances(tier_name)?;
-        let mut progress = Progress::default();
-        if instances.iter().any(|i| i.state == InstanceState::Deploying) {
-            self.poll_deploying(&tier, &instances, &mut progress).await?;
-            instances = self.store.instances(tier_name)?;
-        }
-        let on_nodes: Vec<&Instance> = instances.iter().filter(|i| i.state.holds_node()).collect();
-        let desired = tier.desired as usize;
-        if on_nodes.len() > desired {
-            let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
-            let mut surplus: Vec<&&Instance> = on_nodes.iter().collect();
-            surplus.sort_by_key(|i| std::cmp::Reverse(i.id.index));
-            for inst in surplus.into_iter().take(on_nodes.len() - desired) {
-                let node = self.node(inst.node.as_deref().unwrap_or_default())?;
-                driver.undeploy(&wit_node(&node), &self.deployment(inst), config_value(&tier.driver).as_ref()).await?;
-                self.store.release(&inst.id, NodeState::Free, &format!("tier scaled in to {desired}"))?;
-                progress.undeployed.push(inst.id.clone());
-            }
-            return Ok(progress);
-        }
-        let need = desired - on_nodes.len();
-        if need == 0 {
-            self.roll(&tier, &instances, &mut progress).await?;
-            return Ok(progress);
-        }
-        // Which instances go: failed ones first (they were serving), then pooled ones,
-        // lowest index first, so the choice is deterministic and the same every time.
-        let mut waiting: Vec<&Instance> = instances.iter().filter(|i| i.state.can_deploy()).collect();
-        waiting.sort_by_key(|i| (i.state != InstanceState::Failed, i.id.index));
-        let nodes = self.store.node_handles();
-        let (request, names) = selection_request(&tier, nodes.iter().map(|n| &**n), need as u32);
-        let policy = self.plugins.get(&tier.policy.plugin, Kind::NodePolicy, "policy")?;
-        let chosen = match policy.select(&request, &names, config_value(&tier.policy).as_ref()).await {
-            Ok(c) => c.value,
-            Err(e) => {
-                progress.blocked = Some(e.to_string());
-                return Ok(progress);
-            }
-        };
-        let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
-        // Bind every chosen pair in one transaction, so the pass costs one durable write
-        // however many instances it places; then hand each to the driver.
-        let pairs: Vec<(&Instance, &String, &wit::Choice)> =
-            chosen.iter().zip(waiting).map(|(c, i)| (i, &names[c.candidate as usize], c)).collect();
-        let binds: Vec<(InstanceId, String, serde_json::Value)> = pairs
-            .iter()
-            .map(|(inst, node, choice)| {
-                let detail = serde_json::json!({
-                    "policy": tier.policy.plugin, "score": choice.score, "reason": choice.reason,
-                    "why-this-instance": format!("lowest-index {} instance", inst.state),
-                });
-                (inst.id.clone(), node.to_string(), detail)
-            })
-            .collect();
-        self.store.bind_many(&binds)?;
-        // The records as bound: each binding began a new deployment, which the driver's
-        // artifact URL names.
-        let bound = self.store.instances(tier_name)?;
-        let mut finished = Vec::new();
-        let config = config_value(&tier.driver);
-        let mut jobs = Vec::new();
-        for (inst, node_name, _) in &pairs {
-            let now = bound.iter().find(|b| b.id == inst.id).unwrap_or(inst);
-            jobs.push((*inst, wit_node(&self.node(node_name)?), self.deployment(now)));
-        }
-        let calls = jobs.iter().map(|(_, node, d)| driver.deploy(node, d, config.as_ref())).collect();
-        let results = bounded(calls, self.driver_concurrency.load(std::sync::atomic::Ordering::Relaxed)).await;
-        for ((inst, _, _), result) in jobs.iter().zip(results) {
-            match result {
-                Ok(r) if r.value.state == wit::InstanceState::Running => {
-                    finished.push((inst.id.clone(), serde_json::json!({"driver": tier.driver.plugin, "detail": r.value.detail})));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    self.store.release(&inst.id, NodeState::Failed, &format!("the driver failed: {e}"))?;
-                    progress.blocked = Some(e.to_string());
-                    continue;
-                }
-            }
-            progress.deployed.push(inst.id.clone());
-        }
-        self.store.finish_many(&finished)?;
-        Ok(progress)
-    }
-
-    /// Rolls deployed instances behind the tier's revision to it, `rollout_batch` at a
-    /// time, lowest index first: each is deployed again on the node it holds (undeploy,
-    /// then deploy with the new artifact). A batch starts only when no deployment of the
-    /// tier is unfinished, so the next waits for the last one to finish.
-    async fn roll(&self, tier: &Tier, instances: &[Instance], progress: &mut Progress) -> Result<()> {
-        if instances.iter().any(|i| i.state == InstanceState::Deploying) {
-            return Ok(());
-        }
-        let mut stale: Vec<&Instance> = instances.iter().filter(|i| i.state.can_roll() && i.revision < tier.revision).collect();
-        if stale.is_empty() {
-            return Ok(());
-        }
-        stale.sort_by_key(|i| i.id.index);
-        stale.truncate(tier.rollout_batch.max(1) as usize);
-        let ids: Vec<InstanceId> = stale.iter().map(|i| i.id.clone()).collect();
-        self.store.begin_roll(&ids)?;
-        let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
-        let config = config_value(&tier.driver);
-        let mut finished = Vec::new();
-        for inst in stale {
-            let node_name = inst.node.as_deref().unwrap_or_default();
-            let node = wit_node(&self.node(node_name)?);
-            // The old deployment is undeployed; the new one, which `begin_roll` started, is
-            // what the driver deploys.
-            let old = self.deployment(inst);
-            let new = self.deployment(&self.instance(&tier.name, inst.id.index)?);
-            let result = match driver.undeploy(&node, &old, config.as_ref()).await {
-                Ok(_) => driver.deploy(&node, &new, config.as_ref()).await.map(|r| r.value),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(r) if r.state == wit::InstanceState::Running => {
-                    finished.push((inst.id.clone(), serde_json::json!({"driver": tier.driver.plugin, "detail": r.detail, "revision": tier.revision})));
-                }
-                // Unfinished: polled on later passes like any deployment.
-                Ok(_) => {}
-                Err(e) => {
-                    let why = format!("rolling {} to revision {} failed: {e}", inst.id, tier.revision);
-                    self.store.fail_node(node_name, &why)?;
-                    progress.failed.push(inst.id.clone());
-                    progress.blocked = Some(why);
-                    continue;
-                }
-            }
-            progress.rolled.push(inst.id.clone());
-        }
-        self.store.finish_many(&finished)?;
-        Ok(())
-    }
-
-    /// Health check: asks the driver about every deployed instance of a tier. One the
-    /// driver reports failed or gone fails its node, so reconciliation redeploys it, with
-    /// its identity, on a fresh node; the node's agent is fenced when it next reports. A
-    /// driver that cannot answer is left to the node's heartbeats. Returns what failed.
-    pub async fn check_health(&self, tier_name: &str) -> Result<Vec<InstanceId>> {
-        let tier = self.store.tier(tier_name)?;
-        let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
-        let config = config_value(&tier.driver);
-        let mut failed = Vec::new();
-        let mut jobs = Vec::new();
-        for inst in self.store.instances(tier_name)?.into_iter().filter(|i| i.state == InstanceState::Deployed) {
-            let Some(node_name) = inst.node.clone() else { continue };
-            let node = wit_node(&self.node(&node_name)?);
-            let d = self.deployment(&inst);
-            jobs.push((inst, node_name, node, d));
-        }
-        let calls = jobs.iter().map(|(_, _, node, d)| async { driver.status(node, d, config.as_ref()).await.map(|r| r.value) }).collect();
-        let reports = bounded(calls, self.driver_concurrency.load(std::sync::atomic::Ordering::Relaxed)).await;
-        for ((inst, node_name, _, _), report) in jobs.iter().zip(reports) {
-            let why = match report {
-                Ok(r) if r.state == wit::InstanceState::Failed => format!("health check: the driver reports {} failed: {}", inst.id, r.detail),
-                Ok(r) if r.state == wit::InstanceState::Absent => format!("health check: {} is no longer on its node ({})", inst.id, r.detail),
-                _ => continue,
-            };
-            self.store.fail_node(node_name, &why)?;
-            failed.push(inst.id.clone());
-        }
-        Ok(failed)
-    }
-
-    /// Asks the driver about every unfinished deployment of a tier. A running instance is
-    /// recorded deployed; one the node does not have (the daemon stopped between binding
-    /// it and calling the driver) is deployed again, which drivers must make idempotent; a
-    /// failed one, or one still unfinished after the tier's deploy timeout, fails its node,
-    /// so the instance is redeployed elsewhere with its identity.
-    async fn poll_deploying(&self, tier: &Tier, instances: &[Instance], progress: &mut Progress) -> Result<()> {
-        let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
-        let config = config_value(&tier.driver);
-        let timeout_ms = u64::from(tier.deploy_timeout_secs) * 1000;
-        let now = now_ms();
-        let mut finished = Vec::new();
-        let mut jobs = Vec::new();
-        for inst in instances.iter().filter(|i| i.state == InstanceState::Deploying) {
-            let Some(node_name) = inst.node.as_deref() else { continue };
-            jobs.push((inst, node_name, wit_node(&self.node(node_name)?), self.deployment(inst)));
-        }
-        let calls = jobs
-            .iter()
-            .map(|(_, _, node, d)| async {
-                let report = driver.status(node, d, config.as_ref()).await.map(|r| r.value);
-                if matches!(&report, Ok(r) if r.state == wit::InstanceState::Absent) {
-                    return driver.deploy(node, d, config.as_ref()).await.map(|r| r.value);
-                }
-                report
-            })
-            .collect();
-        let reports = bounded(calls, self.driver_concurrency.load(std::sync::atomic::Ordering::Relaxed)).await;
-        for ((inst, node_name, _, _), report) in jobs.iter().zip(reports) {
-            let (inst, node_name) = (*inst, *node_name);
-            let waited_ms = now.saturating_sub(inst.since_ms);
-            let failure = match report {
-                Ok(r) if r.state == wit::InstanceState::Running => {
-                    finished.push((inst.id.clone(), serde_json::json!({"driver": tier.driver.plugin, "detail": r.detail, "after-ms": waited_ms})));
-                    continue;
-                }
-                Ok(r) if r.state == wit::InstanceState::Failed => format!("the driver reports the instance failed: {}", r.detail),
-                _ if waited_ms > timeout_ms => format!(
-                    "the deployment of {} did not finish within the tier's deploy timeout of {} s",
-                    inst.id, tier.deploy_timeout_secs
-                ),
-                // Unfinished, or the driver could not tell: ask again on the next pass.
-                _ => continue,
-            };
-            self.store.fail_node(node_name, &failure)?;
-            progress.failed.push(inst.id.clone());
-            progress.blocked = Some(failure);
-        }
-        progress.finished = finished.iter().map(|f| f.0.clone()).collect();
-        self.store.finish_many(&finished)?;
-        Ok(())
     }
 
     fn node(&self, name: &str) -> Result<Node> {

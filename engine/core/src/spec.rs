@@ -127,6 +127,7 @@ impl TierSpec {
             rollout_batch: 1,
             autoscale: self.autoscale.clone(),
             autoscaled_at_ms: 0,
+            generation: 0,
             desired: 0,
         })
     }

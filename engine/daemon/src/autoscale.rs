@@ -59,7 +59,7 @@ pub fn decide(app: &App, tier: &Tier) {
         "nodes": per_node.iter().map(|(n, l)| json!({"node": n, "load": l})).collect::<Vec<_>>(), "from": tier.desired, "to": to,
     });
     match app.engine.store.autoscale(&tier.name, to, &message, detail) {
-        Ok(()) => tracing::info!(tier = %tier.name, "{message}: {} -> {to}", tier.desired),
+        Ok(_) => tracing::info!(tier = %tier.name, "{message}: {} -> {to}", tier.desired),
         Err(e) => tracing::warn!(tier = %tier.name, "the load rule could not scale: {e}"),
     }
 }

@@ -18,7 +18,9 @@
 //! # password = "..."
 //!
 //! [drivers]
-//! concurrency = 16
+//! concurrency = 16                  # driver calls at once, all tiers together
+//! per-endpoint = 4                  # calls at once to one BMC host or agent
+//! health-check-secs = 5             # each running instance's health, on its own schedule
 //!
 //! [materialize]
 //! root = "/srv/mint/materialized"   # relative to this file; absent: materialize is off
@@ -104,8 +106,11 @@ struct RawCredentials {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 struct RawDrivers {
     concurrency: Option<usize>,
+    per_endpoint: Option<usize>,
+    health_check_secs: Option<u64>,
 }
 
 /// The most driver calls at once the configuration may ask for.
@@ -118,8 +123,12 @@ pub struct Config {
     pub plugins: PluginPolicy,
     /// BMC and other node-endpoint credentials.
     pub credentials: Credentials,
-    /// Driver calls one pass makes at once.
+    /// Driver calls at once, all tiers together.
     pub concurrency: usize,
+    /// Driver calls at once to one endpoint.
+    pub per_endpoint: usize,
+    /// How often each running instance is health-checked.
+    pub health_check: std::time::Duration,
     /// The directory `materialize` writes below; none turns it off.
     pub materialize_root: Option<PathBuf>,
     /// How node endpoints' certificates are trusted.
@@ -130,7 +139,12 @@ impl Config {
     /// The configuration of a daemon started without a file: no trusted keys, unsigned
     /// packages refused, no grants, no credentials.
     pub fn default_for_daemon() -> Config {
-        Config { concurrency: mint_core::DRIVER_CONCURRENCY, ..Config::default() }
+        Config {
+            concurrency: mint_core::DRIVER_CONCURRENCY,
+            per_endpoint: mint_core::PER_ENDPOINT,
+            health_check: mint_core::HEALTH_CHECK_EVERY,
+            ..Config::default()
+        }
     }
 
     /// Reads and checks `path`. Errors name the file and the field.
@@ -170,6 +184,15 @@ impl Config {
         if concurrency == 0 || concurrency > MAX_CONCURRENCY {
             return Err(at(format!("drivers.concurrency: {concurrency} is outside 1..={MAX_CONCURRENCY}")));
         }
+        let per_endpoint = raw.drivers.per_endpoint.unwrap_or(mint_core::PER_ENDPOINT);
+        if per_endpoint == 0 || per_endpoint > concurrency {
+            return Err(at(format!("drivers.per-endpoint: {per_endpoint} is outside 1..={concurrency} (drivers.concurrency)")));
+        }
+        let health_check = match raw.drivers.health_check_secs {
+            None => mint_core::HEALTH_CHECK_EVERY,
+            Some(s @ 1..=86_400) => std::time::Duration::from_secs(s),
+            Some(s) => return Err(at(format!("drivers.health-check-secs: {s} is outside 1..=86400"))),
+        };
         let materialize_root = match raw.materialize.root {
             None => None,
             Some(r) => {
@@ -183,7 +206,7 @@ impl Config {
             let trust = endpoint_trust(&at, &e.tls, base)?;
             endpoint_tls.add(&at, e.node, e.endpoint, trust)?;
         }
-        Ok(Config { plugins: PluginPolicy { trust, grants }, credentials, concurrency, materialize_root, endpoint_tls })
+        Ok(Config { plugins: PluginPolicy { trust, grants }, credentials, concurrency, per_endpoint, health_check, materialize_root, endpoint_tls })
     }
 }
 
@@ -196,9 +219,12 @@ impl Config {
             credentials = ?self.credentials.summary(),
             endpoint_tls = ?self.endpoint_tls.summary(),
             concurrency = self.concurrency,
+            per_endpoint = self.per_endpoint,
+            health_check_secs = self.health_check.as_secs(),
             "configuration"
         );
-        engine.driver_concurrency.store(self.concurrency, std::sync::atomic::Ordering::Relaxed);
+        engine.permits.set(self.concurrency, self.per_endpoint);
+        engine.health_check_ms.store(self.health_check.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         engine.plugins.runtime().set_credentials(self.credentials);
         engine.plugins.runtime().set_tls_policies(self.endpoint_tls);
         engine.plugins.set_policy(self.plugins);
@@ -232,7 +258,6 @@ pub(crate) fn reload_on_hangup(
                 crate::tls::reload(&app, cert);
             }
             let Some(path) = &path else { continue };
-            let _pass = app.reconciling.lock().await;
             match Config::read(path) {
                 Ok(c) => {
                     *app.materialize_root.write().unwrap_or_else(|p| p.into_inner()) = c.materialize_root.clone();
@@ -257,6 +282,8 @@ mod tests {
             ("[plugins.trusted-keys]\nacme = [\"nope\"]", "plugins.trusted-keys.acme"),
             ("[plugins.grants]\nx = [\"ftp://h\"]", "plugins.grants.x"),
             ("[drivers]\nconcurrency = 0", "drivers.concurrency"),
+            ("[drivers]\nconcurrency = 2\nper-endpoint = 3", "drivers.per-endpoint"),
+            ("[drivers]\nhealth-check-secs = 0", "drivers.health-check-secs"),
             ("[credentials]\nfile = \"/nonexistent/creds.toml\"", "credentials.file"),
             ("[[endpoint]]\ntls = \"trusting\"", "endpoint #1: field `tls`"),
             ("[[endpoint]]\ntls = { pin = \"md5:00\" }", "tls.pin"),

@@ -1,10 +1,10 @@
 //! mint's daemon: serves the HTTP/JSON API over the pool engine and runs the
 //! level-triggered reconciliation loop that drives every tier toward its desired count.
 //!
-//! Architecture invariant: the daemon holds no state of its own. Everything it answers
-//! comes from the store, so a restarted daemon serves exactly what was acknowledged.
-//! Reconciliation passes are serialised: one pass at a time, whether the loop or a
-//! request started it.
+//! Architecture invariant: the daemon holds no state of its own but what it is doing right
+//! now (calls in flight, see `reconciler`). Everything it acknowledges is in the store, so
+//! a restarted daemon serves exactly what was acknowledged. A request records intent and
+//! answers; the reconciler carries it out, and no request waits behind a driver.
 
 mod artifacts;
 pub mod auth;
@@ -14,6 +14,7 @@ mod confine;
 mod identities;
 mod liveness;
 mod plugins;
+mod reconciler;
 mod tls;
 pub use tls::PIN_FILE;
 
@@ -25,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt as _;
 use axum::{Json, Router};
-use mint_core::{Engine, EngineError, Progress, Report, SourceFormat, Step, TierSpec, quiet};
+use mint_core::{Engine, EngineError, Report, SourceFormat, Step, TierSpec, quiet};
 use mint_model::NodeState;
 use mint_model::records::Node;
 use mint_store::StoreError;
@@ -36,19 +37,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often the loop reconciles every tier when nothing asks it to sooner.
-pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
-
-/// How often deployed instances are health-checked through their drivers.
-pub const HEALTH_EVERY: Duration = Duration::from_secs(4);
+/// How often every tier is queued for a step when nothing asks for one sooner.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
 struct App {
     engine: Engine,
     /// When each node's agent last reported, and the loads it reported.
     liveness: liveness::Liveness,
-    /// When deployed instances were last health-checked.
-    checked: std::sync::Mutex<std::time::Instant>,
-    reconciling: tokio::sync::Mutex<()>,
+    /// Tiers waiting for a reconciliation step.
+    queue: reconciler::Queue,
+    /// What the reconciler is doing for each tier.
+    status: reconciler::Statuses,
+    /// Driver calls in flight, each in its own task.
+    calls: std::sync::Mutex<tokio::task::JoinSet<()>>,
     /// Writers of the image store's files (imports, artifact builds) share it; garbage
     /// collection and image deletion take it alone, so they never see half-written files
     /// as garbage.
@@ -277,7 +278,6 @@ async fn list_images(State(app): State<Shared>) -> ApiResult {
 
 /// `DELETE /v1/images/{id}`: refused while a tier uses the image.
 async fn delete_image(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> ApiResult {
-    let _pass = app.reconciling.lock().await;
     let _files = app.image_files.write().await;
     let image = off_async_threads(|| app.engine.delete_image(&id, &caller.label()))?;
     ok(json!({ "deleted": image }))
@@ -293,7 +293,6 @@ struct GcRequest {
 /// `POST /v1/images/gc`: removes masters no tier uses and blobs no instance refers to.
 async fn gc(State(app): State<Shared>, Extension(caller): Extension<Caller>, req: Result<Json<GcRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
     let req = body(req)?;
-    let _pass = app.reconciling.lock().await;
     let _files = app.image_files.write().await;
     ok(off_async_threads(|| app.engine.gc(req.keep_masters, &caller.label()))?)
 }
@@ -319,8 +318,8 @@ async fn create_tier(State(app): State<Shared>, Extension(caller): Extension<Cal
     long_operation(wants_stream(&headers), move |report| {
         Box::pin(async move {
             let _permit = permit;
-            let _pass = app.reconciling.lock().await;
             let tier = app.engine.create_tier_reporting(&spec, report, &caller.label()).await?;
+            app.queue.add(&tier.name);
             serde_json::to_value(tier).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         })
     })
@@ -359,35 +358,52 @@ async fn update_image(
     long_operation(wants_stream(&headers), move |report| {
         Box::pin(async move {
             let _permit = permit;
-            let _pass = app.reconciling.lock().await;
             let _files = app.image_files.read().await;
             let revision = app.engine.update_image(&name, &req.image, req.batch, report, &caller.label()).await?;
+            app.queue.add(&name);
             Ok(json!({ "tier": name, "revision": revision }))
         })
     })
     .await
 }
 
+/// A tier as the API shows it: its record, how many instances hold nodes, and what the
+/// reconciler is doing for it.
+fn tier_view(app: &App, t: &mint_model::records::Tier) -> Result<Value, ApiError> {
+    let inst = app.engine.store.instances(&t.name)?;
+    let deployed = inst.iter().filter(|i| i.state.holds_node()).count();
+    let status = app.status.get(&t.name);
+    Ok(json!({
+        "tier": t,
+        "deployed": deployed,
+        "status": {
+            "generation": t.generation,
+            "observed-generation": status.observed_generation,
+            "counts": mint_model::plan::Counts::of(&inst),
+            "settled": mint_model::plan::settled(t, &inst),
+            "in-flight": status.in_flight.values().collect::<Vec<_>>(),
+            "blocked": status.blocked,
+            "last-failure": status.last_failure,
+        },
+    }))
+}
+
 async fn list_tiers(State(app): State<Shared>) -> ApiResult {
     let mut out = Vec::new();
     for t in app.engine.store.tiers()? {
-        let inst = app.engine.store.instances(&t.name)?;
-        let deployed = inst.iter().filter(|i| i.state.holds_node()).count();
-        out.push(json!({ "tier": t, "deployed": deployed }));
+        out.push(tier_view(&app, &t)?);
     }
     ok(out)
 }
 
 async fn show_tier(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
     let t = app.engine.store.tier(&name)?;
-    let inst = app.engine.store.instances(&name)?;
-    let deployed = inst.iter().filter(|i| i.state.holds_node()).count();
-    ok(json!({ "tier": t, "deployed": deployed }))
+    ok(tier_view(&app, &t)?)
 }
 
 async fn delete_tier(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> ApiResult {
-    let _pass = app.reconciling.lock().await;
     app.engine.store.delete_tier(&name, &caller.label())?;
+    app.status.forget(&name);
     ok(json!({ "deleted": name }))
 }
 
@@ -395,9 +411,20 @@ async fn scale(State(app): State<Shared>, Extension(caller): Extension<Caller>, 
     let req = body(req)?;
     let n = u32::try_from(req.instances)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("field `instances`: {} is not a count from 0 up", req.instances)))?;
-    let _pass = app.reconciling.lock().await;
-    let p: Progress = app.engine.scale(&name, n, &caller.label()).await?;
-    ok(p)
+    // The intent is recorded and the answer says what will happen; the reconciler
+    // carries it out, and `GET /v1/tiers/{name}` follows it (`mint tier scale` waits).
+    let generation = app.engine.store.set_desired(&name, n, &caller.label())?;
+    app.queue.add(&name);
+    let inst = app.engine.store.instances(&name)?;
+    let counts = mint_model::plan::Counts::of(&inst);
+    let active = counts.active();
+    ok(json!({
+        "tier": name,
+        "desired": n,
+        "generation": generation,
+        "counts": counts,
+        "will": { "deploy": n.saturating_sub(active), "undeploy": active.saturating_sub(n) },
+    }))
 }
 
 async fn instances(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
@@ -425,6 +452,8 @@ async fn add_node(State(app): State<Shared>, Extension(caller): Extension<Caller
         load: 0,
     };
     app.engine.store.add_node(&node, &caller.label())?;
+    // A new node may be what a waiting tier needs.
+    reconciler::queue_all(&app);
     ok(node)
 }
 
@@ -479,10 +508,10 @@ async fn set_node_state(State(app): State<Shared>, Extension(caller): Extension<
         "failed" => NodeState::Failed,
         other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `state`: `{other}` cannot be set; use free, maintenance or failed"))),
     };
-    // Serialised with reconciliation: a node declared failed mid-pass would otherwise race
-    // the pass's driver calls for it.
-    let _pass = app.reconciling.lock().await;
+    // A call in flight for the node's instance may answer later; the store's guard discards
+    // that answer, since the instance is no longer in that deployment on this node.
     app.engine.store.set_node_state(&name, to, req.reason.as_deref().unwrap_or("set by an operator"), &caller.label())?;
+    reconciler::queue_all(&app);
     ok(app.engine.store.node(&name)?)
 }
 
@@ -545,40 +574,10 @@ fn router(app: Shared) -> Router {
         .with_state(app)
 }
 
-/// One reconciliation pass over every tier.
-async fn reconcile_all(app: &App) {
-    let _pass = app.reconciling.lock().await;
+/// The tick: nodes silent too long are declared failed, and every tier is queued.
+fn tick(app: &App) {
     liveness::fail_silent_nodes(app);
-    let tiers = match app.engine.store.tiers() {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!("cannot list tiers: {e}");
-            return;
-        }
-    };
-    let health_due = {
-        let mut at = app.checked.lock().unwrap_or_else(|p| p.into_inner());
-        let due = at.elapsed() >= HEALTH_EVERY;
-        if due {
-            *at = std::time::Instant::now();
-        }
-        due
-    };
-    for t in tiers {
-        if health_due {
-            match app.engine.check_health(&t.name).await {
-                Ok(failed) if !failed.is_empty() => tracing::warn!(tier = %t.name, "health check failed for {failed:?}"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(tier = %t.name, "health check: {e}"),
-            }
-        }
-        autoscale::decide(app, &t);
-        match app.engine.reconcile(&t.name).await {
-            Ok(p) if p.blocked.is_some() => tracing::warn!(tier = %t.name, "blocked: {}", p.blocked.unwrap_or_default()),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(tier = %t.name, "reconcile failed: {e}"),
-        }
-    }
+    reconciler::queue_all(app);
 }
 
 /// How the daemon serves.
@@ -679,8 +678,9 @@ pub async fn serve(
     let app = Arc::new(App {
         engine,
         liveness: liveness::Liveness::new(node_timeout),
-        checked: std::sync::Mutex::new(std::time::Instant::now()),
-        reconciling: tokio::sync::Mutex::new(()),
+        queue: reconciler::Queue::default(),
+        status: reconciler::Statuses::default(),
+        calls: std::sync::Mutex::new(tokio::task::JoinSet::new()),
         image_files: tokio::sync::RwLock::new(()),
         data_dir: data_dir.to_path_buf(),
         failures: auth::Failures::new(max_auth_failures),
@@ -692,11 +692,13 @@ pub async fn serve(
     let pin = cert.as_ref().map(|c| c.pin());
     app.engine.plugins.runtime().set_engine_pin(pin);
     config::reload_on_hangup(app.clone(), config_path, cert, stop_rx.clone());
+    let workers = reconciler::start(app.clone(), stop_rx.clone());
     let looping = app.clone();
-    let reconciler = tokio::spawn(async move {
+    let ticker = tokio::spawn(async move {
+        tick(&looping);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(RECONCILE_EVERY) => reconcile_all(&looping).await,
+                _ = tokio::time::sleep(RECONCILE_EVERY) => tick(&looping),
                 _ = stop_rx.changed() => break,
             }
         }
@@ -704,14 +706,20 @@ pub async fn serve(
     let scheme = if listener.is_tls() { "https" } else { "http" };
     on_ready(&Ready { addr: bound, url: format!("{scheme}://{bound}"), pin });
     // `tap_io` makes the peer's address available to handlers for any listener.
-    axum::serve(listener.tap_io(|_| ()), router(app).into_make_service_with_connect_info::<SocketAddr>())
+    axum::serve(listener.tap_io(|_| ()), router(app.clone()).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         })
         .await
         .map_err(|e| e.to_string())?;
-    // Let a pass in progress finish its transaction before the process ends.
-    let _ = reconciler.await;
+    // Let steps in progress finish their transactions; driver calls in flight are cut off
+    // (each commits in one transaction or not at all, and the next daemon polls them).
+    let _ = ticker.await;
+    for w in workers {
+        let _ = w.await;
+    }
+    let mut calls = std::mem::take(&mut *app.calls.lock().unwrap_or_else(|p| p.into_inner()));
+    calls.shutdown().await;
     Ok(())
 }

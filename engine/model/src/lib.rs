@@ -9,6 +9,7 @@
 
 pub mod address;
 pub mod hostname;
+pub mod plan;
 pub mod records;
 pub mod state;
 

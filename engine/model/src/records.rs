@@ -75,6 +75,10 @@ pub struct Tier {
     pub autoscaled_at_ms: u64,
     /// How many instances should be deployed.
     pub desired: u32,
+    /// Counts changes of the tier's intent (its desired count, its master): what an
+    /// operator follows to see a request carried out.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 fn one() -> u32 {
@@ -224,6 +228,18 @@ pub struct Node {
 }
 
 impl Node {
+    /// The endpoint a driver reaches for this node, as `host:port` of the first property
+    /// holding an `http(s)://` URL (`bmc-url`, `agent-url`, ...), by which driver calls are
+    /// bounded per BMC host. `None` for a node reached by no URL.
+    pub fn endpoint(&self) -> Option<String> {
+        self.properties.values().find_map(|v| {
+            let rest = v.strip_prefix("https://").or_else(|| v.strip_prefix("http://"))?;
+            let authority = rest.split(['/', '?', '#']).next()?;
+            // Credentials in a URL are no part of the endpoint's name.
+            let host = authority.rsplit('@').next()?;
+            (!host.is_empty()).then(|| host.to_ascii_lowercase())
+        })
+    }
     /// Whether the node meets `r`.
     pub fn meets(&self, r: &Requirements) -> bool {
         self.cpus >= r.min_cpus

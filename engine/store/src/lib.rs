@@ -105,6 +105,16 @@ pub fn same_hash(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Why a driver's answer about `deployment` of `id` no longer applies.
+fn discarded_message(id: &InstanceId, deployment: u64, now: &Instance, said: &str) -> String {
+    let what = if now.deployment != deployment {
+        format!("deployment {} has begun since", now.deployment)
+    } else {
+        format!("the instance is {} now", now.state)
+    };
+    format!("a late answer for {id} (the driver {said} deployment {deployment}) was discarded: {what}")
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -480,7 +490,7 @@ impl Store {
     }
 
     /// Sets how many instances of a tier should be deployed (0 to K).
-    pub fn set_desired(&self, tier: &str, desired: u32, by: &str) -> Result<()> {
+    pub fn set_desired(&self, tier: &str, desired: u32, by: &str) -> Result<u64> {
         self.change_desired(tier, desired, None, by, |before| {
             ("scale-requested", format!("tier `{tier}` scaled from {before} to {desired}"), serde_json::json!({"from": before, "to": desired}))
         })
@@ -488,14 +498,15 @@ impl Store {
 
     /// Sets a tier's desired count because its load rule says so, recording the reason and
     /// the figures behind it, and when (for the rule's cooldown).
-    pub fn autoscale(&self, tier: &str, desired: u32, message: &str, detail: serde_json::Value) -> Result<()> {
+    pub fn autoscale(&self, tier: &str, desired: u32, message: &str, detail: serde_json::Value) -> Result<u64> {
         self.change_desired(tier, desired, Some(now_ms()), ENGINE, |before| {
             ("autoscaled", format!("tier `{tier}` scaled from {before} to {desired}: {message}"), detail.clone())
         })
     }
 
     /// One change of a tier's desired count (refused above K), with the event `event` makes
-    /// of the count before; `autoscaled_at` marks a load rule's decision.
+    /// of the count before; `autoscaled_at` marks a load rule's decision. Returns the tier's
+    /// new generation.
     fn change_desired(
         &self,
         tier: &str,
@@ -503,7 +514,7 @@ impl Store {
         autoscaled_at: Option<u64>,
         by: &str,
         event: impl Fn(u32) -> (&'static str, String, serde_json::Value),
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let _w = self.lock();
         self.transact_as(by, |tx| {
             let Some(mut t) = Tx::get::<Tier>(tx.tiers, tier.as_bytes())? else {
@@ -512,13 +523,18 @@ impl Store {
             if desired > t.max_instances {
                 return refuse(format!("cannot scale tier `{tier}` to {desired}: its max-instances (K) is {}", t.max_instances));
             }
-            let (kind, message, detail) = event(t.desired);
+            let (kind, message, mut detail) = event(t.desired);
             t.desired = desired;
+            t.generation += 1;
             if let Some(at) = autoscaled_at {
                 t.autoscaled_at_ms = at;
             }
+            if let Some(d) = detail.as_object_mut() {
+                d.insert("generation".into(), t.generation.into());
+            }
             Tx::put(tx.tiers, tier.as_bytes(), &t)?;
-            tx.event(Some(tier), kind, message, detail)
+            tx.event(Some(tier), kind, message, detail)?;
+            Ok(t.generation)
         })
     }
 
@@ -543,6 +559,13 @@ impl Store {
     pub fn note(&self, kind: &str, message: String, detail: serde_json::Value, by: &str) -> Result<()> {
         let _w = self.lock();
         self.transact_as(by, |tx| tx.event(None, kind, message.clone(), detail.clone()))
+    }
+
+    /// Records an event about a tier that changes no record (the engine's own
+    /// observations, such as a tier blocked for want of nodes).
+    pub fn note_tier(&self, tier: &str, kind: &str, message: String, detail: serde_json::Value) -> Result<()> {
+        let _w = self.lock();
+        self.transact(|tx| tx.event(Some(tier), kind, message.clone(), detail.clone()))
     }
 
     /// Stores a new operator token (only its hash). Refused if the name is taken.
@@ -834,6 +857,7 @@ impl Store {
             }
             let old = std::mem::replace(&mut tier.image, image.to_string());
             tier.revision += 1;
+            tier.generation += 1;
             tier.rollout_batch = batch;
             Tx::put(tx.tiers, tier_name.as_bytes(), &tier)?;
             tx.event(
@@ -916,6 +940,119 @@ impl Store {
             Ok(nodes)
         })?;
         self.refresh_nodes(nodes.iter().map(String::as_str))
+    }
+
+    /// Records finished deployments, each only if its instance is still deploying in the
+    /// deployment the answer is about (`(id, deployment, detail)`): a late answer about a
+    /// deployment since taken back, failed or replaced is discarded with an event, and the
+    /// newer decision stands. Returns the discarded ones. One transaction.
+    pub fn finish_guarded(&self, done: &[(InstanceId, u64, serde_json::Value)]) -> Result<Vec<InstanceId>> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _w = self.lock();
+        let (nodes, discarded) = self.transact(|tx| {
+            let (mut nodes, mut discarded) = (Vec::new(), Vec::new());
+            for (id, deployment, detail) in done {
+                let mut inst = tx.instance(id)?;
+                if !inst.state.can_finish_deploy() || inst.deployment != *deployment {
+                    tx.event(Some(&id.tier), "answer-discarded", discarded_message(id, *deployment, &inst, "finished"), detail.clone())?;
+                    discarded.push(id.clone());
+                    continue;
+                }
+                let node = inst.node.clone().unwrap_or_default();
+                let mut n = tx.node(&node)?;
+                inst.state = InstanceState::Deployed;
+                inst.since_ms = now_ms();
+                n.state = NodeState::InService;
+                Tx::put(tx.instances, &instance_key(id), &inst)?;
+                Tx::put(tx.nodes, node.as_bytes(), &n)?;
+                tx.event(Some(&id.tier), "deployed", format!("instance {id} runs on node `{node}`"), detail.clone())?;
+                nodes.push(node);
+            }
+            Ok((nodes, discarded))
+        })?;
+        self.refresh_nodes(nodes.iter().map(String::as_str))?;
+        Ok(discarded)
+    }
+
+    /// Starts taking instances off their nodes: each becomes undeploying and keeps its node
+    /// until the driver has undeployed it ([`Store::release_guarded`]).
+    pub fn begin_undeploy(&self, ids: &[InstanceId], reason: &str) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _w = self.lock();
+        self.transact(|tx| {
+            for id in ids {
+                let mut inst = tx.instance(id)?;
+                if !inst.state.can_undeploy() {
+                    return refuse(format!("instance {id} is {}; only deploying or deployed instances can be undeployed", inst.state));
+                }
+                let from = inst.state;
+                inst.state = InstanceState::Undeploying;
+                inst.since_ms = now_ms();
+                Tx::put(tx.instances, &instance_key(id), &inst)?;
+                let node = inst.node.as_deref().unwrap_or_default();
+                tx.event(Some(&id.tier), "undeploying", format!("instance {id} leaves node `{node}` ({from} before): {reason}"), serde_json::Value::Null)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Returns an undeploying instance to the pool and frees its node, if it is still
+    /// undeploying in `deployment`; otherwise the answer is discarded with an event.
+    /// Returns whether it was applied.
+    pub fn release_guarded(&self, id: &InstanceId, deployment: u64, reason: &str) -> Result<bool> {
+        let _w = self.lock();
+        let node = self.transact(|tx| {
+            let mut inst = tx.instance(id)?;
+            if inst.state != InstanceState::Undeploying || inst.deployment != deployment {
+                tx.event(Some(&id.tier), "answer-discarded", discarded_message(id, deployment, &inst, "undeployed"), serde_json::Value::Null)?;
+                return Ok(None);
+            }
+            let node = inst.node.take().unwrap_or_default();
+            let mut n = tx.node(&node)?;
+            n.state = NodeState::Free;
+            n.instance = None;
+            Tx::put(tx.nodes, node.as_bytes(), &n)?;
+            inst.state = InstanceState::Pooled;
+            inst.since_ms = now_ms();
+            Tx::put(tx.instances, &instance_key(id), &inst)?;
+            tx.event(Some(&id.tier), "released", format!("instance {id} returned to the pool from node `{node}`: {reason}"), serde_json::Value::Null)?;
+            Ok(Some(node))
+        })?;
+        self.refresh_nodes(node.as_deref())?;
+        Ok(node.is_some())
+    }
+
+    /// Gives up a deployment that failed, if its instance is still `expected` in
+    /// `deployment`: its node is declared failed, and the instance becomes `to` (failed, to
+    /// be redeployed first elsewhere; or pooled, for a deployment that never ran). Otherwise
+    /// the answer is discarded with an event. Returns whether it was applied.
+    pub fn fail_guarded(&self, id: &InstanceId, deployment: u64, expected: InstanceState, to: InstanceState, reason: &str) -> Result<bool> {
+        let _w = self.lock();
+        let node = self.transact(|tx| {
+            let mut inst = tx.instance(id)?;
+            if inst.state != expected || inst.deployment != deployment {
+                let detail = serde_json::json!({ "reason": reason });
+                tx.event(Some(&id.tier), "answer-discarded", discarded_message(id, deployment, &inst, "failed"), detail)?;
+                return Ok(None);
+            }
+            let node = inst.node.take().unwrap_or_default();
+            let mut n = tx.node(&node)?;
+            n.state = NodeState::Failed;
+            n.instance = None;
+            Tx::put(tx.nodes, node.as_bytes(), &n)?;
+            inst.state = to;
+            inst.since_ms = now_ms();
+            Tx::put(tx.instances, &instance_key(id), &inst)?;
+            let then = if to == InstanceState::Failed { "waits for a fresh node" } else { "returned to the pool" };
+            tx.event(Some(&id.tier), "node-failed", format!("node `{node}` failed: {reason}; instance {id} {then}"), serde_json::Value::Null)?;
+            Ok(Some(node))
+        })?;
+        self.refresh_nodes(node.as_deref())?;
+        Ok(node.is_some())
     }
 
     /// Returns an instance to the pool with its identity and frees its node.
