@@ -266,3 +266,106 @@ fn a_self_signed_bmc_is_trusted_only_as_the_operator_configures() {
     assert!(log.contains("NOT verified") && log.contains("insecure"), "every insecure use is logged: {log}");
     assert!(!log.contains(PASSWORD));
 }
+
+/// Creates a tier of `k` instances of the tree master with the `noop` driver, on nodes
+/// labelled `case=NAME`, over the HTTP API, and returns how long the request took.
+fn noop_tier(d: &Daemon, name: &str, k: u32, subnet: &str) -> Duration {
+    let image = d.mint(&["image", "import", "tests/fixtures/master-ifupdown", "--name", "tree"]);
+    let spec = json!({
+        "name": name, "image": image["digest"], "max-instances": k, "subnet": subnet,
+        "hostname": format!("{name}-{{index:02}}"), "driver": {"plugin": "noop"},
+        "requirements": {"labels": {"case": name}},
+    });
+    timed(|| api(d, "POST", "/v1/tiers", Some(spec)))
+}
+
+/// One request to the daemon's API as its admin; panics unless it succeeds.
+fn api(d: &Daemon, method: &str, path: &str, body: Option<Value>) -> Value {
+    let r = ureq::request(method, &format!("{}{path}", d.url)).set("Authorization", &crate::support::admin_auth(&d.data)).timeout(Duration::from_secs(30));
+    let r = match body {
+        Some(b) => r.send_json(b),
+        None => r.call(),
+    };
+    r.unwrap_or_else(|e| panic!("{method} {path}: {e}")).into_json().unwrap()
+}
+
+fn timed(f: impl FnOnce() -> Value) -> Duration {
+    let started = std::time::Instant::now();
+    f();
+    started.elapsed()
+}
+
+fn counts(d: &Daemon, tier: &str) -> Value {
+    api(d, "GET", &format!("/v1/tiers/{tier}"), None)["status"].clone()
+}
+
+#[test]
+fn no_request_waits_behind_another_tiers_slow_bmcs() {
+    let dir = scratch("redfish-head-of-line");
+    // Twenty systems whose fake power changes land 1 to 11 s after they are asked.
+    let bmc = Emulator::start(&root(), &dir.join("bmc"), 7, 20, Some(("admin", PASSWORD)));
+    let config = configure(&dir, &[(&bmc.base, PASSWORD)], "");
+    std::fs::write(&config, "[credentials]\nfile = \"bmc-credentials.toml\"\n[drivers]\nconcurrency = 32\nper-endpoint = 20\n").unwrap();
+    let d = Daemon::start(&dir.join("data"), &["--config", config.to_str().unwrap()], &root());
+    disk_tier(&d, &dir, "slow", 20, "198.18.30.0/24", json!({"poll-ms": 200}), json!({"case": "slow"}), None);
+    for i in 0..20 {
+        add_node(&d, &format!("s{i}"), &bmc.system_url(i), "slow");
+    }
+    assert!(noop_tier(&d, "quick", 3, "198.18.31.0/24") < Duration::from_secs(30));
+    for i in 0..2 {
+        d.mint(&["node", "add", &format!("q{i}"), "--cpus", "2", "--memory-mib", "1024", "--label", "case=quick"]);
+    }
+    let o = d.mint(&["tier", "scale", "slow", "20", "--no-wait"]);
+    assert_eq!(o["will"]["deploy"], 20, "{o}");
+    d.wait_for("the slow tier's deploys in flight", Duration::from_secs(20), || {
+        (counts(&d, "slow")["in-flight"].as_array()?.len() >= 10).then_some(())
+    });
+
+    // While twenty BMCs power on, another tier's requests answer at once.
+    let scale = timed(|| api(&d, "POST", "/v1/tiers/quick/scale", Some(json!({"instances": 2}))));
+    let node = timed(|| {
+        api(&d, "POST", "/v1/nodes", Some(json!({"name": "q2", "cpus": 2, "memory-mib": 1024, "labels": {"case": "quick"}})))
+    });
+    let create = noop_tier(&d, "other", 2, "198.18.32.0/24");
+    eprintln!("while 20 BMCs power on: scale {scale:?}, node add {node:?}, tier creation {create:?}");
+    for (what, took) in [("scale", scale), ("node add", node), ("tier creation", create)] {
+        assert!(took < Duration::from_millis(200), "{what} took {took:?} while another tier deployed");
+    }
+    d.wait_for("the quick tier at 2", Duration::from_secs(20), || (counts(&d, "quick")["settled"] == true).then_some(()));
+    let slow = counts(&d, "slow");
+    assert!(slow["counts"]["deploying"].as_u64().unwrap_or(0) > 0, "the quick tier finished while the slow one still deployed: {slow}");
+    d.wait_for("the slow tier at 20", Duration::from_secs(120), || (counts(&d, "slow")["settled"] == true).then_some(()));
+    for i in 0..20 {
+        assert_eq!(bmc.system(i)["PowerState"], "On");
+    }
+}
+
+#[test]
+fn a_late_deploy_answer_after_a_scale_in_is_discarded() {
+    let dir = scratch("redfish-late-answer");
+    let bmc = Emulator::start(&root(), &dir.join("bmc"), 8, 1, Some(("admin", PASSWORD)));
+    let d = Daemon::start(&dir.join("data"), &["--config", configure(&dir, &[(&bmc.base, PASSWORD)], "").to_str().unwrap()], &root());
+    disk_tier(&d, &dir, "late", 1, "198.18.33.0/24", json!({"poll-ms": 100}), json!({}), None);
+    add_node(&d, "n0", &bmc.system_url(0), "late");
+    d.mint(&["tier", "scale", "late", "1", "--no-wait"]);
+    d.wait_for("the deploy in flight", Duration::from_secs(20), || {
+        let st = counts(&d, "late");
+        st["in-flight"].as_array()?.iter().any(|f| f["action"] == "deploy").then_some(())
+    });
+    // Scaled in while the driver still waits for the power-on: the instance leaves at once,
+    // and the deploy's answer, when it comes, no longer applies.
+    let out = d.mint(&["tier", "scale", "late", "0"]);
+    assert_eq!(out["undeployed"], "late/0", "{out}");
+    let node = d.mint(&["node", "list"]).as_array().unwrap()[0].clone();
+    assert_eq!((node["state"].as_str(), node["instance"].is_null()), (Some("free"), true), "{node}");
+    let events = d.wait_for("the discarded answer", Duration::from_secs(30), || {
+        let e = d.mint(&["events", "--tier", "late"]);
+        e.as_array()?.iter().any(|e| e["kind"] == "answer-discarded").then_some(e)
+    });
+    let discarded = events.as_array().unwrap().iter().find(|e| e["kind"] == "answer-discarded").unwrap();
+    assert!(discarded["message"].as_str().unwrap().contains("late/0"), "{discarded}");
+    assert!(!events.as_array().unwrap().iter().any(|e| e["kind"] == "deployed"), "the late answer was applied: {events}");
+    let inst = d.instances("late");
+    assert_eq!(inst[0]["state"], "pooled");
+    assert_eq!(d.mint(&["node", "list"]).as_array().unwrap()[0]["state"], "free");
+}
