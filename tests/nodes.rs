@@ -356,7 +356,11 @@ fn an_artifact_with_a_wrong_digest_is_refused_and_nothing_comes_up() {
     *upstream.lock().unwrap() = Some((bed.url.clone(), bed.http()));
     web_tier(&bed, 2, serde_json::json!({"hostname": "web-{index}"}));
     wait_for_nodes(&bed, 1);
-    bed.mint(&["tier", "scale", "web", "1"]);
+    // The CLI waits for the deployment and says why it could not finish.
+    let o = Command::new(env!("CARGO_BIN_EXE_mint")).args(["tier", "scale", "web", "1"]).envs(bed.cli_env()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("blocked") && err.contains("refusing it"), "{err}");
     bed.wait_for("the node to be failed", Duration::from_secs(30), || (bed.mint(&["node", "list"])[0]["state"] == "failed").then_some(()));
     let events = Command::new(env!("CARGO_BIN_EXE_mint")).args(["events", "--tier", "web"]).envs(bed.cli_env()).output().unwrap();
     let events = String::from_utf8_lossy(&events.stdout);

@@ -267,7 +267,11 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
         } else {
             let url = format!("{}/v1/nodes/{}/heartbeat", args.engine.trim_end_matches('/'), args.name);
             let instance = instance::current(&agent).map(|(tier, index)| json!({ "tier": tier, "index": index }));
-            match agent.authorized(agent.http.post(&url)).timeout(Duration::from_secs(5)).send_json(json!({ "load": load(args), "instance": instance })) {
+            // What the instance is doing (a service that died makes it failed), so the
+            // engine needs no status call of its own to check this node's health.
+            let status = serde_json::to_value(instance::status(&agent)).unwrap_or_default();
+            let body = json!({ "load": load(args), "instance": instance, "state": status["state"], "detail": status["detail"] });
+            match agent.authorized(agent.http.post(&url)).timeout(Duration::from_secs(5)).send_json(body) {
                 Ok(resp) => {
                     let v: serde_json::Value = resp.into_json().unwrap_or_default();
                     if v["fence"] == true {

@@ -95,6 +95,13 @@ pub struct Heartbeat {
     /// The instance the agent runs, if any.
     #[serde(default)]
     instance: Option<InstanceId>,
+    /// What the instance is doing on the node (`deploying`, `running`, `failed`); agents
+    /// from before it was reported send none.
+    #[serde(default)]
+    state: Option<String>,
+    /// Why, when it failed.
+    #[serde(default)]
+    detail: Option<String>,
 }
 
 /// `POST /v1/nodes/{name}/heartbeat`: the agent is alive, reports its load (per mille of
@@ -125,6 +132,22 @@ pub async fn heartbeat(
     };
     if let Some(why) = &fence {
         tracing::warn!(node = %name, "fencing: {why}");
+    }
+    // The node's health check: a deployed instance its agent reports failed fails its node,
+    // so the instance is placed again elsewhere with its identity (guarded: only the
+    // deployment the node holds now).
+    if fence.is_none()
+        && h.state.as_deref() == Some("failed")
+        && let Some(id) = &h.instance
+        && let Ok(inst) = app.engine.store.instances(&id.tier).map(|all| all.into_iter().find(|i| i.id == *id))
+        && let Some(inst) = inst.filter(|i| i.state == mint_model::InstanceState::Deployed && i.node.as_deref() == Some(name.as_str()))
+    {
+        let why = format!("health check: the agent reports {id} failed: {}", h.detail.as_deref().unwrap_or("no detail"));
+        let state = mint_model::InstanceState::Deployed;
+        if app.engine.store.fail_guarded(id, inst.deployment, state, mint_model::InstanceState::Failed, &why)? {
+            tracing::warn!(node = %name, "{why}");
+            app.queue.add(&id.tier);
+        }
     }
     ok(json!({ "fence": fence.is_some(), "reason": fence }))
 }
