@@ -75,7 +75,7 @@ fn plugin_list_and_inspect() {
     let o = mint(&["--server", &url, "plugin", "inspect", "spread"]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["world"], "mint:plugin/node-policy-plugin");
-    assert_eq!(v["wit"], "mint:plugin@0.1.1");
+    assert_eq!(v["wit"], "mint:plugin@0.1.2");
     assert_eq!(v["signer"], "bundled");
     assert_eq!(v["sha256"].as_str().unwrap().len(), 64);
     let o = mint(&["--server", &url, "plugin", "inspect", "nosuch"]);
@@ -90,5 +90,5 @@ fn plugin_list_and_inspect() {
     let o = mint(&["plugin", "inspect", dir.join("panic.wasm").to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(v["wit"], "mint:plugin@0.1.1", "read from the component, not the manifest");
+    assert_eq!(v["wit"], "mint:plugin@0.1.2", "read from the component, not the manifest");
 }

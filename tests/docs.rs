@@ -409,7 +409,7 @@ fn plugin_authors_build_pack_sign_and_install_as_documented() {
 
     let install = block("docs/plugin-authors.md", "sh", "mint plugin install my-policy", T);
     let out = run_block(&install, &policy, &[("MINT_SERVER", &daemon.url)], &[], Duration::from_secs(120));
-    assert!(out.contains("installed plugin `my-policy` 0.1.0 (node-policy, mint:plugin@0.1.1), signed by acme"), "{out}");
+    assert!(out.contains("installed plugin `my-policy` 0.1.0 (node-policy, mint:plugin@0.1.2), signed by acme"), "{out}");
     assert!(out.contains("\"kind\": \"node-policy\"") && out.contains(&key_id_of(&policy.join("acme.pub"))), "{out}");
 
     // README's package commands, on a driver the same vendor ships: the bundled Redfish
@@ -417,10 +417,15 @@ fn plugin_authors_build_pack_sign_and_install_as_documented() {
     let redfish = mint_plugins::bundled::ALL.iter().find(|b| b.name == "redfish").expect("bundled redfish");
     let vendor = ws.join("vendor");
     std::fs::create_dir_all(&vendor).unwrap();
-    let driver_manifest = redfish
+    // The vendor's own name and version, whatever the bundled driver's version is.
+    let versioned: String = redfish
         .manifest
+        .lines()
+        .map(|l| if l.starts_with("version = ") { "version = \"2.1.0\"\nvendor = \"acme\"".to_string() } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let driver_manifest = (versioned + "\n")
         .replace("name = \"redfish\"", "name = \"acme-redfish\"")
-        .replace("version = \"0.1.0\"", "version = \"2.1.0\"\nvendor = \"acme\"")
         .replace("[capabilities]\n", "[capabilities]\nallowed-outbound-hosts = [\"https://*.bmc.example.net\"]\n");
     std::fs::write(vendor.join("plugin.toml"), driver_manifest).unwrap();
     std::fs::write(vendor.join("plugin.wasm"), redfish.wasm).unwrap();

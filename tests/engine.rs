@@ -316,7 +316,7 @@ fn a_misbehaving_site_policy_blocks_its_tier_and_changes_nothing() {
         let cases = [
             (serde_json::json!({"answer": [0, 0]}), "twice"),
             (serde_json::json!({"answer": [7, 1]}), "it chose candidate 7, but there are only 3 candidates"),
-            (serde_json::json!({"answer": [0]}), "it chose 1 nodes, but 2 were asked for"),
+            (serde_json::json!({"answer": [0, 1, 2]}), "it chose 3 nodes, but 2 were asked for"),
             (serde_json::json!({"refuse": "the site's rules say no"}), "the site's rules say no"),
         ];
         for (i, (config, needle)) in cases.iter().enumerate() {
@@ -330,6 +330,13 @@ fn a_misbehaving_site_policy_blocks_its_tier_and_changes_nothing() {
             assert_eq!(engine.store.events(None, 10_000).unwrap().len(), events + 1, "only the scale request is recorded");
             assert!(engine.store.instances(&name).unwrap().iter().all(|i| i.state == InstanceState::Pooled));
         }
+        // A policy may answer fewer than asked: what it names is placed, the rest waits.
+        let s = TierSpec { policy: policy("echo", serde_json::json!({"answer": [2]})), ..spec("fewer", &image.digest, 3, "198.18.7.0/24") };
+        engine.create_tier(&s, "admin:test").await.unwrap();
+        let p = engine.scale("fewer", 2, "admin:test").await.unwrap();
+        assert_eq!(p.deployed.len(), 1, "{p:?}");
+        assert_eq!(p.blocked.as_deref(), Some("1 of 2 placed; 1 needs a free node"), "{p:?}");
+        engine.scale("fewer", 0, "admin:test").await.unwrap();
         // Candidates are offered in name order (a1, b1, c1); with zone=a required, b1 is
         // offered but ineligible, and choosing it is refused.
         let mut s = TierSpec { policy: policy("echo", serde_json::json!({"answer": [1]})), ..spec("zoned", &image.digest, 3, "198.18.8.0/24") };

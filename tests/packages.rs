@@ -53,7 +53,7 @@ fn sign(package: &Path, secret: &Path) {
 
 fn picker(version: &str, pick: &str, busy_ms: u64, vendor: &str) -> String {
     format!(
-        "name = \"picker\"\nversion = \"{version}\"\nkind = \"node-policy\"\nwit = \"mint:plugin@0.1.1\"\nvendor = \"{vendor}\"\ndescription = \"picks the {pick} nodes\"\n[capabilities]\ntimeout-ms = 20000\n[config]\npick = \"{pick}\"\nbusy-ms = {busy_ms}\n"
+        "name = \"picker\"\nversion = \"{version}\"\nkind = \"node-policy\"\nwit = \"mint:plugin@0.1.2\"\nvendor = \"{vendor}\"\ndescription = \"picks the {pick} nodes\"\n[capabilities]\ntimeout-ms = 20000\n[config]\npick = \"{pick}\"\nbusy-ms = {busy_ms}\n"
     )
 }
 
@@ -89,7 +89,7 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
     assert_eq!((info["name"].as_str(), info["version"].as_str()), (Some("picker"), Some("1.0.0")));
     let shown = d.mint(&["plugin", "inspect", "picker"]);
     assert_eq!(shown["world"], "mint:plugin/node-policy-plugin");
-    assert_eq!(shown["wit"], "mint:plugin@0.1.1");
+    assert_eq!(shown["wit"], "mint:plugin@0.1.2");
     assert_eq!(shown["signer"]["vendor"]["vendor"], "acme");
     assert_eq!(shown["signer"]["vendor"]["key-id"], key_id(&dir, "acme"), "the key ID minisign printed");
     assert!(shown["signer"]["vendor"]["comment"].as_str().unwrap().contains("picker-1.mintpkg"), "{shown}");
@@ -248,7 +248,7 @@ fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
 #[test]
 fn plugins_built_for_an_older_compatible_wit_still_load() {
     let rt = runtime();
-    // Built against the frozen mint:plugin@0.1.0 WIT; this engine speaks 0.1.1.
+    // Built against the frozen mint:plugin@0.1.0 WIT; this engine speaks 0.1.2.
     let p = load_guest(&rt, "compat-0-1-0", "node-policy", "").unwrap();
     assert_eq!(p.built_for().to_string(), "0.1.0");
     let mut b = mint_plugins::fixture::SelectionBuilder::default();
@@ -265,5 +265,5 @@ fn plugins_built_for_an_older_compatible_wit_still_load() {
         rt.load(m, &std::fs::read(guest("versioned")).unwrap(), "v", &Default::default()).map(|_| ())
     });
     let e = e.unwrap_err().to_string();
-    assert!(e.contains("mint:plugin@0.2.0") && e.contains("mint:plugin@0.1.1"), "{e}");
+    assert!(e.contains("mint:plugin@0.2.0") && e.contains("mint:plugin@0.1.2"), "{e}");
 }

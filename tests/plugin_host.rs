@@ -253,13 +253,15 @@ fn invalid_policy_answers_are_refused_by_the_host() {
             (json!([1, 99]), "only 4 candidates"),
             (json!([1, 1]), "`n00001` twice"),
             (json!([1, 0]), "`n00000`, which does not meet"),
-            (json!([1]), "chose 1 nodes, but 2"),
+            (json!([1, 2, 3]), "chose 3 nodes, but 2"),
         ] {
             let e = select(&p, &r, Some(&json!({ "answer": answer }))).await.unwrap_err();
             assert!(matches!(e, CallError::InvalidAnswer { .. }), "{e}");
             assert!(e.to_string().contains(needle), "{needle} not in {e}");
         }
         assert_eq!(select(&p, &r, Some(&json!({"answer": [1, 2]}))).await.unwrap().value.len(), 2);
+        // Fewer than asked is an answer (the host places what fits); none at all too.
+        assert_eq!(select(&p, &r, Some(&json!({"answer": [1]}))).await.unwrap().value.len(), 1);
         let e = select(&p, &r, Some(&json!({"refuse": "no rack has room"}))).await.unwrap_err();
         assert!(e.to_string().contains("refused `select` (unsatisfiable): no rack has room"), "{e}");
     });
@@ -273,12 +275,12 @@ fn components_that_do_not_fit_are_refused_at_load() {
     let e = rt.load(manifest("hostname", "node-policy", ""), hostname.wasm, "hostname.wasm", &Grants::default()).err().unwrap();
     assert!(matches!(e, LoadError::WrongKind { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("exports `mint:plugin/node-policy`") && msg.contains("`mint:plugin/customizer@0.1.1`"), "{msg}");
+    assert!(msg.contains("exports `mint:plugin/node-policy`") && msg.contains("`mint:plugin/customizer@0.1.2`"), "{msg}");
 
     // A component built for an incompatible WIT major.
     let e = load_guest(&rt, "wit-v1", "node-policy", "").err().unwrap();
     assert!(matches!(e, LoadError::IncompatibleWit { .. }), "{e}");
-    assert!(e.to_string().contains("mint:plugin@1.0.0") && e.to_string().contains("mint:plugin@0.1.1"), "{e}");
+    assert!(e.to_string().contains("mint:plugin@1.0.0") && e.to_string().contains("mint:plugin@0.1.2"), "{e}");
     // A manifest that claims one.
     let m = mint_plugins::Manifest::parse("m", "name = \"x\"\nversion = \"1\"\nkind = \"customizer\"\nwit = \"0.2.0\"").unwrap();
     let e = rt.load(m, hostname.wasm, "x", &Grants::default()).err().unwrap();

@@ -20,7 +20,7 @@ fn fixture() -> mint_plugins::fixture::SelectFixture {
 fn the_python_policy_chooses_the_least_loaded_eligible_nodes() {
     let rt = Runtime::new(RuntimeOptions { cache_dir: Some(scratch("python-cache")), ..Default::default() }).unwrap();
     let p = rt.load_file(&python_policy(), &Grants::default()).unwrap();
-    assert_eq!(p.built_for().to_string(), "0.1.1");
+    assert_eq!(p.built_for().to_string(), "0.1.2");
     let named = fixture().request.to_wit();
     block_on(async {
         // b1-2 (2 cpus) and c1-1 (pool gpu) have load 0 but do not qualify; of the rest the

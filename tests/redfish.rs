@@ -307,7 +307,8 @@ fn no_request_waits_behind_another_tiers_slow_bmcs() {
     let config = configure(&dir, &[(&bmc.base, PASSWORD)], "");
     std::fs::write(&config, "[credentials]\nfile = \"bmc-credentials.toml\"\n[drivers]\nconcurrency = 32\nper-endpoint = 20\n").unwrap();
     let d = Daemon::start(&dir.join("data"), &["--config", config.to_str().unwrap()], &root());
-    disk_tier(&d, &dir, "slow", 20, "198.18.30.0/24", json!({"poll-ms": 200}), json!({"case": "slow"}), None);
+    // Each deploy call waits for its power-on, so twenty calls hold the driver for seconds.
+    disk_tier(&d, &dir, "slow", 20, "198.18.30.0/24", json!({"poll-ms": 200, "wait-ms": 30000}), json!({"case": "slow"}), None);
     for i in 0..20 {
         add_node(&d, &format!("s{i}"), &bmc.system_url(i), "slow");
     }
@@ -345,7 +346,7 @@ fn a_late_deploy_answer_after_a_scale_in_is_discarded() {
     let dir = scratch("redfish-late-answer");
     let bmc = Emulator::start(&root(), &dir.join("bmc"), 8, 1, Some(("admin", PASSWORD)));
     let d = Daemon::start(&dir.join("data"), &["--config", configure(&dir, &[(&bmc.base, PASSWORD)], "").to_str().unwrap()], &root());
-    disk_tier(&d, &dir, "late", 1, "198.18.33.0/24", json!({"poll-ms": 100}), json!({}), None);
+    disk_tier(&d, &dir, "late", 1, "198.18.33.0/24", json!({"poll-ms": 100, "wait-ms": 30000}), json!({}), None);
     add_node(&d, "n0", &bmc.system_url(0), "late");
     d.mint(&["tier", "scale", "late", "1", "--no-wait"]);
     d.wait_for("the deploy in flight", Duration::from_secs(20), || {

@@ -28,6 +28,22 @@ pub struct LogLine {
 thread_local! {
     static LOGS: RefCell<Vec<LogLine>> = const { RefCell::new(Vec::new()) };
     static CONFIG: RefCell<Config> = RefCell::new(Config::new());
+    static CHECKING_HEALTH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(all(not(target_arch = "wasm32"), feature = "driver"))]
+pub(crate) fn checking_health() -> bool {
+    CHECKING_HEALTH.with(|c| c.get())
+}
+
+/// Runs `f` as the host runs a `status` call that checks a running instance's health
+/// (`driver::checking_health()` answers true inside it).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn as_health_check<R>(f: impl FnOnce() -> R) -> R {
+    let old = CHECKING_HEALTH.with(|c| c.replace(true));
+    let r = f();
+    CHECKING_HEALTH.with(|c| c.set(old));
+    r
 }
 
 #[cfg(not(target_arch = "wasm32"))]

@@ -268,8 +268,8 @@ impl Engine {
             })
             .collect();
         self.store.bind_many(&binds)?;
-        if count < want {
-            progress.blocked = Some(plan::unplaced(count, want, &tier.requirements));
+        if binds.len() < want {
+            progress.blocked = Some(plan::unplaced(binds.len(), want, &tier.requirements));
         }
         // The records as bound: each binding began a new deployment, which the driver's
         // artifact URL names.
@@ -322,7 +322,7 @@ impl Engine {
                 }
             }
             Action::Check => {
-                let why = match report(driver.status(&node, &d, config.as_ref()).await) {
+                let why = match report(driver.check(&node, &d, config.as_ref()).await) {
                     Ok(r) if r.state == wit::InstanceState::Failed => format!("health check: the driver reports {} failed: {}", i.id, r.detail),
                     Ok(r) if r.state == wit::InstanceState::Absent => format!("health check: {} is no longer on its node ({})", i.id, r.detail),
                     // A driver that cannot answer is left to the node's heartbeats.

@@ -25,12 +25,13 @@ pub fn eligible(request: &SelectionRequest, c: &Candidate) -> bool {
         && r.labels.iter().all(|want| labels.iter().any(|l| l.key == want.key && l.value == want.value))
 }
 
-/// Checks a policy's choices: exactly `count`, distinct, in range, eligible. Reasons are
+/// Checks a policy's choices: at most `count` (a policy places what fits), distinct, in
+/// range, eligible. Reasons are
 /// trimmed to [`MAX_REASON_CHARS`]. `names` (candidate names by index, which the request
 /// does not carry) only make messages readable.
 pub fn selection(request: &SelectionRequest, names: &[String], mut choices: Vec<Choice>) -> Result<Vec<Choice>, String> {
     let name = |i: usize| names.get(i).cloned().unwrap_or_else(|| format!("candidate {i}"));
-    if choices.len() != request.count as usize {
+    if choices.len() > request.count as usize {
         return Err(format!("it chose {} nodes, but {} were asked for", choices.len(), request.count));
     }
     let mut seen = vec![false; request.candidates.len()];
@@ -149,7 +150,8 @@ mod tests {
         let ok = selection(&r, pick(&[0, 2])).unwrap();
         assert_eq!(ok[0].reason.as_ref().unwrap().len(), MAX_REASON_CHARS);
         assert_eq!(ok[0].score, None);
-        assert!(selection(&r, pick(&[0])).unwrap_err().contains("chose 1 nodes, but 2"));
+        assert!(selection(&r, pick(&[0, 2, 0])).unwrap_err().contains("chose 3 nodes, but 2"));
+        assert_eq!(selection(&r, pick(&[2])).unwrap().len(), 1, "fewer than asked: what fits is placed");
         assert!(selection(&r, pick(&[0, 0])).unwrap_err().contains("`a` twice"));
         assert!(selection(&r, pick(&[0, 7])).unwrap_err().contains("only 4 candidates"));
         assert!(selection(&r, pick(&[0, 1])).unwrap_err().contains("`b`, which does not meet"));

@@ -654,12 +654,23 @@ impl Plugin {
         .await
     }
 
-    /// Asks a driver for an instance's status.
+    /// Asks a driver for the status of a deployment it is following.
     pub async fn status(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<Called<StatusReport>, CallError> {
+        self.status_call(node, d, config, false).await
+    }
+
+    /// Asks a driver for the status of an instance recorded running: a health check
+    /// (`host.checking-health` answers true during it).
+    pub async fn check(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<Called<StatusReport>, CallError> {
+        self.status_call(node, d, config, true).await
+    }
+
+    async fn status_call(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>, checking_health: bool) -> Result<Called<StatusReport>, CallError> {
         const CALL: &str = "status";
         let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
+        let inputs = CallInputs { checking_health, ..self.node_inputs(CALL, node, d, config)? };
         let called = self
-            .invoke(CALL, self.node_inputs(CALL, node, d, config)?, async |store| {
+            .invoke(CALL, inputs, async |store| {
                 let b = pre.instantiate_async(&mut *store).await?;
                 b.mint_plugin_driver().call_status(&mut *store, node, d).await
             })

@@ -51,11 +51,13 @@ pub struct CallInputs {
     pub artifact: Option<String>,
     /// How the engine's certificate is trusted when the driver reads that artifact.
     pub artifact_tls: Option<crate::endpoint_tls::EndpointTrust>,
+    /// Whether this `status` call checks a running instance's health.
+    pub checking_health: bool,
 }
 
 impl Default for CallInputs {
     fn default() -> Self {
-        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()), endpoints: Vec::new(), artifact: None, artifact_tls: None }
+        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()), endpoints: Vec::new(), artifact: None, artifact_tls: None, checking_health: false }
     }
 }
 
@@ -379,6 +381,10 @@ impl host::Host for CallState {
 
     fn remaining_ms(&mut self) -> u64 {
         self.deadline.saturating_duration_since(Instant::now()).as_millis() as u64
+    }
+
+    fn checking_health(&mut self) -> bool {
+        self.inputs.checking_health
     }
 }
 

@@ -14,7 +14,7 @@ pub struct WitVersion {
 }
 
 /// The version of `wit/mint.wit` this engine was built with.
-pub const HOST_WIT: WitVersion = WitVersion { major: 0, minor: 1, patch: 1 };
+pub const HOST_WIT: WitVersion = WitVersion { major: 0, minor: 1, patch: 2 };
 
 impl WitVersion {
     /// Parses `0.1.0`.

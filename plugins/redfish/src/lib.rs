@@ -5,13 +5,17 @@
 //! `deploy` inserts the instance's master disk as virtual media on a CD/DVD device and the
 //! instance's NoCloud seed (its identity: host name, address, keys) on a USB stick or floppy
 //! device, sets a one-time boot override to that CD, powers the system on (or restarts
-//! it), and waits until the system reports itself on. `undeploy` powers it off and ejects
-//! both. `status` reads the system's `PowerState` and `Status` and which image is inserted.
+//! it), and answers `deploying` at once (or, with `wait-ms`, once the system is on or that
+//! long has passed): the engine follows the power-on with `status`, holding nothing while
+//! a BMC takes its time. `undeploy` powers it off and ejects both. `status` reads the
+//! system's `PowerState` and `Status` and which image is inserted; a system found off with
+//! the instance's media counts as failed only when the engine checks a running instance's
+//! health, and as still coming up while it follows the deployment.
 //!
 //! The driver never sees the BMC's credentials: the host adds them to requests to exactly
 //! the node's endpoint, from the operator's credentials file.
 
-use mint_sdk::driver::{Deployment, Driver, InstanceState, Node, StatusReport};
+use mint_sdk::driver::{Deployment, Driver, InstanceState, Node, StatusReport, checking_health};
 use mint_sdk::http::{HttpError, Method, Request, Response};
 use mint_sdk::{Config, Error};
 use serde_json::{Value, json};
@@ -201,7 +205,7 @@ fn images(d: &Deployment) -> Result<(String, String), Error> {
 }
 
 /// The instance's state from the system's resource and its media.
-fn report(system: &Value, media: &Media, boot: &str, seed: &str) -> StatusReport {
+fn report(system: &Value, media: &Media, boot: &str, seed: &str, health_check: bool) -> StatusReport {
     let ours = media.boot.inserted && media.boot.image.as_deref() == Some(boot) && media.seed.inserted && media.seed.image.as_deref() == Some(seed);
     let power = system["PowerState"].as_str().unwrap_or("unknown");
     let health = system["Status"]["Health"].as_str().unwrap_or("OK");
@@ -221,7 +225,10 @@ fn report(system: &Value, media: &Media, boot: &str, seed: &str) -> StatusReport
         other if boot_pending(system) => {
             StatusReport::new(InstanceState::Deploying, format!("powered {other}; the one-time boot from the instance's CD is still pending"))
         }
-        other => StatusReport::new(InstanceState::Failed, format!("the system is powered {other} with this instance's media inserted")),
+        other if health_check => StatusReport::new(InstanceState::Failed, format!("the system is powered {other} with this instance's media inserted")),
+        // Some BMCs clear the override before they report the power-on: while the engine
+        // follows the deployment, its deploy timeout decides, not one reading.
+        other => StatusReport::new(InstanceState::Deploying, format!("powered {other}; waiting for the power-on the deployment asked for")),
     }
 }
 
@@ -262,7 +269,7 @@ impl Driver for Redfish {
         let system = bmc.system()?;
         let media = bmc.media(&system)?;
         // Deploying again what already runs (after an engine restart) changes nothing.
-        let now = report(&system, &media, &boot, &seed);
+        let now = report(&system, &media, &boot, &seed, false);
         if now.state == InstanceState::Running {
             return Ok(now);
         }
@@ -275,22 +282,24 @@ impl Driver for Redfish {
         )?;
         let on = system["PowerState"].as_str() == Some("On");
         bmc.reset(if on { "ForceRestart" } else { "On" })?;
-        // Wait for the system to come on, leaving time to answer before the call's limit.
+        // Wait for the system to come on only as long as the operator asks (by default not
+        // at all), leaving time to answer before the call's limit.
+        let wait = Duration::from_millis(config.get_or("wait-ms", 0u64)?.min(600_000));
         let poll = Duration::from_millis(config.get_or("poll-ms", 250u64)?.clamp(10, 10_000));
         let started = Instant::now();
         loop {
-            let system = bmc.system()?;
-            if system["PowerState"].as_str() == Some("On") {
-                let media = bmc.media(&system)?;
-                return Ok(report(&system, &media, &boot, &seed));
-            }
-            if mint_sdk::remaining() < bmc.timeout + poll * 2 {
+            if started.elapsed() >= wait || mint_sdk::remaining() < bmc.timeout + poll * 2 {
                 return Ok(StatusReport::new(
                     InstanceState::Deploying,
-                    format!("powering on for {} ms; the engine asks again", started.elapsed().as_millis()),
+                    format!("power-on requested {} ms ago; the engine follows it", started.elapsed().as_millis()),
                 ));
             }
             std::thread::sleep(poll);
+            let system = bmc.system()?;
+            if system["PowerState"].as_str() == Some("On") {
+                let media = bmc.media(&system)?;
+                return Ok(report(&system, &media, &boot, &seed, false));
+            }
         }
     }
 
@@ -310,7 +319,7 @@ impl Driver for Redfish {
         let bmc = Bmc::of(node, config)?;
         let system = bmc.system()?;
         let media = bmc.media(&system)?;
-        Ok(report(&system, &media, &boot, &seed))
+        Ok(report(&system, &media, &boot, &seed, checking_health()))
     }
 }
 
@@ -354,7 +363,7 @@ mod tests {
         let system = |power: &str, health: &str, enabled: &str| {
             serde_json::json!({"PowerState": power, "Status": {"Health": health}, "Boot": {"BootSourceOverrideEnabled": enabled, "BootSourceOverrideTarget": "Cd"}})
         };
-        let state = |sys: Value, m: &Media| report(&sys, m, "m", "s").state;
+        let state = |sys: Value, m: &Media| report(&sys, m, "m", "s", true).state;
         assert_eq!(state(system("On", "OK", "Disabled"), &ours), InstanceState::Running);
         assert_eq!(state(system("PoweringOn", "OK", "Once"), &ours), InstanceState::Deploying);
         assert_eq!(state(system("Off", "OK", "Once"), &ours), InstanceState::Deploying, "asked to boot, not yet booted");
@@ -362,6 +371,8 @@ mod tests {
         assert_eq!(state(system("On", "Critical", "Disabled"), &ours), InstanceState::Failed);
         assert_eq!(state(system("On", "OK", "Disabled"), &media(Some("other"), Some("s"))), InstanceState::Absent);
         assert_eq!(state(system("On", "OK", "Disabled"), &media(None, None)), InstanceState::Absent);
+        // Following a deployment, a system found off is still on its way up.
+        assert_eq!(report(&system("Off", "OK", "Disabled"), &ours, "m", "s", false).state, InstanceState::Deploying);
     }
 
     #[test]
