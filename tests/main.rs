@@ -15,6 +15,7 @@ mod plugin_host;
 mod python;
 mod redfish;
 mod running;
+mod sim;
 mod store;
 mod support;
 mod testbed;

@@ -148,6 +148,20 @@ fn test() -> Result<(), String> {
     host.and(guests)
 }
 
+/// `cargo xtask soak [CYCLES]`: the crash test for CYCLES kills (1,000 by default, CI keeps
+/// 100): the daemon is killed at random moments while several tiers reconcile, and every
+/// invariant and every acknowledged intent is checked after each restart.
+fn soak(args: &[String]) -> Result<(), String> {
+    let cycles = match args.first() {
+        None => 1000,
+        Some(c) => c.parse::<u32>().map_err(|_| format!("soak: `{c}` is not a number of cycles"))?,
+    };
+    wasm_target()?;
+    run(cargo()
+        .args(["test", "--release", "--package", "mint", "--test", "integration", "--", "crash::", "--nocapture"])
+        .env("MINT_CRASH_CYCLES", cycles.to_string()))
+}
+
 /// The `mint` binary's arguments for `cargo xtask daemon ARGS`: the daemon with its state in
 /// `target/mint-data`, unless ARGS name another `--data-dir`.
 fn daemon_args(extra: &[String]) -> Vec<String> {
@@ -216,8 +230,10 @@ fn main() -> ExitCode {
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "api"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "secure_api"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "scale_out"])))
-            .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "redfish_deploys"]))),
-        _ => Err("usage: cargo xtask <setup | daemon | demo | test | bench>".to_string()),
+            .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "redfish_deploys"])))
+            .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "control_plane"]))),
+        Some("soak") => soak(&args[1..]),
+        _ => Err("usage: cargo xtask <setup | daemon | demo | test | bench | soak [CYCLES]>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
