@@ -31,6 +31,8 @@ struct Acked {
     desired: std::collections::HashMap<String, (u32, Vec<u32>)>,
     /// Requests cut off by a kill.
     interrupted: u32,
+    /// Requests refused (a tier whose subnet another holds, a scale above K).
+    refused: u32,
     /// Scale requests acknowledged.
     scaled: u32,
 }
@@ -61,6 +63,9 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     // `cargo xtask soak` runs 1,000; CI keeps 100.
     let cycles: u64 = std::env::var("MINT_CRASH_CYCLES").ok().and_then(|c| c.parse().ok()).unwrap_or(100);
     let mut digest = String::new();
+    // Instances holding nodes when the daemon was killed, summed over the kills: evidence
+    // that the kills landed while tiers were being reconciled, not only between requests.
+    let mut held_at_kills = 0;
 
     for cycle in 0..cycles {
         // Bound the whole test in time whatever the machine's speed.
@@ -92,6 +97,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
                     });
                     match post(&client_url, "/v1/tiers", spec) {
                         Ok(_) => client_acked.lock().unwrap().tiers.push((name, k)),
+                        Err(e) if e.contains("status code 4") => client_acked.lock().unwrap().refused += 1,
                         Err(_) => client_acked.lock().unwrap().interrupted += 1,
                     }
                 } else {
@@ -117,6 +123,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
 
         let store = Store::open(&data.join("state")).unwrap();
         let broken = store.check_invariants().unwrap();
+        held_at_kills += store.nodes().unwrap().iter().filter(|n| n.instance.is_some()).count();
         assert!(broken.is_empty(), "cycle {cycle} (seed {seed}): {broken:?}");
         let a = acked.lock().unwrap();
         for (name, k) in &a.tiers {
@@ -130,7 +137,14 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     // The run must have exercised what it claims to: acknowledged work, and kills that
     // landed in the middle of requests.
     let a = acked.lock().unwrap();
-    eprintln!("crash test: {} tiers and {} scalings acknowledged, {} requests cut off by a kill", a.tiers.len(), a.scaled, a.interrupted);
+    eprintln!(
+        "crash test: {cycles} kills; {} tiers and {} scalings acknowledged, {} requests cut off by a kill, {} refused; {held_at_kills} instances on nodes at the kills in all",
+        a.tiers.len(),
+        a.scaled,
+        a.interrupted,
+        a.refused
+    );
+    assert!(held_at_kills > 0, "no kill found an instance on a node: nothing was reconciled");
     assert!(a.tiers.len() >= 20 && a.scaled >= 20, "too little acknowledged work to mean anything");
     assert!(a.interrupted >= 10, "too few kills landed during a request");
 }

@@ -106,7 +106,8 @@ fn a_tier_and_its_pool_survive_a_reopen() {
         s.create_tier(&t, &inst, "admin:test").unwrap();
         s.add_node(&node("n1", 4), "admin:test").unwrap();
         s.bind(&id("web", 0), "n1", serde_json::json!({"reason": "test"})).unwrap();
-        s.finish_deploy(&id("web", 0), serde_json::Value::Null).unwrap();
+        let deployment = s.instances("web").unwrap()[0].deployment;
+        assert!(s.finish_guarded(&[(id("web", 0), deployment, serde_json::Value::Null)]).unwrap().is_empty());
     }
     let s = open(&dir);
     let inst = s.instances("web").unwrap();
@@ -169,8 +170,20 @@ fn binding_keeps_one_instance_per_node_and_at_most_k() {
     s.set_desired("web", 2, "admin:test").unwrap();
 
     // Scaling in returns the instance to the pool with its identity; a later bind reuses it.
+    // The deploy's answer, arriving after the scale-in began, is discarded: the instance
+    // is undeploying now, and one event says so.
     let before = s.instances("web").unwrap()[1].clone();
-    s.release(&id("web", 1), NodeState::Free, "scale in").unwrap();
+    s.begin_undeploy(&[id("web", 1)], "scale in").unwrap();
+    let events = s.events(None, 10_000).unwrap().len();
+    assert_eq!(s.finish_guarded(&[(id("web", 1), before.deployment, serde_json::Value::Null)]).unwrap(), [id("web", 1)]);
+    let late = s.events(None, 10_000).unwrap();
+    assert_eq!((late.len(), late.last().unwrap().kind.as_str()), (events + 1, "answer-discarded"));
+    assert_eq!(s.instances("web").unwrap()[1].state, InstanceState::Undeploying);
+    // An undeploy answer about an older deployment is discarded too; the current one lands.
+    assert!(!s.release_guarded(&id("web", 1), before.deployment - 1, "scale in").unwrap());
+    assert!(!s.fail_guarded(&id("web", 1), before.deployment, InstanceState::Deploying, InstanceState::Failed, "late").unwrap());
+    assert!(s.release_guarded(&id("web", 1), before.deployment, "scale in").unwrap());
+    assert_eq!(s.node("b").unwrap().state, NodeState::Free);
     let after = s.instances("web").unwrap()[1].clone();
     assert_eq!((after.state, &after.node), (InstanceState::Pooled, &None));
     assert_eq!((after.address, &after.hostname), (before.address, &before.hostname));

@@ -909,39 +909,6 @@ impl Store {
         self.refresh_nodes(nodes.iter().map(String::as_str))
     }
 
-    /// Records that a deployment finished: the instance is deployed, its node in service.
-    pub fn finish_deploy(&self, id: &InstanceId, detail: serde_json::Value) -> Result<()> {
-        self.finish_many(&[(id.clone(), detail)])
-    }
-
-    /// Records several finished deployments in one transaction.
-    pub fn finish_many(&self, done: &[(InstanceId, serde_json::Value)]) -> Result<()> {
-        if done.is_empty() {
-            return Ok(());
-        }
-        let _w = self.lock();
-        let nodes = self.transact(|tx| {
-            let mut nodes = Vec::new();
-            for (id, detail) in done {
-                let mut inst = tx.instance(id)?;
-                if !inst.state.can_finish_deploy() {
-                    return refuse(format!("instance {id} is {}, not deploying", inst.state));
-                }
-                let node = inst.node.clone().unwrap_or_default();
-                let mut n = tx.node(&node)?;
-                inst.state = InstanceState::Deployed;
-                inst.since_ms = now_ms();
-                n.state = NodeState::InService;
-                Tx::put(tx.instances, &instance_key(id), &inst)?;
-                Tx::put(tx.nodes, node.as_bytes(), &n)?;
-                tx.event(Some(&id.tier), "deployed", format!("instance {id} runs on node `{node}`"), detail.clone())?;
-                nodes.push(node);
-            }
-            Ok(nodes)
-        })?;
-        self.refresh_nodes(nodes.iter().map(String::as_str))
-    }
-
     /// Records finished deployments, each only if its instance is still deploying in the
     /// deployment the answer is about (`(id, deployment, detail)`): a late answer about a
     /// deployment since taken back, failed or replaced is discarded with an event, and the
@@ -1053,30 +1020,6 @@ impl Store {
         })?;
         self.refresh_nodes(node.as_deref())?;
         Ok(node.is_some())
-    }
-
-    /// Returns an instance to the pool with its identity and frees its node.
-    pub fn release(&self, id: &InstanceId, node_state: NodeState, reason: &str) -> Result<()> {
-        let _w = self.lock();
-        let node = self.transact(|tx| {
-            let mut inst = tx.instance(id)?;
-            if !(inst.state.holds_node() || inst.state.can_return_to_pool()) {
-                return refuse(format!("instance {id} is {}, on no node", inst.state));
-            }
-            let node = inst.node.take();
-            if let Some(node) = &node {
-                let mut n = tx.node(node)?;
-                n.state = node_state;
-                n.instance = None;
-                Tx::put(tx.nodes, node.as_bytes(), &n)?;
-            }
-            inst.state = InstanceState::Pooled;
-            inst.since_ms = now_ms();
-            Tx::put(tx.instances, &instance_key(id), &inst)?;
-            tx.event(Some(&id.tier), "released", format!("instance {id} returned to the pool: {reason}"), serde_json::Value::Null)?;
-            Ok(node)
-        })?;
-        self.refresh_nodes(node.as_deref())
     }
 
     /// Declares a node failed: it leaves the pool of candidates, and the instance it held
