@@ -408,3 +408,61 @@ impl Engine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Permits;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// Runs `calls` calls to the endpoints `of(i)` through `permits`, each holding its
+    /// permits 20 ms, and returns the most that ran at once to endpoint `a` and in all.
+    fn peaks(permits: Arc<Permits>, calls: usize, of: fn(usize) -> Option<&'static str>) -> (usize, usize) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let (at_a, all) = (Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))), Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))));
+            let tasks: Vec<_> = (0..calls)
+                .map(|i| {
+                    let (permits, at_a, all) = (permits.clone(), at_a.clone(), all.clone());
+                    tokio::spawn(async move {
+                        let endpoint = of(i);
+                        let _held = permits.acquire(endpoint).await;
+                        let counters: Vec<&(AtomicUsize, AtomicUsize)> = if endpoint == Some("a") { vec![&*at_a, &*all] } else { vec![&*all] };
+                        for c in &counters {
+                            let now = c.0.fetch_add(1, Ordering::SeqCst) + 1;
+                            c.1.fetch_max(now, Ordering::SeqCst);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        for c in &counters {
+                            c.0.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            (at_a.1.load(Ordering::SeqCst), all.1.load(Ordering::SeqCst))
+        })
+    }
+
+    #[test]
+    fn calls_are_bounded_per_endpoint_and_in_all() {
+        // One slow BMC host gets at most 2 at once, while other endpoints use the rest.
+        let (a, all) = peaks(Arc::new(Permits::new(6, 2)), 24, |i| if i % 2 == 0 { Some("a") } else { Some(["b", "c", "d"][i % 3]) });
+        assert_eq!(a, 2, "calls to one endpoint at once");
+        assert!(all > 2 && all <= 6, "{all} calls at once in all, bound 6");
+        // Calls to no endpoint are bounded in all only.
+        let (_, all) = peaks(Arc::new(Permits::new(5, 1)), 20, |_| None);
+        assert_eq!(all, 5);
+    }
+
+    #[test]
+    fn changed_bounds_apply_to_calls_that_start_later() {
+        let p = Arc::new(Permits::new(1, 1));
+        p.set(3, 3);
+        let (a, _) = peaks(p, 9, |_| Some("a"));
+        assert_eq!(a, 3);
+    }
+}

@@ -160,5 +160,7 @@ pub async fn register(
         answer["credential"] = json!(own);
         answer["engine-credential"] = json!(engine);
     }
+    // A node that joined (or came back) may be what a waiting tier needs.
+    crate::reconciler::queue_all(&app);
     ok(answer)
 }

@@ -258,3 +258,48 @@ fn launch(app: &Arc<App>, effect: Effect) {
     while calls.try_join_next().is_some() {}
     calls.spawn(task);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Queue;
+    use std::time::Duration;
+
+    fn run<T>(f: impl Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn a_tier_is_queued_once_and_never_handed_to_two_workers() {
+        run(async {
+            let q = Queue::default();
+            q.add("a");
+            q.add("b");
+            q.add("a");
+            assert_eq!(q.next().await, "a");
+            // Queued again while it is worked on: not handed out until that step is done.
+            q.add("a");
+            assert_eq!(q.next().await, "b");
+            let waiting = tokio::time::timeout(Duration::from_millis(50), q.next()).await;
+            assert!(waiting.is_err(), "`a` was handed out while a worker held it");
+            q.done("a");
+            assert_eq!(q.next().await, "a");
+            q.done("a");
+            q.done("b");
+            assert!(tokio::time::timeout(Duration::from_millis(50), q.next()).await.is_err(), "nothing is queued");
+        });
+    }
+
+    #[test]
+    fn a_worker_waiting_is_woken_by_an_add() {
+        run(async {
+            let q = std::sync::Arc::new(Queue::default());
+            let waiter = tokio::spawn({
+                let q = q.clone();
+                async move { q.next().await }
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            q.add("late");
+            assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap(), "late");
+        });
+    }
+}

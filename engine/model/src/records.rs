@@ -410,3 +410,27 @@ impl Image {
         self.format == "qcow2" || self.format == "raw"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nodes_endpoint_is_the_host_and_port_of_its_url() {
+        let node = |props: &[(&str, &str)]| Node {
+            name: "n".into(),
+            cpus: 1,
+            memory_mib: 1,
+            arch: "x86_64".into(),
+            labels: BTreeMap::new(),
+            properties: props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            state: crate::NodeState::Free,
+            instance: None,
+            load: 0,
+        };
+        assert_eq!(node(&[("bmc-url", "https://10.1.0.17/redfish/v1/Systems/1")]).endpoint().as_deref(), Some("10.1.0.17"));
+        assert_eq!(node(&[("agent-url", "https://user:pw@Node-3:7601")]).endpoint().as_deref(), Some("node-3:7601"));
+        assert_eq!(node(&[("rack", "r1")]).endpoint(), None);
+        assert_eq!(node(&[]).endpoint(), None);
+    }
+}
