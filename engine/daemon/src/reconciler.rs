@@ -176,9 +176,9 @@ async fn step(app: &Arc<App>, tier: &str) {
     crate::autoscale::decide(app, &t);
     let (busy, asked): (BTreeSet<u32>, BTreeMap<u32, u64>) =
         app.status.with(tier, |s| (s.in_flight.keys().copied().collect(), s.asked_ms.clone()));
-    let reporting: HashSet<String> =
-        app.engine.store.node_handles().iter().filter(|n| n.properties.contains_key("agent-url")).map(|n| n.name.clone()).collect();
-    let reporting = |name: &str| reporting.contains(name);
+    // Nodes with an agent report their instance's state by heartbeat.
+    let store = &app.engine.store;
+    let reporting = |name: &str| store.node_has_property(name, "agent-url");
     let input = StepInput {
         busy: &busy,
         asked_ms: &asked,

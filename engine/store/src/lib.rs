@@ -759,6 +759,12 @@ impl Store {
         self.node_index.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
+    /// Whether node `name` exists and has the property `key`, read from the in-memory index
+    /// without copying the record (asked for every running instance on every step).
+    pub fn node_has_property(&self, name: &str, key: &str) -> bool {
+        self.node_index.read().unwrap_or_else(|p| p.into_inner()).get(name).is_some_and(|n| n.properties.contains_key(key))
+    }
+
     /// One node by name.
     pub fn node(&self, name: &str) -> Result<Node> {
         match self.node_index.read().unwrap_or_else(|p| p.into_inner()).get(name) {
