@@ -167,6 +167,20 @@ impl Tx<'_> {
             None => abort(StoreError::NotFound { what: "node", name: name.into() }),
         }
     }
+    /// Takes `inst` off its node: the node becomes `node_state` holding nothing, the
+    /// instance `to` on no node; both are written. Returns the node's name.
+    fn unbind(&self, inst: &mut Instance, node_state: NodeState, to: InstanceState) -> TxResult<String> {
+        let node = inst.node.take().unwrap_or_default();
+        let mut n = self.node(&node)?;
+        n.state = node_state;
+        n.instance = None;
+        Self::put(self.nodes, node.as_bytes(), &n)?;
+        inst.state = to;
+        inst.since_ms = now_ms();
+        Self::put(self.instances, &instance_key(&inst.id), inst)?;
+        Ok(node)
+    }
+
     fn event(&self, tier: Option<&str>, kind: &str, message: String, detail: serde_json::Value) -> TxResult<()> {
         let seq = self.events.generate_id()?;
         let e = Event { seq, at_ms: now_ms(), tier: tier.map(str::to_string), kind: kind.into(), message, detail, by: Some(self.by.to_string()) };
@@ -984,14 +998,7 @@ impl Store {
                 tx.event(Some(&id.tier), "answer-discarded", discarded_message(id, deployment, &inst, "undeployed"), serde_json::Value::Null)?;
                 return Ok(None);
             }
-            let node = inst.node.take().unwrap_or_default();
-            let mut n = tx.node(&node)?;
-            n.state = NodeState::Free;
-            n.instance = None;
-            Tx::put(tx.nodes, node.as_bytes(), &n)?;
-            inst.state = InstanceState::Pooled;
-            inst.since_ms = now_ms();
-            Tx::put(tx.instances, &instance_key(id), &inst)?;
+            let node = tx.unbind(&mut inst, NodeState::Free, InstanceState::Pooled)?;
             tx.event(Some(&id.tier), "released", format!("instance {id} returned to the pool from node `{node}`: {reason}"), serde_json::Value::Null)?;
             Ok(Some(node))
         })?;
@@ -1012,14 +1019,7 @@ impl Store {
                 tx.event(Some(&id.tier), "answer-discarded", discarded_message(id, deployment, &inst, "failed"), detail)?;
                 return Ok(None);
             }
-            let node = inst.node.take().unwrap_or_default();
-            let mut n = tx.node(&node)?;
-            n.state = NodeState::Failed;
-            n.instance = None;
-            Tx::put(tx.nodes, node.as_bytes(), &n)?;
-            inst.state = to;
-            inst.since_ms = now_ms();
-            Tx::put(tx.instances, &instance_key(id), &inst)?;
+            let node = tx.unbind(&mut inst, NodeState::Failed, to)?;
             let then = if to == InstanceState::Failed { "waits for a fresh node" } else { "returned to the pool" };
             tx.event(Some(&id.tier), "node-failed", format!("node `{node}` failed: {reason}; instance {id} {then}"), serde_json::Value::Null)?;
             Ok(Some(node))
