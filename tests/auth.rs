@@ -36,8 +36,9 @@ const ROUTES: &[(&str, &str, bool)] = &[
     ("GET", "/v1/plugins/spread", false),
     ("DELETE", "/v1/plugins/spread", true),
     ("GET", "/v1/artifacts/web/0", false),
-    ("GET", "/v1/artifacts/web/0/rootfs", false),
-    ("HEAD", "/v1/artifacts/web/0/rootfs", false),
+    ("GET", "/v1/artifacts/web/0/layer", false),
+    ("HEAD", "/v1/artifacts/web/0/layer", false),
+    ("GET", "/v1/blobs", false),
     ("GET", "/v1/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000", false),
     ("HEAD", "/v1/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000", false),
     ("GET", "/v1/tokens", false),
@@ -183,10 +184,11 @@ fn a_node_reads_only_its_own_instance() {
     // Another node's instance, by descriptor, part and blob digest; an unbound one; one
     // that does not exist: all the same 404.
     let theirs_desc = site.get_json(&format!("/v1/artifacts/web/{theirs}"), &site.admin());
-    let their_blob = theirs_desc["parts"][0]["url"].as_str().unwrap().to_string();
+    // The master is shared by the tier's instances; the layer is the other instance's own.
+    let their_blob = theirs_desc["parts"][1]["url"].as_str().unwrap().to_string();
     for (path, id) in [
         (format!("/v1/artifacts/web/{theirs}"), format!("web/{theirs}")),
-        (format!("/v1/artifacts/web/{theirs}/rootfs"), format!("web/{theirs}")),
+        (format!("/v1/artifacts/web/{theirs}/layer"), format!("web/{theirs}")),
         ("/v1/artifacts/web/5".to_string(), "web/5".to_string()),
         ("/v1/artifacts/web/99".to_string(), "web/99".to_string()),
         ("/v1/artifacts/nosuch/0".to_string(), "nosuch/0".to_string()),

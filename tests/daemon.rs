@@ -234,11 +234,13 @@ fn artifacts_are_served_with_digests_etags_and_ranges(base: &str, auth: &str) {
     let get = |path: &str| ureq::get(&format!("{base}{path}")).set("Authorization", auth).call();
     let desc: serde_json::Value = get("/v1/artifacts/web/2").unwrap().into_json().unwrap();
     assert_eq!((desc["format"].as_str(), desc["hostname"].as_str()), (Some("tree"), Some("web-002")));
-    let part = &desc["parts"][0];
-    assert_eq!(part["role"], "rootfs");
+    assert_eq!(desc["parts"][0]["role"], "master");
+    // The instance's layer: its own edits (its host name among them) as a small tar.
+    let part = &desc["parts"][1];
+    assert_eq!(part["role"], "layer");
     let (url, digest) = (part["url"].as_str().unwrap(), part["digest"].as_str().unwrap());
     let again: serde_json::Value = get("/v1/artifacts/web/2").unwrap().into_json().unwrap();
-    assert_eq!(again["parts"][0]["digest"], part["digest"], "built once, the same blob after");
+    assert_eq!(again["parts"][1]["digest"], part["digest"], "the same blob every time");
 
     let resp = get(url).unwrap();
     assert_eq!(resp.header("ETag"), Some(format!("\"{digest}\"").as_str()));

@@ -51,6 +51,7 @@ fn node(name: &str, zone: &str) -> Node {
         state: NodeState::Free,
         instance: None,
         load: 0,
+        cached: Vec::new(),
     }
 }
 

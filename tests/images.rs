@@ -119,7 +119,8 @@ fn oci_layouts_flatten_their_layers_honouring_whiteouts() {
     let oci = layout(&dir, "oci", &[base, top]);
     let image = engine.import_image(&oci, Some("app")).unwrap();
     assert_eq!(image.source, "oci");
-    let t = engine.images.tree(&image.digest);
+    let t = dir.join("unpacked");
+    mint_core::images::archive::unpack_checked(&engine.images.tar(&image.digest), &t).unwrap();
     assert_eq!(std::fs::read_to_string(t.join("etc/hostname")).unwrap(), "changed\n");
     assert!(!t.join("etc/old.conf").exists() && !t.join("var/cache").exists(), "whited out");
     let docs: Vec<String> = std::fs::read_dir(t.join("usr/share/doc")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
@@ -349,65 +350,119 @@ fn instances_of_a_disk_master_are_one_shared_overlay_and_their_own_seed() {
 }
 
 #[test]
-fn tree_instances_materialize_sharing_the_masters_files() {
-    use mint_core::images::materialize::{Method, OverlayEdit, materialize};
-    use std::os::unix::fs::MetadataExt;
-    let dir = scratch("images-materialize");
+fn tree_instances_are_the_shared_master_and_a_small_layer() {
+    use mint_core::images::materialize::OverlayEdit;
+    use mint_layers::Whiteouts;
+    let dir = scratch("images-layers");
     let root = tree(&dir);
     std::fs::write(root.join("usr/share/doc/big"), vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(root.join("etc/old.conf"), "old\n").unwrap();
     let engine = Engine::open(&dir.join("data")).unwrap();
     let image = engine.import_image(&root, None).unwrap();
+    assert!(!engine.images.dir().join(image.digest.trim_start_matches("sha256:")).exists(), "no unpacked copy of the master is kept");
     let spec: mint_core::TierSpec = serde_json::from_value(serde_json::json!({
         "name": "web", "image": image.digest, "max-instances": 4, "subnet": "198.18.5.0/24", "gateway": "198.18.5.1",
         "hostname": "web-{index:02}", "driver": {"plugin": "noop"},
     }))
     .unwrap();
     crate::support::block_on(engine.create_tier(&spec, "admin:test")).unwrap();
-    let master = engine.images.tree(&image.digest);
 
-    // On the image store's own file system (ext4 here: no clones) files are hard links.
+    // The descriptor: the master's own tar, the same for every instance, and a layer of a
+    // few KiB per instance, minted with it.
+    let a = engine.artifact("web", 3).unwrap();
+    let b = engine.artifact("web", 1).unwrap();
+    let roles: Vec<&str> = a.parts.iter().map(|p| p.role).collect();
+    assert_eq!(roles, ["master", "layer"]);
+    assert_eq!(a.parts[0].digest, image.digest);
+    assert_eq!(a.parts[0].digest, b.parts[0].digest);
+    assert_ne!(a.parts[1].digest, b.parts[1].digest);
+    assert!(a.parts[1].size < 16 << 10, "a layer is its edits plus headers: {} bytes", a.parts[1].size);
+    let instances = engine.store.instances("web").unwrap();
+    assert_eq!(instances[3].layer.as_deref(), Some(a.parts[1].digest.as_str()), "built when minted, not when asked");
+
+    // Materialized: the master's files with the layer over them.
     let into = dir.join("web-03");
     let m = engine.materialize("web", 3, &into).unwrap();
-    assert_eq!(m.edits, 3, "hostname: /etc/hostname and /etc/hosts; network: /etc/network/interfaces");
-    assert!(matches!(m.method, Method::Reflink | Method::Hardlink), "{m:?}");
-    assert_eq!(m.bytes_copied, 0);
+    assert_eq!(m.edits > 0, true, "{m:?}");
     assert_eq!(std::fs::read_to_string(into.join("etc/hostname")).unwrap(), "web-03\n");
     assert!(std::fs::read_to_string(into.join("etc/network/interfaces")).unwrap().contains("198.18.5.5/24"));
     assert_eq!(std::fs::read_link(into.join("etc/name-link")).unwrap(), Path::new("/etc/hostname"));
-    assert_eq!(std::fs::read_to_string(master.join("etc/hostname")).unwrap(), "debian\n", "the master is untouched");
-    let big = |p: &Path| std::fs::metadata(p.join("usr/share/doc/big")).unwrap();
-    if m.method == Method::Hardlink {
-        assert_eq!(big(&into).ino(), big(&master).ino(), "an unedited file is the master's own");
-        let edited = |p: &Path| std::fs::metadata(p.join("etc/hostname")).unwrap().ino();
-        assert_ne!(edited(&into), edited(&master), "an edited file is never written through a link");
-    }
+    assert_eq!(std::fs::metadata(into.join("usr/share/doc/big")).unwrap().len(), 1 << 20);
     let e = engine.materialize("web", 3, &into).unwrap_err().to_string();
     assert!(e.contains("exists; materialize into a new directory"), "{e}");
 
-    // Across file systems (tmpfs) neither clones nor links work: copies, counted.
-    let shm = Path::new("/dev/shm").join(format!("mint-materialize-{}", std::process::id()));
-    let m = engine.materialize("web", 1, &shm).unwrap();
-    assert_eq!((m.method, m.bytes_copied >= 1 << 20), (Method::Copy, true), "{m:?}");
-    assert_eq!(std::fs::read_to_string(shm.join("etc/hostname")).unwrap(), "web-01\n");
-    std::fs::remove_dir_all(&shm).unwrap();
-
-    // An edit through a symlink in the master lands inside the new root, wherever the
-    // link points on the host.
+    // A layer over the master, by edits: writes through the master's symlinks land in the
+    // real directory inside the image, removals become whiteouts, and applied over the
+    // master (as a node without overlayfs does) they give the same tree.
     let victim = dir.join("victim");
     std::fs::create_dir_all(&victim).unwrap();
     let linked = dir.join("linked");
-    std::fs::create_dir_all(&linked).unwrap();
+    std::fs::create_dir_all(linked.join("real")).unwrap();
+    std::fs::write(linked.join("real/keep"), "k").unwrap();
+    std::fs::write(linked.join("gone"), "g").unwrap();
     std::os::unix::fs::symlink(&victim, linked.join("out")).unwrap();
     std::os::unix::fs::symlink("../../..", linked.join("up")).unwrap();
+    std::os::unix::fs::symlink("/real", linked.join("via")).unwrap();
+    let master = engine.import_image(&linked, Some("linked")).unwrap();
+    let index = engine.tree_index(&master.digest).unwrap();
     let edits = [
         OverlayEdit::Write { path: "/out/pwned".into(), mode: 0o644, uid: 0, gid: 0, contents: "eA==".into() },
         OverlayEdit::Write { path: "/up/escaped".into(), mode: 0o644, uid: 0, gid: 0, contents: "eA==".into() },
+        OverlayEdit::Write { path: "/via/new".into(), mode: 0o600, uid: 0, gid: 0, contents: "eA==".into() },
+        OverlayEdit::Remove { path: "/gone".into() },
     ];
+    let layer = mint_core::images::layer::build(&index, &edits).unwrap();
+    let names: Vec<String> = tar::Archive::new(&layer[..]).entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+    assert!(names.contains(&".wh.gone".to_string()) && names.contains(&"real/new".to_string()), "{names:?}");
+    let victim_in_image = victim.strip_prefix("/").unwrap().join("pwned").display().to_string();
+    assert!(names.contains(&"escaped".to_string()) && names.contains(&victim_in_image), "{names:?}");
+    // Applied over links to the master's files, as a node without overlayfs builds a root.
     let dest = dir.join("linked-instance");
-    materialize(&linked, &edits, &dest).unwrap();
+    mint_layers::share::share_tree(&linked, &dest).unwrap();
+    mint_layers::unpack(&layer[..], &dest, Whiteouts::Apply).unwrap();
     assert!(!victim.join("pwned").exists() && !dir.join("escaped").exists(), "nothing is written outside the root");
     assert!(dest.join(victim.strip_prefix("/").unwrap()).join("pwned").exists());
     assert!(dest.join("escaped").exists(), "`..` stops at the new root");
+    assert_eq!(std::fs::read_to_string(dest.join("real/new")).unwrap(), "x");
+    assert!(!dest.join("gone").exists() && dest.join("real/keep").exists());
+}
+
+#[test]
+fn masters_keep_modes_owners_and_special_files() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let dir = scratch("images-special");
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    std::fs::create_dir_all(root.join("tmp")).unwrap();
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::write(root.join("usr/bin/su"), "su").unwrap();
+    std::fs::set_permissions(root.join("usr/bin/su"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::write(root.join("etc-shadow"), "s").unwrap();
+    std::os::unix::fs::lchown(root.join("etc-shadow"), Some(0), Some(42)).ok();
+    let mk = |p: &str, kind: libc::mode_t, dev: libc::dev_t| {
+        let c = std::ffi::CString::new(root.join(p).to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that lives for the call.
+        unsafe { libc::mknod(c.as_ptr(), kind | 0o660, dev) == 0 }
+    };
+    let devices = mk("dev/sda", libc::S_IFBLK, libc::makedev(8, 0)) && mk("dev/null", libc::S_IFCHR, libc::makedev(1, 3));
+    assert!(mk("dev/fifo", libc::S_IFIFO, 0));
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    let image = engine.import_image(&root, None).unwrap();
+    // Unpacked from its tar: modes, owners and special files as they were.
+    let again = dir.join("again");
+    mint_core::images::archive::unpack_checked(&engine.images.tar(&image.digest), &again).unwrap();
+    let meta = |p: &str| std::fs::symlink_metadata(again.join(p)).unwrap();
+    assert_eq!(meta("usr/bin/su").mode() & 0o7777, 0o4755, "setuid survives");
+    assert_eq!(meta("tmp").mode() & 0o7777, 0o1777, "sticky survives");
+    assert!(meta("dev/fifo").file_type().is_fifo(), "a FIFO stays a FIFO");
+    if devices {
+        assert!(meta("dev/sda").file_type().is_block_device(), "a block device stays one, not an empty file");
+        assert_eq!(meta("dev/sda").rdev(), libc::makedev(8, 0));
+        assert!(meta("dev/null").file_type().is_char_device());
+        assert_eq!(meta("etc-shadow").gid(), 42, "owners survive");
+    }
+    assert_eq!(engine.import_image(&again, Some("dir")).unwrap().digest, image.digest, "the same tree gives the same master");
 }
 
 #[test]
@@ -429,7 +484,7 @@ fn collection_removes_what_no_tier_uses_and_keeps_what_one_does() {
     let hostname = serde_json::json!([{"plugin": "hostname"}]);
     crate::support::block_on(engine.create_tier(&spec("web", &tree_image.digest, "198.18.6.0/24", hostname.clone()), "admin:test")).unwrap();
     crate::support::block_on(engine.create_tier(&spec("vm", &disk_image.digest, "198.18.7.0/24", hostname), "admin:test")).unwrap();
-    let rootfs = engine.artifact("web", 0).unwrap().parts[0].digest.clone();
+    let layer = engine.artifact("web", 0).unwrap().parts[1].digest.clone();
     let seeds: Vec<String> = engine.store.instances("vm").unwrap().iter().map(|i| i.disk.as_ref().unwrap().seed.clone()).collect();
 
     let e = engine.delete_image("tree", "admin:test").unwrap_err().to_string();
@@ -453,8 +508,8 @@ fn collection_removes_what_no_tier_uses_and_keeps_what_one_does() {
     assert!(!engine.images.disk(&disk_image.digest, "raw").exists() && engine.store.image(&disk_image.digest).is_err());
 
     // What a live tier uses is all still there and still works.
-    assert!(engine.images.locate(&rootfs).is_some());
-    assert_eq!(engine.artifact("web", 0).unwrap().parts[0].digest, rootfs);
+    assert!(engine.images.locate(&layer).is_some());
+    assert_eq!(engine.artifact("web", 0).unwrap().parts[1].digest, layer);
     engine.materialize("web", 1, &dir.join("web-1")).unwrap();
     assert_eq!(engine.gc(false, "admin:test").unwrap().blobs, 0, "a second collection finds nothing");
     assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new());

@@ -131,7 +131,7 @@ fn random_operations_match_the_model_across_restarts() {
                     let name = format!("n{nodes}");
                     nodes += 1;
                     let labels = BTreeMap::from([("zone".to_string(), format!("z{}", rng.below(3)))]);
-                    let node = Node { name, cpus: 4, memory_mib: 4096, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: 0 };
+                    let node = Node { name, cpus: 4, memory_mib: 4096, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: 0, cached: Vec::new() };
                     engine.store.add_node(&node, "admin:test").unwrap();
                     model.free_nodes += 1;
                 }

@@ -48,6 +48,7 @@ fn tier(name: &str, subnet: &str, pattern: &str, k: u32, store: &Store) -> (Tier
             revision: 0,
             deployment: 0,
             deployment_started_ms: 0,
+                layer: None,
             disk: None,
         })
         .collect();
@@ -83,6 +84,7 @@ fn node(name: &str, cpus: u32) -> Node {
         state: NodeState::Free,
         instance: None,
         load: 0,
+        cached: Vec::new(),
     }
 }
 

@@ -74,6 +74,12 @@ impl Request {
         self.labels_of(candidate).iter().find(|l| l.key == key).map(|l| l.value)
     }
 
+    /// Whether the host says `candidate` caches the tier's master already (the host's
+    /// `mint.cached-master` label), so deploying there fetches only the instance's part.
+    pub fn has_master_cached(&self, candidate: &Candidate) -> bool {
+        self.key("mint.cached-master").and_then(|k| self.label(candidate, k)).is_some_and(|v| self.value_name(v) == "true")
+    }
+
     /// Whether `candidate` meets the request's requirements (labels, cpus, memory,
     /// architecture), the same check the host makes on the answer.
     pub fn is_eligible(&self, candidate: &Candidate) -> bool {

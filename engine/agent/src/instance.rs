@@ -1,5 +1,7 @@
-//! The one instance a node runs: fetching its artifact from the engine's artifact server,
-//! checking the digest, unpacking it as the instance's root, bringing up its address,
+//! The one instance a node runs: fetching its artifact from the engine's artifact server
+//! (the master through the node's cache, the instance's own layer each time), checking
+//! every digest, assembling the instance's root without copying the master (an overlay
+//! mount, else links or clones of the cached master's files), bringing up its address,
 //! starting its service, and undoing all of it.
 //!
 //! A deploy request is answered at once (`deploying`) and carried out by a worker thread;
@@ -8,9 +10,8 @@
 
 use crate::Agent;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct Slot {
     adopted: Option<i32>,
     /// Bumped by every deploy and stop, so a worker that was overtaken drops its result.
     generation: u64,
+    /// The cached master the instance's root is built on, held while it runs.
+    lease: Option<crate::cache::Lease>,
 }
 
 /// What the agent keeps on disk about its instance, so that a restarted agent knows what
@@ -60,6 +63,9 @@ struct Saved {
     address: (String, u8),
     pid: Option<u32>,
     generation: u64,
+    /// The master's digest, held in the cache again after a restart.
+    #[serde(default)]
+    master: Option<String>,
 }
 
 fn saved_path(agent: &Agent) -> PathBuf {
@@ -84,6 +90,7 @@ pub fn restore(agent: &Agent) {
     slot.address = Some(saved.address);
     slot.adopted = pid;
     slot.generation = saved.generation;
+    slot.lease = saved.master.as_deref().and_then(|d| agent.cache.hold_cached(d));
 }
 
 /// The instance this node runs, for heartbeats.
@@ -152,21 +159,23 @@ pub fn start(agent: &std::sync::Arc<Agent>, req: DeployRequest) -> Result<Status
                     if slot.generation != generation {
                         // Undeployed (or replaced) while this worker ran: undo what it did.
                         drop(slot);
-                        if let Ok((address, service)) = outcome {
-                            undo(&agent, &req, generation, Some(address), service);
+                        if let Ok(d) = outcome {
+                            undo(&agent, &req, generation, Some(d.address), d.service);
                         }
                         return;
                     }
                     match outcome {
-                        Ok((address, service)) => {
+                        Ok(Deployed { address, service, lease, how }) => {
                             slot.state = State::Running;
-                            slot.detail = format!("{} at {}/{}", req.hostname, address.0, address.1);
-                            let saved = Saved { request: req.clone(), address: address.clone(), pid: service.as_ref().map(Child::id), generation };
+                            slot.detail = format!("{} at {}/{} ({how})", req.hostname, address.0, address.1);
+                            let master = lease.as_ref().map(|_| how.master.clone());
+                            let saved = Saved { request: req.clone(), address: address.clone(), pid: service.as_ref().map(Child::id), generation, master };
                             if let Ok(text) = serde_json::to_string(&saved) {
                                 let _ = std::fs::write(saved_path(&agent), text);
                             }
                             slot.address = Some(address);
                             slot.service = service;
+                            slot.lease = lease;
                         }
                         Err(e) => {
                             slot.state = State::Failed;
@@ -194,6 +203,34 @@ struct Part {
     role: String,
     url: String,
     digest: String,
+    #[serde(default)]
+    name: String,
+}
+
+/// What a finished deployment holds.
+struct Deployed {
+    address: (String, u8),
+    service: Option<Child>,
+    lease: Option<crate::cache::Lease>,
+    how: How,
+}
+
+/// How a deployment got its root, for its status detail.
+struct How {
+    master: String,
+    master_fetched: u64,
+    layer_fetched: u64,
+    method: &'static str,
+}
+
+impl std::fmt::Display for How {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.master_fetched == 0 {
+            write!(f, "master cached; {} bytes fetched; root by {}", self.layer_fetched, self.method)
+        } else {
+            write!(f, "master fetched; {} bytes fetched; root by {}", self.master_fetched + self.layer_fetched, self.method)
+        }
+    }
 }
 
 /// Each deployment gets its own directory, so one being undone never touches the files
@@ -222,14 +259,9 @@ fn ip(args: &[&str]) -> Result<(), String> {
     if out.status.success() { Ok(()) } else { Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())) }
 }
 
-/// How long a deployment keeps trying to reach the artifact server: the engine may be
-/// restarting (the deployment it asked for is still wanted), and its driver's deploy
-/// timeout, not a refused connection, decides when a deployment has failed.
-const FETCH_PATIENCE: Duration = Duration::from_secs(60);
-
 /// GETs `url`, retrying while the server cannot be reached or answers 5xx.
 fn fetch(agent: &Agent, http: &ureq::Agent, url: &str) -> Result<ureq::Response, ureq::Error> {
-    let deadline = std::time::Instant::now() + FETCH_PATIENCE;
+    let deadline = std::time::Instant::now() + crate::cache::FETCH_PATIENCE;
     loop {
         let result = agent.authorized(http.get(url)).timeout(Duration::from_secs(60)).call();
         let retry = match &result {
@@ -244,50 +276,132 @@ fn fetch(agent: &Agent, http: &ureq::Agent, url: &str) -> Result<ureq::Response,
     }
 }
 
-/// Fetches, checks, unpacks, configures and starts; returns the address brought up and
-/// the service started.
-fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<((String, u8), Option<Child>), String> {
+/// Whether `path` is a mount point (its device differs from its parent's).
+fn mounted(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), path.parent().map(std::fs::metadata)) {
+        (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
+        _ => false,
+    }
+}
+
+fn c_path(p: &Path) -> Result<std::ffi::CString, String> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("{} holds a NUL byte", p.display()))
+}
+
+/// Mounts an overlay of `lower` (the cached master, never written) and `upper` at `root`.
+fn mount_overlay(lower: &Path, upper: &Path, work: &Path, root: &Path) -> Result<(), String> {
+    let options = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
+    if [lower, upper, work].iter().any(|p| p.to_string_lossy().contains([',', ':'])) {
+        return Err("a cache or root path holds `,` or `:`, which overlay options cannot carry".into());
+    }
+    let (src, target, fstype, data) = (c"overlay", c_path(root)?, c"overlay", std::ffi::CString::new(options).map_err(|e| e.to_string())?);
+    // SAFETY: every pointer is a NUL-terminated string that lives for the call.
+    if unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, data.as_ptr().cast()) } != 0 {
+        return Err(format!("overlay mount: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Builds the instance's root in `dir/root` from the cached master tree and the instance's
+/// layer: an overlay mount (upper = the layer, with overlayfs whiteouts), or where the node
+/// cannot mount one (or --no-overlay), the master's files shared by clone or hard link and
+/// the layer applied over them. Returns the root and how it was built.
+fn assemble(agent: &Agent, lower: &Path, layer: &Path, dir: &Path) -> Result<(PathBuf, &'static str), String> {
+    let root = dir.join("root");
+    let open = || std::fs::File::open(layer).map(std::io::BufReader::new).map_err(|e| format!("cannot read the layer: {e}"));
+    if !agent.args.no_overlay {
+        let (upper, work) = (dir.join("upper"), dir.join("work"));
+        let tried = (|| {
+            for d in [&upper, &work, &root] {
+                std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            }
+            mint_layers::unpack(open()?, &upper, mint_layers::Whiteouts::Overlay).map_err(|e| format!("the layer: {e}"))?;
+            mount_overlay(lower, &upper, &work, &root)
+        })();
+        match tried {
+            Ok(()) => return Ok((root, "overlay")),
+            Err(e) => {
+                eprintln!("mint-agent: {e}; sharing the master's files instead");
+                for d in [&upper, &work, &root] {
+                    let _ = mint_layers::remove_any(d);
+                }
+            }
+        }
+    }
+    let shared = mint_layers::share::share_tree(lower, &root).map_err(|e| format!("building the root from the master: {e}"))?;
+    mint_layers::unpack(open()?, &root, mint_layers::Whiteouts::Apply).map_err(|e| format!("applying the layer: {e}"))?;
+    Ok((root, shared.method.as_str()))
+}
+
+/// Stages a disk instance: the master once per node (cached, shared read-only by every
+/// instance that backs onto it), and the instance's own copy of the overlay (which the VM
+/// writes) and of its seed, in the deployment's directory, with the master linked in under
+/// the name the overlay's backing file gives. The instance's address is its VM's, so the
+/// node's own interface gets none.
+fn stage_disk(agent: &Agent, req: &DeployRequest, desc: &Descriptor, generation: u64) -> Result<Deployed, String> {
+    let part = |role: &str| desc.parts.iter().find(|p| p.role == role).ok_or_else(|| format!("the disk artifact has no `{role}` part"));
+    let (master, overlay, seed) = (part("master")?, part("overlay")?, part("seed")?);
+    let dir = instance_dir(agent, &req.tier, req.index, generation);
+    let _ = mint_layers::remove_any(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let http = agent.http.clone();
+    let get = |url: &str, from: u64| {
+        let r = agent.authorized(http.get(url)).timeout(Duration::from_secs(600));
+        if from > 0 { r.set("Range", &format!("bytes={from}-")).call() } else { r.call() }
+    };
+    let lease = agent.cache.file(&master.digest, &absolute(&req.artifact_url, &master.url), &get)?;
+    let safe = |name: &str| !name.is_empty() && !name.contains('/') && name != "." && name != "..";
+    if ![master, overlay, seed].iter().all(|p| safe(&p.name)) {
+        return Err("the disk artifact names a part with a path; each part's name must be a plain file name".into());
+    }
+    std::os::unix::fs::symlink(&lease.path, dir.join(&master.name)).map_err(|e| format!("cannot link the master: {e}"))?;
+    let mut fetched = 0;
+    for p in [overlay, seed] {
+        let (_, n) = crate::cache::download(&dir.join(&p.name), p.digest.trim_start_matches("sha256:"), &absolute(&req.artifact_url, &p.url), &get)?;
+        fetched += n;
+    }
+    let how = How { master: master.digest.clone(), master_fetched: lease.fetched, layer_fetched: fetched, method: "disk files staged for a VM" };
+    Ok(Deployed { address: (desc.address.clone(), desc.prefix_len), service: None, lease: Some(lease), how })
+}
+
+/// Fetches, checks, assembles, configures and starts.
+fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<Deployed, String> {
     let http = agent.http.clone();
     let desc: Descriptor = fetch(agent, &http, &req.artifact_url)
         .map_err(|e| format!("fetching the artifact descriptor {}: {e}", req.artifact_url))?
         .into_json()
         .map_err(|e| format!("the artifact descriptor is not what the agent reads: {e}"))?;
-    if desc.format != "tree" {
-        return Err(format!("artifact format `{}`: this agent runs tree instances (a disk instance needs a VM host)", desc.format));
+    if desc.format != "tree" && desc.format != "disk" {
+        return Err(format!("artifact format `{}`: this agent runs tree and disk instances", desc.format));
     }
     if desc.hostname != req.hostname {
         return Err(format!("the artifact is for `{}`, not `{}`", desc.hostname, req.hostname));
     }
+    if desc.format == "disk" {
+        return stage_disk(agent, req, &desc, generation);
+    }
     let address: std::net::IpAddr = desc.address.parse().map_err(|_| format!("the artifact's address `{}` is not an IP address", desc.address))?;
-    let rootfs = desc.parts.iter().find(|p| p.role == "rootfs").ok_or("the artifact has no rootfs part")?;
+    let part = |role: &str| desc.parts.iter().find(|p| p.role == role).ok_or_else(|| format!("the artifact has no `{role}` part (an engine older than this agent?)"));
+    let (master, layer) = (part("master")?, part("layer")?);
     let dir = instance_dir(agent, &req.tier, req.index, generation);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
 
-    // Download to a file while hashing; a wrong digest stops the deployment before
-    // anything is unpacked.
-    let tar_path = dir.join("rootfs.tar");
-    let resp = fetch(agent, &http, &absolute(&req.artifact_url, &rootfs.url)).map_err(|e| format!("fetching {}: {e}", rootfs.url))?;
-    let mut reader = resp.into_reader();
-    let mut file = std::fs::File::create(&tar_path).map_err(|e| format!("cannot write {}: {e}", tar_path.display()))?;
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = reader.read(&mut buf).map_err(|e| format!("downloading the rootfs: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        hash.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(|e| format!("writing the rootfs: {e}"))?;
+    let get = |url: &str, from: u64| {
+        let r = agent.authorized(http.get(url)).timeout(Duration::from_secs(600));
+        if from > 0 { r.set("Range", &format!("bytes={from}-")).call() } else { r.call() }
+    };
+    let (lease, warnings) = agent.cache.tree(&master.digest, &absolute(&req.artifact_url, &master.url), &get)?;
+    for w in warnings {
+        eprintln!("mint-agent: master {}: {w}", master.digest);
     }
-    let got = format!("sha256:{}", hex::encode(hash.finalize()));
-    if got != rootfs.digest {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Err(format!("the rootfs digest is {got}, not the {} the engine announced; refusing it", rootfs.digest));
-    }
-    let root = dir.join("root");
-    unpack(&tar_path, &root)?;
-    let _ = std::fs::remove_file(&tar_path);
+    let layer_hex = layer.digest.trim_start_matches("sha256:");
+    let layer_path = dir.join("layer.tar");
+    let (_, layer_fetched) = crate::cache::download(&layer_path, layer_hex, &absolute(&req.artifact_url, &layer.url), &get)?;
+    let (root, method) = assemble(agent, &lease.path, &layer_path, &dir)?;
+    let how = How { master: master.digest.clone(), master_fetched: lease.fetched, layer_fetched, method };
 
     ip(&["addr", "replace", &format!("{address}/{}", desc.prefix_len), "dev", &agent.args.interface])?;
     // The address may have lived on another node until a moment ago (a failed node's
@@ -305,24 +419,7 @@ fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<((Strin
         }
     }
     let service = start_service(&root, req, &desc.address)?;
-    Ok(((desc.address.clone(), desc.prefix_len), service))
-}
-
-/// Unpacks the instance's root, refusing entries that would land outside it.
-fn unpack(tar_path: &Path, root: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    let file = std::fs::File::open(tar_path).map_err(|e| e.to_string())?;
-    let mut archive = tar::Archive::new(file);
-    archive.set_preserve_permissions(true);
-    for entry in archive.entries().map_err(|e| format!("the rootfs is not a tar: {e}"))? {
-        let mut entry = entry.map_err(|e| format!("the rootfs is truncated: {e}"))?;
-        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
-        if path.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir)) {
-            return Err(format!("rootfs entry `{}` leaves the root", path.display()));
-        }
-        entry.unpack_in(root).map_err(|e| format!("cannot unpack `{}`: {e}", path.display()))?;
-    }
-    Ok(())
+    Ok(Deployed { address: (desc.address.clone(), desc.prefix_len), service, lease: Some(lease), how })
 }
 
 /// Starts the command in the root's `/etc/mint/service`, if there is one: a program path
@@ -372,7 +469,16 @@ fn undo(agent: &Agent, req: &DeployRequest, generation: u64, address: Option<(St
     {
         let _ = ip(&["addr", "del", &format!("{addr}/{prefix}"), "dev", &agent.args.interface]);
     }
-    let _ = std::fs::remove_dir_all(instance_dir(agent, &req.tier, req.index, generation));
+    let dir = instance_dir(agent, &req.tier, req.index, generation);
+    let root = dir.join("root");
+    if mounted(&root)
+        && let Ok(c) = c_path(&root)
+    {
+        // SAFETY: a NUL-terminated path that lives for the call. Detached, so a process
+        // still holding a file open under it does not keep the deployment's files.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let _ = mint_layers::remove_any(&dir);
 }
 
 /// Stops the service, releases the address and removes the instance's root. A deployment
@@ -384,6 +490,7 @@ pub fn stop(agent: &Agent) -> Result<(), String> {
         slot.generation += 1;
         slot.state = State::Absent;
         slot.detail.clear();
+        slot.lease = None;
         (slot.request.take(), slot.address.take(), slot.service.take(), slot.adopted.take(), generation)
     };
     let _ = std::fs::remove_file(saved_path(agent));

@@ -7,6 +7,7 @@
 //!
 //! The `mint-agent` binary (in the `mint` package, beside `mint`) is [`main`].
 
+mod cache;
 mod instance;
 
 use anyhow::Context as _;
@@ -88,6 +89,18 @@ pub struct RunArgs {
     /// A file holding the join token.
     #[arg(long)]
     join_token_file: Option<PathBuf>,
+    /// Where masters are cached by digest (default ROOT/cache). Instance roots are built
+    /// on the cached master, so keep it on the same file system as ROOT.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// The cache's bound in bytes; the least recently used masters no instance runs on
+    /// are removed beyond it.
+    #[arg(long, default_value_t = 20 << 30)]
+    cache_max_bytes: u64,
+    /// Build instance roots by sharing the cached master's files (clones, else hard
+    /// links) instead of an overlay mount.
+    #[arg(long)]
+    no_overlay: bool,
     /// Trust the engine's certificate when it chains to the CA certificates in this PEM
     /// file (for an https:// --engine).
     #[arg(long, conflicts_with = "pin")]
@@ -115,6 +128,8 @@ pub struct Agent {
     /// The pin of the certificate the agent's API serves.
     pin: mint_tls::Pin,
     slot: Mutex<Slot>,
+    /// The node's cache of masters.
+    pub(crate) cache: Arc<cache::Cache>,
     /// The node's credentials, once it has joined (kept in ROOT/credential, mode 0600).
     credential: Mutex<Option<Credentials>>,
 }
@@ -270,7 +285,8 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
             // What the instance is doing (a service that died makes it failed), so the
             // engine needs no status call of its own to check this node's health.
             let status = serde_json::to_value(instance::status(&agent)).unwrap_or_default();
-            let body = json!({ "load": load(args), "instance": instance, "state": status["state"], "detail": status["detail"] });
+            // The masters it caches, so policies can prefer a node that need not fetch one.
+            let body = json!({ "load": load(args), "instance": instance, "state": status["state"], "detail": status["detail"], "cached": agent.cache.digests() });
             match agent.authorized(agent.http.post(&url)).timeout(Duration::from_secs(5)).send_json(body) {
                 Ok(resp) => {
                     let v: serde_json::Value = resp.into_json().unwrap_or_default();
@@ -343,7 +359,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let listener = mint_tls::Incoming::tls(listener, cert.acceptor()).with_context(|| format!("listening on {}", args.listen))?;
     let agent_url = args.advertise.clone().unwrap_or_else(|| format!("https://{}", args.listen));
     let credential: Option<Credentials> = std::fs::read(credential_path(&args)).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let agent = Arc::new(Agent { args: args.clone(), http, pin: cert.pin(), slot: Mutex::new(Slot::default()), credential: Mutex::new(credential) });
+    let cache_dir = args.cache.clone().unwrap_or_else(|| args.root.join("cache"));
+    let cache = cache::Cache::open(&cache_dir, args.cache_max_bytes).with_context(|| format!("opening the cache {}", cache_dir.display()))?;
+    let agent = Arc::new(Agent { args: args.clone(), http, pin: cert.pin(), slot: Mutex::new(Slot::default()), cache, credential: Mutex::new(credential) });
+    eprintln!("mint-agent: cache {}: {} master(s), {} bytes (bound {})", cache_dir.display(), agent.cache.digests().len(), agent.cache.bytes(), args.cache_max_bytes);
     instance::restore(&agent);
     let (hb_agent, hb_url) = (agent.clone(), agent_url.clone());
     std::thread::spawn(move || heartbeat_loop(hb_agent, hb_url));

@@ -54,7 +54,7 @@ fn placements(rt: &tokio::runtime::Runtime, dir: &std::path::Path, master: &std:
     rt.block_on(engine.create_tier(&s, "admin:test")).unwrap();
     for i in 0..NODES {
         let labels = BTreeMap::from([("zone".to_string(), format!("z{}", i % 4)), ("rack".to_string(), format!("r{}", i % 100))]);
-        let node = Node { name: format!("p-{i:05}"), cpus: 8, memory_mib: 16384, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: 0 };
+        let node = Node { name: format!("p-{i:05}"), cpus: 8, memory_mib: 16384, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: 0, cached: Vec::new() };
         engine.store.add_node(&node, "admin:test").unwrap();
     }
     let (busy, asked) = (std::collections::BTreeSet::new(), BTreeMap::new());
@@ -165,7 +165,7 @@ fn main() {
         let inst: Vec<Instance> = addrs
             .iter()
             .enumerate()
-            .map(|(i, a)| Instance { id: InstanceId { tier: name.clone(), index: i as u32 }, hostname: tier.hostname.render(&name, i as u64), address: *a, state: InstanceState::Pooled, node: None, overlay: String::new(), since_ms: 0, disk: None, revision: 0, deployment: 0, deployment_started_ms: 0 })
+            .map(|(i, a)| Instance { id: InstanceId { tier: name.clone(), index: i as u32 }, hostname: tier.hostname.render(&name, i as u64), address: *a, state: InstanceState::Pooled, node: None, overlay: String::new(), since_ms: 0, disk: None, revision: 0, deployment: 0, deployment_started_ms: 0, layer: None })
             .collect();
         engine.store.create_tier(&tier, &inst, "admin:test").unwrap();
     }

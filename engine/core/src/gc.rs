@@ -72,7 +72,8 @@ impl Engine {
         if image.is_disk() {
             vec![self.images.disk(&image.digest, &image.format)]
         } else {
-            vec![self.images.dir().join(format!("{hex}.tar")), self.images.tree(&image.digest)]
+            // The unpacked tree older versions kept beside the tar goes too.
+            vec![self.images.tar(&image.digest), self.images.dir().join(hex)]
         }
     }
 
@@ -132,19 +133,22 @@ impl Engine {
             keep.insert(hex(&i.digest));
         }
         let mut live_overlays: HashSet<String> = HashSet::new();
-        let mut live_rootfs_keys: HashSet<String> = HashSet::new();
+        let mut live_layer_keys: HashSet<String> = HashSet::new();
         for t in &tiers {
             for inst in self.store.instances(&t.name)? {
                 if let Some(d) = &inst.disk {
                     keep.insert(hex(&d.overlay));
                     keep.insert(hex(&d.seed));
                 }
-                live_rootfs_keys.insert(format!("rootfs:{}:{}", t.image, inst.overlay));
+                if let Some(l) = &inst.layer {
+                    keep.insert(hex(l));
+                }
+                live_layer_keys.insert(format!("layer:{}:{}", t.image, inst.overlay));
                 live_overlays.insert(inst.overlay);
             }
         }
         for (key, digest) in self.store.artifacts()? {
-            if live_rootfs_keys.contains(&key) {
+            if live_layer_keys.contains(&key) {
                 keep.insert(hex(&digest));
             } else {
                 self.store.forget_artifact(&key)?;
@@ -163,7 +167,10 @@ impl Engine {
                 continue;
             }
             let stem = name.split('.').next().unwrap_or_default();
-            if stem.len() == 64 && !keep.contains(stem) {
+            // A directory named by a digest is the unpacked copy of a tree master that
+            // older versions kept; the master's tar is its one copy now.
+            let old_tree = stem.len() == 64 && name.len() == 64 && e.path().is_dir();
+            if stem.len() == 64 && (old_tree || !keep.contains(stem)) {
                 report.bytes_freed += remove(&e.path());
                 report.blobs += 1;
             }

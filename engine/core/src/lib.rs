@@ -19,7 +19,7 @@ pub mod spec;
 use mint_model::records::{DiskParts, Image, Instance, InstanceId, Node, PluginRef, Tier};
 use mint_model::InstanceState;
 use mint_plugins::fixture::{RequirementsJson, SelectionBuilder, ip};
-use mint_plugins::master::{DirMaster, EmptyMaster, MasterView};
+use mint_plugins::master::{EmptyMaster, MasterView};
 use mint_plugins::types as wit;
 use mint_plugins::{CallError, Kind, LoadError};
 use mint_store::{Store, StoreError};
@@ -77,6 +77,9 @@ pub struct Engine {
     pub health_check_ms: std::sync::atomic::AtomicU64,
     /// Signs the capability URLs drivers hand BMCs.
     pub capabilities: capability::Capabilities,
+    /// The indexes of tree masters read so far, by digest: minting reads one once for all
+    /// K instances rather than once per customizer call.
+    trees: std::sync::Mutex<std::collections::HashMap<String, Arc<images::tree::TreeIndex>>>,
 }
 
 /// The default interval of health checks (see [`Engine::health_check_ms`]).
@@ -121,7 +124,8 @@ pub struct Artifact {
     pub address: String,
     /// The prefix length of its subnet.
     pub prefix_len: u8,
-    /// `tree` (one part: `rootfs`, a tar) or `disk` (`master`, `overlay`, `seed`).
+    /// `tree` (`master`, the master's canonical tar, and `layer`, the instance's) or
+    /// `disk` (`master`, `overlay`, `seed`).
     pub format: &'static str,
     /// The blobs, each at a stable URL named by its digest.
     pub parts: Vec<ArtifactPart>,
@@ -130,7 +134,7 @@ pub struct Artifact {
 /// One blob of an artifact.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ArtifactPart {
-    /// What it is: `rootfs`, `master`, `overlay` or `seed`.
+    /// What it is: `master`, `layer`, `overlay` or `seed`.
     pub role: &'static str,
     /// Where to fetch it (relative to the daemon): `/v1/blobs/<digest>`.
     pub url: String,
@@ -186,6 +190,7 @@ impl Engine {
             advertise: String::new(),
             permits: Permits::new(DRIVER_CONCURRENCY, PER_ENDPOINT),
             health_check_ms: std::sync::atomic::AtomicU64::new(HEALTH_CHECK_EVERY.as_millis() as u64),
+            trees: Default::default(),
         })
     }
 
@@ -282,8 +287,11 @@ impl Engine {
             .into();
         // Customizers read a tree master's files; a disk master is opaque to them (its
         // instances get their identity from the NoCloud seed), so they see an empty one.
-        let master: Arc<dyn MasterView> =
-            if image.is_disk() { Arc::new(EmptyMaster) } else { Arc::new(DirMaster::new(self.images.tree(&image.digest))) };
+        let tree = if image.is_disk() { None } else { Some(self.tree_index(&image.digest)?) };
+        let master: Arc<dyn MasterView> = match &tree {
+            Some(index) => Arc::new(images::tree::TarMaster(index.clone())),
+            None => Arc::new(EmptyMaster),
+        };
         // Every instance of a disk master shares one empty overlay backed by the master.
         let disk_overlay = if image.is_disk() { Some(self.images.disk_overlay(image)?) } else { None };
         let mut instances = Vec::with_capacity(addresses.len());
@@ -306,6 +314,12 @@ impl Engine {
             }
             let (digest, bytes) = overlay::encode(&edits);
             self.store.put_overlay(&digest, &bytes)?;
+            // A tree instance's layer is built here, once, so serving it reads a small
+            // blob and nothing is built while a node waits.
+            let layer = match &tree {
+                Some(index) => Some(self.images.put_blob(&images::layer::build(index, &decode_edits(&digest, &bytes)?)?)?),
+                None => None,
+            };
             let disk = match &disk_overlay {
                 Some(overlay) => {
                     let id = images::seed::SeedIdentity {
@@ -335,6 +349,7 @@ impl Engine {
                 revision: 0,
                 deployment: 0,
                 deployment_started_ms: 0,
+                layer,
             });
             report(Step { phase: "minting", done: i as u64 + 1, total });
         }
@@ -369,9 +384,38 @@ impl Engine {
         Ok(self.store.node(name)?)
     }
 
+    /// The index of tree master `digest`, read once and kept.
+    pub fn tree_index(&self, digest: &str) -> Result<Arc<images::tree::TreeIndex>> {
+        if let Some(t) = self.trees.lock().unwrap_or_else(|p| p.into_inner()).get(digest) {
+            return Ok(t.clone());
+        }
+        let index = Arc::new(images::tree::TreeIndex::read(&self.images.tar(digest))?);
+        self.trees.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.to_string(), index.clone());
+        Ok(index)
+    }
+
+    /// The layer of a tree instance: the one minted with it, or (for an instance minted
+    /// before layers existed) built now from its overlay and recorded, once.
+    fn layer(&self, tier: &Tier, inst: &Instance) -> Result<String> {
+        if let Some(l) = inst.layer.as_ref().filter(|l| self.images.locate(l).is_some()) {
+            return Ok(l.clone());
+        }
+        let key = format!("layer:{}:{}", tier.image, inst.overlay);
+        if let Some(d) = self.store.artifact(&key)?.filter(|d| self.images.locate(d).is_some()) {
+            return Ok(d);
+        }
+        let bytes = self.store.overlay(&inst.overlay)?;
+        let layer = images::layer::build(&*self.tree_index(&tier.image)?, &decode_edits(&inst.overlay, &bytes)?)?;
+        let digest = self.images.put_blob(&layer)?;
+        self.images.sync()?;
+        self.store.put_artifact(&key, &digest)?;
+        Ok(digest)
+    }
+
     /// Builds the root filesystem of instance `index` of a tree tier in `into` (a new
-    /// directory on the daemon's host): the master's files shared by reflink, hard link or
-    /// copy (the report says which), then the instance's edits.
+    /// directory on the daemon's host): the master's files unpacked from its canonical
+    /// tar, then the instance's layer applied over them, as a node without overlayfs
+    /// assembles it.
     pub fn materialize(&self, tier: &str, index: u32, into: &Path) -> Result<images::materialize::Materialized> {
         let t = self.store.tier(tier)?;
         let inst = self.instance(tier, index)?;
@@ -381,15 +425,15 @@ impl Engine {
                 "tier `{tier}` runs a disk master: its instances are a qcow2 overlay and a NoCloud seed, served at /v1/artifacts/{tier}/{index}"
             )));
         }
-        let bytes = self.store.overlay(&inst.overlay)?;
-        let edits: Vec<images::materialize::OverlayEdit> = serde_json::from_slice(&bytes)
-            .map_err(|e| EngineError::Invalid(format!("overlay {} does not decode: {e}", inst.overlay)))?;
-        Ok(images::materialize::materialize(&self.images.tree(&t.image), &edits, into)?)
+        let layer = self.layer(&t, &inst)?;
+        let layer_path = self.images.locate(&layer).ok_or_else(|| EngineError::Invalid(format!("the layer {layer} of {tier}/{index} is missing")))?;
+        Ok(images::materialize::materialize(&self.images.tar(&t.image), &layer_path, into)?)
     }
 
-    /// What a node fetches to run instance `index` of `tier`: for a tree master, its root
-    /// filesystem as a tar (built on first request and kept as a blob); for a disk master,
-    /// the master, the overlay backed by it and the instance's NoCloud seed.
+    /// What a node fetches to run instance `index` of `tier`: for a tree master, the
+    /// master (its canonical tar, shared by every instance) and the instance's layer; for
+    /// a disk master, the master, the overlay backed by it and the instance's NoCloud seed.
+    /// Nothing is built here but the layer of an instance minted before layers existed.
     pub fn artifact(&self, tier: &str, index: u32) -> Result<Artifact> {
         let t = self.store.tier(tier)?;
         let inst = self.instance(tier, index)?;
@@ -408,18 +452,10 @@ impl Engine {
                 part("overlay", &d.overlay, format!("{}.qcow2", hex(&d.overlay)))?,
                 part("seed", &d.seed, "seed.img".into())?,
             ],
-            None => {
-                let key = format!("rootfs:{}:{}", image.digest, inst.overlay);
-                let digest = match self.store.artifact(&key)?.filter(|d| self.images.locate(d).is_some()) {
-                    Some(d) => d,
-                    None => {
-                        let d = self.build_rootfs(&t, &inst)?;
-                        self.store.put_artifact(&key, &d)?;
-                        d
-                    }
-                };
-                vec![part("rootfs", &digest, "rootfs.tar".into())?]
-            }
+            None => vec![
+                part("master", &image.digest, format!("{}.tar", hex(&image.digest)))?,
+                part("layer", &self.layer(&t, &inst)?, "layer.tar".into())?,
+            ],
         };
         Ok(Artifact {
             tier: tier.into(),
@@ -430,21 +466,6 @@ impl Engine {
             format: if inst.disk.is_some() { "disk" } else { "tree" },
             parts,
         })
-    }
-
-    /// Builds a tree instance's root filesystem tar: materialized by hard links in a
-    /// staging directory, then written canonically and stored as a blob.
-    fn build_rootfs(&self, tier: &Tier, inst: &Instance) -> Result<String> {
-        let staging = self.images.dir().join(format!(".rootfs-{}-{}-{}", std::process::id(), tier.name, inst.id.index));
-        let _ = std::fs::remove_dir_all(&staging);
-        let result = (|| {
-            self.materialize(&tier.name, inst.id.index, &staging.join("root"))?;
-            let tar = staging.join("rootfs.tar");
-            let (digest, _, _) = images::archive::write_canonical(&staging.join("root"), &tar, &quiet)?;
-            Ok(self.images.adopt_blob(&tar, &digest)?)
-        })();
-        let _ = std::fs::remove_dir_all(&staging);
-        result
     }
 
     fn instance(&self, tier: &str, index: u32) -> Result<Instance> {
@@ -460,9 +481,18 @@ impl Engine {
     }
 }
 
+/// An overlay's stored bytes as the edits a layer is built from.
+fn decode_edits(digest: &str, bytes: &[u8]) -> Result<Vec<images::materialize::OverlayEdit>> {
+    serde_json::from_slice(bytes).map_err(|e| EngineError::Invalid(format!("overlay {digest} does not decode: {e}")))
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+/// The label the host gives a candidate whose agent caches the tier's master (value
+/// `true`), so a policy can prefer nodes that need not fetch it.
+pub const CACHED_MASTER_LABEL: &str = "mint.cached-master";
 
 /// The policy's view: every free node, interned; names kept aside by index.
 pub fn selection_request<'a>(tier: &Tier, nodes: impl IntoIterator<Item = &'a Node>, count: u32) -> (wit::SelectionRequest, Vec<String>) {
@@ -472,7 +502,15 @@ pub fn selection_request<'a>(tier: &Tier, nodes: impl IntoIterator<Item = &'a No
             b.placed(&n.labels);
         }
         if n.state.can_select() {
-            b.candidate(&n.name, n.cpus, n.memory_mib, &n.arch, &n.labels, n.load);
+            if n.cached.contains(&tier.image) {
+                // The host's own label: this node has the tier's master and fetches only
+                // the instance's part (see CACHED_MASTER_LABEL).
+                let mut labels = n.labels.clone();
+                labels.insert(CACHED_MASTER_LABEL.into(), "true".into());
+                b.candidate(&n.name, n.cpus, n.memory_mib, &n.arch, &labels, n.load);
+            } else {
+                b.candidate(&n.name, n.cpus, n.memory_mib, &n.arch, &n.labels, n.load);
+            }
         }
     }
     let r = &tier.requirements;

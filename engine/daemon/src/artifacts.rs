@@ -4,7 +4,11 @@
 //! descriptor); `GET` or `HEAD /v1/blobs/{digest}` serves each part's
 //! bytes at a stable URL, with its digest as a strong ETag (`If-None-Match` answers 304)
 //! and single byte ranges (`Range: bytes=a-b`, `a-`, `-n`; 206, or 416 when unsatisfiable),
-//! so an agent or a BMC can resume a large download.
+//! so an agent or a BMC can resume a large download. Blobs never change, so they carry
+//! `Cache-Control: immutable` and any HTTP cache can front the engine. Each is checked
+//! against its digest before it is first served (see `delivery.rs`); a corrupt one is
+//! quarantined and answered 410, naming what to do. `GET /v1/blobs` tells what each blob
+//! cost on the wire.
 
 use crate::auth::Caller;
 use crate::{ApiError, Shared, ok};
@@ -37,7 +41,6 @@ fn may_read(app: &Shared, caller: &Caller, tier: &str, index: u32) -> Result<(),
 pub async fn describe(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path((tier, index)): Path<(String, u32)>) -> Result<Response, ApiError> {
     may_read(&app, &caller, &tier, index)?;
     let _files = app.image_files.read().await;
-    // Building a tree instance's root filesystem the first time reads the whole master.
     ok(crate::off_async_threads(|| app.engine.artifact(&tier, index))?)
 }
 
@@ -161,7 +164,66 @@ fn no_blob(digest: &str) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("no blob `{digest}`; blob URLs come from /v1/artifacts/{{tier}}/{{index}}"))
 }
 
+/// The answer for a blob found corrupt on the engine's disk.
+fn quarantined(digest: &str) -> ApiError {
+    ApiError(
+        StatusCode::GONE,
+        format!("blob {digest} is corrupt on the engine's disk and was quarantined; import its master again (or restore the file) and redeploy"),
+    )
+}
+
+/// Checks `digest`'s stored bytes (once per daemon start, unless a scrub asks again);
+/// quarantines and reports a corrupt one.
+pub(crate) async fn check_blob(app: &Shared, digest: &str) -> Result<(), ApiError> {
+    if app.delivery.is_quarantined(digest) {
+        return Err(quarantined(digest));
+    }
+    let (a, d) = (app.clone(), digest.to_string());
+    let checked = app.delivery.checked(digest, move || a.engine.images.verify(&d).map(|_| ()).map_err(|e| e.to_string())).await;
+    let Err(why) = checked else { return Ok(()) };
+    app.delivery.quarantine(digest);
+    let (a, d) = (app.clone(), digest.to_string());
+    let moved = tokio::task::spawn_blocking(move || a.engine.images.quarantine(&d)).await;
+    let to = match moved {
+        Ok(Ok(Some(p))) => p.display().to_string(),
+        Ok(Ok(None)) => "nowhere (it is gone)".into(),
+        Ok(Err(e)) => format!("nowhere ({e})"),
+        Err(e) => format!("nowhere ({e})"),
+    };
+    tracing::error!("blob {digest} is corrupt: {why}; quarantined to {to}");
+    let _ = app.engine.store.note(
+        "blob-quarantined",
+        format!("blob {digest} is corrupt on the engine's disk ({why}); moved to {to}, no node is offered it"),
+        serde_json::json!({ "digest": digest, "to": to }),
+        mint_model::records::ENGINE,
+    );
+    Err(quarantined(digest))
+}
+
+/// Checks every stored blob again, quarantining and reporting the corrupt ones.
+pub(crate) async fn scrub(app: &Shared) {
+    app.delivery.recheck_all();
+    let stored = app.engine.images.stored();
+    let mut bad = 0;
+    for digest in &stored {
+        let _files = app.image_files.read().await;
+        if check_blob(app, digest).await.is_err() {
+            bad += 1;
+        }
+    }
+    tracing::info!("scrub: {} blobs checked, {bad} corrupt", stored.len());
+}
+
+/// `GET /v1/blobs`: what each blob cost on the wire since the daemon started, and the
+/// blobs quarantined.
+pub async fn served(State(app): State<Shared>) -> Result<Response, ApiError> {
+    ok(serde_json::json!({ "served": app.delivery.served(), "quarantined": app.delivery.quarantined() }))
+}
+
 async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) -> Response {
+    if let Err(e) = check_blob(app, digest).await {
+        return e.into_response();
+    }
     let Some(path) = app.engine.images.locate(digest) else {
         return no_blob(digest).into_response();
     };
@@ -182,6 +244,7 @@ async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) 
         .header("Digest", HeaderValue::from_str(&format!("sha-256={}", sha256_base64(&digest))).unwrap_or(HeaderValue::from_static("")));
     let matches = |h: &HeaderValue| h.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
     if headers.get(header::IF_NONE_MATCH).is_some_and(matches) {
+        app.delivery.request(digest, true);
         return base.status(StatusCode::NOT_MODIFIED).body(Body::empty()).unwrap_or_default();
     }
     let (status, start, count) = match range(headers, len) {
@@ -205,11 +268,20 @@ async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) 
     if let Err(e) = file.seek(SeekFrom::Start(start)).await {
         return ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read blob {digest}: {e}")).into_response();
     }
-    let chunks = futures_util::stream::unfold((file.take(count), vec![0u8; 1 << 16]), |(mut r, mut buf)| async move {
+    app.delivery.request(digest, false);
+    // A place among the transfers in flight, held until the body is sent (or the client
+    // goes away and the stream is dropped).
+    let permit = app.delivery.transfer().await;
+    let state = (file.take(count), vec![0u8; crate::delivery::CHUNK], permit, app.clone(), digest.to_string());
+    let chunks = futures_util::stream::unfold(state, |(mut r, mut buf, permit, app, digest)| async move {
         match r.read(&mut buf).await {
             Ok(0) => None,
-            Ok(n) => Some((Ok::<_, std::io::Error>(axum::body::Bytes::copy_from_slice(&buf[..n])), (r, buf))),
-            Err(e) => Some((Err(e), (r, buf))),
+            Ok(n) => {
+                app.delivery.pace(n).await;
+                app.delivery.count(&digest, n as u64);
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::copy_from_slice(&buf[..n])), (r, buf, permit, app, digest)))
+            }
+            Err(e) => Some((Err(e), (r, buf, permit, app, digest))),
         }
     });
     base.body(Body::from_stream(chunks)).unwrap_or_default()

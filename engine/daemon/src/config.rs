@@ -22,6 +22,11 @@
 //! per-endpoint = 4                  # calls at once to one BMC host or agent
 //! health-check-secs = 5             # each running instance's health, on its own schedule
 //!
+//! [artifacts]
+//! transfers = 64                    # blob transfers at once; more wait their turn
+//! bandwidth-mbps = 0                # shared equally by the transfers; 0: no cap
+//! scrub-hours = 24                  # every stored blob's digest checked again
+//!
 //! [materialize]
 //! root = "/srv/mint/materialized"   # relative to this file; absent: materialize is off
 //!
@@ -48,6 +53,8 @@ struct Raw {
     drivers: RawDrivers,
     #[serde(default)]
     materialize: RawMaterialize,
+    #[serde(default)]
+    artifacts: RawArtifacts,
     #[serde(default)]
     endpoint: Vec<RawEndpoint>,
 }
@@ -113,6 +120,15 @@ struct RawDrivers {
     health_check_secs: Option<u64>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
+struct RawArtifacts {
+    transfers: Option<usize>,
+    bandwidth_mbps: Option<u64>,
+    scrub_hours: Option<u64>,
+}
+
 /// The most driver calls at once the configuration may ask for.
 pub const MAX_CONCURRENCY: usize = 256;
 
@@ -133,7 +149,16 @@ pub struct Config {
     pub materialize_root: Option<PathBuf>,
     /// How node endpoints' certificates are trusted.
     pub endpoint_tls: mint_plugins::TlsPolicies,
+    /// Blob transfers at once.
+    pub transfers: usize,
+    /// The cap all blob transfers share, in bytes per second (0: none).
+    pub bandwidth: u64,
+    /// How often every stored blob is checked again.
+    pub scrub: std::time::Duration,
 }
+
+/// The default interval of blob scrubs.
+pub const SCRUB_EVERY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl Config {
     /// The configuration of a daemon started without a file: no trusted keys, unsigned
@@ -143,6 +168,8 @@ impl Config {
             concurrency: mint_core::DRIVER_CONCURRENCY,
             per_endpoint: mint_core::PER_ENDPOINT,
             health_check: mint_core::HEALTH_CHECK_EVERY,
+            transfers: crate::delivery::TRANSFERS,
+            scrub: SCRUB_EVERY,
             ..Config::default()
         }
     }
@@ -206,14 +233,38 @@ impl Config {
             let trust = endpoint_trust(&at, &e.tls, base)?;
             endpoint_tls.add(&at, e.node, e.endpoint, trust)?;
         }
-        Ok(Config { plugins: PluginPolicy { trust, grants }, credentials, concurrency, per_endpoint, health_check, materialize_root, endpoint_tls })
+        let transfers = raw.artifacts.transfers.unwrap_or(crate::delivery::TRANSFERS);
+        if !(1..=4096).contains(&transfers) {
+            return Err(at(format!("artifacts.transfers: {transfers} is outside 1..=4096")));
+        }
+        let bandwidth = match raw.artifacts.bandwidth_mbps.unwrap_or(0) {
+            m @ 0..=1_000_000 => m * 1_000_000 / 8,
+            m => return Err(at(format!("artifacts.bandwidth-mbps: {m} is above 1000000 (1 Tbit/s); 0 turns the cap off"))),
+        };
+        let scrub = match raw.artifacts.scrub_hours {
+            None => SCRUB_EVERY,
+            Some(h @ 1..=8760) => std::time::Duration::from_secs(h * 3600),
+            Some(h) => return Err(at(format!("artifacts.scrub-hours: {h} is outside 1..=8760"))),
+        };
+        Ok(Config {
+            plugins: PluginPolicy { trust, grants },
+            credentials,
+            concurrency,
+            per_endpoint,
+            health_check,
+            materialize_root,
+            endpoint_tls,
+            transfers,
+            bandwidth,
+            scrub,
+        })
     }
 }
 
 impl Config {
     /// Puts the configuration into effect: trust and grants for plugins loaded from now on,
     /// credentials and concurrency for calls that start from now on.
-    pub fn apply(self, engine: &mint_core::Engine) {
+    pub(crate) fn apply(self, engine: &mint_core::Engine, delivery: &crate::delivery::Delivery) {
         tracing::info!(
             trusted = ?self.plugins.trust.describe(),
             credentials = ?self.credentials.summary(),
@@ -221,8 +272,11 @@ impl Config {
             concurrency = self.concurrency,
             per_endpoint = self.per_endpoint,
             health_check_secs = self.health_check.as_secs(),
+            transfers = self.transfers,
+            bandwidth_bytes_per_sec = self.bandwidth,
             "configuration"
         );
+        delivery.set(self.transfers, self.bandwidth, self.scrub);
         engine.permits.set(self.concurrency, self.per_endpoint);
         engine.health_check_ms.store(self.health_check.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         engine.plugins.runtime().set_credentials(self.credentials);
@@ -261,7 +315,7 @@ pub(crate) fn reload_on_hangup(
             match Config::read(path) {
                 Ok(c) => {
                     *app.materialize_root.write().unwrap_or_else(|p| p.into_inner()) = c.materialize_root.clone();
-                    c.apply(&app.engine);
+                    c.apply(&app.engine, &app.delivery);
                     let _ = app.engine.store.note("configuration-reloaded", format!("configuration reloaded from {}", path.display()), serde_json::json!({}), mint_model::records::ENGINE);
                 }
                 Err(e) => tracing::error!("SIGHUP: keeping the running configuration: {e}"),

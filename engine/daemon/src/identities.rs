@@ -132,7 +132,7 @@ pub async fn register(
     if !r.macs.is_empty() {
         properties.insert("macs".into(), r.macs.join(","));
     }
-    let node = Node { name: r.name, cpus: r.cpus, memory_mib: r.memory_mib, arch: r.arch, labels: r.labels, properties, state: NodeState::Free, instance: None, load: 0 };
+    let node = Node { name: r.name, cpus: r.cpus, memory_mib: r.memory_mib, arch: r.arch, labels: r.labels, properties, state: NodeState::Free, instance: None, load: 0, cached: Vec::new() };
     let credential = match &caller {
         Caller::Joining { hash } => {
             let secret = auth::new_secret(auth::NODE_PREFIX).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;

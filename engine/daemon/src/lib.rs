@@ -7,6 +7,7 @@
 //! answers; the reconciler carries it out, and no request waits behind a driver.
 
 mod artifacts;
+mod delivery;
 pub mod auth;
 mod autoscale;
 pub mod config;
@@ -65,6 +66,8 @@ struct App {
     long_operations: Arc<tokio::sync::Semaphore>,
     /// Whether requests go unauthenticated (a loopback benchmark's daemon only).
     unauthenticated: bool,
+    /// Blob transfers: their bound, pace, checks and counts.
+    delivery: delivery::Delivery,
 }
 
 /// How many long operations may run at once; more are answered 429.
@@ -450,6 +453,7 @@ async fn add_node(State(app): State<Shared>, Extension(caller): Extension<Caller
         state: if s.maintenance { NodeState::Maintenance } else { NodeState::Free },
         instance: None,
         load: 0,
+        cached: Vec::new(),
     };
     app.engine.store.add_node(&node, &caller.label())?;
     // A new node may be what a waiting tier needs.
@@ -563,6 +567,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/artifacts/{tier}/{index}", get(artifacts::describe))
         .route("/v1/artifacts/{tier}/{index}/{role}", get(artifacts::part).head(artifacts::part))
         .route("/v1/blobs/{digest}", get(artifacts::blob).head(artifacts::blob))
+        .route("/v1/blobs", get(artifacts::served))
         .route("/v1/tokens", get(identities::list_tokens).post(identities::create_token))
         .route("/v1/tokens/{name}", axum::routing::delete(identities::revoke_token))
         .route("/v1/nodes/{name}/enroll", post(identities::enroll))
@@ -655,7 +660,8 @@ pub async fn serve(
     if let Some(root) = &materialize_root {
         std::fs::create_dir_all(root).map_err(|e| format!("materialize.root: cannot create {}: {e}", root.display()))?;
     }
-    config.apply(&engine);
+    let delivery = delivery::Delivery::default();
+    config.apply(&engine, &delivery);
     engine.plugins.preload_bundled().map_err(|e| e.to_string())?;
     for problem in engine.plugins.preload_installed() {
         tracing::warn!("{problem}");
@@ -687,12 +693,23 @@ pub async fn serve(
         materialize_root: std::sync::RwLock::new(materialize_root),
         long_operations: Arc::new(tokio::sync::Semaphore::new(MAX_LONG_OPERATIONS)),
         unauthenticated,
+        delivery,
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let pin = cert.as_ref().map(|c| c.pin());
     app.engine.plugins.runtime().set_engine_pin(pin);
     config::reload_on_hangup(app.clone(), config_path, cert, stop_rx.clone());
     let workers = reconciler::start(app.clone(), stop_rx.clone());
+    let scrubbing = app.clone();
+    let mut scrub_stop = stop_rx.clone();
+    let scrubber = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(scrubbing.delivery.scrub_every()) => artifacts::scrub(&scrubbing).await,
+                _ = scrub_stop.changed() => break,
+            }
+        }
+    });
     let looping = app.clone();
     let ticker = tokio::spawn(async move {
         tick(&looping);
@@ -716,6 +733,7 @@ pub async fn serve(
     // Let steps in progress finish their transactions; driver calls in flight are cut off
     // (each commits in one transaction or not at all, and the next daemon polls them).
     let _ = ticker.await;
+    scrubber.abort();
     for w in workers {
         let _ = w.await;
     }

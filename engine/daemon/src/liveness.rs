@@ -102,6 +102,9 @@ pub struct Heartbeat {
     /// Why, when it failed.
     #[serde(default)]
     detail: Option<String>,
+    /// The masters the node caches (agents from before the cache send none).
+    #[serde(default)]
+    cached: Option<Vec<String>>,
 }
 
 /// `POST /v1/nodes/{name}/heartbeat`: the agent is alive, reports its load (per mille of
@@ -125,6 +128,12 @@ pub async fn heartbeat(
     }
     let node = app.engine.store.node(&name)?;
     app.liveness.beat(&name, h.load);
+    if let Some(cached) = h.cached.clone() {
+        if cached.len() > 10_000 || cached.iter().any(|d| d.len() != 71 || !d.starts_with("sha256:")) {
+            return Err(ApiError(axum::http::StatusCode::BAD_REQUEST, "field `cached`: a list of at most 10,000 `sha256:<hex>` digests".into()));
+        }
+        app.engine.store.set_node_cached(&name, cached)?;
+    }
     let fence = match (&h.instance, node.state) {
         (Some(i), NodeState::Failed) => Some(format!("node `{name}` was declared failed; its instance {i} runs elsewhere now")),
         (Some(i), _) if node.instance.as_ref() != Some(i) => Some(format!("node `{name}` does not hold {i}")),

@@ -262,6 +262,7 @@ mod tests {
             revision: 0,
             deployment: 0,
             deployment_started_ms: 0,
+                layer: None,
         }
     }
 

@@ -176,6 +176,10 @@ pub struct Instance {
     /// For an instance of a disk master, its parts besides the master.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskParts>,
+    /// For an instance of a tree master, the digest of its layer: its edits as a small
+    /// tar (removals as whiteouts) that a node lays over the master it caches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<String>,
     /// The tier revision of what is (being) deployed on its node; below the tier's
     /// revision, the instance is rolled to the new master.
     #[serde(default)]
@@ -225,6 +229,10 @@ pub struct Node {
     /// Last load the node reported, in thousandths.
     #[serde(default)]
     pub load: u32,
+    /// The masters (digests) its agent reports it caches, so a policy can prefer a node
+    /// that need not fetch the tier's master.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cached: Vec<String>,
 }
 
 impl Node {
@@ -427,6 +435,7 @@ mod tests {
             state: crate::NodeState::Free,
             instance: None,
             load: 0,
+            cached: Vec::new(),
         };
         assert_eq!(node(&[("bmc-url", "https://10.1.0.17/redfish/v1/Systems/1")]).endpoint().as_deref(), Some("10.1.0.17"));
         assert_eq!(node(&[("agent-url", "https://user:pw@Node-3:7601")]).endpoint().as_deref(), Some("node-3:7601"));

@@ -61,6 +61,53 @@ fn components(path: &str) -> Result<Vec<&str>, FsError> {
     Ok(parts)
 }
 
+/// What a path of an image is, as far as resolving it goes.
+pub enum Lookup {
+    /// Nothing is there.
+    Absent,
+    /// A symlink, with its target as written.
+    Link(String),
+    /// Anything else.
+    Other,
+}
+
+/// Resolves an image path to the components of the real path it names inside the image,
+/// following symlinks the way the instance will once booted: an absolute target re-roots
+/// at the image and `..` never climbs above its `/`. `lstat` says what a real path (as
+/// components) is. `None` when some part of the path does not exist.
+pub fn resolve_in(path: &str, follow_final: bool, lstat: impl Fn(&[String]) -> Result<Lookup, FsError>) -> Result<Option<Vec<String>>, FsError> {
+    let mut pending: Vec<String> = components(path)?.into_iter().rev().map(str::to_string).collect();
+    let mut resolved: Vec<String> = Vec::new();
+    let mut hops = 0;
+    while let Some(part) = pending.pop() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        if part == "." || part.is_empty() {
+            continue;
+        }
+        resolved.push(part);
+        let last = pending.is_empty();
+        match lstat(&resolved)? {
+            Lookup::Absent => return Ok(None),
+            Lookup::Link(target) if !last || follow_final => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(FsError::InvalidPath(format!("`{path}`: too many levels of symbolic links")));
+                }
+                resolved.pop();
+                if target.starts_with('/') {
+                    resolved.clear();
+                }
+                pending.extend(target.split('/').rev().map(str::to_string));
+            }
+            _ => {}
+        }
+    }
+    Ok(Some(resolved))
+}
+
 fn kind_of(m: &std::fs::Metadata) -> FileKind {
     let t = m.file_type();
     if t.is_symlink() {
@@ -87,41 +134,17 @@ impl DirMaster {
     /// Resolves an image path to a host path inside the root, or none when some part of it
     /// does not exist.
     fn resolve(&self, path: &str, follow_final: bool) -> Result<Option<PathBuf>, FsError> {
-        let mut pending: Vec<String> = components(path)?.into_iter().rev().map(str::to_string).collect();
-        let mut resolved: Vec<String> = Vec::new();
-        let mut hops = 0;
-        while let Some(part) = pending.pop() {
-            if part == ".." {
-                resolved.pop();
-                continue;
+        let found = resolve_in(path, follow_final, |parts| {
+            let candidate = self.host_path(parts);
+            match std::fs::symlink_metadata(&candidate) {
+                Ok(m) if m.file_type().is_symlink() => Ok(Lookup::Link(std::fs::read_link(&candidate).map_err(io)?.to_string_lossy().into_owned())),
+                Ok(_) => Ok(Lookup::Other),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lookup::Absent),
+                Err(e) if e.raw_os_error() == Some(20) => Ok(Lookup::Absent), // ENOTDIR
+                Err(e) => Err(io(e)),
             }
-            if part == "." || part.is_empty() {
-                continue;
-            }
-            let candidate = self.host_path(&resolved).join(&part);
-            let meta = match std::fs::symlink_metadata(&candidate) {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) if e.raw_os_error() == Some(20) => return Ok(None), // ENOTDIR
-                Err(e) => return Err(io(e)),
-            };
-            let last = pending.is_empty();
-            if meta.file_type().is_symlink() && (!last || follow_final) {
-                hops += 1;
-                if hops > 40 {
-                    return Err(FsError::InvalidPath(format!("`{path}`: too many levels of symbolic links")));
-                }
-                let target = std::fs::read_link(&candidate).map_err(io)?;
-                let target = target.to_string_lossy().into_owned();
-                if target.starts_with('/') {
-                    resolved.clear();
-                }
-                pending.extend(target.split('/').rev().map(str::to_string));
-                continue;
-            }
-            resolved.push(part);
-        }
-        Ok(Some(self.host_path(&resolved)))
+        })?;
+        Ok(found.map(|parts| self.host_path(&parts)))
     }
 
     fn host_path(&self, parts: &[String]) -> PathBuf {

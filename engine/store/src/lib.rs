@@ -873,6 +873,7 @@ impl Store {
                 }
                 inst.overlay = new.overlay.clone();
                 inst.disk = new.disk.clone();
+                inst.layer = new.layer.clone();
                 Tx::put(tx.instances, &instance_key(&new.id), &inst)?;
             }
             let old = std::mem::replace(&mut tier.image, image.to_string());
@@ -1083,6 +1084,29 @@ impl Store {
         });
         self.refresh_nodes([name])?;
         r
+    }
+
+    /// Records the masters node `name`'s agent caches, when they changed (one event each
+    /// time, naming what came and went).
+    pub fn set_node_cached(&self, name: &str, mut cached: Vec<String>) -> Result<bool> {
+        cached.sort();
+        cached.dedup();
+        if self.node(name)?.cached == cached {
+            return Ok(false);
+        }
+        let _w = self.lock();
+        let r = self.transact_as(&format!("node:{name}"), |tx| {
+            let mut n = tx.node(name)?;
+            let came: Vec<&String> = cached.iter().filter(|d| !n.cached.contains(d)).collect();
+            let went: Vec<&String> = n.cached.iter().filter(|d| !cached.contains(d)).collect();
+            let message = format!("node `{name}` caches {} master(s): {} came, {} went", cached.len(), came.len(), went.len());
+            let detail = serde_json::json!({"came": came, "went": went});
+            n.cached = cached.clone();
+            Tx::put(tx.nodes, name.as_bytes(), &n)?;
+            tx.event(None, "node-cache", message, detail)
+        });
+        self.refresh_nodes([name])?;
+        r.map(|_| true)
     }
 
     /// Events with a sequence number above `after`, oldest first, at most `limit`.

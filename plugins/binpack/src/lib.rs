@@ -34,12 +34,14 @@ impl Policy for Binpack {
         let want = request.count as usize;
         let mut chosen = Vec::with_capacity(want);
         while chosen.len() < want && !eligible.is_empty() {
-            // The fullest domain first, then the tightest fit, then name order.
+            // The fullest domain first, then a node that caches the master (it fetches
+            // only the instance's part), then the tightest fit, then name order.
             let (pos, _) = eligible
                 .iter()
                 .enumerate()
                 .min_by_key(|(_, (i, d, spare))| {
-                    (std::cmp::Reverse(used.get(d).copied().unwrap_or(0)), *spare, *i)
+                    let fetches = !request.has_master_cached(&request.candidates[*i]);
+                    (std::cmp::Reverse(used.get(d).copied().unwrap_or(0)), fetches, *spare, *i)
                 })
                 .expect("eligible is not empty");
             let (index, domain, spare) = eligible.swap_remove(pos);

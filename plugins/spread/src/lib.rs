@@ -1,5 +1,6 @@
 //! The `spread` node-selection policy: spreads a tier's instances over failure domains
-//! (by default zone, then rack), then prefers the least loaded node.
+//! (by default zone, then rack), then prefers a node that caches the tier's master, then
+//! the least loaded node.
 //!
 //! Configuration: `domains`, the label keys of the failure domains from widest to
 //! narrowest (default `["zone", "rack"]`). A node without one of the labels counts as its
@@ -85,9 +86,11 @@ impl Policy for Spread {
         }
         placed.resize(domains.ids.len(), 0);
         let load = |i: usize| request.candidates[i].load;
+        // A node that has the master fetches only the instance's part.
+        let fetches = |i: usize| !request.has_master_cached(&request.candidates[i]);
         for g in &mut groups {
             // Candidates arrive in name order, so a stable sort keeps ties by name.
-            g.nodes.sort_by_key(|&i| load(i));
+            g.nodes.sort_by_key(|&i| (fetches(i), load(i)));
         }
 
         let want = request.count as usize;
@@ -100,6 +103,7 @@ impl Policy for Spread {
                 let counts = |g: &Group| g.path.iter().map(|&d| placed[d as usize]).collect::<SmallCounts>();
                 counts(a)
                     .cmp(&counts(b))
+                    .then(fetches(a.nodes[a.next]).cmp(&fetches(b.nodes[b.next])))
                     .then(load(a.nodes[a.next]).cmp(&load(b.nodes[b.next])))
                     .then(a.nodes[a.next].cmp(&b.nodes[b.next]))
             });
@@ -176,6 +180,20 @@ mod tests {
         // Zone a and zone b alternate; inside zone a both racks get one before either gets two.
         assert_eq!(names(&r, &c), ["b1", "a2", "a3", "b2"]);
         assert!(c[0].reason.as_deref().unwrap().contains("zone=b had 0"));
+    }
+
+    #[test]
+    fn prefers_nodes_that_cache_the_master_within_a_domain_count() {
+        let r = RequestBuilder::new("web", 2)
+            .node("a1", &[("zone", "a")], 0)
+            .node("a2", &[("zone", "a"), ("mint.cached-master", "true")], 500)
+            .node("b1", &[("zone", "b")], 0)
+            .node("b2", &[("zone", "b"), ("mint.cached-master", "true")], 900)
+            .build();
+        // Both zones get one (spreading comes first); in each, the node with the master.
+        let mut got = names(&r, &Spread::select(&r, &Config::new()).unwrap());
+        got.sort();
+        assert_eq!(got, ["a2", "b2"]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use super::{ImageError, io};
 use crate::{Report, Step};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// How a tar stream is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,38 +45,19 @@ pub fn decompress(path: &Path, compression: Compression, out: &Path) -> Result<(
 
 /// Whether a path from an archive stays inside its root: relative, without `..`.
 pub fn check_path(path: &Path) -> Result<(), ImageError> {
-    if path.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir | Component::Prefix(_))) {
-        return Err(ImageError::Invalid(format!("entry `{}` is absolute or climbs out with `..`; refusing the archive", path.display())));
-    }
-    Ok(())
+    mint_layers::check_path(path).map_err(layer_error)
 }
 
-/// Whether a link entry's target stays inside the root. A symlink's target is read from
-/// the link's directory; an absolute symlink target is fine (it is resolved inside the
-/// image when the image is used); a hard link's target must be a relative path in the
-/// archive.
+/// Whether a link entry's target stays inside the root (see [`mint_layers::check_link`]).
 pub fn check_link(entry: &tar::Entry<'_, impl Read>, path: &Path) -> Result<(), ImageError> {
-    let Ok(Some(target)) = entry.link_name() else { return Ok(()) };
-    let kind = entry.header().entry_type();
-    let base = if kind.is_hard_link() { Path::new("") } else { path.parent().unwrap_or(Path::new("")) };
-    if kind.is_hard_link() && target.is_absolute() {
-        return Err(ImageError::Invalid(format!("hard link `{}` has an absolute target", path.display())));
+    mint_layers::check_link(entry, path).map_err(layer_error)
+}
+
+pub(crate) fn layer_error(e: mint_layers::LayerError) -> ImageError {
+    match e {
+        mint_layers::LayerError::Invalid(m) => ImageError::Invalid(m),
+        mint_layers::LayerError::Io { what, source } => ImageError::Io { what, source },
     }
-    if target.is_absolute() {
-        return Ok(());
-    }
-    let mut depth: i64 = 0;
-    for c in base.join(&target).components() {
-        match c {
-            Component::ParentDir => depth -= 1,
-            Component::Normal(_) => depth += 1,
-            _ => {}
-        }
-        if depth < 0 {
-            return Err(ImageError::Invalid(format!("link `{}` -> `{}` escapes the root; refusing the archive", path.display(), target.display())));
-        }
-    }
-    Ok(())
 }
 
 /// Checks every entry of a plain tar (paths and link targets) without writing anything.
@@ -92,37 +73,97 @@ pub fn check_all(archive: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Unpacks a plain tar after [`check_all`] accepted every entry.
+/// Unpacks a plain tar after [`check_all`] accepted every entry. Device nodes and FIFOs
+/// are created as what they are; one this process may not create refuses the import,
+/// since the master would silently lose it.
 pub fn unpack_checked(archive: &Path, into: &Path) -> Result<(), ImageError> {
     check_all(archive)?;
-    std::fs::create_dir_all(into).map_err(io("cannot create the unpack directory"))?;
-    let mut a = tar::Archive::new(open(archive, Compression::None)?);
-    a.set_preserve_permissions(true);
-    a.set_overwrite(true);
-    a.unpack(into).map_err(|e| ImageError::Invalid(format!("cannot unpack {}: {e}", archive.display())))
+    let u = mint_layers::unpack(open(archive, Compression::None)?, into, mint_layers::Whiteouts::Keep)
+        .map_err(|e| ImageError::Invalid(format!("cannot unpack {}: {}", archive.display(), layer_error(e))))?;
+    if let Some(w) = u.warnings.first() {
+        return Err(ImageError::Invalid(format!(
+            "{}: {w}; import masters with device nodes as root, or remove them from the archive",
+            archive.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The modification time every entry of a canonical tar carries, so the same tree gives
+/// the same bytes whenever it was unpacked.
+pub const CANONICAL_MTIME: u64 = 1_153_704_088;
+
+/// The canonical header of `meta`: its type, permission bits (setuid, setgid and sticky
+/// included), owner and size, with a fixed time and no user or group names.
+pub fn canonical_header(meta: &std::fs::Metadata) -> tar::Header {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut h = tar::Header::new_gnu();
+    let t = meta.file_type();
+    h.set_entry_type(if t.is_dir() {
+        tar::EntryType::Directory
+    } else if t.is_symlink() {
+        tar::EntryType::Symlink
+    } else if t.is_block_device() {
+        tar::EntryType::Block
+    } else if t.is_char_device() {
+        tar::EntryType::Char
+    } else if t.is_fifo() {
+        tar::EntryType::Fifo
+    } else {
+        tar::EntryType::Regular
+    });
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(u64::from(meta.uid()));
+    h.set_gid(u64::from(meta.gid()));
+    h.set_mtime(CANONICAL_MTIME);
+    h.set_size(if t.is_file() { meta.len() } else { 0 });
+    if t.is_block_device() || t.is_char_device() {
+        let rdev = meta.rdev();
+        // The same split of a device number as glibc's major() and minor().
+        let _ = h.set_device_major(libc::major(rdev));
+        let _ = h.set_device_minor(libc::minor(rdev));
+    }
+    h
 }
 
 /// Writes the canonical tar of `root` to `out`; returns its digest, size and entry count.
-/// Entries are sorted by path with deterministic owners and times, so the same tree gives
-/// the same bytes however it arrived.
+/// Entries are sorted by path with their modes and owners and a fixed time, so the same
+/// tree gives the same bytes however it arrived. Device nodes and FIFOs are kept as what
+/// they are; sockets are not part of an image and are left out.
 pub fn write_canonical(root: &Path, out: &Path, report: Report<'_>) -> Result<(String, u64, u64), ImageError> {
+    use std::os::unix::fs::FileTypeExt;
     let mut paths = Vec::new();
     walk(root, Path::new(""), &mut paths)?;
     paths.sort();
     let file = std::fs::File::create(out).map_err(io("cannot write the image"))?;
     let mut b = tar::Builder::new(HashingWriter::new(std::io::BufWriter::with_capacity(1 << 16, file)));
-    b.follow_symlinks(false);
-    b.mode(tar::HeaderMode::Deterministic);
     let total = paths.len() as u64;
+    let mut written = 0;
     for (i, rel) in paths.iter().enumerate() {
         let full = root.join(rel);
-        b.append_path_with_name(&full, rel).map_err(io(format!("cannot add {}", rel.display())))?;
+        let meta = full.symlink_metadata().map_err(io(format!("cannot stat {}", rel.display())))?;
+        let t = meta.file_type();
+        let mut h = canonical_header(&meta);
+        let added = if t.is_socket() {
+            report(Step { phase: "hashing", done: i as u64 + 1, total });
+            continue;
+        } else if t.is_symlink() {
+            let target = std::fs::read_link(&full).map_err(io(format!("cannot read the link {}", rel.display())))?;
+            b.append_link(&mut h, rel, target)
+        } else if t.is_file() {
+            let f = std::fs::File::open(&full).map_err(io(format!("cannot read {}", rel.display())))?;
+            b.append_data(&mut h, rel, f)
+        } else {
+            b.append_data(&mut h, rel, std::io::empty())
+        };
+        added.map_err(io(format!("cannot add {}", rel.display())))?;
+        written += 1;
         report(Step { phase: "hashing", done: i as u64 + 1, total });
     }
     let mut w = b.into_inner().map_err(io("cannot finish the image"))?;
     w.flush().map_err(io("cannot flush the image"))?;
     let (digest, size) = w.finish();
-    Ok((digest, size, total))
+    Ok((digest, size, written))
 }
 
 fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), ImageError> {

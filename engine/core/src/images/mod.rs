@@ -1,17 +1,20 @@
 //! The image store: master images, content-addressed by sha256.
 //!
 //! Tree masters (a directory, a tar archive plain, gzip or zstd, or an OCI image layout)
-//! are kept as a canonical tar, entries sorted by path with deterministic owners and times,
-//! so the same tree imported from any of these gets the same digest; each is also unpacked
-//! as a directory that customizers read through the plugin host's master view. Disk
+//! are kept once, as a canonical tar (entries sorted by path, with their modes and owners
+//! and a fixed time), so the same tree imported from any of these gets the same digest.
+//! Customizers and instance layers read it in place through its index (`tree.rs`); no
+//! unpacked copy is kept. Disk
 //! masters (raw and qcow2) are checked and kept as they are, read-only: instances refer to
 //! them as the backing file of their overlays and never change them.
 
 pub mod archive;
 pub mod disk;
+pub mod layer;
 pub mod materialize;
 pub mod oci;
 pub mod seed;
+pub mod tree;
 
 use crate::{Report, Step};
 use archive::Compression;
@@ -137,8 +140,8 @@ pub fn detect(source: &Path) -> Result<SourceFormat, ImageError> {
     })
 }
 
-/// Where images live: tree masters as `<dir>/<hex>.tar` and `<dir>/<hex>/`, disk masters
-/// as `<dir>/<hex>.qcow2` or `<dir>/<hex>.raw`.
+/// Where images live: tree masters as `<dir>/<hex>.tar`, disk masters as
+/// `<dir>/<hex>.qcow2` or `<dir>/<hex>.raw`, per-instance parts under `<dir>/blobs/`.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     dir: PathBuf,
@@ -151,9 +154,9 @@ impl ImageStore {
         Ok(ImageStore { dir: dir.to_path_buf() })
     }
 
-    /// The unpacked tree of a tree image, for reading its files.
-    pub fn tree(&self, digest: &str) -> PathBuf {
-        self.dir.join(digest.trim_start_matches("sha256:"))
+    /// The canonical tar of a tree image.
+    pub fn tar(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!("{}.tar", digest.trim_start_matches("sha256:")))
     }
 
     /// The stored file of a disk image (`format` is `qcow2` or `raw`).
@@ -213,6 +216,49 @@ impl ImageStore {
             .find(|p| p.is_file())
     }
 
+    /// Checks that the stored bytes of `digest` still hash to it. `Ok(false)` when nothing
+    /// is stored under it.
+    pub fn verify(&self, digest: &str) -> Result<bool, ImageError> {
+        use sha2::Digest;
+        let Some(path) = self.locate(digest) else { return Ok(false) };
+        let mut f = std::fs::File::open(&path).map_err(io(format!("cannot open {}", path.display())))?;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut f, &mut h).map_err(io(format!("cannot read {}", path.display())))?;
+        let got = format!("sha256:{}", hex::encode(h.finalize()));
+        if got != digest {
+            return Err(ImageError::Invalid(format!("{} hashes to {got}, not {digest}", path.display())));
+        }
+        Ok(true)
+    }
+
+    /// Moves the stored file of `digest` aside to `<dir>/quarantine/`, so it is never
+    /// served again; returns where it went.
+    pub fn quarantine(&self, digest: &str) -> Result<Option<PathBuf>, ImageError> {
+        let Some(path) = self.locate(digest) else { return Ok(None) };
+        let q = self.dir.join("quarantine");
+        std::fs::create_dir_all(&q).map_err(io("cannot create the quarantine directory"))?;
+        let to = q.join(path.file_name().unwrap_or_default());
+        std::fs::rename(&path, &to).map_err(io(format!("cannot move {} aside", path.display())))?;
+        Ok(Some(to))
+    }
+
+    /// The digests of everything stored: masters, overlays and blobs.
+    pub fn stored(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in [self.dir.clone(), self.blobs()] {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let stem = name.split('.').next().unwrap_or_default();
+                if stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit()) && e.path().is_file() {
+                    out.push(format!("sha256:{stem}"));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The empty qcow2 overlay backed by disk master `image`, stored beside it (so its
     /// relative backing-file name resolves) under its own digest; the same every time.
     pub fn disk_overlay(&self, image: &Image) -> Result<String, ImageError> {
@@ -241,7 +287,7 @@ impl ImageStore {
 
     /// Imports a master. Its format is read from its contents; `claimed` (or, failing
     /// that, the file's extension) must agree with what the contents are. Progress goes to
-    /// `report`: `reading` or `flattening` the source, `hashing`, `unpacking`, or `copying`
+    /// `report`: `reading` or `flattening` the source, `hashing`, or `copying`
     /// a disk.
     pub fn import(&self, source: &Path, name: Option<&str>, claimed: Option<SourceFormat>, report: Report<'_>) -> Result<Image, ImageError> {
         let found = detect(source)?;
@@ -286,13 +332,9 @@ impl ImageStore {
         let (digest, size, entries) = archive::write_canonical(&tree, &tar_tmp, report)?;
         let hex = digest.trim_start_matches("sha256:").to_string();
         let final_tar = self.dir.join(format!("{hex}.tar"));
-        let final_tree = self.dir.join(&hex);
-        if !final_tree.exists() {
-            report(Step { phase: "unpacking", done: 0, total: 0 });
-            let unpack_tmp = staging.0.join("unpacked");
-            archive::unpack_checked(&tar_tmp, &unpack_tmp)?;
+        if !final_tar.exists() {
+            std::fs::File::open(&tar_tmp).and_then(|f| f.sync_all()).map_err(io("cannot sync the image"))?;
             std::fs::rename(&tar_tmp, &final_tar).map_err(io("cannot store the image"))?;
-            std::fs::rename(&unpack_tmp, &final_tree).map_err(io("cannot store the image tree"))?;
         }
         Ok(Image { digest, name, format: "tree".into(), size, entries, source: found.as_str().into(), virtual_size: 0 })
     }

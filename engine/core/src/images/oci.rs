@@ -188,6 +188,17 @@ fn apply_layer(tar_path: &Path, root: &Path) -> Result<(), ImageError> {
                 remove_any(&target)?;
             }
         }
+        if matches!(entry.header().entry_type(), tar::EntryType::Block | tar::EntryType::Char | tar::EntryType::Fifo) {
+            // tar would make a device node an empty regular file; it stays what it is.
+            let at = real_dir(root, &path)?;
+            if let Some(parent) = at.parent() {
+                std::fs::create_dir_all(parent).map_err(io("cannot create a directory"))?;
+            }
+            if let Some(w) = mint_layers::make_special(&entry, &path, &at).map_err(archive::layer_error)? {
+                return Err(ImageError::Invalid(format!("{w}; import masters with device nodes as root")));
+            }
+            continue;
+        }
         entry.unpack_in(root).map_err(|e| ImageError::Invalid(format!("cannot unpack `{}`: {e}", path.display())))?;
     }
     Ok(())
