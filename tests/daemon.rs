@@ -284,3 +284,45 @@ fn artifacts_are_served_with_digests_etags_and_ranges(base: &str, auth: &str) {
         other => panic!("an unknown blob: {:?}", other.map(|r| r.status())),
     }
 }
+
+#[test]
+fn a_blob_corrupt_on_the_engines_disk_is_quarantined_and_reported() {
+    let dir = scratch("daemon-quarantine");
+    let d = Daemon::start(&dir.join("data"));
+    let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let o = d.mint(&["image", "import", "tests/fixtures/master-ifupdown", "--name", "debian"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let digest = String::from_utf8_lossy(&o.stdout).split_whitespace().find(|w| w.starts_with("sha256:")).unwrap().to_string();
+    let spec = std::fs::read_to_string(root().join("tests/fixtures/web-tier.toml")).unwrap().replace("\"debian\"", &format!("\"{digest}\""));
+    std::fs::write(dir.join("web.toml"), spec).unwrap();
+    let o = d.mint(&["tier", "create", "-f", dir.join("web.toml").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", err(&o));
+
+    let auth = crate::support::admin_auth(&dir.join("data"));
+    let get = |path: &str| ureq::get(&format!("{}{path}", d.url)).set("Authorization", &auth).call();
+    let desc: serde_json::Value = get("/v1/artifacts/web/3").unwrap().into_json().unwrap();
+    let layer = desc["parts"][1]["digest"].as_str().unwrap().to_string();
+    let url = desc["parts"][1]["url"].as_str().unwrap().to_string();
+    // One byte flipped at rest, before the daemon first serves the blob.
+    let file = dir.join("data/images/blobs").join(layer.trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[600] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    for _ in 0..2 {
+        match get(&url) {
+            Err(ureq::Error::Status(410, r)) => {
+                let v: serde_json::Value = r.into_json().unwrap();
+                assert!(v["error"].as_str().unwrap().contains("corrupt on the engine's disk and was quarantined"), "{v}");
+            }
+            other => panic!("a corrupt blob: {:?}", other.map(|r| r.status())),
+        }
+    }
+    assert!(!file.exists() && dir.join("data/images/quarantine").join(layer.trim_start_matches("sha256:")).exists(), "moved aside");
+    let served: serde_json::Value = get("/v1/blobs").unwrap().into_json().unwrap();
+    assert_eq!(served["quarantined"], serde_json::json!([layer]));
+    assert!(d.ok(&["events"]).contains("blob-quarantined"), "reported in the event log");
+    // Other blobs are served as before.
+    let other: serde_json::Value = get("/v1/artifacts/web/2").unwrap().into_json().unwrap();
+    assert_eq!(get(other["parts"][1]["url"].as_str().unwrap()).unwrap().status(), 200);
+    d.stop();
+}

@@ -423,3 +423,62 @@ fn a_daemon_crashing_mid_deploy_resumes_and_deploys_nothing_twice() {
         assert_eq!(get(&format!("http://{address}/")).as_deref(), Some(format!("{} {address}\n", i["hostname"].as_str().unwrap()).as_str()));
     }
 }
+
+/// What the engine sent of `digest` since it started (body bytes), by `GET /v1/blobs`.
+fn bytes_served(bed: &TestBed, digest: &str) -> u64 {
+    let v: serde_json::Value = bed
+        .http()
+        .get(&format!("{}/v1/blobs", bed.url))
+        .set("Authorization", &format!("Bearer {}", std::fs::read_to_string(bed.token_file()).unwrap().trim()))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    v["served"][digest]["bytes"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_node_that_caches_the_master_fetches_only_the_instances_layer() {
+    let bed = bed("nodes-cache", 2, &[]);
+    web_tier(&bed, 2, serde_json::json!({"deploy-timeout-secs": 60}));
+    wait_for_nodes(&bed, 2);
+    let deployed = |n: usize| {
+        bed.wait_for(&format!("{n} deployed"), Duration::from_secs(60), || {
+            let inst = bed.mint(&["instance", "list", "web"]);
+            let up: Vec<serde_json::Value> = inst.as_array()?.iter().filter(|i| i["state"] == "deployed").cloned().collect();
+            (up.len() == n).then_some(up)
+        })
+    };
+    bed.mint(&["tier", "scale", "web", "1"]);
+    let first = deployed(1).remove(0);
+    let artifact: serde_json::Value = bed
+        .http()
+        .get(&format!("{}/v1/artifacts/web/0", bed.url))
+        .set("Authorization", &format!("Bearer {}", std::fs::read_to_string(bed.token_file()).unwrap().trim()))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let (master, master_size) = (artifact["parts"][0]["digest"].as_str().unwrap().to_string(), artifact["parts"][0]["size"].as_u64().unwrap());
+    let (layer, layer_size) = (artifact["parts"][1]["digest"].as_str().unwrap().to_string(), artifact["parts"][1]["size"].as_u64().unwrap());
+    assert_eq!(bytes_served(&bed, &master), master_size, "the master went to the node once");
+    assert!(layer_size < 64 << 10 && master_size > 1 << 20, "layer {layer_size} bytes, master {master_size}");
+
+    // The node reports what it caches; the instance leaves and comes back: the policy
+    // prefers the node that has the master, which fetches only the layer.
+    let node = first["node"].as_str().unwrap().to_string();
+    bed.wait_for("the node to report its cache", Duration::from_secs(10), || {
+        let nodes = bed.mint(&["node", "list"]);
+        nodes.as_array()?.iter().find(|n| n["name"] == node.as_str())?["cached"].as_array()?.iter().any(|d| d == master.as_str()).then_some(())
+    });
+    bed.mint(&["tier", "scale", "web", "0"]);
+    deployed(0);
+    bed.mint(&["tier", "scale", "web", "1"]);
+    let again = deployed(1).remove(0);
+    assert_eq!(again["node"], node.as_str(), "placed where the master is cached");
+    assert_eq!(bytes_served(&bed, &master), master_size, "the master was not sent again");
+    assert_eq!(bytes_served(&bed, &layer), 2 * layer_size, "only the layer was");
+    let address = again["address"].as_str().unwrap();
+    let answer = bed.wait_for("the instance to answer", Duration::from_secs(10), || get(&format!("http://{address}/")));
+    assert_eq!(answer, format!("{} {address}\n", again["hostname"].as_str().unwrap()));
+}
