@@ -424,17 +424,15 @@ fn a_daemon_crashing_mid_deploy_resumes_and_deploys_nothing_twice() {
     }
 }
 
+/// `GET path` on the bed's daemon as its admin, as JSON.
+fn admin_get(bed: &TestBed, path: &str) -> serde_json::Value {
+    let token = std::fs::read_to_string(bed.token_file()).unwrap();
+    bed.http().get(&format!("{}{path}", bed.url)).set("Authorization", &format!("Bearer {}", token.trim())).call().unwrap().into_json().unwrap()
+}
+
 /// What the engine sent of `digest` since it started (body bytes), by `GET /v1/blobs`.
 fn bytes_served(bed: &TestBed, digest: &str) -> u64 {
-    let v: serde_json::Value = bed
-        .http()
-        .get(&format!("{}/v1/blobs", bed.url))
-        .set("Authorization", &format!("Bearer {}", std::fs::read_to_string(bed.token_file()).unwrap().trim()))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
-    v["served"][digest]["bytes"].as_u64().unwrap_or(0)
+    admin_get(bed, "/v1/blobs")["served"][digest]["bytes"].as_u64().unwrap_or(0)
 }
 
 #[test]
@@ -451,14 +449,7 @@ fn a_node_that_caches_the_master_fetches_only_the_instances_layer() {
     };
     bed.mint(&["tier", "scale", "web", "1"]);
     let first = deployed(1).remove(0);
-    let artifact: serde_json::Value = bed
-        .http()
-        .get(&format!("{}/v1/artifacts/web/0", bed.url))
-        .set("Authorization", &format!("Bearer {}", std::fs::read_to_string(bed.token_file()).unwrap().trim()))
-        .call()
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let artifact = admin_get(&bed, "/v1/artifacts/web/0");
     let (master, master_size) = (artifact["parts"][0]["digest"].as_str().unwrap().to_string(), artifact["parts"][0]["size"].as_u64().unwrap());
     let (layer, layer_size) = (artifact["parts"][1]["digest"].as_str().unwrap().to_string(), artifact["parts"][1]["size"].as_u64().unwrap());
     assert_eq!(bytes_served(&bed, &master), master_size, "the master went to the node once");
