@@ -102,7 +102,7 @@ fn main() {
     // Selecting 100 nodes among 10,000 through the engine: store read, request, policy, checks.
     for i in 0..10_000u32 {
         let labels = BTreeMap::from([("zone".to_string(), format!("z{}", i % 4)), ("rack".to_string(), format!("r{}", i % 100))]);
-        let node = Node { name: format!("node-{i:05}"), cpus: 8, memory_mib: 16384, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: i * 7 % 1000 };
+        let node = Node { name: format!("node-{i:05}"), cpus: 8, memory_mib: 16384, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: i * 7 % 1000, cached: Vec::new() };
         engine.store.add_node(&node, "admin:test").unwrap();
     }
     let mut samples = Vec::new();
