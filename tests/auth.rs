@@ -41,6 +41,7 @@ const ROUTES: &[(&str, &str, bool)] = &[
     ("GET", "/v1/blobs", false),
     ("GET", "/v1/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000", false),
     ("HEAD", "/v1/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000", false),
+    ("GET", "/v1/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000/access", false),
     ("GET", "/v1/tokens", false),
     ("POST", "/v1/tokens", true),
     ("DELETE", "/v1/tokens/ci", true),

@@ -39,6 +39,7 @@ const CLAIMS: &[(&str, &str, &str, &str)] = &[
     ("README.md", "sh", "mint=target/release/mint", "readme_main_command_and_quickstart"),
     ("README.md", "toml", "[autoscale]", "configuration_blocks_parse"),
     ("README.md", "toml", "[[endpoint]]", "configuration_blocks_parse"),
+    ("docs/blob-cache.md", "toml", "[artifacts]", "configuration_blocks_parse"),
     ("README.md", "sh", "$mint token create", "readme_identity_commands"),
     ("README.md", "toml", "name = \"my-policy\"", "plugin_authors_build_pack_sign_and_install_as_documented"),
     ("README.md", "sh", "$mint plugin install acme-redfish", "plugin_authors_build_pack_sign_and_install_as_documented"),
@@ -299,6 +300,11 @@ fn configuration_blocks_parse() {
     let config = mint_daemon::config::Config::parse(Path::new("/etc/mint/mint.toml"), &endpoints.text)
         .unwrap_or_else(|e| panic!("README.md:{}: {e}", endpoints.line));
     assert_eq!(config.endpoint_tls.summary().len(), 3, "README.md:{}", endpoints.line);
+    // The blob cache's setting: a configuration the daemon accepts, naming the cache.
+    let cache = block("docs/blob-cache.md", "toml", "[artifacts]", "configuration_blocks_parse");
+    let config = mint_daemon::config::Config::parse(Path::new("/etc/mint/mint.toml"), &cache.text)
+        .unwrap_or_else(|e| panic!("docs/blob-cache.md:{}: {e}", cache.line));
+    assert_eq!(config.blob_base.as_deref(), Some("https://cache.example:8443"), "docs/blob-cache.md:{}", cache.line);
 }
 
 /// Runs a shell block one line at a time (each as written, in its own `bash`), feeding

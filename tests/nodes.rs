@@ -473,3 +473,143 @@ fn a_node_that_caches_the_master_fetches_only_the_instances_layer() {
     let answer = bed.wait_for("the instance to answer", Duration::from_secs(10), || get(&format!("http://{address}/")));
     assert_eq!(answer, format!("{} {address}\n", again["hostname"].as_str().unwrap()));
 }
+
+/// Debian's nginx serving `docs/blob-cache.nginx.conf` (its placeholders filled in) on the
+/// bridge, stopped when dropped.
+struct Nginx {
+    child: std::process::Child,
+    prefix: std::path::PathBuf,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM, which the master passes on to its workers; a SIGKILLed master would
+        // leave them serving.
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    /// Starts nginx in `prefix` listening on `listen`, in front of the bed's daemon.
+    fn start(prefix: &std::path::Path, listen: &str, engine: &str, ca: &crate::testbed::TestCa) -> Nginx {
+        assert!(std::path::Path::new("/usr/sbin/nginx").exists(), "Debian's nginx is missing: run `cargo xtask setup` (apt-get install nginx)");
+        std::fs::create_dir_all(prefix).unwrap();
+        let (cert, key) = ca.issue(prefix, "cache", &["198.18.0.1"]);
+        let template = std::fs::read_to_string(root().join("docs/blob-cache.nginx.conf")).unwrap();
+        let text = [
+            ("@PREFIX@", prefix.display().to_string()),
+            ("@CACHE_DIR@", prefix.join("cache").display().to_string()),
+            ("@LISTEN@", listen.to_string()),
+            ("@CERT@", cert.display().to_string()),
+            ("@KEY@", key.display().to_string()),
+            ("@ENGINE@", engine.to_string()),
+            ("@ENGINE_NAME@", crate::testbed::ENGINE_NAME.to_string()),
+            ("@ENGINE_CA@", ca.cert.display().to_string()),
+        ]
+        .iter()
+        .fold(template, |t, (k, v)| t.replace(k, v));
+        let left: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with('#') && l.matches('@').count() >= 2).collect();
+        assert!(left.is_empty(), "placeholders left in the nginx configuration: {left:?}");
+        let conf = prefix.join("nginx.conf");
+        std::fs::write(&conf, text).unwrap();
+        let check = Command::new("/usr/sbin/nginx").arg("-t").arg("-p").arg(prefix).arg("-c").arg(&conf).output().unwrap();
+        assert!(check.status.success(), "nginx -t: {}", String::from_utf8_lossy(&check.stderr));
+        let child = Command::new("/usr/sbin/nginx")
+            .arg("-p")
+            .arg(prefix)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let nginx = Nginx { child, prefix: prefix.to_path_buf() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not listen on {listen}: {}", std::fs::read_to_string(prefix.join("error.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nginx
+    }
+
+    /// The GET requests nginx answered 200 for blob `digest`, by whichever URL.
+    fn requests_for(&self, digest: &str) -> usize {
+        let log = std::fs::read_to_string(self.prefix.join("access.log")).unwrap_or_default();
+        log.lines().filter(|l| l.contains("\"GET ") && l.contains(&format!("{digest} HTTP/1.1\" 200 "))).count()
+    }
+}
+
+#[test]
+fn an_http_cache_in_front_of_the_engine_sends_each_master_once() {
+    let dir = scratch("nodes-http-cache");
+    let ca = crate::testbed::TestCa::new(&dir);
+    // The cache's port, chosen before the bed so the daemon starts knowing it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let base = format!("https://198.18.0.1:{port}");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/mint.toml"), format!("[artifacts]\nblob-base = \"{base}\"\n")).unwrap();
+    let bed = TestBed::with_ca(dir.clone(), root(), 6, &[], &ca);
+    let nginx = Nginx::start(&dir.join("nginx"), &format!("198.18.0.1:{port}"), bed.url.trim_start_matches("https://"), &ca);
+    web_tier(&bed, 6, serde_json::json!({"deploy-timeout-secs": 120}));
+    wait_for_nodes(&bed, 6);
+    let artifact = admin_get(&bed, "/v1/artifacts/web/0");
+    let master = artifact["parts"][0]["digest"].as_str().unwrap().to_string();
+    let master_size = artifact["parts"][0]["size"].as_u64().unwrap();
+    assert_eq!(artifact["parts"][0]["url"].as_str().unwrap(), format!("{base}/v1/blobs/{master}"), "descriptors send nodes to the cache");
+
+    bed.mint(&["tier", "scale", "web", "6"]);
+    let up = bed.wait_for("6 deployed", Duration::from_secs(180), || {
+        let inst = bed.mint(&["instance", "list", "web"]);
+        let up: Vec<serde_json::Value> = inst.as_array()?.iter().filter(|i| i["state"] == "deployed").cloned().collect();
+        (up.len() == 6).then_some(up)
+    });
+    for i in &up {
+        let address = i["address"].as_str().unwrap();
+        let answer = bed.wait_for("the instance to answer", Duration::from_secs(10), || get(&format!("http://{address}/")));
+        assert_eq!(answer, format!("{} {address}\n", i["hostname"].as_str().unwrap()));
+    }
+    let master_path = format!("/v1/blobs/{master}");
+    assert_eq!(nginx.requests_for(&master), 6, "each node fetched the master from the cache");
+    assert_eq!(bytes_served(&bed, &master), master_size, "the engine sent the master once for six nodes");
+    for index in 0..6 {
+        let layer = &admin_get(&bed, &format!("/v1/artifacts/web/{index}"))["parts"][1];
+        assert_eq!(bytes_served(&bed, layer["digest"].as_str().unwrap()), layer["size"].as_u64().unwrap(), "instance {index}'s layer, once");
+    }
+
+    // The engine decides who reads through the cache: a node its own parts, nobody else.
+    let trust = mint_tls::ClientTrust::new(&mint_tls::Trust::Ca(ca.cert.clone())).unwrap();
+    let http = ureq::AgentBuilder::new().tls_config(trust.config()).build();
+    let status = |path: &str, auth: Option<&str>, range: Option<&str>| {
+        let mut r = http.get(&format!("{base}{path}")).timeout(Duration::from_secs(30));
+        if let Some(a) = auth {
+            r = r.set("Authorization", a);
+        }
+        if let Some(range) = range {
+            r = r.set("Range", range);
+        }
+        match r.call() {
+            Ok(resp) => (resp.status(), resp.header("X-Cache-Status").unwrap_or_default().to_string(), resp.into_string().map(|b| b.len()).unwrap_or(0)),
+            Err(ureq::Error::Status(code, resp)) => (code, resp.header("X-Cache-Status").unwrap_or_default().to_string(), 0),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    };
+    let node_of = |index: usize| up.iter().find(|i| i["id"]["index"] == index as u64).unwrap()["node"].as_str().unwrap().trim_start_matches("node-").parse::<usize>().unwrap();
+    let own = bed.node_auth(node_of(0));
+    assert_eq!(status(&master_path, None, None).0, 401, "no credential");
+    assert_eq!(status(&master_path, Some("Bearer mint_node_forged"), None).0, 401, "a forged credential");
+    let (code, cache, len) = status(&master_path, Some(&own), Some("bytes=100-199"));
+    assert_eq!((code, cache.as_str(), len), (206, "HIT", 100), "a node resumes from the cache's copy");
+    let other_layer = admin_get(&bed, "/v1/artifacts/web/1")["parts"][1]["digest"].as_str().unwrap().to_string();
+    assert_eq!(status(&format!("/v1/blobs/{other_layer}"), Some(&own), None).0, 403, "another instance's layer");
+    assert_eq!(status("/v1/tiers", Some(&own), None).0, 404, "the cache serves blobs only");
+    let forged = format!("/v1/cap/web/0/1.4102444800.{}/blob/{master}", "0".repeat(64));
+    assert_eq!(status(&forged, None, None).0, 403, "a forged capability");
+    assert_eq!(bytes_served(&bed, &master), master_size, "still once");
+}

@@ -35,6 +35,10 @@ pub struct TestBed {
     /// The bed's working directory.
     pub dir: PathBuf,
     repo: PathBuf,
+    /// How the daemon gets its certificate (`--tls-self-signed`, or files from a CA).
+    daemon_tls: Vec<String>,
+    /// How agents trust the daemon (`--ca FILE`); empty: by its pin.
+    agent_trust: Vec<String>,
 }
 
 /// One test bed at a time: they share the bridge's address range.
@@ -79,7 +83,26 @@ impl TestBed {
     /// A bed of `nodes` namespaces with an agent each and a daemon (started with
     /// `daemon_args`), working in `dir`; `repo` is where `mint` commands run.
     pub fn new(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str]) -> TestBed {
+        Self::build(dir, repo, nodes, daemon_args, None)
+    }
+
+    /// A bed whose daemon presents a certificate `ca` issued (for the bridge's address and
+    /// [`ENGINE_NAME`]) and whose agents trust `ca`, so that they also trust other servers
+    /// it issued for, such as an HTTP cache in front of the daemon.
+    pub fn with_ca(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str], ca: &TestCa) -> TestBed {
+        Self::build(dir, repo, nodes, daemon_args, Some(ca))
+    }
+
+    fn build(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str], ca: Option<&TestCa>) -> TestBed {
         let one = BEDS.lock().unwrap_or_else(|p| p.into_inner());
+        let (daemon_tls, agent_trust) = match ca {
+            None => (vec!["--tls-self-signed".to_string()], Vec::new()),
+            Some(ca) => {
+                let (cert, key) = ca.issue(&dir, "engine", &["198.18.0.1", ENGINE_NAME]);
+                let files = vec!["--tls-cert".into(), cert.display().to_string(), "--tls-key".into(), key.display().to_string()];
+                (files, vec!["--ca".into(), ca.cert.display().to_string()])
+            }
+        };
         let id = std::process::id() % 100_000;
         let mut bed = TestBed {
             _one: one,
@@ -90,6 +113,8 @@ impl TestBed {
             url: String::new(),
             dir,
             repo,
+            daemon_tls,
+            agent_trust,
         };
         // A bed left by a killed run of this process id would be in the way.
         let _ = Command::new("ip").args(["link", "del", &bed.bridge]).output();
@@ -135,7 +160,9 @@ impl TestBed {
     fn start_daemon_on(&mut self, listen: &str, extra: &[&str]) {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
-            .args(["daemon", "--listen", listen, "--tls-self-signed", "--data-dir"])
+            .args(["daemon", "--listen", listen])
+            .args(&self.daemon_tls)
+            .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(extra)
             .stderr(Stdio::piped())
@@ -156,6 +183,12 @@ impl TestBed {
         });
         self.daemon = Some(child);
         self.url = rx.recv_timeout(Duration::from_secs(60)).expect("the daemon says where it serves");
+    }
+
+    /// The daemon's process id (the boot-storm benchmark reads its peak RSS).
+    #[allow(dead_code)]
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.as_ref().expect("a daemon").id()
     }
 
     /// The pin of the daemon's certificate, as it wrote it beside its admin token.
@@ -212,7 +245,8 @@ impl TestBed {
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "unshare", "--uts"])
             .arg(env!("CARGO_BIN_EXE_mint-agent"))
-            .args(["run", "--engine", &self.url, "--pin", &self.pin(), "--name", &format!("node-{i}"), "--listen", &format!("198.18.1.{}:7601", 10 + i)])
+            .args(["run", "--engine", &self.url, "--name", &format!("node-{i}"), "--listen", &format!("198.18.1.{}:7601", 10 + i)])
+            .args(if self.agent_trust.is_empty() { vec!["--pin".to_string(), self.pin()] } else { self.agent_trust.clone() })
             .arg("--root")
             .arg(&node_dir)
             .args(["--interface", "eth0", "--cpus", "4", "--memory-mib", "4096", "--heartbeat-ms", "300", "--set-hostname"])
@@ -226,6 +260,13 @@ impl TestBed {
             .spawn()
             .expect("start an agent");
         child
+    }
+
+    /// Node `i`'s own credential, which it presents to the engine (`Bearer ...`).
+    pub fn node_auth(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("node-{i}/credential"))).expect("the agent joined");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        format!("Bearer {}", v["node"].as_str().expect("the node's credential"))
     }
 
     /// The credential the engine presents to node `i`'s agent, as the agent keeps it.
@@ -270,6 +311,47 @@ impl TestBed {
             assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+/// The name, besides the bridge's address, in the certificate of a bed built
+/// [`TestBed::with_ca`].
+pub const ENGINE_NAME: &str = "engine.mint.test";
+
+/// A certificate authority made for one test, which issues server certificates.
+pub struct TestCa {
+    /// Its certificate (PEM), for clients to trust.
+    pub cert: PathBuf,
+    issuer: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    /// A new CA, its certificate written to `dir/ca.pem`.
+    pub fn new(dir: &Path) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "mint test CA");
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let issuer = params.self_signed(&key).unwrap();
+        let cert = dir.join("ca.pem");
+        std::fs::write(&cert, issuer.pem()).unwrap();
+        TestCa { cert, issuer, key }
+    }
+
+    /// A server certificate for `names` (addresses or DNS names), written as
+    /// `dir/{what}.pem` and `dir/{what}.key`.
+    pub fn issue(&self, dir: &Path, what: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, what);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer, &self.key).unwrap();
+        let (c, k) = (dir.join(format!("{what}.pem")), dir.join(format!("{what}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
     }
 }
 

@@ -36,25 +36,39 @@ fn cargo() -> Command {
     c
 }
 
-/// Installs the Debian packages the tests use as independent checkers when they are
-/// missing: cloud-init (its own parsers read mint's NoCloud seeds) and mtools (reads the
-/// seeds' FAT volumes without mint's code).
+/// Installs the Debian packages the tests use when they are missing: cloud-init (its own
+/// parsers read mint's NoCloud seeds), mtools (reads the seeds' FAT volumes without mint's
+/// code), minisign, and nginx (the HTTP cache the delivery tests put in front of the
+/// engine). The packages' services are kept from starting: nothing may listen that a test
+/// did not start.
 fn debian_packages() -> Result<(), String> {
     let have_mtools = std::path::Path::new("/usr/bin/mcopy").exists();
     let have_minisign = std::path::Path::new("/usr/bin/minisign").exists();
+    let have_nginx = std::path::Path::new("/usr/sbin/nginx").exists();
     let have_cloud_init =
         Command::new("/usr/bin/python3").args(["-c", "import cloudinit"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if have_mtools && have_cloud_init && have_minisign {
+    if have_mtools && have_cloud_init && have_minisign && have_nginx {
         return Ok(());
     }
+    let packages = ["cloud-init", "mtools", "minisign", "nginx"];
     let install = || {
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "cloud-init", "mtools", "minisign"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))
+        // Debian's maintainer scripts ask /usr/sbin/policy-rc.d whether they may start a
+        // service; 101 says no. One that exists already is the machine's own and stays.
+        let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+        let ours = !policy.exists() && std::fs::write(policy, "#!/bin/sh\n# mint setup: no service starts while packages install\nexit 101\n").is_ok();
+        if ours {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755));
+        }
+        let done = run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(packages).env("DEBIAN_FRONTEND", "noninteractive"));
+        if ours {
+            let _ = std::fs::remove_file(policy);
+        }
+        done
     };
     install()
         .or_else(|_| run(Command::new("apt-get").args(["update", "-q"])).and_then(|_| install()))
-        .map_err(|e| format!("{e}; the tests need Debian's cloud-init, mtools and minisign (apt-get install cloud-init mtools minisign)"))
+        .map_err(|e| format!("{e}; the tests need Debian's {} (apt-get install {})", packages.join(", "), packages.join(" ")))
 }
 
 /// The Python tools the tests run (tests/python-requirements.txt), in a virtual

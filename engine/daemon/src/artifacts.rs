@@ -8,7 +8,8 @@
 //! `Cache-Control: immutable` and any HTTP cache can front the engine. Each is checked
 //! against its digest before it is first served (see `delivery.rs`); a corrupt one is
 //! quarantined and answered 410, naming what to do. `GET /v1/blobs` tells what each blob
-//! cost on the wire.
+//! cost on the wire. With `[artifacts] blob-base`, descriptors send nodes to an HTTP cache
+//! for blobs, which asks `GET /v1/blobs/{digest}/access` whether each node may read one.
 
 use crate::auth::Caller;
 use crate::{ApiError, Shared, ok};
@@ -40,8 +41,16 @@ fn may_read(app: &Shared, caller: &Caller, tier: &str, index: u32) -> Result<(),
 /// `GET /v1/artifacts/{tier}/{index}`.
 pub async fn describe(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path((tier, index)): Path<(String, u32)>) -> Result<Response, ApiError> {
     may_read(&app, &caller, &tier, index)?;
-    let _files = app.image_files.read().await;
-    ok(crate::off_async_threads(|| app.engine.artifact(&tier, index))?)
+    let mut artifact = {
+        let _files = app.image_files.read().await;
+        crate::off_async_threads(|| app.engine.artifact(&tier, index))?
+    };
+    if let Some(base) = app.delivery.blob_base() {
+        for p in &mut artifact.parts {
+            p.url = format!("{base}/v1/blobs/{}", p.digest);
+        }
+    }
+    ok(artifact)
 }
 
 /// `GET` and `HEAD /v1/artifacts/{tier}/{index}/{role}`: the part of that role, served as
@@ -103,23 +112,43 @@ fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
     Some(r)
 }
 
+/// Whether `caller` may read blob `digest`: a node only the parts of the instance bound to
+/// it; operators (the router lets only those who read artifacts reach here) any blob.
+async fn may_read_blob(app: &Shared, caller: &Caller, digest: &str) -> bool {
+    let Caller::Node { name, .. } = caller else { return true };
+    let bound = app.engine.store.node(name).ok().and_then(|n| n.instance);
+    let parts = match bound {
+        Some(id) => {
+            let _files = app.image_files.read().await;
+            crate::off_async_threads(|| app.engine.artifact(&id.tier, id.index)).map(|a| a.parts).unwrap_or_default()
+        }
+        None => Vec::new(),
+    };
+    parts.iter().any(|p| p.digest == digest)
+}
+
 /// `GET` and `HEAD /v1/blobs/{digest}`. A node may read only the parts of the instance
 /// bound to it; any other digest is answered as one that does not exist.
 pub async fn blob(State(app): State<Shared>, Extension(caller): Extension<Caller>, method: Method, headers: HeaderMap, Path(digest): Path<String>) -> Response {
-    if let Caller::Node { name, .. } = &caller {
-        let bound = app.engine.store.node(name).ok().and_then(|n| n.instance);
-        let parts = match bound {
-            Some(id) => {
-                let _files = app.image_files.read().await;
-                crate::off_async_threads(|| app.engine.artifact(&id.tier, id.index)).map(|a| a.parts).unwrap_or_default()
-            }
-            None => Vec::new(),
-        };
-        if !parts.iter().any(|p| p.digest == digest) {
-            return no_blob(&digest).into_response();
-        }
+    if !may_read_blob(&app, &caller, &digest).await {
+        return no_blob(&digest).into_response();
     }
     serve(&app, method, &headers, &digest).await
+}
+
+/// `GET /v1/blobs/{digest}/access`: whether the caller may read that blob, for an HTTP
+/// cache in front of the engine to ask before it answers from its copy (nginx's
+/// `auth_request`): 204 when it may, 403 when it may not or no such blob is stored, one
+/// answer for both so that a node learns nothing about blobs that are not its own. A
+/// quarantined blob is still admitted: the cache's copy was checked when the engine sent
+/// it, and on a miss the engine itself answers 410 with what to do.
+pub async fn access(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(digest): Path<String>) -> Response {
+    let stored = app.engine.images.locate(&digest).is_some() || app.delivery.is_quarantined(&digest);
+    if stored && may_read_blob(&app, &caller, &digest).await {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        ApiError(StatusCode::FORBIDDEN, format!("this credential may not read blob `{digest}`")).into_response()
+    }
 }
 
 /// The answer to a capability that admits nothing (forged, expired, or for a deployment
@@ -138,10 +167,45 @@ pub async fn cap_describe(State(app): State<Shared>, Path((tier, index, token)):
         let _files = app.image_files.read().await;
         crate::off_async_threads(|| app.engine.artifact(&tier, index))?
     };
+    let base = app.delivery.blob_base();
     for p in &mut artifact.parts {
-        p.url = format!("/v1/cap/{tier}/{index}/{token}/{}", p.role);
+        p.url = match &base {
+            // Through the cache, by digest (which the cache keys on), under the capability
+            // (which the engine checks for the cache).
+            Some(base) => format!("{base}/v1/cap/{tier}/{index}/{token}/blob/{}", p.digest),
+            None => format!("/v1/cap/{tier}/{index}/{token}/{}", p.role),
+        };
     }
     ok(artifact)
+}
+
+/// Whether the capability `token` for `tier/index` admits blob `digest` (one of that
+/// instance's parts).
+async fn cap_admits(app: &Shared, tier: &str, index: u32, token: &str, digest: &str) -> bool {
+    if app.engine.capability_instance(tier, index, token).is_none() {
+        return false;
+    }
+    let _files = app.image_files.read().await;
+    crate::off_async_threads(|| app.engine.artifact(tier, index)).is_ok_and(|a| a.parts.iter().any(|p| p.digest == digest))
+}
+
+/// `GET` and `HEAD /v1/cap/{tier}/{index}/{token}/blob/{digest}`: one part by its digest,
+/// under a capability: the form a descriptor gives when an HTTP cache fronts the engine.
+pub async fn cap_blob(State(app): State<Shared>, method: Method, headers: HeaderMap, Path((tier, index, token, digest)): Path<(String, u32, String, String)>) -> Response {
+    if !cap_admits(&app, &tier, index, &token, &digest).await {
+        return no_capability().into_response();
+    }
+    serve(&app, method, &headers, &digest).await
+}
+
+/// `GET /v1/cap/{tier}/{index}/{token}/blob/{digest}/access`: whether the capability
+/// admits that blob, for the cache (204 or 403, as `/v1/blobs/{digest}/access`).
+pub async fn cap_blob_access(State(app): State<Shared>, Path((tier, index, token, digest)): Path<(String, u32, String, String)>) -> Response {
+    if cap_admits(&app, &tier, index, &token, &digest).await {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        ApiError(StatusCode::FORBIDDEN, "this capability admits no such blob (it may have expired, or its deployment ended)".into()).into_response()
+    }
 }
 
 /// `GET` and `HEAD /v1/cap/{tier}/{index}/{token}/{role}`: one part, by capability.

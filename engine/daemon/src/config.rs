@@ -26,6 +26,7 @@
 //! transfers = 64                    # blob transfers at once; more wait their turn
 //! bandwidth-mbps = 0                # shared equally by the transfers; 0: no cap
 //! scrub-hours = 24                  # every stored blob's digest checked again
+//! # blob-base = "https://cache.example:8443"  # an HTTP cache fronting /v1/blobs (docs/blob-cache.md)
 //!
 //! [materialize]
 //! root = "/srv/mint/materialized"   # relative to this file; absent: materialize is off
@@ -127,6 +128,22 @@ struct RawArtifacts {
     transfers: Option<usize>,
     bandwidth_mbps: Option<u64>,
     scrub_hours: Option<u64>,
+    blob_base: Option<String>,
+}
+
+/// Checks `[artifacts] blob-base`: an `https://` origin (nodes send it their credential),
+/// optionally with a path prefix, without a query, fragment or user information. Returned
+/// without a trailing slash, ready for `/v1/blobs/{digest}` to be appended.
+fn blob_base(value: &str) -> Result<String, String> {
+    let fix = "give the cache's origin, e.g. `blob-base = \"https://cache.example:8443\"`";
+    let Some(rest) = value.strip_prefix("https://") else {
+        return Err(format!("`{value}` is not an https:// URL (nodes send the cache their credential, so it must be TLS); {fix}"));
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || host.contains('@') || value.contains(['?', '#', ' ']) {
+        return Err(format!("`{value}` needs a host and no user, query, fragment or spaces; {fix}"));
+    }
+    Ok(value.trim_end_matches('/').to_string())
 }
 
 /// The most driver calls at once the configuration may ask for.
@@ -155,6 +172,9 @@ pub struct Config {
     pub bandwidth: u64,
     /// How often every stored blob is checked again.
     pub scrub: std::time::Duration,
+    /// The origin descriptors send nodes to for blobs (an HTTP cache in front of the
+    /// engine); none: the engine itself.
+    pub blob_base: Option<String>,
 }
 
 /// The default interval of blob scrubs.
@@ -246,6 +266,7 @@ impl Config {
             Some(h @ 1..=8760) => std::time::Duration::from_secs(h * 3600),
             Some(h) => return Err(at(format!("artifacts.scrub-hours: {h} is outside 1..=8760"))),
         };
+        let blob_base = raw.artifacts.blob_base.map(|b| blob_base(&b).map_err(|e| at(format!("artifacts.blob-base: {e}")))).transpose()?;
         Ok(Config {
             plugins: PluginPolicy { trust, grants },
             credentials,
@@ -257,6 +278,7 @@ impl Config {
             transfers,
             bandwidth,
             scrub,
+            blob_base,
         })
     }
 }
@@ -274,9 +296,11 @@ impl Config {
             health_check_secs = self.health_check.as_secs(),
             transfers = self.transfers,
             bandwidth_bytes_per_sec = self.bandwidth,
+            blob_base = self.blob_base.as_deref().unwrap_or("(the engine)"),
             "configuration"
         );
         delivery.set(self.transfers, self.bandwidth, self.scrub);
+        delivery.set_blob_base(self.blob_base);
         engine.permits.set(self.concurrency, self.per_endpoint);
         engine.health_check_ms.store(self.health_check.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         engine.plugins.runtime().set_credentials(self.credentials);
@@ -344,6 +368,9 @@ mod tests {
             ("[[endpoint]]\ntls = { ca = \"/nonexistent/ca.pem\" }", "/nonexistent/ca.pem"),
             ("[[endpoint]]\nnode = \"a\"\nendpoint = \"https://h\"\ntls = \"system\"", "not both"),
             ("[[endpoint]]\ntls = \"insecure\"\n[[endpoint]]\ntls = \"system\"", "endpoint #2"),
+            ("[artifacts]\nblob-base = \"http://cache:8080\"", "artifacts.blob-base"),
+            ("[artifacts]\nblob-base = \"https://u:p@cache\"", "artifacts.blob-base"),
+            ("[artifacts]\nblob-base = \"https://cache/?x\"", "artifacts.blob-base"),
         ] {
             let e = Config::parse(p, text).unwrap_err();
             assert!(e.contains(needle) && e.contains("/etc/mint/mint.toml"), "{needle}: {e}");
@@ -358,5 +385,8 @@ mod tests {
         let c = Config::parse(p, "").unwrap();
         assert_eq!(c.concurrency, mint_core::DRIVER_CONCURRENCY);
         assert!(!c.plugins.trust.allow_unsigned);
+        assert_eq!(c.blob_base, None);
+        let c = Config::parse(p, "[artifacts]\nblob-base = \"https://cache.example:8443/\"").unwrap();
+        assert_eq!(c.blob_base.as_deref(), Some("https://cache.example:8443"));
     }
 }

@@ -40,6 +40,8 @@ pub struct Delivery {
     checked: Mutex<BTreeMap<String, Arc<OnceCell<Result<(), String>>>>>,
     quarantined: Mutex<HashSet<String>>,
     served: Mutex<BTreeMap<String, Served>>,
+    /// Where descriptors send nodes for blobs: a cache's origin, or none for the engine.
+    blob_base: Mutex<Option<String>>,
 }
 
 impl Default for Delivery {
@@ -53,6 +55,7 @@ impl Default for Delivery {
             checked: Mutex::default(),
             quarantined: Mutex::default(),
             served: Mutex::default(),
+            blob_base: Mutex::default(),
         }
     }
 }
@@ -70,6 +73,16 @@ impl Delivery {
             *lock(&self.transfers) = Arc::new(Semaphore::new(transfers));
         }
         self.rate.store(bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sends nodes to `base` (an HTTP cache fronting the engine) for blobs from now on.
+    pub fn set_blob_base(&self, base: Option<String>) {
+        *lock(&self.blob_base) = base;
+    }
+
+    /// The origin of the HTTP cache fronting the engine's blobs, if one does.
+    pub fn blob_base(&self) -> Option<String> {
+        lock(&self.blob_base).clone()
     }
 
     /// How long until the next scrub.

@@ -545,7 +545,9 @@ fn router(app: Shared) -> Router {
     let open = Router::new()
         .route("/v1/health", get(health))
         .route("/v1/cap/{tier}/{index}/{token}", get(artifacts::cap_describe))
-        .route("/v1/cap/{tier}/{index}/{token}/{role}", get(artifacts::cap_part).head(artifacts::cap_part));
+        .route("/v1/cap/{tier}/{index}/{token}/{role}", get(artifacts::cap_part).head(artifacts::cap_part))
+        .route("/v1/cap/{tier}/{index}/{token}/blob/{digest}", get(artifacts::cap_blob).head(artifacts::cap_blob))
+        .route("/v1/cap/{tier}/{index}/{token}/blob/{digest}/access", get(artifacts::cap_blob_access));
     let authenticated = Router::new()
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/gc", post(gc))
@@ -567,6 +569,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/artifacts/{tier}/{index}", get(artifacts::describe))
         .route("/v1/artifacts/{tier}/{index}/{role}", get(artifacts::part).head(artifacts::part))
         .route("/v1/blobs/{digest}", get(artifacts::blob).head(artifacts::blob))
+        .route("/v1/blobs/{digest}/access", get(artifacts::access))
         .route("/v1/blobs", get(artifacts::served))
         .route("/v1/tokens", get(identities::list_tokens).post(identities::create_token))
         .route("/v1/tokens/{name}", axum::routing::delete(identities::revoke_token))
