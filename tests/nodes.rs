@@ -613,3 +613,54 @@ fn an_http_cache_in_front_of_the_engine_sends_each_master_once() {
     assert_eq!(status(&forged, None, None).0, 403, "a forged capability");
     assert_eq!(bytes_served(&bed, &master), master_size, "still once");
 }
+
+#[test]
+fn a_roll_fetches_the_new_master_once_per_node_and_the_cache_evicts_the_old_one() {
+    // Each node's cache holds one master of this size, not two.
+    let one = std::fs::metadata(env!("CARGO_BIN_EXE_mint-agent")).unwrap().len();
+    let bound = (one * 3 / 2).to_string();
+    let bed = TestBed::with_agent_args(scratch("nodes-roll-cache"), root(), 2, &[], &["--cache-max-bytes", &bound]);
+    web_tier(&bed, 2, serde_json::json!({"deploy-timeout-secs": 60}));
+    wait_for_nodes(&bed, 2);
+    let master_of = |index: u32| {
+        let part = admin_get(&bed, &format!("/v1/artifacts/web/{index}"))["parts"][0].clone();
+        (part["digest"].as_str().unwrap().to_string(), part["size"].as_u64().unwrap())
+    };
+    let deployed_with = |digest: &str| {
+        bed.wait_for(&format!("both instances deployed with {digest}"), Duration::from_secs(120), || {
+            let inst = bed.mint(&["instance", "list", "web"]);
+            let up: Vec<serde_json::Value> = inst.as_array()?.iter().filter(|i| i["state"] == "deployed").cloned().collect();
+            (up.len() == 2 && (0..2).all(|i| master_of(i).0 == digest)).then_some(up)
+        })
+    };
+    let (a, a_size) = master_of(0);
+    bed.mint(&["tier", "scale", "web", "2"]);
+    deployed_with(&a);
+    assert_eq!(bytes_served(&bed, &a), 2 * a_size, "the first master, once per node");
+
+    // A new master: the same root with one file changed. The roll replaces both instances.
+    let root_dir = master(&bed.dir);
+    std::fs::write(root_dir.join("etc/motd"), "rolled\n").unwrap();
+    let image = bed.mint(&["image", "import", root_dir.to_str().unwrap(), "--name", "hello-2"]);
+    bed.mint(&["tier", "update-image", "web", image["digest"].as_str().unwrap()]);
+    let (b, b_size) = master_of(0);
+    assert_ne!(a, b, "the roll changed the master");
+    let up = deployed_with(&b);
+    let nodes: std::collections::BTreeSet<String> = up.iter().map(|i| i["node"].as_str().unwrap().to_string()).collect();
+    assert_eq!(bytes_served(&bed, &b), nodes.len() as u64 * b_size, "the new master, once per node that runs it");
+    for i in &up {
+        let address = i["address"].as_str().unwrap();
+        let answer = bed.wait_for("the instance to answer", Duration::from_secs(10), || get(&format!("http://{address}/")));
+        assert_eq!(answer, format!("{} {address}\n", i["hostname"].as_str().unwrap()));
+    }
+    // Within its bound, each node keeps the new master and has let the old one go.
+    for node in &nodes {
+        bed.wait_for(&format!("{node} to report only the new master"), Duration::from_secs(10), || {
+            let list = bed.mint(&["node", "list"]);
+            let cached = list.as_array()?.iter().find(|n| n["name"] == node.as_str())?["cached"].as_array()?.clone();
+            (cached.iter().any(|d| d == b.as_str()) && !cached.iter().any(|d| d == a.as_str())).then_some(())
+        });
+        let hex = a.trim_start_matches("sha256:");
+        assert!(!bed.dir.join(format!("{node}/cache/{hex}")).exists() && !bed.dir.join(format!("{node}/cache/{hex}.meta")).exists(), "{node} still keeps the old master");
+    }
+}

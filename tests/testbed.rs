@@ -39,6 +39,8 @@ pub struct TestBed {
     daemon_tls: Vec<String>,
     /// How agents trust the daemon (`--ca FILE`); empty: by its pin.
     agent_trust: Vec<String>,
+    /// Further arguments of every agent.
+    agent_args: Vec<String>,
 }
 
 /// One test bed at a time: they share the bridge's address range.
@@ -83,17 +85,22 @@ impl TestBed {
     /// A bed of `nodes` namespaces with an agent each and a daemon (started with
     /// `daemon_args`), working in `dir`; `repo` is where `mint` commands run.
     pub fn new(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str]) -> TestBed {
-        Self::build(dir, repo, nodes, daemon_args, None)
+        Self::build(dir, repo, nodes, daemon_args, None, &[])
+    }
+
+    /// A bed whose agents start with `agent_args` besides the bed's own.
+    pub fn with_agent_args(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str], agent_args: &[&str]) -> TestBed {
+        Self::build(dir, repo, nodes, daemon_args, None, agent_args)
     }
 
     /// A bed whose daemon presents a certificate `ca` issued (for the bridge's address and
     /// [`ENGINE_NAME`]) and whose agents trust `ca`, so that they also trust other servers
     /// it issued for, such as an HTTP cache in front of the daemon.
     pub fn with_ca(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str], ca: &TestCa) -> TestBed {
-        Self::build(dir, repo, nodes, daemon_args, Some(ca))
+        Self::build(dir, repo, nodes, daemon_args, Some(ca), &[])
     }
 
-    fn build(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str], ca: Option<&TestCa>) -> TestBed {
+    fn build(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str], ca: Option<&TestCa>, agent_args: &[&str]) -> TestBed {
         let one = BEDS.lock().unwrap_or_else(|p| p.into_inner());
         let (daemon_tls, agent_trust) = match ca {
             None => (vec!["--tls-self-signed".to_string()], Vec::new()),
@@ -115,6 +122,7 @@ impl TestBed {
             repo,
             daemon_tls,
             agent_trust,
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         // A bed left by a killed run of this process id would be in the way.
         let _ = Command::new("ip").args(["link", "del", &bed.bridge]).output();
@@ -251,6 +259,7 @@ impl TestBed {
             .arg(&node_dir)
             .args(["--interface", "eth0", "--cpus", "4", "--memory-mib", "4096", "--heartbeat-ms", "300", "--set-hostname"])
             .args(["--label", &format!("zone=z{}", i % 3)])
+            .args(&self.agent_args)
             .arg("--load-file")
             .arg(self.load_file(i))
             .arg("--join-token-file")
