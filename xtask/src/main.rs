@@ -244,6 +244,7 @@ fn main() -> ExitCode {
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "api"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "secure_api"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "scale_out"])))
+            .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "boot_storm"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "redfish_deploys"])))
             .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "control_plane"]))),
         Some("soak") => soak(&args[1..]),

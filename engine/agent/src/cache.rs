@@ -362,4 +362,65 @@ mod tests {
         assert!(again.bytes() <= 3000, "{}", again.bytes());
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A server on loopback that answers its first request with half of `body` (and a
+    /// length promising all of it) and then hangs up, and every later one as asked:
+    /// whole, or from the byte a `Range: bytes=N-` names. Returns its URL and the `Range`
+    /// headers it saw.
+    fn cutting_server(body: Vec<u8>) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/blob", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for (n, conn) in listener.incoming().take(3).enumerate() {
+                let Ok(mut conn) = conn else { return };
+                let mut range = None;
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range:") {
+                        range = Some(v.trim().to_string());
+                    }
+                }
+                log.lock().unwrap().push(range.clone());
+                let from: usize = range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()).unwrap_or(0);
+                let rest = &body[from..];
+                let head = if from > 0 {
+                    format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n", rest.len(), body.len() - 1, body.len())
+                } else {
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", rest.len())
+                };
+                let _ = conn.write_all(head.as_bytes());
+                let sent = if n == 0 { &rest[..rest.len() / 2] } else { rest };
+                let _ = conn.write_all(sent);
+            }
+        });
+        (url, seen)
+    }
+
+    #[test]
+    fn a_cut_download_resumes_from_where_it_stopped() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let hex = hex::encode(Sha256::digest(&body));
+        let (url, seen) = cutting_server(body.clone());
+        let dir = std::env::temp_dir().join(format!("mint-agent-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let http = ureq::AgentBuilder::new().build();
+        let get = |url: &str, from: u64| {
+            let r = http.get(url).timeout(Duration::from_secs(10));
+            if from > 0 { r.set("Range", &format!("bytes={from}-")).call() } else { r.call() }
+        };
+        let (path, fetched) = download(&dir.join("blob"), &hex, &url, &get).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+        assert_eq!(fetched, body.len() as u64, "each byte fetched once: the second request asked only for the rest");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, vec![None, Some(format!("bytes={}-", body.len() / 2))]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -165,3 +165,43 @@ impl Delivery {
         lock(&self.served).clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three transfers pacing chunks under one cap for a while: each gets about a third.
+    #[test]
+    fn the_shared_cap_is_shared_equally() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let counts = rt.block_on(async {
+            let d = Arc::new(Delivery::default());
+            // 4 MiB/s: a 64 KiB chunk every 16 ms, whichever transfer it belongs to.
+            d.set(8, 4 << 20, Duration::from_secs(3600));
+            let until = Instant::now() + Duration::from_millis(900);
+            let tasks: Vec<_> = (0..3)
+                .map(|_| {
+                    let d = d.clone();
+                    tokio::spawn(async move {
+                        let mut n = 0u32;
+                        while Instant::now() < until {
+                            d.pace(CHUNK).await;
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            let mut counts = Vec::new();
+            for t in tasks {
+                counts.push(t.await.unwrap());
+            }
+            counts
+        });
+        let total: u32 = counts.iter().sum();
+        assert!(total >= 20, "too few chunks to judge: {counts:?}");
+        for c in &counts {
+            assert!((c * 3).abs_diff(total) <= total / 5 + 3, "unequal shares: {counts:?}");
+        }
+    }
+}
