@@ -15,13 +15,20 @@ use testbed::{TestBed, get, master};
 
 const ROUNDS: usize = 7;
 
+/// A client trusting exactly the bed's daemon.
+static HTTP: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+
+fn http() -> &'static ureq::Agent {
+    HTTP.get().expect("set when the bed starts")
+}
+
 /// `Authorization` for the bed's daemon, as its admin.
 fn admin() -> String {
     format!("Bearer {}", std::env::var("MINT_TOKEN").unwrap_or_default())
 }
 
 fn post(base: &str, path: &str, body: Value) -> Value {
-    ureq::post(&format!("{base}{path}")).set("Authorization", &admin()).timeout(Duration::from_secs(60)).send_json(body).unwrap().into_json().unwrap()
+    http().post(&format!("{base}{path}")).set("Authorization", &admin()).timeout(Duration::from_secs(60)).send_json(body).unwrap().into_json().unwrap()
 }
 
 /// Polls the address every 5 ms until the instance answers; the time from `t0`.
@@ -32,7 +39,7 @@ fn until_answer(address: &str, t0: Instant) -> Duration {
             return t0.elapsed();
         }
         if Instant::now() >= deadline {
-            let events = ureq::get(&format!("{}/v1/events", std::env::var("MINT_SERVER").unwrap_or_default())).set("Authorization", &admin()).call().ok().and_then(|r| r.into_string().ok());
+            let events = http().get(&format!("{}/v1/events", std::env::var("MINT_SERVER").unwrap_or_default())).set("Authorization", &admin()).call().ok().and_then(|r| r.into_string().ok());
             panic!("{address} never answered; events: {}", events.unwrap_or_default());
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -43,6 +50,21 @@ fn until_gone(address: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while get(&format!("http://{address}/")).is_some() {
         assert!(Instant::now() < deadline, "{address} kept answering");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until every instance of `tier` is back in the pool, so that the next round
+/// deploys the same instance again (a scale request while it is still undeploying would
+/// take the next pooled one).
+fn until_pooled(base: &str, tier: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Value = http().get(&format!("{base}/v1/tiers/{tier}/instances")).set("Authorization", &admin()).call().unwrap().into_json().unwrap();
+        if v.as_array().unwrap().iter().all(|i| i["state"] == "pooled") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "tier {tier} did not return to the pool");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -76,7 +98,7 @@ fn tier(digest: &str, name: &str, k: u32, subnet: &str) -> Value {
 }
 
 fn first_address(base: &str, tier: &str) -> String {
-    let v: Value = ureq::get(&format!("{base}/v1/tiers/{tier}/instances")).set("Authorization", &admin()).call().unwrap().into_json().unwrap();
+    let v: Value = http().get(&format!("{base}/v1/tiers/{tier}/instances")).set("Authorization", &admin()).call().unwrap().into_json().unwrap();
     v[0]["address"].as_str().unwrap().to_string()
 }
 
@@ -93,9 +115,16 @@ fn rounds(base: &str, digest: &str, prefix: &str, net: u8) -> (Duration, Vec<Dur
     for _ in 0..=ROUNDS {
         let t0 = Instant::now();
         post(base, &format!("/v1/tiers/{pool}/scale"), json!({"instances": 1}));
+        let posted = t0.elapsed();
         pooled.push(until_answer(&address, t0));
+        let t1 = Instant::now();
         post(base, &format!("/v1/tiers/{pool}/scale"), json!({"instances": 0}));
+        let posted0 = t1.elapsed();
         until_gone(&address);
+        until_pooled(base, &pool);
+        if std::env::var_os("MINT_BENCH_TRACE").is_some() {
+            eprintln!("round: scale-up answered {posted:?}, answer {:?}, scale-down answered {posted0:?}, gone {:?}", pooled.last().unwrap(), t1.elapsed());
+        }
     }
     let cold = pooled.remove(0);
     // On demand: the instance is minted (a tier of one) at the moment it is needed.
@@ -110,6 +139,7 @@ fn rounds(base: &str, digest: &str, prefix: &str, net: u8) -> (Duration, Vec<Dur
         on_demand.push(until_answer(&address, t0));
         post(base, &format!("/v1/tiers/{name}/scale"), json!({"instances": 0}));
         until_gone(&address);
+        until_pooled(base, &name);
     }
     (cold, pooled, on_demand)
 }
@@ -134,6 +164,7 @@ fn main() {
     let digest = image["digest"].as_str().unwrap().to_string();
     bed.wait_for("two registered nodes", Duration::from_secs(30), || (bed.mint(&["node", "list"]).as_array()?.len() == 2).then_some(()));
     let base = bed.url.clone();
+    let _ = HTTP.set(bed.http());
     // SAFETY: set before any other thread of this process reads the environment.
     unsafe {
         std::env::set_var("MINT_SERVER", &base);
