@@ -400,3 +400,22 @@ pub fn addresses_in(ns: &str) -> String {
     let o = Command::new("ip").args(["-n", ns, "-o", "addr", "show", "dev", "eth0"]).output().unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// Fills `path` with `bytes` of data no compressor or deduplicator can shrink.
+#[allow(dead_code)] // The benchmarks make large masters with it; the tests do not.
+pub fn noise(path: &std::path::Path, bytes: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..bytes / buf.len() as u64 {
+        for chunk in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+    f.flush().unwrap();
+}

@@ -15,28 +15,10 @@ mod testbed;
 use serde_json::{Value, json};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use testbed::{TestBed, get, master};
+use testbed::{TestBed, get, master, noise};
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Fills `path` with `bytes` of data no compressor or deduplicator can shrink.
-fn noise(path: &std::path::Path, bytes: u64) {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..bytes / buf.len() as u64 {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-    f.flush().unwrap();
 }
 
 /// The daemon's peak resident set since the last reset, in MiB, and a reset.

@@ -11,7 +11,7 @@ mod testbed;
 
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-use testbed::{TestBed, get, master};
+use testbed::{TestBed, get, master, noise};
 
 const ROUNDS: usize = 7;
 
@@ -72,24 +72,6 @@ fn until_pooled(base: &str, tier: &str) {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-/// Fills `path` with `bytes` of data no compressor or deduplicator can shrink.
-fn noise(path: &std::path::Path, bytes: u64) {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..bytes / buf.len() as u64 {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-    f.flush().unwrap();
 }
 
 fn tier(digest: &str, name: &str, k: u32, subnet: &str) -> Value {
