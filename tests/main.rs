@@ -20,3 +20,4 @@ mod store;
 mod support;
 mod testbed;
 mod tls;
+mod vms;

@@ -36,21 +36,33 @@ fn cargo() -> Command {
     c
 }
 
-/// Installs the Debian packages the tests use when they are missing: cloud-init (its own
-/// parsers read mint's NoCloud seeds), mtools (reads the seeds' FAT volumes without mint's
-/// code), minisign, and nginx (the HTTP cache the delivery tests put in front of the
-/// engine). The packages' services are kept from starting: nothing may listen that a test
-/// did not start.
+/// The Debian packages the tests use, each with a file that shows it is installed:
+/// cloud-init (its own parsers read mint's NoCloud seeds), mtools (reads the seeds' FAT
+/// volumes without mint's code), minisign, nginx (the HTTP cache the delivery tests put in
+/// front of the engine), and what builds and boots the real test master (mmdebstrap,
+/// syslinux, dosfstools, fdisk, QEMU).
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("cloud-init", "/usr/bin/cloud-init"),
+    ("mtools", "/usr/bin/mcopy"),
+    ("minisign", "/usr/bin/minisign"),
+    ("nginx", "/usr/sbin/nginx"),
+    ("mmdebstrap", "/usr/bin/mmdebstrap"),
+    ("syslinux", "/usr/bin/syslinux"),
+    ("syslinux-common", "/usr/lib/syslinux/mbr/mbr.bin"),
+    ("dosfstools", "/usr/sbin/mkfs.vfat"),
+    ("fdisk", "/usr/sbin/sfdisk"),
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("qemu-utils", "/usr/bin/qemu-img"),
+    ("curl", "/usr/bin/curl"),
+];
+
+/// Installs the [`DEBIAN_PACKAGES`] that are missing. The packages' services are kept from
+/// starting: nothing may listen that a test did not start.
 fn debian_packages() -> Result<(), String> {
-    let have_mtools = std::path::Path::new("/usr/bin/mcopy").exists();
-    let have_minisign = std::path::Path::new("/usr/bin/minisign").exists();
-    let have_nginx = std::path::Path::new("/usr/sbin/nginx").exists();
-    let have_cloud_init =
-        Command::new("/usr/bin/python3").args(["-c", "import cloudinit"]).output().map(|o| o.status.success()).unwrap_or(false);
-    if have_mtools && have_cloud_init && have_minisign && have_nginx {
+    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().filter(|(_, file)| !std::path::Path::new(file).exists()).map(|(p, _)| *p).collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    let packages = ["cloud-init", "mtools", "minisign", "nginx"];
     let install = || {
         // Debian's maintainer scripts ask /usr/sbin/policy-rc.d whether they may start a
         // service; 101 says no. One that exists already is the machine's own and stays.
@@ -60,7 +72,7 @@ fn debian_packages() -> Result<(), String> {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755));
         }
-        let done = run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(packages).env("DEBIAN_FRONTEND", "noninteractive"));
+        let done = run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
         if ours {
             let _ = std::fs::remove_file(policy);
         }
@@ -68,7 +80,7 @@ fn debian_packages() -> Result<(), String> {
     };
     install()
         .or_else(|_| run(Command::new("apt-get").args(["update", "-q"])).and_then(|_| install()))
-        .map_err(|e| format!("{e}; the tests need Debian's {} (apt-get install {})", packages.join(", "), packages.join(" ")))
+        .map_err(|e| format!("{e}; the tests need Debian's {} (apt-get install {})", missing.join(", "), missing.join(" ")))
 }
 
 /// The Python tools the tests run (tests/python-requirements.txt), in a virtual
