@@ -46,6 +46,13 @@ pub struct TestBed {
 /// One test bed at a time: they share the bridge's address range.
 static BEDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Holds the test beds off while a test that is not one runs something as heavy (VMs under
+/// TCG take both cores): the beds' timings assume the machine is theirs.
+#[allow(dead_code)] // The tests use it; the benchmarks that share this file do not.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    BEDS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Drop for TestBed {
     fn drop(&mut self) {
         // Instance services outlive their agents by design; stop everything in the namespaces.

@@ -140,6 +140,7 @@ fn two_disk_instances_of_a_real_master_boot_with_their_own_identities() {
         return;
     }
     let master = debian_master();
+    let _machine = crate::testbed::exclusive();
     let dir = scratch("vms-disk");
     let data = dir.join("data");
     let (daemon, url) = start_daemon(&data);
