@@ -280,16 +280,20 @@ impl TestBed {
 
     /// Node `i`'s own credential, which it presents to the engine (`Bearer ...`).
     pub fn node_auth(&self, i: usize) -> String {
+        format!("Bearer {}", self.credential(i, "node"))
+    }
+
+    /// One of the credentials node `i`'s agent keeps (`node`: its own; `engine`: the
+    /// engine's, for the agent's API).
+    fn credential(&self, i: usize, which: &str) -> String {
         let text = std::fs::read_to_string(self.dir.join(format!("node-{i}/credential"))).expect("the agent joined");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        format!("Bearer {}", v["node"].as_str().expect("the node's credential"))
+        v[which].as_str().unwrap_or_else(|| panic!("node-{i} keeps no `{which}` credential")).to_string()
     }
 
     /// The credential the engine presents to node `i`'s agent, as the agent keeps it.
     pub fn engine_credential(&self, i: usize) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("node-{i}/credential"))).expect("the agent joined");
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        v["engine"].as_str().unwrap().to_string()
+        self.credential(i, "engine")
     }
 
     /// The file node `i`'s agent reads its load from (per mille).

@@ -6,7 +6,7 @@
 //! its NoCloud seed. Each VM is on a bridge in a network namespace the test owns, on
 //! 198.18.0.0/15.
 
-use crate::support::{admin_auth, root, scratch, start_daemon};
+use crate::support::{admin_auth, admin_token, root, scratch, start_daemon};
 use sha2::Digest as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -147,7 +147,7 @@ fn two_disk_instances_of_a_real_master_boot_with_their_own_identities() {
     let _daemon = Stopped(daemon);
     let auth = admin_auth(&data);
     let mint = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_mint")).args(args).arg("--json").env("MINT_SERVER", &url).env("MINT_TOKEN", admin_auth(&data).trim_start_matches("Bearer ")).current_dir(root()).output().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_mint")).args(args).arg("--json").env("MINT_SERVER", &url).env("MINT_TOKEN", admin_token(&data)).current_dir(root()).output().unwrap();
         assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };

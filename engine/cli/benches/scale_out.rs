@@ -97,16 +97,10 @@ fn rounds(base: &str, digest: &str, prefix: &str, net: u8) -> (Duration, Vec<Dur
     for _ in 0..=ROUNDS {
         let t0 = Instant::now();
         post(base, &format!("/v1/tiers/{pool}/scale"), json!({"instances": 1}));
-        let posted = t0.elapsed();
         pooled.push(until_answer(&address, t0));
-        let t1 = Instant::now();
         post(base, &format!("/v1/tiers/{pool}/scale"), json!({"instances": 0}));
-        let posted0 = t1.elapsed();
         until_gone(&address);
         until_pooled(base, &pool);
-        if std::env::var_os("MINT_BENCH_TRACE").is_some() {
-            eprintln!("round: scale-up answered {posted:?}, answer {:?}, scale-down answered {posted0:?}, gone {:?}", pooled.last().unwrap(), t1.elapsed());
-        }
     }
     let cold = pooled.remove(0);
     // On demand: the instance is minted (a tier of one) at the moment it is needed.
