@@ -23,7 +23,10 @@ pub fn python_env(repo: &Path) -> PathBuf {
 
 /// A free TCP port on 127.0.0.1 (the emulator binds it a moment later).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// One sushy-emulator process serving `systems` fake systems, killed on drop.
@@ -49,17 +52,37 @@ impl Emulator {
     /// Starts an emulator in `dir` with `systems` systems, all powered off, requiring
     /// `auth` (HTTP basic, checked against a bcrypt htpasswd file) when given. `tag`
     /// makes the systems' UUIDs unique across emulators.
-    pub fn start(repo: &Path, dir: &Path, tag: u32, systems: usize, auth: Option<(&str, &str)>) -> Emulator {
+    pub fn start(
+        repo: &Path,
+        dir: &Path,
+        tag: u32,
+        systems: usize,
+        auth: Option<(&str, &str)>,
+    ) -> Emulator {
         Emulator::start_with(repo, dir, tag, systems, auth, None)
     }
 
     /// [`Emulator::start`], serving HTTPS with the PEM certificate and key `tls` when given.
-    pub fn start_with(repo: &Path, dir: &Path, tag: u32, systems: usize, auth: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Emulator {
+    pub fn start_with(
+        repo: &Path,
+        dir: &Path,
+        tag: u32,
+        systems: usize,
+        auth: Option<(&str, &str)>,
+        tls: Option<(&Path, &Path)>,
+    ) -> Emulator {
         let venv = python_env(repo);
         std::fs::create_dir_all(dir).expect("emulator dir");
-        let uuids: Vec<String> = (0..systems).map(|i| format!("5a17e000-{tag:04x}-4000-8000-{:012x}", i + 1)).collect();
-        let mut conf = String::from("SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\nSUSHY_EMULATOR_FAKE_DRIVER = True\n");
-        conf.push_str(&format!("SUSHY_EMULATOR_STATE_DIR = '{}'\n", dir.join("state").display()));
+        let uuids: Vec<String> = (0..systems)
+            .map(|i| format!("5a17e000-{tag:04x}-4000-8000-{:012x}", i + 1))
+            .collect();
+        let mut conf = String::from(
+            "SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\nSUSHY_EMULATOR_FAKE_DRIVER = True\n",
+        );
+        conf.push_str(&format!(
+            "SUSHY_EMULATOR_STATE_DIR = '{}'\n",
+            dir.join("state").display()
+        ));
         conf.push_str("SUSHY_EMULATOR_FAKE_SYSTEMS = [\n");
         for (i, u) in uuids.iter().enumerate() {
             conf.push_str(&format!(
@@ -76,13 +99,28 @@ impl Emulator {
                 .args(["-c", "import bcrypt,sys; print(bcrypt.hashpw(sys.argv[1].encode(), bcrypt.gensalt(4)).decode())", password])
                 .output()
                 .expect("bcrypt");
-            assert!(hash.status.success(), "{}", String::from_utf8_lossy(&hash.stderr));
+            assert!(
+                hash.status.success(),
+                "{}",
+                String::from_utf8_lossy(&hash.stderr)
+            );
             let file = dir.join("htpasswd");
-            std::fs::write(&file, format!("{user}:{}", String::from_utf8_lossy(&hash.stdout).trim())).expect("htpasswd");
-            conf.push_str(&format!("SUSHY_EMULATOR_AUTH_FILE = '{}'\n", file.display()));
+            std::fs::write(
+                &file,
+                format!("{user}:{}", String::from_utf8_lossy(&hash.stdout).trim()),
+            )
+            .expect("htpasswd");
+            conf.push_str(&format!(
+                "SUSHY_EMULATOR_AUTH_FILE = '{}'\n",
+                file.display()
+            ));
         }
         if let Some((cert, key)) = tls {
-            conf.push_str(&format!("SUSHY_EMULATOR_SSL_CERT = '{}'\nSUSHY_EMULATOR_SSL_KEY = '{}'\n", cert.display(), key.display()));
+            conf.push_str(&format!(
+                "SUSHY_EMULATOR_SSL_CERT = '{}'\nSUSHY_EMULATOR_SSL_KEY = '{}'\n",
+                cert.display(),
+                key.display()
+            ));
         }
         let config = dir.join("emulator.conf");
         std::fs::write(&config, conf).expect("emulator config");
@@ -100,7 +138,10 @@ impl Emulator {
                 .expect("start sushy-emulator");
             let mut e = Emulator {
                 child,
-                base: format!("{}://127.0.0.1:{port}", if tls.is_some() { "https" } else { "http" }),
+                base: format!(
+                    "{}://127.0.0.1:{port}",
+                    if tls.is_some() { "https" } else { "http" }
+                ),
                 systems: uuids.clone(),
                 auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
                 log: log.clone(),
@@ -109,7 +150,10 @@ impl Emulator {
                 return e;
             }
         }
-        panic!("sushy-emulator did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        panic!(
+            "sushy-emulator did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     fn wait_ready(&mut self, limit: Duration) -> bool {
@@ -135,25 +179,44 @@ impl Emulator {
     pub fn get(&self, path: &str) -> Option<serde_json::Value> {
         // The test's own look at the emulator checks no certificate: it is not what is tested.
         let http = match self.base.starts_with("https://") {
-            true => ureq::AgentBuilder::new().tls_config(mint_tls::ClientTrust::new(&mint_tls::Trust::Insecure).unwrap().config()).build(),
+            true => ureq::AgentBuilder::new()
+                .tls_config(
+                    mint_tls::ClientTrust::new(&mint_tls::Trust::Insecure)
+                        .unwrap()
+                        .config(),
+                )
+                .build(),
             false => ureq::AgentBuilder::new().build(),
         };
-        let mut req = http.get(&format!("{}{path}", self.base)).timeout(Duration::from_secs(5));
+        let mut req = http
+            .get(&format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(5));
         if let Some((u, p)) = &self.auth {
             use base64::Engine as _;
-            req = req.set("Authorization", &format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
+            req = req.set(
+                "Authorization",
+                &format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+                ),
+            );
         }
         req.call().ok()?.into_json().ok()
     }
 
     /// System `i`'s resource.
     pub fn system(&self, i: usize) -> serde_json::Value {
-        self.get(&format!("/redfish/v1/Systems/{}", self.systems[i])).expect("the emulator answers")
+        self.get(&format!("/redfish/v1/Systems/{}", self.systems[i]))
+            .expect("the emulator answers")
     }
 
     /// System `i`'s virtual-media device `device` (`Cd`, `Floppy`).
     pub fn media(&self, i: usize, device: &str) -> serde_json::Value {
-        self.get(&format!("/redfish/v1/Systems/{}/VirtualMedia/{device}", self.systems[i])).expect("the emulator answers")
+        self.get(&format!(
+            "/redfish/v1/Systems/{}/VirtualMedia/{device}",
+            self.systems[i]
+        ))
+        .expect("the emulator answers")
     }
 
     /// The emulator's log so far.
@@ -210,7 +273,10 @@ impl BadBmc {
                 let _ = conn.read(&mut buf);
                 requests2.fetch_add(1, Ordering::Relaxed);
                 let (status, body) = match how {
-                    Misbehaviour::ServerError => ("500 Internal Server Error", r#"{"error":{"code":"Base.1.0.GeneralError","message":"the BMC's firmware is updating"}}"#),
+                    Misbehaviour::ServerError => (
+                        "500 Internal Server Error",
+                        r#"{"error":{"code":"Base.1.0.GeneralError","message":"the BMC's firmware is updating"}}"#,
+                    ),
                     Misbehaviour::Garbled => ("200 OK", "<html>this is not Redfish"),
                     Misbehaviour::Silent => {
                         // Keep the connection open and say nothing.
@@ -218,9 +284,17 @@ impl BadBmc {
                         continue;
                     }
                 };
-                let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
             }
         });
-        BadBmc { base, stop, requests }
+        BadBmc {
+            base,
+            stop,
+            requests,
+        }
     }
 }

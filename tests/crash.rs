@@ -40,7 +40,11 @@ struct Acked {
 /// A daemon's URL and the `Authorization` its admin sends.
 type Api = (String, String);
 
-fn post((base, auth): &Api, path: &str, body: serde_json::Value) -> Result<serde_json::Value, String> {
+fn post(
+    (base, auth): &Api,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, String> {
     ureq::post(&format!("{base}{path}"))
         .set("Authorization", auth)
         .timeout(Duration::from_secs(30))
@@ -52,7 +56,11 @@ fn post((base, auth): &Api, path: &str, body: serde_json::Value) -> Result<serde
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_acknowledged() {
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
     eprintln!("crash test seed {seed}");
     let mut rng = Rng(seed);
     let dir = scratch("crash");
@@ -61,7 +69,10 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let acked = Arc::new(Mutex::new(Acked::default()));
     let started = Instant::now();
     // `cargo xtask soak` runs 1,000; CI keeps 100.
-    let cycles: u64 = std::env::var("MINT_CRASH_CYCLES").ok().and_then(|c| c.parse().ok()).unwrap_or(100);
+    let cycles: u64 = std::env::var("MINT_CRASH_CYCLES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(100);
     let mut digest = String::new();
     // Instances holding nodes when the daemon was killed, summed over the kills: evidence
     // that the kills landed while tiers were being reconciled, not only between requests.
@@ -69,7 +80,11 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
 
     for cycle in 0..cycles {
         // Bound the whole test in time whatever the machine's speed.
-        assert!(started.elapsed() < Duration::from_secs(6 * cycles), "{cycles} cycles took over {} s", 6 * cycles);
+        assert!(
+            started.elapsed() < Duration::from_secs(6 * cycles),
+            "{cycles} cycles took over {} s",
+            6 * cycles
+        );
         let (mut child, url) = start_daemon(&data);
         let url: Api = (url, crate::support::admin_auth(&data));
         if cycle == 0 {
@@ -82,7 +97,8 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         // A client thread issues requests while the main thread picks a moment to kill.
         let ops = rng.below(4) + 1;
         let plan: Vec<(u64, u64)> = (0..ops).map(|_| (rng.below(3), rng.next())).collect();
-        let (client_acked, client_url, client_digest) = (acked.clone(), url.clone(), digest.clone());
+        let (client_acked, client_url, client_digest) =
+            (acked.clone(), url.clone(), digest.clone());
         let client = std::thread::spawn(move || {
             for (op, arg) in plan {
                 let tiers = client_acked.lock().unwrap().tiers.clone();
@@ -97,14 +113,29 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
                     });
                     match post(&client_url, "/v1/tiers", spec) {
                         Ok(_) => client_acked.lock().unwrap().tiers.push((name, k)),
-                        Err(e) if e.contains("status code 4") => client_acked.lock().unwrap().refused += 1,
+                        Err(e) if e.contains("status code 4") => {
+                            client_acked.lock().unwrap().refused += 1
+                        }
                         Err(_) => client_acked.lock().unwrap().interrupted += 1,
                     }
                 } else {
                     let (name, k) = tiers[(arg % tiers.len() as u64) as usize].clone();
                     let n = ((arg >> 8) % (k as u64 + 1)).min(6) as u32;
-                    client_acked.lock().unwrap().desired.entry(name.clone()).or_default().1.push(n);
-                    if post(&client_url, &format!("/v1/tiers/{name}/scale"), serde_json::json!({"instances": n})).is_ok() {
+                    client_acked
+                        .lock()
+                        .unwrap()
+                        .desired
+                        .entry(name.clone())
+                        .or_default()
+                        .1
+                        .push(n);
+                    if post(
+                        &client_url,
+                        &format!("/v1/tiers/{name}/scale"),
+                        serde_json::json!({"instances": n}),
+                    )
+                    .is_ok()
+                    {
                         let mut a = client_acked.lock().unwrap();
                         a.scaled += 1;
                         let e = a.desired.entry(name).or_default();
@@ -123,14 +154,25 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
 
         let store = Store::open(&data.join("state")).unwrap();
         let broken = store.check_invariants().unwrap();
-        held_at_kills += store.nodes().unwrap().iter().filter(|n| n.instance.is_some()).count();
+        held_at_kills += store
+            .nodes()
+            .unwrap()
+            .iter()
+            .filter(|n| n.instance.is_some())
+            .count();
         assert!(broken.is_empty(), "cycle {cycle} (seed {seed}): {broken:?}");
         let a = acked.lock().unwrap();
         for (name, k) in &a.tiers {
-            let t = store.tier(name).unwrap_or_else(|e| panic!("cycle {cycle} (seed {seed}): acknowledged tier {name} lost: {e}"));
+            let t = store.tier(name).unwrap_or_else(|e| {
+                panic!("cycle {cycle} (seed {seed}): acknowledged tier {name} lost: {e}")
+            });
             assert_eq!(t.max_instances, *k);
             if let Some((last, pending)) = a.desired.get(name) {
-                assert!(t.desired == *last || pending.contains(&t.desired), "cycle {cycle} (seed {seed}): tier {name} desired {} not {last} or one of {pending:?}", t.desired);
+                assert!(
+                    t.desired == *last || pending.contains(&t.desired),
+                    "cycle {cycle} (seed {seed}): tier {name} desired {} not {last} or one of {pending:?}",
+                    t.desired
+                );
             }
         }
     }
@@ -144,7 +186,13 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         a.interrupted,
         a.refused
     );
-    assert!(held_at_kills > 0, "no kill found an instance on a node: nothing was reconciled");
-    assert!(a.tiers.len() >= 20 && a.scaled >= 20, "too little acknowledged work to mean anything");
+    assert!(
+        held_at_kills > 0,
+        "no kill found an instance on a node: nothing was reconciled"
+    );
+    assert!(
+        a.tiers.len() >= 20 && a.scaled >= 20,
+        "too little acknowledged work to mean anything"
+    );
     assert!(a.interrupted >= 10, "too few kills landed during a request");
 }

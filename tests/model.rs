@@ -45,14 +45,18 @@ impl ModelTier {
         let on = self.on_nodes();
         let desired = self.desired as usize;
         if on > desired {
-            let mut surplus: Vec<usize> = (0..self.instances.len()).filter(|&i| self.instances[i].0.holds_node()).collect();
+            let mut surplus: Vec<usize> = (0..self.instances.len())
+                .filter(|&i| self.instances[i].0.holds_node())
+                .collect();
             surplus.sort_by_key(|&i| std::cmp::Reverse(i));
             for i in surplus.into_iter().take(on - desired) {
                 self.instances[i].0 = InstanceState::Pooled;
                 *free += 1;
             }
         } else if desired > on && *free > 0 {
-            let mut waiting: Vec<usize> = (0..self.instances.len()).filter(|&i| self.instances[i].0.can_deploy()).collect();
+            let mut waiting: Vec<usize> = (0..self.instances.len())
+                .filter(|&i| self.instances[i].0.can_deploy())
+                .collect();
             waiting.sort_by_key(|&i| (self.instances[i].0 != InstanceState::Failed, i));
             for i in waiting.into_iter().take((desired - on).min(*free)) {
                 self.instances[i].0 = InstanceState::Deployed;
@@ -73,9 +77,18 @@ fn spec(name: &str, image: &str, k: u32, subnet: u32) -> TierSpec {
         dns: vec![],
         hostname: format!("{name}-{{index:02}}"),
         requirements: Default::default(),
-        policy: PluginRef { plugin: "spread".into(), config: Default::default() },
-        customizers: vec![PluginRef { plugin: "hostname".into(), config: Default::default() }],
-        driver: PluginRef { plugin: "noop".into(), config: Default::default() },
+        policy: PluginRef {
+            plugin: "spread".into(),
+            config: Default::default(),
+        },
+        customizers: vec![PluginRef {
+            plugin: "hostname".into(),
+            config: Default::default(),
+        }],
+        driver: PluginRef {
+            plugin: "noop".into(),
+            config: Default::default(),
+        },
         deploy_timeout_secs: 600,
         autoscale: None,
     }
@@ -83,23 +96,46 @@ fn spec(name: &str, image: &str, k: u32, subnet: u32) -> TierSpec {
 
 fn compare(engine: &Engine, model: &Model, step: usize, seed: u64) {
     let ctx = format!("step {step} (seed {seed})");
-    assert_eq!(engine.store.check_invariants().unwrap(), Vec::<String>::new(), "{ctx}");
+    assert_eq!(
+        engine.store.check_invariants().unwrap(),
+        Vec::<String>::new(),
+        "{ctx}"
+    );
     let tiers = engine.store.tiers().unwrap();
-    assert_eq!(tiers.iter().map(|t| t.name.clone()).collect::<Vec<_>>(), model.tiers.keys().cloned().collect::<Vec<_>>(), "{ctx}");
+    assert_eq!(
+        tiers.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+        model.tiers.keys().cloned().collect::<Vec<_>>(),
+        "{ctx}"
+    );
     for t in tiers {
         let m = &model.tiers[&t.name];
         assert_eq!(t.desired, m.desired, "{ctx}: tier {}", t.name);
-        let real: Vec<(InstanceState, IpAddr, String)> =
-            engine.store.instances(&t.name).unwrap().into_iter().map(|i| (i.state, i.address, i.hostname)).collect();
+        let real: Vec<(InstanceState, IpAddr, String)> = engine
+            .store
+            .instances(&t.name)
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.state, i.address, i.hostname))
+            .collect();
         assert_eq!(real, m.instances, "{ctx}: tier {}", t.name);
     }
-    let free = engine.store.nodes().unwrap().iter().filter(|n| n.state == NodeState::Free).count();
+    let free = engine
+        .store
+        .nodes()
+        .unwrap()
+        .iter()
+        .filter(|n| n.state == NodeState::Free)
+        .count();
     assert_eq!(free, model.free_nodes, "{ctx}: free nodes");
 }
 
 #[test]
 fn random_operations_match_the_model_across_restarts() {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
     eprintln!("model test seed {seed}");
     let mut rng = Rng(seed);
     let dir = scratch("model");
@@ -113,7 +149,10 @@ fn random_operations_match_the_model_across_restarts() {
 
     block_on(async {
         for step in 0..250 {
-            assert!(started.elapsed() < Duration::from_secs(300), "the model test is bounded to 5 minutes");
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "the model test is bounded to 5 minutes"
+            );
             match rng.below(10) {
                 0 if model.tiers.len() < 6 => {
                     // Names and subnets are never reused, so a deleted tier's identities
@@ -122,16 +161,45 @@ fn random_operations_match_the_model_across_restarts() {
                     created += 1;
                     let name = format!("t{n}");
                     let k = rng.below(12) as u32 + 1;
-                    engine.create_tier(&spec(&name, &image, k, n), "admin:test").await.unwrap();
+                    engine
+                        .create_tier(&spec(&name, &image, k, n), "admin:test")
+                        .await
+                        .unwrap();
                     // The model mints identities the way the plan orders them: .2 upward.
-                    let instances = (0..k).map(|i| (InstanceState::Pooled, format!("198.18.{n}.{}", i + 2).parse().unwrap(), format!("{name}-{i:02}"))).collect();
-                    model.tiers.insert(name, ModelTier { desired: 0, instances });
+                    let instances = (0..k)
+                        .map(|i| {
+                            (
+                                InstanceState::Pooled,
+                                format!("198.18.{n}.{}", i + 2).parse().unwrap(),
+                                format!("{name}-{i:02}"),
+                            )
+                        })
+                        .collect();
+                    model.tiers.insert(
+                        name,
+                        ModelTier {
+                            desired: 0,
+                            instances,
+                        },
+                    );
                 }
                 1 => {
                     let name = format!("n{nodes}");
                     nodes += 1;
-                    let labels = BTreeMap::from([("zone".to_string(), format!("z{}", rng.below(3)))]);
-                    let node = Node { name, cpus: 4, memory_mib: 4096, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: 0, cached: Vec::new() };
+                    let labels =
+                        BTreeMap::from([("zone".to_string(), format!("z{}", rng.below(3)))]);
+                    let node = Node {
+                        name,
+                        cpus: 4,
+                        memory_mib: 4096,
+                        arch: "x86_64".into(),
+                        labels,
+                        properties: BTreeMap::new(),
+                        state: NodeState::Free,
+                        instance: None,
+                        load: 0,
+                        cached: Vec::new(),
+                    };
                     engine.store.add_node(&node, "admin:test").unwrap();
                     model.free_nodes += 1;
                 }
@@ -145,14 +213,25 @@ fn random_operations_match_the_model_across_restarts() {
                     m.reconcile(&mut model.free_nodes);
                 }
                 7 => {
-                    let busy: Vec<Node> = engine.store.nodes().unwrap().into_iter().filter(|n| n.instance.is_some()).collect();
+                    let busy: Vec<Node> = engine
+                        .store
+                        .nodes()
+                        .unwrap()
+                        .into_iter()
+                        .filter(|n| n.instance.is_some())
+                        .collect();
                     if let Some(node) = busy.get(rng.below(busy.len() as u64) as usize) {
                         let id = engine.store.fail_node(&node.name, "test").unwrap().unwrap();
                         failures += 1;
-                        model.tiers.get_mut(&id.tier).unwrap().instances[id.index as usize].0 = InstanceState::Failed;
+                        model.tiers.get_mut(&id.tier).unwrap().instances[id.index as usize].0 =
+                            InstanceState::Failed;
                         // The next pass redeploys it, with the same identity, if a node is free.
                         engine.reconcile(&id.tier).await.unwrap();
-                        model.tiers.get_mut(&id.tier).unwrap().reconcile(&mut model.free_nodes);
+                        model
+                            .tiers
+                            .get_mut(&id.tier)
+                            .unwrap()
+                            .reconcile(&mut model.free_nodes);
                     }
                 }
                 9 if !model.tiers.is_empty() && rng.below(3) == 0 => {
@@ -175,6 +254,11 @@ fn random_operations_match_the_model_across_restarts() {
             compare(&engine, &model, step, seed);
         }
     });
-    eprintln!("model test: {created} tiers created, {deleted} deleted, {nodes} nodes, {failures} node failures, {restarts} restarts");
-    assert!(restarts > 5 && failures > 0 && created > 1, "the run exercised too little");
+    eprintln!(
+        "model test: {created} tiers created, {deleted} deleted, {nodes} nodes, {failures} node failures, {restarts} restarts"
+    );
+    assert!(
+        restarts > 5 && failures > 0 && created > 1,
+        "the run exercised too little"
+    );
 }

@@ -15,19 +15,36 @@ fn start(data: &Path, config: &Path) -> Daemon {
 }
 
 fn installed(d: &Daemon) -> Vec<Value> {
-    d.mint(&["plugin", "list"]).as_array().unwrap().iter().filter(|p| p["source"] == "installed").cloned().collect()
+    d.mint(&["plugin", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["source"] == "installed")
+        .cloned()
+        .collect()
 }
 
 fn sh(cmd: &mut Command) -> Output {
     let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(o.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     o
 }
 
 /// A minisign key pair without a password: (public key line, secret key file).
 fn keypair(dir: &Path, name: &str) -> (String, PathBuf) {
-    let (public, secret) = (dir.join(format!("{name}.pub")), dir.join(format!("{name}.key")));
-    sh(Command::new("minisign").args(["-G", "-W", "-p"]).arg(&public).arg("-s").arg(&secret));
+    let (public, secret) = (
+        dir.join(format!("{name}.pub")),
+        dir.join(format!("{name}.key")),
+    );
+    sh(Command::new("minisign")
+        .args(["-G", "-W", "-p"])
+        .arg(&public)
+        .arg("-s")
+        .arg(&secret));
     let text = std::fs::read_to_string(&public).unwrap();
     (text.lines().nth(1).unwrap().trim().to_string(), secret)
 }
@@ -35,7 +52,13 @@ fn keypair(dir: &Path, name: &str) -> (String, PathBuf) {
 /// The key ID minisign prints in a public key file's comment.
 fn key_id(dir: &Path, name: &str) -> String {
     let text = std::fs::read_to_string(dir.join(format!("{name}.pub"))).unwrap();
-    text.lines().next().unwrap().rsplit(' ').next().unwrap().to_string()
+    text.lines()
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// Packs guest `wasm` with a manifest into `out` through `mint plugin pack`.
@@ -43,12 +66,22 @@ fn pack(dir: &Path, out: &str, wasm: &Path, manifest: &str) -> PathBuf {
     let m = dir.join(format!("{out}.toml"));
     std::fs::write(&m, manifest).unwrap();
     let package = dir.join(out);
-    sh(Command::new(env!("CARGO_BIN_EXE_mint")).args(["plugin", "pack", "--manifest"]).arg(&m).arg("--wasm").arg(wasm).arg("-o").arg(&package));
+    sh(Command::new(env!("CARGO_BIN_EXE_mint"))
+        .args(["plugin", "pack", "--manifest"])
+        .arg(&m)
+        .arg("--wasm")
+        .arg(wasm)
+        .arg("-o")
+        .arg(&package));
     package
 }
 
 fn sign(package: &Path, secret: &Path) {
-    sh(Command::new("minisign").args(["-S", "-s"]).arg(secret).arg("-m").arg(package));
+    sh(Command::new("minisign")
+        .args(["-S", "-s"])
+        .arg(secret)
+        .arg("-m")
+        .arg(package));
 }
 
 fn picker(version: &str, pick: &str, busy_ms: u64, vendor: &str) -> String {
@@ -59,7 +92,11 @@ fn picker(version: &str, pick: &str, busy_ms: u64, vendor: &str) -> String {
 
 fn config(dir: &Path, acme_key: &str, extra: &str) -> PathBuf {
     let path = dir.join("mint.toml");
-    std::fs::write(&path, format!("[plugins.trusted-keys]\nacme = [\"{acme_key}\"]\n{extra}")).unwrap();
+    std::fs::write(
+        &path,
+        format!("[plugins.trusted-keys]\nacme = [\"{acme_key}\"]\n{extra}"),
+    )
+    .unwrap();
     path
 }
 
@@ -83,33 +120,70 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
     let d = start(&dir.join("data"), &config(&dir, &acme, ""));
     let wasm = guest("versioned");
 
-    let v1 = pack(&dir, "picker-1.mintpkg", &wasm, &picker("1.0.0", "first", 0, "acme"));
+    let v1 = pack(
+        &dir,
+        "picker-1.mintpkg",
+        &wasm,
+        &picker("1.0.0", "first", 0, "acme"),
+    );
     sign(&v1, &acme_secret);
     let info = d.mint(&["plugin", "install", v1.to_str().unwrap()]);
-    assert_eq!((info["name"].as_str(), info["version"].as_str()), (Some("picker"), Some("1.0.0")));
+    assert_eq!(
+        (info["name"].as_str(), info["version"].as_str()),
+        (Some("picker"), Some("1.0.0"))
+    );
     let shown = d.mint(&["plugin", "inspect", "picker"]);
     assert_eq!(shown["world"], "mint:plugin/node-policy-plugin");
     assert_eq!(shown["wit"], "mint:plugin@0.1.2");
     assert_eq!(shown["signer"]["vendor"]["vendor"], "acme");
-    assert_eq!(shown["signer"]["vendor"]["key-id"], key_id(&dir, "acme"), "the key ID minisign printed");
-    assert!(shown["signer"]["vendor"]["comment"].as_str().unwrap().contains("picker-1.mintpkg"), "{shown}");
+    assert_eq!(
+        shown["signer"]["vendor"]["key-id"],
+        key_id(&dir, "acme"),
+        "the key ID minisign printed"
+    );
+    assert!(
+        shown["signer"]["vendor"]["comment"]
+            .as_str()
+            .unwrap()
+            .contains("picker-1.mintpkg"),
+        "{shown}"
+    );
     assert_eq!(shown["capabilities"]["memory-mib"], 64);
     assert_eq!(shown["config"]["pick"], "first");
     let before = installed(&d);
     let events_before = d.mint(&["events"]).as_array().unwrap().len();
 
     // Each bad package is refused with a message naming the problem and the fix.
-    let v2 = pack(&dir, "picker-2.mintpkg", &wasm, &picker("2.0.0", "last", 0, "acme"));
+    let v2 = pack(
+        &dir,
+        "picker-2.mintpkg",
+        &wasm,
+        &picker("2.0.0", "last", 0, "acme"),
+    );
     let cases: Vec<(Vec<String>, String)> = {
         // Unsigned.
         let unsigned = vec!["--unsigned".to_string()];
         // v2's bytes with v1's signature: the signature does not match the bytes.
-        std::fs::copy(format!("{}.minisig", v1.display()), format!("{}.minisig", v2.display())).unwrap();
+        std::fs::copy(
+            format!("{}.minisig", v1.display()),
+            format!("{}.minisig", v2.display()),
+        )
+        .unwrap();
         // Signed by a key the operator does not trust.
-        let rogue = pack(&dir, "picker-rogue.mintpkg", &wasm, &picker("3.0.0", "last", 0, "acme"));
+        let rogue = pack(
+            &dir,
+            "picker-rogue.mintpkg",
+            &wasm,
+            &picker("3.0.0", "last", 0, "acme"),
+        );
         sign(&rogue, &rogue_secret);
         // Signed by acme but claiming another vendor.
-        let other = pack(&dir, "picker-other.mintpkg", &wasm, &picker("4.0.0", "last", 0, "globex"));
+        let other = pack(
+            &dir,
+            "picker-other.mintpkg",
+            &wasm,
+            &picker("4.0.0", "last", 0, "globex"),
+        );
         sign(&other, &acme_secret);
         // A driver that asks for a host the operator did not grant.
         let driver = pack(
@@ -120,7 +194,12 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
         );
         sign(&driver, &acme_secret);
         // A bundled plugin's name.
-        let spread = pack(&dir, "spread.mintpkg", &wasm, &picker("9.0.0", "last", 0, "acme").replace("\"picker\"", "\"spread\""));
+        let spread = pack(
+            &dir,
+            "spread.mintpkg",
+            &wasm,
+            &picker("9.0.0", "last", 0, "acme").replace("\"picker\"", "\"spread\""),
+        );
         sign(&spread, &acme_secret);
         // Bytes that are not a package at all, signed.
         let junk = dir.join("junk.mintpkg");
@@ -141,22 +220,59 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
         let mut full = vec!["plugin", "install"];
         full.extend(args.iter().map(String::as_str));
         let e = d.refused(&full);
-        assert!(e.contains(needle.as_str()), "{args:?}: `{needle}` not in {e}");
-        assert_eq!(installed(&d).len(), before.len(), "nothing installed by {args:?}");
-        assert_eq!(d.mint(&["plugin", "inspect", "picker"])["version"], "1.0.0", "v1 still current after {args:?}");
+        assert!(
+            e.contains(needle.as_str()),
+            "{args:?}: `{needle}` not in {e}"
+        );
+        assert_eq!(
+            installed(&d).len(),
+            before.len(),
+            "nothing installed by {args:?}"
+        );
+        assert_eq!(
+            d.mint(&["plugin", "inspect", "picker"])["version"],
+            "1.0.0",
+            "v1 still current after {args:?}"
+        );
     }
-    assert!(d.refused(&["plugin", "install", &format!("{}", dir.join("reacher.mintpkg").display())]).contains("[plugins.grants]"));
+    assert!(
+        d.refused(&[
+            "plugin",
+            "install",
+            &format!("{}", dir.join("reacher.mintpkg").display())
+        ])
+        .contains("[plugins.grants]")
+    );
     // A bare component is not a package: the CLI says how to make one.
     let o = d.run(&["plugin", "install", wasm.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("mint plugin pack"), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(d.mint(&["events"]).as_array().unwrap().len(), events_before, "refusals record nothing");
-    let leftovers: Vec<_> = std::fs::read_dir(dir.join("data/plugins")).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(leftovers, vec![std::ffi::OsString::from("picker")], "no staging left behind");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("mint plugin pack"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        d.mint(&["events"]).as_array().unwrap().len(),
+        events_before,
+        "refusals record nothing"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.join("data/plugins"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        leftovers,
+        vec![std::ffi::OsString::from("picker")],
+        "no staging left behind"
+    );
 
     // In use by a tier: not removable; after the tier goes, removed.
     tier(&d, &dir, "picker");
-    assert!(d.refused(&["plugin", "remove", "picker"]).contains("tier `t` uses plugin `picker`"));
+    assert!(
+        d.refused(&["plugin", "remove", "picker"])
+            .contains("tier `t` uses plugin `picker`")
+    );
     // The installed plugin survives a restart, verified again against the trust; what an
     // install cut short by a crash left behind is cleared.
     drop(d);
@@ -175,14 +291,34 @@ fn signed_packages_install_and_bad_ones_change_nothing() {
     d.mint(&["tier", "delete", "t"]);
     d.mint(&["plugin", "remove", "picker"]);
     assert!(installed(&d).is_empty());
-    assert!(d.refused(&["plugin", "inspect", "picker"]).contains("no plugin named `picker`"));
-    assert!(d.refused(&["plugin", "remove", "spread"]).contains("built into mint"));
+    assert!(
+        d.refused(&["plugin", "inspect", "picker"])
+            .contains("no plugin named `picker`")
+    );
+    assert!(
+        d.refused(&["plugin", "remove", "spread"])
+            .contains("built into mint")
+    );
 
     // With the grant, the driver installs.
     drop(d);
-    let d = start(&dir.join("data"), &config(&dir, &acme, "[plugins.grants]\nreacher = [\"http://198.18.9.9:8080\"]\n"));
-    d.mint(&["plugin", "install", dir.join("reacher.mintpkg").to_str().unwrap()]);
-    assert_eq!(d.mint(&["plugin", "inspect", "reacher"])["capabilities"]["allowed-outbound-hosts"], json!(["http://198.18.9.9:8080"]));
+    let d = start(
+        &dir.join("data"),
+        &config(
+            &dir,
+            &acme,
+            "[plugins.grants]\nreacher = [\"http://198.18.9.9:8080\"]\n",
+        ),
+    );
+    d.mint(&[
+        "plugin",
+        "install",
+        dir.join("reacher.mintpkg").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        d.mint(&["plugin", "inspect", "reacher"])["capabilities"]["allowed-outbound-hosts"],
+        json!(["http://198.18.9.9:8080"])
+    );
 }
 
 #[test]
@@ -196,8 +332,18 @@ fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
     // v1 works long enough that an install on a loaded machine (it compiles v2 and syncs
     // files) still finishes well before it.
     const BUSY_MS: u64 = 9000;
-    let v1 = pack(&dir, "v1.mintpkg", &wasm, &picker("1.0.0", "first", BUSY_MS, "acme"));
-    let v2 = pack(&dir, "v2.mintpkg", &wasm, &picker("2.0.0", "last", 0, "acme"));
+    let v1 = pack(
+        &dir,
+        "v1.mintpkg",
+        &wasm,
+        &picker("1.0.0", "first", BUSY_MS, "acme"),
+    );
+    let v2 = pack(
+        &dir,
+        "v2.mintpkg",
+        &wasm,
+        &picker("2.0.0", "last", 0, "acme"),
+    );
     sign(&v1, &secret);
     sign(&v2, &secret);
     d.mint(&["plugin", "install", v1.to_str().unwrap()]);
@@ -208,7 +354,12 @@ fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
 
     let (url, root) = (d.url.clone(), root());
     let scale = std::thread::spawn(move || {
-        Command::new(env!("CARGO_BIN_EXE_mint")).args(["--json", "tier", "scale", "t", "1"]).env("MINT_SERVER", url).current_dir(root).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_mint"))
+            .args(["--json", "tier", "scale", "t", "1"])
+            .env("MINT_SERVER", url)
+            .current_dir(root)
+            .output()
+            .unwrap()
     });
     // Replace v1 while its select is running: the request is recorded before its pass
     // starts, and v1 then works for BUSY_MS.
@@ -216,8 +367,17 @@ fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
     // machine, and a late look would miss the window.
     let auth = crate::support::admin_auth(&dir.join("data"));
     d.wait_for("the scale request", Duration::from_secs(20), || {
-        let events: serde_json::Value = ureq::get(&format!("{}/v1/events?tier=t", d.url)).set("Authorization", &auth).call().ok()?.into_json().ok()?;
-        events.as_array()?.iter().any(|e| e["kind"] == "scale-requested").then_some(())
+        let events: serde_json::Value = ureq::get(&format!("{}/v1/events?tier=t", d.url))
+            .set("Authorization", &auth)
+            .call()
+            .ok()?
+            .into_json()
+            .ok()?;
+        events
+            .as_array()?
+            .iter()
+            .any(|e| e["kind"] == "scale-requested")
+            .then_some(())
     });
     let started = Instant::now();
     d.mint(&["plugin", "install", v2.to_str().unwrap()]);
@@ -234,15 +394,28 @@ fn replacing_a_plugin_lets_calls_in_flight_finish_on_the_old_version() {
     let o = scale.join().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let on = |index: usize| d.mint(&["instance", "list", "t"])[index]["node"].clone();
-    assert_eq!(on(0), "a", "the call in flight finished on v1, which picks the first node");
+    assert_eq!(
+        on(0),
+        "a",
+        "the call in flight finished on v1, which picks the first node"
+    );
     assert_eq!(d.mint(&["plugin", "inspect", "picker"])["version"], "2.0.0");
     // The next call runs v2.
     d.mint(&["tier", "scale", "t", "2"]);
     assert_eq!(on(1), "c", "v2 picks the last node");
     let events = d.mint(&["events"]).to_string();
-    assert!(events.contains("pick first") && events.contains("pick last"), "{events}");
-    assert!(events.contains("plugin `picker` 2.0.0 (node-policy) installed, signed by acme"), "{events}");
-    assert!(installed_in < Duration::from_millis(BUSY_MS), "installing did not wait for the call: {installed_in:?}");
+    assert!(
+        events.contains("pick first") && events.contains("pick last"),
+        "{events}"
+    );
+    assert!(
+        events.contains("plugin `picker` 2.0.0 (node-policy) installed, signed by acme"),
+        "{events}"
+    );
+    assert!(
+        installed_in < Duration::from_millis(BUSY_MS),
+        "installing did not wait for the call: {installed_in:?}"
+    );
 }
 
 #[test]
@@ -260,10 +433,25 @@ fn plugins_built_for_an_older_compatible_wit_still_load() {
     assert_eq!(called.value.len(), 1);
     assert_eq!(called.logs[0].message, "built for mint:plugin@0.1.0");
     // A manifest that claims an incompatible version is refused, naming both.
-    let e = load_guest(&rt, "versioned", "node-policy", "").map(|_| ()).and_then(|_| {
-        let m = mint_plugins::Manifest::parse("m", "name = \"v\"\nversion = \"1\"\nkind = \"node-policy\"\nwit = \"0.2.0\"\n").unwrap();
-        rt.load(m, &std::fs::read(guest("versioned")).unwrap(), "v", &Default::default()).map(|_| ())
-    });
+    let e = load_guest(&rt, "versioned", "node-policy", "")
+        .map(|_| ())
+        .and_then(|_| {
+            let m = mint_plugins::Manifest::parse(
+                "m",
+                "name = \"v\"\nversion = \"1\"\nkind = \"node-policy\"\nwit = \"0.2.0\"\n",
+            )
+            .unwrap();
+            rt.load(
+                m,
+                &std::fs::read(guest("versioned")).unwrap(),
+                "v",
+                &Default::default(),
+            )
+            .map(|_| ())
+        });
     let e = e.unwrap_err().to_string();
-    assert!(e.contains("mint:plugin@0.2.0") && e.contains("mint:plugin@0.1.2"), "{e}");
+    assert!(
+        e.contains("mint:plugin@0.2.0") && e.contains("mint:plugin@0.1.2"),
+        "{e}"
+    );
 }

@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 /// Starts `mint daemon` with state in `data` and `extra` arguments (and `MINT_LOG` =
 /// `log_level`), and returns the process, the URL it says it serves on, and everything it
 /// writes to stderr, kept as it comes (the pipe is always drained, so it never blocks).
-pub fn spawn_daemon(data: &Path, extra: &[&str], log_level: &str) -> (Child, String, Arc<Mutex<String>>) {
+pub fn spawn_daemon(
+    data: &Path,
+    extra: &[&str],
+    log_level: &str,
+) -> (Child, String, Arc<Mutex<String>>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
         .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
@@ -29,7 +33,12 @@ pub fn spawn_daemon(data: &Path, extra: &[&str], log_level: &str) -> (Child, Str
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.split("serving ").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
             }
             if let Ok(mut l) = kept.lock() {
                 l.push_str(&line);
@@ -41,7 +50,10 @@ pub fn spawn_daemon(data: &Path, extra: &[&str], log_level: &str) -> (Child, Str
         Ok(url) => (child, url, log),
         Err(_) => {
             let _ = child.kill();
-            panic!("the daemon did not start: {}", log.lock().map(|l| l.clone()).unwrap_or_default())
+            panic!(
+                "the daemon did not start: {}",
+                log.lock().map(|l| l.clone()).unwrap_or_default()
+            )
         }
     }
 }
@@ -71,7 +83,13 @@ impl Daemon {
     /// `debug`, so tests can check what it never says.
     pub fn start(data: &Path, extra: &[&str], cwd: &Path) -> Daemon {
         let (child, url, log) = spawn_daemon(data, extra, "debug");
-        Daemon { child, url, log, cwd: cwd.to_path_buf(), data: data.to_path_buf() }
+        Daemon {
+            child,
+            url,
+            log,
+            cwd: cwd.to_path_buf(),
+            data: data.to_path_buf(),
+        }
     }
 
     /// The daemon's process ID (to signal it).
@@ -82,7 +100,10 @@ impl Daemon {
     /// Runs `mint --json ARGS` against the daemon.
     pub fn run(&self, args: &[&str]) -> Output {
         let mut c = Command::new(env!("CARGO_BIN_EXE_mint"));
-        c.arg("--json").args(args).env("MINT_SERVER", &self.url).current_dir(&self.cwd);
+        c.arg("--json")
+            .args(args)
+            .env("MINT_SERVER", &self.url)
+            .current_dir(&self.cwd);
         if let Some(pin) = self.pin() {
             c.env("MINT_PIN", pin);
         }
@@ -94,37 +115,60 @@ impl Daemon {
         if !self.url.starts_with("https://") {
             return None;
         }
-        std::fs::read_to_string(self.data.join("server.pin")).ok().map(|p| p.trim().to_string())
+        std::fs::read_to_string(self.data.join("server.pin"))
+            .ok()
+            .map(|p| p.trim().to_string())
     }
 
     /// Runs a command that must succeed and parses its JSON output.
     pub fn mint(&self, args: &[&str]) -> Value {
         let o = self.run(args);
-        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "mint {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
     }
 
     /// Runs a command the daemon must refuse (exit code 1) and returns its message.
     pub fn refused(&self, args: &[&str]) -> String {
         let o = self.run(args);
-        assert_eq!(o.status.code(), Some(1), "mint {args:?} should be refused: {}", String::from_utf8_lossy(&o.stdout));
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "mint {args:?} should be refused: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         String::from_utf8_lossy(&o.stderr).into_owned()
     }
 
     /// Polls `probe` every 200 ms until it answers, for at most `limit`.
-    pub fn wait_for<T>(&self, what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut probe: impl FnMut() -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(v) = probe() {
                 return v;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; events: {}", self.mint(&["events"]));
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; events: {}",
+                self.mint(&["events"])
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
     /// The instances of `tier`.
     pub fn instances(&self, tier: &str) -> Vec<Value> {
-        self.mint(&["instance", "list", tier]).as_array().cloned().unwrap_or_default()
+        self.mint(&["instance", "list", tier])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 }

@@ -7,21 +7,40 @@ use std::sync::OnceLock;
 
 /// The repository's root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
 }
 
 /// The `.wasm` of test guest `name` (a directory of tests/guests), built on first use.
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let target = BUILT.get_or_init(|| {
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target dir").join("wasm-guests");
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .expect("target dir")
+            .join("wasm-guests");
         let ws = root().join("tests/guests");
-        for g in ["panic", "spin", "memory-bomb", "flood", "bad-answer", "peers", "http-driver", "wit-v1", "compat-0-1-0", "versioned"] {
+        for g in [
+            "panic",
+            "spin",
+            "memory-bomb",
+            "flood",
+            "bad-answer",
+            "peers",
+            "http-driver",
+            "wit-v1",
+            "compat-0-1-0",
+            "versioned",
+        ] {
             mint_guest_build::build_into(&ws, &format!("guest-{g}"), &target);
         }
         target
     });
-    target.join("wasm32-wasip2/release").join(format!("guest_{}.wasm", name.replace('-', "_")))
+    target
+        .join("wasm32-wasip2/release")
+        .join(format!("guest_{}.wasm", name.replace('-', "_")))
 }
 
 /// A fresh runtime without a compiled-code cache.
@@ -31,8 +50,13 @@ pub fn runtime() -> Runtime {
 
 /// A manifest for a test plugin: `kind` and extra TOML lines (capabilities, config).
 pub fn manifest(name: &str, kind: &str, extra: &str) -> Manifest {
-    Manifest::parse(name, &format!("name = \"{name}\"\nversion = \"0.0.0\"\nkind = \"{kind}\"\nwit = \"0.1.0\"\n{extra}"))
-        .expect("test manifest")
+    Manifest::parse(
+        name,
+        &format!(
+            "name = \"{name}\"\nversion = \"0.0.0\"\nkind = \"{kind}\"\nwit = \"0.1.0\"\n{extra}"
+        ),
+    )
+    .expect("test manifest")
 }
 
 /// Loads test guest `name` as a plugin of `kind`.
@@ -41,7 +65,13 @@ pub fn load_guest(rt: &Runtime, name: &str, kind: &str, extra: &str) -> Result<P
 }
 
 /// Loads test guest `name` with `grants`.
-pub fn load_guest_granted(rt: &Runtime, name: &str, kind: &str, extra: &str, grants: &Grants) -> Result<Plugin, LoadError> {
+pub fn load_guest_granted(
+    rt: &Runtime,
+    name: &str,
+    kind: &str,
+    extra: &str,
+    grants: &Grants,
+) -> Result<Plugin, LoadError> {
     let bytes = std::fs::read(guest(name)).expect("guest built");
     rt.load(manifest(name, kind, extra), &bytes, name, grants)
 }
@@ -61,7 +91,12 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Runs a future on a fresh runtime (tests use plain `#[test]` so each has its own).
 pub fn block_on<F: Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio").block_on(f)
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio")
+        .block_on(f)
 }
 
 /// Starts `mint daemon` on an ephemeral loopback port with state in `data`, and returns the
@@ -79,7 +114,10 @@ pub fn start_daemon_with(data: &Path, extra: &[&str]) -> (std::process::Child, S
 
 /// The admin token a daemon with state in `data` wrote at its first start.
 pub fn admin_token(data: &Path) -> String {
-    std::fs::read_to_string(data.join("admin.token")).expect("the daemon's admin token").trim().to_string()
+    std::fs::read_to_string(data.join("admin.token"))
+        .expect("the daemon's admin token")
+        .trim()
+        .to_string()
 }
 
 /// `Authorization` for the daemon with state in `data`, as its admin.
@@ -96,11 +134,21 @@ pub fn join(url: &str, data: &Path, name: &str) -> String {
         .expect("enroll")
         .into_json()
         .unwrap();
-    let join = enrolled["join-token"].as_str().expect("a join token").to_string();
+    let join = enrolled["join-token"]
+        .as_str()
+        .expect("a join token")
+        .to_string();
     let body = serde_json::json!({"name": name, "cpus": 4, "memory-mib": 8192, "arch": "x86_64", "agent-url": "http://127.0.0.1:9"});
-    let registered: serde_json::Value =
-        ureq::post(&format!("{url}/v1/agents/register")).set("Authorization", &format!("Bearer {join}")).send_json(body).expect("register").into_json().unwrap();
-    registered["credential"].as_str().expect("a credential").to_string()
+    let registered: serde_json::Value = ureq::post(&format!("{url}/v1/agents/register"))
+        .set("Authorization", &format!("Bearer {join}"))
+        .send_json(body)
+        .expect("register")
+        .into_json()
+        .unwrap();
+    registered["credential"]
+        .as_str()
+        .expect("a credential")
+        .to_string()
 }
 
 /// The Python node policy `plugins/python/least-loaded`, built with componentize-py from
@@ -124,8 +172,13 @@ pub fn python_policy() -> PathBuf {
                 .arg(&wasm)
                 .output()
                 .expect("run componentize-py");
-            assert!(o.status.success(), "componentize-py: {}", String::from_utf8_lossy(&o.stderr));
-            std::fs::copy(src.join("plugin.toml"), out.join("least-loaded.toml")).expect("manifest");
+            assert!(
+                o.status.success(),
+                "componentize-py: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::fs::copy(src.join("plugin.toml"), out.join("least-loaded.toml"))
+                .expect("manifest");
             wasm
         })
         .clone()

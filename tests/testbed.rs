@@ -17,8 +17,15 @@ fn veth_name(i: usize) -> String {
 
 /// Runs a command that must succeed.
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A bridge, namespaces with an agent each, and a daemon, removed on drop.
@@ -64,7 +71,9 @@ impl Drop for TestBed {
             }
         }
         for a in &mut self.agents {
-            let _ = Command::new("kill").args(["-TERM", &a.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &a.id().to_string()])
+                .status();
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for a in &mut self.agents {
@@ -81,10 +90,14 @@ impl Drop for TestBed {
         for (i, ns) in self.namespaces.iter().enumerate() {
             // Deleting the host end removes the pair at once; a namespace's own cleanup
             // happens later, in the kernel's time, and the next bed reuses the names.
-            let _ = Command::new("ip").args(["link", "del", &veth_name(i)]).output();
+            let _ = Command::new("ip")
+                .args(["link", "del", &veth_name(i)])
+                .output();
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
     }
 }
 
@@ -92,28 +105,69 @@ impl TestBed {
     /// A bed of `nodes` namespaces with an agent each and a daemon (started with
     /// `daemon_args`), working in `dir`; `repo` is where `mint` commands run.
     pub fn new(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str]) -> TestBed {
-        Self::build(dir, repo, nodes, daemon_args, None, &[])
+        Self::build(dir, repo, nodes, daemon_args, None, &[], false)
+    }
+
+    /// A bed of VM host slots: in each namespace a bridge `br0` holds the node's link (and
+    /// its address), and the agent (`--vm`) boots its disk instance as a QEMU guest on a tap
+    /// of that bridge, so a guest is on the bed's segment like a machine of its own.
+    #[allow(dead_code)] // The VM tests use it; the benchmarks that share this file do not.
+    pub fn vm_hosts(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str]) -> TestBed {
+        Self::build(
+            dir,
+            repo,
+            nodes,
+            daemon_args,
+            None,
+            &["--vm", "--vm-bridge", "br0", "--vm-memory-mib", "1024"],
+            true,
+        )
     }
 
     /// A bed whose agents start with `agent_args` besides the bed's own.
-    pub fn with_agent_args(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str], agent_args: &[&str]) -> TestBed {
-        Self::build(dir, repo, nodes, daemon_args, None, agent_args)
+    pub fn with_agent_args(
+        dir: PathBuf,
+        repo: PathBuf,
+        nodes: usize,
+        daemon_args: &[&str],
+        agent_args: &[&str],
+    ) -> TestBed {
+        Self::build(dir, repo, nodes, daemon_args, None, agent_args, false)
     }
 
     /// A bed whose daemon presents a certificate `ca` issued (for the bridge's address and
     /// [`ENGINE_NAME`]) and whose agents trust `ca`, so that they also trust other servers
     /// it issued for, such as an HTTP cache in front of the daemon.
-    pub fn with_ca(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str], ca: &TestCa) -> TestBed {
-        Self::build(dir, repo, nodes, daemon_args, Some(ca), &[])
+    pub fn with_ca(
+        dir: PathBuf,
+        repo: PathBuf,
+        nodes: usize,
+        daemon_args: &[&str],
+        ca: &TestCa,
+    ) -> TestBed {
+        Self::build(dir, repo, nodes, daemon_args, Some(ca), &[], false)
     }
 
-    fn build(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str], ca: Option<&TestCa>, agent_args: &[&str]) -> TestBed {
+    fn build(
+        dir: PathBuf,
+        repo: PathBuf,
+        nodes: usize,
+        daemon_args: &[&str],
+        ca: Option<&TestCa>,
+        agent_args: &[&str],
+        vm: bool,
+    ) -> TestBed {
         let one = BEDS.lock().unwrap_or_else(|p| p.into_inner());
         let (daemon_tls, agent_trust) = match ca {
             None => (vec!["--tls-self-signed".to_string()], Vec::new()),
             Some(ca) => {
                 let (cert, key) = ca.issue(&dir, "engine", &["198.18.0.1", ENGINE_NAME]);
-                let files = vec!["--tls-cert".into(), cert.display().to_string(), "--tls-key".into(), key.display().to_string()];
+                let files = vec![
+                    "--tls-cert".into(),
+                    cert.display().to_string(),
+                    "--tls-key".into(),
+                    key.display().to_string(),
+                ];
                 (files, vec!["--ca".into(), ca.cert.display().to_string()])
             }
         };
@@ -132,7 +186,9 @@ impl TestBed {
             agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         // A bed left by a killed run of this process id would be in the way.
-        let _ = Command::new("ip").args(["link", "del", &bed.bridge]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &bed.bridge])
+            .output();
         sh(&["ip", "link", "add", &bed.bridge, "type", "bridge"]);
         sh(&["ip", "addr", "add", "198.18.0.1/16", "dev", &bed.bridge]);
         sh(&["ip", "link", "set", &bed.bridge, "up"]);
@@ -143,9 +199,28 @@ impl TestBed {
             let _ = Command::new("ip").args(["link", "del", &veth]).output();
             sh(&["ip", "netns", "add", &ns]);
             bed.namespaces.push(ns.clone());
-            sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            sh(&[
+                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
             sh(&["ip", "link", "set", &veth, "master", &bed.bridge, "up"]);
-            sh(&["ip", "-n", &ns, "addr", "add", &format!("198.18.1.{}/16", 10 + i), "dev", "eth0"]);
+            let link = if vm {
+                sh(&["ip", "-n", &ns, "link", "add", "br0", "type", "bridge"]);
+                sh(&["ip", "-n", &ns, "link", "set", "eth0", "master", "br0"]);
+                sh(&["ip", "-n", &ns, "link", "set", "br0", "up"]);
+                "br0"
+            } else {
+                "eth0"
+            };
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("198.18.1.{}/16", 10 + i),
+                "dev",
+                link,
+            ]);
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         }
@@ -192,12 +267,19 @@ impl TestBed {
                     eprintln!("daemon: {line}");
                 }
                 if let Some(rest) = line.split("serving ").nth(1) {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                    let _ = tx.send(
+                        rest.split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string(),
+                    );
                 }
             }
         });
         self.daemon = Some(child);
-        self.url = rx.recv_timeout(Duration::from_secs(60)).expect("the daemon says where it serves");
+        self.url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the daemon says where it serves");
     }
 
     /// The daemon's process id (the boot-storm benchmark reads its peak RSS).
@@ -208,7 +290,10 @@ impl TestBed {
 
     /// The pin of the daemon's certificate, as it wrote it beside its admin token.
     pub fn pin(&self) -> String {
-        std::fs::read_to_string(self.dir.join("data/server.pin")).expect("the daemon's pin").trim().to_string()
+        std::fs::read_to_string(self.dir.join("data/server.pin"))
+            .expect("the daemon's pin")
+            .trim()
+            .to_string()
     }
 
     /// The environment that points the `mint` CLI at the bed's daemon, as its admin.
@@ -227,7 +312,8 @@ impl TestBed {
 
     /// An HTTP client trusting exactly node `i`'s agent's certificate.
     pub fn agent_http(&self, i: usize) -> ureq::Agent {
-        let pem = std::fs::read(self.dir.join(format!("node-{i}/tls/cert.pem"))).expect("the agent's certificate");
+        let pem = std::fs::read(self.dir.join(format!("node-{i}/tls/cert.pem")))
+            .expect("the agent's certificate");
         let der = pem_to_der(&pem);
         pinned(&mint_tls::Pin::of_certificate(&der).unwrap().to_string())
     }
@@ -247,7 +333,11 @@ impl TestBed {
                 .envs(self.cli_env())
                 .output()
                 .unwrap();
-            assert!(o.status.success(), "mint node enroll: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "mint node enroll: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         file
     }
@@ -260,11 +350,33 @@ impl TestBed {
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "unshare", "--uts"])
             .arg(env!("CARGO_BIN_EXE_mint-agent"))
-            .args(["run", "--engine", &self.url, "--name", &format!("node-{i}"), "--listen", &format!("198.18.1.{}:7601", 10 + i)])
-            .args(if self.agent_trust.is_empty() { vec!["--pin".to_string(), self.pin()] } else { self.agent_trust.clone() })
+            .args([
+                "run",
+                "--engine",
+                &self.url,
+                "--name",
+                &format!("node-{i}"),
+                "--listen",
+                &format!("198.18.1.{}:7601", 10 + i),
+            ])
+            .args(if self.agent_trust.is_empty() {
+                vec!["--pin".to_string(), self.pin()]
+            } else {
+                self.agent_trust.clone()
+            })
             .arg("--root")
             .arg(&node_dir)
-            .args(["--interface", "eth0", "--cpus", "4", "--memory-mib", "4096", "--heartbeat-ms", "300", "--set-hostname"])
+            .args([
+                "--interface",
+                "eth0",
+                "--cpus",
+                "4",
+                "--memory-mib",
+                "4096",
+                "--heartbeat-ms",
+                "300",
+                "--set-hostname",
+            ])
             .args(["--label", &format!("zone=z{}", i % 3)])
             .args(&self.agent_args)
             .arg("--load-file")
@@ -272,7 +384,11 @@ impl TestBed {
             .arg("--join-token-file")
             .arg(&join)
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("MINT_TESTBED_LOGS").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if std::env::var_os("MINT_TESTBED_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("start an agent");
         child
@@ -286,9 +402,13 @@ impl TestBed {
     /// One of the credentials node `i`'s agent keeps (`node`: its own; `engine`: the
     /// engine's, for the agent's API).
     fn credential(&self, i: usize, which: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("node-{i}/credential"))).expect("the agent joined");
+        let text = std::fs::read_to_string(self.dir.join(format!("node-{i}/credential")))
+            .expect("the agent joined");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        v[which].as_str().unwrap_or_else(|| panic!("node-{i} keeps no `{which}` credential")).to_string()
+        v[which]
+            .as_str()
+            .unwrap_or_else(|| panic!("node-{i} keeps no `{which}` credential"))
+            .to_string()
     }
 
     /// The credential the engine presents to node `i`'s agent, as the agent keeps it.
@@ -317,12 +437,21 @@ impl TestBed {
             .current_dir(&self.repo)
             .output()
             .unwrap();
-        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "mint {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         serde_json::from_slice(&o.stdout).unwrap()
     }
 
     /// Polls `probe` every 200 ms until it answers, for at most `limit`.
-    pub fn wait_for<T>(&self, what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut probe: impl FnMut() -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(v) = probe() {
@@ -352,8 +481,14 @@ impl TestCa {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "mint test CA");
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mint test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
         let issuer = params.self_signed(&key).unwrap();
         let cert = dir.join("ca.pem");
         std::fs::write(&cert, issuer.pem()).unwrap();
@@ -364,11 +499,18 @@ impl TestCa {
     /// `dir/{what}.pem` and `dir/{what}.key`.
     pub fn issue(&self, dir: &Path, what: &str, names: &[&str]) -> (PathBuf, PathBuf) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, what);
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, what);
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer, &self.key).unwrap();
-        let (c, k) = (dir.join(format!("{what}.pem")), dir.join(format!("{what}.key")));
+        let (c, k) = (
+            dir.join(format!("{what}.pem")),
+            dir.join(format!("{what}.key")),
+        );
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
         (c, k)
@@ -377,7 +519,8 @@ impl TestCa {
 
 /// An HTTP client that trusts exactly the certificate key with `pin`.
 pub fn pinned(pin: &str) -> ureq::Agent {
-    let trust = mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(pin.parse().expect("a pin"))).unwrap();
+    let trust =
+        mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(pin.parse().expect("a pin"))).unwrap();
     ureq::AgentBuilder::new().tls_config(trust.config()).build()
 }
 
@@ -385,8 +528,15 @@ pub fn pinned(pin: &str) -> ureq::Agent {
 pub fn pem_to_der(pem: &[u8]) -> Vec<u8> {
     use base64::Engine as _;
     let text = String::from_utf8_lossy(pem);
-    let body: String = text.lines().skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE")).skip(1).take_while(|l| !l.starts_with("-----END")).collect();
-    base64::engine::general_purpose::STANDARD.decode(body).expect("PEM")
+    let body: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("PEM")
 }
 
 /// The test master: a root with the `hello` service, which answers with the identity.
@@ -396,19 +546,35 @@ pub fn master(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(m.join("usr/bin")).unwrap();
     std::fs::write(m.join("etc/hostname"), "debian\n").unwrap();
     std::fs::write(m.join("etc/hosts"), "127.0.0.1\tlocalhost\n").unwrap();
-    std::fs::write(m.join("etc/mint/service"), "/usr/bin/mint-agent hello --port 80\n").unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_mint-agent"), m.join("usr/bin/mint-agent")).unwrap();
+    std::fs::write(
+        m.join("etc/mint/service"),
+        "/usr/bin/mint-agent hello --port 80\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_mint-agent"),
+        m.join("usr/bin/mint-agent"),
+    )
+    .unwrap();
     m
 }
 
 /// The body of a GET, or none when nothing answers.
 pub fn get(url: &str) -> Option<String> {
-    ureq::get(url).timeout(Duration::from_secs(2)).call().ok()?.into_string().ok()
+    ureq::get(url)
+        .timeout(Duration::from_secs(2))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()
 }
 
 /// Addresses on a namespace's eth0.
 pub fn addresses_in(ns: &str) -> String {
-    let o = Command::new("ip").args(["-n", ns, "-o", "addr", "show", "dev", "eth0"]).output().unwrap();
+    let o = Command::new("ip")
+        .args(["-n", ns, "-o", "addr", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 

@@ -1,15 +1,16 @@
 //! Real machines booting mint's instances: the real test master (Debian 12 with systemd,
 //! cloud-init and a service answering HTTP with the host name, built from Debian's packages
 //! by `tests/os/build-debian-master.sh` and cached under `target/mint-os/`, keyed by the
-//! script's hash) imported as a disk master, and instances of it booted in QEMU (TCG) from
-//! exactly the parts the engine serves: the shared master, each instance's own overlay and
-//! its NoCloud seed. Each VM is on a bridge in a network namespace the test owns, on
-//! 198.18.0.0/15.
+//! script's hash) imported as a disk master, and instances of it booted in QEMU (TCG) by
+//! agents in VM mode from exactly the parts the engine serves: the shared master (cached
+//! once per node), each instance's own overlay and its NoCloud seed. Each VM is on a bridge
+//! in a network namespace the test owns, on 198.18.0.0/15.
 
-use crate::support::{admin_auth, admin_token, root, scratch, start_daemon};
+use crate::support::{root, scratch};
+use crate::testbed::{TestBed, get};
 use sha2::Digest as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// One build of the master at a time; the others wait for it and use it.
@@ -25,11 +26,22 @@ pub fn debian_master() -> PathBuf {
     if disk.is_file() {
         return disk;
     }
-    let staging = root().join("target/mint-os").join(format!("{}.building", &hash[..16]));
+    let staging = root()
+        .join("target/mint-os")
+        .join(format!("{}.building", &hash[..16]));
     let _ = std::fs::remove_dir_all(&staging);
     let t = Instant::now();
-    let out = Command::new("bash").arg(&script).arg(&staging).output().expect("run the master's build script");
-    assert!(out.status.success(), "{}: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&staging)
+        .output()
+        .expect("run the master's build script");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&staging, &dir).unwrap();
     eprintln!("built the real test master in {:.0?}", t.elapsed());
@@ -40,90 +52,13 @@ pub fn debian_master() -> PathBuf {
 fn qemu_missing() -> Option<String> {
     match Command::new("qemu-system-x86_64").arg("--version").output() {
         Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!("qemu-system-x86_64 --version failed: {}", String::from_utf8_lossy(&o.stderr))),
-        Err(e) => Some(format!("qemu-system-x86_64 cannot run ({e}); `cargo xtask setup` installs it")),
-    }
-}
-
-/// A namespace holding a bridge at 198.18.8.254/24, and the VMs started on it; all stopped
-/// and removed when dropped.
-struct Lab {
-    ns: String,
-    vms: Vec<Child>,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        let ns = format!("mintvm-{}", std::process::id() % 100_000);
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        crate::testbed::sh(&["ip", "netns", "add", &ns]);
-        let lab = Lab { ns, vms: Vec::new() };
-        lab.ip(&["link", "add", "br0", "type", "bridge"]);
-        lab.ip(&["addr", "add", "198.18.8.254/24", "dev", "br0"]);
-        lab.ip(&["link", "set", "br0", "up"]);
-        lab.ip(&["link", "set", "lo", "up"]);
-        lab
-    }
-
-    /// Runs `ip ARGS` in the namespace; it must succeed.
-    fn ip(&self, args: &[&str]) {
-        let mut full = vec!["ip", "-n", &self.ns];
-        full.extend_from_slice(args);
-        crate::testbed::sh(&full);
-    }
-
-    /// Boots a VM from `disk` (its overlay, backed by the master beside it) and `seed`, on a
-    /// tap of the bridge, its serial console written to `serial`.
-    fn boot(&mut self, name: &str, disk: &Path, seed: &Path, serial: &Path, mac: &str) {
-        let tap = format!("tap-{name}");
-        self.ip(&["tuntap", "add", &tap, "mode", "tap"]);
-        self.ip(&["link", "set", &tap, "master", "br0", "up"]);
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "1024", "-smp", "1", "-nographic", "-monitor", "none"])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=qcow2", disk.display()))
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()))
-            .args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no"), "-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start qemu");
-        self.vms.push(child);
-    }
-
-    /// `GET http://{address}/` from inside the namespace, if it answers.
-    fn get(&self, address: &str) -> Option<String> {
-        let o = Command::new("ip").args(["netns", "exec", &self.ns, "curl", "-s", "-m", "2", &format!("http://{address}/")]).output().ok()?;
-        (o.status.success() && !o.stdout.is_empty()).then(|| String::from_utf8_lossy(&o.stdout).into_owned())
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for vm in &mut self.vms {
-            let _ = vm.kill();
-            let _ = vm.wait();
-        }
-        if let Ok(o) = Command::new("ip").args(["netns", "pids", &self.ns]).output() {
-            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-KILL", pid]).status();
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-    }
-}
-
-/// A process killed when dropped, also when the test fails.
-struct Stopped(Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        Ok(o) => Some(format!(
+            "qemu-system-x86_64 --version failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        Err(e) => Some(format!(
+            "qemu-system-x86_64 cannot run ({e}); `cargo xtask setup` installs it"
+        )),
     }
 }
 
@@ -133,84 +68,286 @@ fn sha256_file(p: &Path) -> String {
     format!("sha256:{}", hex::encode(h.finalize()))
 }
 
+/// The serial log of node `node`'s VM of `tier`/`index` (the newest deployment's).
+fn serial_log(bed: &TestBed, node: &str, tier: &str, index: u32) -> PathBuf {
+    let dir = bed.dir.join(node);
+    let prefix = format!("{tier}-{index}.");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path().join("serial.log"))
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| dir.join("no-vm-deployed"))
+}
+
+/// Waits until `address` answers HTTP, for at most `limit`; the answer. The failure
+/// message carries the end of the VM's console.
+fn wait_answer(address: &str, limit: Duration, serial: impl Fn() -> PathBuf) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(a) = get(&format!("http://{address}/")) {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{address} did not answer within {limit:?}; its console ends:\n{}",
+            std::fs::read_to_string(serial())
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The instances of `tier`, once `n` are deployed.
+fn deployed(bed: &TestBed, tier: &str, n: usize) -> Option<Vec<serde_json::Value>> {
+    let all = bed.mint(&["instance", "list", tier]);
+    let up: Vec<serde_json::Value> = all
+        .as_array()?
+        .iter()
+        .filter(|i| i["state"] == "deployed")
+        .cloned()
+        .collect();
+    (up.len() == n).then_some(up)
+}
+
 #[test]
-fn two_disk_instances_of_a_real_master_boot_with_their_own_identities() {
+fn disk_instances_boot_as_vms_through_agents_and_a_failed_hosts_instance_boots_elsewhere() {
     if let Some(why) = qemu_missing() {
         eprintln!("skipped: {why}");
         return;
     }
     let master = debian_master();
-    let _machine = crate::testbed::exclusive();
-    let dir = scratch("vms-disk");
-    let data = dir.join("data");
-    let (daemon, url) = start_daemon(&data);
-    let _daemon = Stopped(daemon);
-    let auth = admin_auth(&data);
-    let mint = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_mint")).args(args).arg("--json").env("MINT_SERVER", &url).env("MINT_TOKEN", admin_token(&data)).current_dir(root()).output().unwrap();
-        assert!(o.status.success(), "mint {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
-    };
-    let image = mint(&["image", "import", master.to_str().unwrap(), "--name", "debian-real"]);
+    let mut bed = TestBed::vm_hosts(
+        scratch("vms-agents"),
+        root(),
+        3,
+        &["--node-timeout-secs", "3"],
+    );
+    let image = bed.mint(&[
+        "image",
+        "import",
+        master.to_str().unwrap(),
+        "--name",
+        "debian-real",
+    ]);
+    // The guests share the bed's /16 with the host's bridge, so the test reaches them
+    // directly; the agents' own addresses are kept out of the tier's hands.
     let spec = serde_json::json!({
-        "name": "vm", "image": image["digest"], "max-instances": 4, "subnet": "198.18.8.0/24",
-        "hostname": "vm-{index}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "noop"},
+        "name": "vm", "image": image["digest"], "max-instances": 4, "subnet": "198.18.0.0/16",
+        "reserved": ["198.18.0.0-198.18.2.0"], "hostname": "vm-{index}", "customizers": [{"plugin": "hostname"}],
+        "driver": {"plugin": "agent"}, "deploy-timeout-secs": 300,
     });
-    std::fs::write(dir.join("vm.json"), spec.to_string()).unwrap();
-    mint(&["tier", "create", "-f", dir.join("vm.json").to_str().unwrap()]);
+    std::fs::write(bed.dir.join("vm.json"), spec.to_string()).unwrap();
+    bed.mint(&[
+        "tier",
+        "create",
+        "-f",
+        bed.dir.join("vm.json").to_str().unwrap(),
+    ]);
+    bed.wait_for("three VM hosts", Duration::from_secs(30), || {
+        (bed.mint(&["node", "list"]).as_array()?.len() == 3).then_some(())
+    });
 
-    // Each instance's parts, fetched as a node would, the master once under its name.
-    let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(600)).build();
-    let fetch = |path: &str, to: &Path| {
-        let r = http.get(&format!("{url}{path}")).set("Authorization", &auth).call().unwrap();
-        std::io::copy(&mut r.into_reader(), &mut std::fs::File::create(to).unwrap()).unwrap();
-    };
-    let mut lab = Lab::new();
-    let mut vms = Vec::new();
-    let mut master_file = None;
-    for index in 0..2 {
-        let desc: serde_json::Value = http.get(&format!("{url}/v1/artifacts/vm/{index}")).set("Authorization", &auth).call().unwrap().into_json().unwrap();
-        let part = |role: &str| desc["parts"].as_array().unwrap().iter().find(|p| p["role"] == role).unwrap().clone();
-        let (m, overlay, seed) = (part("master"), part("overlay"), part("seed"));
-        let m_path = dir.join(m["name"].as_str().unwrap());
-        if master_file.is_none() {
-            fetch(m["url"].as_str().unwrap(), &m_path);
-            master_file = Some((m_path.clone(), m["digest"].as_str().unwrap().to_string()));
-        }
-        let vm_dir = dir.join(format!("vm-{index}"));
-        std::fs::create_dir_all(&vm_dir).unwrap();
-        // The overlay names its backing file relative to itself: the master beside it.
-        std::os::unix::fs::symlink(&m_path, vm_dir.join(m["name"].as_str().unwrap())).unwrap();
-        let disk = vm_dir.join(overlay["name"].as_str().unwrap());
-        fetch(overlay["url"].as_str().unwrap(), &disk);
-        let seed_path = vm_dir.join(seed["name"].as_str().unwrap());
-        fetch(seed["url"].as_str().unwrap(), &seed_path);
-        let serial = vm_dir.join("serial.log");
-        lab.boot(&format!("vm{index}"), &disk, &seed_path, &serial, &format!("52:54:00:18:08:{index:02x}"));
-        vms.push((desc["address"].as_str().unwrap().to_string(), desc["hostname"].as_str().unwrap().to_string(), serial, Instant::now()));
-    }
-
-    // Both answer at their pre-assigned addresses with their own host names.
-    let deadline = Instant::now() + Duration::from_secs(420);
-    for (address, hostname, serial, started) in &vms {
-        let answer = loop {
-            if let Some(a) = lab.get(address) {
-                break a;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{address} did not answer within 420 s; its console ends: {}",
-                std::fs::read_to_string(serial).unwrap_or_default().lines().rev().take(15).collect::<Vec<_>>().join("\n")
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        };
+    let asked = Instant::now();
+    bed.mint(&["tier", "scale", "vm", "2"]);
+    let up = bed.wait_for("two instances deployed", Duration::from_secs(300), || {
+        deployed(&bed, "vm", 2)
+    });
+    for inst in &up {
+        let (address, hostname, node) = (
+            inst["address"].as_str().unwrap(),
+            inst["hostname"].as_str().unwrap(),
+            inst["node"].as_str().unwrap(),
+        );
+        let index = inst["id"]["index"].as_u64().unwrap() as u32;
+        let answer = wait_answer(address, Duration::from_secs(420), || {
+            serial_log(&bed, node, "vm", index)
+        });
         assert_eq!(answer.trim(), hostname, "{address}");
-        eprintln!("{hostname} answered at {address} {:.0?} after its VM started", started.elapsed());
-        let console = std::fs::read_to_string(serial).unwrap();
-        assert!(console.contains("Datasource DataSourceNoCloud"), "{hostname} did not use its NoCloud seed");
-        assert!(!console.contains("DataSourceNone"), "{hostname} fell back to no datasource");
+        eprintln!(
+            "{hostname} answered at {address} from {node}'s VM {:.1?} after the scale request",
+            asked.elapsed()
+        );
+        let console = std::fs::read_to_string(serial_log(&bed, node, "vm", index)).unwrap();
+        assert!(
+            console.contains("Datasource DataSourceNoCloud"),
+            "{hostname} did not use its NoCloud seed"
+        );
+        assert!(
+            !console.contains("DataSourceNone"),
+            "{hostname} fell back to no datasource"
+        );
     }
-    drop(lab);
-    let (m_path, digest) = master_file.unwrap();
-    assert_eq!(sha256_file(&m_path), digest, "the master is unchanged after both ran");
+
+    // The master each node cached is the engine's, unchanged by the VMs that ran on it.
+    let desc: serde_json::Value = bed
+        .http()
+        .get(&format!("{}/v1/artifacts/vm/0", bed.url))
+        .set(
+            "Authorization",
+            &format!(
+                "Bearer {}",
+                std::fs::read_to_string(bed.token_file()).unwrap().trim()
+            ),
+        )
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let digest = desc["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == "master")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for inst in &up {
+        let cached = bed
+            .dir
+            .join(inst["node"].as_str().unwrap())
+            .join("cache")
+            .join(format!("{}.blob", digest.trim_start_matches("sha256:")));
+        assert_eq!(
+            sha256_file(&cached),
+            digest,
+            "the master {} cached is unchanged",
+            cached.display()
+        );
+    }
+
+    // vm-0's host dies, its VM with it: the instance boots on the free host, with the
+    // same address, host name and MAC.
+    let first = up.iter().find(|i| i["id"]["index"] == 0).unwrap().clone();
+    let (address, old_node) = (
+        first["address"].as_str().unwrap().to_string(),
+        first["node"].as_str().unwrap().to_string(),
+    );
+    let i: usize = old_node.trim_start_matches("node-").parse().unwrap();
+    let failed = Instant::now();
+    if let Ok(o) = Command::new("ip")
+        .args(["netns", "pids", &bed.namespaces[i]])
+        .output()
+    {
+        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+    let _ = bed.agents[i].wait();
+    assert!(
+        get(&format!("http://{address}/")).is_none(),
+        "vm-0 is gone with its host"
+    );
+    let moved = bed.wait_for(
+        "vm-0 deployed on another host",
+        Duration::from_secs(120),
+        || {
+            let all = bed.mint(&["instance", "list", "vm"]);
+            let i0 = all
+                .as_array()?
+                .iter()
+                .find(|i| i["id"]["index"] == 0)?
+                .clone();
+            (i0["state"] == "deployed" && i0["node"] != old_node.as_str()).then_some(i0)
+        },
+    );
+    assert_eq!(
+        (moved["address"].as_str(), moved["hostname"].as_str()),
+        (Some(address.as_str()), Some("vm-0")),
+        "same identity"
+    );
+    let new_node = moved["node"].as_str().unwrap().to_string();
+    let answer = wait_answer(&address, Duration::from_secs(420), || {
+        serial_log(&bed, &new_node, "vm", 0)
+    });
+    assert_eq!(answer.trim(), "vm-0");
+    eprintln!(
+        "vm-0 answered at {address} from {new_node}'s VM {:.1?} after its host died",
+        failed.elapsed()
+    );
+    let console = std::fs::read_to_string(serial_log(&bed, &new_node, "vm", 0)).unwrap();
+    assert!(
+        console.contains("Datasource DataSourceNoCloud"),
+        "the replacement used its NoCloud seed"
+    );
+
+    // The new host's agent restarts (an upgrade, say) and finds its VM again.
+    let j: usize = new_node.trim_start_matches("node-").parse().unwrap();
+    let _ = Command::new("kill")
+        .args(["-TERM", &bed.agents[j].id().to_string()])
+        .status();
+    let _ = bed.agents[j].wait();
+    bed.agents[j] = bed.start_agent(j);
+    let agent_status = |j: usize| -> Option<serde_json::Value> {
+        let url = format!("https://198.18.1.{}:7601/v1/status", 10 + j);
+        bed.agent_http(j)
+            .get(&url)
+            .set(
+                "Authorization",
+                &format!("Bearer {}", bed.engine_credential(j)),
+            )
+            .call()
+            .ok()?
+            .into_json()
+            .ok()
+    };
+    let status = bed.wait_for(
+        "the restarted agent to answer",
+        Duration::from_secs(20),
+        || agent_status(j),
+    );
+    assert_eq!(
+        (status["state"].as_str(), status["vm-state"].as_str()),
+        (Some("running"), Some("running")),
+        "{status}"
+    );
+    assert!(
+        status["detail"].as_str().unwrap().contains("VM alive"),
+        "{status}"
+    );
+    assert_eq!(
+        get(&format!("http://{address}/")).as_deref().map(str::trim),
+        Some("vm-0"),
+        "the VM ran on through the agent's restart"
+    );
+
+    // Scaling in undeploys an instance: its agent stops its VM.
+    let qemus = |ns: &str| {
+        let o = Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with(b"qemu"))
+            })
+            .count()
+    };
+    let second = up.iter().find(|i| i["id"]["index"] == 1).unwrap();
+    let k: usize = second["node"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("node-")
+        .parse()
+        .unwrap();
+    assert_eq!(qemus(&bed.namespaces[k]), 1);
+    bed.mint(&["tier", "scale", "vm", "1"]);
+    bed.wait_for("vm-1's VM to stop", Duration::from_secs(60), || {
+        (qemus(&bed.namespaces[k]) == 0).then_some(())
+    });
+    assert!(
+        get(&format!("http://{}/", second["address"].as_str().unwrap())).is_none(),
+        "vm-1 no longer answers"
+    );
+    assert_eq!(qemus(&bed.namespaces[j]), 1, "vm-0's VM runs on");
 }

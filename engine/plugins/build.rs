@@ -5,7 +5,19 @@ use std::path::PathBuf;
 
 /// Each bundled plugin's name and directory; its package is `mint-<name>`, except where
 /// that name is the engine's own (the `agent` driver's package is `mint-agent-driver`).
-const PLUGINS: &[&str] = &["spread", "binpack", "hostname", "network", "hosts", "ssh-keys", "files", "cloud-init", "noop", "agent", "redfish"];
+const PLUGINS: &[&str] = &[
+    "spread",
+    "binpack",
+    "hostname",
+    "network",
+    "hosts",
+    "ssh-keys",
+    "files",
+    "cloud-init",
+    "noop",
+    "agent",
+    "redfish",
+];
 
 fn package(plugin: &str) -> String {
     match plugin {
@@ -17,7 +29,13 @@ fn package(plugin: &str) -> String {
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../..");
     let plugins = root.join("plugins");
-    let mut watch = vec![plugins.join("Cargo.toml"), plugins.join("Cargo.lock"), root.join("sdk/src"), root.join("sdk/Cargo.toml"), root.join("wit")];
+    let mut watch = vec![
+        plugins.join("Cargo.toml"),
+        plugins.join("Cargo.lock"),
+        root.join("sdk/src"),
+        root.join("sdk/Cargo.toml"),
+        root.join("wit"),
+    ];
     for p in PLUGINS {
         watch.push(plugins.join(p));
     }
@@ -25,7 +43,8 @@ fn main() {
     mint_guest_build::require_target();
 
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    let mut table = String::from("/// The plugins built into the engine.\npub const ALL: &[Bundled] = &[\n");
+    let mut table =
+        String::from("/// The plugins built into the engine.\npub const ALL: &[Bundled] = &[\n");
     for p in PLUGINS {
         let wasm = mint_guest_build::build(&plugins, &package(p));
         let dest = out.join(format!("{p}.wasm"));

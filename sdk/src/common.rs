@@ -23,7 +23,9 @@ impl Config {
             Ok(other) => Err(Error::invalid_input(format!(
                 "configuration must be a JSON object, got {other}"
             ))),
-            Err(e) => Err(Error::invalid_input(format!("configuration is not JSON: {e}"))),
+            Err(e) => Err(Error::invalid_input(format!(
+                "configuration is not JSON: {e}"
+            ))),
         }
     }
 
@@ -38,9 +40,9 @@ impl Config {
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error> {
         match self.0.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
-                Error::invalid_input(format!("configuration key `{key}`: {e}"))
-            }),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| Error::invalid_input(format!("configuration key `{key}`: {e}"))),
         }
     }
 
@@ -82,7 +84,10 @@ pub enum ErrorKind {
 impl Error {
     /// An error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
     /// An [`ErrorKind::InvalidInput`] error.
     pub fn invalid_input(message: impl Into<String>) -> Self {
@@ -175,7 +180,9 @@ pub mod log {
         all(feature = "customizer", feature = "driver")
     )
 ))]
-compile_error!("a mint plugin implements one kind: enable only one of the features `policy`, `customizer`, `driver`");
+compile_error!(
+    "a mint plugin implements one kind: enable only one of the features `policy`, `customizer`, `driver`"
+);
 
 /// Sends a log line to the host of whichever world this plugin implements.
 #[allow(unused_macros)]
@@ -189,8 +196,10 @@ macro_rules! host_log_via {
             log::Level::Warn => h::LogLevel::Warn,
             log::Level::Error => h::LogLevel::Error,
         };
-        let fields: Vec<(String, String)> =
-            $fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let fields: Vec<(String, String)> = $fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         h::log(level, $message, &fields);
     }};
 }
@@ -198,11 +207,26 @@ macro_rules! host_log_via {
 #[allow(unused_variables)]
 pub(crate) fn host_log(level: log::Level, message: &str, fields: &[(&str, &str)]) {
     #[cfg(all(target_arch = "wasm32", feature = "policy"))]
-    host_log_via!(crate::policy::bindings::mint::plugin::host, level, message, fields);
+    host_log_via!(
+        crate::policy::bindings::mint::plugin::host,
+        level,
+        message,
+        fields
+    );
     #[cfg(all(target_arch = "wasm32", feature = "customizer"))]
-    host_log_via!(crate::customizer::bindings::mint::plugin::host, level, message, fields);
+    host_log_via!(
+        crate::customizer::bindings::mint::plugin::host,
+        level,
+        message,
+        fields
+    );
     #[cfg(all(target_arch = "wasm32", feature = "driver"))]
-    host_log_via!(crate::driver::bindings::mint::plugin::host, level, message, fields);
+    host_log_via!(
+        crate::driver::bindings::mint::plugin::host,
+        level,
+        message,
+        fields
+    );
     #[cfg(not(target_arch = "wasm32"))]
     crate::testing::record_log(level, message, fields);
 }
@@ -228,10 +252,16 @@ pub(crate) fn host_config() -> Result<Config, Error> {
 #[allow(unreachable_code)]
 pub fn remaining() -> std::time::Duration {
     #[cfg(all(target_arch = "wasm32", feature = "policy"))]
-    return std::time::Duration::from_millis(crate::policy::bindings::mint::plugin::host::remaining_ms());
+    return std::time::Duration::from_millis(
+        crate::policy::bindings::mint::plugin::host::remaining_ms(),
+    );
     #[cfg(all(target_arch = "wasm32", feature = "customizer"))]
-    return std::time::Duration::from_millis(crate::customizer::bindings::mint::plugin::host::remaining_ms());
+    return std::time::Duration::from_millis(
+        crate::customizer::bindings::mint::plugin::host::remaining_ms(),
+    );
     #[cfg(all(target_arch = "wasm32", feature = "driver"))]
-    return std::time::Duration::from_millis(crate::driver::bindings::mint::plugin::host::remaining_ms());
+    return std::time::Duration::from_millis(
+        crate::driver::bindings::mint::plugin::host::remaining_ms(),
+    );
     std::time::Duration::from_secs(60)
 }

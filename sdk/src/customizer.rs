@@ -66,7 +66,11 @@ pub struct Context<'a> {
 impl<'a> Context<'a> {
     /// A context over any [`CustomizeHost`]; [`crate::testing::Master`] is one for tests.
     pub fn new(instance: &'a Instance, config: &'a Config, host: &'a dyn CustomizeHost) -> Self {
-        Self { instance, config, host }
+        Self {
+            instance,
+            config,
+            host,
+        }
     }
 
     /// Metadata of a path in the master, not following a final symlink.
@@ -79,7 +83,9 @@ impl<'a> Context<'a> {
     }
     /// A file of the master (at most [`MAX_READ`] bytes), or none when it does not exist.
     pub fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, Error> {
-        self.host.read_file(path, MAX_READ).map_err(|e| fs_error(path, e))
+        self.host
+            .read_file(path, MAX_READ)
+            .map_err(|e| fs_error(path, e))
     }
     /// A file of the master as UTF-8 text, or none when it does not exist.
     pub fn read_to_string(&self, path: &str) -> Result<Option<String>, Error> {
@@ -113,7 +119,10 @@ impl<'a> Context<'a> {
     }
     /// The instance's address with its prefix.
     pub fn cidr(&self) -> Cidr {
-        Cidr { addr: self.instance.address.to_ip(), prefix_len: self.instance.prefix_len }
+        Cidr {
+            addr: self.instance.address.to_ip(),
+            prefix_len: self.instance.prefix_len,
+        }
     }
 }
 
@@ -121,7 +130,9 @@ fn fs_error(path: &str, e: FsError) -> Error {
     match e {
         FsError::InvalidPath(m) => Error::invalid_input(format!("master path {path}: {m}")),
         FsError::WrongKind(m) => Error::invalid_input(format!("master path {path}: {m}")),
-        FsError::TooLarge(n) => Error::invalid_input(format!("master file {path} is too large ({n} bytes)")),
+        FsError::TooLarge(n) => {
+            Error::invalid_input(format!("master file {path} is too large ({n} bytes)"))
+        }
         FsError::Io(m) => Error::external(format!("reading master path {path}: {m}")),
     }
 }
@@ -129,14 +140,22 @@ fn fs_error(path: &str, e: FsError) -> Error {
 impl FileMeta {
     /// Owned by root with `mode`.
     pub fn root(mode: u32) -> Self {
-        Self { mode, uid: 0, gid: 0 }
+        Self {
+            mode,
+            uid: 0,
+            gid: 0,
+        }
     }
 }
 
 impl Edit {
     /// Writes `contents` to `path`, owned by root, with `mode`.
     pub fn write(path: impl Into<String>, contents: impl Into<Vec<u8>>, mode: u32) -> Self {
-        Edit::WriteFile(WriteFile { path: path.into(), contents: contents.into(), meta: FileMeta::root(mode) })
+        Edit::WriteFile(WriteFile {
+            path: path.into(),
+            contents: contents.into(),
+            meta: FileMeta::root(mode),
+        })
     }
     /// Removes `path`.
     pub fn remove(path: impl Into<String>) -> Self {
@@ -144,11 +163,17 @@ impl Edit {
     }
     /// Makes `path` a symlink to `target`.
     pub fn symlink(path: impl Into<String>, target: impl Into<String>) -> Self {
-        Edit::Symlink(Symlink { path: path.into(), target: target.into() })
+        Edit::Symlink(Symlink {
+            path: path.into(),
+            target: target.into(),
+        })
     }
     /// Creates directory `path`, owned by root, with `mode`.
     pub fn make_dir(path: impl Into<String>, mode: u32) -> Self {
-        Edit::MakeDir(MakeDir { path: path.into(), meta: FileMeta::root(mode) })
+        Edit::MakeDir(MakeDir {
+            path: path.into(),
+            meta: FileMeta::root(mode),
+        })
     }
     /// The path the edit touches.
     pub fn path(&self) -> &str {
@@ -185,7 +210,9 @@ impl CustomizeHost for ComponentHost {
 }
 
 #[doc(hidden)]
-pub fn __customize<C: Customizer>(instance: Instance) -> Result<Vec<Edit>, bindings::mint::plugin::types::PluginError> {
+pub fn __customize<C: Customizer>(
+    instance: Instance,
+) -> Result<Vec<Edit>, bindings::mint::plugin::types::PluginError> {
     let config = crate::common::host_config()?;
     #[cfg(target_arch = "wasm32")]
     let host = ComponentHost;

@@ -28,12 +28,14 @@ crate::common::impl_plugin_error_conversion!(bindings::mint::plugin::types);
 pub trait Driver {
     /// Deploys `deployment` on `node`. Must be idempotent: the host calls it again after a
     /// restart, and an instance already running must not be deployed twice.
-    fn deploy(node: &Node, deployment: &Deployment, config: &Config) -> Result<StatusReport, Error>;
+    fn deploy(node: &Node, deployment: &Deployment, config: &Config)
+    -> Result<StatusReport, Error>;
     /// Removes the instance from the node; an absent instance is not an error.
     fn undeploy(node: &Node, deployment: &Deployment, config: &Config) -> Result<(), Error>;
     /// Reports the instance's state on the node, to follow a deployment or, when
     /// [`checking_health`] says so, to check a running instance.
-    fn status(node: &Node, deployment: &Deployment, config: &Config) -> Result<StatusReport, Error>;
+    fn status(node: &Node, deployment: &Deployment, config: &Config)
+    -> Result<StatusReport, Error>;
 }
 
 /// During [`Driver::status`]: whether the host is checking the health of an instance it
@@ -52,12 +54,18 @@ pub fn checking_health() -> bool {
 impl Node {
     /// A connection property the operator set on the node, such as `agent-url`.
     pub fn property(&self, key: &str) -> Option<&str> {
-        self.properties.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
     /// A property that must be set, as an error naming the node and the key otherwise.
     pub fn require_property(&self, key: &str) -> Result<&str, Error> {
         self.property(key).ok_or_else(|| {
-            Error::invalid_input(format!("node `{}` has no `{key}` property; add it to the node's record", self.name))
+            Error::invalid_input(format!(
+                "node `{}` has no `{key}` property; add it to the node's record",
+                self.name
+            ))
         })
     }
 }
@@ -65,7 +73,10 @@ impl Node {
 impl StatusReport {
     /// A report of `state` with `detail`.
     pub fn new(state: InstanceState, detail: impl Into<String>) -> Self {
-        Self { state, detail: detail.into() }
+        Self {
+            state,
+            detail: detail.into(),
+        }
     }
 }
 

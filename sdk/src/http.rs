@@ -79,7 +79,9 @@ pub enum HttpError {
 impl fmt::Display for HttpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HttpError::Denied => f.write_str("the host denied the request: the destination is not granted to this plugin"),
+            HttpError::Denied => f.write_str(
+                "the host denied the request: the destination is not granted to this plugin",
+            ),
             HttpError::Timeout => f.write_str("no answer within the timeout"),
             HttpError::Connection(m) => write!(f, "connection failed: {m}"),
             HttpError::TooLarge => write!(f, "the answer exceeds {MAX_BODY} bytes"),
@@ -94,7 +96,13 @@ impl std::error::Error for HttpError {}
 impl Request {
     /// A request of `method` to `url` (`http://host:port/path?query`).
     pub fn new(method: Method, url: &str) -> Request {
-        Request { method, url: url.to_string(), headers: Vec::new(), body: None, timeout: None }
+        Request {
+            method,
+            url: url.to_string(),
+            headers: Vec::new(),
+            body: None,
+            timeout: None,
+        }
     }
     /// A GET request.
     pub fn get(url: &str) -> Request {
@@ -102,7 +110,9 @@ impl Request {
     }
     /// A request with a JSON body.
     pub fn json(method: Method, url: &str, body: &serde_json::Value) -> Request {
-        Request::new(method, url).header("content-type", "application/json").body(body.to_string().into_bytes())
+        Request::new(method, url)
+            .header("content-type", "application/json")
+            .body(body.to_string().into_bytes())
     }
     /// Adds a header.
     pub fn header(mut self, name: &str, value: &str) -> Request {
@@ -138,8 +148,13 @@ impl Response {
     /// The body as JSON, or an error that says what came instead.
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
         serde_json::from_slice(&self.body).map_err(|e| {
-            let start = String::from_utf8_lossy(&self.body[..self.body.len().min(60)]).replace(char::is_control, " ");
-            if self.body.is_empty() { "an empty body instead of JSON".to_string() } else { format!("malformed JSON ({e}), starting `{start}`") }
+            let start = String::from_utf8_lossy(&self.body[..self.body.len().min(60)])
+                .replace(char::is_control, " ");
+            if self.body.is_empty() {
+                "an empty body instead of JSON".to_string()
+            } else {
+                format!("malformed JSON ({e}), starting `{start}`")
+            }
         })
     }
     /// The body as text (lossy).
@@ -155,8 +170,13 @@ impl Response {
 #[cfg(target_arch = "wasm32")]
 fn send(r: Request) -> Result<Response, HttpError> {
     use wasi::http::outgoing_handler;
-    use wasi::http::types::{ErrorCode, Fields, Method as M, OutgoingBody, OutgoingRequest, RequestOptions, Scheme};
-    let (scheme, rest) = r.url.split_once("://").ok_or_else(|| HttpError::Invalid(format!("`{}` needs a scheme", r.url)))?;
+    use wasi::http::types::{
+        ErrorCode, Fields, Method as M, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
+    };
+    let (scheme, rest) = r
+        .url
+        .split_once("://")
+        .ok_or_else(|| HttpError::Invalid(format!("`{}` needs a scheme", r.url)))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -164,7 +184,9 @@ fn send(r: Request) -> Result<Response, HttpError> {
     let invalid = |what: &str| HttpError::Invalid(format!("{what} of `{}`", r.url));
     let headers = Fields::new();
     for (k, v) in &r.headers {
-        headers.append(k, v.as_bytes()).map_err(|_| invalid("a header"))?;
+        headers
+            .append(k, v.as_bytes())
+            .map_err(|_| invalid("a header"))?;
     }
     let req = OutgoingRequest::new(headers);
     let method = match r.method {
@@ -180,9 +202,12 @@ fn send(r: Request) -> Result<Response, HttpError> {
         "https" => Scheme::Https,
         _ => return Err(invalid("the scheme")),
     };
-    req.set_scheme(Some(&scheme)).map_err(|_| invalid("the scheme"))?;
-    req.set_authority(Some(authority)).map_err(|_| invalid("the host"))?;
-    req.set_path_with_query(Some(path)).map_err(|_| invalid("the path"))?;
+    req.set_scheme(Some(&scheme))
+        .map_err(|_| invalid("the scheme"))?;
+    req.set_authority(Some(authority))
+        .map_err(|_| invalid("the host"))?;
+    req.set_path_with_query(Some(path))
+        .map_err(|_| invalid("the path"))?;
     let options = r.timeout.map(|t| {
         let o = RequestOptions::new();
         let ns = t.as_nanos() as u64;
@@ -191,22 +216,36 @@ fn send(r: Request) -> Result<Response, HttpError> {
         let _ = o.set_between_bytes_timeout(Some(ns));
         o
     });
-    let out = req.body().map_err(|_| HttpError::Other("no request body".into()))?;
+    let out = req
+        .body()
+        .map_err(|_| HttpError::Other("no request body".into()))?;
     let pending = outgoing_handler::handle(req, options).map_err(map_error)?;
     if let Some(b) = &r.body {
-        let stream = out.write().map_err(|_| HttpError::Other("no request stream".into()))?;
+        let stream = out
+            .write()
+            .map_err(|_| HttpError::Other("no request stream".into()))?;
         for chunk in b.chunks(4096) {
-            stream.blocking_write_and_flush(chunk).map_err(|e| HttpError::Connection(format!("{e:?}")))?;
+            stream
+                .blocking_write_and_flush(chunk)
+                .map_err(|e| HttpError::Connection(format!("{e:?}")))?;
         }
         drop(stream);
     }
     OutgoingBody::finish(out, None).map_err(map_error)?;
     pending.subscribe().block();
-    let answer = pending.get().ok_or_else(|| HttpError::Other("no answer".into()))?;
-    let resp = answer.map_err(|_| HttpError::Other("answer taken twice".into()))?.map_err(map_error)?;
+    let answer = pending
+        .get()
+        .ok_or_else(|| HttpError::Other("no answer".into()))?;
+    let resp = answer
+        .map_err(|_| HttpError::Other("answer taken twice".into()))?
+        .map_err(map_error)?;
     let status = resp.status();
-    let body = resp.consume().map_err(|_| HttpError::Other("no answer body".into()))?;
-    let stream = body.stream().map_err(|_| HttpError::Other("no answer stream".into()))?;
+    let body = resp
+        .consume()
+        .map_err(|_| HttpError::Other("no answer body".into()))?;
+    let stream = body
+        .stream()
+        .map_err(|_| HttpError::Other("no answer stream".into()))?;
     let mut bytes = Vec::new();
     loop {
         match stream.blocking_read(64 * 1024) {
@@ -224,11 +263,17 @@ fn send(r: Request) -> Result<Response, HttpError> {
     }
     drop(stream);
     // Trailers and the body's own error code: a timeout between bytes shows here.
-    if let Some(Err(e)) = wasi::http::types::IncomingBody::finish(body).get().and_then(|r| r.ok()) {
+    if let Some(Err(e)) = wasi::http::types::IncomingBody::finish(body)
+        .get()
+        .and_then(|r| r.ok())
+    {
         return Err(map_error(e));
     }
     let _: Option<ErrorCode> = None;
-    Ok(Response { status, body: bytes })
+    Ok(Response {
+        status,
+        body: bytes,
+    })
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -236,7 +281,10 @@ fn map_error(e: wasi::http::types::ErrorCode) -> HttpError {
     use wasi::http::types::ErrorCode as E;
     match e {
         E::HttpRequestDenied => HttpError::Denied,
-        E::ConnectionTimeout | E::ConnectionReadTimeout | E::ConnectionWriteTimeout | E::HttpResponseTimeout => HttpError::Timeout,
+        E::ConnectionTimeout
+        | E::ConnectionReadTimeout
+        | E::ConnectionWriteTimeout
+        | E::HttpResponseTimeout => HttpError::Timeout,
         E::ConnectionRefused => HttpError::Connection("refused".into()),
         E::ConnectionTerminated => HttpError::Connection("closed by the peer".into()),
         E::DnsError(_) => HttpError::Connection("the name does not resolve".into()),

@@ -17,7 +17,11 @@ impl Cidr {
     pub fn netmask_v4(&self) -> Option<Ipv4Addr> {
         match self.addr {
             IpAddr::V4(_) if self.prefix_len <= 32 => {
-                let bits = if self.prefix_len == 0 { 0 } else { u32::MAX << (32 - self.prefix_len) };
+                let bits = if self.prefix_len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix_len)
+                };
                 Some(Ipv4Addr::from(bits))
             }
             _ => None,
@@ -87,12 +91,22 @@ mod tests {
 
     #[test]
     fn netmask_of_common_prefixes() {
-        let c = |p| Cidr { addr: "198.18.0.5".parse().unwrap(), prefix_len: p };
+        let c = |p| Cidr {
+            addr: "198.18.0.5".parse().unwrap(),
+            prefix_len: p,
+        };
         assert_eq!(c(24).netmask_v4(), Some(Ipv4Addr::new(255, 255, 255, 0)));
         assert_eq!(c(15).netmask_v4(), Some(Ipv4Addr::new(255, 254, 0, 0)));
         assert_eq!(c(0).netmask_v4(), Some(Ipv4Addr::new(0, 0, 0, 0)));
         assert_eq!(c(32).netmask_v4(), Some(Ipv4Addr::new(255, 255, 255, 255)));
         assert_eq!(c(33).netmask_v4(), None);
-        assert_eq!(Cidr { addr: "2001:db8::1".parse().unwrap(), prefix_len: 64 }.to_string(), "2001:db8::1/64");
+        assert_eq!(
+            Cidr {
+                addr: "2001:db8::1".parse().unwrap(),
+                prefix_len: 64
+            }
+            .to_string(),
+            "2001:db8::1/64"
+        );
     }
 }

@@ -38,7 +38,11 @@ pub trait Policy {
 impl Choice {
     /// Chooses the candidate at `index`, with no score and no reason.
     pub fn new(index: usize) -> Self {
-        Self { candidate: index as u32, score: None, reason: None }
+        Self {
+            candidate: index as u32,
+            score: None,
+            reason: None,
+        }
     }
     /// Adds a score for the event log.
     pub fn with_score(mut self, score: f64) -> Self {
@@ -55,29 +59,42 @@ impl Choice {
 impl Request {
     /// The index of label key `name` (`"rack"`), or none when no node carries it.
     pub fn key(&self, name: &str) -> Option<u32> {
-        self.label_keys.iter().position(|k| k == name).map(|i| i as u32)
+        self.label_keys
+            .iter()
+            .position(|k| k == name)
+            .map(|i| i as u32)
     }
 
     /// The text of a label value index.
     pub fn value_name(&self, value: u32) -> &str {
-        self.label_values.get(value as usize).map(String::as_str).unwrap_or("?")
+        self.label_values
+            .get(value as usize)
+            .map(String::as_str)
+            .unwrap_or("?")
     }
 
     /// The labels of `candidate`.
     pub fn labels_of(&self, candidate: &Candidate) -> &[LabelRef] {
         let start = candidate.labels_start as usize;
-        self.labels.get(start..start.saturating_add(candidate.labels_len as usize)).unwrap_or(&[])
+        self.labels
+            .get(start..start.saturating_add(candidate.labels_len as usize))
+            .unwrap_or(&[])
     }
 
     /// The value index of label `key` on `candidate`, or none.
     pub fn label(&self, candidate: &Candidate, key: u32) -> Option<u32> {
-        self.labels_of(candidate).iter().find(|l| l.key == key).map(|l| l.value)
+        self.labels_of(candidate)
+            .iter()
+            .find(|l| l.key == key)
+            .map(|l| l.value)
     }
 
     /// Whether the host says `candidate` caches the tier's master already (the host's
     /// `mint.cached-master` label), so deploying there fetches only the instance's part.
     pub fn has_master_cached(&self, candidate: &Candidate) -> bool {
-        self.key("mint.cached-master").and_then(|k| self.label(candidate, k)).is_some_and(|v| self.value_name(v) == "true")
+        self.key("mint.cached-master")
+            .and_then(|k| self.label(candidate, k))
+            .is_some_and(|v| self.value_name(v) == "true")
     }
 
     /// Whether `candidate` meets the request's requirements (labels, cpus, memory,
@@ -85,7 +102,10 @@ impl Request {
     pub fn is_eligible(&self, candidate: &Candidate) -> bool {
         let r = &self.requirements;
         let start = candidate.labels_start as usize;
-        let Some(labels) = self.labels.get(start..start.saturating_add(candidate.labels_len as usize)) else {
+        let Some(labels) = self
+            .labels
+            .get(start..start.saturating_add(candidate.labels_len as usize))
+        else {
             return false;
         };
         candidate.cpus >= r.min_cpus
@@ -96,7 +116,10 @@ impl Request {
 
     /// The eligible candidates with their indexes, in the request's order.
     pub fn eligible(&self) -> impl Iterator<Item = (usize, &Candidate)> {
-        self.candidates.iter().enumerate().filter(|(_, c)| self.is_eligible(c))
+        self.candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| self.is_eligible(c))
     }
 
     /// An [`Error::unsatisfiable`] unless `chosen` has exactly `count` entries.
@@ -123,7 +146,9 @@ impl Placement {
 }
 
 #[doc(hidden)]
-pub fn __select<P: Policy>(request: Request) -> Result<Vec<Choice>, bindings::mint::plugin::types::PluginError> {
+pub fn __select<P: Policy>(
+    request: Request,
+) -> Result<Vec<Choice>, bindings::mint::plugin::types::PluginError> {
     let config = crate::common::host_config()?;
     P::select(&request, &config).map_err(Into::into)
 }

@@ -52,7 +52,10 @@ pub(crate) fn record_log(level: Level, message: &str, fields: &[(&str, &str)]) {
         l.borrow_mut().push(LogLine {
             level,
             message: message.to_string(),
-            fields: fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         })
     });
 }
@@ -85,7 +88,8 @@ pub use customize::*;
 #[cfg(all(feature = "customizer", not(target_arch = "wasm32")))]
 mod customize {
     use crate::customizer::{
-        Context, CustomizeHost, Customizer, DirEntry, Edit, FileKind, FileStat, FsError, Instance, IpAddress, Peer,
+        Context, CustomizeHost, Customizer, DirEntry, Edit, FileKind, FileStat, FsError, Instance,
+        IpAddress, Peer,
     };
     use crate::{Config, Error};
     use std::collections::BTreeMap;
@@ -115,19 +119,23 @@ mod customize {
             let mut at = 0;
             while let Some(i) = path[at + 1..].find('/') {
                 at += i + 1;
-                self.nodes.entry(path[..at].to_string()).or_insert(Node::Dir);
+                self.nodes
+                    .entry(path[..at].to_string())
+                    .or_insert(Node::Dir);
             }
         }
         /// Adds a file (mode 0644) and its parent directories.
         pub fn file(mut self, path: &str, contents: impl Into<Vec<u8>>) -> Self {
             self.add_parents(path);
-            self.nodes.insert(path.into(), Node::File(contents.into(), 0o644));
+            self.nodes
+                .insert(path.into(), Node::File(contents.into(), 0o644));
             self
         }
         /// Adds a directory and its parents.
         pub fn dir(mut self, path: &str) -> Self {
             self.add_parents(path);
-            self.nodes.insert(path.trim_end_matches('/').into(), Node::Dir);
+            self.nodes
+                .insert(path.trim_end_matches('/').into(), Node::Dir);
             self
         }
         /// Adds a symlink.
@@ -142,12 +150,18 @@ mod customize {
             self
         }
         /// Runs customizer `C` for `instance` with `config` against this master.
-        pub fn customize<C: Customizer>(&self, instance: &Instance, config: &Config) -> Result<Vec<Edit>, Error> {
+        pub fn customize<C: Customizer>(
+            &self,
+            instance: &Instance,
+            config: &Config,
+        ) -> Result<Vec<Edit>, Error> {
             C::customize(&Context::new(instance, config, self))
         }
         fn check(path: &str) -> Result<(), FsError> {
             if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-                return Err(FsError::InvalidPath(format!("{path} must be absolute, without `..`")));
+                return Err(FsError::InvalidPath(format!(
+                    "{path} must be absolute, without `..`"
+                )));
             }
             Ok(())
         }
@@ -162,14 +176,22 @@ mod customize {
                     Node::Dir => (FileKind::Directory, 0, 0o755),
                     Node::Link(t) => (FileKind::Symlink, t.len() as u64, 0o777),
                 };
-                FileStat { kind, size, mode, uid: 0, gid: 0 }
+                FileStat {
+                    kind,
+                    size,
+                    mode,
+                    uid: 0,
+                    gid: 0,
+                }
             }))
         }
         fn read_file(&self, path: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, FsError> {
             Self::check(path)?;
             match self.nodes.get(path) {
                 None => Ok(None),
-                Some(Node::File(b, _)) if b.len() as u64 > max_bytes => Err(FsError::TooLarge(b.len() as u64)),
+                Some(Node::File(b, _)) if b.len() as u64 > max_bytes => {
+                    Err(FsError::TooLarge(b.len() as u64))
+                }
                 Some(Node::File(b, _)) => Ok(Some(b.clone())),
                 Some(Node::Dir) => Err(FsError::WrongKind(format!("{path} is a directory"))),
                 Some(Node::Link(t)) => {
@@ -187,11 +209,19 @@ mod customize {
             match self.nodes.get(path) {
                 None => Ok(None),
                 Some(Node::Dir) => {
-                    let prefix = if path == "/" { "/".to_string() } else { format!("{path}/") };
+                    let prefix = if path == "/" {
+                        "/".to_string()
+                    } else {
+                        format!("{path}/")
+                    };
                     let entries = self
                         .nodes
                         .iter()
-                        .filter(|(p, _)| p.len() > prefix.len() && p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+                        .filter(|(p, _)| {
+                            p.len() > prefix.len()
+                                && p.starts_with(&prefix)
+                                && !p[prefix.len()..].contains('/')
+                        })
                         .map(|(p, n)| DirEntry {
                             name: p[prefix.len()..].to_string(),
                             kind: match n {
@@ -214,14 +244,21 @@ mod customize {
             })
         }
         fn peers(&self, start: u32, len: u32) -> Vec<Peer> {
-            self.peers.iter().skip(start as usize).take(len.min(4096) as usize).cloned().collect()
+            self.peers
+                .iter()
+                .skip(start as usize)
+                .take(len.min(4096) as usize)
+                .cloned()
+                .collect()
         }
     }
 
     /// An instance identity for tests: index, host name, IPv4 or IPv6 address and prefix,
     /// tier `test`, no gateway, no DNS, K = index + 1.
     pub fn instance(index: u32, hostname: &str, address: &str, prefix_len: u8) -> Instance {
-        let ip: std::net::IpAddr = address.parse().expect("testing::instance: address must parse");
+        let ip: std::net::IpAddr = address
+            .parse()
+            .expect("testing::instance: address must parse");
         Instance {
             tier: "test".into(),
             index,
@@ -237,7 +274,9 @@ mod customize {
     /// The contents of the file an edit list writes at `path`, as text.
     pub fn written(edits: &[Edit], path: &str) -> Option<String> {
         edits.iter().rev().find_map(|e| match e {
-            Edit::WriteFile(w) if w.path == path => Some(String::from_utf8_lossy(&w.contents).into_owned()),
+            Edit::WriteFile(w) if w.path == path => {
+                Some(String::from_utf8_lossy(&w.contents).into_owned())
+            }
             _ => None,
         })
     }
@@ -270,7 +309,15 @@ mod select {
     impl TestRequest {
         /// The names of the chosen candidates, in order.
         pub fn names_of(&self, chosen: &[crate::policy::Choice]) -> Vec<&str> {
-            chosen.iter().map(|c| self.names.get(c.candidate as usize).map(String::as_str).unwrap_or("?")).collect()
+            chosen
+                .iter()
+                .map(|c| {
+                    self.names
+                        .get(c.candidate as usize)
+                        .map(String::as_str)
+                        .unwrap_or("?")
+                })
+                .collect()
         }
     }
 
@@ -289,7 +336,12 @@ mod select {
                 request: Some(Request {
                     tier: tier.into(),
                     count,
-                    requirements: Requirements { labels: vec![], min_cpus: 0, min_memory_mib: 0, arch: None },
+                    requirements: Requirements {
+                        labels: vec![],
+                        min_cpus: 0,
+                        min_memory_mib: 0,
+                        arch: None,
+                    },
                     label_keys: vec![],
                     label_values: vec![],
                     placed: vec![],
@@ -329,11 +381,25 @@ mod select {
             let labels_start = r.labels.len() as u32;
             let labels_len = labels.len() as u32;
             r.labels.extend(labels);
-            r.candidates.push(Candidate { cpus: 4, memory_mib: 8192, arch, labels_start, labels_len, load });
+            r.candidates.push(Candidate {
+                cpus: 4,
+                memory_mib: 8192,
+                arch,
+                labels_start,
+                labels_len,
+                load,
+            });
             self
         }
         /// Adds a node with explicit resources.
-        pub fn node_with(mut self, name: &str, labels: &[(&str, &str)], cpus: u32, memory_mib: u64, load: u32) -> Self {
+        pub fn node_with(
+            mut self,
+            name: &str,
+            labels: &[(&str, &str)],
+            cpus: u32,
+            memory_mib: u64,
+            load: u32,
+        ) -> Self {
             self = self.node(name, labels, load);
             let c = self.req().candidates.last_mut().expect("just pushed");
             c.cpus = cpus;
@@ -361,7 +427,10 @@ mod select {
         }
         /// The finished request, with its candidates' names.
         pub fn build(mut self) -> TestRequest {
-            TestRequest { request: self.request.take().expect("builder used after build"), names: std::mem::take(&mut self.names) }
+            TestRequest {
+                request: self.request.take().expect("builder used after build"),
+                names: std::mem::take(&mut self.names),
+            }
         }
     }
 }
@@ -382,7 +451,10 @@ mod http_stub {
 
     /// Runs `f` with `responder` answering every request a driver sends on this thread, as
     /// the network would inside a component (natively there is none).
-    pub fn with_http<R>(responder: impl FnMut(&Request) -> Result<Response, HttpError> + 'static, f: impl FnOnce() -> R) -> R {
+    pub fn with_http<R>(
+        responder: impl FnMut(&Request) -> Result<Response, HttpError> + 'static,
+        f: impl FnOnce() -> R,
+    ) -> R {
         let old = HTTP.with(|h| h.replace(Some(Box::new(responder))));
         let r = f();
         HTTP.with(|h| h.replace(old));
@@ -392,7 +464,9 @@ mod http_stub {
     pub(crate) fn http_answer(r: &Request) -> Result<Response, HttpError> {
         HTTP.with(|h| match h.borrow_mut().as_mut() {
             Some(respond) => respond(r),
-            None => Err(HttpError::Other("no network in a native test: answer requests with testing::with_http".into())),
+            None => Err(HttpError::Other(
+                "no network in a native test: answer requests with testing::with_http".into(),
+            )),
         })
     }
 }

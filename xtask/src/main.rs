@@ -8,13 +8,23 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 
 /// A command as a shell would show it (without the environment it is given).
 fn shown(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     eprintln!("+ {}", shown(cmd));
-    let status = cmd.status().map_err(|e| format!("cannot start {}: {e}", shown(cmd)))?;
-    if status.success() { Ok(()) } else { Err(format!("{} failed with {status}", shown(cmd))) }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {}: {e}", shown(cmd)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed with {status}", shown(cmd)))
+    }
 }
 
 /// A `cargo` command without the variables cargo sets for the program it runs (this task,
@@ -25,8 +35,15 @@ fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     for (key, _) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
-        let set_by_cargo = ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"]
-            .contains(&key)
+        let set_by_cargo = [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+        ]
+        .contains(&key)
             || key.starts_with("CARGO_PKG_")
             || key.starts_with("CARGO_BIN_EXE_");
         if set_by_cargo {
@@ -59,7 +76,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 /// Installs the [`DEBIAN_PACKAGES`] that are missing. The packages' services are kept from
 /// starting: nothing may listen that a test did not start.
 fn debian_packages() -> Result<(), String> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().filter(|(_, file)| !std::path::Path::new(file).exists()).map(|(p, _)| *p).collect();
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, file)| !std::path::Path::new(file).exists())
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -67,12 +88,20 @@ fn debian_packages() -> Result<(), String> {
         // Debian's maintainer scripts ask /usr/sbin/policy-rc.d whether they may start a
         // service; 101 says no. One that exists already is the machine's own and stays.
         let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
-        let ours = !policy.exists() && std::fs::write(policy, "#!/bin/sh\n# mint setup: no service starts while packages install\nexit 101\n").is_ok();
+        let ours = !policy.exists()
+            && std::fs::write(
+                policy,
+                "#!/bin/sh\n# mint setup: no service starts while packages install\nexit 101\n",
+            )
+            .is_ok();
         if ours {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755));
         }
-        let done = run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
+        let done = run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"));
         if ours {
             let _ = std::fs::remove_file(policy);
         }
@@ -80,14 +109,21 @@ fn debian_packages() -> Result<(), String> {
     };
     install()
         .or_else(|_| run(Command::new("apt-get").args(["update", "-q"])).and_then(|_| install()))
-        .map_err(|e| format!("{e}; the tests need Debian's {} (apt-get install {})", missing.join(", "), missing.join(" ")))
+        .map_err(|e| {
+            format!(
+                "{e}; the tests need Debian's {} (apt-get install {})",
+                missing.join(", "),
+                missing.join(" ")
+            )
+        })
 }
 
 /// The Python tools the tests run (tests/python-requirements.txt), in a virtual
 /// environment under target/mint-py, installed again when the requirements change.
 fn python_tools() -> Result<(), String> {
     let venv = std::path::Path::new("target/mint-py");
-    let wanted = std::fs::read_to_string("tests/python-requirements.txt").map_err(|e| format!("tests/python-requirements.txt: {e}"))?;
+    let wanted = std::fs::read_to_string("tests/python-requirements.txt")
+        .map_err(|e| format!("tests/python-requirements.txt: {e}"))?;
     let stamp = venv.join("requirements.installed");
     if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
         return Ok(());
@@ -96,7 +132,13 @@ fn python_tools() -> Result<(), String> {
         run(Command::new("python3").args(["-m", "venv"]).arg(venv))
             .map_err(|e| format!("{e}; the tests need Python 3 with venv (python3 -m venv)"))?;
     }
-    run(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", "-r", "tests/python-requirements.txt"]))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        "-r",
+        "tests/python-requirements.txt",
+    ]))?;
     std::fs::write(&stamp, wanted).map_err(|e| format!("{}: {e}", stamp.display()))
 }
 
@@ -113,8 +155,13 @@ fn wasm_target() -> Result<(), String> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
-        .map_err(|e| format!("cannot run rustup (mint needs rustup to add the {WASM_TARGET} target): {e}"))?;
-    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == WASM_TARGET) {
+        .map_err(|e| {
+            format!("cannot run rustup (mint needs rustup to add the {WASM_TARGET} target): {e}")
+        })?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == WASM_TARGET)
+    {
         return Ok(());
     }
     run(Command::new("rustup").args(["target", "add", WASM_TARGET]))
@@ -132,7 +179,10 @@ struct Totals {
 fn run_tests(cmd: &mut Command, totals: &mut Totals) -> Result<(), String> {
     use std::io::{BufRead, BufReader};
     eprintln!("+ {}", shown(cmd));
-    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("cannot start {}: {e}", shown(cmd)))?;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", shown(cmd)))?;
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         let line = line.map_err(|e| format!("reading test output: {e}"))?;
@@ -140,7 +190,12 @@ fn run_tests(cmd: &mut Command, totals: &mut Totals) -> Result<(), String> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| -> u64 {
                 rest.split(';')
-                    .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
                     .and_then(|n| n.trim().parse().ok())
                     .unwrap_or(0)
             };
@@ -149,8 +204,14 @@ fn run_tests(cmd: &mut Command, totals: &mut Totals) -> Result<(), String> {
             totals.ignored += count(" ignored");
         }
     }
-    let status = child.wait().map_err(|e| format!("waiting for {}: {e}", shown(cmd)))?;
-    if status.success() { Ok(()) } else { Err(format!("{} failed with {status}", shown(cmd))) }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {}: {e}", shown(cmd)))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed with {status}", shown(cmd)))
+    }
 }
 
 fn test() -> Result<(), String> {
@@ -158,19 +219,31 @@ fn test() -> Result<(), String> {
     let mut totals = Totals::default();
     // The host workspace in the release profile, which the benchmarks and the binary share,
     // so a cold run compiles wasmtime once.
-    let host = run_tests(cargo().args(["test", "--release", "--workspace", "--exclude", "xtask"]), &mut totals);
+    let host = run_tests(
+        cargo().args(["test", "--release", "--workspace", "--exclude", "xtask"]),
+        &mut totals,
+    );
     // The SDK and the first-party plugins, natively: their unit tests need no engine.
     let mut guests = Ok(());
     for manifest in ["sdk/Cargo.toml", "plugins/Cargo.toml"] {
         let mut c = cargo();
-        c.args(["test", "--manifest-path", manifest, "--target-dir", "target/guest-native"]);
+        c.args([
+            "test",
+            "--manifest-path",
+            manifest,
+            "--target-dir",
+            "target/guest-native",
+        ]);
         if manifest.starts_with("sdk") {
             c.arg("--all-features");
         }
         guests = guests.and(run_tests(&mut c, &mut totals));
     }
     // One closing line for the whole run, whatever the last crate's runner printed.
-    println!("{} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     host.and(guests)
 }
 
@@ -180,11 +253,23 @@ fn test() -> Result<(), String> {
 fn soak(args: &[String]) -> Result<(), String> {
     let cycles = match args.first() {
         None => 1000,
-        Some(c) => c.parse::<u32>().map_err(|_| format!("soak: `{c}` is not a number of cycles"))?,
+        Some(c) => c
+            .parse::<u32>()
+            .map_err(|_| format!("soak: `{c}` is not a number of cycles"))?,
     };
     wasm_target()?;
     run(cargo()
-        .args(["test", "--release", "--package", "mint", "--test", "integration", "--", "crash::", "--nocapture"])
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "mint",
+            "--test",
+            "integration",
+            "--",
+            "crash::",
+            "--nocapture",
+        ])
         .env("MINT_CRASH_CYCLES", cycles.to_string()))
 }
 
@@ -192,7 +277,10 @@ fn soak(args: &[String]) -> Result<(), String> {
 /// `target/mint-data`, unless ARGS name another `--data-dir`.
 fn daemon_args(extra: &[String]) -> Vec<String> {
     let mut args = vec!["daemon".to_string()];
-    if !extra.iter().any(|a| a == "--data-dir" || a.starts_with("--data-dir=")) {
+    if !extra
+        .iter()
+        .any(|a| a == "--data-dir" || a.starts_with("--data-dir="))
+    {
         args.extend(["--data-dir".to_string(), "target/mint-data".to_string()]);
     }
     args.extend(extra.iter().cloned());
@@ -204,10 +292,18 @@ fn daemon_args(extra: &[String]) -> Vec<String> {
 /// `mint instance materialize` write below `<data-dir>/materialized`, as the quickstart does.
 /// Returns ARGS.
 fn dev_config(args: &[String]) -> Result<Vec<String>, String> {
-    if args.iter().any(|a| a == "--config" || a.starts_with("--config=")) {
+    if args
+        .iter()
+        .any(|a| a == "--config" || a.starts_with("--config="))
+    {
         return Ok(args.to_vec());
     }
-    let data = args.iter().position(|a| a == "--data-dir").and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| "target/mint-data".into());
+    let data = args
+        .iter()
+        .position(|a| a == "--data-dir")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "target/mint-data".into());
     let file = std::path::Path::new(&data).join("mint.toml");
     if !file.exists() {
         std::fs::create_dir_all(&data).map_err(|e| format!("cannot create {data}: {e}"))?;
@@ -230,8 +326,20 @@ fn dev_config(args: &[String]) -> Result<Vec<String>, String> {
 /// The process is replaced rather than spawned, so signals reach the daemon itself.
 fn run_mint(args: &[String]) -> Result<(), String> {
     use std::os::unix::process::CommandExt;
-    run(cargo().args(["build", "--quiet", "--release", "--workspace", "--exclude", "xtask", "--lib", "--bins", "--tests"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| "target".into());
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "xtask",
+        "--lib",
+        "--bins",
+        "--tests",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "target".into());
     let mint = target.join("release/mint");
     let e = Command::new(&mint).args(args).exec();
     Err(format!("cannot run {}: {e}", mint.display()))
@@ -246,21 +354,47 @@ fn main() -> ExitCode {
     }
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
-        Some("daemon") => wasm_target().and_then(|_| dev_config(&daemon_args(&args[1..]))).and_then(|a| run_mint(&a)),
-        Some("demo") => wasm_target().and_then(|_| run_mint(&[&["demo".to_string()], &args[1..]].concat())),
+        Some("daemon") => wasm_target()
+            .and_then(|_| dev_config(&daemon_args(&args[1..])))
+            .and_then(|a| run_mint(&a)),
+        Some("demo") => {
+            wasm_target().and_then(|_| run_mint(&[&["demo".to_string()], &args[1..]].concat()))
+        }
         Some("test") => test(),
         Some("bench") => wasm_target()
-            .and_then(|_| run(cargo().args(["bench", "--package", "mint-plugins", "--bench", "plugin_cost"])))
+            .and_then(|_| {
+                run(cargo().args([
+                    "bench",
+                    "--package",
+                    "mint-plugins",
+                    "--bench",
+                    "plugin_cost",
+                ]))
+            })
             .and_then(|_| run(cargo().args(["bench", "--package", "mint-core", "--bench", "pool"])))
-            .and_then(|_| run(cargo().args(["bench", "--package", "mint-core", "--bench", "instances"])))
-            .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "api"])))
-            .and_then(|_| run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "secure_api"])))
+            .and_then(|_| {
+                run(cargo().args(["bench", "--package", "mint-core", "--bench", "instances"]))
+            })
+            .and_then(|_| {
+                run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "api"]))
+            })
+            .and_then(|_| {
+                run(cargo().args(["bench", "--package", "mint-daemon", "--bench", "secure_api"]))
+            })
             .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "scale_out"])))
-            .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "boot_storm"])))
-            .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "redfish_deploys"])))
-            .and_then(|_| run(cargo().args(["bench", "--package", "mint", "--bench", "control_plane"]))),
+            .and_then(|_| {
+                run(cargo().args(["bench", "--package", "mint", "--bench", "boot_storm"]))
+            })
+            .and_then(|_| {
+                run(cargo().args(["bench", "--package", "mint", "--bench", "redfish_deploys"]))
+            })
+            .and_then(|_| {
+                run(cargo().args(["bench", "--package", "mint", "--bench", "control_plane"]))
+            }),
         Some("soak") => soak(&args[1..]),
-        _ => Err("usage: cargo xtask <setup | daemon | demo | test | bench | soak [CYCLES]>".to_string()),
+        _ => Err(
+            "usage: cargo xtask <setup | daemon | demo | test | bench | soak [CYCLES]>".to_string(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -73,7 +73,10 @@ impl Drop for Lease {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The hex of a `sha256:<hex>` digest, refusing anything else (it names files).
@@ -88,11 +91,19 @@ fn hex_of(digest: &str) -> Result<String, String> {
 
 /// Disk use of a tree, in bytes of its files.
 fn tree_size(p: &Path) -> u64 {
-    let Ok(m) = p.symlink_metadata() else { return 0 };
+    let Ok(m) = p.symlink_metadata() else {
+        return 0;
+    };
     if !m.is_dir() {
         return m.len();
     }
-    std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| tree_size(&e.path())).sum::<u64>() + 4096
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| tree_size(&e.path()))
+        .sum::<u64>()
+        + 4096
 }
 
 /// How a blob is fetched: GET `url`, from byte `from` on (`Range`) when it is not 0.
@@ -120,17 +131,37 @@ impl Cache {
             Form::Tree => dir.join(hex).is_dir(),
             Form::File => dir.join(format!("{hex}.blob")).is_file(),
         });
-        Ok(Arc::new(Cache { dir: dir.to_path_buf(), max_bytes, inner: Mutex::new(Inner { entries, held: HashMap::new() }), fetching: Mutex::new(()) }))
+        Ok(Arc::new(Cache {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            inner: Mutex::new(Inner {
+                entries,
+                held: HashMap::new(),
+            }),
+            fetching: Mutex::new(()),
+        }))
     }
 
     /// The digests of the masters cached, for heartbeats.
     pub fn digests(&self) -> Vec<String> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).entries.keys().map(|h| format!("sha256:{h}")).collect()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .keys()
+            .map(|h| format!("sha256:{h}"))
+            .collect()
     }
 
     /// Bytes held in all.
     pub fn bytes(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).entries.values().map(|m| m.size).sum()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .values()
+            .map(|m| m.size)
+            .sum()
     }
 
     fn path(&self, hex: &str, form: Form) -> PathBuf {
@@ -148,20 +179,34 @@ impl Cache {
         let meta = meta.clone();
         *inner.held.entry(hex.to_string()).or_default() += 1;
         drop(inner);
-        let _ = std::fs::write(self.dir.join(format!("{hex}.meta")), serde_json::to_vec(&meta).unwrap_or_default());
-        Some(Lease { cache: self.clone(), hex: hex.to_string(), path: self.path(hex, form), fetched: 0 })
+        let _ = std::fs::write(
+            self.dir.join(format!("{hex}.meta")),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        );
+        Some(Lease {
+            cache: self.clone(),
+            hex: hex.to_string(),
+            path: self.path(hex, form),
+            fetched: 0,
+        })
     }
 
     /// Holds a master already cached, after an agent restart (the deployment that used it
     /// still runs).
     pub fn hold_cached(self: &Arc<Self>, digest: &str) -> Option<Lease> {
         let hex = hex_of(digest).ok()?;
-        self.hold(&hex, Form::Tree).or_else(|| self.hold(&hex, Form::File))
+        self.hold(&hex, Form::Tree)
+            .or_else(|| self.hold(&hex, Form::File))
     }
 
     /// The unpacked tree of tree master `digest`, fetched from `url` when not cached.
     /// Returns the lease and warnings (special files the agent may not create).
-    pub fn tree(self: &Arc<Self>, digest: &str, url: &str, get: Get<'_>) -> Result<(Lease, Vec<String>), String> {
+    pub fn tree(
+        self: &Arc<Self>,
+        digest: &str,
+        url: &str,
+        get: Get<'_>,
+    ) -> Result<(Lease, Vec<String>), String> {
         let hex = hex_of(digest)?;
         let _one = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(l) = self.hold(&hex, Form::Tree) {
@@ -170,9 +215,14 @@ impl Cache {
         let (blob, fetched) = self.download(&hex, url, get)?;
         let staging = self.dir.join(format!(".unpack-{hex}"));
         let _ = mint_layers::remove_any(&staging);
-        let file = std::fs::File::open(&blob).map_err(|e| format!("cannot open {}: {e}", blob.display()))?;
-        let unpacked = mint_layers::unpack(std::io::BufReader::new(file), &staging, mint_layers::Whiteouts::Keep)
-            .map_err(|e| format!("unpacking the master {digest}: {e}"));
+        let file = std::fs::File::open(&blob)
+            .map_err(|e| format!("cannot open {}: {e}", blob.display()))?;
+        let unpacked = mint_layers::unpack(
+            std::io::BufReader::new(file),
+            &staging,
+            mint_layers::Whiteouts::Keep,
+        )
+        .map_err(|e| format!("unpacking the master {digest}: {e}"));
         let _ = std::fs::remove_file(&blob);
         let unpacked = match unpacked {
             Ok(u) => u,
@@ -183,7 +233,8 @@ impl Cache {
         };
         let at = self.path(&hex, Form::Tree);
         let _ = mint_layers::remove_any(&at);
-        std::fs::rename(&staging, &at).map_err(|e| format!("cannot keep the master in the cache: {e}"))?;
+        std::fs::rename(&staging, &at)
+            .map_err(|e| format!("cannot keep the master in the cache: {e}"))?;
         let mut lease = self.admit(&hex, Form::Tree, tree_size(&at));
         lease.fetched = fetched;
         Ok((lease, unpacked.warnings))
@@ -198,7 +249,8 @@ impl Cache {
         }
         let (blob, fetched) = self.download(&hex, url, get)?;
         let at = self.path(&hex, Form::File);
-        std::fs::rename(&blob, &at).map_err(|e| format!("cannot keep the master in the cache: {e}"))?;
+        std::fs::rename(&blob, &at)
+            .map_err(|e| format!("cannot keep the master in the cache: {e}"))?;
         let size = std::fs::metadata(&at).map(|m| m.len()).unwrap_or(0);
         let mut lease = self.admit(&hex, Form::File, size);
         lease.fetched = fetched;
@@ -207,15 +259,27 @@ impl Cache {
 
     /// Records a new entry, held, and evicts what the bound no longer allows.
     fn admit(self: &Arc<Self>, hex: &str, form: Form, size: u64) -> Lease {
-        let meta = Meta { form, size, used_ms: now_ms() };
-        let _ = std::fs::write(self.dir.join(format!("{hex}.meta")), serde_json::to_vec(&meta).unwrap_or_default());
+        let meta = Meta {
+            form,
+            size,
+            used_ms: now_ms(),
+        };
+        let _ = std::fs::write(
+            self.dir.join(format!("{hex}.meta")),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        );
         {
             let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             inner.entries.insert(hex.to_string(), meta);
             *inner.held.entry(hex.to_string()).or_default() += 1;
         }
         self.evict();
-        Lease { cache: self.clone(), hex: hex.to_string(), path: self.path(hex, form), fetched: 0 }
+        Lease {
+            cache: self.clone(),
+            hex: hex.to_string(),
+            path: self.path(hex, form),
+            fetched: 0,
+        }
     }
 
     /// Removes the least recently used entries no lease holds until the cache fits its
@@ -230,7 +294,13 @@ impl Cache {
                     break;
                 }
                 let held = inner.held.clone();
-                let Some((hex, meta)) = inner.entries.iter().filter(|(h, _)| !held.contains_key(*h)).min_by_key(|(_, m)| m.used_ms).map(|(h, m)| (h.clone(), m.clone())) else {
+                let Some((hex, meta)) = inner
+                    .entries
+                    .iter()
+                    .filter(|(h, _)| !held.contains_key(*h))
+                    .min_by_key(|(_, m)| m.used_ms)
+                    .map(|(h, m)| (h.clone(), m.clone()))
+                else {
                     break;
                 };
                 inner.entries.remove(&hex);
@@ -239,7 +309,10 @@ impl Cache {
             let (hex, meta) = victim;
             let _ = std::fs::remove_file(self.dir.join(format!("{hex}.meta")));
             let _ = mint_layers::remove_any(&self.path(&hex, meta.form));
-            eprintln!("mint-agent: cache: evicted sha256:{hex} ({} bytes) to stay within {} bytes", meta.size, self.max_bytes);
+            eprintln!(
+                "mint-agent: cache: evicted sha256:{hex} ({} bytes) to stay within {} bytes",
+                meta.size, self.max_bytes
+            );
             gone.push(hex);
         }
         gone
@@ -278,7 +351,8 @@ pub fn download(to: &Path, hex: &str, url: &str, get: Get<'_>) -> Result<(PathBu
                     match reader.read(&mut buf) {
                         Ok(0) => break None,
                         Ok(n) => {
-                            file.write_all(&buf[..n]).map_err(|e| format!("writing {}: {e}", to.display()))?;
+                            file.write_all(&buf[..n])
+                                .map_err(|e| format!("writing {}: {e}", to.display()))?;
                             fetched += n as u64;
                         }
                         Err(e) => break Some(e),
@@ -300,14 +374,20 @@ pub fn download(to: &Path, hex: &str, url: &str, get: Get<'_>) -> Result<(PathBu
             Err(e) => last_error = format!("GET {url}: {e}"),
         }
         if Instant::now() >= deadline {
-            return Err(format!("{last_error}; gave up after {}s (it resumes from byte {} next time)", FETCH_PATIENCE.as_secs(), std::fs::metadata(to).map(|m| m.len()).unwrap_or(0)));
+            return Err(format!(
+                "{last_error}; gave up after {}s (it resumes from byte {} next time)",
+                FETCH_PATIENCE.as_secs(),
+                std::fs::metadata(to).map(|m| m.len()).unwrap_or(0)
+            ));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
     let got = hash_file(to)?;
     if got != hex {
         let _ = std::fs::remove_file(to);
-        return Err(format!("the blob's digest is sha256:{got}, not the sha256:{hex} the engine announced; refusing it"));
+        return Err(format!(
+            "the blob's digest is sha256:{got}, not the sha256:{hex} the engine announced; refusing it"
+        ));
     }
     Ok((to.to_path_buf(), fetched))
 }
@@ -348,7 +428,10 @@ mod tests {
         let c = admit_sized(&cache, 3, 1500);
         let have = cache.digests();
         assert_eq!(have.len(), 2, "{have:?}");
-        assert!(!have.iter().any(|d| d.ends_with(&format!("{:064x}", 2))), "b went: {have:?}");
+        assert!(
+            !have.iter().any(|d| d.ends_with(&format!("{:064x}", 2))),
+            "b went: {have:?}"
+        );
         assert!(!dir.join(format!("{:064x}", 2)).exists());
         // Everything held: nothing can go, even over the bound.
         let d = admit_sized(&cache, 4, 2000);
@@ -388,15 +471,30 @@ mod tests {
                     }
                 }
                 log.lock().unwrap().push(range.clone());
-                let from: usize = range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()).unwrap_or(0);
+                let from: usize = range
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+                    .unwrap_or(0);
                 let rest = &body[from..];
                 let head = if from > 0 {
-                    format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n", rest.len(), body.len() - 1, body.len())
+                    format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
+                        rest.len(),
+                        body.len() - 1,
+                        body.len()
+                    )
                 } else {
-                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", rest.len())
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        rest.len()
+                    )
                 };
                 let _ = conn.write_all(head.as_bytes());
-                let sent = if n == 0 { &rest[..rest.len() / 2] } else { rest };
+                let sent = if n == 0 {
+                    &rest[..rest.len() / 2]
+                } else {
+                    rest
+                };
                 let _ = conn.write_all(sent);
             }
         });
@@ -414,11 +512,19 @@ mod tests {
         let http = ureq::AgentBuilder::new().build();
         let get = |url: &str, from: u64| {
             let r = http.get(url).timeout(Duration::from_secs(10));
-            if from > 0 { r.set("Range", &format!("bytes={from}-")).call() } else { r.call() }
+            if from > 0 {
+                r.set("Range", &format!("bytes={from}-")).call()
+            } else {
+                r.call()
+            }
         };
         let (path, fetched) = download(&dir.join("blob"), &hex, &url, &get).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), body);
-        assert_eq!(fetched, body.len() as u64, "each byte fetched once: the second request asked only for the rest");
+        assert_eq!(
+            fetched,
+            body.len() as u64,
+            "each byte fetched once: the second request asked only for the rest"
+        );
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen, vec![None, Some(format!("bytes={}-", body.len() / 2))]);
         let _ = std::fs::remove_dir_all(&dir);

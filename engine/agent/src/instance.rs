@@ -47,8 +47,12 @@ pub struct Slot {
     detail: String,
     address: Option<(String, u8)>,
     service: Option<Child>,
-    /// A service started by an earlier run of the agent, found alive at start.
+    /// A process the agent watches by pid rather than as its child: a service started by
+    /// an earlier run of the agent, found alive at start, or the instance's VM (QEMU runs
+    /// daemonized, so that it outlives the agent).
     adopted: Option<i32>,
+    /// The deployment directory of the instance's VM, in VM mode.
+    vm: Option<PathBuf>,
     /// Bumped by every deploy and stop, so a worker that was overtaken drops its result.
     generation: u64,
     /// The cached master the instance's root is built on, held while it runs.
@@ -66,6 +70,9 @@ struct Saved {
     /// The master's digest, held in the cache again after a restart.
     #[serde(default)]
     master: Option<String>,
+    /// The deployment directory when `pid` is the instance's VM.
+    #[serde(default)]
+    vm: Option<PathBuf>,
 }
 
 fn saved_path(agent: &Agent) -> PathBuf {
@@ -80,17 +87,40 @@ fn alive(pid: i32) -> bool {
 /// Takes up what an earlier run of the agent left: the instance it ran, running still if
 /// its service is alive, failed otherwise.
 pub fn restore(agent: &Agent) {
-    let Ok(text) = std::fs::read_to_string(saved_path(agent)) else { return };
-    let Ok(saved) = serde_json::from_str::<Saved>(&text) else { return };
+    let Ok(text) = std::fs::read_to_string(saved_path(agent)) else {
+        return;
+    };
+    let Ok(saved) = serde_json::from_str::<Saved>(&text) else {
+        return;
+    };
     let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
-    let pid = saved.pid.map(|p| p as i32).filter(|p| alive(*p));
-    slot.state = if pid.is_some() || saved.pid.is_none() { State::Running } else { State::Failed };
-    slot.detail = format!("taken up after an agent restart ({})", if pid.is_some() { "service alive" } else { "service gone" });
+    let pid = match &saved.vm {
+        // A VM is found again only by a pid whose command line is that deployment's QEMU.
+        Some(dir) => saved
+            .pid
+            .filter(|p| crate::vm::is_ours(*p, dir))
+            .map(|p| p as i32),
+        None => saved.pid.map(|p| p as i32).filter(|p| alive(*p)),
+    };
+    slot.state = if pid.is_some() || saved.pid.is_none() {
+        State::Running
+    } else {
+        State::Failed
+    };
+    let what = if saved.vm.is_some() { "VM" } else { "service" };
+    slot.detail = format!(
+        "taken up after an agent restart ({what} {})",
+        if pid.is_some() { "alive" } else { "gone" }
+    );
+    slot.vm = saved.vm;
     slot.request = Some(saved.request);
     slot.address = Some(saved.address);
     slot.adopted = pid;
     slot.generation = saved.generation;
-    slot.lease = saved.master.as_deref().and_then(|d| agent.cache.hold_cached(d));
+    slot.lease = saved
+        .master
+        .as_deref()
+        .and_then(|d| agent.cache.hold_cached(d));
 }
 
 /// The instance this node runs, for heartbeats.
@@ -110,6 +140,10 @@ pub struct Status {
     index: Option<u32>,
     version: Option<String>,
     detail: String,
+    /// The VM's run state as QEMU reports it (`running`, `paused`, `shutdown`, ...), in VM
+    /// mode.
+    #[serde(skip_serializing_if = "Option::is_none", rename = "vm-state")]
+    vm_state: Option<String>,
 }
 
 pub fn status(agent: &Agent) -> Status {
@@ -127,14 +161,37 @@ pub fn status(agent: &Agent) -> Status {
         && !alive(pid)
     {
         slot.state = State::Failed;
-        slot.detail = "the instance's service exited".into();
+        slot.detail = if slot.vm.is_some() {
+            "the instance's VM exited".into()
+        } else {
+            "the instance's service exited".into()
+        };
+    }
+    // A VM whose guest powered off or panicked is no longer the instance running, though
+    // QEMU still lives; the engine's health check then places the instance again.
+    let mut vm_state = None;
+    if let Some(dir) = slot.vm.clone()
+        && slot.state == State::Running
+    {
+        vm_state = crate::vm::run_state(&dir);
+        if let Some(s) = vm_state.as_deref()
+            && ["shutdown", "guest-panicked", "internal-error", "io-error"].contains(&s)
+        {
+            slot.state = State::Failed;
+            slot.detail = format!("the instance's VM is {s}");
+        }
     }
     Status {
         state: slot.state,
         tier: slot.request.as_ref().map(|r| r.tier.clone()),
         index: slot.request.as_ref().map(|r| r.index),
         version: slot.request.as_ref().map(|r| r.version.clone()),
-        detail: slot.detail.clone(),
+        // Heartbeats carry the detail, so the engine sees the VM's state too.
+        detail: match vm_state.as_deref() {
+            Some(s) if slot.state == State::Running => format!("{}; VM {s}", slot.detail),
+            _ => slot.detail.clone(),
+        },
+        vm_state,
     }
 }
 
@@ -145,7 +202,10 @@ pub fn start(agent: &std::sync::Arc<Agent>, req: DeployRequest) -> Result<Status
         match &slot.request {
             Some(r) if *r == req && slot.state != State::Failed => {}
             Some(r) if slot.state != State::Absent => {
-                return Err(format!("this node holds {}/{} ({:?}); undeploy it first", r.tier, r.index, slot.state));
+                return Err(format!(
+                    "this node holds {}/{} ({:?}); undeploy it first",
+                    r.tier, r.index, slot.state
+                ));
             }
             _ => {
                 slot.generation += 1;
@@ -160,22 +220,40 @@ pub fn start(agent: &std::sync::Arc<Agent>, req: DeployRequest) -> Result<Status
                         // Undeployed (or replaced) while this worker ran: undo what it did.
                         drop(slot);
                         if let Ok(d) = outcome {
-                            undo(&agent, &req, generation, Some(d.address), d.service);
+                            undo(&agent, &req, generation, Some(d.address), d.service, d.vm);
                         }
                         return;
                     }
                     match outcome {
-                        Ok(Deployed { address, service, lease, how }) => {
+                        Ok(Deployed {
+                            address,
+                            service,
+                            lease,
+                            how,
+                            vm,
+                        }) => {
                             slot.state = State::Running;
-                            slot.detail = format!("{} at {}/{} ({how})", req.hostname, address.0, address.1);
+                            slot.detail =
+                                format!("{} at {}/{} ({how})", req.hostname, address.0, address.1);
                             let master = lease.as_ref().map(|_| how.master.clone());
-                            let saved = Saved { request: req.clone(), address: address.clone(), pid: service.as_ref().map(Child::id), generation, master };
+                            let pid = service.as_ref().map(Child::id).or(vm.as_ref().map(|v| v.0));
+                            let vm_dir = vm.map(|v| v.1);
+                            let saved = Saved {
+                                request: req.clone(),
+                                address: address.clone(),
+                                pid,
+                                generation,
+                                master,
+                                vm: vm_dir.clone(),
+                            };
                             if let Ok(text) = serde_json::to_string(&saved) {
                                 let _ = std::fs::write(saved_path(&agent), text);
                             }
                             slot.address = Some(address);
                             slot.service = service;
                             slot.lease = lease;
+                            slot.adopted = vm_dir.as_ref().and(pid.map(|p| p as i32));
+                            slot.vm = vm_dir;
                         }
                         Err(e) => {
                             slot.state = State::Failed;
@@ -213,6 +291,8 @@ struct Deployed {
     service: Option<Child>,
     lease: Option<crate::cache::Lease>,
     how: How,
+    /// The instance's VM, in VM mode: QEMU's pid and the deployment's directory.
+    vm: Option<(u32, PathBuf)>,
 }
 
 /// How a deployment got its root, for its status detail.
@@ -226,9 +306,18 @@ struct How {
 impl std::fmt::Display for How {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.master_fetched == 0 {
-            write!(f, "master cached; {} bytes fetched; root by {}", self.layer_fetched, self.method)
+            write!(
+                f,
+                "master cached; {} bytes fetched; root by {}",
+                self.layer_fetched, self.method
+            )
         } else {
-            write!(f, "master fetched; {} bytes fetched; root by {}", self.master_fetched + self.layer_fetched, self.method)
+            write!(
+                f,
+                "master fetched; {} bytes fetched; root by {}",
+                self.master_fetched + self.layer_fetched,
+                self.method
+            )
         }
     }
 }
@@ -255,15 +344,29 @@ fn absolute(base: &str, url: &str) -> String {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() { Ok(()) } else { Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())) }
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 /// GETs `url`, retrying while the server cannot be reached or answers 5xx.
 fn fetch(agent: &Agent, http: &ureq::Agent, url: &str) -> Result<ureq::Response, ureq::Error> {
     let deadline = std::time::Instant::now() + crate::cache::FETCH_PATIENCE;
     loop {
-        let result = agent.authorized(http.get(url)).timeout(Duration::from_secs(60)).call();
+        let result = agent
+            .authorized(http.get(url))
+            .timeout(Duration::from_secs(60))
+            .call();
         let retry = match &result {
             Ok(_) => false,
             Err(ureq::Error::Transport(_)) => true,
@@ -279,7 +382,10 @@ fn fetch(agent: &Agent, http: &ureq::Agent, url: &str) -> Result<ureq::Response,
 /// Whether `path` is a mount point (its device differs from its parent's).
 fn mounted(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(path), path.parent().map(std::fs::metadata)) {
+    match (
+        std::fs::metadata(path),
+        path.parent().map(std::fs::metadata),
+    ) {
         (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
         _ => false,
     }
@@ -287,19 +393,47 @@ fn mounted(path: &Path) -> bool {
 
 fn c_path(p: &Path) -> Result<std::ffi::CString, String> {
     use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("{} holds a NUL byte", p.display()))
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| format!("{} holds a NUL byte", p.display()))
 }
 
 /// Mounts an overlay of `lower` (the cached master, never written) and `upper` at `root`.
 fn mount_overlay(lower: &Path, upper: &Path, work: &Path, root: &Path) -> Result<(), String> {
-    let options = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
-    if [lower, upper, work].iter().any(|p| p.to_string_lossy().contains([',', ':'])) {
-        return Err("a cache or root path holds `,` or `:`, which overlay options cannot carry".into());
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    if [lower, upper, work]
+        .iter()
+        .any(|p| p.to_string_lossy().contains([',', ':']))
+    {
+        return Err(
+            "a cache or root path holds `,` or `:`, which overlay options cannot carry".into(),
+        );
     }
-    let (src, target, fstype, data) = (c"overlay", c_path(root)?, c"overlay", std::ffi::CString::new(options).map_err(|e| e.to_string())?);
+    let (src, target, fstype, data) = (
+        c"overlay",
+        c_path(root)?,
+        c"overlay",
+        std::ffi::CString::new(options).map_err(|e| e.to_string())?,
+    );
     // SAFETY: every pointer is a NUL-terminated string that lives for the call.
-    if unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, data.as_ptr().cast()) } != 0 {
-        return Err(format!("overlay mount: {}", std::io::Error::last_os_error()));
+    if unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    } != 0
+    {
+        return Err(format!(
+            "overlay mount: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -308,16 +442,27 @@ fn mount_overlay(lower: &Path, upper: &Path, work: &Path, root: &Path) -> Result
 /// layer: an overlay mount (upper = the layer, with overlayfs whiteouts), or where the node
 /// cannot mount one (or --no-overlay), the master's files shared by clone or hard link and
 /// the layer applied over them. Returns the root and how it was built.
-fn assemble(agent: &Agent, lower: &Path, layer: &Path, dir: &Path) -> Result<(PathBuf, &'static str), String> {
+fn assemble(
+    agent: &Agent,
+    lower: &Path,
+    layer: &Path,
+    dir: &Path,
+) -> Result<(PathBuf, &'static str), String> {
     let root = dir.join("root");
-    let open = || std::fs::File::open(layer).map(std::io::BufReader::new).map_err(|e| format!("cannot read the layer: {e}"));
+    let open = || {
+        std::fs::File::open(layer)
+            .map(std::io::BufReader::new)
+            .map_err(|e| format!("cannot read the layer: {e}"))
+    };
     if !agent.args.no_overlay {
         let (upper, work) = (dir.join("upper"), dir.join("work"));
         let tried = (|| {
             for d in [&upper, &work, &root] {
-                std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+                std::fs::create_dir_all(d)
+                    .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
             }
-            mint_layers::unpack(open()?, &upper, mint_layers::Whiteouts::Overlay).map_err(|e| format!("the layer: {e}"))?;
+            mint_layers::unpack(open()?, &upper, mint_layers::Whiteouts::Overlay)
+                .map_err(|e| format!("the layer: {e}"))?;
             mount_overlay(lower, &upper, &work, &root)
         })();
         match tried {
@@ -330,8 +475,10 @@ fn assemble(agent: &Agent, lower: &Path, layer: &Path, dir: &Path) -> Result<(Pa
             }
         }
     }
-    let shared = mint_layers::share::share_tree(lower, &root).map_err(|e| format!("building the root from the master: {e}"))?;
-    mint_layers::unpack(open()?, &root, mint_layers::Whiteouts::Apply).map_err(|e| format!("applying the layer: {e}"))?;
+    let shared = mint_layers::share::share_tree(lower, &root)
+        .map_err(|e| format!("building the root from the master: {e}"))?;
+    mint_layers::unpack(open()?, &root, mint_layers::Whiteouts::Apply)
+        .map_err(|e| format!("applying the layer: {e}"))?;
     Ok((root, shared.method.as_str()))
 }
 
@@ -340,30 +487,85 @@ fn assemble(agent: &Agent, lower: &Path, layer: &Path, dir: &Path) -> Result<(Pa
 /// writes) and of its seed, in the deployment's directory, with the master linked in under
 /// the name the overlay's backing file gives. The instance's address is its VM's, so the
 /// node's own interface gets none.
-fn stage_disk(agent: &Agent, req: &DeployRequest, desc: &Descriptor, generation: u64) -> Result<Deployed, String> {
-    let part = |role: &str| desc.parts.iter().find(|p| p.role == role).ok_or_else(|| format!("the disk artifact has no `{role}` part"));
+fn stage_disk(
+    agent: &Agent,
+    req: &DeployRequest,
+    desc: &Descriptor,
+    generation: u64,
+) -> Result<Deployed, String> {
+    let part = |role: &str| {
+        desc.parts
+            .iter()
+            .find(|p| p.role == role)
+            .ok_or_else(|| format!("the disk artifact has no `{role}` part"))
+    };
     let (master, overlay, seed) = (part("master")?, part("overlay")?, part("seed")?);
     let dir = instance_dir(agent, &req.tier, req.index, generation);
     let _ = mint_layers::remove_any(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let http = agent.http.clone();
     let get = |url: &str, from: u64| {
-        let r = agent.authorized(http.get(url)).timeout(Duration::from_secs(600));
-        if from > 0 { r.set("Range", &format!("bytes={from}-")).call() } else { r.call() }
+        let r = agent
+            .authorized(http.get(url))
+            .timeout(Duration::from_secs(600));
+        if from > 0 {
+            r.set("Range", &format!("bytes={from}-")).call()
+        } else {
+            r.call()
+        }
     };
-    let lease = agent.cache.file(&master.digest, &absolute(&req.artifact_url, &master.url), &get)?;
+    let lease = agent.cache.file(
+        &master.digest,
+        &absolute(&req.artifact_url, &master.url),
+        &get,
+    )?;
     let safe = |name: &str| !name.is_empty() && !name.contains('/') && name != "." && name != "..";
     if ![master, overlay, seed].iter().all(|p| safe(&p.name)) {
         return Err("the disk artifact names a part with a path; each part's name must be a plain file name".into());
     }
-    std::os::unix::fs::symlink(&lease.path, dir.join(&master.name)).map_err(|e| format!("cannot link the master: {e}"))?;
+    std::os::unix::fs::symlink(&lease.path, dir.join(&master.name))
+        .map_err(|e| format!("cannot link the master: {e}"))?;
     let mut fetched = 0;
     for p in [overlay, seed] {
-        let (_, n) = crate::cache::download(&dir.join(&p.name), p.digest.trim_start_matches("sha256:"), &absolute(&req.artifact_url, &p.url), &get)?;
+        let (_, n) = crate::cache::download(
+            &dir.join(&p.name),
+            p.digest.trim_start_matches("sha256:"),
+            &absolute(&req.artifact_url, &p.url),
+            &get,
+        )?;
         fetched += n;
     }
-    let how = How { master: master.digest.clone(), master_fetched: lease.fetched, layer_fetched: fetched, method: "disk files staged for a VM" };
-    Ok(Deployed { address: (desc.address.clone(), desc.prefix_len), service: None, lease: Some(lease), how })
+    let vm = if agent.args.vm.vm {
+        let pid = crate::vm::boot(
+            &agent.args.vm,
+            &dir,
+            &dir.join(&overlay.name),
+            &dir.join(&seed.name),
+            &req.tier,
+            req.index,
+        )?;
+        Some((pid, dir.clone()))
+    } else {
+        None
+    };
+    let method = if vm.is_some() {
+        "booted in a VM"
+    } else {
+        "disk files staged for a VM"
+    };
+    let how = How {
+        master: master.digest.clone(),
+        master_fetched: lease.fetched,
+        layer_fetched: fetched,
+        method,
+    };
+    Ok(Deployed {
+        address: (desc.address.clone(), desc.prefix_len),
+        service: None,
+        lease: Some(lease),
+        how,
+        vm,
+    })
 }
 
 /// Fetches, checks, assembles, configures and starts.
@@ -374,61 +576,122 @@ fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<Deploye
         .into_json()
         .map_err(|e| format!("the artifact descriptor is not what the agent reads: {e}"))?;
     if desc.format != "tree" && desc.format != "disk" {
-        return Err(format!("artifact format `{}`: this agent runs tree and disk instances", desc.format));
+        return Err(format!(
+            "artifact format `{}`: this agent runs tree and disk instances",
+            desc.format
+        ));
     }
     if desc.hostname != req.hostname {
-        return Err(format!("the artifact is for `{}`, not `{}`", desc.hostname, req.hostname));
+        return Err(format!(
+            "the artifact is for `{}`, not `{}`",
+            desc.hostname, req.hostname
+        ));
     }
     if desc.format == "disk" {
         return stage_disk(agent, req, &desc, generation);
     }
-    let address: std::net::IpAddr = desc.address.parse().map_err(|_| format!("the artifact's address `{}` is not an IP address", desc.address))?;
-    let part = |role: &str| desc.parts.iter().find(|p| p.role == role).ok_or_else(|| format!("the artifact has no `{role}` part (an engine older than this agent?)"));
+    let address: std::net::IpAddr = desc.address.parse().map_err(|_| {
+        format!(
+            "the artifact's address `{}` is not an IP address",
+            desc.address
+        )
+    })?;
+    let part = |role: &str| {
+        desc.parts.iter().find(|p| p.role == role).ok_or_else(|| {
+            format!("the artifact has no `{role}` part (an engine older than this agent?)")
+        })
+    };
     let (master, layer) = (part("master")?, part("layer")?);
     let dir = instance_dir(agent, &req.tier, req.index, generation);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
 
     let get = |url: &str, from: u64| {
-        let r = agent.authorized(http.get(url)).timeout(Duration::from_secs(600));
-        if from > 0 { r.set("Range", &format!("bytes={from}-")).call() } else { r.call() }
+        let r = agent
+            .authorized(http.get(url))
+            .timeout(Duration::from_secs(600));
+        if from > 0 {
+            r.set("Range", &format!("bytes={from}-")).call()
+        } else {
+            r.call()
+        }
     };
-    let (lease, warnings) = agent.cache.tree(&master.digest, &absolute(&req.artifact_url, &master.url), &get)?;
+    let (lease, warnings) = agent.cache.tree(
+        &master.digest,
+        &absolute(&req.artifact_url, &master.url),
+        &get,
+    )?;
     for w in warnings {
         eprintln!("mint-agent: master {}: {w}", master.digest);
     }
     let layer_hex = layer.digest.trim_start_matches("sha256:");
     let layer_path = dir.join("layer.tar");
-    let (_, layer_fetched) = crate::cache::download(&layer_path, layer_hex, &absolute(&req.artifact_url, &layer.url), &get)?;
+    let (_, layer_fetched) = crate::cache::download(
+        &layer_path,
+        layer_hex,
+        &absolute(&req.artifact_url, &layer.url),
+        &get,
+    )?;
     let (root, method) = assemble(agent, &lease.path, &layer_path, &dir)?;
-    let how = How { master: master.digest.clone(), master_fetched: lease.fetched, layer_fetched, method };
+    let how = How {
+        master: master.digest.clone(),
+        master_fetched: lease.fetched,
+        layer_fetched,
+        method,
+    };
 
-    ip(&["addr", "replace", &format!("{address}/{}", desc.prefix_len), "dev", &agent.args.interface])?;
+    ip(&[
+        "addr",
+        "replace",
+        &format!("{address}/{}", desc.prefix_len),
+        "dev",
+        &agent.args.interface,
+    ])?;
     // The address may have lived on another node until a moment ago (a failed node's
     // instance, redeployed): tell the segment where it is now.
     if let std::net::IpAddr::V4(v4) = address
         && let Err(e) = gratuitous_arp(&agent.args.interface, v4)
     {
-        eprintln!("mint-agent: gratuitous ARP for {v4} on {}: {e}", agent.args.interface);
+        eprintln!(
+            "mint-agent: gratuitous ARP for {v4} on {}: {e}",
+            agent.args.interface
+        );
     }
     if agent.args.set_hostname {
         // SAFETY: the pointer and length describe a live byte slice.
         let rc = unsafe { libc::sethostname(req.hostname.as_ptr().cast(), req.hostname.len()) };
         if rc != 0 {
-            return Err(format!("cannot set the host name: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "cannot set the host name: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     let service = start_service(&root, req, &desc.address)?;
-    Ok(Deployed { address: (desc.address.clone(), desc.prefix_len), service, lease: Some(lease), how })
+    Ok(Deployed {
+        address: (desc.address.clone(), desc.prefix_len),
+        service,
+        lease: Some(lease),
+        how,
+        vm: None,
+    })
 }
 
 /// Starts the command in the root's `/etc/mint/service`, if there is one: a program path
 /// inside the root and its arguments, with the identity in the environment.
 fn start_service(root: &Path, req: &DeployRequest, address: &str) -> Result<Option<Child>, String> {
-    let Ok(line) = std::fs::read_to_string(root.join("etc/mint/service")) else { return Ok(None) };
+    let Ok(line) = std::fs::read_to_string(root.join("etc/mint/service")) else {
+        return Ok(None);
+    };
     let mut words = line.split_whitespace();
-    let Some(program) = words.next() else { return Ok(None) };
-    let program = if program.starts_with('/') { root.join(program.trim_start_matches('/')) } else { PathBuf::from(program) };
+    let Some(program) = words.next() else {
+        return Ok(None);
+    };
+    let program = if program.starts_with('/') {
+        root.join(program.trim_start_matches('/'))
+    } else {
+        PathBuf::from(program)
+    };
     let mut child = Command::new(&program)
         .args(words)
         .current_dir(root)
@@ -442,13 +705,27 @@ fn start_service(root: &Path, req: &DeployRequest, address: &str) -> Result<Opti
     // A service that cannot start usually says so at once.
     std::thread::sleep(Duration::from_millis(200));
     if let Ok(Some(exit)) = child.try_wait() {
-        return Err(format!("the service {} exited at once: {exit}", program.display()));
+        return Err(format!(
+            "the service {} exited at once: {exit}",
+            program.display()
+        ));
     }
     Ok(Some(child))
 }
 
-/// Stops a service this agent started, releases its address and removes its root.
-fn undo(agent: &Agent, req: &DeployRequest, generation: u64, address: Option<(String, u8)>, service: Option<Child>) {
+/// Stops a service this agent started (or the instance's VM), releases its address and
+/// removes its root.
+fn undo(
+    agent: &Agent,
+    req: &DeployRequest,
+    generation: u64,
+    address: Option<(String, u8)>,
+    service: Option<Child>,
+    vm: Option<(u32, PathBuf)>,
+) {
+    if let Some((pid, dir)) = vm {
+        crate::vm::stop(pid, &dir);
+    }
     if let Some(mut child) = service {
         // SAFETY: kill with a pid this process spawned and has not reaped.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -462,12 +739,23 @@ fn undo(agent: &Agent, req: &DeployRequest, generation: u64, address: Option<(St
     // The address stays when a newer deployment of the same instance holds it now.
     let reused = {
         let slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
-        slot.generation != generation && slot.state != State::Absent && slot.request.as_ref().is_some_and(|r| r.tier == req.tier && r.index == req.index)
+        slot.generation != generation
+            && slot.state != State::Absent
+            && slot
+                .request
+                .as_ref()
+                .is_some_and(|r| r.tier == req.tier && r.index == req.index)
     };
     if let Some((addr, prefix)) = address
         && !reused
     {
-        let _ = ip(&["addr", "del", &format!("{addr}/{prefix}"), "dev", &agent.args.interface]);
+        let _ = ip(&[
+            "addr",
+            "del",
+            &format!("{addr}/{prefix}"),
+            "dev",
+            &agent.args.interface,
+        ]);
     }
     let dir = instance_dir(agent, &req.tier, req.index, generation);
     let root = dir.join("root");
@@ -484,17 +772,28 @@ fn undo(agent: &Agent, req: &DeployRequest, generation: u64, address: Option<(St
 /// Stops the service, releases the address and removes the instance's root. A deployment
 /// still in progress is undone by its worker when it finishes.
 pub fn stop(agent: &Agent) -> Result<(), String> {
-    let (request, address, service, adopted, generation) = {
+    let (request, address, service, adopted, vm, generation) = {
         let mut slot = agent.slot.lock().unwrap_or_else(|p| p.into_inner());
         let generation = slot.generation;
         slot.generation += 1;
         slot.state = State::Absent;
         slot.detail.clear();
         slot.lease = None;
-        (slot.request.take(), slot.address.take(), slot.service.take(), slot.adopted.take(), generation)
+        (
+            slot.request.take(),
+            slot.address.take(),
+            slot.service.take(),
+            slot.adopted.take(),
+            slot.vm.take(),
+            generation,
+        )
     };
     let _ = std::fs::remove_file(saved_path(agent));
-    if let Some(pid) = adopted {
+    let vm = match (adopted, vm) {
+        (Some(pid), Some(dir)) => Some((pid as u32, dir)),
+        _ => None,
+    };
+    if let Some(pid) = adopted.filter(|_| vm.is_none()) {
         // SAFETY: signals to the pid the agent recorded for its own service.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
@@ -507,7 +806,7 @@ pub fn stop(agent: &Agent) -> Result<(), String> {
         }
     }
     if let Some(r) = request {
-        undo(agent, &r, generation, address, service);
+        undo(agent, &r, generation, address, service, vm);
     }
     Ok(())
 }
@@ -518,16 +817,23 @@ pub fn hello(port: u16) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let address = std::env::var("MINT_ADDRESS").context("MINT_ADDRESS is not set")?;
     let root = PathBuf::from(std::env::var("MINT_ROOT").unwrap_or_else(|_| "/".into()));
-    let hostname = std::fs::read_to_string(root.join("etc/hostname")).context("reading the instance's /etc/hostname")?;
+    let hostname = std::fs::read_to_string(root.join("etc/hostname"))
+        .context("reading the instance's /etc/hostname")?;
     let body = format!("{} {address}\n", hostname.trim());
-    let ip: std::net::IpAddr = address.parse().context("MINT_ADDRESS is not an IP address")?;
-    let listener = std::net::TcpListener::bind((ip, port)).with_context(|| format!("listening on {address}:{port}"))?;
+    let ip: std::net::IpAddr = address
+        .parse()
+        .context("MINT_ADDRESS is not an IP address")?;
+    let listener = std::net::TcpListener::bind((ip, port))
+        .with_context(|| format!("listening on {address}:{port}"))?;
     for conn in listener.incoming() {
         let Ok(mut s) = conn else { continue };
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let mut buf = [0u8; 2048];
         let _ = s.read(&mut buf);
-        let reply = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
         let _ = s.write_all(reply.as_bytes());
     }
     Ok(())
@@ -538,11 +844,20 @@ pub fn hello(port: u16) -> anyhow::Result<()> {
 /// move it here at once, as keepalived and cloud agents do when an address moves.
 fn gratuitous_arp(interface: &str, addr: std::net::Ipv4Addr) -> std::io::Result<()> {
     let mac_text = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))?;
-    let mac: Vec<u8> = mac_text.trim().split(':').filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
+    let mac: Vec<u8> = mac_text
+        .trim()
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
     if mac.len() != 6 {
-        return Err(std::io::Error::other(format!("interface {interface} has no Ethernet address")));
+        return Err(std::io::Error::other(format!(
+            "interface {interface} has no Ethernet address"
+        )));
     }
-    let ifindex: i32 = std::fs::read_to_string(format!("/sys/class/net/{interface}/ifindex"))?.trim().parse().map_err(std::io::Error::other)?;
+    let ifindex: i32 = std::fs::read_to_string(format!("/sys/class/net/{interface}/ifindex"))?
+        .trim()
+        .parse()
+        .map_err(std::io::Error::other)?;
     let ip = addr.octets();
     let mut frame = Vec::with_capacity(42);
     frame.extend_from_slice(&[0xff; 6]);

@@ -2,13 +2,15 @@
 //! heartbeats with the node's load, and on the engine's command (through the `agent`
 //! driver) fetches an instance's artifact, checks its digest, makes it the node's root,
 //! brings up the instance's pre-assigned address and starts its service; on undeploy it
-//! stops the service and releases the address. `mint-agent hello` is the tiny service a
-//! test master carries: it answers HTTP with the instance's host name and address.
+//! stops the service and releases the address. With `--vm` the node is a VM host slot: a
+//! disk instance boots as a QEMU guest on the node's tap. `mint-agent hello` is the tiny
+//! service a test master carries: it answers HTTP with the instance's host name and address.
 //!
 //! The `mint-agent` binary (in the `mint` package, beside `mint`) is [`main`].
 
 mod cache;
 mod instance;
+mod vm;
 
 use anyhow::Context as _;
 use axum::extract::State;
@@ -118,6 +120,8 @@ pub struct RunArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    vm: vm::VmArgs,
 }
 
 /// The agent's state, shared by the API and the deploy worker.
@@ -152,14 +156,26 @@ fn credential_path(args: &RunArgs) -> PathBuf {
 impl Agent {
     /// The credential the agent sends to the engine, if it has joined.
     pub fn credential(&self) -> Option<String> {
-        self.credential.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.node.clone())
+        self.credential
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.node.clone())
     }
 
     /// Whether `header` (an `Authorization` value) carries the engine's credential for this
     /// node, compared in constant time.
     fn is_engine(&self, header: Option<&str>) -> bool {
-        let held = self.credential.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|c| c.engine.clone());
-        let (Some(held), Some(given)) = (held, header.and_then(|h| h.strip_prefix("Bearer "))) else { return false };
+        let held = self
+            .credential
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.engine.clone());
+        let (Some(held), Some(given)) = (held, header.and_then(|h| h.strip_prefix("Bearer ")))
+        else {
+            return false;
+        };
         let (a, b) = (held.as_bytes(), given.trim().as_bytes());
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
@@ -179,9 +195,16 @@ impl Agent {
         let path = credential_path(&self.args);
         let staged = path.with_extension("new");
         let _ = std::fs::remove_file(&staged);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staged).with_context(|| format!("writing {}", staged.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staged)
+            .with_context(|| format!("writing {}", staged.display()))?;
         let text = serde_json::to_vec(&credentials)?;
-        f.write_all(&text).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", staged.display()))?;
+        f.write_all(&text)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", staged.display()))?;
         std::fs::rename(&staged, &path).with_context(|| format!("writing {}", path.display()))?;
         *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = Some(credentials);
         Ok(())
@@ -189,13 +212,20 @@ impl Agent {
 }
 
 fn machine_cpus() -> u32 {
-    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }
 
 fn machine_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())))
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")
+                    .map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
         .flatten()
         .map(|kb| kb / 1024)
         .unwrap_or(1024)
@@ -203,7 +233,11 @@ fn machine_memory_mib() -> u64 {
 
 fn macs() -> Vec<String> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir("/sys/class/net").into_iter().flatten().flatten() {
+    for e in std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Ok(mac) = std::fs::read_to_string(e.path().join("address")) {
             let mac = mac.trim().to_string();
             if mac != "00:00:00:00:00:00" && !mac.is_empty() {
@@ -211,13 +245,18 @@ fn macs() -> Vec<String> {
             }
         }
     }
+    // A bridge takes the address of its first port: each MAC once.
     out.sort();
+    out.dedup();
     out
 }
 
 fn load(args: &RunArgs) -> u32 {
     match &args.load_file {
-        Some(f) => std::fs::read_to_string(f).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0),
+        Some(f) => std::fs::read_to_string(f)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0),
         None => std::fs::read_to_string("/proc/loadavg")
             .ok()
             .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
@@ -228,7 +267,12 @@ fn load(args: &RunArgs) -> u32 {
 
 fn register(agent: &Agent, agent_url: &str) -> anyhow::Result<()> {
     let args = &agent.args;
-    let labels: BTreeMap<String, String> = args.labels.iter().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+    let labels: BTreeMap<String, String> = args
+        .labels
+        .iter()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
     let body = json!({
         "name": args.name, "cpus": args.cpus.unwrap_or_else(machine_cpus), "memory-mib": args.memory_mib.unwrap_or_else(machine_memory_mib),
         "arch": std::env::consts::ARCH, "labels": labels, "agent-url": agent_url, "agent-pin": agent.pin.to_string(), "macs": macs(),
@@ -238,19 +282,38 @@ fn register(agent: &Agent, agent_url: &str) -> anyhow::Result<()> {
     let bearer = match (agent.credential(), join_token(args)?) {
         (Some(c), _) => c,
         (None, Some(j)) => j,
-        (None, None) => anyhow::bail!("no credential for node `{}`: give --join-token-file FILE with the token `mint node enroll {}` prints", args.name, args.name),
+        (None, None) => anyhow::bail!(
+            "no credential for node `{}`: give --join-token-file FILE with the token `mint node enroll {}` prints",
+            args.name,
+            args.name
+        ),
     };
-    let answer = agent.http.post(&url).timeout(Duration::from_secs(10)).set("Authorization", &format!("Bearer {bearer}")).send_json(body);
+    let answer = agent
+        .http
+        .post(&url)
+        .timeout(Duration::from_secs(10))
+        .set("Authorization", &format!("Bearer {bearer}"))
+        .send_json(body);
     let v: serde_json::Value = match answer {
-        Ok(r) => r.into_json().with_context(|| format!("registering with {}: the answer is not JSON", args.engine))?,
+        Ok(r) => r
+            .into_json()
+            .with_context(|| format!("registering with {}: the answer is not JSON", args.engine))?,
         Err(ureq::Error::Status(code, r)) => {
             let v: serde_json::Value = r.into_json().unwrap_or_default();
-            anyhow::bail!("registering with {} was refused ({code}): {}", args.engine, v["error"].as_str().unwrap_or("no reason given"));
+            anyhow::bail!(
+                "registering with {} was refused ({code}): {}",
+                args.engine,
+                v["error"].as_str().unwrap_or("no reason given")
+            );
         }
         Err(e) => return Err(e).with_context(|| format!("registering with {}", args.engine)),
     };
-    if let (Some(node), Some(engine)) = (v["credential"].as_str(), v["engine-credential"].as_str()) {
-        agent.keep_credentials(Credentials { node: node.into(), engine: engine.into() })?;
+    if let (Some(node), Some(engine)) = (v["credential"].as_str(), v["engine-credential"].as_str())
+    {
+        agent.keep_credentials(Credentials {
+            node: node.into(),
+            engine: engine.into(),
+        })?;
     }
     Ok(())
 }
@@ -261,7 +324,12 @@ fn join_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
         return Ok(Some(t.trim().to_string()));
     }
     match &args.join_token_file {
-        Some(f) => Ok(Some(std::fs::read_to_string(f).with_context(|| format!("--join-token-file {}", f.display()))?.trim().to_string())),
+        Some(f) => Ok(Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("--join-token-file {}", f.display()))?
+                .trim()
+                .to_string(),
+        )),
         None => Ok(None),
     }
 }
@@ -280,18 +348,30 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
                 Err(e) => eprintln!("mint-agent: {e:#}; retrying"),
             }
         } else {
-            let url = format!("{}/v1/nodes/{}/heartbeat", args.engine.trim_end_matches('/'), args.name);
-            let instance = instance::current(&agent).map(|(tier, index)| json!({ "tier": tier, "index": index }));
+            let url = format!(
+                "{}/v1/nodes/{}/heartbeat",
+                args.engine.trim_end_matches('/'),
+                args.name
+            );
+            let instance = instance::current(&agent)
+                .map(|(tier, index)| json!({ "tier": tier, "index": index }));
             // What the instance is doing (a service that died makes it failed), so the
             // engine needs no status call of its own to check this node's health.
             let status = serde_json::to_value(instance::status(&agent)).unwrap_or_default();
             // The masters it caches, so policies can prefer a node that need not fetch one.
             let body = json!({ "load": load(args), "instance": instance, "state": status["state"], "detail": status["detail"], "cached": agent.cache.digests() });
-            match agent.authorized(agent.http.post(&url)).timeout(Duration::from_secs(5)).send_json(body) {
+            match agent
+                .authorized(agent.http.post(&url))
+                .timeout(Duration::from_secs(5))
+                .send_json(body)
+            {
                 Ok(resp) => {
                     let v: serde_json::Value = resp.into_json().unwrap_or_default();
                     if v["fence"] == true {
-                        eprintln!("mint-agent: fenced: {}", v["reason"].as_str().unwrap_or("the engine says so"));
+                        eprintln!(
+                            "mint-agent: fenced: {}",
+                            v["reason"].as_str().unwrap_or("the engine says so")
+                        );
                         if let Err(e) = instance::stop(&agent) {
                             eprintln!("mint-agent: cannot stop the fenced instance: {e}");
                         }
@@ -299,7 +379,9 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
                 }
                 Err(ureq::Error::Status(404, _)) => registered = false,
                 Err(ureq::Error::Status(401, _)) => {
-                    eprintln!("mint-agent: the engine no longer knows this node's credential (the node was removed?); registering again");
+                    eprintln!(
+                        "mint-agent: the engine no longer knows this node's credential (the node was removed?); registering again"
+                    );
                     registered = false;
                 }
                 Err(e) => eprintln!("mint-agent: heartbeat: {e}"),
@@ -311,10 +393,20 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
 
 /// Every route of the agent's API answers only the engine: a request without the
 /// engine's credential for this node is refused (401) before anything runs.
-async fn engine_only(State(agent): State<Arc<Agent>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+async fn engine_only(
+    State(agent): State<Arc<Agent>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     if !agent.is_engine(header) {
-        return fail(StatusCode::UNAUTHORIZED, "only the engine, with its credential for this node, may call this agent");
+        return fail(
+            StatusCode::UNAUTHORIZED,
+            "only the engine, with its credential for this node, may call this agent",
+        );
     }
     next.run(req).await
 }
@@ -323,10 +415,18 @@ fn fail(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-async fn deploy(State(agent): State<Arc<Agent>>, req: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn deploy(
+    State(agent): State<Arc<Agent>>,
+    req: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let req = match req {
         Ok(Json(r)) => r,
-        Err(e) => return fail(StatusCode::BAD_REQUEST, format!("request body: {}", e.body_text())),
+        Err(e) => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                format!("request body: {}", e.body_text()),
+            );
+        }
     };
     match instance::start(&agent, req) {
         Ok(status) => Json(status).into_response(),
@@ -348,39 +448,82 @@ async fn undeploy(State(agent): State<Arc<Agent>>) -> Response {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.root).with_context(|| format!("creating {}", args.root.display()))?;
+    std::fs::create_dir_all(&args.root)
+        .with_context(|| format!("creating {}", args.root.display()))?;
     let http = engine_client(&args)?;
     let source = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => mint_tls::ServerSource::Files { cert: cert.clone(), key: key.clone() },
-        _ => mint_tls::ServerSource::SelfSigned { dir: args.root.join("tls"), names: vec![args.listen.ip().to_string()] },
+        (Some(cert), Some(key)) => mint_tls::ServerSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => mint_tls::ServerSource::SelfSigned {
+            dir: args.root.join("tls"),
+            names: vec![args.listen.ip().to_string()],
+        },
     };
     let cert = mint_tls::ServerCert::load(source).context("the agent's certificate")?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
-    let listener = mint_tls::Incoming::tls(listener, cert.acceptor()).with_context(|| format!("listening on {}", args.listen))?;
-    let agent_url = args.advertise.clone().unwrap_or_else(|| format!("https://{}", args.listen));
-    let credential: Option<Credentials> = std::fs::read(credential_path(&args)).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let cache_dir = args.cache.clone().unwrap_or_else(|| args.root.join("cache"));
-    let cache = cache::Cache::open(&cache_dir, args.cache_max_bytes).with_context(|| format!("opening the cache {}", cache_dir.display()))?;
-    let agent = Arc::new(Agent { args: args.clone(), http, pin: cert.pin(), slot: Mutex::new(Slot::default()), cache, credential: Mutex::new(credential) });
-    eprintln!("mint-agent: cache {}: {} master(s), {} bytes (bound {})", cache_dir.display(), agent.cache.digests().len(), agent.cache.bytes(), args.cache_max_bytes);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener = mint_tls::Incoming::tls(listener, cert.acceptor())
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let agent_url = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("https://{}", args.listen));
+    let credential: Option<Credentials> = std::fs::read(credential_path(&args))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let cache_dir = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| args.root.join("cache"));
+    let cache = cache::Cache::open(&cache_dir, args.cache_max_bytes)
+        .with_context(|| format!("opening the cache {}", cache_dir.display()))?;
+    let agent = Arc::new(Agent {
+        args: args.clone(),
+        http,
+        pin: cert.pin(),
+        slot: Mutex::new(Slot::default()),
+        cache,
+        credential: Mutex::new(credential),
+    });
+    eprintln!(
+        "mint-agent: cache {}: {} master(s), {} bytes (bound {})",
+        cache_dir.display(),
+        agent.cache.digests().len(),
+        agent.cache.bytes(),
+        args.cache_max_bytes
+    );
     instance::restore(&agent);
     let (hb_agent, hb_url) = (agent.clone(), agent_url.clone());
     std::thread::spawn(move || heartbeat_loop(hb_agent, hb_url));
-    eprintln!("mint-agent {}: serving {agent_url} (certificate key {}), engine {}", args.name, cert.pin(), args.engine);
+    eprintln!(
+        "mint-agent {}: serving {agent_url} (certificate key {}), engine {}",
+        args.name,
+        cert.pin(),
+        args.engine
+    );
     let app = Router::new()
         .route("/v1/deploy", post(deploy))
         .route("/v1/status", get(status))
         .route("/v1/undeploy", post(undeploy))
-        .layer(axum::middleware::from_fn_with_state(agent.clone(), engine_only))
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            engine_only,
+        ))
         .with_state(agent.clone());
     let stop = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     };
-    axum::serve(listener, app).with_graceful_shutdown(stop).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await?;
     // The instance keeps running: an agent restarted (an upgrade, say) takes it up again
     // from what it saved, and the engine fences it if the node was declared failed meanwhile.
     drop(agent);
@@ -389,7 +532,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// The client for the engine: trusting --ca or --pin, else the system's roots.
 fn engine_client(args: &RunArgs) -> anyhow::Result<ureq::Agent> {
-    let Some(trust) = mint_tls::Trust::from_flags(args.ca.as_deref(), args.pin.as_deref(), &args.engine).context("--pin")? else {
+    let Some(trust) =
+        mint_tls::Trust::from_flags(args.ca.as_deref(), args.pin.as_deref(), &args.engine)
+            .context("--pin")?
+    else {
         return Ok(ureq::AgentBuilder::new().build());
     };
     let trust = mint_tls::ClientTrust::new(&trust).context("--ca/--pin")?;

@@ -18,13 +18,20 @@ use std::time::{Duration, Instant};
 use testbed::{TestBed, get, master, noise};
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The daemon's peak resident set since the last reset, in MiB, and a reset.
 fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
     kib / 1024.0
 }
 
@@ -46,7 +53,10 @@ fn main() {
     noise(&root.join("srv/payload"), master_mib << 20);
     let t = Instant::now();
     let image = bed.mint(&["image", "import", root.to_str().unwrap(), "--name", "big"]);
-    println!("imported a {master_mib} MiB tree master in {:.1?}", t.elapsed());
+    println!(
+        "imported a {master_mib} MiB tree master in {:.1?}",
+        t.elapsed()
+    );
     std::fs::remove_dir_all(&root).unwrap();
     let spec = json!({
         "name": "storm", "image": image["digest"], "max-instances": nodes, "subnet": "198.18.2.0/24",
@@ -54,18 +64,44 @@ fn main() {
         "deploy-timeout-secs": 900,
     });
     std::fs::write(dir.join("storm.json"), spec.to_string()).unwrap();
-    bed.mint(&["tier", "create", "-f", dir.join("storm.json").to_str().unwrap()]);
-    bed.wait_for("every node registered", Duration::from_secs(60), || (bed.mint(&["node", "list"]).as_array()?.len() == nodes).then_some(()));
+    bed.mint(&[
+        "tier",
+        "create",
+        "-f",
+        dir.join("storm.json").to_str().unwrap(),
+    ]);
+    bed.wait_for("every node registered", Duration::from_secs(60), || {
+        (bed.mint(&["node", "list"]).as_array()?.len() == nodes).then_some(())
+    });
 
-    let token = std::fs::read_to_string(bed.token_file()).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(bed.token_file())
+        .unwrap()
+        .trim()
+        .to_string();
     let admin_get = |path: &str| -> Value {
-        bed.http().get(&format!("{}{path}", bed.url)).set("Authorization", &format!("Bearer {token}")).call().unwrap().into_json().unwrap()
+        bed.http()
+            .get(&format!("{}{path}", bed.url))
+            .set("Authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
     };
     let artifact = admin_get("/v1/artifacts/storm/0");
-    let (digest, size) = (artifact["parts"][0]["digest"].as_str().unwrap().to_string(), artifact["parts"][0]["size"].as_u64().unwrap());
-    let served = |d: &str| admin_get("/v1/blobs")["served"][d]["bytes"].as_u64().unwrap_or(0);
+    let (digest, size) = (
+        artifact["parts"][0]["digest"].as_str().unwrap().to_string(),
+        artifact["parts"][0]["size"].as_u64().unwrap(),
+    );
+    let served = |d: &str| {
+        admin_get("/v1/blobs")["served"][d]["bytes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
     let pid = bed.daemon_pid();
-    println!("{nodes} nodes, master blob {digest} of {:.1} MiB", size as f64 / 1048576.0);
+    println!(
+        "{nodes} nodes, master blob {digest} of {:.1} MiB",
+        size as f64 / 1048576.0
+    );
 
     // The transport's rate: curl in every node's namespace, all at once, to a file beside
     // the node's cache (the same disk the agents write to).
@@ -77,7 +113,15 @@ fn main() {
         .map(|i| {
             let out = dir.join(format!("node-{i}/curl.out"));
             Command::new("ip")
-                .args(["netns", "exec", &bed.namespaces[i], "curl", "-sS", "--fail", "--cacert"])
+                .args([
+                    "netns",
+                    "exec",
+                    &bed.namespaces[i],
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "--cacert",
+                ])
                 .arg(&cert)
                 .args(["-H", &format!("Authorization: Bearer {token}"), "-o"])
                 .arg(&out)
@@ -113,13 +157,22 @@ fn main() {
     let t = Instant::now();
     // By the API, which records the intent and answers at once (`mint tier scale` would
     // wait for the whole storm before the polls below could start).
-    let scaled = bed.http().post(&format!("{}/v1/tiers/storm/scale", bed.url)).set("Authorization", &format!("Bearer {token}")).send_json(json!({"instances": nodes}));
+    let scaled = bed
+        .http()
+        .post(&format!("{}/v1/tiers/storm/scale", bed.url))
+        .set("Authorization", &format!("Bearer {token}"))
+        .send_json(json!({"instances": nodes}));
     assert!(scaled.is_ok(), "scale request: {scaled:?}");
     // Measured from the nodes' side, which the engine's load cannot delay: when each
     // node's download is complete (its partial file has every byte, or the cache has the
     // entry), and when each pre-assigned address answers (one poller per address).
     let hex = digest.trim_start_matches("sha256:").to_string();
-    let addresses: Vec<String> = admin_get("/v1/tiers/storm/instances").as_array().unwrap().iter().map(|i| i["address"].as_str().unwrap().to_string()).collect();
+    let addresses: Vec<String> = admin_get("/v1/tiers/storm/instances")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["address"].as_str().unwrap().to_string())
+        .collect();
     let pollers: Vec<_> = addresses
         .into_iter()
         .map(|address| {
@@ -136,10 +189,14 @@ fn main() {
         .collect();
     let mut received: Vec<Option<Duration>> = vec![None; nodes];
     while received.iter().any(Option::is_none) {
-        assert!(t.elapsed() < Duration::from_secs(900), "the downloads did not end in 15 minutes");
+        assert!(
+            t.elapsed() < Duration::from_secs(900),
+            "the downloads did not end in 15 minutes"
+        );
         for (i, r) in received.iter_mut().enumerate().filter(|(_, r)| r.is_none()) {
             let cache = dir.join(format!("node-{i}/cache"));
-            let full = std::fs::metadata(cache.join("partial").join(&hex)).is_ok_and(|m| m.len() >= size);
+            let full =
+                std::fs::metadata(cache.join("partial").join(&hex)).is_ok_and(|m| m.len() >= size);
             if full || cache.join(format!("{hex}.meta")).exists() {
                 *r = Some(t.elapsed());
             }
@@ -147,7 +204,10 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let received: Vec<Duration> = received.into_iter().flatten().collect();
-    let answered: Vec<Duration> = pollers.into_iter().map(|p| p.join().unwrap().expect("an instance never answered")).collect();
+    let answered: Vec<Duration> = pollers
+        .into_iter()
+        .map(|p| p.join().unwrap().expect("an instance never answered"))
+        .collect();
     let sent = *received.iter().max().unwrap();
     let answering = *answered.iter().max().unwrap();
     let storm_rss = peak_rss_mib(pid);
@@ -163,7 +223,10 @@ fn main() {
         sent_bytes as f64 / nodes as f64 / 1048576.0,
         answered.iter().min().unwrap()
     );
-    println!("engine throughput in the storm / plain curl = {:.2}", storm_rate / curl_rate);
+    println!(
+        "engine throughput in the storm / plain curl = {:.2}",
+        storm_rate / curl_rate
+    );
     drop(bed);
     let _ = std::fs::remove_dir_all(&dir);
 }

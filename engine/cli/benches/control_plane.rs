@@ -19,7 +19,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
 }
 
 /// The daemon's user and system CPU time, and its peak resident memory (MiB).
@@ -33,7 +36,11 @@ fn usage(pid: u32) -> (Duration, f64) {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let cpu = Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / hz);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0);
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
     (cpu, hwm / 1024.0)
 }
 
@@ -46,15 +53,26 @@ struct Api {
 impl Api {
     fn of(d: &Daemon) -> Api {
         let token = std::fs::read_to_string(d.data.join("admin.token")).expect("admin token");
-        Api { http: ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build(), base: d.url.clone(), auth: format!("Bearer {}", token.trim()) }
+        Api {
+            http: ureq::AgentBuilder::new()
+                .timeout(Duration::from_secs(60))
+                .build(),
+            base: d.url.clone(),
+            auth: format!("Bearer {}", token.trim()),
+        }
     }
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let r = self.http.request(method, &format!("{}{path}", self.base)).set("Authorization", &self.auth);
+        let r = self
+            .http
+            .request(method, &format!("{}{path}", self.base))
+            .set("Authorization", &self.auth);
         let r = match body {
             Some(b) => r.send_json(b),
             None => r.call(),
         };
-        r.unwrap_or_else(|e| panic!("{method} {path}: {e}")).into_json().unwrap_or_default()
+        r.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+            .into_json()
+            .unwrap_or_default()
     }
     fn status(&self, tier: &str) -> Value {
         self.call("GET", &format!("/v1/tiers/{tier}"), None)["status"].clone()
@@ -66,8 +84,22 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples[((samples.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn tree_tier(d: &Daemon, dir: &Path, name: &str, k: u32, subnet: &str, driver: &str, zone_label: Option<&str>) {
-    let image = d.mint(&["image", "import", "tests/fixtures/master-ifupdown", "--name", "tree"]);
+fn tree_tier(
+    d: &Daemon,
+    dir: &Path,
+    name: &str,
+    k: u32,
+    subnet: &str,
+    driver: &str,
+    zone_label: Option<&str>,
+) {
+    let image = d.mint(&[
+        "image",
+        "import",
+        "tests/fixtures/master-ifupdown",
+        "--name",
+        "tree",
+    ]);
     let mut spec = json!({"name": name, "image": image["digest"], "max-instances": k, "subnet": subnet,
         "hostname": format!("{name}-{{index:05}}"), "driver": {"plugin": driver}, "deploy-timeout-secs": 600});
     if let Some(l) = zone_label {
@@ -84,10 +116,29 @@ fn tree_tier(d: &Daemon, dir: &Path, name: &str, k: u32, subnet: &str, driver: &
 fn latency(dir: &Path, repo: &Path, wait_ms: u64) {
     let dir = dir.join(format!("latency-{wait_ms}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let bmcs = mint_sim::bmc::Bmcs::start(50, mint_sim::bmc::Options { power_on: Duration::from_secs(10), ..Default::default() }).unwrap();
-    std::fs::write(dir.join("creds.toml"), "[[credential]]\nusername = \"admin\"\npassword = \"bench\"\n").unwrap();
-    std::fs::write(dir.join("mint.toml"), "[credentials]\nfile = \"creds.toml\"\n[drivers]\nconcurrency = 64\n").unwrap();
-    let d = Daemon::start(&dir.join("data"), &["--config", dir.join("mint.toml").to_str().unwrap()], repo);
+    let bmcs = mint_sim::bmc::Bmcs::start(
+        50,
+        mint_sim::bmc::Options {
+            power_on: Duration::from_secs(10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("creds.toml"),
+        "[[credential]]\nusername = \"admin\"\npassword = \"bench\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("mint.toml"),
+        "[credentials]\nfile = \"creds.toml\"\n[drivers]\nconcurrency = 64\n",
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &dir.join("data"),
+        &["--config", dir.join("mint.toml").to_str().unwrap()],
+        repo,
+    );
     let api = Api::of(&d);
     let disk = dir.join("disk.raw");
     let mut bytes = vec![0u8; 2 << 20];
@@ -99,7 +150,12 @@ fn latency(dir: &Path, repo: &Path, wait_ms: u64) {
         "hostname": "bm-{index:03}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "redfish", "config": {"wait-ms": wait_ms}}, "deploy-timeout-secs": 300,
         "requirements": {"labels": {"role": "bm"}}});
     std::fs::write(dir.join("bm.json"), spec.to_string()).unwrap();
-    d.mint(&["tier", "create", "-f", dir.join("bm.json").to_str().unwrap()]);
+    d.mint(&[
+        "tier",
+        "create",
+        "-f",
+        dir.join("bm.json").to_str().unwrap(),
+    ]);
     for (i, u) in bmcs.urls.iter().enumerate() {
         api.call("POST", "/v1/nodes", Some(json!({"name": format!("bm{i:03}"), "cpus": 8, "memory-mib": 8192, "labels": {"role": "bm"}, "properties": {"bmc-url": u}})));
     }
@@ -116,7 +172,11 @@ fn latency(dir: &Path, repo: &Path, wait_ms: u64) {
     let mut most_in_flight = 0;
     while started.elapsed() < Duration::from_secs(180) {
         let t = Instant::now();
-        api.call("POST", "/v1/tiers/web/scale", Some(json!({"instances": i % 3})));
+        api.call(
+            "POST",
+            "/v1/tiers/web/scale",
+            Some(json!({"instances": i % 3})),
+        );
         samples.push(t.elapsed());
         i += 1;
         std::thread::sleep(Duration::from_millis(20));
@@ -130,38 +190,82 @@ fn latency(dir: &Path, repo: &Path, wait_ms: u64) {
     }
     let during = started.elapsed();
     let settled = api.status("bm")["settled"] == true;
-    let (p50, p99) = (percentile(&mut samples, 0.5), percentile(&mut samples, 0.99));
+    let (p50, p99) = (
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    );
     println!(
         "noop scale while 50 BMCs (10 s power-on, deploy wait-ms {wait_ms}) deploy: {} requests over {:.1} s  p50 {p50:>8.2?}  p99 {p99:>8.2?}  (target p99 < 50 ms: {}; the redfish tier {}; at most {most_in_flight} calls in flight)",
         samples.len(),
         during.as_secs_f64(),
-        if p99 < Duration::from_millis(50) { "met" } else { "MISSED" },
-        if settled { "reached 50 meanwhile" } else { "still deploying at the end" }
+        if p99 < Duration::from_millis(50) {
+            "met"
+        } else {
+            "MISSED"
+        },
+        if settled {
+            "reached 50 meanwhile"
+        } else {
+            "still deploying at the end"
+        }
     );
-    println!("  {} BMC requests, {} systems on", bmcs.requests(), bmcs.powered_on());
+    println!(
+        "  {} BMC requests, {} systems on",
+        bmcs.requests(),
+        bmcs.powered_on()
+    );
 }
 
 fn agents_engine(d: &Daemon) -> mint_sim::agents::Engine {
     let token = std::fs::read_to_string(d.data.join("admin.token")).unwrap();
-    mint_sim::agents::Engine { url: d.url.clone(), admin_token: token.trim().into(), trust: None }
+    mint_sim::agents::Engine {
+        url: d.url.clone(),
+        admin_token: token.trim().into(),
+        trust: None,
+    }
 }
 
 fn scale(dir: &Path, repo: &Path) {
     let dir = dir.join("scale");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("mint.toml"), "[drivers]\nconcurrency = 200\n").unwrap();
-    let d = Daemon::start(&dir.join("data"), &["--config", dir.join("mint.toml").to_str().unwrap(), "--node-timeout-secs", "60"], repo);
+    let d = Daemon::start(
+        &dir.join("data"),
+        &[
+            "--config",
+            dir.join("mint.toml").to_str().unwrap(),
+            "--node-timeout-secs",
+            "60",
+        ],
+        repo,
+    );
     let api = Api::of(&d);
     tree_tier(&d, &dir, "web", 1000, "198.18.0.0/22", "agent", None);
     let t = Instant::now();
-    let options = mint_sim::agents::Options { deploy: Duration::from_secs(2), heartbeat: Duration::from_secs(5), dir: dir.join("sim"), ..Default::default() };
+    let options = mint_sim::agents::Options {
+        deploy: Duration::from_secs(2),
+        heartbeat: Duration::from_secs(5),
+        dir: dir.join("sim"),
+        ..Default::default()
+    };
     let agents = mint_sim::agents::Agents::start(&agents_engine(&d), 1000, options).unwrap();
-    println!("1,000 simulated agents enrolled and registered in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "1,000 simulated agents enrolled and registered in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let (cpu0, _) = usage(d.pid());
     let t = Instant::now();
-    api.call("POST", "/v1/tiers/web/scale", Some(json!({"instances": 1000})));
+    api.call(
+        "POST",
+        "/v1/tiers/web/scale",
+        Some(json!({"instances": 1000})),
+    );
     while api.status("web")["settled"] != true {
-        assert!(t.elapsed() < Duration::from_secs(600), "not settled: {}", api.status("web"));
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "not settled: {}",
+            api.status("web")
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let secs = t.elapsed().as_secs_f64();
@@ -181,12 +285,24 @@ fn heartbeats(dir: &Path, repo: &Path) {
     let api = Api::of(&d);
     tree_tier(&d, &dir, "web", 10, "198.18.0.0/24", "agent", None);
     let t = Instant::now();
-    let options = mint_sim::agents::Options { heartbeat: Duration::from_secs(5), serve: false, threads: 48, dir: dir.join("sim"), ..Default::default() };
+    let options = mint_sim::agents::Options {
+        heartbeat: Duration::from_secs(5),
+        serve: false,
+        threads: 48,
+        dir: dir.join("sim"),
+        ..Default::default()
+    };
     let agents = mint_sim::agents::Agents::start(&agents_engine(&d), 10_000, options).unwrap();
-    println!("10,000 simulated agents enrolled and registered in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "10,000 simulated agents enrolled and registered in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     // Let the heartbeats settle into their rhythm, then measure over 20 s.
     std::thread::sleep(Duration::from_secs(6));
-    let (beats0, cpu0) = (agents.beats.0.load(std::sync::atomic::Ordering::Relaxed), usage(d.pid()).0);
+    let (beats0, cpu0) = (
+        agents.beats.0.load(std::sync::atomic::Ordering::Relaxed),
+        usage(d.pid()).0,
+    );
     let t = Instant::now();
     let mut samples = Vec::new();
     while t.elapsed() < Duration::from_secs(20) {
@@ -196,7 +312,10 @@ fn heartbeats(dir: &Path, repo: &Path) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let secs = t.elapsed().as_secs_f64();
-    let (beats1, cpu1) = (agents.beats.0.load(std::sync::atomic::Ordering::Relaxed), usage(d.pid()).0);
+    let (beats1, cpu1) = (
+        agents.beats.0.load(std::sync::atomic::Ordering::Relaxed),
+        usage(d.pid()).0,
+    );
     let cores = (cpu1 - cpu0).as_secs_f64() / secs;
     let p99 = percentile(&mut samples, 0.99);
     println!(
@@ -205,13 +324,18 @@ fn heartbeats(dir: &Path, repo: &Path) {
         agents.beats.1.load(std::sync::atomic::Ordering::Relaxed),
         cores,
         if cores < 0.5 { "met" } else { "MISSED" },
-        if p99 < Duration::from_millis(100) { "met" } else { "MISSED" }
+        if p99 < Duration::from_millis(100) {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
     drop(agents);
 }
 
 fn main() {
-    let parts = std::env::var("MINT_BENCH_PARTS").unwrap_or_else(|_| "latency,scale,heartbeats".into());
+    let parts =
+        std::env::var("MINT_BENCH_PARTS").unwrap_or_else(|_| "latency,scale,heartbeats".into());
     let dir = std::env::temp_dir().join(format!("mint-bench-control-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -24,15 +24,24 @@ use std::time::{Duration, Instant};
 const PASSWORD: &str = "bench-pw";
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
 }
 
 fn deployed(d: &Daemon) -> usize {
-    d.instances("bm").iter().filter(|i| i["state"] == "deployed").count()
+    d.instances("bm")
+        .iter()
+        .filter(|i| i["state"] == "deployed")
+        .count()
 }
 
 fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
-    std::env::var(name).ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect()).unwrap_or_else(|| default.to_vec())
+    std::env::var(name)
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
 }
 
 fn main() {
@@ -48,40 +57,88 @@ fn main() {
         let handles: Vec<_> = (0..bmcs)
             .map(|i| {
                 let (repo, dir) = (&repo, &dir);
-                s.spawn(move || Emulator::start(repo, &dir.join(format!("bmc-{i}")), 100 + i as u32, 1, Some(("admin", PASSWORD))))
+                s.spawn(move || {
+                    Emulator::start(
+                        repo,
+                        &dir.join(format!("bmc-{i}")),
+                        100 + i as u32,
+                        1,
+                        Some(("admin", PASSWORD)),
+                    )
+                })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("emulator")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("emulator"))
+            .collect()
     });
-    println!("{bmcs} emulated BMCs (one sushy-emulator process each) up in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "{bmcs} emulated BMCs (one sushy-emulator process each) up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     let disk = dir.join("disk.raw");
     let mut bytes = vec![0u8; 2 << 20];
     bytes[510] = 0x55;
     bytes[511] = 0xaa;
     std::fs::write(&disk, bytes).unwrap();
-    std::fs::write(dir.join("creds.toml"), format!("[[credential]]\nusername = \"admin\"\npassword = \"{PASSWORD}\"\n")).unwrap();
+    std::fs::write(
+        dir.join("creds.toml"),
+        format!("[[credential]]\nusername = \"admin\"\npassword = \"{PASSWORD}\"\n"),
+    )
+    .unwrap();
 
-    println!("{:>11} {:>9} {:>13} {:>9} {:>10} {:>10} {:>10}", "concurrency", "seconds", "deploys/min", "calls", "in guest", "BMC HTTP", "host rest");
+    println!(
+        "{:>11} {:>9} {:>13} {:>9} {:>10} {:>10} {:>10}",
+        "concurrency", "seconds", "deploys/min", "calls", "in guest", "BMC HTTP", "host rest"
+    );
     for c in settings {
         let config = dir.join(format!("mint-{c}.toml"));
-        std::fs::write(&config, format!("[credentials]\nfile = \"creds.toml\"\n[drivers]\nconcurrency = {c}\n")).unwrap();
-        let d = Daemon::start(&dir.join(format!("data-{c}")), &["--config", config.to_str().unwrap()], &repo);
+        std::fs::write(
+            &config,
+            format!("[credentials]\nfile = \"creds.toml\"\n[drivers]\nconcurrency = {c}\n"),
+        )
+        .unwrap();
+        let d = Daemon::start(
+            &dir.join(format!("data-{c}")),
+            &["--config", config.to_str().unwrap()],
+            &repo,
+        );
         let image = d.mint(&["image", "import", disk.to_str().unwrap()]);
         let spec = json!({"name": "bm", "image": image["digest"], "max-instances": bmcs, "subnet": "198.18.64.0/18",
             "hostname": "bm-{index:03}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "redfish"},
             "deploy-timeout-secs": 300});
         std::fs::write(dir.join("bm.json"), spec.to_string()).unwrap();
-        d.mint(&["tier", "create", "-f", dir.join("bm.json").to_str().unwrap()]);
+        d.mint(&[
+            "tier",
+            "create",
+            "-f",
+            dir.join("bm.json").to_str().unwrap(),
+        ]);
         for (i, e) in emulators.iter().enumerate() {
-            d.mint(&["node", "add", &format!("n{i:03}"), "--cpus", "8", "--memory-mib", "8192", "--property", &format!("bmc-url={}", e.system_url(0))]);
+            d.mint(&[
+                "node",
+                "add",
+                &format!("n{i:03}"),
+                "--cpus",
+                "8",
+                "--memory-mib",
+                "8192",
+                "--property",
+                &format!("bmc-url={}", e.system_url(0)),
+            ]);
         }
         let before = d.mint(&["plugin", "inspect", "redfish"])["stats"].clone();
         let t0 = Instant::now();
         d.mint(&["tier", "scale", "bm", &bmcs.to_string()]);
         let deadline = t0 + Duration::from_secs(900);
         while deployed(&d) < bmcs {
-            assert!(Instant::now() < deadline, "not all deployed: {}", d.mint(&["events", "--tier", "bm"]));
+            assert!(
+                Instant::now() < deadline,
+                "not all deployed: {}",
+                d.mint(&["events", "--tier", "bm"])
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -110,7 +167,10 @@ fn main() {
         drop(d);
         let deadline = Instant::now() + Duration::from_secs(30);
         while emulators.iter().any(|e| e.system(0)["PowerState"] != "Off") {
-            assert!(Instant::now() < deadline, "systems stayed on after undeploy");
+            assert!(
+                Instant::now() < deadline,
+                "systems stayed on after undeploy"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }

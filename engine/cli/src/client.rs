@@ -14,7 +14,12 @@ use std::path::PathBuf;
 #[derive(Args, Clone)]
 pub struct Conn {
     /// The daemon's address.
-    #[arg(long, global = true, env = "MINT_SERVER", default_value = "http://127.0.0.1:7600")]
+    #[arg(
+        long,
+        global = true,
+        env = "MINT_SERVER",
+        default_value = "http://127.0.0.1:7600"
+    )]
     server: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -66,12 +71,18 @@ impl Conn {
             return Ok(t.clone());
         }
         let found = if let Some(f) = &self.token_file {
-            let text = std::fs::read_to_string(f).map_err(|e| Failure::usage(anyhow!("--token-file {}: {e}", f.display())))?;
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| Failure::usage(anyhow!("--token-file {}: {e}", f.display())))?;
             Some(text.trim().to_string())
-        } else if let Some(t) = std::env::var("MINT_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+        } else if let Some(t) = std::env::var("MINT_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty())
+        {
             Some(t.trim().to_string())
         } else {
-            self.local_token_file().and_then(|f| std::fs::read_to_string(f).ok()).map(|t| t.trim().to_string())
+            self.local_token_file()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .map(|t| t.trim().to_string())
         };
         let _ = self.token.set(found.clone());
         Ok(found)
@@ -80,21 +91,42 @@ impl Conn {
     /// Where a daemon on this host keeps its first admin token, as its health answer says.
     fn local_token_file(&self) -> Option<PathBuf> {
         let host = self.server.split("://").nth(1)?.split('/').next()?;
-        let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_start_matches('[').trim_end_matches(']');
-        let local = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+        let host = host
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let local = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| a.is_loopback());
         if !local {
             return None;
         }
-        let v: Value = self.agent().ok()?.get(&url(self, "/v1/health")).timeout(std::time::Duration::from_secs(10)).call().ok()?.into_json().ok()?;
+        let v: Value = self
+            .agent()
+            .ok()?
+            .get(&url(self, "/v1/health"))
+            .timeout(std::time::Duration::from_secs(10))
+            .call()
+            .ok()?
+            .into_json()
+            .ok()?;
         v["token-file"].as_str().map(PathBuf::from)
     }
 
     /// The HTTP client, trusting what `--ca` or `--pin` say (the system's roots without).
     pub(crate) fn agent(&self) -> Result<ureq::Agent, Failure> {
         let made = self.agent.get_or_init(|| {
-            let trust = mint_tls::Trust::from_flags(self.ca.as_deref(), self.pin.as_deref(), &self.server).map_err(|e| format!("--pin: {e}"))?;
-            let Some(trust) = trust else { return Ok(ureq::AgentBuilder::new().build()) };
-            let trust = mint_tls::ClientTrust::new(&trust).map_err(|e| format!("--ca/--pin: {e}"))?;
+            let trust =
+                mint_tls::Trust::from_flags(self.ca.as_deref(), self.pin.as_deref(), &self.server)
+                    .map_err(|e| format!("--pin: {e}"))?;
+            let Some(trust) = trust else {
+                return Ok(ureq::AgentBuilder::new().build());
+            };
+            let trust =
+                mint_tls::ClientTrust::new(&trust).map_err(|e| format!("--ca/--pin: {e}"))?;
             Ok(ureq::AgentBuilder::new().tls_config(trust.config()).build())
         });
         made.clone().map_err(|e| Failure::usage(anyhow!(e)))
@@ -148,7 +180,11 @@ pub enum ImageCommand {
 /// The daemon's plugin commands.
 pub enum PluginRequest {
     /// Install a package with its signature, if any.
-    Install { package: PathBuf, signature: Option<PathBuf>, unsigned: bool },
+    Install {
+        package: PathBuf,
+        signature: Option<PathBuf>,
+        unsigned: bool,
+    },
     /// List every plugin.
     List,
     /// Show one.
@@ -160,7 +196,10 @@ pub enum PluginRequest {
 #[derive(Subcommand)]
 pub enum TierCommand {
     /// Create a tier from a TOML or JSON file and mint all its instances.
-    Create { #[arg(long, short)] file: PathBuf },
+    Create {
+        #[arg(long, short)]
+        file: PathBuf,
+    },
     /// List tiers.
     List,
     /// Show one tier.
@@ -259,7 +298,11 @@ pub enum TokenCommand {
 
 /// Seconds in a duration written as `90s`, `30m`, `1h` or `2d`.
 fn parse_ttl(text: &str) -> Result<u64, Failure> {
-    let bad = || Failure::usage(anyhow!("--ttl `{text}`: write a whole number with s, m, h or d, as `1h`"));
+    let bad = || {
+        Failure::usage(anyhow!(
+            "--ttl `{text}`: write a whole number with s, m, h or d, as `1h`"
+        ))
+    };
     let (n, unit) = text.split_at(text.len().saturating_sub(1));
     let n: u64 = n.parse().map_err(|_| bad())?;
     let per = match unit {
@@ -283,9 +326,18 @@ fn hand_over(secret: &str, output: Option<&PathBuf>, what: &str) -> Result<(), F
                 .create_new(true)
                 .mode(0o600)
                 .open(path)
-                .map_err(|e| Failure::usage(anyhow!("--output {}: {e} (it must be a new file)", path.display())))?;
-            f.write_all(format!("{secret}\n").as_bytes()).map_err(|e| Failure::usage(anyhow!("--output {}: {e}", path.display())))?;
-            eprintln!("{what} written to {} (mode 0600); it is not shown again", path.display());
+                .map_err(|e| {
+                    Failure::usage(anyhow!(
+                        "--output {}: {e} (it must be a new file)",
+                        path.display()
+                    ))
+                })?;
+            f.write_all(format!("{secret}\n").as_bytes())
+                .map_err(|e| Failure::usage(anyhow!("--output {}: {e}", path.display())))?;
+            eprintln!(
+                "{what} written to {} (mode 0600); it is not shown again",
+                path.display()
+            );
         }
         None => {
             println!("{secret}");
@@ -298,15 +350,29 @@ fn hand_over(secret: &str, output: Option<&PathBuf>, what: &str) -> Result<(), F
 pub fn token(conn: &Conn, cmd: TokenCommand) -> Result<(), Failure> {
     match cmd {
         TokenCommand::Create { name, role, output } => {
-            let v = call(conn, "POST", "/v1/tokens", Some(json!({ "name": name, "role": role })))?;
-            hand_over(v["token"].as_str().unwrap_or_default(), output.as_ref(), &format!("token `{name}` ({role})"))?;
+            let v = call(
+                conn,
+                "POST",
+                "/v1/tokens",
+                Some(json!({ "name": name, "role": role })),
+            )?;
+            hand_over(
+                v["token"].as_str().unwrap_or_default(),
+                output.as_ref(),
+                &format!("token `{name}` ({role})"),
+            )?;
         }
         TokenCommand::List => {
             let v = call(conn, "GET", "/v1/tokens", None)?;
             print(conn, &v, |v| {
                 println!("{:<20} {:<10} CREATED-MS", "NAME", "ROLE");
                 for t in v.as_array().into_iter().flatten() {
-                    println!("{:<20} {:<10} {}", s(&t["name"]), s(&t["role"]), s(&t["created-ms"]));
+                    println!(
+                        "{:<20} {:<10} {}",
+                        s(&t["name"]),
+                        s(&t["role"]),
+                        s(&t["created-ms"])
+                    );
                 }
             });
         }
@@ -324,16 +390,23 @@ fn url(conn: &Conn, path: &str) -> String {
 
 /// Sends a request and returns the JSON answer, mapping failures to exit codes.
 fn call(conn: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
-    let req = conn.request(method, path)?.timeout(std::time::Duration::from_secs(300));
+    let req = conn
+        .request(method, path)?
+        .timeout(std::time::Duration::from_secs(300));
     let resp = match body {
         Some(b) => req.send_json(b),
         None => req.call(),
     };
     match resp {
-        Ok(r) => r.into_json().map_err(|e| Failure::call(anyhow!("the daemon's answer is not JSON: {e}"))),
+        Ok(r) => r
+            .into_json()
+            .map_err(|e| Failure::call(anyhow!("the daemon's answer is not JSON: {e}"))),
         Err(ureq::Error::Status(code, r)) => {
             let v: Value = r.into_json().unwrap_or(Value::Null);
-            let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {code}"));
+            let msg = v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("HTTP {code}"));
             Err(Failure::call(anyhow!("{msg}")))
         }
         Err(e @ ureq::Error::Transport(_)) => call_failure(conn, e),
@@ -347,32 +420,58 @@ fn call_with_progress(conn: &Conn, path: &str, body: Value) -> Result<Value, Fai
     if !conn.bars() {
         return call(conn, "POST", path, Some(body));
     }
-    let resp = conn.request("POST", path)?.timeout(std::time::Duration::from_secs(3600)).set("Accept", "application/x-ndjson").send_json(body);
+    let resp = conn
+        .request("POST", path)?
+        .timeout(std::time::Duration::from_secs(3600))
+        .set("Accept", "application/x-ndjson")
+        .send_json(body);
     let resp = match resp {
         Ok(r) => r,
         // Refused before the work started (a malformed body): an ordinary JSON error.
         Err(ureq::Error::Status(code, r)) => {
             let v: Value = r.into_json().unwrap_or(Value::Null);
-            return Err(Failure::call(anyhow!("{}", v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {code}")))));
+            return Err(Failure::call(anyhow!(
+                "{}",
+                v["error"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("HTTP {code}"))
+            )));
         }
         Err(e @ ureq::Error::Transport(_)) => return call_failure(conn, e),
     };
     let mut bar = Bar::default();
     for line in std::io::BufReader::new(resp.into_reader()).lines() {
-        let line = line.map_err(|e| Failure::call(anyhow!("the daemon's progress stream broke off: {e}")))?;
-        let v: Value = serde_json::from_str(&line).map_err(|e| Failure::call(anyhow!("the daemon sent a progress line that is not JSON: {e}")))?;
+        let line = line
+            .map_err(|e| Failure::call(anyhow!("the daemon's progress stream broke off: {e}")))?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| {
+            Failure::call(anyhow!(
+                "the daemon sent a progress line that is not JSON: {e}"
+            ))
+        })?;
         if let Some(p) = v.get("progress") {
-            bar.draw(p["phase"].as_str().unwrap_or("working"), p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+            bar.draw(
+                p["phase"].as_str().unwrap_or("working"),
+                p["done"].as_u64().unwrap_or(0),
+                p["total"].as_u64().unwrap_or(0),
+            );
         } else if let Some(r) = v.get("result") {
             bar.finish();
             return Ok(r.clone());
         } else {
             bar.finish();
-            return Err(Failure::call(anyhow!("{}", v["error"].as_str().unwrap_or("the daemon reported a failure without a message"))));
+            return Err(Failure::call(anyhow!(
+                "{}",
+                v["error"]
+                    .as_str()
+                    .unwrap_or("the daemon reported a failure without a message")
+            )));
         }
     }
     bar.finish();
-    Err(Failure::call(anyhow!("the daemon's progress stream ended without a result; check `mint events`")))
+    Err(Failure::call(anyhow!(
+        "the daemon's progress stream ended without a result; check `mint events`"
+    )))
 }
 
 fn call_failure<T>(conn: &Conn, e: ureq::Error) -> Result<T, Failure> {
@@ -391,7 +490,13 @@ fn call_failure<T>(conn: &Conn, e: ureq::Error) -> Result<T, Failure> {
     } else {
         "; start it with `mint daemon` or set --server"
     };
-    Err(Failure { code: 4, error: anyhow!("cannot reach the mint daemon at {}: {text}{hint}", conn.server) })
+    Err(Failure {
+        code: 4,
+        error: anyhow!(
+            "cannot reach the mint daemon at {}: {text}{hint}",
+            conn.server
+        ),
+    })
 }
 
 /// A one-line progress bar on stderr, redrawn in place.
@@ -408,7 +513,12 @@ impl Bar {
             format!("{phase:<10} ...")
         } else {
             let filled = (done.min(total) * WIDTH / total) as usize;
-            format!("{phase:<10} [{}{}] {done}/{total} {:>3}%", "#".repeat(filled), "-".repeat(WIDTH as usize - filled), done * 100 / total)
+            format!(
+                "{phase:<10} [{}{}] {done}/{total} {:>3}%",
+                "#".repeat(filled),
+                "-".repeat(WIDTH as usize - filled),
+                done * 100 / total
+            )
         };
         let mut err = std::io::stderr().lock();
         let _ = write!(err, "\r{line:<60}");
@@ -434,7 +544,9 @@ fn print(conn: &Conn, v: &Value, table: impl FnOnce(&Value)) {
 fn pairs(list: &[String], flag: &str) -> Result<Value, Failure> {
     let mut m = serde_json::Map::new();
     for item in list {
-        let (k, v) = item.split_once('=').ok_or_else(|| Failure::usage(anyhow!("--{flag} `{item}` must be KEY=VALUE")))?;
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| Failure::usage(anyhow!("--{flag} `{item}` must be KEY=VALUE")))?;
         m.insert(k.to_string(), json!(v));
     }
     Ok(Value::Object(m))
@@ -451,25 +563,55 @@ fn s(v: &Value) -> String {
 pub fn image(conn: &Conn, cmd: ImageCommand) -> Result<(), Failure> {
     match cmd {
         ImageCommand::Import { path, name, format } => {
-            let abs = std::fs::canonicalize(&path).map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", path.display())))?;
-            let v = call_with_progress(conn, "/v1/images", json!({"path": abs, "name": name, "format": format}))?;
-            print(conn, &v, |v| println!("imported {} as {} ({} entries, {} bytes)", s(&v["name"]), s(&v["digest"]), v["entries"], v["size"]));
+            let abs = std::fs::canonicalize(&path)
+                .map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", path.display())))?;
+            let v = call_with_progress(
+                conn,
+                "/v1/images",
+                json!({"path": abs, "name": name, "format": format}),
+            )?;
+            print(conn, &v, |v| {
+                println!(
+                    "imported {} as {} ({} entries, {} bytes)",
+                    s(&v["name"]),
+                    s(&v["digest"]),
+                    v["entries"],
+                    v["size"]
+                )
+            });
         }
         ImageCommand::List => {
             let v = call(conn, "GET", "/v1/images", None)?;
             print(conn, &v, |v| {
                 println!("{:<20} {:<10} {:>10}  DIGEST", "NAME", "FORMAT", "BYTES");
                 for i in v.as_array().into_iter().flatten() {
-                    println!("{:<20} {:<10} {:>10}  {}", s(&i["name"]), s(&i["format"]), s(&i["size"]), s(&i["digest"]));
+                    println!(
+                        "{:<20} {:<10} {:>10}  {}",
+                        s(&i["name"]),
+                        s(&i["format"]),
+                        s(&i["size"]),
+                        s(&i["digest"])
+                    );
                 }
             });
         }
         ImageCommand::Delete { image } => {
             let v = call(conn, "DELETE", &format!("/v1/images/{image}"), None)?;
-            print(conn, &v, |v| println!("image {} ({}) deleted", s(&v["deleted"]["name"]), s(&v["deleted"]["digest"])));
+            print(conn, &v, |v| {
+                println!(
+                    "image {} ({}) deleted",
+                    s(&v["deleted"]["name"]),
+                    s(&v["deleted"]["digest"])
+                )
+            });
         }
         ImageCommand::Gc { keep_masters } => {
-            let v = call(conn, "POST", "/v1/images/gc", Some(json!({ "keep-masters": keep_masters })))?;
+            let v = call(
+                conn,
+                "POST",
+                "/v1/images/gc",
+                Some(json!({ "keep-masters": keep_masters })),
+            )?;
             print(conn, &v, |v| {
                 println!(
                     "removed {} masters, {} blobs, {} overlays, {} staging directories; {} bytes freed",
@@ -485,9 +627,24 @@ pub fn image(conn: &Conn, cmd: ImageCommand) -> Result<(), Failure> {
             let v = call(conn, "GET", &format!("/v1/images/{image}"), None)?;
             print(conn, &v, |v| {
                 let i = &v["image"];
-                println!("name     {}\ndigest   {}\nformat   {}\nbytes    {}\nentries  {}", s(&i["name"]), s(&i["digest"]), s(&i["format"]), s(&i["size"]), s(&i["entries"]));
-                let tiers: Vec<String> = v["tiers"].as_array().into_iter().flatten().map(s).collect();
-                println!("tiers    {}", if tiers.is_empty() { "-".into() } else { tiers.join(", ") });
+                println!(
+                    "name     {}\ndigest   {}\nformat   {}\nbytes    {}\nentries  {}",
+                    s(&i["name"]),
+                    s(&i["digest"]),
+                    s(&i["format"]),
+                    s(&i["size"]),
+                    s(&i["entries"])
+                );
+                let tiers: Vec<String> =
+                    v["tiers"].as_array().into_iter().flatten().map(s).collect();
+                println!(
+                    "tiers    {}",
+                    if tiers.is_empty() {
+                        "-".into()
+                    } else {
+                        tiers.join(", ")
+                    }
+                );
             });
         }
     }
@@ -496,11 +653,13 @@ pub fn image(conn: &Conn, cmd: ImageCommand) -> Result<(), Failure> {
 
 /// Reads a tier file: TOML, or JSON when it ends in `.json`.
 fn read_spec(file: &PathBuf) -> Result<Value, Failure> {
-    let text = std::fs::read_to_string(file).map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", file.display())))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", file.display())))?;
     if file.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).map_err(|e| Failure::usage(anyhow!("{}: {e}", file.display())))
     } else {
-        let t: toml::Value = toml::from_str(&text).map_err(|e| Failure::usage(anyhow!("{}: {e}", file.display())))?;
+        let t: toml::Value = toml::from_str(&text)
+            .map_err(|e| Failure::usage(anyhow!("{}: {e}", file.display())))?;
         serde_json::to_value(t).map_err(|e| Failure::usage(anyhow!("{}: {e}", file.display())))
     }
 }
@@ -520,7 +679,10 @@ fn tier_row(v: &Value) {
 }
 
 fn tier_header() {
-    println!("{:<16} {:>4} {:>8} {:>8}  {:<18} {:<16} POLICY", "TIER", "K", "DESIRED", "DEPLOYED", "SUBNET", "HOSTNAME");
+    println!(
+        "{:<16} {:>4} {:>8} {:>8}  {:<18} {:<16} POLICY",
+        "TIER", "K", "DESIRED", "DEPLOYED", "SUBNET", "HOSTNAME"
+    );
 }
 
 pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
@@ -528,7 +690,14 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
         TierCommand::Create { file } => {
             let spec = read_spec(&file)?;
             let v = call_with_progress(conn, "/v1/tiers", spec)?;
-            print(conn, &v, |v| println!("tier {} created: {} instances minted in {}", s(&v["name"]), s(&v["max_instances"]), s(&v["plan"]["subnet"])));
+            print(conn, &v, |v| {
+                println!(
+                    "tier {} created: {} instances minted in {}",
+                    s(&v["name"]),
+                    s(&v["max_instances"]),
+                    s(&v["plan"]["subnet"])
+                )
+            });
         }
         TierCommand::List => {
             let v = call(conn, "GET", "/v1/tiers", None)?;
@@ -546,11 +715,24 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
                 let c = &st["counts"];
                 println!(
                     "instances: {} deployed, {} deploying, {} undeploying, {} failed, {} pooled; {}",
-                    s(&c["deployed"]), s(&c["deploying"]), s(&c["undeploying"]), s(&c["failed"]), s(&c["pooled"]),
-                    if st["settled"] == true { "settled" } else { "in progress" }
+                    s(&c["deployed"]),
+                    s(&c["deploying"]),
+                    s(&c["undeploying"]),
+                    s(&c["failed"]),
+                    s(&c["pooled"]),
+                    if st["settled"] == true {
+                        "settled"
+                    } else {
+                        "in progress"
+                    }
                 );
                 for f in st["in-flight"].as_array().into_iter().flatten() {
-                    println!("in flight: {name}/{} {} on node {}", s(&f["index"]), s(&f["action"]), s(&f["node"]));
+                    println!(
+                        "in flight: {name}/{} {} on node {}",
+                        s(&f["index"]),
+                        s(&f["action"]),
+                        s(&f["node"])
+                    );
                 }
                 if let Some(b) = st["blocked"].as_str() {
                     println!("blocked: {b}");
@@ -565,10 +747,24 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
             print(conn, &v, |_| println!("tier {name} deleted"));
         }
         TierCommand::UpdateImage { name, image, batch } => {
-            let v = call_with_progress(conn, &format!("/v1/tiers/{name}/image"), json!({ "image": image, "batch": batch }))?;
-            print(conn, &v, |v| println!("tier {name} re-minted at revision {}; deployed instances roll {batch} at a time", s(&v["revision"])));
+            let v = call_with_progress(
+                conn,
+                &format!("/v1/tiers/{name}/image"),
+                json!({ "image": image, "batch": batch }),
+            )?;
+            print(conn, &v, |v| {
+                println!(
+                    "tier {name} re-minted at revision {}; deployed instances roll {batch} at a time",
+                    s(&v["revision"])
+                )
+            });
         }
-        TierCommand::Scale { name, instances, no_wait, timeout } => scale(conn, &name, instances, no_wait, timeout)?,
+        TierCommand::Scale {
+            name,
+            instances,
+            no_wait,
+            timeout,
+        } => scale(conn, &name, instances, no_wait, timeout)?,
     }
     Ok(())
 }
@@ -576,9 +772,20 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
 /// `mint tier scale`: records the intent, then follows the tier until it is settled (every
 /// wanted instance deployed, none on its way or leaving), blocked, or changed by someone
 /// else.
-fn scale(conn: &Conn, name: &str, instances: i64, no_wait: bool, timeout: Option<u64>) -> Result<(), Failure> {
+fn scale(
+    conn: &Conn,
+    name: &str,
+    instances: i64,
+    no_wait: bool,
+    timeout: Option<u64>,
+) -> Result<(), Failure> {
     let before = call(conn, "GET", &format!("/v1/tiers/{name}/instances"), None)?;
-    let v = call(conn, "POST", &format!("/v1/tiers/{name}/scale"), Some(json!({ "instances": instances })))?;
+    let v = call(
+        conn,
+        "POST",
+        &format!("/v1/tiers/{name}/scale"),
+        Some(json!({ "instances": instances })),
+    )?;
     let generation = v["generation"].as_u64().unwrap_or(0);
     if no_wait {
         print(conn, &v, |v| {
@@ -601,21 +808,39 @@ fn scale(conn: &Conn, name: &str, instances: i64, no_wait: bool, timeout: Option
         }
         if t["tier"]["generation"].as_u64().unwrap_or(0) > generation {
             bar.finish();
-            return Err(Failure::call(anyhow!("tier {name} was changed again (generation {}) while scaling to {instances}; `mint tier show {name}`", s(&t["tier"]["generation"]))));
+            return Err(Failure::call(anyhow!(
+                "tier {name} was changed again (generation {}) while scaling to {instances}; `mint tier show {name}`",
+                s(&t["tier"]["generation"])
+            )));
         }
         let idle = st["in-flight"].as_array().is_none_or(|a| a.is_empty());
-        if st["observed-generation"].as_u64().unwrap_or(0) >= generation && idle && st["blocked"].is_string() {
+        if st["observed-generation"].as_u64().unwrap_or(0) >= generation
+            && idle
+            && st["blocked"].is_string()
+        {
             bar.finish();
-            let failure = st["last-failure"].as_str().map(|f| format!("; the last driver failure: {f}")).unwrap_or_default();
-            return Err(Failure::call(anyhow!("tier {name} is blocked short of {instances} instances: {}{failure}", s(&st["blocked"]))));
+            let failure = st["last-failure"]
+                .as_str()
+                .map(|f| format!("; the last driver failure: {f}"))
+                .unwrap_or_default();
+            return Err(Failure::call(anyhow!(
+                "tier {name} is blocked short of {instances} instances: {}{failure}",
+                s(&st["blocked"])
+            )));
         }
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             bar.finish();
-            return Err(Failure::call(anyhow!("tier {name} did not reach {instances} instances in time; the intent stands, `mint tier show {name}` follows it")));
+            return Err(Failure::call(anyhow!(
+                "tier {name} did not reach {instances} instances in time; the intent stands, `mint tier show {name}` follows it"
+            )));
         }
         if draw {
             let c = &st["counts"];
-            bar.draw("deploying", c["deployed"].as_u64().unwrap_or(0), instances.max(0) as u64);
+            bar.draw(
+                "deploying",
+                c["deployed"].as_u64().unwrap_or(0),
+                instances.max(0) as u64,
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
@@ -624,17 +849,37 @@ fn scale(conn: &Conn, name: &str, instances: i64, no_wait: bool, timeout: Option
     let state = |v: &Value, i: usize| v[i]["state"].as_str().unwrap_or_default().to_string();
     let node = |v: &Value, i: usize| v[i]["node"].as_str().map(str::to_string);
     let n = after.as_array().map_or(0, |a| a.len());
-    let pick = |f: &dyn Fn(usize) -> bool| (0..n).filter(|&i| f(i)).map(|i| format!("{name}/{i}")).collect::<Vec<_>>().join(" ");
-    let deployed = pick(&|i| state(&after, i) == "deployed" && (state(&before, i) != "deployed" || node(&before, i) != node(&after, i)));
+    let pick = |f: &dyn Fn(usize) -> bool| {
+        (0..n)
+            .filter(|&i| f(i))
+            .map(|i| format!("{name}/{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let deployed = pick(&|i| {
+        state(&after, i) == "deployed"
+            && (state(&before, i) != "deployed" || node(&before, i) != node(&after, i))
+    });
     let undeployed = pick(&|i| node(&before, i).is_some() && node(&after, i).is_none());
     let out = json!({ "tier": name, "desired": instances, "generation": generation, "deployed": deployed, "undeployed": undeployed, "status": last["status"] });
-    print(conn, &out, |_| println!("tier {name} scaled to {instances}: deployed [{deployed}] undeployed [{undeployed}]"));
+    print(conn, &out, |_| {
+        println!(
+            "tier {name} scaled to {instances}: deployed [{deployed}] undeployed [{undeployed}]"
+        )
+    });
     Ok(())
 }
 
 pub fn node(conn: &Conn, cmd: NodeCommand) -> Result<(), Failure> {
     match cmd {
-        NodeCommand::Add { name, cpus, memory_mib, arch, labels, properties } => {
+        NodeCommand::Add {
+            name,
+            cpus,
+            memory_mib,
+            arch,
+            labels,
+            properties,
+        } => {
             let body = json!({
                 "name": name, "cpus": cpus, "memory-mib": memory_mib, "arch": arch,
                 "labels": pairs(&labels, "label")?, "properties": pairs(&properties, "property")?,
@@ -645,25 +890,72 @@ pub fn node(conn: &Conn, cmd: NodeCommand) -> Result<(), Failure> {
         NodeCommand::List => {
             let v = call(conn, "GET", "/v1/nodes", None)?;
             print(conn, &v, |v| {
-                println!("{:<16} {:<12} {:>4} {:>8}  {:<14} LABELS", "NODE", "STATE", "CPUS", "MEM-MIB", "INSTANCE");
+                println!(
+                    "{:<16} {:<12} {:>4} {:>8}  {:<14} LABELS",
+                    "NODE", "STATE", "CPUS", "MEM-MIB", "INSTANCE"
+                );
                 for n in v.as_array().into_iter().flatten() {
-                    let inst = if n["instance"].is_null() { "-".into() } else { format!("{}/{}", s(&n["instance"]["tier"]), s(&n["instance"]["index"])) };
-                    let labels: Vec<String> = n["labels"].as_object().into_iter().flatten().map(|(k, v)| format!("{k}={}", s(v))).collect();
-                    println!("{:<16} {:<12} {:>4} {:>8}  {:<14} {}", s(&n["name"]), s(&n["state"]), s(&n["cpus"]), s(&n["memory_mib"]), inst, labels.join(","));
+                    let inst = if n["instance"].is_null() {
+                        "-".into()
+                    } else {
+                        format!(
+                            "{}/{}",
+                            s(&n["instance"]["tier"]),
+                            s(&n["instance"]["index"])
+                        )
+                    };
+                    let labels: Vec<String> = n["labels"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| format!("{k}={}", s(v)))
+                        .collect();
+                    println!(
+                        "{:<16} {:<12} {:>4} {:>8}  {:<14} {}",
+                        s(&n["name"]),
+                        s(&n["state"]),
+                        s(&n["cpus"]),
+                        s(&n["memory_mib"]),
+                        inst,
+                        labels.join(",")
+                    );
                 }
             });
         }
-        NodeCommand::Enroll { name, labels, ttl, output } => {
+        NodeCommand::Enroll {
+            name,
+            labels,
+            ttl,
+            output,
+        } => {
             let body = json!({ "labels": pairs(&labels, "label")?, "ttl-secs": parse_ttl(&ttl)? });
-            let v = call(conn, "POST", &format!("/v1/nodes/{name}/enroll"), Some(body))?;
-            hand_over(v["join-token"].as_str().unwrap_or_default(), output.as_ref(), &format!("join token for node `{name}` (valid {ttl}, once)"))?;
+            let v = call(
+                conn,
+                "POST",
+                &format!("/v1/nodes/{name}/enroll"),
+                Some(body),
+            )?;
+            hand_over(
+                v["join-token"].as_str().unwrap_or_default(),
+                output.as_ref(),
+                &format!("join token for node `{name}` (valid {ttl}, once)"),
+            )?;
         }
         NodeCommand::Remove { name } => {
             let v = call(conn, "DELETE", &format!("/v1/nodes/{name}"), None)?;
             print(conn, &v, |_| println!("node {name} removed"));
         }
-        NodeCommand::State { name, state, reason } => {
-            let v = call(conn, "POST", &format!("/v1/nodes/{name}/state"), Some(json!({ "state": state, "reason": reason })))?;
+        NodeCommand::State {
+            name,
+            state,
+            reason,
+        } => {
+            let v = call(
+                conn,
+                "POST",
+                &format!("/v1/nodes/{name}/state"),
+                Some(json!({ "state": state, "reason": reason })),
+            )?;
             print(conn, &v, |v| println!("node {name} is {}", s(&v["state"])));
         }
     }
@@ -673,17 +965,38 @@ pub fn node(conn: &Conn, cmd: NodeCommand) -> Result<(), Failure> {
 pub fn instances(conn: &Conn, tier: &str) -> Result<(), Failure> {
     let v = call(conn, "GET", &format!("/v1/tiers/{tier}/instances"), None)?;
     print(conn, &v, |v| {
-        println!("{:<14} {:>5}  {:<16} {:<28} {:<12} NODE", "TIER", "INDEX", "HOSTNAME", "ADDRESS", "STATE");
+        println!(
+            "{:<14} {:>5}  {:<16} {:<28} {:<12} NODE",
+            "TIER", "INDEX", "HOSTNAME", "ADDRESS", "STATE"
+        );
         for i in v.as_array().into_iter().flatten() {
-            println!("{:<14} {:>5}  {:<16} {:<28} {:<12} {}", s(&i["id"]["tier"]), s(&i["id"]["index"]), s(&i["hostname"]), s(&i["address"]), s(&i["state"]), s(&i["node"]));
+            println!(
+                "{:<14} {:>5}  {:<16} {:<28} {:<12} {}",
+                s(&i["id"]["tier"]),
+                s(&i["id"]["index"]),
+                s(&i["hostname"]),
+                s(&i["address"]),
+                s(&i["state"]),
+                s(&i["node"])
+            );
         }
     });
     Ok(())
 }
 
-pub fn materialize(conn: &Conn, tier: &str, index: u32, into: &std::path::Path) -> Result<(), Failure> {
+pub fn materialize(
+    conn: &Conn,
+    tier: &str,
+    index: u32,
+    into: &std::path::Path,
+) -> Result<(), Failure> {
     // A path below the daemon's materialize root, on the daemon's host: sent as given.
-    let v = call(conn, "POST", &format!("/v1/tiers/{tier}/instances/{index}/materialize"), Some(json!({ "into": into })))?;
+    let v = call(
+        conn,
+        "POST",
+        &format!("/v1/tiers/{tier}/instances/{index}/materialize"),
+        Some(json!({ "into": into })),
+    )?;
     print(conn, &v, |v| {
         println!(
             "{tier}/{index} materialized in {}: {} files by {}, {} bytes copied, {} edits",
@@ -708,8 +1021,17 @@ pub fn events(conn: &Conn, tier: Option<String>, after: Option<u64>) -> Result<(
     let v = call(conn, "GET", &format!("/v1/events?{}", q.join("&")), None)?;
     print(conn, &v, |v| {
         for e in v.as_array().into_iter().flatten() {
-            let detail = if e["detail"].is_null() { String::new() } else { format!("  {}", e["detail"]) };
-            println!("{:>6} {:<16} {}{detail}", s(&e["seq"]), s(&e["kind"]), s(&e["message"]));
+            let detail = if e["detail"].is_null() {
+                String::new()
+            } else {
+                format!("  {}", e["detail"])
+            };
+            println!(
+                "{:>6} {:<16} {}{detail}",
+                s(&e["seq"]),
+                s(&e["kind"]),
+                s(&e["message"])
+            );
         }
     });
     Ok(())
@@ -723,21 +1045,47 @@ pub fn apply(conn: &Conn, file: &PathBuf) -> Result<(), Failure> {
     let known = |k: &str| -> Result<(), Failure> {
         match doc.as_object() {
             Some(o) => match o.keys().find(|key| *key != "node" && *key != "tier") {
-                Some(bad) => Err(Failure::usage(anyhow!("{}: unknown section `{bad}`; use [[node]] and [[tier]]", file.display()))),
+                Some(bad) => Err(Failure::usage(anyhow!(
+                    "{}: unknown section `{bad}`; use [[node]] and [[tier]]",
+                    file.display()
+                ))),
                 None => Ok(()),
             },
-            None => Err(Failure::usage(anyhow!("{}: expected a table of [[node]] and [[tier]] ({k})", file.display()))),
+            None => Err(Failure::usage(anyhow!(
+                "{}: expected a table of [[node]] and [[tier]] ({k})",
+                file.display()
+            ))),
         }
     };
     known("top level")?;
-    let list = |key: &str| doc.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+    let list = |key: &str| {
+        doc.get(key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
     let nodes = call(conn, "GET", "/v1/nodes", None)?;
-    let have_node = |name: &str| nodes.as_array().into_iter().flatten().any(|n| n["name"] == name);
+    let have_node = |name: &str| {
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["name"] == name)
+    };
     let tiers = call(conn, "GET", "/v1/tiers", None)?;
-    let have_tier = |name: &str| tiers.as_array().into_iter().flatten().any(|t| t["tier"]["name"] == name);
+    let have_tier = |name: &str| {
+        tiers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["tier"]["name"] == name)
+    };
     let (mut created, mut kept) = (Vec::new(), Vec::new());
     for n in list("node") {
-        let name = n["name"].as_str().ok_or_else(|| Failure::usage(anyhow!("{}: a [[node]] has no `name`", file.display())))?.to_string();
+        let name = n["name"]
+            .as_str()
+            .ok_or_else(|| Failure::usage(anyhow!("{}: a [[node]] has no `name`", file.display())))?
+            .to_string();
         if have_node(&name) {
             kept.push(format!("node {name}"));
         } else {
@@ -746,7 +1094,10 @@ pub fn apply(conn: &Conn, file: &PathBuf) -> Result<(), Failure> {
         }
     }
     for t in list("tier") {
-        let name = t["name"].as_str().ok_or_else(|| Failure::usage(anyhow!("{}: a [[tier]] has no `name`", file.display())))?.to_string();
+        let name = t["name"]
+            .as_str()
+            .ok_or_else(|| Failure::usage(anyhow!("{}: a [[tier]] has no `name`", file.display())))?
+            .to_string();
         if have_tier(&name) {
             kept.push(format!("tier {name}"));
         } else {
@@ -790,7 +1141,10 @@ pub fn plugin(conn: &Conn, req: PluginRequest) -> Result<(), Failure> {
         PluginRequest::List => {
             let v = call(conn, "GET", "/v1/plugins", None)?;
             print(conn, &v, |v| {
-                println!("{:<16} {:<12} {:<9} {:<18} {:<10} {:<22} DESCRIPTION", "NAME", "KIND", "VERSION", "WIT", "SOURCE", "SIGNER");
+                println!(
+                    "{:<16} {:<12} {:<9} {:<18} {:<10} {:<22} DESCRIPTION",
+                    "NAME", "KIND", "VERSION", "WIT", "SOURCE", "SIGNER"
+                );
                 for p in v.as_array().into_iter().flatten() {
                     plugin_row(p);
                 }
@@ -807,9 +1161,15 @@ pub fn plugin(conn: &Conn, req: PluginRequest) -> Result<(), Failure> {
                 println!("removed plugin `{name}`");
             }
         }
-        PluginRequest::Install { package, signature, unsigned } => {
+        PluginRequest::Install {
+            package,
+            signature,
+            unsigned,
+        } => {
             use base64::Engine as _;
-            let bytes = std::fs::read(&package).map_err(|e| Failure::usage(anyhow!("cannot read package {}: {e}", package.display())))?;
+            let bytes = std::fs::read(&package).map_err(|e| {
+                Failure::usage(anyhow!("cannot read package {}: {e}", package.display()))
+            })?;
             if bytes.starts_with(b"\0asm") {
                 return Err(Failure::usage(anyhow!(
                     "{} is a bare WebAssembly component; make a package of it and its manifest first: mint plugin pack --manifest plugin.toml --wasm {} -o PACKAGE",
@@ -819,7 +1179,11 @@ pub fn plugin(conn: &Conn, req: PluginRequest) -> Result<(), Failure> {
             }
             let default_sig = PathBuf::from(format!("{}.minisig", package.display()));
             let sig_path = match signature {
-                Some(_) if unsigned => return Err(Failure::usage(anyhow!("--signature and --unsigned contradict each other; give one"))),
+                Some(_) if unsigned => {
+                    return Err(Failure::usage(anyhow!(
+                        "--signature and --unsigned contradict each other; give one"
+                    )));
+                }
                 Some(p) => Some(p),
                 None if unsigned => None,
                 None if default_sig.is_file() => Some(default_sig),
@@ -830,21 +1194,44 @@ pub fn plugin(conn: &Conn, req: PluginRequest) -> Result<(), Failure> {
                     )));
                 }
             };
-            let mut req = conn.request("POST", "/v1/plugins")?.timeout(std::time::Duration::from_secs(600)).set("Content-Type", "application/octet-stream");
+            let mut req = conn
+                .request("POST", "/v1/plugins")?
+                .timeout(std::time::Duration::from_secs(600))
+                .set("Content-Type", "application/octet-stream");
             if let Some(p) = &sig_path {
-                let text = std::fs::read(p).map_err(|e| Failure::usage(anyhow!("cannot read signature {}: {e}", p.display())))?;
-                req = req.set("Mint-Signature", &base64::engine::general_purpose::STANDARD.encode(text));
+                let text = std::fs::read(p).map_err(|e| {
+                    Failure::usage(anyhow!("cannot read signature {}: {e}", p.display()))
+                })?;
+                req = req.set(
+                    "Mint-Signature",
+                    &base64::engine::general_purpose::STANDARD.encode(text),
+                );
             }
             let v: Value = match req.send_bytes(&bytes) {
-                Ok(r) => r.into_json().map_err(|e| Failure::call(anyhow!("the daemon's answer is not JSON: {e}")))?,
+                Ok(r) => r
+                    .into_json()
+                    .map_err(|e| Failure::call(anyhow!("the daemon's answer is not JSON: {e}")))?,
                 Err(ureq::Error::Status(code, r)) => {
                     let v: Value = r.into_json().unwrap_or(Value::Null);
-                    return Err(Failure::call(anyhow!("{}", v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {code}")))));
+                    return Err(Failure::call(anyhow!(
+                        "{}",
+                        v["error"]
+                            .as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| format!("HTTP {code}"))
+                    )));
                 }
                 Err(e @ ureq::Error::Transport(_)) => return call_failure(conn, e),
             };
             print(conn, &v, |v| {
-                println!("installed plugin `{}` {} ({}, {}), signed by {}", s(&v["name"]), s(&v["version"]), s(&v["kind"]), s(&v["wit"]), signer_text(&v["signer"]));
+                println!(
+                    "installed plugin `{}` {} ({}, {}), signed by {}",
+                    s(&v["name"]),
+                    s(&v["version"]),
+                    s(&v["kind"]),
+                    s(&v["wit"]),
+                    signer_text(&v["signer"])
+                );
             });
         }
     }

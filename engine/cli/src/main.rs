@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "mint", version, about = "Mint image instances up front, deploy them on nodes, scale out from the pool.")]
+#[command(
+    name = "mint",
+    version,
+    about = "Mint image instances up front, deploy them on nodes, scale out from the pool."
+)]
 struct Cli {
     #[command(flatten)]
     conn: client::Conn,
@@ -40,7 +44,10 @@ impl TlsArgs {
     fn source(self, data_dir: &std::path::Path) -> Option<mint_tls::ServerSource> {
         match (self.tls_cert, self.tls_key, self.tls_self_signed) {
             (Some(cert), Some(key), _) => Some(mint_tls::ServerSource::Files { cert, key }),
-            (_, _, true) => Some(mint_tls::ServerSource::SelfSigned { dir: data_dir.join("tls"), names: Vec::new() }),
+            (_, _, true) => Some(mint_tls::ServerSource::SelfSigned {
+                dir: data_dir.join("tls"),
+                names: Vec::new(),
+            }),
             _ => None,
         }
     }
@@ -134,24 +141,39 @@ pub struct Failure {
 
 impl Failure {
     pub fn usage(error: impl Into<anyhow::Error>) -> Self {
-        Self { code: 2, error: error.into() }
+        Self {
+            code: 2,
+            error: error.into(),
+        }
     }
     pub fn load(error: impl Into<anyhow::Error>) -> Self {
-        Self { code: 3, error: error.into() }
+        Self {
+            code: 3,
+            error: error.into(),
+        }
     }
     pub fn call(error: impl Into<anyhow::Error>) -> Self {
-        Self { code: 1, error: error.into() }
+        Self {
+            code: 1,
+            error: error.into(),
+        }
     }
 }
 
 /// Runs a blocking client call off the async runtime's workers.
 async fn blocking(f: impl FnOnce() -> Result<(), Failure> + Send + 'static) -> Result<(), Failure> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(Failure::call(anyhow::anyhow!("client task failed: {e}"))))
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(Failure::call(anyhow::anyhow!("client task failed: {e}"))))
 }
 
-async fn daemon(data_dir: std::path::PathBuf, options: mint_daemon::Options) -> Result<(), Failure> {
+async fn daemon(
+    data_dir: std::path::PathBuf,
+    options: mint_daemon::Options,
+) -> Result<(), Failure> {
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
@@ -160,9 +182,16 @@ async fn daemon(data_dir: std::path::PathBuf, options: mint_daemon::Options) -> 
     };
     let dir = data_dir.clone();
     mint_daemon::serve(&data_dir, options, shutdown, move |ready| {
-        eprintln!("mint daemon: serving {} with state in {}", ready.url, dir.display());
+        eprintln!(
+            "mint daemon: serving {} with state in {}",
+            ready.url,
+            dir.display()
+        );
         if let Some(pin) = ready.pin {
-            eprintln!("mint daemon: certificate key {pin} (clients: --pin {pin}; also in {})", dir.join(mint_daemon::PIN_FILE).display());
+            eprintln!(
+                "mint daemon: certificate key {pin} (clients: --pin {pin}; also in {})",
+                dir.join(mint_daemon::PIN_FILE).display()
+            );
         }
     })
     .await
@@ -171,11 +200,17 @@ async fn daemon(data_dir: std::path::PathBuf, options: mint_daemon::Options) -> 
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("MINT_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MINT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -186,34 +221,46 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Plugin(cmd) => plugin_cmd::run(cmd, &cli.conn).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Daemon { data_dir, listen, advertise_url, node_timeout_secs, config, max_auth_failures, tls } => {
-                match std::time::Duration::try_from_secs_f64(node_timeout_secs) {
-                    Ok(t) if t >= std::time::Duration::from_millis(100) => {
-                        let tls = tls.source(&data_dir);
-                        let options = mint_daemon::Options {
-                            listen,
-                            advertise: advertise_url,
-                            node_timeout: t,
-                            config,
-                            max_auth_failures,
-                            tls,
-                            unauthenticated: false,
-                        };
-                        daemon(data_dir, options).await
-                    }
-                    _ => Err(Failure::usage(anyhow::anyhow!("--node-timeout-secs: {node_timeout_secs} must be at least 0.1"))),
+            Command::Daemon {
+                data_dir,
+                listen,
+                advertise_url,
+                node_timeout_secs,
+                config,
+                max_auth_failures,
+                tls,
+            } => match std::time::Duration::try_from_secs_f64(node_timeout_secs) {
+                Ok(t) if t >= std::time::Duration::from_millis(100) => {
+                    let tls = tls.source(&data_dir);
+                    let options = mint_daemon::Options {
+                        listen,
+                        advertise: advertise_url,
+                        node_timeout: t,
+                        config,
+                        max_auth_failures,
+                        tls,
+                        unauthenticated: false,
+                    };
+                    daemon(data_dir, options).await
                 }
-            }
+                _ => Err(Failure::usage(anyhow::anyhow!(
+                    "--node-timeout-secs: {node_timeout_secs} must be at least 0.1"
+                ))),
+            },
             Command::Image(c) => blocking(move || client::image(&cli.conn, c)).await,
             Command::Tier(c) => blocking(move || client::tier(&cli.conn, c)).await,
             Command::Node(c) => blocking(move || client::node(&cli.conn, c)).await,
             Command::Token(c) => blocking(move || client::token(&cli.conn, c)).await,
-            Command::Instance { cmd: InstanceCommand::List { tier } } => blocking(move || client::instances(&cli.conn, &tier)).await,
-            Command::Instance { cmd: InstanceCommand::Materialize { tier, index, into } } => {
-                blocking(move || client::materialize(&cli.conn, &tier, index, &into)).await
-            }
+            Command::Instance {
+                cmd: InstanceCommand::List { tier },
+            } => blocking(move || client::instances(&cli.conn, &tier)).await,
+            Command::Instance {
+                cmd: InstanceCommand::Materialize { tier, index, into },
+            } => blocking(move || client::materialize(&cli.conn, &tier, index, &into)).await,
             Command::Apply { file } => blocking(move || client::apply(&cli.conn, &file)).await,
-            Command::Events { tier, after } => blocking(move || client::events(&cli.conn, tier, after)).await,
+            Command::Events { tier, after } => {
+                blocking(move || client::events(&cli.conn, tier, after)).await
+            }
         }
     });
     match result {

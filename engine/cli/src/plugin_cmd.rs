@@ -8,7 +8,9 @@ use anyhow::{Context, anyhow};
 use clap::{Args, Subcommand};
 use mint_plugins::fixture::Fixture;
 use mint_plugins::types::{Edit, InstanceState};
-use mint_plugins::{Called, Grants, HostPattern, LogLine, Plugin, Runtime, RuntimeOptions, bundled};
+use mint_plugins::{
+    Called, Grants, HostPattern, LogLine, Plugin, Runtime, RuntimeOptions, bundled,
+};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -84,12 +86,17 @@ fn load(args: &LoadArgs) -> Result<(Runtime, Plugin), Failure> {
         .iter()
         .map(|h| HostPattern::parse(h).map_err(|e| Failure::usage(anyhow!("--allow-host: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let runtime = Runtime::new(RuntimeOptions { cache_dir: args.cache_dir.clone(), ..Default::default() })
-        .map_err(|e| Failure::load(anyhow!("cannot start the plugin runtime: {e}")))?;
+    let runtime = Runtime::new(RuntimeOptions {
+        cache_dir: args.cache_dir.clone(),
+        ..Default::default()
+    })
+    .map_err(|e| Failure::load(anyhow!("cannot start the plugin runtime: {e}")))?;
     let name = args.plugin.strip_prefix("bundled:").unwrap_or(&args.plugin);
     let path = Path::new(&args.plugin);
     let plugin = if !args.plugin.starts_with("bundled:") && path.exists() {
-        runtime.load_file(path, &Grants { outbound_hosts }).map_err(Failure::load)?
+        runtime
+            .load_file(path, &Grants { outbound_hosts })
+            .map_err(Failure::load)?
     } else {
         match runtime.load_bundled(name) {
             Some(r) => r.map_err(Failure::load)?,
@@ -106,7 +113,10 @@ fn load(args: &LoadArgs) -> Result<(Runtime, Plugin), Failure> {
     Ok((runtime, plugin))
 }
 
-async fn daemon(conn: &crate::client::Conn, req: crate::client::PluginRequest) -> Result<(), Failure> {
+async fn daemon(
+    conn: &crate::client::Conn,
+    req: crate::client::PluginRequest,
+) -> Result<(), Failure> {
     let conn = conn.clone();
     tokio::task::spawn_blocking(move || crate::client::plugin(&conn, req))
         .await
@@ -117,23 +127,64 @@ pub async fn run(cmd: PluginCommand, conn: &crate::client::Conn) -> Result<(), F
     use crate::client::PluginRequest;
     match cmd {
         PluginCommand::List => daemon(conn, PluginRequest::List).await,
-        PluginCommand::Install { package, signature, unsigned } => daemon(conn, PluginRequest::Install { package, signature, unsigned }).await,
+        PluginCommand::Install {
+            package,
+            signature,
+            unsigned,
+        } => {
+            daemon(
+                conn,
+                PluginRequest::Install {
+                    package,
+                    signature,
+                    unsigned,
+                },
+            )
+            .await
+        }
         PluginCommand::Remove { name } => daemon(conn, PluginRequest::Remove { name }).await,
-        PluginCommand::Pack { manifest, wasm, output } => {
-            let read = |p: &Path| std::fs::read(p).map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", p.display())));
-            let text = String::from_utf8(read(&manifest)?).map_err(|_| Failure::usage(anyhow!("{} is not UTF-8 text", manifest.display())))?;
-            let m = mint_plugins::Manifest::parse(&manifest.display().to_string(), &text).map_err(Failure::load)?;
+        PluginCommand::Pack {
+            manifest,
+            wasm,
+            output,
+        } => {
+            let read = |p: &Path| {
+                std::fs::read(p)
+                    .map_err(|e| Failure::usage(anyhow!("cannot read {}: {e}", p.display())))
+            };
+            let text = String::from_utf8(read(&manifest)?)
+                .map_err(|_| Failure::usage(anyhow!("{} is not UTF-8 text", manifest.display())))?;
+            let m = mint_plugins::Manifest::parse(&manifest.display().to_string(), &text)
+                .map_err(Failure::load)?;
             let bytes = read(&wasm)?;
             // Loading it here finds a broken package before it is signed and shipped.
-            let runtime = Runtime::new(RuntimeOptions::default()).map_err(|e| Failure::load(anyhow!("cannot start the plugin runtime: {e}")))?;
-            let grants = Grants { outbound_hosts: m.capabilities.outbound_hosts.clone() };
-            runtime.load(m.clone(), &bytes, &wasm.display().to_string(), &grants).map_err(Failure::load)?;
-            let package = mint_plugins::package::Package { manifest: text, wasm: bytes }.write();
-            std::fs::write(&output, &package).map_err(|e| Failure::usage(anyhow!("cannot write {}: {e}", output.display())))?;
-            eprintln!("packed `{}` {} into {}; sign it with `minisign -Sm {}`", m.name, m.version, output.display(), output.display());
+            let runtime = Runtime::new(RuntimeOptions::default())
+                .map_err(|e| Failure::load(anyhow!("cannot start the plugin runtime: {e}")))?;
+            let grants = Grants {
+                outbound_hosts: m.capabilities.outbound_hosts.clone(),
+            };
+            runtime
+                .load(m.clone(), &bytes, &wasm.display().to_string(), &grants)
+                .map_err(Failure::load)?;
+            let package = mint_plugins::package::Package {
+                manifest: text,
+                wasm: bytes,
+            }
+            .write();
+            std::fs::write(&output, &package)
+                .map_err(|e| Failure::usage(anyhow!("cannot write {}: {e}", output.display())))?;
+            eprintln!(
+                "packed `{}` {} into {}; sign it with `minisign -Sm {}`",
+                m.name,
+                m.version,
+                output.display(),
+                output.display()
+            );
             Ok(())
         }
-        PluginCommand::Inspect(args) if !Path::new(&args.plugin).exists() && !args.plugin.starts_with("bundled:") => {
+        PluginCommand::Inspect(args)
+            if !Path::new(&args.plugin).exists() && !args.plugin.starts_with("bundled:") =>
+        {
             daemon(conn, PluginRequest::Inspect { name: args.plugin }).await
         }
         PluginCommand::Inspect(args) => {
@@ -219,11 +270,20 @@ async fn run_call(args: RunArgs) -> Result<(), Failure> {
         .with_context(|| format!("cannot read --input {}", args.input.display()))
         .map_err(Failure::usage)?;
     let fixture: Fixture = serde_json::from_str(&text)
-        .with_context(|| format!("--input {}: not a select, customize or driver fixture (see README)", args.input.display()))
+        .with_context(|| {
+            format!(
+                "--input {}: not a select, customize or driver fixture (see README)",
+                args.input.display()
+            )
+        })
         .map_err(Failure::usage)?;
     let extra: Option<Value> = match &args.config {
         None => None,
-        Some(t) => Some(serde_json::from_str(t).context("--config is not JSON").map_err(Failure::usage)?),
+        Some(t) => Some(
+            serde_json::from_str(t)
+                .context("--config is not JSON")
+                .map_err(Failure::usage)?,
+        ),
     };
     let overlay = |base: &Option<Value>| -> Option<Value> {
         match (base, &extra) {
@@ -242,7 +302,10 @@ async fn run_call(args: RunArgs) -> Result<(), Failure> {
     let out = match fixture {
         Fixture::Select(f) => {
             let named = f.request.to_wit();
-            let c = plugin.select(&named.request, &named.names, overlay(&f.config).as_ref()).await.map_err(call_failure)?;
+            let c = plugin
+                .select(&named.request, &named.names, overlay(&f.config).as_ref())
+                .await
+                .map_err(call_failure)?;
             let chosen: Vec<Value> = c
                 .value
                 .iter()
@@ -253,7 +316,10 @@ async fn run_call(args: RunArgs) -> Result<(), Failure> {
         }
         Fixture::Customize(f) => {
             let (instance, peers, master) = f.to_wit(base);
-            let c = plugin.customize(&instance, peers, master, overlay(&f.config).as_ref()).await.map_err(call_failure)?;
+            let c = plugin
+                .customize(&instance, peers, master, overlay(&f.config).as_ref())
+                .await
+                .map_err(call_failure)?;
             let (logs, us) = meta(&c);
             json!({"plugin": name, "call": "customize", "edits": c.value.iter().map(edit_json).collect::<Vec<_>>(), "logs": logs, "elapsed-us": us})
         }
@@ -269,10 +335,17 @@ async fn run_call(args: RunArgs) -> Result<(), Failure> {
                     }
                     .map_err(call_failure)?;
                     let (logs, us) = meta(&c);
-                    (json!({"state": state_name(c.value.state), "detail": c.value.detail}), logs, us)
+                    (
+                        json!({"state": state_name(c.value.state), "detail": c.value.detail}),
+                        logs,
+                        us,
+                    )
                 }
                 "undeploy" => {
-                    let c = plugin.undeploy(&node, &d, config.as_ref()).await.map_err(call_failure)?;
+                    let c = plugin
+                        .undeploy(&node, &d, config.as_ref())
+                        .await
+                        .map_err(call_failure)?;
                     let (logs, us) = meta(&c);
                     (json!(null), logs, us)
                 }

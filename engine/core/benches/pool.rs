@@ -30,12 +30,24 @@ fn spec(name: &str, image: &str, k: u32, subnet: &str) -> TierSpec {
         dns: vec![],
         hostname: format!("{name}-{{index:05}}"),
         requirements: Default::default(),
-        policy: PluginRef { plugin: "spread".into(), config: Default::default() },
+        policy: PluginRef {
+            plugin: "spread".into(),
+            config: Default::default(),
+        },
         customizers: vec![
-            PluginRef { plugin: "hostname".into(), config: Default::default() },
-            PluginRef { plugin: "network".into(), config: Default::default() },
+            PluginRef {
+                plugin: "hostname".into(),
+                config: Default::default(),
+            },
+            PluginRef {
+                plugin: "network".into(),
+                config: Default::default(),
+            },
         ],
-        driver: PluginRef { plugin: "noop".into(), config: Default::default() },
+        driver: PluginRef {
+            plugin: "noop".into(),
+            config: Default::default(),
+        },
         deploy_timeout_secs: 600,
         autoscale: None,
     }
@@ -44,7 +56,12 @@ fn spec(name: &str, image: &str, k: u32, subnet: &str) -> TierSpec {
 /// Placements per second at 5,000 nodes with `spread`: a tier of 5,000 grown to 5,000
 /// by steps that each bind `per_step` instances (one policy call, one transaction), until
 /// every node holds one.
-fn placements(rt: &tokio::runtime::Runtime, dir: &std::path::Path, master: &std::path::Path, per_step: u32) {
+fn placements(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    master: &std::path::Path,
+    per_step: u32,
+) {
     const NODES: u32 = 5_000;
     let engine = Engine::open(dir).unwrap();
     engine.plugins.preload_bundled().unwrap();
@@ -53,17 +70,45 @@ fn placements(rt: &tokio::runtime::Runtime, dir: &std::path::Path, master: &std:
     s.customizers.truncate(1);
     rt.block_on(engine.create_tier(&s, "admin:test")).unwrap();
     for i in 0..NODES {
-        let labels = BTreeMap::from([("zone".to_string(), format!("z{}", i % 4)), ("rack".to_string(), format!("r{}", i % 100))]);
-        let node = Node { name: format!("p-{i:05}"), cpus: 8, memory_mib: 16384, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: 0, cached: Vec::new() };
+        let labels = BTreeMap::from([
+            ("zone".to_string(), format!("z{}", i % 4)),
+            ("rack".to_string(), format!("r{}", i % 100)),
+        ]);
+        let node = Node {
+            name: format!("p-{i:05}"),
+            cpus: 8,
+            memory_mib: 16384,
+            arch: "x86_64".into(),
+            labels,
+            properties: BTreeMap::new(),
+            state: NodeState::Free,
+            instance: None,
+            load: 0,
+            cached: Vec::new(),
+        };
         engine.store.add_node(&node, "admin:test").unwrap();
     }
     let (busy, asked) = (std::collections::BTreeSet::new(), BTreeMap::new());
-    let input = mint_core::StepInput { busy: &busy, asked_ms: &asked, reporting: &|_| false, poll_every_ms: u64::MAX / 4, check_every_ms: u64::MAX / 4 };
+    let input = mint_core::StepInput {
+        busy: &busy,
+        asked_ms: &asked,
+        reporting: &|_| false,
+        poll_every_ms: u64::MAX / 4,
+        check_every_ms: u64::MAX / 4,
+    };
     let t = Instant::now();
     for round in 1..=NODES / per_step {
-        engine.store.set_desired("place", round * per_step, "admin:test").unwrap();
+        engine
+            .store
+            .set_desired("place", round * per_step, "admin:test")
+            .unwrap();
         let (p, effects) = rt.block_on(engine.step("place", &input)).unwrap();
-        assert_eq!((p.deployed.len(), effects.len()), (per_step as usize, per_step as usize), "{:?}", p.blocked);
+        assert_eq!(
+            (p.deployed.len(), effects.len()),
+            (per_step as usize, per_step as usize),
+            "{:?}",
+            p.blocked
+        );
     }
     let secs = t.elapsed().as_secs_f64();
     let rate = f64::from(NODES) / secs;
@@ -77,12 +122,23 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("mint-pool-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let master = dir.join("master");
-    for (p, t) in [("etc/hostname", "debian\n"), ("etc/hosts", "127.0.0.1 localhost\n"), ("etc/network/interfaces", "auto eth0\niface eth0 inet dhcp\n"), ("sbin/ifup", "")] {
+    for (p, t) in [
+        ("etc/hostname", "debian\n"),
+        ("etc/hosts", "127.0.0.1 localhost\n"),
+        (
+            "etc/network/interfaces",
+            "auto eth0\niface eth0 inet dhcp\n",
+        ),
+        ("sbin/ifup", ""),
+    ] {
         let f = master.join(p);
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(f, t).unwrap();
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let data = dir.join("data");
     let engine = Engine::open(&data).unwrap();
     engine.plugins.preload_bundled().unwrap();
@@ -91,7 +147,8 @@ fn main() {
     // Minting 10,000 instances, two customizers each, one durable transaction.
     let k = 10_000;
     let t = Instant::now();
-    rt.block_on(engine.create_tier(&spec("web", &image, k, "198.18.0.0/16"), "admin:test")).unwrap();
+    rt.block_on(engine.create_tier(&spec("web", &image, k, "198.18.0.0/16"), "admin:test"))
+        .unwrap();
     let secs = t.elapsed().as_secs_f64();
     let rate = k as f64 / secs;
     println!(
@@ -101,8 +158,22 @@ fn main() {
 
     // Selecting 100 nodes among 10,000 through the engine: store read, request, policy, checks.
     for i in 0..10_000u32 {
-        let labels = BTreeMap::from([("zone".to_string(), format!("z{}", i % 4)), ("rack".to_string(), format!("r{}", i % 100))]);
-        let node = Node { name: format!("node-{i:05}"), cpus: 8, memory_mib: 16384, arch: "x86_64".into(), labels, properties: BTreeMap::new(), state: NodeState::Free, instance: None, load: i * 7 % 1000, cached: Vec::new() };
+        let labels = BTreeMap::from([
+            ("zone".to_string(), format!("z{}", i % 4)),
+            ("rack".to_string(), format!("r{}", i % 100)),
+        ]);
+        let node = Node {
+            name: format!("node-{i:05}"),
+            cpus: 8,
+            memory_mib: 16384,
+            arch: "x86_64".into(),
+            labels,
+            properties: BTreeMap::new(),
+            state: NodeState::Free,
+            instance: None,
+            load: i * 7 % 1000,
+            cached: Vec::new(),
+        };
         engine.store.add_node(&node, "admin:test").unwrap();
     }
     let mut samples = Vec::new();
@@ -117,8 +188,7 @@ fn main() {
     samples.sort();
     println!(
         "scale out by 100 among 10,000 nodes (select + 100 binds + 100 noop deploys)  median {:>8.1?}  max {:>8.1?}",
-        samples[5],
-        samples[9]
+        samples[5], samples[9]
     );
     let nodes = engine.store.nodes().unwrap();
     let tier = engine.store.tier("web").unwrap();
@@ -130,8 +200,14 @@ fn main() {
         reads.push(t0.elapsed());
     }
     reads.sort();
-    println!("  reading 10,000 node records (copies) from the store  median {:>8.2?}", reads[runs / 2]);
-    let policy = engine.plugins.get("spread", mint_plugins::Kind::NodePolicy, "policy").unwrap();
+    println!(
+        "  reading 10,000 node records (copies) from the store  median {:>8.2?}",
+        reads[runs / 2]
+    );
+    let policy = engine
+        .plugins
+        .get("spread", mint_plugins::Kind::NodePolicy, "policy")
+        .unwrap();
     let mut sel = Vec::new();
     for _ in 0..runs {
         let t0 = Instant::now();
@@ -146,7 +222,11 @@ fn main() {
         "select 100 of {} free nodes (read nodes, build request, policy)  median {:>8.2?}  (target < 20 ms: {})",
         nodes.iter().filter(|n| n.state.can_select()).count(),
         sel[runs / 2],
-        if sel[runs / 2].as_millis() < 20 { "met" } else { "MISSED" }
+        if sel[runs / 2].as_millis() < 20 {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
     // A loaded plugin holds the runtime, whose engine secrets hold the store: both go, so
     // the database is closed before it is reopened.
@@ -165,22 +245,50 @@ fn main() {
         let inst: Vec<Instance> = addrs
             .iter()
             .enumerate()
-            .map(|(i, a)| Instance { id: InstanceId { tier: name.clone(), index: i as u32 }, hostname: tier.hostname.render(&name, i as u64), address: *a, state: InstanceState::Pooled, node: None, overlay: String::new(), since_ms: 0, disk: None, revision: 0, deployment: 0, deployment_started_ms: 0, layer: None })
+            .map(|(i, a)| Instance {
+                id: InstanceId {
+                    tier: name.clone(),
+                    index: i as u32,
+                },
+                hostname: tier.hostname.render(&name, i as u64),
+                address: *a,
+                state: InstanceState::Pooled,
+                node: None,
+                overlay: String::new(),
+                since_ms: 0,
+                disk: None,
+                revision: 0,
+                deployment: 0,
+                deployment_started_ms: 0,
+                layer: None,
+            })
             .collect();
-        engine.store.create_tier(&tier, &inst, "admin:test").unwrap();
+        engine
+            .store
+            .create_tier(&tier, &inst, "admin:test")
+            .unwrap();
     }
     drop(engine);
     let rss_before = rss_mib();
     let t = Instant::now();
     let engine = Engine::open(&data).unwrap();
     engine.plugins.preload_bundled().unwrap();
-    let total: usize = engine.store.tiers().unwrap().iter().map(|t| engine.store.instances(&t.name).unwrap().len()).sum();
+    let total: usize = engine
+        .store
+        .tiers()
+        .unwrap()
+        .iter()
+        .map(|t| engine.store.instances(&t.name).unwrap().len())
+        .sum();
     let secs = t.elapsed().as_secs_f64();
     println!(
         "reopen with {total} instance records, preload plugins, read them all   {secs:>8.2} s  (target < 5 s: {})",
         if secs < 5.0 { "met" } else { "MISSED" }
     );
-    println!("resident memory after reading 100,000 instances  {:.0} MiB (before reopening: {rss_before:.0} MiB)", rss_mib());
+    println!(
+        "resident memory after reading 100,000 instances  {:.0} MiB (before reopening: {rss_before:.0} MiB)",
+        rss_mib()
+    );
     drop(engine);
     placements(&rt, &dir.join("by-100"), &master, 100);
     placements(&rt, &dir.join("at-once"), &master, 5_000);

@@ -38,13 +38,18 @@ fn message(tier: &str, index: u32, deployment: u64, expires: u64) -> String {
 impl Capabilities {
     /// Capabilities under the 32-byte secret `key`.
     pub fn new(key: &[u8; 32]) -> Capabilities {
-        Capabilities { key: hmac::Key::new(hmac::HMAC_SHA256, key) }
+        Capabilities {
+            key: hmac::Key::new(hmac::HMAC_SHA256, key),
+        }
     }
 
     /// The capability token for `deployment` of `tier/index`, valid until `expires`
     /// (seconds since the Unix epoch).
     pub fn token(&self, tier: &str, index: u32, deployment: u64, expires: u64) -> String {
-        let tag = hmac::sign(&self.key, message(tier, index, deployment, expires).as_bytes());
+        let tag = hmac::sign(
+            &self.key,
+            message(tier, index, deployment, expires).as_bytes(),
+        );
         format!("{deployment}.{expires}.{}", hex::encode(tag.as_ref()))
     }
 
@@ -52,7 +57,10 @@ impl Capabilities {
     /// `generation`: derived, not stored, so it dies when the node joins again. Another
     /// message domain than capabilities', so one cannot stand for the other.
     pub fn agent_credential(&self, node: &str, generation: u64) -> String {
-        let tag = hmac::sign(&self.key, format!("mint-agent-credential-v1\n{node}\n{generation}").as_bytes());
+        let tag = hmac::sign(
+            &self.key,
+            format!("mint-agent-credential-v1\n{node}\n{generation}").as_bytes(),
+        );
         format!("mint_ea_{}", hex::encode(tag.as_ref()))
     }
 
@@ -60,9 +68,20 @@ impl Capabilities {
     /// `now` (seconds since the Unix epoch). The MAC is checked in constant time.
     pub fn check(&self, tier: &str, index: u32, token: &str, now: u64) -> Result<u64, Refused> {
         let mut parts = token.splitn(3, '.');
-        let (Some(d), Some(e), Some(mac)) = (parts.next(), parts.next(), parts.next()) else { return Err(Refused::Malformed) };
-        let (Ok(deployment), Ok(expires), Ok(tag)) = (d.parse::<u64>(), e.parse::<u64>(), hex::decode(mac)) else { return Err(Refused::Malformed) };
-        hmac::verify(&self.key, message(tier, index, deployment, expires).as_bytes(), &tag).map_err(|_| Refused::Forged)?;
+        let (Some(d), Some(e), Some(mac)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Refused::Malformed);
+        };
+        let (Ok(deployment), Ok(expires), Ok(tag)) =
+            (d.parse::<u64>(), e.parse::<u64>(), hex::decode(mac))
+        else {
+            return Err(Refused::Malformed);
+        };
+        hmac::verify(
+            &self.key,
+            message(tier, index, deployment, expires).as_bytes(),
+            &tag,
+        )
+        .map_err(|_| Refused::Forged)?;
         if expires <= now {
             return Err(Refused::Expired);
         }
@@ -80,13 +99,35 @@ mod tests {
         let t = caps.token("web", 2, 5, 1000);
         assert_eq!(caps.check("web", 2, &t, 999), Ok(5));
         assert_eq!(caps.check("web", 2, &t, 1000), Err(Refused::Expired));
-        assert_eq!(caps.check("web", 3, &t, 999), Err(Refused::Forged), "another instance");
-        assert_eq!(caps.check("db", 2, &t, 999), Err(Refused::Forged), "another tier");
+        assert_eq!(
+            caps.check("web", 3, &t, 999),
+            Err(Refused::Forged),
+            "another instance"
+        );
+        assert_eq!(
+            caps.check("db", 2, &t, 999),
+            Err(Refused::Forged),
+            "another tier"
+        );
         let later = t.replacen("1000", "9999", 1);
-        assert_eq!(caps.check("web", 2, &later, 999), Err(Refused::Forged), "a stretched expiry");
+        assert_eq!(
+            caps.check("web", 2, &later, 999),
+            Err(Refused::Forged),
+            "a stretched expiry"
+        );
         let other_deployment = t.replacen("5.", "6.", 1);
-        assert_eq!(caps.check("web", 2, &other_deployment, 999), Err(Refused::Forged));
-        assert_eq!(Capabilities::new(&[8; 32]).check("web", 2, &t, 999), Err(Refused::Forged), "another engine's key");
-        assert_eq!(caps.check("web", 2, "garbage", 999), Err(Refused::Malformed));
+        assert_eq!(
+            caps.check("web", 2, &other_deployment, 999),
+            Err(Refused::Forged)
+        );
+        assert_eq!(
+            Capabilities::new(&[8; 32]).check("web", 2, &t, 999),
+            Err(Refused::Forged),
+            "another engine's key"
+        );
+        assert_eq!(
+            caps.check("web", 2, "garbage", 999),
+            Err(Refused::Malformed)
+        );
     }
 }

@@ -30,10 +30,17 @@ pub struct GcReport {
 /// Bytes a path takes on disk (blocks, so sparse files count what they use).
 fn disk_usage(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let Ok(m) = p.symlink_metadata() else { return 0 };
+    let Ok(m) = p.symlink_metadata() else {
+        return 0;
+    };
     let own = m.blocks() * 512;
     if m.is_dir() {
-        own + std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| disk_usage(&e.path())).sum::<u64>()
+        own + std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| disk_usage(&e.path()))
+            .sum::<u64>()
     } else {
         own
     }
@@ -58,7 +65,10 @@ fn make_writable(p: &Path) {
     if let Ok(m) = p.symlink_metadata()
         && m.is_dir()
     {
-        let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(m.permissions().mode() | 0o700));
+        let _ = std::fs::set_permissions(
+            p,
+            std::fs::Permissions::from_mode(m.permissions().mode() | 0o700),
+        );
         for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
             make_writable(&e.path());
         }
@@ -91,15 +101,25 @@ impl Engine {
     /// The image with digest or name `id`; a name several images carry is refused.
     pub fn find_image(&self, id: &str) -> Result<Image> {
         let images = self.store.images()?;
-        let named: Vec<&Image> = images.iter().filter(|i| i.digest == id || i.name == id).collect();
+        let named: Vec<&Image> = images
+            .iter()
+            .filter(|i| i.digest == id || i.name == id)
+            .collect();
         let image = match named.as_slice() {
             [one] => (*one).clone(),
-            [] => return Err(EngineError::Invalid(format!("no image with digest or name `{id}`; `mint image list` shows them"))),
+            [] => {
+                return Err(EngineError::Invalid(format!(
+                    "no image with digest or name `{id}`; `mint image list` shows them"
+                )));
+            }
             many => {
                 return Err(EngineError::Invalid(format!(
                     "{} images are named `{id}`; name one by digest ({})",
                     many.len(),
-                    many.iter().map(|i| i.digest.as_str()).collect::<Vec<_>>().join(", ")
+                    many.iter()
+                        .map(|i| i.digest.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         };
@@ -119,7 +139,11 @@ impl Engine {
             if keep_masters || used_masters.contains(&image.digest) {
                 live_images.push(image);
             } else {
-                let freed: u64 = self.master_files(&image).iter().map(|f| disk_usage(f)).sum();
+                let freed: u64 = self
+                    .master_files(&image)
+                    .iter()
+                    .map(|f| disk_usage(f))
+                    .sum();
                 self.delete_image(&image.digest, by)?;
                 report.bytes_freed += freed;
                 report.masters.push(image.digest);
@@ -156,7 +180,10 @@ impl Engine {
         }
 
         let dir = self.images.dir();
-        for e in std::fs::read_dir(dir).map_err(|e| EngineError::Invalid(format!("cannot list {}: {e}", dir.display())))?.flatten() {
+        for e in std::fs::read_dir(dir)
+            .map_err(|e| EngineError::Invalid(format!("cannot list {}: {e}", dir.display())))?
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
                 report.bytes_freed += remove(&e.path());
@@ -175,14 +202,23 @@ impl Engine {
                 report.blobs += 1;
             }
         }
-        for e in std::fs::read_dir(dir.join("blobs")).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(dir.join("blobs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if !keep.contains(&name) {
                 report.bytes_freed += remove(&e.path());
                 report.blobs += 1;
             }
         }
-        let unused: Vec<String> = self.store.overlay_digests()?.into_iter().filter(|d| !live_overlays.contains(d)).collect();
+        let unused: Vec<String> = self
+            .store
+            .overlay_digests()?
+            .into_iter()
+            .filter(|d| !live_overlays.contains(d))
+            .collect();
         report.overlays = unused.len() as u64;
         self.store.remove_overlays(&unused)?;
         Ok(report)

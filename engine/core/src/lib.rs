@@ -10,14 +10,14 @@
 
 pub mod capability;
 mod gc;
-pub mod reconcile;
 pub mod images;
 mod overlay;
+pub mod reconcile;
 mod registry;
 pub mod spec;
 
-use mint_model::records::{DiskParts, Image, Instance, InstanceId, Node, PluginRef, Tier};
 use mint_model::InstanceState;
+use mint_model::records::{DiskParts, Image, Instance, InstanceId, Node, PluginRef, Tier};
 use mint_plugins::fixture::{RequirementsJson, SelectionBuilder, ip};
 use mint_plugins::master::{EmptyMaster, MasterView};
 use mint_plugins::types as wit;
@@ -27,12 +27,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use gc::GcReport;
-pub use registry::{PluginInfo, PluginPolicy, Registry, Source};
 pub use images::{ImageError, ImageStore, SourceFormat};
-pub use spec::TierSpec;
 pub use reconcile::{Action, Effect, Outcome, PER_ENDPOINT, Permits, StepInput};
-
-
+pub use registry::{PluginInfo, PluginPolicy, Registry, Source};
+pub use spec::TierSpec;
 
 /// Why an engine operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +87,11 @@ pub const HEALTH_CHECK_EVERY: std::time::Duration = std::time::Duration::from_se
 pub const DRIVER_CONCURRENCY: usize = 16;
 
 fn config_value(r: &PluginRef) -> Option<serde_json::Value> {
-    if r.config.is_empty() { None } else { Some(serde_json::Value::Object(r.config.clone())) }
+    if r.config.is_empty() {
+        None
+    } else {
+        Some(serde_json::Value::Object(r.config.clone()))
+    }
 }
 
 /// How far a long operation (an import, minting a tier) has come: `done` of `total` units
@@ -175,13 +177,18 @@ impl Engine {
         // What the host adds to a driver's requests to a node's agent: the engine's
         // credential for the node's current enrollment.
         let (signer, records) = (capability::Capabilities::new(&key), store.clone());
-        plugins.runtime().set_engine_secrets(Arc::new(move |node: &str, property: &str| {
-            if property != "agent-url" {
-                return None;
-            }
-            let generation = records.node_credential(node).ok().flatten()?.generation;
-            mint_plugins::credentials::Authorization::bearer(&signer.agent_credential(node, generation)).ok()
-        }));
+        plugins
+            .runtime()
+            .set_engine_secrets(Arc::new(move |node: &str, property: &str| {
+                if property != "agent-url" {
+                    return None;
+                }
+                let generation = records.node_credential(node).ok().flatten()?.generation;
+                mint_plugins::credentials::Authorization::bearer(
+                    &signer.agent_credential(node, generation),
+                )
+                .ok()
+            }));
         Ok(Engine {
             capabilities: capability::Capabilities::new(&key),
             store,
@@ -189,7 +196,9 @@ impl Engine {
             plugins,
             advertise: String::new(),
             permits: Permits::new(DRIVER_CONCURRENCY, PER_ENDPOINT),
-            health_check_ms: std::sync::atomic::AtomicU64::new(HEALTH_CHECK_EVERY.as_millis() as u64),
+            health_check_ms: std::sync::atomic::AtomicU64::new(
+                HEALTH_CHECK_EVERY.as_millis() as u64
+            ),
             trees: Default::default(),
         })
     }
@@ -200,10 +209,15 @@ impl Engine {
         let tiers = self.store.tiers()?;
         self.plugins.install(package, signature, |name, kind| {
             tiers.iter().find_map(|t| {
-                let uses = [(&t.policy.plugin, Kind::NodePolicy), (&t.driver.plugin, Kind::Driver)]
-                    .into_iter()
-                    .chain(t.customizers.iter().map(|c| (&c.plugin, Kind::Customizer)));
-                uses.into_iter().any(|(p, k)| p == name && k != kind).then(|| t.name.clone())
+                let uses = [
+                    (&t.policy.plugin, Kind::NodePolicy),
+                    (&t.driver.plugin, Kind::Driver),
+                ]
+                .into_iter()
+                .chain(t.customizers.iter().map(|c| (&c.plugin, Kind::Customizer)));
+                uses.into_iter()
+                    .any(|(p, k)| p == name && k != kind)
+                    .then(|| t.name.clone())
             })
         })
     }
@@ -211,7 +225,9 @@ impl Engine {
     /// Removes an installed plugin that no tier uses.
     pub fn remove_plugin(&self, name: &str) -> Result<()> {
         let user = self.store.tiers()?.into_iter().find(|t| {
-            t.policy.plugin == name || t.driver.plugin == name || t.customizers.iter().any(|c| c.plugin == name)
+            t.policy.plugin == name
+                || t.driver.plugin == name
+                || t.customizers.iter().any(|c| c.plugin == name)
         });
         self.plugins.remove(name, user.map(|t| t.name))
     }
@@ -224,7 +240,13 @@ impl Engine {
 
     /// [`Engine::import_image`] with a claimed format that the contents must match, reporting
     /// progress to `report`.
-    pub fn import_image_reporting(&self, source: &Path, name: Option<&str>, claimed: Option<SourceFormat>, report: Report<'_>) -> Result<Image> {
+    pub fn import_image_reporting(
+        &self,
+        source: &Path,
+        name: Option<&str>,
+        claimed: Option<SourceFormat>,
+        report: Report<'_>,
+    ) -> Result<Image> {
         let mut image = self.images.import(source, name, claimed, report)?;
         // The same content imported again without a name keeps the name it was given.
         if name.is_none()
@@ -245,26 +267,44 @@ impl Engine {
 
     /// [`Engine::create_tier`], reporting each minted instance to `report`; `by` is the
     /// identity the event log records.
-    pub async fn create_tier_reporting(&self, spec: &TierSpec, report: Report<'_>, by: &str) -> Result<Tier> {
+    pub async fn create_tier_reporting(
+        &self,
+        spec: &TierSpec,
+        report: Report<'_>,
+        by: &str,
+    ) -> Result<Tier> {
         // A tier file may name its master as `mint image import --name` did; the tier
         // records the digest, so a later import under the same name changes nothing here.
         let resolved;
         let spec = if spec.image.starts_with("sha256:") || spec.image.is_empty() {
             spec
         } else {
-            let image = self.find_image(&spec.image).map_err(|e| EngineError::Invalid(format!("field `image`: {e}")))?;
-            resolved = TierSpec { image: image.digest, ..spec.clone() };
+            let image = self
+                .find_image(&spec.image)
+                .map_err(|e| EngineError::Invalid(format!("field `image`: {e}")))?;
+            resolved = TierSpec {
+                image: image.digest,
+                ..spec.clone()
+            };
             &resolved
         };
         let tier = spec.to_tier().map_err(EngineError::Invalid)?;
         let image = self.store.image(&tier.image).map_err(|_| {
-            EngineError::Invalid(format!("field `image`: no image `{}`; import it first (`mint image import`)", tier.image))
+            EngineError::Invalid(format!(
+                "field `image`: no image `{}`; import it first (`mint image import`)",
+                tier.image
+            ))
         })?;
         self.store.check_new_tier(&tier)?;
-        self.plugins.get(&tier.policy.plugin, Kind::NodePolicy, "policy")?;
-        self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
+        self.plugins
+            .get(&tier.policy.plugin, Kind::NodePolicy, "policy")?;
+        self.plugins
+            .get(&tier.driver.plugin, Kind::Driver, "driver")?;
         let taken = |a| self.store.address_taken(a).unwrap_or(true);
-        let addresses = tier.plan.allocate(tier.max_instances as u64, &taken).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let addresses = tier
+            .plan
+            .allocate(tier.max_instances as u64, &taken)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         let instances = self.mint(&tier, &image, &addresses, report).await?;
         self.store.create_tier(&tier, &instances, by)?;
         Ok(tier)
@@ -273,30 +313,58 @@ impl Engine {
     /// Mints one instance per address (index = position) of `tier` from `image`: each runs
     /// through the customizers, its edits are stored as an overlay and, for a disk master,
     /// its NoCloud seed is written. The blobs are durable when this returns.
-    async fn mint(&self, tier: &Tier, image: &Image, addresses: &[std::net::IpAddr], report: Report<'_>) -> Result<Vec<Instance>> {
+    async fn mint(
+        &self,
+        tier: &Tier,
+        image: &Image,
+        addresses: &[std::net::IpAddr],
+        report: Report<'_>,
+    ) -> Result<Vec<Instance>> {
         let steps = tier
             .customizers
             .iter()
-            .map(|c| Ok((self.plugins.get(&c.plugin, Kind::Customizer, "customizers")?, config_value(c))))
+            .map(|c| {
+                Ok((
+                    self.plugins
+                        .get(&c.plugin, Kind::Customizer, "customizers")?,
+                    config_value(c),
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         let peers: Arc<[wit::Peer]> = addresses
             .iter()
             .enumerate()
-            .map(|(i, a)| wit::Peer { index: i as u32, hostname: tier.hostname.render(&tier.name, i as u64), address: ip(*a) })
+            .map(|(i, a)| wit::Peer {
+                index: i as u32,
+                hostname: tier.hostname.render(&tier.name, i as u64),
+                address: ip(*a),
+            })
             .collect::<Vec<_>>()
             .into();
         // Customizers read a tree master's files; a disk master is opaque to them (its
         // instances get their identity from the NoCloud seed), so they see an empty one.
-        let tree = if image.is_disk() { None } else { Some(self.tree_index(&image.digest)?) };
+        let tree = if image.is_disk() {
+            None
+        } else {
+            Some(self.tree_index(&image.digest)?)
+        };
         let master: Arc<dyn MasterView> = match &tree {
             Some(index) => Arc::new(images::tree::TarMaster(index.clone())),
             None => Arc::new(EmptyMaster),
         };
         // Every instance of a disk master shares one empty overlay backed by the master.
-        let disk_overlay = if image.is_disk() { Some(self.images.disk_overlay(image)?) } else { None };
+        let disk_overlay = if image.is_disk() {
+            Some(self.images.disk_overlay(image)?)
+        } else {
+            None
+        };
         let mut instances = Vec::with_capacity(addresses.len());
         let total = addresses.len() as u64;
-        report(Step { phase: "minting", done: 0, total });
+        report(Step {
+            phase: "minting",
+            done: 0,
+            total,
+        });
         for (i, address) in addresses.iter().enumerate() {
             let identity = wit::Instance {
                 tier: tier.name.clone(),
@@ -310,14 +378,21 @@ impl Engine {
             };
             let mut edits = Vec::new();
             for (step, config) in &steps {
-                edits.extend(step.customize(&identity, peers.clone(), master.clone(), config.as_ref()).await?.value);
+                edits.extend(
+                    step.customize(&identity, peers.clone(), master.clone(), config.as_ref())
+                        .await?
+                        .value,
+                );
             }
             let (digest, bytes) = overlay::encode(&edits);
             self.store.put_overlay(&digest, &bytes)?;
             // A tree instance's layer is built here, once, so serving it reads a small
             // blob and nothing is built while a node waits.
             let layer = match &tree {
-                Some(index) => Some(self.images.put_blob(&images::layer::build(index, &decode_edits(&digest, &bytes)?)?)?),
+                Some(index) => Some(self.images.put_blob(&images::layer::build(
+                    index,
+                    &decode_edits(&digest, &bytes)?,
+                )?)?),
                 None => None,
             };
             let disk = match &disk_overlay {
@@ -333,12 +408,18 @@ impl Engine {
                         customization: &digest,
                     };
                     let volume = images::seed::volume(&images::seed::files(&id, &edits)?)?;
-                    Some(DiskParts { overlay: overlay.clone(), seed: self.images.put_blob(&volume)? })
+                    Some(DiskParts {
+                        overlay: overlay.clone(),
+                        seed: self.images.put_blob(&volume)?,
+                    })
                 }
                 None => None,
             };
             instances.push(Instance {
-                id: InstanceId { tier: tier.name.clone(), index: i as u32 },
+                id: InstanceId {
+                    tier: tier.name.clone(),
+                    index: i as u32,
+                },
                 hostname: identity.hostname,
                 address: *address,
                 state: InstanceState::Pooled,
@@ -351,7 +432,11 @@ impl Engine {
                 deployment_started_ms: 0,
                 layer,
             });
-            report(Step { phase: "minting", done: i as u64 + 1, total });
+            report(Step {
+                phase: "minting",
+                done: i as u64 + 1,
+                total,
+            });
         }
         // The blobs the instances refer to are durable before the tier that refers to them.
         self.images.sync()?;
@@ -361,16 +446,29 @@ impl Engine {
     /// Replaces a tier's master with `image` (a digest or name of a new version of it): re-mints all K
     /// instances with their identities, then reconciliation rolls the deployed ones to it
     /// through the driver, `batch` at a time, lowest index first. Returns the new revision.
-    pub async fn update_image(&self, tier_name: &str, image: &str, batch: u32, report: Report<'_>, by: &str) -> Result<u64> {
+    pub async fn update_image(
+        &self,
+        tier_name: &str,
+        image: &str,
+        batch: u32,
+        report: Report<'_>,
+        by: &str,
+    ) -> Result<u64> {
         let tier = self.store.tier(tier_name)?;
-        let new = self.find_image(image).map_err(|e| EngineError::Invalid(format!("field `image`: {e}")))?;
+        let new = self
+            .find_image(image)
+            .map_err(|e| EngineError::Invalid(format!("field `image`: {e}")))?;
         if batch == 0 {
-            return Err(EngineError::Invalid("field `batch`: roll at least 1 instance at a time".into()));
+            return Err(EngineError::Invalid(
+                "field `batch`: roll at least 1 instance at a time".into(),
+            ));
         }
         let current = self.store.instances(tier_name)?;
         let addresses: Vec<std::net::IpAddr> = current.iter().map(|i| i.address).collect();
         let reminted = self.mint(&tier, &new, &addresses, report).await?;
-        Ok(self.store.remint(tier_name, &new.digest, batch, &reminted, by)?)
+        Ok(self
+            .store
+            .remint(tier_name, &new.digest, batch, &reminted, by)?)
     }
 
     /// Sets a tier's desired count (for the identity `by`) and runs one reconciliation
@@ -386,26 +484,45 @@ impl Engine {
 
     /// The index of tree master `digest`, read once and kept.
     pub fn tree_index(&self, digest: &str) -> Result<Arc<images::tree::TreeIndex>> {
-        if let Some(t) = self.trees.lock().unwrap_or_else(|p| p.into_inner()).get(digest) {
+        if let Some(t) = self
+            .trees
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+        {
             return Ok(t.clone());
         }
         let index = Arc::new(images::tree::TreeIndex::read(&self.images.tar(digest))?);
-        self.trees.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.to_string(), index.clone());
+        self.trees
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest.to_string(), index.clone());
         Ok(index)
     }
 
     /// The layer of a tree instance: the one minted with it, or (for an instance minted
     /// before layers existed) built now from its overlay and recorded, once.
     fn layer(&self, tier: &Tier, inst: &Instance) -> Result<String> {
-        if let Some(l) = inst.layer.as_ref().filter(|l| self.images.locate(l).is_some()) {
+        if let Some(l) = inst
+            .layer
+            .as_ref()
+            .filter(|l| self.images.locate(l).is_some())
+        {
             return Ok(l.clone());
         }
         let key = format!("layer:{}:{}", tier.image, inst.overlay);
-        if let Some(d) = self.store.artifact(&key)?.filter(|d| self.images.locate(d).is_some()) {
+        if let Some(d) = self
+            .store
+            .artifact(&key)?
+            .filter(|d| self.images.locate(d).is_some())
+        {
             return Ok(d);
         }
         let bytes = self.store.overlay(&inst.overlay)?;
-        let layer = images::layer::build(&*self.tree_index(&tier.image)?, &decode_edits(&inst.overlay, &bytes)?)?;
+        let layer = images::layer::build(
+            &*self.tree_index(&tier.image)?,
+            &decode_edits(&inst.overlay, &bytes)?,
+        )?;
         let digest = self.images.put_blob(&layer)?;
         self.images.sync()?;
         self.store.put_artifact(&key, &digest)?;
@@ -416,7 +533,12 @@ impl Engine {
     /// directory on the daemon's host): the master's files unpacked from its canonical
     /// tar, then the instance's layer applied over them, as a node without overlayfs
     /// assembles it.
-    pub fn materialize(&self, tier: &str, index: u32, into: &Path) -> Result<images::materialize::Materialized> {
+    pub fn materialize(
+        &self,
+        tier: &str,
+        index: u32,
+        into: &Path,
+    ) -> Result<images::materialize::Materialized> {
         let t = self.store.tier(tier)?;
         let inst = self.instance(tier, index)?;
         let image = self.store.image(&t.image)?;
@@ -426,8 +548,14 @@ impl Engine {
             )));
         }
         let layer = self.layer(&t, &inst)?;
-        let layer_path = self.images.locate(&layer).ok_or_else(|| EngineError::Invalid(format!("the layer {layer} of {tier}/{index} is missing")))?;
-        Ok(images::materialize::materialize(&self.images.tar(&t.image), &layer_path, into)?)
+        let layer_path = self.images.locate(&layer).ok_or_else(|| {
+            EngineError::Invalid(format!("the layer {layer} of {tier}/{index} is missing"))
+        })?;
+        Ok(images::materialize::materialize(
+            &self.images.tar(&t.image),
+            &layer_path,
+            into,
+        )?)
     }
 
     /// What a node fetches to run instance `index` of `tier`: for a tree master, the
@@ -440,20 +568,38 @@ impl Engine {
         let image = self.store.image(&t.image)?;
         let part = |role: &'static str, digest: &str, name: String| -> Result<ArtifactPart> {
             let path = self.images.locate(digest).ok_or_else(|| {
-                EngineError::Invalid(format!("blob {digest} ({role} of {tier}/{index}) is missing from the image store"))
+                EngineError::Invalid(format!(
+                    "blob {digest} ({role} of {tier}/{index}) is missing from the image store"
+                ))
             })?;
-            let size = std::fs::metadata(&path).map_err(|e| EngineError::Invalid(format!("cannot stat {}: {e}", path.display())))?.len();
-            Ok(ArtifactPart { role, url: format!("/v1/blobs/{digest}"), digest: digest.to_string(), size, name })
+            let size = std::fs::metadata(&path)
+                .map_err(|e| EngineError::Invalid(format!("cannot stat {}: {e}", path.display())))?
+                .len();
+            Ok(ArtifactPart {
+                role,
+                url: format!("/v1/blobs/{digest}"),
+                digest: digest.to_string(),
+                size,
+                name,
+            })
         };
         let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
         let parts = match &inst.disk {
             Some(d) => vec![
-                part("master", &image.digest, format!("{}.{}", hex(&image.digest), image.format))?,
+                part(
+                    "master",
+                    &image.digest,
+                    format!("{}.{}", hex(&image.digest), image.format),
+                )?,
                 part("overlay", &d.overlay, format!("{}.qcow2", hex(&d.overlay)))?,
                 part("seed", &d.seed, "seed.img".into())?,
             ],
             None => vec![
-                part("master", &image.digest, format!("{}.tar", hex(&image.digest)))?,
+                part(
+                    "master",
+                    &image.digest,
+                    format!("{}.tar", hex(&image.digest)),
+                )?,
                 part("layer", &self.layer(&t, &inst)?, "layer.tar".into())?,
             ],
         };
@@ -469,25 +615,37 @@ impl Engine {
     }
 
     fn instance(&self, tier: &str, index: u32) -> Result<Instance> {
-        self.store.instances(tier)?.into_iter().find(|i| i.id.index == index).ok_or_else(|| {
-            EngineError::Store(StoreError::NotFound { what: "instance", name: format!("{tier}/{index}") })
-        })
+        self.store
+            .instances(tier)?
+            .into_iter()
+            .find(|i| i.id.index == index)
+            .ok_or_else(|| {
+                EngineError::Store(StoreError::NotFound {
+                    what: "instance",
+                    name: format!("{tier}/{index}"),
+                })
+            })
     }
 
     /// An overlay's edits, decoded, for showing or materializing an instance.
     pub fn overlay(&self, digest: &str) -> Result<serde_json::Value> {
         let bytes = self.store.overlay(digest)?;
-        serde_json::from_slice(&bytes).map_err(|e| EngineError::Invalid(format!("overlay {digest} does not decode: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| EngineError::Invalid(format!("overlay {digest} does not decode: {e}")))
     }
 }
 
 /// An overlay's stored bytes as the edits a layer is built from.
 fn decode_edits(digest: &str, bytes: &[u8]) -> Result<Vec<images::materialize::OverlayEdit>> {
-    serde_json::from_slice(bytes).map_err(|e| EngineError::Invalid(format!("overlay {digest} does not decode: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| EngineError::Invalid(format!("overlay {digest} does not decode: {e}")))
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The label the host gives a candidate whose agent caches the tier's master (value
@@ -495,7 +653,11 @@ fn now_ms() -> u64 {
 pub const CACHED_MASTER_LABEL: &str = "mint.cached-master";
 
 /// The policy's view: every free node, interned; names kept aside by index.
-pub fn selection_request<'a>(tier: &Tier, nodes: impl IntoIterator<Item = &'a Node>, count: u32) -> (wit::SelectionRequest, Vec<String>) {
+pub fn selection_request<'a>(
+    tier: &Tier,
+    nodes: impl IntoIterator<Item = &'a Node>,
+    count: u32,
+) -> (wit::SelectionRequest, Vec<String>) {
     let mut b = SelectionBuilder::default();
     for n in nodes {
         if n.instance.as_ref().is_some_and(|i| i.tier == tier.name) {
@@ -525,8 +687,14 @@ pub fn selection_request<'a>(tier: &Tier, nodes: impl IntoIterator<Item = &'a No
 }
 
 fn wit_node(n: &Node) -> wit::Node {
-    let pairs = |m: &std::collections::BTreeMap<String, String>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    wit::Node { name: n.name.clone(), properties: pairs(&n.properties), labels: pairs(&n.labels) }
+    let pairs = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    wit::Node {
+        name: n.name.clone(),
+        properties: pairs(&n.properties),
+        labels: pairs(&n.labels),
+    }
 }
 
 impl Engine {
@@ -536,7 +704,9 @@ impl Engine {
         // Counted from the deployment's start, so every call about it (deploy, status,
         // undeploy) names the same URLs, which drivers compare with what a BMC holds.
         let expires = i.deployment_started_ms / 1000 + capability::TTL_SECS;
-        let token = self.capabilities.token(&i.id.tier, i.id.index, i.deployment, expires);
+        let token = self
+            .capabilities
+            .token(&i.id.tier, i.id.index, i.deployment, expires);
         deployment(&self.advertise, i, &token)
     }
 
@@ -544,7 +714,10 @@ impl Engine {
     /// the instance's current deployment, which holds a node. `None` otherwise, for every
     /// reason alike.
     pub fn capability_instance(&self, tier: &str, index: u32, token: &str) -> Option<Instance> {
-        let deployment = self.capabilities.check(tier, index, token, now_ms() / 1000).ok()?;
+        let deployment = self
+            .capabilities
+            .check(tier, index, token, now_ms() / 1000)
+            .ok()?;
         let inst = self.instance(tier, index).ok()?;
         (inst.deployment == deployment && inst.state.holds_node()).then_some(inst)
     }
@@ -556,10 +729,19 @@ fn deployment(base: &str, i: &Instance, token: &str) -> wit::Deployment {
         index: i.id.index,
         hostname: i.hostname.clone(),
         artifact: wit::Artifact {
-            url: format!("{}/v1/cap/{}/{}/{token}", base.trim_end_matches('/'), i.id.tier, i.id.index),
+            url: format!(
+                "{}/v1/cap/{}/{}/{token}",
+                base.trim_end_matches('/'),
+                i.id.tier,
+                i.id.index
+            ),
             digest: i.overlay.clone(),
             size: 0,
-            format: if i.disk.is_some() { "disk".into() } else { "tree".into() },
+            format: if i.disk.is_some() {
+                "disk".into()
+            } else {
+                "tree".into()
+            },
         },
     }
 }

@@ -21,5 +21,8 @@ pub fn encode(edits: &[Edit]) -> (String, Vec<u8>) {
         })
         .collect();
     let bytes = serde_json::to_vec(&list).expect("JSON values serialise");
-    (format!("sha256:{}", hex::encode(Sha256::digest(&bytes))), bytes)
+    (
+        format!("sha256:{}", hex::encode(Sha256::digest(&bytes))),
+        bytes,
+    )
 }

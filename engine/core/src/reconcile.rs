@@ -10,9 +10,9 @@
 //! it likes (the daemon: each in its own task, bounded by [`Permits`]).
 
 use crate::{Engine, Progress, Result, config_value, now_ms, selection_request, wit_node};
+use mint_model::InstanceState;
 use mint_model::plan::{self, View};
 use mint_model::records::{Instance, InstanceId, Node, Tier};
-use mint_model::InstanceState;
 use mint_plugins::Kind;
 use mint_plugins::types as wit;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -117,8 +117,10 @@ impl Permits {
 
     /// Changes the bounds for calls that start from now on (calls in flight keep theirs).
     pub fn set(&self, limit: usize, per_endpoint: usize) {
-        self.limit.store(limit.max(1), std::sync::atomic::Ordering::Relaxed);
-        self.per_endpoint.store(per_endpoint.max(1), std::sync::atomic::Ordering::Relaxed);
+        self.limit
+            .store(limit.max(1), std::sync::atomic::Ordering::Relaxed);
+        self.per_endpoint
+            .store(per_endpoint.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The bound of calls at once in all.
@@ -126,7 +128,10 @@ impl Permits {
         self.limit.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn semaphore(slot: &mut (usize, Arc<tokio::sync::Semaphore>), size: usize) -> Arc<tokio::sync::Semaphore> {
+    fn semaphore(
+        slot: &mut (usize, Arc<tokio::sync::Semaphore>),
+        size: usize,
+    ) -> Arc<tokio::sync::Semaphore> {
         // A changed bound takes effect through a fresh semaphore; permits of the old one
         // are returned to it and die with it.
         if slot.0 != size {
@@ -143,14 +148,21 @@ impl Permits {
             let size = self.per_endpoint.load(std::sync::atomic::Ordering::Relaxed);
             let sem = {
                 let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-                Self::semaphore(map.entry(e.to_string()).or_insert_with(|| (0, Arc::new(tokio::sync::Semaphore::new(0)))), size)
+                Self::semaphore(
+                    map.entry(e.to_string())
+                        .or_insert_with(|| (0, Arc::new(tokio::sync::Semaphore::new(0)))),
+                    size,
+                )
             };
             // Never closed, so acquiring cannot fail.
             if let Ok(p) = sem.acquire_owned().await {
                 held.push(p);
             }
         }
-        let sem = Self::semaphore(&mut self.global.lock().unwrap_or_else(|p| p.into_inner()), self.limit());
+        let sem = Self::semaphore(
+            &mut self.global.lock().unwrap_or_else(|p| p.into_inner()),
+            self.limit(),
+        );
         if let Ok(p) = sem.acquire_owned().await {
             held.push(p);
         }
@@ -164,7 +176,11 @@ impl Engine {
     /// rolling, waiting instances are bound to the nodes the policy picks (as many as there
     /// are eligible free nodes; the rest wait, and `blocked` says what they need). Returns
     /// what it did and the driver calls to make.
-    pub async fn step(&self, tier_name: &str, input: &StepInput<'_>) -> Result<(Progress, Vec<Effect>)> {
+    pub async fn step(
+        &self,
+        tier_name: &str,
+        input: &StepInput<'_>,
+    ) -> Result<(Progress, Vec<Effect>)> {
         let tier = self.store.tier(tier_name)?;
         let mut instances = self.store.instances(tier_name)?;
         let now = now_ms();
@@ -183,22 +199,45 @@ impl Engine {
         if p.is_empty() {
             return Ok((progress, effects));
         }
-        let at = |instances: &[Instance], x: u32| instances.iter().find(|i| i.id.index == x).cloned();
+        let at =
+            |instances: &[Instance], x: u32| instances.iter().find(|i| i.id.index == x).cloned();
         for x in &p.timed_out {
-            let Some(i) = at(&instances, *x) else { continue };
-            let why = format!("the deployment of {} did not finish within the tier's deploy timeout of {} s", i.id, tier.deploy_timeout_secs);
-            if self.store.fail_guarded(&i.id, i.deployment, InstanceState::Deploying, InstanceState::Failed, &why)? {
+            let Some(i) = at(&instances, *x) else {
+                continue;
+            };
+            let why = format!(
+                "the deployment of {} did not finish within the tier's deploy timeout of {} s",
+                i.id, tier.deploy_timeout_secs
+            );
+            if self.store.fail_guarded(
+                &i.id,
+                i.deployment,
+                InstanceState::Deploying,
+                InstanceState::Failed,
+                &why,
+            )? {
                 progress.failed.push(i.id.clone());
                 progress.blocked = Some(why);
             }
         }
         if !p.undeploy.is_empty() {
-            let ids: Vec<InstanceId> = p.undeploy.iter().filter_map(|x| at(&instances, *x)).map(|i| i.id).collect();
-            self.store.begin_undeploy(&ids, &format!("tier scaled in to {}", tier.desired))?;
+            let ids: Vec<InstanceId> = p
+                .undeploy
+                .iter()
+                .filter_map(|x| at(&instances, *x))
+                .map(|i| i.id)
+                .collect();
+            self.store
+                .begin_undeploy(&ids, &format!("tier scaled in to {}", tier.desired))?;
             progress.undeployed = ids;
         }
         if !p.roll.is_empty() {
-            let ids: Vec<InstanceId> = p.roll.iter().filter_map(|x| at(&instances, *x)).map(|i| i.id).collect();
+            let ids: Vec<InstanceId> = p
+                .roll
+                .iter()
+                .filter_map(|x| at(&instances, *x))
+                .map(|i| i.id)
+                .collect();
             self.store.begin_roll(&ids)?;
             progress.rolled = ids;
         }
@@ -207,14 +246,28 @@ impl Engine {
             instances = self.store.instances(tier_name)?;
         }
         let mut effect = |action, x: u32, previous: Option<Instance>| -> Result<()> {
-            let Some(i) = at(&instances, x) else { return Ok(()) };
-            let Some(node) = i.node.as_deref() else { return Ok(()) };
-            effects.push(Effect { action, node: self.node(node)?, instance: i, previous });
+            let Some(i) = at(&instances, x) else {
+                return Ok(());
+            };
+            let Some(node) = i.node.as_deref() else {
+                return Ok(());
+            };
+            effects.push(Effect {
+                action,
+                node: self.node(node)?,
+                instance: i,
+                previous,
+            });
             Ok(())
         };
         // An instance that begins leaving while a call about it runs is undeployed once
         // that call has come back (the planner sees it undeploying and not busy).
-        for x in p.undeploy.iter().filter(|x| !input.busy.contains(x)).chain(&p.finish_undeploy) {
+        for x in p
+            .undeploy
+            .iter()
+            .filter(|x| !input.busy.contains(x))
+            .chain(&p.finish_undeploy)
+        {
             effect(Action::Undeploy, *x, None)?;
         }
         for x in &p.roll {
@@ -227,9 +280,17 @@ impl Engine {
             effect(Action::Check, *x, None)?;
         }
         if !p.place.is_empty() {
-            for i in self.place(&tier, &instances, &p.place, &mut progress).await? {
+            for i in self
+                .place(&tier, &instances, &p.place, &mut progress)
+                .await?
+            {
                 let node = self.node(i.node.as_deref().unwrap_or_default())?;
-                effects.push(Effect { action: Action::Deploy, node, instance: i, previous: None });
+                effects.push(Effect {
+                    action: Action::Deploy,
+                    node,
+                    instance: i,
+                    previous: None,
+                });
             }
         }
         Ok((progress, effects))
@@ -237,18 +298,32 @@ impl Engine {
 
     /// Binds waiting instances (`waiting`, in order) to nodes the policy picks, as many as
     /// there are eligible free nodes, in one transaction. Returns the instances as bound.
-    async fn place(&self, tier: &Tier, instances: &[Instance], waiting: &[u32], progress: &mut Progress) -> Result<Vec<Instance>> {
+    async fn place(
+        &self,
+        tier: &Tier,
+        instances: &[Instance],
+        waiting: &[u32],
+        progress: &mut Progress,
+    ) -> Result<Vec<Instance>> {
         let want = waiting.len();
         let nodes = self.store.node_handles();
-        let eligible = nodes.iter().filter(|n| n.state.can_select() && n.instance.is_none() && n.meets(&tier.requirements)).count();
+        let eligible = nodes
+            .iter()
+            .filter(|n| n.state.can_select() && n.instance.is_none() && n.meets(&tier.requirements))
+            .count();
         let count = want.min(eligible);
         if count == 0 {
             progress.blocked = Some(plan::unplaced(0, want, &tier.requirements));
             return Ok(Vec::new());
         }
         let (request, names) = selection_request(tier, nodes.iter().map(|n| &**n), count as u32);
-        let policy = self.plugins.get(&tier.policy.plugin, Kind::NodePolicy, "policy")?;
-        let chosen = match policy.select(&request, &names, config_value(&tier.policy).as_ref()).await {
+        let policy = self
+            .plugins
+            .get(&tier.policy.plugin, Kind::NodePolicy, "policy")?;
+        let chosen = match policy
+            .select(&request, &names, config_value(&tier.policy).as_ref())
+            .await
+        {
             Ok(c) => c.value,
             Err(e) => {
                 progress.blocked = Some(e.to_string());
@@ -264,7 +339,11 @@ impl Engine {
                     "policy": tier.policy.plugin, "score": choice.score, "reason": choice.reason,
                     "why-this-instance": format!("lowest-index {} instance", inst.state),
                 });
-                Some((inst.id.clone(), names[choice.candidate as usize].clone(), detail))
+                Some((
+                    inst.id.clone(),
+                    names[choice.candidate as usize].clone(),
+                    detail,
+                ))
             })
             .collect();
         self.store.bind_many(&binds)?;
@@ -275,21 +354,29 @@ impl Engine {
         // artifact URL names.
         let bound = self.store.instances(&tier.name)?;
         progress.deployed = binds.iter().map(|b| b.0.clone()).collect();
-        Ok(bound.into_iter().filter(|i| progress.deployed.contains(&i.id)).collect())
+        Ok(bound
+            .into_iter()
+            .filter(|i| progress.deployed.contains(&i.id))
+            .collect())
     }
 
     /// Makes one driver call and commits what it says, guarded by the deployment the call
     /// was about. Waits for a permit first (see [`Permits`]).
     pub async fn carry_out(&self, effect: &Effect) -> Result<Outcome> {
         let tier = self.store.tier(&effect.instance.id.tier)?;
-        let driver = self.plugins.get(&tier.driver.plugin, Kind::Driver, "driver")?;
+        let driver = self
+            .plugins
+            .get(&tier.driver.plugin, Kind::Driver, "driver")?;
         let config = config_value(&tier.driver);
         let endpoint = effect.endpoint();
         let _held = self.permits.acquire(endpoint.as_deref()).await;
         let node = wit_node(&effect.node);
         let i = &effect.instance;
         let d = self.deployment(i);
-        let report = |r: std::result::Result<mint_plugins::Called<wit::StatusReport>, mint_plugins::CallError>| r.map(|c| c.value);
+        let report = |r: std::result::Result<
+            mint_plugins::Called<wit::StatusReport>,
+            mint_plugins::CallError,
+        >| r.map(|c| c.value);
         match effect.action {
             Action::Deploy => {
                 let r = report(driver.deploy(&node, &d, config.as_ref()).await);
@@ -305,7 +392,10 @@ impl Engine {
                 match r {
                     // A driver that cannot tell is asked again later; the deploy timeout
                     // bounds how long.
-                    Err(e) => Ok(Outcome { failure: Some(e.to_string()), ..Outcome::default() }),
+                    Err(e) => Ok(Outcome {
+                        failure: Some(e.to_string()),
+                        ..Outcome::default()
+                    }),
                     r => self.settle(&tier, i, r, InstanceState::Failed),
                 }
             }
@@ -315,16 +405,26 @@ impl Engine {
                     Ok(_) => report(driver.deploy(&node, &d, config.as_ref()).await),
                     Err(e) => Err(e),
                 };
-                let r = r.map_err(|e| format!("rolling {} to revision {} failed: {e}", i.id, tier.revision));
+                let r = r.map_err(|e| {
+                    format!("rolling {} to revision {} failed: {e}", i.id, tier.revision)
+                });
                 match r {
-                    Err(why) => self.give_up(i, InstanceState::Deploying, InstanceState::Failed, why),
+                    Err(why) => {
+                        self.give_up(i, InstanceState::Deploying, InstanceState::Failed, why)
+                    }
                     Ok(s) => self.settle(&tier, i, Ok(s), InstanceState::Failed),
                 }
             }
             Action::Check => {
                 let why = match report(driver.check(&node, &d, config.as_ref()).await) {
-                    Ok(r) if r.state == wit::InstanceState::Failed => format!("health check: the driver reports {} failed: {}", i.id, r.detail),
-                    Ok(r) if r.state == wit::InstanceState::Absent => format!("health check: {} is no longer on its node ({})", i.id, r.detail),
+                    Ok(r) if r.state == wit::InstanceState::Failed => format!(
+                        "health check: the driver reports {} failed: {}",
+                        i.id, r.detail
+                    ),
+                    Ok(r) if r.state == wit::InstanceState::Absent => format!(
+                        "health check: {} is no longer on its node ({})",
+                        i.id, r.detail
+                    ),
                     // A driver that cannot answer is left to the node's heartbeats.
                     _ => return Ok(Outcome::default()),
                 };
@@ -332,11 +432,22 @@ impl Engine {
             }
             Action::Undeploy => match driver.undeploy(&node, &d, config.as_ref()).await {
                 Ok(_) => {
-                    let applied = self.store.release_guarded(&i.id, i.deployment, &format!("tier scaled in to {}", tier.desired))?;
-                    Ok(Outcome { released: applied, discarded: !applied, ..Outcome::default() })
+                    let applied = self.store.release_guarded(
+                        &i.id,
+                        i.deployment,
+                        &format!("tier scaled in to {}", tier.desired),
+                    )?;
+                    Ok(Outcome {
+                        released: applied,
+                        discarded: !applied,
+                        ..Outcome::default()
+                    })
                 }
                 // Still undeploying: asked again on a later step.
-                Err(e) => Ok(Outcome { failure: Some(format!("undeploying {} failed: {e}", i.id)), ..Outcome::default() }),
+                Err(e) => Ok(Outcome {
+                    failure: Some(format!("undeploying {} failed: {e}", i.id)),
+                    ..Outcome::default()
+                }),
             },
         }
     }
@@ -344,25 +455,58 @@ impl Engine {
     /// Commits a deploy or status answer about `i`: running finishes the deployment,
     /// failed (or an error) gives it up with the instance becoming `on_failure`, anything
     /// else waits for a later poll.
-    fn settle(&self, tier: &Tier, i: &Instance, r: std::result::Result<wit::StatusReport, mint_plugins::CallError>, on_failure: InstanceState) -> Result<Outcome> {
+    fn settle(
+        &self,
+        tier: &Tier,
+        i: &Instance,
+        r: std::result::Result<wit::StatusReport, mint_plugins::CallError>,
+        on_failure: InstanceState,
+    ) -> Result<Outcome> {
         match r {
             Ok(s) if s.state == wit::InstanceState::Running => {
                 let waited_ms = now_ms().saturating_sub(i.since_ms);
                 let detail = serde_json::json!({"driver": tier.driver.plugin, "detail": s.detail, "revision": i.revision, "after-ms": waited_ms});
-                let discarded = self.store.finish_guarded(&[(i.id.clone(), i.deployment, detail)])?;
-                Ok(Outcome { finished: discarded.is_empty(), discarded: !discarded.is_empty(), ..Outcome::default() })
+                let discarded =
+                    self.store
+                        .finish_guarded(&[(i.id.clone(), i.deployment, detail)])?;
+                Ok(Outcome {
+                    finished: discarded.is_empty(),
+                    discarded: !discarded.is_empty(),
+                    ..Outcome::default()
+                })
             }
-            Ok(s) if s.state == wit::InstanceState::Failed => {
-                self.give_up(i, InstanceState::Deploying, InstanceState::Failed, format!("the driver reports the instance failed: {}", s.detail))
-            }
+            Ok(s) if s.state == wit::InstanceState::Failed => self.give_up(
+                i,
+                InstanceState::Deploying,
+                InstanceState::Failed,
+                format!("the driver reports the instance failed: {}", s.detail),
+            ),
             Ok(_) => Ok(Outcome::default()),
-            Err(e) => self.give_up(i, InstanceState::Deploying, on_failure, format!("the driver failed: {e}")),
+            Err(e) => self.give_up(
+                i,
+                InstanceState::Deploying,
+                on_failure,
+                format!("the driver failed: {e}"),
+            ),
         }
     }
 
-    fn give_up(&self, i: &Instance, expected: InstanceState, to: InstanceState, why: String) -> Result<Outcome> {
-        let applied = self.store.fail_guarded(&i.id, i.deployment, expected, to, &why)?;
-        Ok(Outcome { failure: Some(why), failed: applied, discarded: !applied, ..Outcome::default() })
+    fn give_up(
+        &self,
+        i: &Instance,
+        expected: InstanceState,
+        to: InstanceState,
+        why: String,
+    ) -> Result<Outcome> {
+        let applied = self
+            .store
+            .fail_guarded(&i.id, i.deployment, expected, to, &why)?;
+        Ok(Outcome {
+            failure: Some(why),
+            failed: applied,
+            discarded: !applied,
+            ..Outcome::default()
+        })
     }
 
     /// One whole reconciliation pass of a tier, its driver calls made before it returns:
@@ -370,7 +514,13 @@ impl Engine {
     /// at once; health is not checked (see [`Engine::check_health`]).
     pub async fn reconcile(&self, tier_name: &str) -> Result<Progress> {
         let (busy, asked) = (BTreeSet::new(), BTreeMap::new());
-        let input = StepInput { busy: &busy, asked_ms: &asked, reporting: &|_| false, poll_every_ms: 0, check_every_ms: u64::MAX / 4 };
+        let input = StepInput {
+            busy: &busy,
+            asked_ms: &asked,
+            reporting: &|_| false,
+            poll_every_ms: 0,
+            check_every_ms: u64::MAX / 4,
+        };
         let (mut progress, effects) = self.step(tier_name, &input).await?;
         self.carry_out_all(&effects, &mut progress).await?;
         Ok(progress)
@@ -381,9 +531,21 @@ impl Engine {
     /// a fresh node. Returns what failed.
     pub async fn check_health(&self, tier_name: &str) -> Result<Vec<InstanceId>> {
         let mut effects = Vec::new();
-        for i in self.store.instances(tier_name)?.into_iter().filter(|i| i.state == InstanceState::Deployed) {
-            let Some(node) = i.node.as_deref() else { continue };
-            effects.push(Effect { action: Action::Check, node: self.node(node)?, instance: i, previous: None });
+        for i in self
+            .store
+            .instances(tier_name)?
+            .into_iter()
+            .filter(|i| i.state == InstanceState::Deployed)
+        {
+            let Some(node) = i.node.as_deref() else {
+                continue;
+            };
+            effects.push(Effect {
+                action: Action::Check,
+                node: self.node(node)?,
+                instance: i,
+                previous: None,
+            });
         }
         let mut progress = Progress::default();
         self.carry_out_all(&effects, &mut progress).await?;
@@ -391,7 +553,8 @@ impl Engine {
     }
 
     async fn carry_out_all(&self, effects: &[Effect], progress: &mut Progress) -> Result<()> {
-        let outcomes = futures_util::future::join_all(effects.iter().map(|e| self.carry_out(e))).await;
+        let outcomes =
+            futures_util::future::join_all(effects.iter().map(|e| self.carry_out(e))).await;
         for (e, o) in effects.iter().zip(outcomes) {
             let o = o?;
             if o.finished && e.action == Action::Poll {
@@ -418,17 +581,32 @@ mod tests {
 
     /// Runs `calls` calls to the endpoints `of(i)` through `permits`, each holding its
     /// permits 20 ms, and returns the most that ran at once to endpoint `a` and in all.
-    fn peaks(permits: Arc<Permits>, calls: usize, of: fn(usize) -> Option<&'static str>) -> (usize, usize) {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    fn peaks(
+        permits: Arc<Permits>,
+        calls: usize,
+        of: fn(usize) -> Option<&'static str>,
+    ) -> (usize, usize) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
-            let (at_a, all) = (Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))), Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))));
+            let (at_a, all) = (
+                Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))),
+                Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))),
+            );
             let tasks: Vec<_> = (0..calls)
                 .map(|i| {
                     let (permits, at_a, all) = (permits.clone(), at_a.clone(), all.clone());
                     tokio::spawn(async move {
                         let endpoint = of(i);
                         let _held = permits.acquire(endpoint).await;
-                        let counters: Vec<&(AtomicUsize, AtomicUsize)> = if endpoint == Some("a") { vec![&*at_a, &*all] } else { vec![&*all] };
+                        let counters: Vec<&(AtomicUsize, AtomicUsize)> = if endpoint == Some("a") {
+                            vec![&*at_a, &*all]
+                        } else {
+                            vec![&*all]
+                        };
                         for c in &counters {
                             let now = c.0.fetch_add(1, Ordering::SeqCst) + 1;
                             c.1.fetch_max(now, Ordering::SeqCst);
@@ -450,7 +628,13 @@ mod tests {
     #[test]
     fn calls_are_bounded_per_endpoint_and_in_all() {
         // One slow BMC host gets at most 2 at once, while other endpoints use the rest.
-        let (a, all) = peaks(Arc::new(Permits::new(6, 2)), 24, |i| if i % 2 == 0 { Some("a") } else { Some(["b", "c", "d"][i % 3]) });
+        let (a, all) = peaks(Arc::new(Permits::new(6, 2)), 24, |i| {
+            if i % 2 == 0 {
+                Some("a")
+            } else {
+                Some(["b", "c", "d"][i % 3])
+            }
+        });
         assert_eq!(a, 2, "calls to one endpoint at once");
         assert!(all > 2 && all <= 6, "{all} calls at once in all, bound 6");
         // Calls to no endpoint are bounded in all only.

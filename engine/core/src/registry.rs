@@ -101,7 +101,10 @@ const SIGNATURE: &str = "package.minisig";
 const RECORD: &str = "installed.json";
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn io(path: &Path, e: std::io::Error) -> EngineError {
@@ -112,7 +115,11 @@ impl Registry {
     /// A registry whose compiled code is cached in `cache_dir` and whose installed and site
     /// plugins live in `plugin_dir`.
     pub fn new(cache_dir: Option<PathBuf>, plugin_dir: Option<PathBuf>) -> Result<Registry> {
-        let runtime = Runtime::new(RuntimeOptions { cache_dir, ..Default::default() }).map_err(EngineError::Invalid)?;
+        let runtime = Runtime::new(RuntimeOptions {
+            cache_dir,
+            ..Default::default()
+        })
+        .map_err(EngineError::Invalid)?;
         Ok(Registry {
             runtime,
             dir: plugin_dir,
@@ -134,21 +141,33 @@ impl Registry {
     }
 
     fn policy(&self) -> PluginPolicy {
-        self.policy.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn grants(&self, name: &str) -> Grants {
-        Grants { outbound_hosts: self.policy().grants.get(name).cloned().unwrap_or_default() }
+        Grants {
+            outbound_hosts: self.policy().grants.get(name).cloned().unwrap_or_default(),
+        }
     }
 
     fn insert(&self, name: &str, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
-        self.loaded.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), entry.clone());
+        self.loaded
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), entry.clone());
         entry
     }
 
     fn cached(&self, name: &str) -> Option<Arc<Entry>> {
-        self.loaded.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// Loads every bundled plugin now (from the compiled-code cache when it has them), so
@@ -156,7 +175,15 @@ impl Registry {
     pub fn preload_bundled(&self) -> Result<()> {
         for b in mint_plugins::bundled::ALL {
             let p = Arc::new(self.runtime.load_bundled(b.name).expect("listed in ALL")?);
-            self.insert(b.name, Entry { plugin: p, signer: Signer::Bundled, source: Source::Bundled, installed_ms: None });
+            self.insert(
+                b.name,
+                Entry {
+                    plugin: p,
+                    signer: Signer::Bundled,
+                    source: Source::Bundled,
+                    installed_ms: None,
+                },
+            );
         }
         Ok(())
     }
@@ -165,8 +192,12 @@ impl Registry {
     /// trust. Returns one message per package that no longer loads (its key is no longer
     /// trusted, its file changed, ...); those stay on disk and fail the tiers that use them.
     pub fn preload_installed(&self) -> Vec<String> {
-        let Some(dir) = &self.dir else { return Vec::new() };
-        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let Some(dir) = &self.dir else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
         let mut problems = Vec::new();
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
@@ -191,7 +222,9 @@ impl Registry {
         let entry = match self.cached(name) {
             Some(e) => e,
             None => self.load(name).map_err(|e| match e {
-                EngineError::Invalid(m) if m.starts_with("no plugin named") => EngineError::Invalid(format!("field `{field}`: {m}")),
+                EngineError::Invalid(m) if m.starts_with("no plugin named") => {
+                    EngineError::Invalid(format!("field `{field}`: {m}"))
+                }
                 other => other,
             })?,
         };
@@ -200,7 +233,15 @@ impl Registry {
 
     fn load(&self, name: &str) -> Result<Arc<Entry>> {
         if let Some(r) = self.runtime.load_bundled(name) {
-            return Ok(self.insert(name, Entry { plugin: Arc::new(r?), signer: Signer::Bundled, source: Source::Bundled, installed_ms: None }));
+            return Ok(self.insert(
+                name,
+                Entry {
+                    plugin: Arc::new(r?),
+                    signer: Signer::Bundled,
+                    source: Source::Bundled,
+                    installed_ms: None,
+                },
+            ));
         }
         if valid_name(name)
             && let Some(dir) = &self.dir
@@ -213,14 +254,23 @@ impl Registry {
                 return self.load_site(name, &wasm);
             }
         }
-        Err(EngineError::Invalid(format!("no plugin named `{name}` ({})", self.available())))
+        Err(EngineError::Invalid(format!(
+            "no plugin named `{name}` ({})",
+            self.available()
+        )))
     }
 
     fn load_installed(&self, name: &str) -> Result<Arc<Entry>> {
-        let dir = self.dir.as_ref().ok_or_else(|| EngineError::Invalid("no plugin directory".into()))?.join(name);
+        let dir = self
+            .dir
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("no plugin directory".into()))?
+            .join(name);
         let bytes = std::fs::read(dir.join(PACKAGE)).map_err(|e| io(&dir.join(PACKAGE), e))?;
         let signature = std::fs::read_to_string(dir.join(SIGNATURE)).ok();
-        let record: Option<Installed> = std::fs::read(dir.join(RECORD)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let record: Option<Installed> = std::fs::read(dir.join(RECORD))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         let (plugin, signer) = self.check(&bytes, signature.as_deref())?;
         if plugin.manifest().name != name {
             return Err(EngineError::Invalid(format!(
@@ -229,7 +279,15 @@ impl Registry {
                 plugin.manifest().name
             )));
         }
-        Ok(self.insert(name, Entry { plugin: Arc::new(plugin), signer, source: Source::Installed, installed_ms: record.map(|r| r.installed_ms) }))
+        Ok(self.insert(
+            name,
+            Entry {
+                plugin: Arc::new(plugin),
+                signer,
+                source: Source::Installed,
+                installed_ms: record.map(|r| r.installed_ms),
+            },
+        ))
     }
 
     fn load_site(&self, name: &str, wasm: &Path) -> Result<Arc<Entry>> {
@@ -247,20 +305,33 @@ impl Registry {
                 p.manifest().name
             )));
         }
-        Ok(self.insert(name, Entry { plugin: Arc::new(p), signer: Signer::Unsigned, source: Source::SiteFile, installed_ms: None }))
+        Ok(self.insert(
+            name,
+            Entry {
+                plugin: Arc::new(p),
+                signer: Signer::Unsigned,
+                source: Source::SiteFile,
+                installed_ms: None,
+            },
+        ))
     }
 
     /// Verifies, reads and loads a package without installing it.
     fn check(&self, bytes: &[u8], signature: Option<&str>) -> Result<(Plugin, Signer)> {
         let policy = self.policy();
-        let refused = |e: mint_plugins::package::PackageError| EngineError::Invalid(format!("package refused: {e}"));
+        let refused = |e: mint_plugins::package::PackageError| {
+            EngineError::Invalid(format!("package refused: {e}"))
+        };
         let signer = policy.trust.verify(bytes, signature).map_err(refused)?;
         let package = Package::read(bytes).map_err(refused)?;
         let manifest = Manifest::parse("plugin.toml", &package.manifest)?;
         if let (Some(claimed), Signer::Vendor { vendor, .. }) = (&manifest.vendor, &signer)
             && claimed != vendor
         {
-            return Err(refused(mint_plugins::package::PackageError::WrongVendor { claimed: claimed.clone(), signer: vendor.clone() }));
+            return Err(refused(mint_plugins::package::PackageError::WrongVendor {
+                claimed: claimed.clone(),
+                signer: vendor.clone(),
+            }));
         }
         if mint_plugins::bundled::get(&manifest.name).is_some() {
             return Err(EngineError::Invalid(format!(
@@ -268,7 +339,13 @@ impl Registry {
                 manifest.name
             )));
         }
-        let grants = Grants { outbound_hosts: policy.grants.get(&manifest.name).cloned().unwrap_or_default() };
+        let grants = Grants {
+            outbound_hosts: policy
+                .grants
+                .get(&manifest.name)
+                .cloned()
+                .unwrap_or_default(),
+        };
         let name = manifest.name.clone();
         let plugin = self.runtime.load(manifest, &package.wasm, &format!("package `{name}`"), &grants).map_err(|e| match e {
             mint_plugins::LoadError::NotGranted { plugin, host } => EngineError::Invalid(format!(
@@ -283,7 +360,12 @@ impl Registry {
     /// trust and grants, loaded, written under the plugin directory and made current.
     /// `in_use` says, for a name and kind, which tier would break if the plugin changed
     /// kind. Nothing changes when any check fails.
-    pub fn install(&self, bytes: &[u8], signature: Option<&str>, in_use: impl Fn(&str, Kind) -> Option<String>) -> Result<PluginInfo> {
+    pub fn install(
+        &self,
+        bytes: &[u8],
+        signature: Option<&str>,
+        in_use: impl Fn(&str, Kind) -> Option<String>,
+    ) -> Result<PluginInfo> {
         let _one = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         let (plugin, signer) = self.check(bytes, signature)?;
         let name = plugin.manifest().name.clone();
@@ -293,20 +375,29 @@ impl Registry {
                 plugin.manifest().kind
             )));
         }
-        let dir = self.dir.as_ref().ok_or_else(|| EngineError::Invalid("this engine has no plugin directory".into()))?;
+        let dir = self
+            .dir
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("this engine has no plugin directory".into()))?;
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         // Written beside, then renamed into place: a crash leaves the old version or the
         // new one, never half of either.
         let staging = dir.join(format!(".staging-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
-        let record = Installed { signer: signer.clone(), installed_ms: crate::now_ms() };
+        let record = Installed {
+            signer: signer.clone(),
+            installed_ms: crate::now_ms(),
+        };
         let write = || -> std::io::Result<()> {
             std::fs::create_dir_all(&staging)?;
             std::fs::write(staging.join(PACKAGE), bytes)?;
             if let Some(s) = signature.filter(|s| !s.trim().is_empty()) {
                 std::fs::write(staging.join(SIGNATURE), s)?;
             }
-            std::fs::write(staging.join(RECORD), serde_json::to_vec_pretty(&record).unwrap_or_default())?;
+            std::fs::write(
+                staging.join(RECORD),
+                serde_json::to_vec_pretty(&record).unwrap_or_default(),
+            )?;
             let f = std::fs::File::open(&staging)?;
             f.sync_all()
         };
@@ -326,7 +417,15 @@ impl Registry {
         let _ = std::fs::remove_dir_all(&old);
         // A loose file of the same name would otherwise confuse the next start.
         let _ = std::fs::remove_file(dir.join(format!("{name}.wasm")));
-        let entry = self.insert(&name, Entry { plugin: Arc::new(plugin), signer, source: Source::Installed, installed_ms: Some(record.installed_ms) });
+        let entry = self.insert(
+            &name,
+            Entry {
+                plugin: Arc::new(plugin),
+                signer,
+                source: Source::Installed,
+                installed_ms: Some(record.installed_ms),
+            },
+        );
         Ok(info(&entry))
     }
 
@@ -334,14 +433,25 @@ impl Registry {
     pub fn remove(&self, name: &str, in_use: Option<String>) -> Result<()> {
         let _one = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         if mint_plugins::bundled::get(name).is_some() {
-            return Err(EngineError::Invalid(format!("`{name}` is built into mint and cannot be removed")));
+            return Err(EngineError::Invalid(format!(
+                "`{name}` is built into mint and cannot be removed"
+            )));
         }
         if let Some(tier) = in_use {
-            return Err(EngineError::Invalid(format!("tier `{tier}` uses plugin `{name}`; delete the tier or change its plugin first")));
+            return Err(EngineError::Invalid(format!(
+                "tier `{tier}` uses plugin `{name}`; delete the tier or change its plugin first"
+            )));
         }
-        let dir = self.dir.as_ref().filter(|_| valid_name(name)).ok_or_else(|| self.unknown(name))?;
+        let dir = self
+            .dir
+            .as_ref()
+            .filter(|_| valid_name(name))
+            .ok_or_else(|| self.unknown(name))?;
         let installed = dir.join(name);
-        let files = [dir.join(format!("{name}.wasm")), dir.join(format!("{name}.toml"))];
+        let files = [
+            dir.join(format!("{name}.wasm")),
+            dir.join(format!("{name}.toml")),
+        ];
         if !installed.join(PACKAGE).is_file() && !files[0].is_file() {
             return Err(self.unknown(name));
         }
@@ -351,12 +461,18 @@ impl Registry {
         for f in files {
             let _ = std::fs::remove_file(f);
         }
-        self.loaded.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.loaded
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         Ok(())
     }
 
     fn unknown(&self, name: &str) -> EngineError {
-        EngineError::Invalid(format!("no installed plugin named `{name}` ({})", self.available()))
+        EngineError::Invalid(format!(
+            "no installed plugin named `{name}` ({})",
+            self.available()
+        ))
     }
 
     /// What `name` is; loads it if it is not loaded yet.
@@ -371,23 +487,37 @@ impl Registry {
     /// Every plugin the registry can name, loaded or not: bundled, installed, site files.
     /// One that does not load is listed by the error it gives.
     pub fn list(&self) -> Vec<std::result::Result<PluginInfo, (String, String)>> {
-        self.names().into_iter().map(|n| self.info(&n).map_err(|e| (n, e.to_string()))).collect()
+        self.names()
+            .into_iter()
+            .map(|n| self.info(&n).map_err(|e| (n, e.to_string())))
+            .collect()
     }
 
     fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = mint_plugins::bundled::ALL.iter().map(|b| b.name.to_string()).collect();
+        let mut names: Vec<String> = mint_plugins::bundled::ALL
+            .iter()
+            .map(|b| b.name.to_string())
+            .collect();
         if let Some(Ok(entries)) = self.dir.as_ref().map(std::fs::read_dir) {
             let mut extra: Vec<String> = entries
                 .flatten()
                 .filter_map(|e| {
                     let n = e.file_name().to_string_lossy().to_string();
-                    let n = if e.path().join(PACKAGE).is_file() { n } else { n.strip_suffix(".wasm")?.to_string() };
+                    let n = if e.path().join(PACKAGE).is_file() {
+                        n
+                    } else {
+                        n.strip_suffix(".wasm")?.to_string()
+                    };
                     valid_name(&n).then_some(n)
                 })
                 .collect();
             extra.sort();
             extra.dedup();
-            names.extend(extra.into_iter().filter(|n| mint_plugins::bundled::get(n).is_none()));
+            names.extend(
+                extra
+                    .into_iter()
+                    .filter(|n| mint_plugins::bundled::get(n).is_none()),
+            );
         }
         names
     }
@@ -396,7 +526,10 @@ impl Registry {
     fn available(&self) -> String {
         let names = self.names();
         match &self.dir {
-            Some(_) => format!("available: {}; install others with `mint plugin install`", names.join(", ")),
+            Some(_) => format!(
+                "available: {}; install others with `mint plugin install`",
+                names.join(", ")
+            ),
             None => format!("available: {}", names.join(", ")),
         }
     }

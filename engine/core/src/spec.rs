@@ -51,11 +51,20 @@ pub struct TierSpec {
 }
 
 fn default_policy() -> PluginRef {
-    PluginRef { plugin: "spread".into(), config: Default::default() }
+    PluginRef {
+        plugin: "spread".into(),
+        config: Default::default(),
+    }
 }
 
 fn default_customizers() -> Vec<PluginRef> {
-    ["hostname", "network"].into_iter().map(|p| PluginRef { plugin: p.into(), config: Default::default() }).collect()
+    ["hostname", "network"]
+        .into_iter()
+        .map(|p| PluginRef {
+            plugin: p.into(),
+            config: Default::default(),
+        })
+        .collect()
 }
 
 /// The largest K a tier may ask for.
@@ -69,7 +78,8 @@ fn bad(field: &str, message: String) -> String {
 }
 
 fn parse_ip(field: &str, s: &str) -> Result<IpAddr, String> {
-    s.parse().map_err(|_| bad(field, format!("`{s}` is not an IP address")))
+    s.parse()
+        .map_err(|_| bad(field, format!("`{s}` is not an IP address")))
 }
 
 impl TierSpec {
@@ -77,22 +87,46 @@ impl TierSpec {
     pub fn to_tier(&self) -> Result<Tier, String> {
         if self.name.is_empty()
             || self.name.len() > 63
-            || !self.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             || self.name.starts_with('-')
         {
-            return Err(bad("name", format!("`{}` must be 1-63 lowercase letters, digits and `-`", self.name)));
+            return Err(bad(
+                "name",
+                format!(
+                    "`{}` must be 1-63 lowercase letters, digits and `-`",
+                    self.name
+                ),
+            ));
         }
         if self.max_instances == 0 || self.max_instances > MAX_K {
-            return Err(bad("max-instances", format!("{} is outside 1..={MAX_K}", self.max_instances)));
+            return Err(bad(
+                "max-instances",
+                format!("{} is outside 1..={MAX_K}", self.max_instances),
+            ));
         }
         if self.deploy_timeout_secs == 0 || self.deploy_timeout_secs > MAX_DEPLOY_TIMEOUT {
-            return Err(bad("deploy-timeout-secs", format!("{} is outside 1..={MAX_DEPLOY_TIMEOUT}", self.deploy_timeout_secs)));
+            return Err(bad(
+                "deploy-timeout-secs",
+                format!(
+                    "{} is outside 1..={MAX_DEPLOY_TIMEOUT}",
+                    self.deploy_timeout_secs
+                ),
+            ));
         }
         if let Some(a) = &self.autoscale {
             a.check(self.max_instances)?;
         }
         if !self.image.starts_with("sha256:") {
-            return Err(bad("image", format!("`{}` is not an image; give the name it was imported under or the `sha256:...` digest `mint image import` printed", self.image)));
+            return Err(bad(
+                "image",
+                format!(
+                    "`{}` is not an image; give the name it was imported under or the `sha256:...` digest `mint image import` printed",
+                    self.image
+                ),
+            ));
         }
         let subnet: Cidr = self.subnet.parse().map_err(|e| bad("subnet", e))?;
         let reserved = self
@@ -100,17 +134,37 @@ impl TierSpec {
             .iter()
             .map(|r| {
                 let (a, b) = r.split_once('-').unwrap_or((r, r));
-                Ok(Reserved { first: parse_ip("reserved", a.trim())?, last: parse_ip("reserved", b.trim())? })
+                Ok(Reserved {
+                    first: parse_ip("reserved", a.trim())?,
+                    last: parse_ip("reserved", b.trim())?,
+                })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let gateway = self.gateway.as_deref().map(|g| parse_ip("gateway", g)).transpose()?;
-        let dns = self.dns.iter().map(|d| parse_ip("dns", d)).collect::<Result<Vec<_>, _>>()?;
-        let plan = AddressPlan { subnet, reserved, gateway, dns };
+        let gateway = self
+            .gateway
+            .as_deref()
+            .map(|g| parse_ip("gateway", g))
+            .transpose()?;
+        let dns = self
+            .dns
+            .iter()
+            .map(|d| parse_ip("dns", d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let plan = AddressPlan {
+            subnet,
+            reserved,
+            gateway,
+            dns,
+        };
         plan.check().map_err(|e| e.to_string())?;
         let hostname = HostnamePattern::parse(&self.hostname).map_err(|e| e.to_string())?;
         hostname.name(&self.name, 0).map_err(|e| e.to_string())?;
         if self.customizers.is_empty() {
-            return Err(bad("customizers", "at least one step is needed to give instances their identity, as `hostname`".into()));
+            return Err(bad(
+                "customizers",
+                "at least one step is needed to give instances their identity, as `hostname`"
+                    .into(),
+            ));
         }
         Ok(Tier {
             name: self.name.clone(),

@@ -48,20 +48,57 @@ impl Site {
         match mode {
             Mode::Open => options.unauthenticated = true,
             Mode::Tokens => {}
-            Mode::TlsTokens => options.tls = Some(mint_tls::ServerSource::SelfSigned { dir: data.join("tls"), names: vec![] }),
+            Mode::TlsTokens => {
+                options.tls = Some(mint_tls::ServerSource::SelfSigned {
+                    dir: data.join("tls"),
+                    names: vec![],
+                })
+            }
         }
         let secure = mode != Mode::Open;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let d = data.clone();
         let server = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-            rt.block_on(mint_daemon::serve(&d, options, async { stop_rx.await.ok(); }, move |r| ready_tx.send(r.clone()).unwrap())).unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(mint_daemon::serve(
+                &d,
+                options,
+                async {
+                    stop_rx.await.ok();
+                },
+                move |r| ready_tx.send(r.clone()).unwrap(),
+            ))
+            .unwrap();
         });
-        let ready = ready_rx.recv_timeout(Duration::from_secs(120)).expect("the daemon starts");
-        let tls = ready.pin.map(|p| mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(p)).unwrap().config());
-        let admin = secure.then(|| format!("Bearer {}", std::fs::read_to_string(data.join("admin.token")).unwrap().trim()));
-        let mut site = Site { base: ready.url, http: ureq::Agent::new(), admin, nodes: Vec::new(), stop: Some(stop_tx), server: Some(server), tls };
+        let ready = ready_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the daemon starts");
+        let tls = ready.pin.map(|p| {
+            mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(p))
+                .unwrap()
+                .config()
+        });
+        let admin = secure.then(|| {
+            format!(
+                "Bearer {}",
+                std::fs::read_to_string(data.join("admin.token"))
+                    .unwrap()
+                    .trim()
+            )
+        });
+        let mut site = Site {
+            base: ready.url,
+            http: ureq::Agent::new(),
+            admin,
+            nodes: Vec::new(),
+            stop: Some(stop_tx),
+            server: Some(server),
+            tls,
+        };
         site.http = site.client();
         site
     }
@@ -80,7 +117,10 @@ impl Site {
         if let Some(a) = auth {
             r = r.set("Authorization", a);
         }
-        r.send_json(body).unwrap_or_else(|e| panic!("POST {path}: {e}")).into_json().unwrap()
+        r.send_json(body)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+            .into_json()
+            .unwrap()
     }
 
     /// A tier of K instances and AGENTS nodes that heartbeat: enrolled and registered
@@ -88,7 +128,10 @@ impl Site {
     fn populate(&mut self, master: &std::path::Path) {
         let admin = self.admin.clone();
         let admin = admin.as_deref();
-        let image = self.post("/v1/images", admin, json!({"path": master}))["digest"].as_str().unwrap().to_string();
+        let image = self.post("/v1/images", admin, json!({"path": master}))["digest"]
+            .as_str()
+            .unwrap()
+            .to_string();
         self.post(
             "/v1/tiers",
             admin,
@@ -98,7 +141,11 @@ impl Site {
             let name = format!("agent-{i:02}");
             let body = json!({"name": name, "cpus": 8, "memory-mib": 16384, "arch": "x86_64", "agent-url": "https://127.0.0.1:9"});
             let auth = if admin.is_some() {
-                let join = self.post(&format!("/v1/nodes/{name}/enroll"), admin, json!({}))["join-token"].as_str().unwrap().to_string();
+                let join =
+                    self.post(&format!("/v1/nodes/{name}/enroll"), admin, json!({}))["join-token"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
                 let v = self.post("/v1/agents/register", Some(&format!("Bearer {join}")), body);
                 Some(format!("Bearer {}", v["credential"].as_str().unwrap()))
             } else {
@@ -141,11 +188,16 @@ impl Site {
                             if fresh {
                                 http = self.client();
                             }
-                            let mut r = http.post(&format!("{}/v1/nodes/{name}/heartbeat", self.base));
+                            let mut r =
+                                http.post(&format!("{}/v1/nodes/{name}/heartbeat", self.base));
                             if let Some(a) = auth {
                                 r = r.set("Authorization", a);
                             }
-                            let v: Value = r.send_json(json!({"load": 100, "instance": null})).unwrap().into_json().unwrap();
+                            let v: Value = r
+                                .send_json(json!({"load": 100, "instance": null}))
+                                .unwrap()
+                                .into_json()
+                                .unwrap();
                             assert!(v.get("fence").is_some() || v.is_object(), "{v}");
                             sent.fetch_add(1, Ordering::Relaxed);
                         }
@@ -192,11 +244,26 @@ fn main() {
         v[v.len() / 2]
     };
     println!("medians of {ROUNDS} alternating rounds");
-    println!("{:<42} {:>12} {:>14} {:>14}", "", "plain, open", "plain, tokens", "TLS + tokens");
-    for (i, what) in [(0, "list 1,000 instances (requests/s)"), (1, "heartbeats, kept-alive connections (/s)"), (2, "heartbeats, a new connection each (/s)")] {
-        let [open, tokens, tls] = [median(&samples[0][i]), median(&samples[1][i]), median(&samples[2][i])];
+    println!(
+        "{:<42} {:>12} {:>14} {:>14}",
+        "", "plain, open", "plain, tokens", "TLS + tokens"
+    );
+    for (i, what) in [
+        (0, "list 1,000 instances (requests/s)"),
+        (1, "heartbeats, kept-alive connections (/s)"),
+        (2, "heartbeats, a new connection each (/s)"),
+    ] {
+        let [open, tokens, tls] = [
+            median(&samples[0][i]),
+            median(&samples[1][i]),
+            median(&samples[2][i]),
+        ];
         let pct = |x: f64| (x / open - 1.0) * 100.0;
-        println!("{what:<42} {open:>12.0} {tokens:>7.0} {:>+5.1}% {tls:>7.0} {:>+5.1}%", pct(tokens), pct(tls));
+        println!(
+            "{what:<42} {open:>12.0} {tokens:>7.0} {:>+5.1}% {tls:>7.0} {:>+5.1}%",
+            pct(tokens),
+            pct(tls)
+        );
     }
     drop(sites);
     let _ = std::fs::remove_dir_all(&dir);

@@ -23,7 +23,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 /// The answer to a node asking for an instance that is not bound to it: the same as for
 /// an instance that does not exist, so a node learns nothing about other tiers.
 fn not_found_instance(tier: &str, index: u32) -> ApiError {
-    ApiError::from(mint_store::StoreError::NotFound { what: "instance", name: format!("{tier}/{index}") })
+    ApiError::from(mint_store::StoreError::NotFound {
+        what: "instance",
+        name: format!("{tier}/{index}"),
+    })
 }
 
 /// Whether `caller` may read instance `tier/index`'s artifact: operators (the router lets
@@ -32,14 +35,22 @@ fn may_read(app: &Shared, caller: &Caller, tier: &str, index: u32) -> Result<(),
     match caller {
         Caller::Node { name, .. } => {
             let bound = app.engine.store.node(name).ok().and_then(|n| n.instance);
-            if bound.is_some_and(|i| i.tier == tier && i.index == index) { Ok(()) } else { Err(not_found_instance(tier, index)) }
+            if bound.is_some_and(|i| i.tier == tier && i.index == index) {
+                Ok(())
+            } else {
+                Err(not_found_instance(tier, index))
+            }
         }
         _ => Ok(()),
     }
 }
 
 /// `GET /v1/artifacts/{tier}/{index}`.
-pub async fn describe(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path((tier, index)): Path<(String, u32)>) -> Result<Response, ApiError> {
+pub async fn describe(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path((tier, index)): Path<(String, u32)>,
+) -> Result<Response, ApiError> {
     may_read(&app, &caller, &tier, index)?;
     let mut artifact = {
         let _files = app.image_files.read().await;
@@ -79,7 +90,11 @@ pub async fn part(
             let roles: Vec<&str> = artifact.parts.iter().map(|p| p.role).collect();
             ApiError(
                 StatusCode::NOT_FOUND,
-                format!("instance {tier}/{index} ({}) has no part `{role}`; its parts are {}", artifact.format, roles.join(", ")),
+                format!(
+                    "instance {tier}/{index} ({}) has no part `{role}`; its parts are {}",
+                    artifact.format,
+                    roles.join(", ")
+                ),
             )
             .into_response()
         }
@@ -91,7 +106,12 @@ pub async fn part(
 /// range cannot be satisfied. Several ranges are answered with the whole blob, as HTTP
 /// allows.
 fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
-    let spec = headers.get(header::RANGE)?.to_str().ok()?.trim().strip_prefix("bytes=")?;
+    let spec = headers
+        .get(header::RANGE)?
+        .to_str()
+        .ok()?
+        .trim()
+        .strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
     }
@@ -100,12 +120,24 @@ fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
     let r = match (a.is_empty(), b.is_empty()) {
         (true, false) => {
             let n: u64 = b.parse().ok()?;
-            if n == 0 || len == 0 { Err(()) } else { Ok((len.saturating_sub(n), len - 1)) }
+            if n == 0 || len == 0 {
+                Err(())
+            } else {
+                Ok((len.saturating_sub(n), len - 1))
+            }
         }
         (false, _) => {
             let start: u64 = a.parse().ok()?;
-            let end: u64 = if b.is_empty() { len.saturating_sub(1) } else { b.parse::<u64>().ok()?.min(len.saturating_sub(1)) };
-            if start >= len || end < start { Err(()) } else { Ok((start, end)) }
+            let end: u64 = if b.is_empty() {
+                len.saturating_sub(1)
+            } else {
+                b.parse::<u64>().ok()?.min(len.saturating_sub(1))
+            };
+            if start >= len || end < start {
+                Err(())
+            } else {
+                Ok((start, end))
+            }
         }
         (true, true) => return None,
     };
@@ -115,12 +147,16 @@ fn range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
 /// Whether `caller` may read blob `digest`: a node only the parts of the instance bound to
 /// it; operators (the router lets only those who read artifacts reach here) any blob.
 async fn may_read_blob(app: &Shared, caller: &Caller, digest: &str) -> bool {
-    let Caller::Node { name, .. } = caller else { return true };
+    let Caller::Node { name, .. } = caller else {
+        return true;
+    };
     let bound = app.engine.store.node(name).ok().and_then(|n| n.instance);
     let parts = match bound {
         Some(id) => {
             let _files = app.image_files.read().await;
-            crate::off_async_threads(|| app.engine.artifact(&id.tier, id.index)).map(|a| a.parts).unwrap_or_default()
+            crate::off_async_threads(|| app.engine.artifact(&id.tier, id.index))
+                .map(|a| a.parts)
+                .unwrap_or_default()
         }
         None => Vec::new(),
     };
@@ -129,7 +165,13 @@ async fn may_read_blob(app: &Shared, caller: &Caller, digest: &str) -> bool {
 
 /// `GET` and `HEAD /v1/blobs/{digest}`. A node may read only the parts of the instance
 /// bound to it; any other digest is answered as one that does not exist.
-pub async fn blob(State(app): State<Shared>, Extension(caller): Extension<Caller>, method: Method, headers: HeaderMap, Path(digest): Path<String>) -> Response {
+pub async fn blob(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    method: Method,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> Response {
     if !may_read_blob(&app, &caller, &digest).await {
         return no_blob(&digest).into_response();
     }
@@ -142,25 +184,44 @@ pub async fn blob(State(app): State<Shared>, Extension(caller): Extension<Caller
 /// answer for both so that a node learns nothing about blobs that are not its own. A
 /// quarantined blob is still admitted: the cache's copy was checked when the engine sent
 /// it, and on a miss the engine itself answers 410 with what to do.
-pub async fn access(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(digest): Path<String>) -> Response {
-    let stored = app.engine.images.locate(&digest).is_some() || app.delivery.is_quarantined(&digest);
+pub async fn access(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(digest): Path<String>,
+) -> Response {
+    let stored =
+        app.engine.images.locate(&digest).is_some() || app.delivery.is_quarantined(&digest);
     if stored && may_read_blob(&app, &caller, &digest).await {
         StatusCode::NO_CONTENT.into_response()
     } else {
-        ApiError(StatusCode::FORBIDDEN, format!("this credential may not read blob `{digest}`")).into_response()
+        ApiError(
+            StatusCode::FORBIDDEN,
+            format!("this credential may not read blob `{digest}`"),
+        )
+        .into_response()
     }
 }
 
 /// The answer to a capability that admits nothing (forged, expired, or for a deployment
 /// that has ended): one answer for every reason.
 fn no_capability() -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, "no artifact at this capability URL (it may have expired, or its deployment ended)".into())
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no artifact at this capability URL (it may have expired, or its deployment ended)".into(),
+    )
 }
 
 /// `GET /v1/cap/{tier}/{index}/{token}`: the descriptor of the deployment a capability
 /// names, with its parts' URLs under the same capability.
-pub async fn cap_describe(State(app): State<Shared>, Path((tier, index, token)): Path<(String, u32, String)>) -> Result<Response, ApiError> {
-    if app.engine.capability_instance(&tier, index, &token).is_none() {
+pub async fn cap_describe(
+    State(app): State<Shared>,
+    Path((tier, index, token)): Path<(String, u32, String)>,
+) -> Result<Response, ApiError> {
+    if app
+        .engine
+        .capability_instance(&tier, index, &token)
+        .is_none()
+    {
         return Err(no_capability());
     }
     let mut artifact = {
@@ -186,12 +247,18 @@ async fn cap_admits(app: &Shared, tier: &str, index: u32, token: &str, digest: &
         return false;
     }
     let _files = app.image_files.read().await;
-    crate::off_async_threads(|| app.engine.artifact(tier, index)).is_ok_and(|a| a.parts.iter().any(|p| p.digest == digest))
+    crate::off_async_threads(|| app.engine.artifact(tier, index))
+        .is_ok_and(|a| a.parts.iter().any(|p| p.digest == digest))
 }
 
 /// `GET` and `HEAD /v1/cap/{tier}/{index}/{token}/blob/{digest}`: one part by its digest,
 /// under a capability: the form a descriptor gives when an HTTP cache fronts the engine.
-pub async fn cap_blob(State(app): State<Shared>, method: Method, headers: HeaderMap, Path((tier, index, token, digest)): Path<(String, u32, String, String)>) -> Response {
+pub async fn cap_blob(
+    State(app): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    Path((tier, index, token, digest)): Path<(String, u32, String, String)>,
+) -> Response {
     if !cap_admits(&app, &tier, index, &token, &digest).await {
         return no_capability().into_response();
     }
@@ -200,17 +267,34 @@ pub async fn cap_blob(State(app): State<Shared>, method: Method, headers: Header
 
 /// `GET /v1/cap/{tier}/{index}/{token}/blob/{digest}/access`: whether the capability
 /// admits that blob, for the cache (204 or 403, as `/v1/blobs/{digest}/access`).
-pub async fn cap_blob_access(State(app): State<Shared>, Path((tier, index, token, digest)): Path<(String, u32, String, String)>) -> Response {
+pub async fn cap_blob_access(
+    State(app): State<Shared>,
+    Path((tier, index, token, digest)): Path<(String, u32, String, String)>,
+) -> Response {
     if cap_admits(&app, &tier, index, &token, &digest).await {
         StatusCode::NO_CONTENT.into_response()
     } else {
-        ApiError(StatusCode::FORBIDDEN, "this capability admits no such blob (it may have expired, or its deployment ended)".into()).into_response()
+        ApiError(
+            StatusCode::FORBIDDEN,
+            "this capability admits no such blob (it may have expired, or its deployment ended)"
+                .into(),
+        )
+        .into_response()
     }
 }
 
 /// `GET` and `HEAD /v1/cap/{tier}/{index}/{token}/{role}`: one part, by capability.
-pub async fn cap_part(State(app): State<Shared>, method: Method, headers: HeaderMap, Path((tier, index, token, role)): Path<(String, u32, String, String)>) -> Response {
-    if app.engine.capability_instance(&tier, index, &token).is_none() {
+pub async fn cap_part(
+    State(app): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    Path((tier, index, token, role)): Path<(String, u32, String, String)>,
+) -> Response {
+    if app
+        .engine
+        .capability_instance(&tier, index, &token)
+        .is_none()
+    {
         return no_capability().into_response();
     }
     let described = {
@@ -225,14 +309,19 @@ pub async fn cap_part(State(app): State<Shared>, method: Method, headers: Header
 }
 
 fn no_blob(digest: &str) -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, format!("no blob `{digest}`; blob URLs come from /v1/artifacts/{{tier}}/{{index}}"))
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no blob `{digest}`; blob URLs come from /v1/artifacts/{{tier}}/{{index}}"),
+    )
 }
 
 /// The answer for a blob found corrupt on the engine's disk.
 fn quarantined(digest: &str) -> ApiError {
     ApiError(
         StatusCode::GONE,
-        format!("blob {digest} is corrupt on the engine's disk and was quarantined; import its master again (or restore the file) and redeploy"),
+        format!(
+            "blob {digest} is corrupt on the engine's disk and was quarantined; import its master again (or restore the file) and redeploy"
+        ),
     )
 }
 
@@ -243,7 +332,16 @@ pub(crate) async fn check_blob(app: &Shared, digest: &str) -> Result<(), ApiErro
         return Err(quarantined(digest));
     }
     let (a, d) = (app.clone(), digest.to_string());
-    let checked = app.delivery.checked(digest, move || a.engine.images.verify(&d).map(|_| ()).map_err(|e| e.to_string())).await;
+    let checked = app
+        .delivery
+        .checked(digest, move || {
+            a.engine
+                .images
+                .verify(&d)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await;
     let Err(why) = checked else { return Ok(()) };
     app.delivery.quarantine(digest);
     let (a, d) = (app.clone(), digest.to_string());
@@ -281,7 +379,9 @@ pub(crate) async fn scrub(app: &Shared) {
 /// `GET /v1/blobs`: what each blob cost on the wire since the daemon started, and the
 /// blobs quarantined.
 pub async fn served(State(app): State<Shared>) -> Result<Response, ApiError> {
-    ok(serde_json::json!({ "served": app.delivery.served(), "quarantined": app.delivery.quarantined() }))
+    ok(
+        serde_json::json!({ "served": app.delivery.served(), "quarantined": app.delivery.quarantined() }),
+    )
 }
 
 async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) -> Response {
@@ -293,11 +393,23 @@ async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) 
     };
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
-        Err(e) => return ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot open blob {digest}: {e}")).into_response(),
+        Err(e) => {
+            return ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot open blob {digest}: {e}"),
+            )
+            .into_response();
+        }
     };
     let len = match file.metadata().await {
         Ok(m) => m.len(),
-        Err(e) => return ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot stat blob {digest}: {e}")).into_response(),
+        Err(e) => {
+            return ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot stat blob {digest}: {e}"),
+            )
+            .into_response();
+        }
     };
     let etag = format!("\"{digest}\"");
     let mut base = Response::builder()
@@ -305,11 +417,21 @@ async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) 
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
         .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header("Digest", HeaderValue::from_str(&format!("sha-256={}", sha256_base64(&digest))).unwrap_or(HeaderValue::from_static("")));
-    let matches = |h: &HeaderValue| h.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        .header(
+            "Digest",
+            HeaderValue::from_str(&format!("sha-256={}", sha256_base64(&digest)))
+                .unwrap_or(HeaderValue::from_static("")),
+        );
+    let matches = |h: &HeaderValue| {
+        h.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    };
     if headers.get(header::IF_NONE_MATCH).is_some_and(matches) {
         app.delivery.request(digest, true);
-        return base.status(StatusCode::NOT_MODIFIED).body(Body::empty()).unwrap_or_default();
+        return base
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .unwrap_or_default();
     }
     let (status, start, count) = match range(headers, len) {
         None => (StatusCode::OK, 0, len),
@@ -330,24 +452,38 @@ async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) 
         return base.body(Body::empty()).unwrap_or_default();
     }
     if let Err(e) = file.seek(SeekFrom::Start(start)).await {
-        return ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read blob {digest}: {e}")).into_response();
+        return ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read blob {digest}: {e}"),
+        )
+        .into_response();
     }
     app.delivery.request(digest, false);
     // A place among the transfers in flight, held until the body is sent (or the client
     // goes away and the stream is dropped).
     let permit = app.delivery.transfer().await;
-    let state = (file.take(count), vec![0u8; crate::delivery::CHUNK], permit, app.clone(), digest.to_string());
-    let chunks = futures_util::stream::unfold(state, |(mut r, mut buf, permit, app, digest)| async move {
-        match r.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                app.delivery.pace(n).await;
-                app.delivery.count(&digest, n as u64);
-                Some((Ok::<_, std::io::Error>(axum::body::Bytes::copy_from_slice(&buf[..n])), (r, buf, permit, app, digest)))
+    let state = (
+        file.take(count),
+        vec![0u8; crate::delivery::CHUNK],
+        permit,
+        app.clone(),
+        digest.to_string(),
+    );
+    let chunks =
+        futures_util::stream::unfold(state, |(mut r, mut buf, permit, app, digest)| async move {
+            match r.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    app.delivery.pace(n).await;
+                    app.delivery.count(&digest, n as u64);
+                    Some((
+                        Ok::<_, std::io::Error>(axum::body::Bytes::copy_from_slice(&buf[..n])),
+                        (r, buf, permit, app, digest),
+                    ))
+                }
+                Err(e) => Some((Err(e), (r, buf, permit, app, digest))),
             }
-            Err(e) => Some((Err(e), (r, buf, permit, app, digest))),
-        }
-    });
+        });
     base.body(Body::from_stream(chunks)).unwrap_or_default()
 }
 

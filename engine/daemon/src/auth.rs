@@ -57,7 +57,11 @@ impl Caller {
     /// How the event log names the caller.
     pub fn label(&self) -> String {
         match self {
-            Caller::Operator { name, role } => Principal::Operator { name: name.clone(), role: *role }.label(),
+            Caller::Operator { name, role } => Principal::Operator {
+                name: name.clone(),
+                role: *role,
+            }
+            .label(),
             Caller::Node { name, .. } => Principal::Node { name: name.clone() }.label(),
             Caller::Joining { .. } => "joining-node".into(),
         }
@@ -68,18 +72,28 @@ impl Caller {
 pub fn new_secret(prefix: &str) -> Result<String, String> {
     use base64::Engine as _;
     let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes).map_err(|e| format!("the operating system gave no random bytes: {e}"))?;
-    Ok(format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)))
+    getrandom::getrandom(&mut bytes)
+        .map_err(|e| format!("the operating system gave no random bytes: {e}"))?;
+    Ok(format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    ))
 }
 
 /// `sha256:<hex>` of a credential, the only form the store keeps.
 pub fn hash(secret: &str) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(secret.trim().as_bytes())))
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(secret.trim().as_bytes()))
+    )
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Makes sure the operator has a way in: at the first start (no `admin` token known and no
@@ -108,15 +122,24 @@ pub fn first_admin_token(data_dir: &Path, store: &mint_store::Store) -> Result<(
         return Ok(());
     }
     let secret = new_secret(OPERATOR_PREFIX)?;
-    let token = Token { name: "admin".into(), role: Role::Admin, hash: hash(&secret), created_ms: now_ms() };
+    let token = Token {
+        name: "admin".into(),
+        role: Role::Admin,
+        hash: hash(&secret),
+        created_ms: now_ms(),
+    };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&path)
         .map_err(|e| format!("cannot write the admin token to {}: {e}", path.display()))?;
-    f.write_all(format!("{secret}\n").as_bytes()).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    store.create_token(&token, mint_model::records::ENGINE).map_err(|e| e.to_string())?;
+    f.write_all(format!("{secret}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    store
+        .create_token(&token, mint_model::records::ENGINE)
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -130,32 +153,69 @@ fn identify(app: &crate::App, bearer: &str) -> Result<Option<Caller>, ApiError> 
     // any stored credential.
     Ok(app.engine.store.principal(&h)?.map(|p| match p {
         Principal::Operator { name, role } => Caller::Operator { name, role },
-        Principal::Node { name } => Caller::Node { name, hash: h.clone() },
+        Principal::Node { name } => Caller::Node {
+            name,
+            hash: h.clone(),
+        },
     }))
 }
 
 /// Whether `caller` may make a `method` request to the route `route`; `Err` is the
 /// status and why.
-pub fn authorize(caller: &Caller, method: &Method, route: &str) -> Result<(), (StatusCode, String)> {
+pub fn authorize(
+    caller: &Caller,
+    method: &Method,
+    route: &str,
+) -> Result<(), (StatusCode, String)> {
     let reads = *method == Method::GET || *method == Method::HEAD;
     let artifacts = route.starts_with("/v1/artifacts/") || route.starts_with("/v1/blobs/");
     match caller {
-        Caller::Operator { role: Role::Admin, .. } => Ok(()),
+        Caller::Operator {
+            role: Role::Admin, ..
+        } => Ok(()),
         Caller::Operator { name, role } => {
             if !reads || route.starts_with("/v1/tokens") {
-                Err((StatusCode::FORBIDDEN, format!("token `{name}` is {}: it may read the pool's state, not change it or manage tokens; use an admin token", role.name())))
+                Err((
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "token `{name}` is {}: it may read the pool's state, not change it or manage tokens; use an admin token",
+                        role.name()
+                    ),
+                ))
             } else if artifacts && !role.can_read_artifacts() {
-                Err((StatusCode::FORBIDDEN, format!("token `{name}` is {}: artifacts and seeds (keys, user-data) need an admin token", role.name())))
+                Err((
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "token `{name}` is {}: artifacts and seeds (keys, user-data) need an admin token",
+                        role.name()
+                    ),
+                ))
             } else {
                 Ok(())
             }
         }
         Caller::Node { name, .. } => {
-            let own = (*method == Method::POST && (route == "/v1/agents/register" || route == "/v1/nodes/{name}/heartbeat")) || (reads && artifacts);
-            if own { Ok(()) } else { Err((StatusCode::FORBIDDEN, format!("node `{name}`'s credential reaches only its own registration, heartbeats and artifacts"))) }
+            let own = (*method == Method::POST
+                && (route == "/v1/agents/register" || route == "/v1/nodes/{name}/heartbeat"))
+                || (reads && artifacts);
+            if own {
+                Ok(())
+            } else {
+                Err((
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "node `{name}`'s credential reaches only its own registration, heartbeats and artifacts"
+                    ),
+                ))
+            }
         }
-        Caller::Joining { .. } if *method == Method::POST && route == "/v1/agents/register" => Ok(()),
-        Caller::Joining { .. } => Err((StatusCode::UNAUTHORIZED, "a join token only registers its node (mint-agent --join-token)".into())),
+        Caller::Joining { .. } if *method == Method::POST && route == "/v1/agents/register" => {
+            Ok(())
+        }
+        Caller::Joining { .. } => Err((
+            StatusCode::UNAUTHORIZED,
+            "a join token only registers its node (mint-agent --join-token)".into(),
+        )),
     }
 }
 
@@ -175,13 +235,17 @@ pub struct Failures {
 impl Failures {
     /// A brake at `limit` failures per window.
     pub fn new(limit: u32) -> Failures {
-        Failures { seen: Default::default(), limit: limit.max(1) }
+        Failures {
+            seen: Default::default(),
+            limit: limit.max(1),
+        }
     }
 
     /// Whether `ip` used up its failures in the current window.
     fn braked(&self, ip: std::net::IpAddr) -> bool {
         let map = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&ip).is_some_and(|(since, n)| since.elapsed() < FAILURE_WINDOW && *n >= self.limit)
+        map.get(&ip)
+            .is_some_and(|(since, n)| since.elapsed() < FAILURE_WINDOW && *n >= self.limit)
     }
 
     /// Counts one failure from `ip`.
@@ -209,12 +273,20 @@ pub(crate) async fn require(State(app): State<Shared>, mut req: Request, next: N
         req.extensions_mut().insert(caller);
         return next.run(req).await;
     }
-    let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     if let Some(ip) = peer
         && app.failures.braked(ip)
     {
-        let mut r = ApiError(StatusCode::TOO_MANY_REQUESTS, format!("too many failed authentications from {ip}; wait a minute")).into_response();
-        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+        let mut r = ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many failed authentications from {ip}; wait a minute"),
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
         return r;
     }
     let failed = |app: &Shared| {
@@ -222,7 +294,11 @@ pub(crate) async fn require(State(app): State<Shared>, mut req: Request, next: N
             app.failures.count(ip);
         }
     };
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_default();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -233,7 +309,10 @@ pub(crate) async fn require(State(app): State<Shared>, mut req: Request, next: N
         .map(str::to_string);
     let unauthorized = |why: &str| {
         let mut r = ApiError(StatusCode::UNAUTHORIZED, format!("{why}: send `Authorization: Bearer TOKEN` (the daemon's first admin token is in <data-dir>/{ADMIN_TOKEN_FILE}; `mint token create` makes more)")).into_response();
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
         r
     };
     let Some(bearer) = bearer else {
@@ -258,13 +337,29 @@ pub(crate) async fn require(State(app): State<Shared>, mut req: Request, next: N
 /// Who a request acts as on a daemon serving without authentication (a loopback
 /// benchmark's): the node its path names on a node's own routes, else an admin.
 fn unauthenticated_caller(req: &Request) -> Caller {
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str()).unwrap_or_default();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str())
+        .unwrap_or_default();
     match route.strip_prefix("/v1/nodes/{name}/") {
         Some(_) => {
-            let name = req.uri().path().split('/').nth(3).unwrap_or_default().to_string();
-            Caller::Node { name, hash: String::new() }
+            let name = req
+                .uri()
+                .path()
+                .split('/')
+                .nth(3)
+                .unwrap_or_default()
+                .to_string();
+            Caller::Node {
+                name,
+                hash: String::new(),
+            }
         }
-        None => Caller::Operator { name: "unauthenticated".into(), role: Role::Admin },
+        None => Caller::Operator {
+            name: "unauthenticated".into(),
+            role: Role::Admin,
+        },
     }
 }
 
@@ -274,30 +369,80 @@ mod tests {
 
     #[test]
     fn roles_reach_what_they_should() {
-        let admin = Caller::Operator { name: "a".into(), role: Role::Admin };
-        let ro = Caller::Operator { name: "ci".into(), role: Role::ReadOnly };
-        let node = Caller::Node { name: "n1".into(), hash: "sha256:00".into() };
-        let join = Caller::Joining { hash: "sha256:00".into() };
+        let admin = Caller::Operator {
+            name: "a".into(),
+            role: Role::Admin,
+        };
+        let ro = Caller::Operator {
+            name: "ci".into(),
+            role: Role::ReadOnly,
+        };
+        let node = Caller::Node {
+            name: "n1".into(),
+            hash: "sha256:00".into(),
+        };
+        let join = Caller::Joining {
+            hash: "sha256:00".into(),
+        };
         assert!(authorize(&admin, &Method::POST, "/v1/tiers/{name}/scale").is_ok());
         assert!(authorize(&ro, &Method::GET, "/v1/tiers").is_ok());
-        assert_eq!(authorize(&ro, &Method::POST, "/v1/tiers/{name}/scale").unwrap_err().0, StatusCode::FORBIDDEN);
-        assert_eq!(authorize(&ro, &Method::GET, "/v1/blobs/{digest}").unwrap_err().0, StatusCode::FORBIDDEN);
-        assert_eq!(authorize(&ro, &Method::GET, "/v1/artifacts/{tier}/{index}").unwrap_err().0, StatusCode::FORBIDDEN);
-        assert_eq!(authorize(&ro, &Method::GET, "/v1/tokens").unwrap_err().0, StatusCode::FORBIDDEN);
+        assert_eq!(
+            authorize(&ro, &Method::POST, "/v1/tiers/{name}/scale")
+                .unwrap_err()
+                .0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            authorize(&ro, &Method::GET, "/v1/blobs/{digest}")
+                .unwrap_err()
+                .0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            authorize(&ro, &Method::GET, "/v1/artifacts/{tier}/{index}")
+                .unwrap_err()
+                .0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            authorize(&ro, &Method::GET, "/v1/tokens").unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
         assert!(authorize(&node, &Method::POST, "/v1/nodes/{name}/heartbeat").is_ok());
         assert!(authorize(&node, &Method::GET, "/v1/artifacts/{tier}/{index}").is_ok());
-        assert_eq!(authorize(&node, &Method::GET, "/v1/tiers").unwrap_err().0, StatusCode::FORBIDDEN);
-        assert_eq!(authorize(&node, &Method::POST, "/v1/tiers/{name}/scale").unwrap_err().0, StatusCode::FORBIDDEN);
+        assert_eq!(
+            authorize(&node, &Method::GET, "/v1/tiers").unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            authorize(&node, &Method::POST, "/v1/tiers/{name}/scale")
+                .unwrap_err()
+                .0,
+            StatusCode::FORBIDDEN
+        );
         assert!(authorize(&join, &Method::POST, "/v1/agents/register").is_ok());
-        assert_eq!(authorize(&join, &Method::GET, "/v1/tiers").unwrap_err().0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            authorize(&join, &Method::GET, "/v1/tiers").unwrap_err().0,
+            StatusCode::UNAUTHORIZED
+        );
     }
 
     #[test]
     fn secrets_are_random_and_hashed() {
-        let (a, b) = (new_secret(OPERATOR_PREFIX).unwrap(), new_secret(OPERATOR_PREFIX).unwrap());
+        let (a, b) = (
+            new_secret(OPERATOR_PREFIX).unwrap(),
+            new_secret(OPERATOR_PREFIX).unwrap(),
+        );
         assert_ne!(a, b);
         assert!(a.starts_with(OPERATOR_PREFIX) && a.len() == OPERATOR_PREFIX.len() + 43);
-        assert_eq!(hash(&a), hash(&format!("{a}\n")), "a token read from a file hashes the same");
-        assert!(mint_store::same_hash(&hash(&a), &hash(&a)) && !mint_store::same_hash(&hash(&a), &hash(&b)));
+        assert_eq!(
+            hash(&a),
+            hash(&format!("{a}\n")),
+            "a token read from a file hashes the same"
+        );
+        assert!(
+            mint_store::same_hash(&hash(&a), &hash(&a))
+                && !mint_store::same_hash(&hash(&a), &hash(&b))
+        );
     }
 }

@@ -77,9 +77,16 @@ fn endpoint_trust(at: &str, value: &toml::Value, base: &Path) -> Result<mint_tls
         toml::Value::Table(t) if t.len() == 1 => match t.iter().next() {
             Some((k, toml::Value::String(v))) if k == "ca" => {
                 let f = PathBuf::from(v);
-                Ok(mint_tls::Trust::Ca(if f.is_relative() { base.join(f) } else { f }))
+                Ok(mint_tls::Trust::Ca(if f.is_relative() {
+                    base.join(f)
+                } else {
+                    f
+                }))
             }
-            Some((k, toml::Value::String(v))) if k == "pin" => v.parse().map(mint_tls::Trust::Pin).map_err(|e| format!("{at}: field `tls.pin`: {e}")),
+            Some((k, toml::Value::String(v))) if k == "pin" => v
+                .parse()
+                .map(mint_tls::Trust::Pin)
+                .map_err(|e| format!("{at}: field `tls.pin`: {e}")),
             _ => Err(format!("{at}: field `tls`: {fix}")),
         },
         _ => Err(format!("{at}: field `tls`: {fix}")),
@@ -137,11 +144,15 @@ struct RawArtifacts {
 fn blob_base(value: &str) -> Result<String, String> {
     let fix = "give the cache's origin, e.g. `blob-base = \"https://cache.example:8443\"`";
     let Some(rest) = value.strip_prefix("https://") else {
-        return Err(format!("`{value}` is not an https:// URL (nodes send the cache their credential, so it must be TLS); {fix}"));
+        return Err(format!(
+            "`{value}` is not an https:// URL (nodes send the cache their credential, so it must be TLS); {fix}"
+        ));
     };
     let host = rest.split('/').next().unwrap_or_default();
     if host.is_empty() || host.contains('@') || value.contains(['?', '#', ' ']) {
-        return Err(format!("`{value}` needs a host and no user, query, fragment or spaces; {fix}"));
+        return Err(format!(
+            "`{value}` needs a host and no user, query, fragment or spaces; {fix}"
+        ));
     }
     Ok(value.trim_end_matches('/').to_string())
 }
@@ -196,7 +207,8 @@ impl Config {
 
     /// Reads and checks `path`. Errors name the file and the field.
     pub fn read(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the configuration {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the configuration {}: {e}", path.display()))?;
         Config::parse(path, &text)
     }
 
@@ -204,12 +216,15 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, String> {
         let at = |m: String| format!("{}: {m}", path.display());
         let raw: Raw = toml::from_str(text).map_err(|e| at(e.message().trim_end().to_string()))?;
-        let trust = Trust::new(&raw.plugins.trusted_keys, raw.plugins.allow_unsigned).map_err(at)?;
+        let trust =
+            Trust::new(&raw.plugins.trusted_keys, raw.plugins.allow_unsigned).map_err(at)?;
         let mut grants = BTreeMap::new();
         for (plugin, hosts) in raw.plugins.grants {
             let hosts = hosts
                 .iter()
-                .map(|h| HostPattern::parse(h).map_err(|m| at(format!("plugins.grants.{plugin}: {m}"))))
+                .map(|h| {
+                    HostPattern::parse(h).map_err(|m| at(format!("plugins.grants.{plugin}: {m}")))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             grants.insert(plugin, hosts);
         }
@@ -227,24 +242,37 @@ impl Config {
             }
             (Some(_), _) => return Err(at("[credentials]: give `file` or inline `[[credentials.credential]]` entries, not both".into())),
         };
-        let concurrency = raw.drivers.concurrency.unwrap_or(mint_core::DRIVER_CONCURRENCY);
+        let concurrency = raw
+            .drivers
+            .concurrency
+            .unwrap_or(mint_core::DRIVER_CONCURRENCY);
         if concurrency == 0 || concurrency > MAX_CONCURRENCY {
-            return Err(at(format!("drivers.concurrency: {concurrency} is outside 1..={MAX_CONCURRENCY}")));
+            return Err(at(format!(
+                "drivers.concurrency: {concurrency} is outside 1..={MAX_CONCURRENCY}"
+            )));
         }
         let per_endpoint = raw.drivers.per_endpoint.unwrap_or(mint_core::PER_ENDPOINT);
         if per_endpoint == 0 || per_endpoint > concurrency {
-            return Err(at(format!("drivers.per-endpoint: {per_endpoint} is outside 1..={concurrency} (drivers.concurrency)")));
+            return Err(at(format!(
+                "drivers.per-endpoint: {per_endpoint} is outside 1..={concurrency} (drivers.concurrency)"
+            )));
         }
         let health_check = match raw.drivers.health_check_secs {
             None => mint_core::HEALTH_CHECK_EVERY,
             Some(s @ 1..=86_400) => std::time::Duration::from_secs(s),
-            Some(s) => return Err(at(format!("drivers.health-check-secs: {s} is outside 1..=86400"))),
+            Some(s) => {
+                return Err(at(format!(
+                    "drivers.health-check-secs: {s} is outside 1..=86400"
+                )));
+            }
         };
         let materialize_root = match raw.materialize.root {
             None => None,
-            Some(r) => {
-                Some(if r.is_relative() { path.parent().unwrap_or(Path::new(".")).join(r) } else { r })
-            }
+            Some(r) => Some(if r.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(r)
+            } else {
+                r
+            }),
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let mut endpoint_tls = mint_plugins::TlsPolicies::default();
@@ -253,20 +281,37 @@ impl Config {
             let trust = endpoint_trust(&at, &e.tls, base)?;
             endpoint_tls.add(&at, e.node, e.endpoint, trust)?;
         }
-        let transfers = raw.artifacts.transfers.unwrap_or(crate::delivery::TRANSFERS);
+        let transfers = raw
+            .artifacts
+            .transfers
+            .unwrap_or(crate::delivery::TRANSFERS);
         if !(1..=4096).contains(&transfers) {
-            return Err(at(format!("artifacts.transfers: {transfers} is outside 1..=4096")));
+            return Err(at(format!(
+                "artifacts.transfers: {transfers} is outside 1..=4096"
+            )));
         }
         let bandwidth = match raw.artifacts.bandwidth_mbps.unwrap_or(0) {
             m @ 0..=1_000_000 => m * 1_000_000 / 8,
-            m => return Err(at(format!("artifacts.bandwidth-mbps: {m} is above 1000000 (1 Tbit/s); 0 turns the cap off"))),
+            m => {
+                return Err(at(format!(
+                    "artifacts.bandwidth-mbps: {m} is above 1000000 (1 Tbit/s); 0 turns the cap off"
+                )));
+            }
         };
         let scrub = match raw.artifacts.scrub_hours {
             None => SCRUB_EVERY,
             Some(h @ 1..=8760) => std::time::Duration::from_secs(h * 3600),
-            Some(h) => return Err(at(format!("artifacts.scrub-hours: {h} is outside 1..=8760"))),
+            Some(h) => {
+                return Err(at(format!(
+                    "artifacts.scrub-hours: {h} is outside 1..=8760"
+                )));
+            }
         };
-        let blob_base = raw.artifacts.blob_base.map(|b| blob_base(&b).map_err(|e| at(format!("artifacts.blob-base: {e}")))).transpose()?;
+        let blob_base = raw
+            .artifacts
+            .blob_base
+            .map(|b| blob_base(&b).map_err(|e| at(format!("artifacts.blob-base: {e}"))))
+            .transpose()?;
         Ok(Config {
             plugins: PluginPolicy { trust, grants },
             credentials,
@@ -302,7 +347,10 @@ impl Config {
         delivery.set(self.transfers, self.bandwidth, self.scrub);
         delivery.set_blob_base(self.blob_base);
         engine.permits.set(self.concurrency, self.per_endpoint);
-        engine.health_check_ms.store(self.health_check.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        engine.health_check_ms.store(
+            self.health_check.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         engine.plugins.runtime().set_credentials(self.credentials);
         engine.plugins.runtime().set_tls_policies(self.endpoint_tls);
         engine.plugins.set_policy(self.plugins);
@@ -323,7 +371,9 @@ pub(crate) fn reload_on_hangup(
         return;
     }
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; the configuration and certificate are read at start only");
+        tracing::warn!(
+            "cannot listen for SIGHUP; the configuration and certificate are read at start only"
+        );
         return;
     };
     tokio::spawn(async move {
@@ -338,9 +388,16 @@ pub(crate) fn reload_on_hangup(
             let Some(path) = &path else { continue };
             match Config::read(path) {
                 Ok(c) => {
-                    *app.materialize_root.write().unwrap_or_else(|p| p.into_inner()) = c.materialize_root.clone();
+                    *app.materialize_root
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner()) = c.materialize_root.clone();
                     c.apply(&app.engine, &app.delivery);
-                    let _ = app.engine.store.note("configuration-reloaded", format!("configuration reloaded from {}", path.display()), serde_json::json!({}), mint_model::records::ENGINE);
+                    let _ = app.engine.store.note(
+                        "configuration-reloaded",
+                        format!("configuration reloaded from {}", path.display()),
+                        serde_json::json!({}),
+                        mint_model::records::ENGINE,
+                    );
                 }
                 Err(e) => tracing::error!("SIGHUP: keeping the running configuration: {e}"),
             }
@@ -357,36 +414,81 @@ mod tests {
         let p = Path::new("/etc/mint/mint.toml");
         for (text, needle) in [
             ("[plugins]\nallow_unsigned = true", "allow_unsigned"),
-            ("[plugins.trusted-keys]\nacme = [\"nope\"]", "plugins.trusted-keys.acme"),
+            (
+                "[plugins.trusted-keys]\nacme = [\"nope\"]",
+                "plugins.trusted-keys.acme",
+            ),
             ("[plugins.grants]\nx = [\"ftp://h\"]", "plugins.grants.x"),
             ("[drivers]\nconcurrency = 0", "drivers.concurrency"),
-            ("[drivers]\nconcurrency = 2\nper-endpoint = 3", "drivers.per-endpoint"),
-            ("[drivers]\nhealth-check-secs = 0", "drivers.health-check-secs"),
-            ("[credentials]\nfile = \"/nonexistent/creds.toml\"", "credentials.file"),
-            ("[[endpoint]]\ntls = \"trusting\"", "endpoint #1: field `tls`"),
+            (
+                "[drivers]\nconcurrency = 2\nper-endpoint = 3",
+                "drivers.per-endpoint",
+            ),
+            (
+                "[drivers]\nhealth-check-secs = 0",
+                "drivers.health-check-secs",
+            ),
+            (
+                "[credentials]\nfile = \"/nonexistent/creds.toml\"",
+                "credentials.file",
+            ),
+            (
+                "[[endpoint]]\ntls = \"trusting\"",
+                "endpoint #1: field `tls`",
+            ),
             ("[[endpoint]]\ntls = { pin = \"md5:00\" }", "tls.pin"),
-            ("[[endpoint]]\ntls = { ca = \"/nonexistent/ca.pem\" }", "/nonexistent/ca.pem"),
-            ("[[endpoint]]\nnode = \"a\"\nendpoint = \"https://h\"\ntls = \"system\"", "not both"),
-            ("[[endpoint]]\ntls = \"insecure\"\n[[endpoint]]\ntls = \"system\"", "endpoint #2"),
-            ("[artifacts]\nblob-base = \"http://cache:8080\"", "artifacts.blob-base"),
-            ("[artifacts]\nblob-base = \"https://u:p@cache\"", "artifacts.blob-base"),
-            ("[artifacts]\nblob-base = \"https://cache/?x\"", "artifacts.blob-base"),
+            (
+                "[[endpoint]]\ntls = { ca = \"/nonexistent/ca.pem\" }",
+                "/nonexistent/ca.pem",
+            ),
+            (
+                "[[endpoint]]\nnode = \"a\"\nendpoint = \"https://h\"\ntls = \"system\"",
+                "not both",
+            ),
+            (
+                "[[endpoint]]\ntls = \"insecure\"\n[[endpoint]]\ntls = \"system\"",
+                "endpoint #2",
+            ),
+            (
+                "[artifacts]\nblob-base = \"http://cache:8080\"",
+                "artifacts.blob-base",
+            ),
+            (
+                "[artifacts]\nblob-base = \"https://u:p@cache\"",
+                "artifacts.blob-base",
+            ),
+            (
+                "[artifacts]\nblob-base = \"https://cache/?x\"",
+                "artifacts.blob-base",
+            ),
         ] {
             let e = Config::parse(p, text).unwrap_err();
-            assert!(e.contains(needle) && e.contains("/etc/mint/mint.toml"), "{needle}: {e}");
+            assert!(
+                e.contains(needle) && e.contains("/etc/mint/mint.toml"),
+                "{needle}: {e}"
+            );
         }
-        let inline = "[[credentials.credential]]\nnode = \"n1\"\nusername = \"u\"\npassword = \"hunter2\"\n";
+        let inline =
+            "[[credentials.credential]]\nnode = \"n1\"\nusername = \"u\"\npassword = \"hunter2\"\n";
         let c = Config::parse(p, inline).unwrap();
         assert_eq!(c.credentials.summary(), vec!["node `n1` as `u`"]);
         let e = Config::parse(p, &format!("{inline}[credentials]\nfile = \"x\"\n")).unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
-        let e = Config::parse(p, "[[credentials.credential]]\nnode = \"n1\"\npassword = \"hunter2\"\n").unwrap_err();
+        let e = Config::parse(
+            p,
+            "[[credentials.credential]]\nnode = \"n1\"\npassword = \"hunter2\"\n",
+        )
+        .unwrap_err();
         assert!(e.contains("username") && !e.contains("hunter2"), "{e}");
         let c = Config::parse(p, "").unwrap();
         assert_eq!(c.concurrency, mint_core::DRIVER_CONCURRENCY);
         assert!(!c.plugins.trust.allow_unsigned);
         assert_eq!(c.blob_base, None);
-        let c = Config::parse(p, "[artifacts]\nblob-base = \"https://cache.example:8443/\"").unwrap();
+        let c = Config::parse(
+            p,
+            "[artifacts]\nblob-base = \"https://cache.example:8443/\"",
+        )
+        .unwrap();
         assert_eq!(c.blob_base.as_deref(), Some("https://cache.example:8443"));
     }
 }

@@ -68,11 +68,17 @@ impl Delivery {
     /// Sets the bounds for transfers that start from now on (those in flight finish under
     /// the old ones).
     pub fn set(&self, transfers: usize, bytes_per_sec: u64, scrub: Duration) {
-        self.scrub_secs.store(scrub.as_secs().max(1), std::sync::atomic::Ordering::Relaxed);
-        if self.bound.swap(transfers, std::sync::atomic::Ordering::Relaxed) != transfers {
+        self.scrub_secs
+            .store(scrub.as_secs().max(1), std::sync::atomic::Ordering::Relaxed);
+        if self
+            .bound
+            .swap(transfers, std::sync::atomic::Ordering::Relaxed)
+            != transfers
+        {
             *lock(&self.transfers) = Arc::new(Semaphore::new(transfers));
         }
-        self.rate.store(bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
+        self.rate
+            .store(bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sends nodes to `base` (an HTTP cache fronting the engine) for blobs from now on.
@@ -93,7 +99,9 @@ impl Delivery {
     /// A place among the transfers in flight, waited for in arrival order.
     pub async fn transfer(&self) -> tokio::sync::OwnedSemaphorePermit {
         let s = lock(&self.transfers).clone();
-        s.acquire_owned().await.expect("the transfer semaphore is never closed")
+        s.acquire_owned()
+            .await
+            .expect("the transfer semaphore is never closed")
     }
 
     /// Waits until the shared cap has room for `n` more bytes. Chunks of all transfers
@@ -123,8 +131,17 @@ impl Delivery {
     where
         F: FnOnce() -> Result<(), String> + Send + 'static,
     {
-        let cell = lock(&self.checked).entry(digest.to_string()).or_default().clone();
-        cell.get_or_init(|| async move { tokio::task::spawn_blocking(check).await.unwrap_or_else(|e| Err(e.to_string())) }).await.clone()
+        let cell = lock(&self.checked)
+            .entry(digest.to_string())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async move {
+            tokio::task::spawn_blocking(check)
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+        })
+        .await
+        .clone()
     }
 
     /// Records that `digest` is corrupt and kept aside.
@@ -146,7 +163,10 @@ impl Delivery {
 
     /// Counts `bytes` of `digest`'s body sent.
     pub fn count(&self, digest: &str, bytes: u64) {
-        lock(&self.served).entry(digest.to_string()).or_default().bytes += bytes;
+        lock(&self.served)
+            .entry(digest.to_string())
+            .or_default()
+            .bytes += bytes;
     }
 
     /// Counts one request for `digest` (`not_modified` for a 304).
@@ -173,7 +193,11 @@ mod tests {
     /// Three transfers pacing chunks under one cap for a while: each gets about a third.
     #[test]
     fn the_shared_cap_is_shared_equally() {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let counts = rt.block_on(async {
             let d = Arc::new(Delivery::default());
             // 4 MiB/s: a 64 KiB chunk every 16 ms, whichever transfer it belongs to.
@@ -201,7 +225,10 @@ mod tests {
         let total: u32 = counts.iter().sum();
         assert!(total >= 20, "too few chunks to judge: {counts:?}");
         for c in &counts {
-            assert!((c * 3).abs_diff(total) <= total / 5 + 3, "unequal shares: {counts:?}");
+            assert!(
+                (c * 3).abs_diff(total) <= total / 5 + 3,
+                "unequal shares: {counts:?}"
+            );
         }
     }
 }

@@ -20,8 +20,16 @@ type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
 /// A name an operator gives: letters, digits, `-`, `_` or `.`.
 fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
-    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `{field}`: `{name}` must be 1 to 64 letters, digits, `-`, `_` or `.`")));
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("field `{field}`: `{name}` must be 1 to 64 letters, digits, `-`, `_` or `.`"),
+        ));
     }
     Ok(())
 }
@@ -34,24 +42,45 @@ pub struct NewToken {
 }
 
 /// `POST /v1/tokens`: a new operator token; the answer is the only place it appears.
-pub async fn create_token(State(app): State<Shared>, Extension(caller): Extension<Caller>, req: JsonBody<NewToken>) -> ApiResult {
+pub async fn create_token(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    req: JsonBody<NewToken>,
+) -> ApiResult {
     let req = body(req)?;
     check_name("name", &req.name)?;
-    let role = Role::parse(&req.role).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `role`: {e}")))?;
-    let secret = auth::new_secret(auth::OPERATOR_PREFIX).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    let token = Token { name: req.name, role, hash: auth::hash(&secret), created_ms: auth::now_ms() };
+    let role = Role::parse(&req.role)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `role`: {e}")))?;
+    let secret = auth::new_secret(auth::OPERATOR_PREFIX)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let token = Token {
+        name: req.name,
+        role,
+        hash: auth::hash(&secret),
+        created_ms: auth::now_ms(),
+    };
     app.engine.store.create_token(&token, &caller.label())?;
     ok(json!({ "name": token.name, "role": role, "token": secret }))
 }
 
 /// `GET /v1/tokens`: names, roles and creation times; never a token or its hash.
 pub async fn list_tokens(State(app): State<Shared>) -> ApiResult {
-    let tokens: Vec<_> = app.engine.store.tokens()?.into_iter().map(|t| json!({ "name": t.name, "role": t.role, "created-ms": t.created_ms })).collect();
+    let tokens: Vec<_> = app
+        .engine
+        .store
+        .tokens()?
+        .into_iter()
+        .map(|t| json!({ "name": t.name, "role": t.role, "created-ms": t.created_ms }))
+        .collect();
     ok(tokens)
 }
 
 /// `DELETE /v1/tokens/{name}`: the token authenticates nothing from now on.
-pub async fn revoke_token(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> ApiResult {
+pub async fn revoke_token(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult {
     let t = app.engine.store.revoke_token(&name, &caller.label())?;
     ok(json!({ "revoked": t.name, "role": t.role }))
 }
@@ -76,15 +105,32 @@ pub const MAX_JOIN_TTL_SECS: u64 = 7 * 24 * 3600;
 /// `POST /v1/nodes/{name}/enroll`: a one-time join token for the node `name`, which its
 /// agent trades for its own credential when it registers. Enrolling again replaces an
 /// unused token; a node that joins again gets a new credential, and the old one dies.
-pub async fn enroll(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>, req: JsonBody<EnrollRequest>) -> ApiResult {
+pub async fn enroll(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    req: JsonBody<EnrollRequest>,
+) -> ApiResult {
     let req = body(req)?;
     check_name("name", &name)?;
     if req.ttl_secs == 0 || req.ttl_secs > MAX_JOIN_TTL_SECS {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `ttl-secs`: {} is outside 1..={MAX_JOIN_TTL_SECS} (a week)", req.ttl_secs)));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "field `ttl-secs`: {} is outside 1..={MAX_JOIN_TTL_SECS} (a week)",
+                req.ttl_secs
+            ),
+        ));
     }
-    let secret = auth::new_secret(auth::JOIN_PREFIX).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let secret = auth::new_secret(auth::JOIN_PREFIX)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let expires_ms = auth::now_ms() + req.ttl_secs * 1000;
-    let e = Enrollment { node: name.clone(), hash: auth::hash(&secret), labels: req.labels, expires_ms };
+    let e = Enrollment {
+        node: name.clone(),
+        hash: auth::hash(&secret),
+        labels: req.labels,
+        expires_ms,
+    };
     app.engine.store.enroll(&e, &caller.label())?;
     ok(json!({ "node": name, "join-token": secret, "expires-ms": expires_ms, "labels": e.labels }))
 }
@@ -121,36 +167,73 @@ pub async fn register(
     let r = body(r)?;
     check_name("name", &r.name)?;
     if r.cpus == 0 || r.memory_mib == 0 {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "fields `cpus` and `memory-mib` must be above 0".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "fields `cpus` and `memory-mib` must be above 0".into(),
+        ));
     }
-    mint_plugins::HostPattern::of_url(&r.agent_url).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `agent-url`: {e}")))?;
+    mint_plugins::HostPattern::of_url(&r.agent_url)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `agent-url`: {e}")))?;
     let mut properties = BTreeMap::from([("agent-url".to_string(), r.agent_url)]);
     if let Some(pin) = r.agent_pin {
-        let pin: mint_tls::Pin = pin.parse().map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `agent-pin`: {e}")))?;
+        let pin: mint_tls::Pin = pin
+            .parse()
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("field `agent-pin`: {e}")))?;
         properties.insert(mint_plugins::AGENT_PIN.into(), pin.to_string());
     }
     if !r.macs.is_empty() {
         properties.insert("macs".into(), r.macs.join(","));
     }
-    let node = Node { name: r.name, cpus: r.cpus, memory_mib: r.memory_mib, arch: r.arch, labels: r.labels, properties, state: NodeState::Free, instance: None, load: 0, cached: Vec::new() };
+    let node = Node {
+        name: r.name,
+        cpus: r.cpus,
+        memory_mib: r.memory_mib,
+        arch: r.arch,
+        labels: r.labels,
+        properties,
+        state: NodeState::Free,
+        instance: None,
+        load: 0,
+        cached: Vec::new(),
+    };
     let credential = match &caller {
         Caller::Joining { hash } => {
-            let secret = auth::new_secret(auth::NODE_PREFIX).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-            let c = app.engine.store.join(&node, hash, auth::now_ms(), &auth::hash(&secret)).map_err(|e| {
-                // A wrong join token is a failed authentication, braked like any other.
-                app.failures.count(peer.ip());
-                ApiError(StatusCode::FORBIDDEN, e.to_string())
-            })?;
+            let secret = auth::new_secret(auth::NODE_PREFIX)
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            let c = app
+                .engine
+                .store
+                .join(&node, hash, auth::now_ms(), &auth::hash(&secret))
+                .map_err(|e| {
+                    // A wrong join token is a failed authentication, braked like any other.
+                    app.failures.count(peer.ip());
+                    ApiError(StatusCode::FORBIDDEN, e.to_string())
+                })?;
             // The agent keeps both: its own credential, and the one the engine will
             // present to its API (only a caller holding it may deploy there).
-            Some((secret, app.engine.capabilities.agent_credential(&node.name, c.generation)))
+            Some((
+                secret,
+                app.engine
+                    .capabilities
+                    .agent_credential(&node.name, c.generation),
+            ))
         }
         Caller::Node { name, hash } if *name == node.name => {
-            app.engine.store.reregister(&node, hash).map_err(|e| ApiError(StatusCode::FORBIDDEN, e.to_string()))?;
+            app.engine
+                .store
+                .reregister(&node, hash)
+                .map_err(|e| ApiError(StatusCode::FORBIDDEN, e.to_string()))?;
             None
         }
         other => {
-            return Err(ApiError(StatusCode::FORBIDDEN, format!("{} may not register node `{}`: a node registers with its join token, then its own credential", other.label(), node.name)));
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} may not register node `{}`: a node registers with its join token, then its own credential",
+                    other.label(),
+                    node.name
+                ),
+            ));
         }
     };
     app.liveness.beat(&node.name, 0);

@@ -7,11 +7,11 @@
 //! answers; the reconciler carries it out, and no request waits behind a driver.
 
 mod artifacts;
-mod delivery;
 pub mod auth;
 mod autoscale;
 pub mod config;
 mod confine;
+mod delivery;
 mod identities;
 mod liveness;
 mod plugins;
@@ -19,8 +19,8 @@ mod reconciler;
 mod tls;
 pub use tls::PIN_FILE;
 
-use axum::body::Body;
 use auth::Caller;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -174,9 +174,15 @@ fn body<T>(r: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Resul
     r.map(|Json(v)| v).map_err(|e| {
         // A body over the limit is 413, with the limit named; any other rejection is bad input.
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: larger than the {MAX_BODY_BYTES} bytes this route takes"))
+            ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body: larger than the {MAX_BODY_BYTES} bytes this route takes"),
+            )
         } else {
-            ApiError(StatusCode::BAD_REQUEST, format!("request body: {}", e.body_text()))
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("request body: {}", e.body_text()),
+            )
         }
     })
 }
@@ -186,7 +192,10 @@ pub const NDJSON: &str = "application/x-ndjson";
 
 /// Whether the client asked for a progress stream (`Accept: application/x-ndjson`).
 fn wants_stream(headers: &HeaderMap) -> bool {
-    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains(NDJSON))
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(NDJSON))
 }
 
 /// Forwards progress steps to a stream, at most one every 100 ms besides the first and
@@ -214,16 +223,27 @@ impl Forward {
 /// cut an operation in the middle (each operation is one transaction in any case).
 async fn long_operation<F>(stream: bool, work: F) -> Response
 where
-    F: FnOnce(Report<'_>) -> futures_util::future::BoxFuture<'_, Result<Value, ApiError>> + Send + 'static,
+    F: FnOnce(Report<'_>) -> futures_util::future::BoxFuture<'_, Result<Value, ApiError>>
+        + Send
+        + 'static,
 {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let forward = Forward { tx: tx.clone(), last: std::sync::Mutex::new(None) };
+    let forward = Forward {
+        tx: tx.clone(),
+        last: std::sync::Mutex::new(None),
+    };
     let task = tokio::spawn(async move {
         let report = move |s: Step| forward.step(s);
-        let result = if stream { work(&report).await } else { work(&quiet).await };
+        let result = if stream {
+            work(&report).await
+        } else {
+            work(&quiet).await
+        };
         let _ = tx.send(match &result {
             Ok(v) => json!({ "result": v }),
-            Err(ApiError(status, message)) => json!({ "error": message, "status": status.as_u16() }),
+            Err(ApiError(status, message)) => {
+                json!({ "error": message, "status": status.as_u16() })
+            }
         });
         result
     });
@@ -231,16 +251,25 @@ where
         return match task.await {
             Ok(Ok(v)) => Json(v).into_response(),
             Ok(Err(e)) => e.into_response(),
-            Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("the operation stopped: {e}")).into_response(),
+            Err(e) => ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the operation stopped: {e}"),
+            )
+            .into_response(),
         };
     }
     let lines = futures_util::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|v| v.map(|v| Ok::<_, std::convert::Infallible>(format!("{v}\n"))))
+        rx.poll_recv(cx)
+            .map(|v| v.map(|v| Ok::<_, std::convert::Infallible>(format!("{v}\n"))))
     });
     ([(header::CONTENT_TYPE, NDJSON)], Body::from_stream(lines)).into_response()
 }
 
-async fn import_image(State(app): State<Shared>, headers: HeaderMap, req: Result<Json<ImportRequest>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn import_image(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    req: Result<Json<ImportRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let req = match body(req) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
@@ -259,8 +288,12 @@ async fn import_image(State(app): State<Shared>, headers: HeaderMap, req: Result
             let _files = app.image_files.read().await;
             // Importing reads and writes the whole image: off the async threads.
             let path = std::path::Path::new(&req.path);
-            let image = off_async_threads(|| app.engine.import_image_reporting(path, req.name.as_deref(), claimed, report))?;
-            serde_json::to_value(image).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+            let image = off_async_threads(|| {
+                app.engine
+                    .import_image_reporting(path, req.name.as_deref(), claimed, report)
+            })?;
+            serde_json::to_value(image)
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         })
     })
     .await
@@ -280,7 +313,11 @@ async fn list_images(State(app): State<Shared>) -> ApiResult {
 }
 
 /// `DELETE /v1/images/{id}`: refused while a tier uses the image.
-async fn delete_image(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(id): Path<String>) -> ApiResult {
+async fn delete_image(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
     let _files = app.image_files.write().await;
     let image = off_async_threads(|| app.engine.delete_image(&id, &caller.label()))?;
     ok(json!({ "deleted": image }))
@@ -294,22 +331,48 @@ struct GcRequest {
 }
 
 /// `POST /v1/images/gc`: removes masters no tier uses and blobs no instance refers to.
-async fn gc(State(app): State<Shared>, Extension(caller): Extension<Caller>, req: Result<Json<GcRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn gc(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    req: Result<Json<GcRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
     let req = body(req)?;
     let _files = app.image_files.write().await;
-    ok(off_async_threads(|| app.engine.gc(req.keep_masters, &caller.label()))?)
+    ok(off_async_threads(|| {
+        app.engine.gc(req.keep_masters, &caller.label())
+    })?)
 }
 
 /// One image, by digest or by name (the newest import of that name).
 async fn show_image(State(app): State<Shared>, Path(id): Path<String>) -> ApiResult {
     let images = app.engine.store.images()?;
-    let found = images.into_iter().filter(|i| i.digest == id || i.name == id).last();
-    let image = found.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no image with digest or name `{id}`; `mint image list` shows them")))?;
-    let tiers: Vec<String> = app.engine.store.tiers()?.into_iter().filter(|t| t.image == image.digest).map(|t| t.name).collect();
+    let found = images
+        .into_iter()
+        .filter(|i| i.digest == id || i.name == id)
+        .last();
+    let image = found.ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no image with digest or name `{id}`; `mint image list` shows them"),
+        )
+    })?;
+    let tiers: Vec<String> = app
+        .engine
+        .store
+        .tiers()?
+        .into_iter()
+        .filter(|t| t.image == image.digest)
+        .map(|t| t.name)
+        .collect();
     ok(json!({ "image": image, "tiers": tiers }))
 }
 
-async fn create_tier(State(app): State<Shared>, Extension(caller): Extension<Caller>, headers: HeaderMap, spec: Result<Json<TierSpec>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn create_tier(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    spec: Result<Json<TierSpec>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let spec = match body(spec) {
         Ok(s) => s,
         Err(e) => return e.into_response(),
@@ -321,9 +384,13 @@ async fn create_tier(State(app): State<Shared>, Extension(caller): Extension<Cal
     long_operation(wants_stream(&headers), move |report| {
         Box::pin(async move {
             let _permit = permit;
-            let tier = app.engine.create_tier_reporting(&spec, report, &caller.label()).await?;
+            let tier = app
+                .engine
+                .create_tier_reporting(&spec, report, &caller.label())
+                .await?;
             app.queue.add(&tier.name);
-            serde_json::to_value(tier).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+            serde_json::to_value(tier)
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         })
     })
     .await
@@ -362,7 +429,10 @@ async fn update_image(
         Box::pin(async move {
             let _permit = permit;
             let _files = app.image_files.read().await;
-            let revision = app.engine.update_image(&name, &req.image, req.batch, report, &caller.label()).await?;
+            let revision = app
+                .engine
+                .update_image(&name, &req.image, req.batch, report, &caller.label())
+                .await?;
             app.queue.add(&name);
             Ok(json!({ "tier": name, "revision": revision }))
         })
@@ -404,16 +474,32 @@ async fn show_tier(State(app): State<Shared>, Path(name): Path<String>) -> ApiRe
     ok(tier_view(&app, &t)?)
 }
 
-async fn delete_tier(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> ApiResult {
+async fn delete_tier(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult {
     app.engine.store.delete_tier(&name, &caller.label())?;
     app.status.forget(&name);
     ok(json!({ "deleted": name }))
 }
 
-async fn scale(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>, req: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn scale(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    req: Result<Json<ScaleRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
     let req = body(req)?;
-    let n = u32::try_from(req.instances)
-        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("field `instances`: {} is not a count from 0 up", req.instances)))?;
+    let n = u32::try_from(req.instances).map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "field `instances`: {} is not a count from 0 up",
+                req.instances
+            ),
+        )
+    })?;
     // The intent is recorded and the answer says what will happen; the reconciler
     // carries it out, and `GET /v1/tiers/{name}` follows it (`mint tier scale` waits).
     let generation = app.engine.store.set_desired(&name, n, &caller.label())?;
@@ -435,13 +521,31 @@ async fn instances(State(app): State<Shared>, Path(name): Path<String>) -> ApiRe
     ok(app.engine.store.instances(&name)?)
 }
 
-async fn add_node(State(app): State<Shared>, Extension(caller): Extension<Caller>, spec: Result<Json<NodeSpec>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn add_node(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    spec: Result<Json<NodeSpec>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
     let s = body(spec)?;
-    if s.name.is_empty() || !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `name`: `{}` must be letters, digits, `-`, `_` or `.`", s.name)));
+    if s.name.is_empty()
+        || !s
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "field `name`: `{}` must be letters, digits, `-`, `_` or `.`",
+                s.name
+            ),
+        ));
     }
     if s.cpus == 0 || s.memory_mib == 0 {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "fields `cpus` and `memory-mib` must be above 0".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "fields `cpus` and `memory-mib` must be above 0".into(),
+        ));
     }
     let node = Node {
         name: s.name,
@@ -450,7 +554,11 @@ async fn add_node(State(app): State<Shared>, Extension(caller): Extension<Caller
         arch: s.arch,
         labels: s.labels,
         properties: s.properties,
-        state: if s.maintenance { NodeState::Maintenance } else { NodeState::Free },
+        state: if s.maintenance {
+            NodeState::Maintenance
+        } else {
+            NodeState::Free
+        },
         instance: None,
         load: 0,
         cached: Vec::new(),
@@ -465,7 +573,11 @@ async fn list_nodes(State(app): State<Shared>) -> ApiResult {
     ok(app.engine.store.nodes()?)
 }
 
-async fn remove_node(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> ApiResult {
+async fn remove_node(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult {
     app.engine.store.remove_node(&name, &caller.label())?;
     ok(json!({ "removed": name }))
 }
@@ -483,15 +595,23 @@ async fn materialize(
     req: Result<Json<MaterializeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult {
     let req = body(req)?;
-    let root = app.materialize_root.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let root = app
+        .materialize_root
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let Some(root) = root else {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
             "materialize is off: the operator allows it below one directory, `[materialize] root = \"DIR\"` in the daemon's mint.toml".into(),
         ));
     };
-    let into = confine::new_dir_under(&root, &req.into).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let mut done = serde_json::to_value(off_async_threads(|| app.engine.materialize(&name, index, &into))?).unwrap_or_default();
+    let into = confine::new_dir_under(&root, &req.into)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let mut done = serde_json::to_value(off_async_threads(|| {
+        app.engine.materialize(&name, index, &into)
+    })?)
+    .unwrap_or_default();
     done["into"] = json!(into);
     ok(done)
 }
@@ -504,23 +624,41 @@ struct NodeStateRequest {
     reason: Option<String>,
 }
 
-async fn set_node_state(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>, req: Result<Json<NodeStateRequest>, axum::extract::rejection::JsonRejection>) -> ApiResult {
+async fn set_node_state(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    req: Result<Json<NodeStateRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
     let req = body(req)?;
     let to = match req.state.as_str() {
         "free" => NodeState::Free,
         "maintenance" => NodeState::Maintenance,
         "failed" => NodeState::Failed,
-        other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("field `state`: `{other}` cannot be set; use free, maintenance or failed"))),
+        other => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("field `state`: `{other}` cannot be set; use free, maintenance or failed"),
+            ));
+        }
     };
     // A call in flight for the node's instance may answer later; the store's guard discards
     // that answer, since the instance is no longer in that deployment on this node.
-    app.engine.store.set_node_state(&name, to, req.reason.as_deref().unwrap_or("set by an operator"), &caller.label())?;
+    app.engine.store.set_node_state(
+        &name,
+        to,
+        req.reason.as_deref().unwrap_or("set by an operator"),
+        &caller.label(),
+    )?;
     reconciler::queue_all(&app);
     ok(app.engine.store.node(&name)?)
 }
 
 async fn events(State(app): State<Shared>, Query(q): Query<EventQuery>) -> ApiResult {
-    let mut e = app.engine.store.events(q.after, q.limit.unwrap_or(1000).min(10_000))?;
+    let mut e = app
+        .engine
+        .store
+        .events(q.after, q.limit.unwrap_or(1000).min(10_000))?;
     if let Some(t) = q.tier {
         e.retain(|e| e.tier.as_deref() == Some(t.as_str()));
     }
@@ -531,7 +669,10 @@ async fn events(State(app): State<Shared>, Query(q): Query<EventQuery>) -> ApiRe
 /// host (loopback) is also told where the first admin token is: the file is the daemon
 /// user's alone (mode 0600), so only that user (or root) can read it, which is how the CLI
 /// on the same host works with no setup.
-async fn health(State(app): State<Shared>, ConnectInfo(peer): ConnectInfo<SocketAddr>) -> ApiResult {
+async fn health(
+    State(app): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> ApiResult {
     let mut v = json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") });
     if peer.ip().is_loopback() {
         v["token-file"] = json!(app.data_dir.join(auth::ADMIN_TOKEN_FILE));
@@ -544,10 +685,22 @@ fn router(app: Shared) -> Router {
     // Without a bearer credential: health, and capability URLs, which carry their own proof.
     let open = Router::new()
         .route("/v1/health", get(health))
-        .route("/v1/cap/{tier}/{index}/{token}", get(artifacts::cap_describe))
-        .route("/v1/cap/{tier}/{index}/{token}/{role}", get(artifacts::cap_part).head(artifacts::cap_part))
-        .route("/v1/cap/{tier}/{index}/{token}/blob/{digest}", get(artifacts::cap_blob).head(artifacts::cap_blob))
-        .route("/v1/cap/{tier}/{index}/{token}/blob/{digest}/access", get(artifacts::cap_blob_access));
+        .route(
+            "/v1/cap/{tier}/{index}/{token}",
+            get(artifacts::cap_describe),
+        )
+        .route(
+            "/v1/cap/{tier}/{index}/{token}/{role}",
+            get(artifacts::cap_part).head(artifacts::cap_part),
+        )
+        .route(
+            "/v1/cap/{tier}/{index}/{token}/blob/{digest}",
+            get(artifacts::cap_blob).head(artifacts::cap_blob),
+        )
+        .route(
+            "/v1/cap/{tier}/{index}/{token}/blob/{digest}/access",
+            get(artifacts::cap_blob_access),
+        );
     let authenticated = Router::new()
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/gc", post(gc))
@@ -557,28 +710,61 @@ fn router(app: Shared) -> Router {
         .route("/v1/tiers/{name}/scale", post(scale))
         .route("/v1/tiers/{name}/image", post(update_image))
         .route("/v1/tiers/{name}/instances", get(instances))
-        .route("/v1/tiers/{name}/instances/{index}/materialize", post(materialize))
+        .route(
+            "/v1/tiers/{name}/instances/{index}/materialize",
+            post(materialize),
+        )
         .route("/v1/nodes", get(list_nodes).post(add_node))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/state", post(set_node_state))
         .route("/v1/events", get(events))
         .route("/v1/agents/register", post(identities::register))
         .route("/v1/nodes/{name}/heartbeat", post(liveness::heartbeat))
-        .route("/v1/plugins", get(plugins::list).post(plugins::install).layer(axum::extract::DefaultBodyLimit::max(mint_plugins::package::MAX_PACKAGE_BYTES as usize)))
-        .route("/v1/plugins/{name}", get(plugins::show).delete(plugins::remove))
+        .route(
+            "/v1/plugins",
+            get(plugins::list)
+                .post(plugins::install)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    mint_plugins::package::MAX_PACKAGE_BYTES as usize,
+                )),
+        )
+        .route(
+            "/v1/plugins/{name}",
+            get(plugins::show).delete(plugins::remove),
+        )
         .route("/v1/artifacts/{tier}/{index}", get(artifacts::describe))
-        .route("/v1/artifacts/{tier}/{index}/{role}", get(artifacts::part).head(artifacts::part))
-        .route("/v1/blobs/{digest}", get(artifacts::blob).head(artifacts::blob))
+        .route(
+            "/v1/artifacts/{tier}/{index}/{role}",
+            get(artifacts::part).head(artifacts::part),
+        )
+        .route(
+            "/v1/blobs/{digest}",
+            get(artifacts::blob).head(artifacts::blob),
+        )
         .route("/v1/blobs/{digest}/access", get(artifacts::access))
         .route("/v1/blobs", get(artifacts::served))
-        .route("/v1/tokens", get(identities::list_tokens).post(identities::create_token))
-        .route("/v1/tokens/{name}", axum::routing::delete(identities::revoke_token))
+        .route(
+            "/v1/tokens",
+            get(identities::list_tokens).post(identities::create_token),
+        )
+        .route(
+            "/v1/tokens/{name}",
+            axum::routing::delete(identities::revoke_token),
+        )
         .route("/v1/nodes/{name}/enroll", post(identities::enroll))
-        .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth::require));
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            auth::require,
+        ));
     open.merge(authenticated)
         // Every body is bounded; plugin packages have their own, larger bound above.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API route; see README for /v1/...".into()) })
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such API route; see README for /v1/...".into(),
+            )
+        })
         .with_state(app)
 }
 
@@ -643,7 +829,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), String> {
-    let Options { listen, advertise, node_timeout, config, max_auth_failures, tls, unauthenticated } = options;
+    let Options {
+        listen,
+        advertise,
+        node_timeout,
+        config,
+        max_auth_failures,
+        tls,
+        unauthenticated,
+    } = options;
     // Checked before anything is opened or written, so a refused start changes nothing.
     if tls.is_none() && !listen.ip().is_loopback() {
         return Err(format!(
@@ -651,7 +845,9 @@ pub async fn serve(
         ));
     }
     if unauthenticated && !listen.ip().is_loopback() {
-        return Err(format!("an unauthenticated daemon serves loopback only, not {listen}"));
+        return Err(format!(
+            "an unauthenticated daemon serves loopback only, not {listen}"
+        ));
     }
     let config_path = config.or_else(|| Some(data_dir.join("mint.toml")).filter(|p| p.is_file()));
     let config = match &config_path {
@@ -661,26 +857,38 @@ pub async fn serve(
     let mut engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
     let materialize_root = config.materialize_root.clone();
     if let Some(root) = &materialize_root {
-        std::fs::create_dir_all(root).map_err(|e| format!("materialize.root: cannot create {}: {e}", root.display()))?;
+        std::fs::create_dir_all(root)
+            .map_err(|e| format!("materialize.root: cannot create {}: {e}", root.display()))?;
     }
     let delivery = delivery::Delivery::default();
     config.apply(&engine, &delivery);
-    engine.plugins.preload_bundled().map_err(|e| e.to_string())?;
+    engine
+        .plugins
+        .preload_bundled()
+        .map_err(|e| e.to_string())?;
     for problem in engine.plugins.preload_installed() {
         tracing::warn!("{problem}");
     }
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     let cert = match tls {
         Some(source) => Some(tls::start(data_dir, source, bound, advertise.as_deref())?),
         None => None,
     };
     let listener = match &cert {
-        Some(c) => mint_tls::Incoming::tls(listener, c.acceptor()).map_err(|e| format!("cannot listen on {listen}: {e}"))?,
+        Some(c) => mint_tls::Incoming::tls(listener, c.acceptor())
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?,
         None => mint_tls::Incoming::plain(listener),
     };
     // Drivers hand nodes artifact URLs under this address.
-    let advertise = advertise.unwrap_or_else(|| format!("{}://{bound}", if cert.is_some() { "https" } else { "http" }));
+    let advertise = advertise.unwrap_or_else(|| {
+        format!(
+            "{}://{bound}",
+            if cert.is_some() { "https" } else { "http" }
+        )
+    });
     mint_plugins::HostPattern::of_url(&advertise).map_err(|e| format!("--advertise-url: {e}"))?;
     engine.advertise = advertise;
     auth::first_admin_token(data_dir, &engine.store)?;
@@ -724,15 +932,22 @@ pub async fn serve(
         }
     });
     let scheme = if listener.is_tls() { "https" } else { "http" };
-    on_ready(&Ready { addr: bound, url: format!("{scheme}://{bound}"), pin });
+    on_ready(&Ready {
+        addr: bound,
+        url: format!("{scheme}://{bound}"),
+        pin,
+    });
     // `tap_io` makes the peer's address available to handlers for any listener.
-    axum::serve(listener.tap_io(|_| ()), router(app.clone()).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    axum::serve(
+        listener.tap_io(|_| ()),
+        router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     // Let steps in progress finish their transactions; driver calls in flight are cut off
     // (each commits in one transaction or not at all, and the next daemon polls them).
     let _ = ticker.await;

@@ -6,10 +6,10 @@
 //! Heartbeats live in memory: after a restart every node gets a full timeout of grace from
 //! the moment the daemon first looks at it, so a restart never fails healthy nodes.
 
-use crate::{ApiError, App, ApiResult, Shared, body, ok};
 use crate::auth::Caller;
-use axum::extract::{Extension, Path, State};
+use crate::{ApiError, ApiResult, App, Shared, body, ok};
 use axum::Json;
+use axum::extract::{Extension, Path, State};
 use mint_model::NodeState;
 use mint_model::records::InstanceId;
 use serde::Deserialize;
@@ -36,14 +36,20 @@ pub struct Liveness {
 impl Liveness {
     /// Nodes are declared failed after `timeout` without a heartbeat.
     pub fn new(timeout: Duration) -> Liveness {
-        Liveness { seen: Mutex::new(HashMap::new()), timeout }
+        Liveness {
+            seen: Mutex::new(HashMap::new()),
+            timeout,
+        }
     }
 
     /// Records a heartbeat.
     pub fn beat(&self, node: &str, load: u32) {
         let now = Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let s = seen.entry(node.to_string()).or_insert_with(|| Seen { at: now, loads: VecDeque::new() });
+        let s = seen.entry(node.to_string()).or_insert_with(|| Seen {
+            at: now,
+            loads: VecDeque::new(),
+        });
         s.at = now;
         s.loads.push_back((now, load));
         while s.loads.len() > HISTORY {
@@ -55,16 +61,31 @@ impl Liveness {
     /// begins its grace now.
     fn silence(&self, node: &str) -> Duration {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.entry(node.to_string()).or_insert_with(|| Seen { at: Instant::now(), loads: VecDeque::new() }).at.elapsed()
+        seen.entry(node.to_string())
+            .or_insert_with(|| Seen {
+                at: Instant::now(),
+                loads: VecDeque::new(),
+            })
+            .at
+            .elapsed()
     }
 
     /// The node's loads reported within the last `window`, oldest first, and whether the
     /// reports cover the whole window (the first is at least `window` old).
     pub fn loads(&self, node: &str, window: Duration) -> (Vec<u32>, bool) {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(s) = seen.get(node) else { return (Vec::new(), false) };
+        let Some(s) = seen.get(node) else {
+            return (Vec::new(), false);
+        };
         let covered = s.loads.front().is_some_and(|(t, _)| t.elapsed() >= window);
-        (s.loads.iter().filter(|(t, _)| t.elapsed() <= window).map(|(_, l)| *l).collect(), covered)
+        (
+            s.loads
+                .iter()
+                .filter(|(t, _)| t.elapsed() <= window)
+                .map(|(_, l)| *l)
+                .collect(),
+            covered,
+        )
     }
 }
 
@@ -72,13 +93,20 @@ impl Liveness {
 /// without an `agent-url` are managed by other means and never time out here).
 pub fn fail_silent_nodes(app: &App) {
     let nodes = app.engine.store.node_handles();
-    for n in nodes.iter().filter(|n| n.properties.contains_key("agent-url")) {
+    for n in nodes
+        .iter()
+        .filter(|n| n.properties.contains_key("agent-url"))
+    {
         if matches!(n.state, NodeState::Failed | NodeState::Maintenance) {
             continue;
         }
         let silence = app.liveness.silence(&n.name);
         if silence > app.liveness.timeout {
-            let reason = format!("no heartbeat from its agent for {:.1} s (timeout {:.1} s)", silence.as_secs_f64(), app.liveness.timeout.as_secs_f64());
+            let reason = format!(
+                "no heartbeat from its agent for {:.1} s (timeout {:.1} s)",
+                silence.as_secs_f64(),
+                app.liveness.timeout.as_secs_f64()
+            );
             match app.engine.store.fail_node(&n.name, &reason) {
                 Ok(held) => tracing::warn!(node = %n.name, instance = ?held, "{reason}"),
                 Err(e) => tracing::warn!(node = %n.name, "cannot declare the node failed: {e}"),
@@ -120,23 +148,46 @@ pub async fn heartbeat(
     // Only the node's own agent speaks for it: another node's credential, or an operator's
     // token, would let it keep a dead node alive or learn whether to fence it.
     if !matches!(&caller, Caller::Node { name: own, .. } if *own == name) {
-        return Err(ApiError(axum::http::StatusCode::FORBIDDEN, format!("{} may not heartbeat for node `{name}`; each agent heartbeats with its own credential", caller.label())));
+        return Err(ApiError(
+            axum::http::StatusCode::FORBIDDEN,
+            format!(
+                "{} may not heartbeat for node `{name}`; each agent heartbeats with its own credential",
+                caller.label()
+            ),
+        ));
     }
     let h = body(h)?;
     if h.load > 1000 {
-        return Err(ApiError(axum::http::StatusCode::BAD_REQUEST, format!("field `load`: {} is above 1000 (per mille of the node's capacity)", h.load)));
+        return Err(ApiError(
+            axum::http::StatusCode::BAD_REQUEST,
+            format!(
+                "field `load`: {} is above 1000 (per mille of the node's capacity)",
+                h.load
+            ),
+        ));
     }
     let node = app.engine.store.node(&name)?;
     app.liveness.beat(&name, h.load);
     if let Some(cached) = h.cached.clone() {
-        if cached.len() > 10_000 || cached.iter().any(|d| d.len() != 71 || !d.starts_with("sha256:")) {
-            return Err(ApiError(axum::http::StatusCode::BAD_REQUEST, "field `cached`: a list of at most 10,000 `sha256:<hex>` digests".into()));
+        if cached.len() > 10_000
+            || cached
+                .iter()
+                .any(|d| d.len() != 71 || !d.starts_with("sha256:"))
+        {
+            return Err(ApiError(
+                axum::http::StatusCode::BAD_REQUEST,
+                "field `cached`: a list of at most 10,000 `sha256:<hex>` digests".into(),
+            ));
         }
         app.engine.store.set_node_cached(&name, cached)?;
     }
     let fence = match (&h.instance, node.state) {
-        (Some(i), NodeState::Failed) => Some(format!("node `{name}` was declared failed; its instance {i} runs elsewhere now")),
-        (Some(i), _) if node.instance.as_ref() != Some(i) => Some(format!("node `{name}` does not hold {i}")),
+        (Some(i), NodeState::Failed) => Some(format!(
+            "node `{name}` was declared failed; its instance {i} runs elsewhere now"
+        )),
+        (Some(i), _) if node.instance.as_ref() != Some(i) => {
+            Some(format!("node `{name}` does not hold {i}"))
+        }
         _ => None,
     };
     if let Some(why) = &fence {
@@ -148,12 +199,28 @@ pub async fn heartbeat(
     if fence.is_none()
         && h.state.as_deref() == Some("failed")
         && let Some(id) = &h.instance
-        && let Ok(inst) = app.engine.store.instances(&id.tier).map(|all| all.into_iter().find(|i| i.id == *id))
-        && let Some(inst) = inst.filter(|i| i.state == mint_model::InstanceState::Deployed && i.node.as_deref() == Some(name.as_str()))
+        && let Ok(inst) = app
+            .engine
+            .store
+            .instances(&id.tier)
+            .map(|all| all.into_iter().find(|i| i.id == *id))
+        && let Some(inst) = inst.filter(|i| {
+            i.state == mint_model::InstanceState::Deployed
+                && i.node.as_deref() == Some(name.as_str())
+        })
     {
-        let why = format!("health check: the agent reports {id} failed: {}", h.detail.as_deref().unwrap_or("no detail"));
+        let why = format!(
+            "health check: the agent reports {id} failed: {}",
+            h.detail.as_deref().unwrap_or("no detail")
+        );
         let state = mint_model::InstanceState::Deployed;
-        if app.engine.store.fail_guarded(id, inst.deployment, state, mint_model::InstanceState::Failed, &why)? {
+        if app.engine.store.fail_guarded(
+            id,
+            inst.deployment,
+            state,
+            mint_model::InstanceState::Failed,
+            &why,
+        )? {
             tracing::warn!(node = %name, "{why}");
             app.queue.add(&id.tier);
         }

@@ -4,9 +4,9 @@
 //! /v1/plugins/{name}` removes an installed one. Installing replaces a plugin of the same
 //! name for calls that start afterwards; calls in flight finish on the old version.
 
+use crate::auth::Caller;
 use crate::{ApiError, ApiResult, Shared, ok};
 use axum::body::Bytes;
-use crate::auth::Caller;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
@@ -28,14 +28,22 @@ pub async fn list(State(app): State<Shared>) -> ApiResult {
 }
 
 pub async fn show(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
-    let info = crate::off_async_threads(|| app.engine.plugins.info(&name)).map_err(|e| match e {
-        mint_core::EngineError::Invalid(m) if m.starts_with("no plugin named") => ApiError(StatusCode::NOT_FOUND, m),
-        other => other.into(),
-    })?;
+    let info =
+        crate::off_async_threads(|| app.engine.plugins.info(&name)).map_err(|e| match e {
+            mint_core::EngineError::Invalid(m) if m.starts_with("no plugin named") => {
+                ApiError(StatusCode::NOT_FOUND, m)
+            }
+            other => other.into(),
+        })?;
     ok(info)
 }
 
-pub async fn install(State(app): State<Shared>, Extension(caller): Extension<Caller>, headers: HeaderMap, package: Bytes) -> ApiResult {
+pub async fn install(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    package: Bytes,
+) -> ApiResult {
     use base64::Engine as _;
     let signature = match headers.get(SIGNATURE_HEADER) {
         None => None,
@@ -50,22 +58,38 @@ pub async fn install(State(app): State<Shared>, Extension(caller): Extension<Cal
         }
     };
     if package.is_empty() {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "request body: send the package file's bytes (`mint plugin pack` makes one)".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "request body: send the package file's bytes (`mint plugin pack` makes one)".into(),
+        ));
     }
     // Compiling a component takes from milliseconds to seconds; keep it off the workers
     // that serve other requests.
-    let info = crate::off_async_threads(|| app.engine.install_plugin(&package, signature.as_deref()))?;
+    let info =
+        crate::off_async_threads(|| app.engine.install_plugin(&package, signature.as_deref()))?;
     let _ = app.engine.store.note(
         "plugin-installed",
-        format!("plugin `{}` {} ({}) installed, signed by {}", info.name, info.version, info.kind, info.signer),
+        format!(
+            "plugin `{}` {} ({}) installed, signed by {}",
+            info.name, info.version, info.kind, info.signer
+        ),
         json!({ "sha256": info.sha256, "signer": info.signer, "wit": info.wit }),
         &caller.label(),
     );
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
-pub async fn remove(State(app): State<Shared>, Extension(caller): Extension<Caller>, Path(name): Path<String>) -> ApiResult {
+pub async fn remove(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult {
     crate::off_async_threads(|| app.engine.remove_plugin(&name))?;
-    let _ = app.engine.store.note("plugin-removed", format!("plugin `{name}` removed"), json!({}), &caller.label());
+    let _ = app.engine.store.note(
+        "plugin-removed",
+        format!("plugin `{name}` removed"),
+        json!({}),
+        &caller.label(),
+    );
     ok(json!({ "removed": name }))
 }

@@ -118,19 +118,35 @@ pub struct Statuses(Mutex<HashMap<String, TierStatus>>);
 impl Statuses {
     /// A copy of `tier`'s status.
     pub fn get(&self, tier: &str) -> TierStatus {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(tier).cloned().unwrap_or_default()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tier)
+            .cloned()
+            .unwrap_or_default()
     }
     fn with<T>(&self, tier: &str, f: impl FnOnce(&mut TierStatus) -> T) -> T {
-        f(self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(tier.to_string()).or_default())
+        f(self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tier.to_string())
+            .or_default())
     }
     /// Forgets a deleted tier.
     pub fn forget(&self, tier: &str) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(tier);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tier);
     }
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// How often an unfinished deployment is polled.
@@ -145,7 +161,10 @@ pub fn queue_all(app: &App) {
 }
 
 /// Starts the workers; they stop when `stop` changes.
-pub fn start(app: Arc<App>, stop: tokio::sync::watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn start(
+    app: Arc<App>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..WORKERS)
         .map(|_| {
             let (app, mut stop) = (app.clone(), stop.clone());
@@ -174,8 +193,9 @@ async fn step(app: &Arc<App>, tier: &str) {
         }
     };
     crate::autoscale::decide(app, &t);
-    let (busy, asked): (BTreeSet<u32>, BTreeMap<u32, u64>) =
-        app.status.with(tier, |s| (s.in_flight.keys().copied().collect(), s.asked_ms.clone()));
+    let (busy, asked): (BTreeSet<u32>, BTreeMap<u32, u64>) = app.status.with(tier, |s| {
+        (s.in_flight.keys().copied().collect(), s.asked_ms.clone())
+    });
     // Nodes with an agent report their instance's state by heartbeat.
     let store = &app.engine.store;
     let reporting = |name: &str| store.node_has_property(name, "agent-url");
@@ -184,7 +204,10 @@ async fn step(app: &Arc<App>, tier: &str) {
         asked_ms: &asked,
         reporting: &reporting,
         poll_every_ms: POLL_EVERY_MS,
-        check_every_ms: app.engine.health_check_ms.load(std::sync::atomic::Ordering::Relaxed),
+        check_every_ms: app
+            .engine
+            .health_check_ms
+            .load(std::sync::atomic::Ordering::Relaxed),
     };
     let generation = t.generation;
     let (progress, effects) = match app.engine.step(tier, &input).await {
@@ -222,7 +245,12 @@ fn record_blocked(app: &App, tier: &str, progress: &Progress, idle: bool, genera
     });
     if let Some(why) = changed {
         tracing::warn!(tier, "blocked: {why}");
-        let _ = app.engine.store.note_tier(tier, "blocked", format!("tier `{tier}` is blocked: {why}"), serde_json::json!({ "generation": generation }));
+        let _ = app.engine.store.note_tier(
+            tier,
+            "blocked",
+            format!("tier `{tier}` is blocked: {why}"),
+            serde_json::json!({ "generation": generation }),
+        );
     }
 }
 
@@ -230,7 +258,12 @@ fn record_blocked(app: &App, tier: &str, progress: &Progress, idle: bool, genera
 fn launch(app: &Arc<App>, effect: Effect) {
     let tier = effect.id().tier.clone();
     let index = effect.id().index;
-    let flight = InFlight { index, action: effect.action, node: effect.node.name.clone(), since_ms: now_ms() };
+    let flight = InFlight {
+        index,
+        action: effect.action,
+        node: effect.node.name.clone(),
+        since_ms: now_ms(),
+    };
     app.status.with(&tier, |s| {
         s.in_flight.insert(index, flight);
         if matches!(effect.action, Action::Poll | Action::Check) {
@@ -265,7 +298,11 @@ mod tests {
     use std::time::Duration;
 
     fn run<T>(f: impl Future<Output = T>) -> T {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
     }
 
     #[test]
@@ -280,12 +317,20 @@ mod tests {
             q.add("a");
             assert_eq!(q.next().await, "b");
             let waiting = tokio::time::timeout(Duration::from_millis(50), q.next()).await;
-            assert!(waiting.is_err(), "`a` was handed out while a worker held it");
+            assert!(
+                waiting.is_err(),
+                "`a` was handed out while a worker held it"
+            );
             q.done("a");
             assert_eq!(q.next().await, "a");
             q.done("a");
             q.done("b");
-            assert!(tokio::time::timeout(Duration::from_millis(50), q.next()).await.is_err(), "nothing is queued");
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), q.next())
+                    .await
+                    .is_err(),
+                "nothing is queued"
+            );
         });
     }
 
@@ -299,7 +344,13 @@ mod tests {
             });
             tokio::time::sleep(Duration::from_millis(20)).await;
             q.add("late");
-            assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap(), "late");
+            assert_eq!(
+                tokio::time::timeout(Duration::from_secs(5), waiter)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+                "late"
+            );
         });
     }
 }

@@ -12,14 +12,27 @@ pub const PIN_FILE: &str = "server.pin";
 /// Loads the certificate `source` names. A self-signed one is made for the names the
 /// daemon is reached by: the bound address when it is a specific one, and the advertised
 /// URL's host.
-pub(crate) fn start(data_dir: &Path, source: ServerSource, bound: SocketAddr, advertise: Option<&str>) -> Result<ServerCert, String> {
+pub(crate) fn start(
+    data_dir: &Path,
+    source: ServerSource,
+    bound: SocketAddr,
+    advertise: Option<&str>,
+) -> Result<ServerCert, String> {
     let source = match source {
         ServerSource::SelfSigned { dir, mut names } => {
             if !bound.ip().is_unspecified() {
                 names.push(bound.ip().to_string());
             }
-            if let Some(host) = advertise.and_then(|a| a.split("://").nth(1)).and_then(|r| r.split('/').next()) {
-                let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_start_matches('[').trim_end_matches(']');
+            if let Some(host) = advertise
+                .and_then(|a| a.split("://").nth(1))
+                .and_then(|r| r.split('/').next())
+            {
+                let host = host
+                    .rsplit_once(':')
+                    .map(|(h, _)| h)
+                    .unwrap_or(host)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
                 names.push(host.to_string());
             }
             ServerSource::SelfSigned { dir, names }
@@ -34,12 +47,17 @@ pub(crate) fn start(data_dir: &Path, source: ServerSource, bound: SocketAddr, ad
 
 fn write_pin(data_dir: &Path, cert: &ServerCert) -> Result<(), String> {
     let path = data_dir.join(PIN_FILE);
-    std::fs::write(&path, format!("{}\n", cert.pin())).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    std::fs::write(&path, format!("{}\n", cert.pin()))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// Reads the certificate again (SIGHUP). On an error the one in use stays.
 pub(crate) fn reload(app: &crate::Shared, cert: &ServerCert) {
-    match cert.reload().map_err(|e| e.to_string()).and_then(|pin| write_pin(&app.data_dir, cert).map(|_| pin)) {
+    match cert
+        .reload()
+        .map_err(|e| e.to_string())
+        .and_then(|pin| write_pin(&app.data_dir, cert).map(|_| pin))
+    {
         Ok(pin) => {
             app.engine.plugins.runtime().set_engine_pin(Some(pin));
             let _ = app.engine.store.note(

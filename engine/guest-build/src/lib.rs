@@ -15,15 +15,20 @@ pub const TARGET: &str = "wasm32-wasip2";
 /// (`<target-dir>/<profile>/build/<crate>-<hash>/out`).
 pub fn guest_target_dir() -> PathBuf {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set for build scripts"));
-    out.ancestors().nth(4).map(|t| t.join("wasm-guests")).unwrap_or_else(|| out.join("wasm-guests"))
+    out.ancestors()
+        .nth(4)
+        .map(|t| t.join("wasm-guests"))
+        .unwrap_or_else(|| out.join("wasm-guests"))
 }
 
 /// Fails the build with instructions when the wasm32-wasip2 standard library is missing.
 pub fn require_target() {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().ok().map(|o| {
-        PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_string())
-    });
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim().to_string()));
     let present = sysroot.is_some_and(|s| s.join("lib/rustlib").join(TARGET).exists());
     if !present {
         panic!(
@@ -45,11 +50,19 @@ pub fn build(workspace: &Path, package: &str) -> PathBuf {
 pub fn build_into(workspace: &Path, package: &str, target_dir: &Path) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--release", "--quiet", "--target", TARGET, "--package", package])
-        .arg("--manifest-path")
-        .arg(workspace.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(target_dir);
+    cmd.args([
+        "build",
+        "--release",
+        "--quiet",
+        "--target",
+        TARGET,
+        "--package",
+        package,
+    ])
+    .arg("--manifest-path")
+    .arg(workspace.join("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(target_dir);
     // The outer build's flags are for the host target; none of them apply to guests.
     for var in [
         "CARGO_ENCODED_RUSTFLAGS",
@@ -63,12 +76,17 @@ pub fn build_into(workspace: &Path, package: &str, target_dir: &Path) -> PathBuf
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run cargo to build guest {package}: {e}"));
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build guest {package}: {e}"));
     if !status.success() {
         panic!("building guest {package} for {TARGET} failed (see the errors above)");
     }
     let file = package.replace('-', "_");
-    target_dir.join(TARGET).join("release").join(format!("{file}.wasm"))
+    target_dir
+        .join(TARGET)
+        .join("release")
+        .join(format!("{file}.wasm"))
 }
 
 /// Tells cargo to rerun the build script when anything under these paths changes.

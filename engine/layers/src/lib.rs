@@ -75,8 +75,16 @@ pub(crate) fn privileged() -> bool {
 
 /// Whether a path from an archive stays inside its root: relative, without `..`.
 pub fn check_path(path: &Path) -> Result<(), LayerError> {
-    if path.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir | Component::Prefix(_))) {
-        return Err(LayerError::Invalid(format!("entry `{}` is absolute or climbs out with `..`; refusing the archive", path.display())));
+    if path.components().any(|c| {
+        matches!(
+            c,
+            Component::ParentDir | Component::RootDir | Component::Prefix(_)
+        )
+    }) {
+        return Err(LayerError::Invalid(format!(
+            "entry `{}` is absolute or climbs out with `..`; refusing the archive",
+            path.display()
+        )));
     }
     Ok(())
 }
@@ -85,11 +93,20 @@ pub fn check_path(path: &Path) -> Result<(), LayerError> {
 /// directory; an absolute symlink target is fine (it is resolved inside the image when the
 /// image is used); a hard link's target must be a relative path in the archive.
 pub fn check_link<R: Read>(entry: &tar::Entry<'_, R>, path: &Path) -> Result<(), LayerError> {
-    let Ok(Some(target)) = entry.link_name() else { return Ok(()) };
+    let Ok(Some(target)) = entry.link_name() else {
+        return Ok(());
+    };
     let kind = entry.header().entry_type();
-    let base = if kind.is_hard_link() { Path::new("") } else { path.parent().unwrap_or(Path::new("")) };
+    let base = if kind.is_hard_link() {
+        Path::new("")
+    } else {
+        path.parent().unwrap_or(Path::new(""))
+    };
     if kind.is_hard_link() && target.is_absolute() {
-        return Err(LayerError::Invalid(format!("hard link `{}` has an absolute target", path.display())));
+        return Err(LayerError::Invalid(format!(
+            "hard link `{}` has an absolute target",
+            path.display()
+        )));
     }
     if target.is_absolute() {
         return Ok(());
@@ -102,7 +119,11 @@ pub fn check_link<R: Read>(entry: &tar::Entry<'_, R>, path: &Path) -> Result<(),
             _ => {}
         }
         if depth < 0 {
-            return Err(LayerError::Invalid(format!("link `{}` -> `{}` escapes the root; refusing the archive", path.display(), target.display())));
+            return Err(LayerError::Invalid(format!(
+                "link `{}` -> `{}` escapes the root; refusing the archive",
+                path.display(),
+                target.display()
+            )));
         }
     }
     Ok(())
@@ -119,14 +140,20 @@ pub fn real_dir(root: &Path, rel: &Path) -> Result<PathBuf, LayerError> {
         match here.symlink_metadata() {
             Ok(m) if m.is_dir() => {}
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(LayerError::Invalid(format!("entry under `{}` goes through a symlink; refusing it", rel.display())));
+                return Err(LayerError::Invalid(format!(
+                    "entry under `{}` goes through a symlink; refusing it",
+                    rel.display()
+                )));
             }
             Ok(_) => {
                 // A file where the layer wants a directory: the layer replaces it.
-                std::fs::remove_file(&here).map_err(io(format!("cannot replace {}", here.display())))?;
-                std::fs::create_dir(&here).map_err(io(format!("cannot create {}", here.display())))?;
+                std::fs::remove_file(&here)
+                    .map_err(io(format!("cannot replace {}", here.display())))?;
+                std::fs::create_dir(&here)
+                    .map_err(io(format!("cannot create {}", here.display())))?;
             }
-            Err(_) => std::fs::create_dir(&here).map_err(io(format!("cannot create {}", here.display())))?,
+            Err(_) => std::fs::create_dir(&here)
+                .map_err(io(format!("cannot create {}", here.display())))?,
         }
     }
     Ok(here)
@@ -153,7 +180,10 @@ fn make_writable(p: &Path) {
     if let Ok(m) = p.symlink_metadata()
         && m.is_dir()
     {
-        let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(m.permissions().mode() | 0o700));
+        let _ = std::fs::set_permissions(
+            p,
+            std::fs::Permissions::from_mode(m.permissions().mode() | 0o700),
+        );
         if let Ok(rd) = std::fs::read_dir(p) {
             for e in rd.flatten() {
                 make_writable(&e.path());
@@ -163,7 +193,8 @@ fn make_writable(p: &Path) {
 }
 
 pub(crate) fn cstring(p: &Path) -> Result<CString, LayerError> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| LayerError::Invalid(format!("path {} holds a NUL byte", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| LayerError::Invalid(format!("path {} holds a NUL byte", p.display())))
 }
 
 /// The kind of a special file, for messages.
@@ -177,11 +208,20 @@ fn special_name(kind: tar::EntryType) -> &'static str {
 
 /// Creates the device node or FIFO an entry (at `rel` in its archive) describes at `at`.
 /// Where the process may not create it, nothing is made and the warning is returned.
-pub fn make_special<R: Read>(entry: &tar::Entry<'_, R>, rel: &Path, at: &Path) -> Result<Option<String>, LayerError> {
+pub fn make_special<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    rel: &Path,
+    at: &Path,
+) -> Result<Option<String>, LayerError> {
     let h = entry.header();
     let kind = h.entry_type();
-    let mode = h.mode().map_err(|e| LayerError::Invalid(format!("entry `{}` has a bad mode: {e}", rel.display())))? & 0o7777;
-    let (major, minor) = (h.device_major().ok().flatten().unwrap_or(0), h.device_minor().ok().flatten().unwrap_or(0));
+    let mode = h.mode().map_err(|e| {
+        LayerError::Invalid(format!("entry `{}` has a bad mode: {e}", rel.display()))
+    })? & 0o7777;
+    let (major, minor) = (
+        h.device_major().ok().flatten().unwrap_or(0),
+        h.device_minor().ok().flatten().unwrap_or(0),
+    );
     let t = match kind {
         tar::EntryType::Block => libc::S_IFBLK,
         tar::EntryType::Char => libc::S_IFCHR,
@@ -193,9 +233,16 @@ pub fn make_special<R: Read>(entry: &tar::Entry<'_, R>, rel: &Path, at: &Path) -
     if unsafe { libc::mknod(c.as_ptr(), t | mode, libc::makedev(major, minor)) } != 0 {
         let e = std::io::Error::last_os_error();
         if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
-            return Ok(Some(format!("skipped {} `/{}` ({major}:{minor}): {e}", special_name(kind), rel.display())));
+            return Ok(Some(format!(
+                "skipped {} `/{}` ({major}:{minor}): {e}",
+                special_name(kind),
+                rel.display()
+            )));
         }
-        return Err(LayerError::Io { what: format!("cannot create {} {}", special_name(kind), at.display()), source: e });
+        return Err(LayerError::Io {
+            what: format!("cannot create {} {}", special_name(kind), at.display()),
+            source: e,
+        });
     }
     // mknod applies the umask; the entry's mode is what it is.
     let _ = std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode));
@@ -212,14 +259,30 @@ fn set_opaque(dir: &Path) -> Result<(), LayerError> {
     let (name, value) = (c"trusted.overlay.opaque", b"y");
     // SAFETY: the path and name are NUL-terminated and the value is a live slice of the
     // length given.
-    if unsafe { libc::lsetxattr(c.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) } != 0 {
-        return Err(LayerError::Io { what: format!("cannot mark {} opaque", dir.display()), source: std::io::Error::last_os_error() });
+    if unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    } != 0
+    {
+        return Err(LayerError::Io {
+            what: format!("cannot mark {} opaque", dir.display()),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
 
 /// Unpacks the tar `reader` into `into`, treating whiteouts as `whiteouts` says.
-pub fn unpack<R: Read>(reader: R, into: &Path, whiteouts: Whiteouts) -> Result<Unpacked, LayerError> {
+pub fn unpack<R: Read>(
+    reader: R,
+    into: &Path,
+    whiteouts: Whiteouts,
+) -> Result<Unpacked, LayerError> {
     std::fs::create_dir_all(into).map_err(io(format!("cannot create {}", into.display())))?;
     let privileged = privileged();
     let mut a = tar::Archive::new(reader);
@@ -228,25 +291,42 @@ pub fn unpack<R: Read>(reader: R, into: &Path, whiteouts: Whiteouts) -> Result<U
     a.set_overwrite(true);
     let mut out = Unpacked::default();
     let mut dirs: Vec<(PathBuf, u32, u64, u64)> = Vec::new();
-    let entries = a.entries().map_err(|e| LayerError::Invalid(format!("not a tar archive: {e}")))?;
+    let entries = a
+        .entries()
+        .map_err(|e| LayerError::Invalid(format!("not a tar archive: {e}")))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| LayerError::Invalid(format!("the archive is truncated or not a tar: {e}")))?;
-        let rel = entry.path().map_err(|e| LayerError::Invalid(format!("an entry has an unreadable path: {e}")))?.into_owned();
+        let mut entry = entry.map_err(|e| {
+            LayerError::Invalid(format!("the archive is truncated or not a tar: {e}"))
+        })?;
+        let rel = entry
+            .path()
+            .map_err(|e| LayerError::Invalid(format!("an entry has an unreadable path: {e}")))?
+            .into_owned();
         check_path(&rel)?;
         check_link(&entry, &rel)?;
         let kind = entry.header().entry_type();
-        if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() || kind.is_gnu_longname() || kind.is_gnu_longlink() {
+        if kind.is_pax_global_extensions()
+            || kind.is_pax_local_extensions()
+            || kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+        {
             continue;
         }
         out.entries += 1;
-        let name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = rel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let parent = rel.parent().unwrap_or(Path::new(""));
         if whiteouts != Whiteouts::Keep && name.starts_with(WHITEOUT_PREFIX) {
             let dir = real_dir(into, parent)?;
             if name == OPAQUE {
                 match whiteouts {
                     Whiteouts::Apply => {
-                        for e in std::fs::read_dir(&dir).map_err(io(format!("cannot list {}", dir.display())))?.flatten() {
+                        for e in std::fs::read_dir(&dir)
+                            .map_err(io(format!("cannot list {}", dir.display())))?
+                            .flatten()
+                        {
                             remove_any(&e.path())?;
                         }
                     }
@@ -259,7 +339,10 @@ pub fn unpack<R: Read>(reader: R, into: &Path, whiteouts: Whiteouts) -> Result<U
                     let c = cstring(&target)?;
                     // SAFETY: `c` is a NUL-terminated path that lives for the call.
                     if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0)) } != 0 {
-                        return Err(LayerError::Io { what: format!("cannot write the whiteout {}", target.display()), source: std::io::Error::last_os_error() });
+                        return Err(LayerError::Io {
+                            what: format!("cannot write the whiteout {}", target.display()),
+                            source: std::io::Error::last_os_error(),
+                        });
                     }
                 }
             }
@@ -274,7 +357,12 @@ pub fn unpack<R: Read>(reader: R, into: &Path, whiteouts: Whiteouts) -> Result<U
                 }
                 let at = real_dir(into, &rel)?;
                 let h = entry.header();
-                dirs.push((at, h.mode().unwrap_or(0o755) & 0o7777, h.uid().unwrap_or(0), h.gid().unwrap_or(0)));
+                dirs.push((
+                    at,
+                    h.mode().unwrap_or(0o755) & 0o7777,
+                    h.uid().unwrap_or(0),
+                    h.gid().unwrap_or(0),
+                ));
             }
             tar::EntryType::Block | tar::EntryType::Char | tar::EntryType::Fifo => {
                 if let Some(w) = make_special(&entry, &rel, &at)? {
@@ -286,13 +374,22 @@ pub fn unpack<R: Read>(reader: R, into: &Path, whiteouts: Whiteouts) -> Result<U
                 // layer's file.
                 remove_any(&at)?;
                 out.bytes += entry.header().size().unwrap_or(0);
-                entry.unpack_in(into).map_err(|e| LayerError::Invalid(format!("cannot unpack `{}`: {e} ({})", rel.display(), std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default())))?;
+                entry.unpack_in(into).map_err(|e| {
+                    LayerError::Invalid(format!(
+                        "cannot unpack `{}`: {e} ({})",
+                        rel.display(),
+                        std::error::Error::source(&e)
+                            .map(|s| s.to_string())
+                            .unwrap_or_default()
+                    ))
+                })?;
             }
         }
     }
     // Innermost first, so a read-only parent is made so after its children.
     for (dir, mode, uid, gid) in dirs.iter().rev() {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(*mode)).map_err(io(format!("cannot set the mode of {}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(*mode))
+            .map_err(io(format!("cannot set the mode of {}", dir.display())))?;
         if privileged {
             let _ = std::os::unix::fs::lchown(dir, Some(*uid as u32), Some(*gid as u32));
         }
@@ -334,7 +431,13 @@ mod tests {
         b.append_data(&mut h, path, &[][..]).unwrap();
     }
 
-    fn special(b: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, major: u32, minor: u32) {
+    fn special(
+        b: &mut tar::Builder<Vec<u8>>,
+        path: &str,
+        kind: tar::EntryType,
+        major: u32,
+        minor: u32,
+    ) {
         let mut h = tar::Header::new_gnu();
         h.set_uid(0);
         h.set_gid(0);
@@ -369,11 +472,28 @@ mod tests {
         file(&mut b, "etc/hostname", b"web-01\n");
         let layer = b.into_inner().unwrap();
         let u = unpack(&layer[..], &root, Whiteouts::Apply).unwrap();
-        assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).unwrap(), "web-01\n");
-        assert_eq!(std::fs::read_to_string(lower.join("etc/hostname")).unwrap(), "master\n", "the lower file is untouched");
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
+            "web-01\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(lower.join("etc/hostname")).unwrap(),
+            "master\n",
+            "the lower file is untouched"
+        );
         assert!(!root.join("etc/gone").exists() && lower.join("etc/gone").exists());
-        assert!(!root.join("etc/old/a").exists() && root.join("etc/old/b").exists(), "the opaque directory hides the lower entries");
-        assert_eq!(std::fs::metadata(root.join("etc/old")).unwrap().permissions().mode() & 0o777, 0o750);
+        assert!(
+            !root.join("etc/old/a").exists() && root.join("etc/old/b").exists(),
+            "the opaque directory hides the lower entries"
+        );
+        assert_eq!(
+            std::fs::metadata(root.join("etc/old"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o750
+        );
         assert_eq!(u.entries, 6);
         let _ = remove_any(&d);
     }
@@ -410,11 +530,18 @@ mod tests {
         if privileged() {
             use std::os::unix::fs::MetadataExt;
             assert!(t("dev/sda").is_block_device() && t("dev/null").is_char_device());
-            assert_eq!(std::fs::symlink_metadata(d.join("dev/sda")).unwrap().rdev(), libc::makedev(8, 0));
+            assert_eq!(
+                std::fs::symlink_metadata(d.join("dev/sda")).unwrap().rdev(),
+                libc::makedev(8, 0)
+            );
             assert!(u.warnings.is_empty(), "{:?}", u.warnings);
         } else {
             assert_eq!(u.warnings.len(), 2, "{:?}", u.warnings);
-            assert!(u.warnings[0].contains("block device `/dev/sda` (8:0)"), "{:?}", u.warnings);
+            assert!(
+                u.warnings[0].contains("block device `/dev/sda` (8:0)"),
+                "{:?}",
+                u.warnings
+            );
         }
         let _ = remove_any(&d);
     }
@@ -429,7 +556,13 @@ mod tests {
         h.set_mode(0o644);
         let mut raw = tar::Builder::new(Vec::new());
         raw.append_data(&mut h, "link/evil", &b"x"[..]).unwrap();
-        let e = unpack(&raw.into_inner().unwrap()[..], &d.join("root"), Whiteouts::Apply).unwrap_err().to_string();
+        let e = unpack(
+            &raw.into_inner().unwrap()[..],
+            &d.join("root"),
+            Whiteouts::Apply,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("goes through a symlink"), "{e}");
         let _ = remove_any(&d);
     }

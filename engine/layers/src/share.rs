@@ -48,7 +48,11 @@ pub struct Shared {
 /// allows. Device nodes and FIFOs are made anew (they hold no data).
 pub fn share_tree(from: &Path, to: &Path) -> Result<Shared, LayerError> {
     std::fs::create_dir_all(to).map_err(io(format!("cannot create {}", to.display())))?;
-    let mut out = Shared { method: Method::Reflink, files: 0, bytes_copied: 0 };
+    let mut out = Shared {
+        method: Method::Reflink,
+        files: 0,
+        bytes_copied: 0,
+    };
     let mut method = None;
     walk(from, to, &mut method, &mut out)?;
     out.method = method.unwrap_or(Method::Reflink);
@@ -61,8 +65,16 @@ fn owner(p: &Path, m: &std::fs::Metadata) {
     }
 }
 
-fn walk(from: &Path, to: &Path, method: &mut Option<Method>, out: &mut Shared) -> Result<(), LayerError> {
-    let mut entries: Vec<_> = std::fs::read_dir(from).map_err(io(format!("cannot list {}", from.display())))?.flatten().collect();
+fn walk(
+    from: &Path,
+    to: &Path,
+    method: &mut Option<Method>,
+    out: &mut Shared,
+) -> Result<(), LayerError> {
+    let mut entries: Vec<_> = std::fs::read_dir(from)
+        .map_err(io(format!("cannot list {}", from.display())))?
+        .flatten()
+        .collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let src = e.path();
@@ -71,12 +83,17 @@ fn walk(from: &Path, to: &Path, method: &mut Option<Method>, out: &mut Shared) -
         let t = m.file_type();
         if t.is_symlink() {
             let target = std::fs::read_link(&src).map_err(io("cannot read a link"))?;
-            std::os::unix::fs::symlink(target, &dst).map_err(io(format!("cannot link {}", dst.display())))?;
+            std::os::unix::fs::symlink(target, &dst)
+                .map_err(io(format!("cannot link {}", dst.display())))?;
             owner(&dst, &m);
         } else if t.is_dir() {
-            std::fs::DirBuilder::new().mode(0o700).create(&dst).map_err(io(format!("cannot create {}", dst.display())))?;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dst)
+                .map_err(io(format!("cannot create {}", dst.display())))?;
             walk(&src, &dst, method, out)?;
-            std::fs::set_permissions(&dst, m.permissions()).map_err(io("cannot set permissions"))?;
+            std::fs::set_permissions(&dst, m.permissions())
+                .map_err(io("cannot set permissions"))?;
             owner(&dst, &m);
         } else if t.is_file() {
             share_file(&src, &dst, m.len(), method, out)?;
@@ -95,7 +112,13 @@ fn walk(from: &Path, to: &Path, method: &mut Option<Method>, out: &mut Shared) -
 
 /// Shares one file's data: the method that worked for the previous file is tried first,
 /// falling back (reflink, then hard link, then copy) only when it is not supported here.
-fn share_file(src: &Path, dst: &Path, len: u64, method: &mut Option<Method>, out: &mut Shared) -> Result<(), LayerError> {
+fn share_file(
+    src: &Path,
+    dst: &Path,
+    len: u64,
+    method: &mut Option<Method>,
+    out: &mut Shared,
+) -> Result<(), LayerError> {
     if matches!(method, None | Some(Method::Reflink)) {
         match reflink(src, dst) {
             Ok(()) => {
@@ -105,17 +128,34 @@ fn share_file(src: &Path, dst: &Path, len: u64, method: &mut Option<Method>, out
             Err(e) if is_unsupported(&e) => {
                 let _ = std::fs::remove_file(dst);
             }
-            Err(e) => return Err(LayerError::Io { what: format!("cannot clone {}", src.display()), source: e }),
+            Err(e) => {
+                return Err(LayerError::Io {
+                    what: format!("cannot clone {}", src.display()),
+                    source: e,
+                });
+            }
         }
     }
-    if matches!(method, None | Some(Method::Reflink) | Some(Method::Hardlink)) {
+    if matches!(
+        method,
+        None | Some(Method::Reflink) | Some(Method::Hardlink)
+    ) {
         match std::fs::hard_link(src, dst) {
             Ok(()) => {
                 *method = Some(Method::Hardlink);
                 return Ok(());
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK)) => {}
-            Err(e) => return Err(LayerError::Io { what: format!("cannot link {}", src.display()), source: e }),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV) | Some(libc::EPERM) | Some(libc::EMLINK)
+                ) => {}
+            Err(e) => {
+                return Err(LayerError::Io {
+                    what: format!("cannot link {}", src.display()),
+                    source: e,
+                });
+            }
         }
     }
     *method = Some(Method::Copy);
@@ -125,7 +165,14 @@ fn share_file(src: &Path, dst: &Path, len: u64, method: &mut Option<Method>, out
 }
 
 fn is_unsupported(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOTTY) | Some(libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+            | Some(libc::EXDEV)
+            | Some(libc::EINVAL)
+            | Some(libc::ENOTTY)
+            | Some(libc::ENOSYS)
+    )
 }
 
 /// Clones `src` to a new file `dst` with FICLONE, keeping its permissions and owner.
@@ -133,7 +180,11 @@ fn reflink(src: &Path, dst: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let from = std::fs::File::open(src)?;
     let meta = from.metadata()?;
-    let to = std::fs::OpenOptions::new().write(true).create_new(true).mode(meta.mode() & 0o7777).open(dst)?;
+    let to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(meta.mode() & 0o7777)
+        .open(dst)?;
     // SAFETY: both descriptors are open for the duration of the call; FICLONE reads only them.
     if unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) } != 0 {
         return Err(std::io::Error::last_os_error());

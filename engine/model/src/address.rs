@@ -26,7 +26,9 @@ pub enum PlanError {
         message: String,
     },
     /// The plan has fewer usable addresses than the tier's K.
-    #[error("the address plan {cidr} has {free} usable addresses left, fewer than the {wanted} instances asked for; widen `subnet` or lower `max-instances`")]
+    #[error(
+        "the address plan {cidr} has {free} usable addresses left, fewer than the {wanted} instances asked for; widen `subnet` or lower `max-instances`"
+    )]
     TooSmall {
         /// The subnet.
         cidr: Cidr,
@@ -45,7 +47,11 @@ fn bits(ip: IpAddr) -> (u128, u8) {
 }
 
 fn from_bits(value: u128, v4: bool) -> IpAddr {
-    if v4 { IpAddr::V4((value as u32).into()) } else { IpAddr::V6(value.into()) }
+    if v4 {
+        IpAddr::V4((value as u32).into())
+    } else {
+        IpAddr::V6(value.into())
+    }
 }
 
 impl Cidr {
@@ -55,8 +61,15 @@ impl Cidr {
         if prefix_len > width {
             return Err(format!("prefix /{prefix_len} is longer than {width} bits"));
         }
-        let mask = if prefix_len == 0 { 0 } else { u128::MAX << (width - prefix_len) & (u128::MAX >> (128 - width)) };
-        Ok(Cidr { network: from_bits(value & mask, width == 32), prefix_len })
+        let mask = if prefix_len == 0 {
+            0
+        } else {
+            u128::MAX << (width - prefix_len) & (u128::MAX >> (128 - width))
+        };
+        Ok(Cidr {
+            network: from_bits(value & mask, width == 32),
+            prefix_len,
+        })
     }
 
     /// The network address.
@@ -74,7 +87,11 @@ impl Cidr {
     fn span(&self) -> (u128, u128) {
         let (start, width) = bits(self.network);
         let host_bits = width - self.prefix_len;
-        let size_minus_one = if host_bits == 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
+        let size_minus_one = if host_bits == 128 {
+            u128::MAX
+        } else {
+            (1u128 << host_bits) - 1
+        };
         (start, start + size_minus_one)
     }
     /// Whether `ip` lies in the subnet.
@@ -93,9 +110,15 @@ impl Cidr {
 impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Cidr, String> {
-        let (addr, len) = s.split_once('/').ok_or_else(|| format!("`{s}` is not in CIDR form, as in 198.18.0.0/24"))?;
-        let addr: IpAddr = addr.parse().map_err(|_| format!("`{addr}` in `{s}` is not an IP address"))?;
-        let len: u8 = len.parse().map_err(|_| format!("`/{len}` in `{s}` is not a prefix length"))?;
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not in CIDR form, as in 198.18.0.0/24"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` in `{s}` is not an IP address"))?;
+        let len: u8 = len
+            .parse()
+            .map_err(|_| format!("`/{len}` in `{s}` is not a prefix length"))?;
         let c = Cidr::new(addr, len)?;
         if c.network != addr {
             return Err(format!("`{s}` has host bits set; did you mean {c}?"));
@@ -152,15 +175,27 @@ impl AddressPlan {
         let bad = |field, message| Err(PlanError::Invalid { field, message });
         if let Some(g) = self.gateway {
             if !self.subnet.contains(g) {
-                return bad("gateway", format!("{g} is outside the subnet {}", self.subnet));
+                return bad(
+                    "gateway",
+                    format!("{g} is outside the subnet {}", self.subnet),
+                );
             }
         }
         for r in &self.reserved {
             if !self.subnet.contains(r.first) || !self.subnet.contains(r.last) {
-                return bad("reserved", format!("{}-{} is not inside the subnet {}", r.first, r.last, self.subnet));
+                return bad(
+                    "reserved",
+                    format!(
+                        "{}-{} is not inside the subnet {}",
+                        r.first, r.last, self.subnet
+                    ),
+                );
             }
             if bits(r.first).0 > bits(r.last).0 {
-                return bad("reserved", format!("{}-{} ends before it starts", r.first, r.last));
+                return bad(
+                    "reserved",
+                    format!("{}-{} ends before it starts", r.first, r.last),
+                );
             }
         }
         Ok(())
@@ -177,24 +212,41 @@ impl AddressPlan {
         let is = |ip: IpAddr| bits(ip).0 == v && bits(ip).1 == self.subnet.width();
         self.gateway.is_some_and(is)
             || self.dns.iter().copied().any(is)
-            || self.reserved.iter().any(|r| bits(r.first).0 <= v && v <= bits(r.last).0)
+            || self
+                .reserved
+                .iter()
+                .any(|r| bits(r.first).0 <= v && v <= bits(r.last).0)
     }
 
     /// Usable addresses in order, lowest first, skipping `taken` ones (held by other
     /// tiers). Lazy: a /8 or an IPv6 /64 is never materialised.
-    pub fn usable<'a>(&'a self, taken: &'a dyn Fn(IpAddr) -> bool) -> impl Iterator<Item = IpAddr> + 'a {
+    pub fn usable<'a>(
+        &'a self,
+        taken: &'a dyn Fn(IpAddr) -> bool,
+    ) -> impl Iterator<Item = IpAddr> + 'a {
         let (first, last) = self.subnet.span();
         let v4 = self.subnet.width() == 32;
-        (first..=last).filter(move |&v| !self.excluded(v)).map(move |v| from_bits(v, v4)).filter(move |ip| !taken(*ip))
+        (first..=last)
+            .filter(move |&v| !self.excluded(v))
+            .map(move |v| from_bits(v, v4))
+            .filter(move |ip| !taken(*ip))
     }
 
     /// The first `k` usable addresses not `taken`, or [`PlanError::TooSmall`] saying how
     /// many there are.
-    pub fn allocate(&self, k: u64, taken: &dyn Fn(IpAddr) -> bool) -> Result<Vec<IpAddr>, PlanError> {
+    pub fn allocate(
+        &self,
+        k: u64,
+        taken: &dyn Fn(IpAddr) -> bool,
+    ) -> Result<Vec<IpAddr>, PlanError> {
         self.check()?;
         let got: Vec<IpAddr> = self.usable(taken).take(k as usize).collect();
         if (got.len() as u64) < k {
-            return Err(PlanError::TooSmall { cidr: self.subnet, free: got.len() as u128, wanted: k });
+            return Err(PlanError::TooSmall {
+                cidr: self.subnet,
+                free: got.len() as u128,
+                wanted: k,
+            });
         }
         Ok(got)
     }
@@ -205,7 +257,12 @@ mod tests {
     use super::*;
 
     fn plan(s: &str) -> AddressPlan {
-        AddressPlan { subnet: s.parse().unwrap(), reserved: vec![], gateway: None, dns: vec![] }
+        AddressPlan {
+            subnet: s.parse().unwrap(),
+            reserved: vec![],
+            gateway: None,
+            dns: vec![],
+        }
     }
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -213,11 +270,34 @@ mod tests {
 
     #[test]
     fn parses_and_refuses_cidrs_with_the_fix() {
-        assert_eq!("198.18.0.0/24".parse::<Cidr>().unwrap().to_string(), "198.18.0.0/24");
-        assert!("198.18.0.7/24".parse::<Cidr>().unwrap_err().contains("did you mean 198.18.0.0/24"));
-        assert!("198.18.0.0/33".parse::<Cidr>().unwrap_err().contains("longer than 32"));
-        assert!("198.18.0.0".parse::<Cidr>().unwrap_err().contains("CIDR form"));
-        assert!("300.1.1.0/24".parse::<Cidr>().unwrap_err().contains("not an IP address"));
+        assert_eq!(
+            "198.18.0.0/24".parse::<Cidr>().unwrap().to_string(),
+            "198.18.0.0/24"
+        );
+        assert!(
+            "198.18.0.7/24"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("did you mean 198.18.0.0/24")
+        );
+        assert!(
+            "198.18.0.0/33"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("longer than 32")
+        );
+        assert!(
+            "198.18.0.0"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("CIDR form")
+        );
+        assert!(
+            "300.1.1.0/24"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("not an IP address")
+        );
         assert_eq!("2001:db8::/64".parse::<Cidr>().unwrap().prefix_len(), 64);
     }
 
@@ -237,17 +317,33 @@ mod tests {
         let mut p = plan("198.18.0.0/29"); // .0 to .7
         p.gateway = Some(ip("198.18.0.1"));
         p.dns = vec![ip("198.18.0.2"), ip("9.9.9.9")];
-        p.reserved = vec![Reserved { first: ip("198.18.0.4"), last: ip("198.18.0.5") }];
+        p.reserved = vec![Reserved {
+            first: ip("198.18.0.4"),
+            last: ip("198.18.0.5"),
+        }];
         let taken = |a: IpAddr| a == ip("198.18.0.3");
         assert_eq!(p.allocate(1, &taken).unwrap(), vec![ip("198.18.0.6")]);
         let e = p.allocate(2, &taken).unwrap_err();
-        assert_eq!(e, PlanError::TooSmall { cidr: p.subnet, free: 1, wanted: 2 });
-        assert!(e.to_string().contains("has 1 usable addresses left, fewer than the 2"));
+        assert_eq!(
+            e,
+            PlanError::TooSmall {
+                cidr: p.subnet,
+                free: 1,
+                wanted: 2
+            }
+        );
+        assert!(
+            e.to_string()
+                .contains("has 1 usable addresses left, fewer than the 2")
+        );
     }
 
     #[test]
     fn small_and_v6_subnets() {
-        assert_eq!(plan("198.18.0.0/31").allocate(2, &|_| false).unwrap(), vec![ip("198.18.0.0"), ip("198.18.0.1")]);
+        assert_eq!(
+            plan("198.18.0.0/31").allocate(2, &|_| false).unwrap(),
+            vec![ip("198.18.0.0"), ip("198.18.0.1")]
+        );
         let v6 = plan("2001:db8::/64").allocate(2, &|_| false).unwrap();
         assert_eq!(v6, vec![ip("2001:db8::1"), ip("2001:db8::2")]);
         // A huge subnet is walked lazily.
@@ -258,9 +354,22 @@ mod tests {
     fn check_names_the_field() {
         let mut p = plan("198.18.0.0/24");
         p.gateway = Some(ip("198.19.0.1"));
-        assert!(p.check().unwrap_err().to_string().starts_with("field `gateway`"));
+        assert!(
+            p.check()
+                .unwrap_err()
+                .to_string()
+                .starts_with("field `gateway`")
+        );
         p.gateway = None;
-        p.reserved = vec![Reserved { first: ip("198.18.0.9"), last: ip("198.18.0.2") }];
-        assert!(p.check().unwrap_err().to_string().contains("ends before it starts"));
+        p.reserved = vec![Reserved {
+            first: ip("198.18.0.9"),
+            last: ip("198.18.0.2"),
+        }];
+        assert!(
+            p.check()
+                .unwrap_err()
+                .to_string()
+                .contains("ends before it starts")
+        );
     }
 }

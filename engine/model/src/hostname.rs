@@ -32,12 +32,17 @@ impl HostnamePattern {
         let mut has_index = false;
         while let Some(open) = rest.find('{') {
             if rest[..open].contains('}') {
-                return Err(PatternError(format!("`{source}` has a `}}` without its `{{`")));
+                return Err(PatternError(format!(
+                    "`{source}` has a `}}` without its `{{`"
+                )));
             }
             if open > 0 {
                 parts.push(Part::Text(rest[..open].to_string()));
             }
-            let close = rest[open..].find('}').ok_or_else(|| PatternError(format!("`{source}` has an unclosed `{{`")))? + open;
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| PatternError(format!("`{source}` has an unclosed `{{`")))?
+                + open;
             let field = &rest[open + 1..close];
             parts.push(match field {
                 "index" => {
@@ -61,15 +66,22 @@ impl HostnamePattern {
             rest = &rest[close + 1..];
         }
         if rest.contains('}') {
-            return Err(PatternError(format!("`{source}` has a `}}` without its `{{`")));
+            return Err(PatternError(format!(
+                "`{source}` has a `}}` without its `{{`"
+            )));
         }
         if !rest.is_empty() {
             parts.push(Part::Text(rest.to_string()));
         }
         if !has_index {
-            return Err(PatternError(format!("`{source}` has no {{index}}, so every instance would get the same name")));
+            return Err(PatternError(format!(
+                "`{source}` has no {{index}}, so every instance would get the same name"
+            )));
         }
-        let p = HostnamePattern { source: source.to_string(), parts };
+        let p = HostnamePattern {
+            source: source.to_string(),
+            parts,
+        };
         // Names of the tier `t` at index 0 show whether the literal parts are valid.
         if !valid_dns_name(&p.render("t", 0)) {
             return Err(PatternError(format!(
@@ -96,7 +108,14 @@ impl HostnamePattern {
     /// Renders and checks a name: a tier name can make a pattern invalid.
     pub fn name(&self, tier: &str, index: u64) -> Result<String, PatternError> {
         let n = self.render(tier, index);
-        if valid_dns_name(&n) { Ok(n) } else { Err(PatternError(format!("`{}` renders `{n}`, not a valid host name", self.source))) }
+        if valid_dns_name(&n) {
+            Ok(n)
+        } else {
+            Err(PatternError(format!(
+                "`{}` renders `{n}`, not a valid host name",
+                self.source
+            )))
+        }
     }
 }
 
@@ -106,7 +125,11 @@ pub fn valid_dns_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-') && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -138,7 +161,12 @@ mod tests {
         let p = HostnamePattern::parse("web-{index:03}").unwrap();
         assert_eq!(p.render("web", 7), "web-007");
         assert_eq!(p.render("web", 1234), "web-1234");
-        assert_eq!(HostnamePattern::parse("{tier}{index}.dc1").unwrap().render("db", 2), "db2.dc1");
+        assert_eq!(
+            HostnamePattern::parse("{tier}{index}.dc1")
+                .unwrap()
+                .render("db", 2),
+            "db2.dc1"
+        );
     }
 
     #[test]
@@ -153,7 +181,10 @@ mod tests {
             ("web}-{index}", "without its"),
         ] {
             let e = HostnamePattern::parse(p).unwrap_err().to_string();
-            assert!(e.starts_with("field `hostname`") && e.contains(needle), "{p}: {e}");
+            assert!(
+                e.starts_with("field `hostname`") && e.contains(needle),
+                "{p}: {e}"
+            );
         }
         let p = HostnamePattern::parse("{tier}-{index}").unwrap();
         assert!(p.name("bad_tier", 1).is_err());

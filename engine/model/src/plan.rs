@@ -107,7 +107,9 @@ pub fn settled(tier: &Tier, instances: &[Instance]) -> bool {
     c.deployed == tier.desired
         && c.deploying == 0
         && c.undeploying == 0
-        && instances.iter().all(|i| i.state != InstanceState::Deployed || i.revision >= tier.revision)
+        && instances
+            .iter()
+            .all(|i| i.state != InstanceState::Deployed || i.revision >= tier.revision)
 }
 
 /// A deterministic offset in `[0, every)` for one instance, so that health checks of
@@ -136,7 +138,11 @@ pub fn plan(v: View<'_>) -> Plan {
     // Unfinished deployments: past the timeout they fail (a call in flight or not: a BMC
     // that never answers must not hold the instance); otherwise they are polled on a
     // schedule, never while a call about them is in flight.
-    for i in v.instances.iter().filter(|i| i.state == InstanceState::Deploying) {
+    for i in v
+        .instances
+        .iter()
+        .filter(|i| i.state == InstanceState::Deploying)
+    {
         if v.now_ms.saturating_sub(i.since_ms) > timeout_ms {
             p.timed_out.push(i.id.index);
         } else if idle(&i) && v.now_ms.saturating_sub(asked(i).max(i.since_ms)) >= v.poll_every_ms {
@@ -146,16 +152,31 @@ pub fn plan(v: View<'_>) -> Plan {
     let timed_out = p.timed_out.len() as u32;
 
     // Instances leaving their nodes finish leaving whenever no call about them runs.
-    p.finish_undeploy = v.instances.iter().filter(|i| i.state == InstanceState::Undeploying).filter(idle).map(|i| i.id.index).collect();
+    p.finish_undeploy = v
+        .instances
+        .iter()
+        .filter(|i| i.state == InstanceState::Undeploying)
+        .filter(idle)
+        .map(|i| i.id.index)
+        .collect();
 
     // Health checks, each on its own schedule, for instances whose nodes do not report.
-    for i in v.instances.iter().filter(|i| i.state == InstanceState::Deployed).filter(idle) {
-        let Some(node) = i.node.as_deref() else { continue };
+    for i in v
+        .instances
+        .iter()
+        .filter(|i| i.state == InstanceState::Deployed)
+        .filter(idle)
+    {
+        let Some(node) = i.node.as_deref() else {
+            continue;
+        };
         if (v.reporting)(node) {
             continue;
         }
         let since = asked(i).max(i.since_ms);
-        if v.now_ms.saturating_sub(since) >= v.check_every_ms + jitter(&tier.name, i.id.index, v.check_every_ms / 2) {
+        if v.now_ms.saturating_sub(since)
+            >= v.check_every_ms + jitter(&tier.name, i.id.index, v.check_every_ms / 2)
+        {
             p.check.push(i.id.index);
         }
     }
@@ -169,27 +190,51 @@ pub fn plan(v: View<'_>) -> Plan {
         let mut surplus: Vec<&Instance> = v
             .instances
             .iter()
-            .filter(|i| matches!(i.state, InstanceState::Deployed | InstanceState::Deploying) && !p.timed_out.contains(&i.id.index))
+            .filter(|i| {
+                matches!(i.state, InstanceState::Deployed | InstanceState::Deploying)
+                    && !p.timed_out.contains(&i.id.index)
+            })
             .collect();
         surplus.sort_by_key(|i| std::cmp::Reverse(i.id.index));
-        p.undeploy = surplus.into_iter().take((active - desired) as usize).map(|i| i.id.index).collect();
+        p.undeploy = surplus
+            .into_iter()
+            .take((active - desired) as usize)
+            .map(|i| i.id.index)
+            .collect();
         p.poll.retain(|x| !p.undeploy.contains(x));
         p.check.retain(|x| !p.undeploy.contains(x));
         return p;
     }
     if active < desired {
-        let mut waiting: Vec<&Instance> = v.instances.iter().filter(|i| i.state.can_deploy()).filter(idle).collect();
+        let mut waiting: Vec<&Instance> = v
+            .instances
+            .iter()
+            .filter(|i| i.state.can_deploy())
+            .filter(idle)
+            .collect();
         waiting.sort_by_key(|i| (i.state != InstanceState::Failed, i.id.index));
-        p.place = waiting.into_iter().take((desired - active) as usize).map(|i| i.id.index).collect();
+        p.place = waiting
+            .into_iter()
+            .take((desired - active) as usize)
+            .map(|i| i.id.index)
+            .collect();
         return p;
     }
     // At the desired count: roll a batch to the tier's revision once no deployment of the
     // tier is unfinished, so each batch waits for the one before.
     if counts.deploying == 0 {
-        let mut stale: Vec<&Instance> =
-            v.instances.iter().filter(|i| i.state.can_roll() && i.revision < tier.revision).filter(idle).collect();
+        let mut stale: Vec<&Instance> = v
+            .instances
+            .iter()
+            .filter(|i| i.state.can_roll() && i.revision < tier.revision)
+            .filter(idle)
+            .collect();
         stale.sort_by_key(|i| i.id.index);
-        p.roll = stale.into_iter().take(tier.rollout_batch.max(1) as usize).map(|i| i.id.index).collect();
+        p.roll = stale
+            .into_iter()
+            .take(tier.rollout_batch.max(1) as usize)
+            .map(|i| i.id.index)
+            .collect();
         p.check.retain(|x| !p.roll.contains(x));
     }
     p
@@ -206,14 +251,21 @@ pub fn unplaced(placed: usize, wanted: usize, requirements: &Requirements) -> St
         needs.push(format!("at least {} CPUs", requirements.min_cpus));
     }
     if requirements.min_memory_mib > 0 {
-        needs.push(format!("at least {} MiB of memory", requirements.min_memory_mib));
+        needs.push(format!(
+            "at least {} MiB of memory",
+            requirements.min_memory_mib
+        ));
     }
     if let Some(arch) = &requirements.arch {
         needs.push(format!("arch {arch}"));
     }
     let missing = wanted - placed.min(wanted);
     let verb = if missing == 1 { "needs" } else { "need" };
-    let with = if needs.is_empty() { String::new() } else { format!(" with {}", needs.join(", ")) };
+    let with = if needs.is_empty() {
+        String::new()
+    } else {
+        format!(" with {}", needs.join(", "))
+    };
     format!("{placed} of {wanted} placed; {missing} {verb} a free node{with}")
 }
 
@@ -236,9 +288,15 @@ mod tests {
             },
             hostname: HostnamePattern::parse("web-{index}").expect("pattern"),
             requirements: Requirements::default(),
-            policy: PluginRef { plugin: "spread".into(), config: Default::default() },
+            policy: PluginRef {
+                plugin: "spread".into(),
+                config: Default::default(),
+            },
             customizers: Vec::new(),
-            driver: PluginRef { plugin: "noop".into(), config: Default::default() },
+            driver: PluginRef {
+                plugin: "noop".into(),
+                config: Default::default(),
+            },
             deploy_timeout_secs: 60,
             revision: 0,
             rollout_batch: 1,
@@ -251,7 +309,10 @@ mod tests {
 
     fn instance(index: u32, state: InstanceState) -> Instance {
         Instance {
-            id: InstanceId { tier: "web".into(), index },
+            id: InstanceId {
+                tier: "web".into(),
+                index,
+            },
             hostname: format!("web-{index}"),
             address: std::net::IpAddr::from([198, 18, 0, index as u8 + 1]),
             state,
@@ -262,19 +323,40 @@ mod tests {
             revision: 0,
             deployment: 0,
             deployment_started_ms: 0,
-                layer: None,
+            layer: None,
         }
     }
 
-    fn view<'a>(t: &'a Tier, inst: &'a [Instance], busy: &'a BTreeSet<u32>, asked: &'a BTreeMap<u32, u64>, now_ms: u64) -> View<'a> {
-        View { tier: t, instances: inst, busy, asked_ms: asked, reporting: &|_| false, now_ms, poll_every_ms: 1000, check_every_ms: 10_000 }
+    fn view<'a>(
+        t: &'a Tier,
+        inst: &'a [Instance],
+        busy: &'a BTreeSet<u32>,
+        asked: &'a BTreeMap<u32, u64>,
+        now_ms: u64,
+    ) -> View<'a> {
+        View {
+            tier: t,
+            instances: inst,
+            busy,
+            asked_ms: asked,
+            reporting: &|_| false,
+            now_ms,
+            poll_every_ms: 1000,
+            check_every_ms: 10_000,
+        }
     }
 
     #[test]
     fn places_failed_instances_first_then_lowest_index() {
         use InstanceState::*;
         let t = tier(5, 3);
-        let inst = [instance(0, Pooled), instance(1, Deployed), instance(2, Pooled), instance(3, Failed), instance(4, Pooled)];
+        let inst = [
+            instance(0, Pooled),
+            instance(1, Deployed),
+            instance(2, Pooled),
+            instance(3, Failed),
+            instance(4, Pooled),
+        ];
         let p = plan(view(&t, &inst, &BTreeSet::new(), &BTreeMap::new(), 0));
         assert_eq!(p.place, vec![3, 0]);
         assert!(p.undeploy.is_empty() && p.roll.is_empty());
@@ -284,19 +366,36 @@ mod tests {
     fn scales_in_from_the_highest_index_and_finishes_leaving() {
         use InstanceState::*;
         let t = tier(5, 1);
-        let inst = [instance(0, Deployed), instance(1, Deploying), instance(2, Deployed), instance(3, Undeploying), instance(4, Pooled)];
+        let inst = [
+            instance(0, Deployed),
+            instance(1, Deploying),
+            instance(2, Deployed),
+            instance(3, Undeploying),
+            instance(4, Pooled),
+        ];
         let busy = BTreeSet::from([1]);
         let p = plan(view(&t, &inst, &busy, &BTreeMap::new(), 10));
-        assert_eq!(p.undeploy, vec![2, 1], "a deploy in flight is taken off too; its late answer is the store's to discard");
+        assert_eq!(
+            p.undeploy,
+            vec![2, 1],
+            "a deploy in flight is taken off too; its late answer is the store's to discard"
+        );
         assert_eq!(p.finish_undeploy, vec![3]);
-        assert!(p.poll.is_empty(), "instance 1 leaves, and a call about it runs");
+        assert!(
+            p.poll.is_empty(),
+            "instance 1 leaves, and a call about it runs"
+        );
     }
 
     #[test]
     fn polls_on_a_schedule_and_times_out_even_a_busy_deployment() {
         use InstanceState::*;
         let t = tier(3, 3);
-        let mut inst = [instance(0, Deploying), instance(1, Deploying), instance(2, Deploying)];
+        let mut inst = [
+            instance(0, Deploying),
+            instance(1, Deploying),
+            instance(2, Deploying),
+        ];
         inst[2].since_ms = 0;
         inst[0].since_ms = 59_000;
         inst[1].since_ms = 59_000;
@@ -314,13 +413,21 @@ mod tests {
         let mut t = tier(3, 3);
         t.revision = 1;
         t.rollout_batch = 2;
-        let inst = [instance(0, Deployed), instance(1, Deployed), instance(2, Deployed)];
+        let inst = [
+            instance(0, Deployed),
+            instance(1, Deployed),
+            instance(2, Deployed),
+        ];
         let p = plan(view(&t, &inst, &BTreeSet::new(), &BTreeMap::new(), 0));
         assert_eq!(p.roll, vec![0, 1]);
         let mut rolling = inst.clone();
         rolling[0].state = Deploying;
         rolling[0].revision = 1;
-        assert!(plan(view(&t, &rolling, &BTreeSet::new(), &BTreeMap::new(), 0)).roll.is_empty());
+        assert!(
+            plan(view(&t, &rolling, &BTreeSet::new(), &BTreeMap::new(), 0))
+                .roll
+                .is_empty()
+        );
     }
 
     #[test]
@@ -328,10 +435,17 @@ mod tests {
         use InstanceState::*;
         let t = tier(64, 64);
         let inst: Vec<Instance> = (0..64).map(|i| instance(i, Deployed)).collect();
-        let due = |now| plan(view(&t, &inst, &BTreeSet::new(), &BTreeMap::new(), now)).check.len();
+        let due = |now| {
+            plan(view(&t, &inst, &BTreeSet::new(), &BTreeMap::new(), now))
+                .check
+                .len()
+        };
         assert_eq!(due(9_999), 0);
         let early = due(12_000);
-        assert!(early > 0 && early < 64, "{early} of 64 due 2 s into a 5 s jitter window");
+        assert!(
+            early > 0 && early < 64,
+            "{early} of 64 due 2 s into a 5 s jitter window"
+        );
         assert_eq!(due(15_000), 64);
         let (busy, asked) = (BTreeSet::new(), BTreeMap::new());
         let mut v = view(&t, &inst, &busy, &asked, 15_000);
@@ -343,8 +457,14 @@ mod tests {
     fn says_what_a_partial_placement_needs() {
         let mut r = Requirements::default();
         r.labels.insert("zone".into(), "c".into());
-        assert_eq!(unplaced(2, 5, &r), "2 of 5 placed; 3 need a free node with zone=c");
-        assert_eq!(unplaced(0, 1, &Requirements::default()), "0 of 1 placed; 1 needs a free node");
+        assert_eq!(
+            unplaced(2, 5, &r),
+            "2 of 5 placed; 3 need a free node with zone=c"
+        );
+        assert_eq!(
+            unplaced(0, 1, &Requirements::default()),
+            "0 of 1 placed; 1 needs a free node"
+        );
     }
 
     /// A small deterministic generator, so a failing case can be replayed from its seed.
@@ -390,9 +510,23 @@ mod tests {
             let k = 1 + rng.below(12) as u32;
             let mut tier = tier(k, rng.below(u64::from(k) + 1) as u32);
             tier.rollout_batch = 1 + rng.below(3) as u32;
-            let inst = (0..k).map(|i| instance(i, InstanceState::Pooled)).map(|mut i| { i.node = None; i }).collect();
+            let inst = (0..k)
+                .map(|i| instance(i, InstanceState::Pooled))
+                .map(|mut i| {
+                    i.node = None;
+                    i
+                })
+                .collect();
             let free = (0..rng.below(16)).map(|n| format!("free-{n}")).collect();
-            World { tier, inst, free, calls: Vec::new(), asked: BTreeMap::new(), now: 1, next_node: 0 }
+            World {
+                tier,
+                inst,
+                free,
+                calls: Vec::new(),
+                asked: BTreeMap::new(),
+                now: 1,
+                next_node: 0,
+            }
         }
 
         fn busy(&self) -> BTreeSet<u32> {
@@ -422,20 +556,44 @@ mod tests {
             });
             let st = |x: &u32| self.inst[*x as usize].state;
             // No second call for a busy instance.
-            for x in p.poll.iter().chain(&p.check).chain(&p.roll).chain(&p.finish_undeploy).chain(&p.place) {
-                assert!(!busy.contains(x), "a call planned for busy instance {x}: {p:?}");
+            for x in p
+                .poll
+                .iter()
+                .chain(&p.check)
+                .chain(&p.roll)
+                .chain(&p.finish_undeploy)
+                .chain(&p.place)
+            {
+                assert!(
+                    !busy.contains(x),
+                    "a call planned for busy instance {x}: {p:?}"
+                );
             }
             assert!(p.place.iter().all(|x| st(x).can_deploy()));
             assert!(p.roll.iter().all(|x| st(x).can_roll()));
             assert!(p.undeploy.iter().all(|x| st(x).can_undeploy()));
-            assert!(p.poll.iter().chain(&p.timed_out).all(|x| st(x) == InstanceState::Deploying));
+            assert!(
+                p.poll
+                    .iter()
+                    .chain(&p.timed_out)
+                    .all(|x| st(x) == InstanceState::Deploying)
+            );
             assert!(p.check.iter().all(|x| st(x) == InstanceState::Deployed));
-            assert!(p.place.is_empty() || p.undeploy.is_empty(), "placing and taking off at once: {p:?}");
+            assert!(
+                p.place.is_empty() || p.undeploy.is_empty(),
+                "placing and taking off at once: {p:?}"
+            );
             let c = Counts::of(&self.inst);
             assert!(c.active() + c.undeploying <= self.tier.max_instances);
             assert!(p.place.len() as u32 <= self.tier.desired, "{p:?}");
             let mut seen = BTreeSet::new();
-            for x in p.undeploy.iter().chain(&p.roll).chain(&p.place).chain(&p.timed_out) {
+            for x in p
+                .undeploy
+                .iter()
+                .chain(&p.roll)
+                .chain(&p.place)
+                .chain(&p.timed_out)
+            {
                 assert!(seen.insert(*x), "instance {x} has two decisions: {p:?}");
             }
 
@@ -449,7 +607,13 @@ mod tests {
                 self.inst[*x as usize].state = InstanceState::Undeploying;
             }
             for x in &p.finish_undeploy {
-                self.calls.push((*x, rng.below(3) as u32, false, self.inst[*x as usize].deployment, Call::Undeploy));
+                self.calls.push((
+                    *x,
+                    rng.below(3) as u32,
+                    false,
+                    self.inst[*x as usize].deployment,
+                    Call::Undeploy,
+                ));
             }
             for x in &p.roll {
                 let i = &mut self.inst[*x as usize];
@@ -457,7 +621,13 @@ mod tests {
                 i.revision = self.tier.revision;
                 i.deployment += 1;
                 i.since_ms = self.now;
-                self.calls.push((*x, rng.below(4) as u32, chaos && rng.chance(10), i.deployment, Call::Deploy));
+                self.calls.push((
+                    *x,
+                    rng.below(4) as u32,
+                    chaos && rng.chance(10),
+                    i.deployment,
+                    Call::Deploy,
+                ));
             }
             // The policy places what fits.
             for x in &p.place {
@@ -468,14 +638,31 @@ mod tests {
                 i.deployment += 1;
                 i.since_ms = self.now;
                 i.revision = self.tier.revision;
-                self.calls.push((*x, rng.below(4) as u32, chaos && rng.chance(10), i.deployment, Call::Deploy));
+                self.calls.push((
+                    *x,
+                    rng.below(4) as u32,
+                    chaos && rng.chance(10),
+                    i.deployment,
+                    Call::Deploy,
+                ));
             }
             // A poll asks `status`, which finishes the deployment when it runs (or deploys
             // it again when the node lost it); a health check may find the instance failed.
-            for (x, call) in p.poll.iter().map(|x| (x, Call::Deploy)).chain(p.check.iter().map(|x| (x, Call::Check))) {
+            for (x, call) in p
+                .poll
+                .iter()
+                .map(|x| (x, Call::Deploy))
+                .chain(p.check.iter().map(|x| (x, Call::Check)))
+            {
                 self.asked.insert(*x, self.now);
                 let fails = chaos && rng.chance(5);
-                self.calls.push((*x, rng.below(2) as u32, fails, self.inst[*x as usize].deployment, call));
+                self.calls.push((
+                    *x,
+                    rng.below(2) as u32,
+                    fails,
+                    self.inst[*x as usize].deployment,
+                    call,
+                ));
             }
 
             // Calls come back, each committed only if its instance is still in the
@@ -500,11 +687,16 @@ mod tests {
                         self.release(i, false);
                         self.inst[i].state = InstanceState::Pooled;
                     }
-                    (Call::Deploy, InstanceState::Deploying) | (Call::Check, InstanceState::Deployed) if fails => {
+                    (Call::Deploy, InstanceState::Deploying)
+                    | (Call::Check, InstanceState::Deployed)
+                        if fails =>
+                    {
                         self.release(i, true);
                         self.inst[i].state = InstanceState::Failed;
                     }
-                    (Call::Deploy, InstanceState::Deploying) => self.inst[i].state = InstanceState::Deployed,
+                    (Call::Deploy, InstanceState::Deploying) => {
+                        self.inst[i].state = InstanceState::Deployed
+                    }
                     // A late answer about a decision since replaced: the guard discards it.
                     _ => {}
                 }
@@ -519,7 +711,9 @@ mod tests {
                 self.tier.desired = rng.below(u64::from(self.tier.max_instances) + 1) as u32;
             }
             if rng.chance(5) {
-                let held: Vec<usize> = (0..self.inst.len()).filter(|&i| self.inst[i].state.holds_node()).collect();
+                let held: Vec<usize> = (0..self.inst.len())
+                    .filter(|&i| self.inst[i].state.holds_node())
+                    .collect();
                 if !held.is_empty() {
                     let i = held[rng.below(held.len() as u64) as usize];
                     self.release(i, true);
@@ -561,7 +755,10 @@ mod tests {
 
     #[test]
     fn ten_thousand_random_worlds_keep_the_rules_and_converge() {
-        let seed = std::env::var("MINT_PLAN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234_abcd_0001u64);
+        let seed = std::env::var("MINT_PLAN_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_1234_abcd_0001u64);
         let mut rng = Rng(seed);
         for _ in 0..10_000 {
             let mut w = World::new(&mut rng);
@@ -577,7 +774,12 @@ mod tests {
             for _ in 0..rng.below(30) {
                 w.step(&mut rng, true);
             }
-            assert!(w.settle(&mut rng), "case {case} (seed {seed}) did not settle: {:?} {:?}", w.tier, w.inst.iter().map(|i| i.state).collect::<Vec<_>>());
+            assert!(
+                w.settle(&mut rng),
+                "case {case} (seed {seed}) did not settle: {:?} {:?}",
+                w.tier,
+                w.inst.iter().map(|i| i.state).collect::<Vec<_>>()
+            );
         }
     }
 }

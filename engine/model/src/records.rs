@@ -117,7 +117,13 @@ impl Autoscale {
     pub fn check(&self, k: u32) -> Result<(), String> {
         let bad = |f: &str, m: String| Err(format!("field `autoscale.{f}`: {m}"));
         if self.scale_out_above > 1000 || self.scale_in_below >= self.scale_out_above {
-            return bad("scale-in-below", format!("{} must be below scale-out-above ({}), which is at most 1000", self.scale_in_below, self.scale_out_above));
+            return bad(
+                "scale-in-below",
+                format!(
+                    "{} must be below scale-out-above ({}), which is at most 1000",
+                    self.scale_in_below, self.scale_out_above
+                ),
+            );
         }
         if self.for_secs == 0 || self.for_secs > 3600 {
             return bad("for-secs", format!("{} is outside 1..=3600", self.for_secs));
@@ -127,7 +133,13 @@ impl Autoscale {
         }
         let max = self.max.unwrap_or(k);
         if max > k || self.min > max {
-            return bad("max", format!("need min ({}) <= max ({max}) <= max-instances ({k})", self.min));
+            return bad(
+                "max",
+                format!(
+                    "need min ({}) <= max ({max}) <= max-instances ({k})",
+                    self.min
+                ),
+            );
         }
         Ok(())
     }
@@ -241,7 +253,9 @@ impl Node {
     /// bounded per BMC host. `None` for a node reached by no URL.
     pub fn endpoint(&self) -> Option<String> {
         self.properties.values().find_map(|v| {
-            let rest = v.strip_prefix("https://").or_else(|| v.strip_prefix("http://"))?;
+            let rest = v
+                .strip_prefix("https://")
+                .or_else(|| v.strip_prefix("http://"))?;
             let authority = rest.split(['/', '?', '#']).next()?;
             // Credentials in a URL are no part of the endpoint's name.
             let host = authority.rsplit('@').next()?;
@@ -431,14 +445,27 @@ mod tests {
             memory_mib: 1,
             arch: "x86_64".into(),
             labels: BTreeMap::new(),
-            properties: props.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             state: crate::NodeState::Free,
             instance: None,
             load: 0,
             cached: Vec::new(),
         };
-        assert_eq!(node(&[("bmc-url", "https://10.1.0.17/redfish/v1/Systems/1")]).endpoint().as_deref(), Some("10.1.0.17"));
-        assert_eq!(node(&[("agent-url", "https://user:pw@Node-3:7601")]).endpoint().as_deref(), Some("node-3:7601"));
+        assert_eq!(
+            node(&[("bmc-url", "https://10.1.0.17/redfish/v1/Systems/1")])
+                .endpoint()
+                .as_deref(),
+            Some("10.1.0.17")
+        );
+        assert_eq!(
+            node(&[("agent-url", "https://user:pw@Node-3:7601")])
+                .endpoint()
+                .as_deref(),
+            Some("node-3:7601")
+        );
         assert_eq!(node(&[("rack", "r1")]).endpoint(), None);
         assert_eq!(node(&[]).endpoint(), None);
     }

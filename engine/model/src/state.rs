@@ -68,7 +68,10 @@ impl InstanceState {
     }
     /// Whether the instance may be declared failed.
     pub fn can_fail(self) -> bool {
-        matches!(self, InstanceState::Deploying | InstanceState::Deployed | InstanceState::Undeploying)
+        matches!(
+            self,
+            InstanceState::Deploying | InstanceState::Deployed | InstanceState::Undeploying
+        )
     }
     /// Whether the instance may return to the pool.
     pub fn can_return_to_pool(self) -> bool {
@@ -76,7 +79,10 @@ impl InstanceState {
     }
     /// Whether the instance holds a node.
     pub fn holds_node(self) -> bool {
-        matches!(self, InstanceState::Deploying | InstanceState::Deployed | InstanceState::Undeploying)
+        matches!(
+            self,
+            InstanceState::Deploying | InstanceState::Deployed | InstanceState::Undeploying
+        )
     }
     /// Whether `to` is a legal next state.
     pub fn can_become(self, to: InstanceState) -> bool {
@@ -108,7 +114,10 @@ impl NodeState {
     }
     /// Whether the node may be removed from the inventory: only when it holds nothing.
     pub fn can_remove(self) -> bool {
-        matches!(self, NodeState::Free | NodeState::Failed | NodeState::Maintenance)
+        matches!(
+            self,
+            NodeState::Free | NodeState::Failed | NodeState::Maintenance
+        )
     }
     /// Whether an operator may move the node to `to`. Free and maintenance are for nodes
     /// that hold nothing (a failed node returns to free once repaired); failed may be
@@ -116,8 +125,14 @@ impl NodeState {
     /// in-service belong to the engine, which sets them while it deploys.
     pub fn operator_can_set(self, to: NodeState) -> bool {
         match to {
-            NodeState::Free => matches!(self, NodeState::Free | NodeState::Failed | NodeState::Maintenance),
-            NodeState::Maintenance => matches!(self, NodeState::Free | NodeState::Failed | NodeState::Maintenance),
+            NodeState::Free => matches!(
+                self,
+                NodeState::Free | NodeState::Failed | NodeState::Maintenance
+            ),
+            NodeState::Maintenance => matches!(
+                self,
+                NodeState::Free | NodeState::Failed | NodeState::Maintenance
+            ),
             NodeState::Failed => true,
             NodeState::Deploying | NodeState::InService => false,
         }
@@ -170,7 +185,11 @@ mod tests {
         ];
         for from in ALL {
             for to in ALL {
-                assert_eq!(from.can_become(to), legal.contains(&(from, to)), "{from} -> {to}");
+                assert_eq!(
+                    from.can_become(to),
+                    legal.contains(&(from, to)),
+                    "{from} -> {to}"
+                );
             }
         }
     }
@@ -188,10 +207,17 @@ mod tests {
         use NodeState::*;
         let all = [Free, Deploying, InService, Failed, Maintenance];
         for from in all {
-            assert!(from.operator_can_set(Failed), "any node can be declared failed");
+            assert!(
+                from.operator_can_set(Failed),
+                "any node can be declared failed"
+            );
             assert!(!from.operator_can_set(Deploying) && !from.operator_can_set(InService));
             assert_eq!(from.operator_can_set(Free), from.can_remove(), "{from}");
-            assert_eq!(from.operator_can_set(Maintenance), from.can_remove(), "{from}");
+            assert_eq!(
+                from.operator_can_set(Maintenance),
+                from.can_remove(),
+                "{from}"
+            );
         }
     }
 }

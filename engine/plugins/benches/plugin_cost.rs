@@ -29,7 +29,11 @@ fn measure(warm: usize, n: usize, mut f: impl FnMut()) -> Stats {
         })
         .collect();
     t.sort();
-    Stats { median: t[n / 2], p90: t[n * 9 / 10], n }
+    Stats {
+        median: t[n / 2],
+        p90: t[n * 9 / 10],
+        n,
+    }
 }
 
 fn show(name: &str, s: &Stats, target: Option<Duration>) {
@@ -38,7 +42,10 @@ fn show(name: &str, s: &Stats, target: Option<Duration>) {
         Some(t) => format!("  (target < {t:?}: MISSED)"),
         None => String::new(),
     };
-    println!("{name:<44} median {:>11.3?}  p90 {:>11.3?}  n={}{verdict}", s.median, s.p90, s.n);
+    println!(
+        "{name:<44} median {:>11.3?}  p90 {:>11.3?}  n={}{verdict}",
+        s.median, s.p90, s.n
+    );
 }
 
 fn nodes(n: usize) -> mint_plugins::fixture::NamedRequest {
@@ -56,13 +63,27 @@ fn nodes(n: usize) -> mint_plugins::fixture::NamedRequest {
             load: (i * 7919 % 1000) as u32,
         })
         .collect();
-    SelectRequestJson { tier: "web".into(), count: 100, requirements: RequirementsJson::default(), placed: vec![], candidates }.to_wit()
+    SelectRequestJson {
+        tier: "web".into(),
+        count: 100,
+        requirements: RequirementsJson::default(),
+        placed: vec![],
+        candidates,
+    }
+    .to_wit()
 }
 
 /// The host's request in the SDK's types: what a native policy would be handed.
 fn to_native(r: &SelectionRequest) -> mint_sdk::policy::Request {
     use mint_sdk::policy as p;
-    let labels = |l: &[mint_plugins::types::LabelRef]| l.iter().map(|l| p::LabelRef { key: l.key, value: l.value }).collect();
+    let labels = |l: &[mint_plugins::types::LabelRef]| {
+        l.iter()
+            .map(|l| p::LabelRef {
+                key: l.key,
+                value: l.value,
+            })
+            .collect()
+    };
     p::Request {
         tier: r.tier.clone(),
         count: r.count,
@@ -74,7 +95,13 @@ fn to_native(r: &SelectionRequest) -> mint_sdk::policy::Request {
         },
         label_keys: r.label_keys.clone(),
         label_values: r.label_values.clone(),
-        placed: r.placed.iter().map(|x| p::Placement { labels: labels(&x.labels) }).collect(),
+        placed: r
+            .placed
+            .iter()
+            .map(|x| p::Placement {
+                labels: labels(&x.labels),
+            })
+            .collect(),
         labels: labels(&r.labels),
         candidates: r
             .candidates
@@ -93,39 +120,81 @@ fn to_native(r: &SelectionRequest) -> mint_sdk::policy::Request {
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter word is not supported, so ignore arguments.
-    let rt_tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt_tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let spread = bundled::get("spread").unwrap();
     let manifest = Manifest::parse("spread", spread.manifest).unwrap();
-    println!("mint plugin cost ({} byte spread component)\n", spread.wasm.len());
+    println!(
+        "mint plugin cost ({} byte spread component)\n",
+        spread.wasm.len()
+    );
 
     let plain = Runtime::new(RuntimeOptions::default()).unwrap();
     let s = measure(1, 5, || {
-        plain.load(manifest.clone(), spread.wasm, "spread", &Grants::default()).unwrap();
+        plain
+            .load(manifest.clone(), spread.wasm, "spread", &Grants::default())
+            .unwrap();
     });
     show("cold compile + load (no cache)", &s, None);
 
     let dir = std::env::temp_dir().join(format!("mint-bench-cache-{}", std::process::id()));
-    let cached = Runtime::new(RuntimeOptions { cache_dir: Some(dir.clone()), ..Default::default() }).unwrap();
-    cached.load(manifest.clone(), spread.wasm, "spread", &Grants::default()).unwrap();
+    let cached = Runtime::new(RuntimeOptions {
+        cache_dir: Some(dir.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    cached
+        .load(manifest.clone(), spread.wasm, "spread", &Grants::default())
+        .unwrap();
     let s = measure(3, 50, || {
-        cached.load(manifest.clone(), spread.wasm, "spread", &Grants::default()).unwrap();
+        cached
+            .load(manifest.clone(), spread.wasm, "spread", &Grants::default())
+            .unwrap();
     });
-    show("cached load (hash, deserialize, link, check)", &s, Some(Duration::from_millis(5)));
+    show(
+        "cached load (hash, deserialize, link, check)",
+        &s,
+        Some(Duration::from_millis(5)),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
     let noop = plain.load_bundled("noop").unwrap().unwrap();
-    let node = Node { name: "n".into(), properties: vec![], labels: vec![] };
-    let d = Deployment { tier: "t".into(), index: 0, hostname: "t-0".into(), artifact: Artifact { url: String::new(), digest: String::new(), size: 0, format: "tree".into() } };
+    let node = Node {
+        name: "n".into(),
+        properties: vec![],
+        labels: vec![],
+    };
+    let d = Deployment {
+        tier: "t".into(),
+        index: 0,
+        hostname: "t-0".into(),
+        artifact: Artifact {
+            url: String::new(),
+            digest: String::new(),
+            size: 0,
+            format: "tree".into(),
+        },
+    };
     let s = measure(200, 2000, || {
         rt_tokio.block_on(noop.status(&node, &d, None)).unwrap();
     });
-    show("instantiate + call (noop status, fresh store)", &s, Some(Duration::from_micros(50)));
+    show(
+        "instantiate + call (noop status, fresh store)",
+        &s,
+        Some(Duration::from_micros(50)),
+    );
 
-    let policy = plain.load(manifest, spread.wasm, "spread", &Grants::default()).unwrap();
+    let policy = plain
+        .load(manifest, spread.wasm, "spread", &Grants::default())
+        .unwrap();
     let mut small = nodes(3);
     small.request.count = 1;
     let s = measure(200, 2000, || {
-        rt_tokio.block_on(policy.select(&small.request, &small.names, None)).unwrap();
+        rt_tokio
+            .block_on(policy.select(&small.request, &small.names, None))
+            .unwrap();
     });
     show("instantiate + call (spread, 3 candidates)", &s, None);
 
@@ -150,16 +219,52 @@ fn main() {
             assert_eq!(c.value.len(), 100);
         });
         // The two must agree, or the comparison means nothing.
-        let a: Vec<u32> = mint_spread::Spread::select(&to_native(req), &config).unwrap().iter().map(|c| c.candidate).collect();
-        let b: Vec<u32> = rt_tokio.block_on(policy.select(req, names, None)).unwrap().value.iter().map(|c| c.candidate).collect();
+        let a: Vec<u32> = mint_spread::Spread::select(&to_native(req), &config)
+            .unwrap()
+            .iter()
+            .map(|c| c.candidate)
+            .collect();
+        let b: Vec<u32> = rt_tokio
+            .block_on(policy.select(req, names, None))
+            .unwrap()
+            .value
+            .iter()
+            .map(|c| c.candidate)
+            .collect();
         assert_eq!(a, b, "native and Wasm spread disagree");
-        show(&format!("spread 100 of {n}: native (incl. conversion)"), &native, None);
-        show(&format!("spread 100 of {n}: native (algorithm only)"), &algorithm, None);
-        show(&format!("spread 100 of {n}: wasm (marshal + call + check)"), &wasm, None);
+        show(
+            &format!("spread 100 of {n}: native (incl. conversion)"),
+            &native,
+            None,
+        );
+        show(
+            &format!("spread 100 of {n}: native (algorithm only)"),
+            &algorithm,
+            None,
+        );
+        show(
+            &format!("spread 100 of {n}: wasm (marshal + call + check)"),
+            &wasm,
+            None,
+        );
         let pure = wasm.median.as_secs_f64() / algorithm.median.as_secs_f64();
-        println!("{:<44} {pure:.2}x", format!("  wasm / native algorithm only at {n}"));
+        println!(
+            "{:<44} {pure:.2}x",
+            format!("  wasm / native algorithm only at {n}")
+        );
         let ratio = wasm.median.as_secs_f64() / native.median.as_secs_f64();
-        let target = if n == 10_000 { if ratio <= 3.0 { "  (target <= 3x: met)" } else { "  (target <= 3x: MISSED)" } } else { "" };
-        println!("{:<44} {ratio:.2}x{target}", format!("  wasm / native incl. conversion at {n}"));
+        let target = if n == 10_000 {
+            if ratio <= 3.0 {
+                "  (target <= 3x: met)"
+            } else {
+                "  (target <= 3x: MISSED)"
+            }
+        } else {
+            ""
+        };
+        println!(
+            "{:<44} {ratio:.2}x{target}",
+            format!("  wasm / native incl. conversion at {n}")
+        );
     }
 }

@@ -14,15 +14,18 @@ pub struct Authorization(http::HeaderValue);
 impl Authorization {
     /// HTTP basic authentication for `username` and `password`.
     pub fn basic(username: &str, password: &str) -> Result<Authorization, String> {
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
-        let mut v = http::HeaderValue::from_str(&format!("Basic {token}")).map_err(|_| "not a header value".to_string())?;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+        let mut v = http::HeaderValue::from_str(&format!("Basic {token}"))
+            .map_err(|_| "not a header value".to_string())?;
         v.set_sensitive(true);
         Ok(Authorization(v))
     }
 
     /// A bearer token.
     pub fn bearer(token: &str) -> Result<Authorization, String> {
-        let mut v = http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| "not a header value".to_string())?;
+        let mut v = http::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| "not a header value".to_string())?;
         v.set_sensitive(true);
         Ok(Authorization(v))
     }
@@ -67,7 +70,11 @@ struct Resolver(Option<EngineSecrets>);
 
 impl fmt::Debug for Resolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_some() { "EngineSecrets(<redacted>)" } else { "EngineSecrets(none)" })
+        f.write_str(if self.0.is_some() {
+            "EngineSecrets(<redacted>)"
+        } else {
+            "EngineSecrets(none)"
+        })
     }
 }
 
@@ -121,22 +128,42 @@ impl Credentials {
         for (i, r) in raw.credential.into_iter().enumerate() {
             let here = format!("{source}: credential #{}", i + 1);
             let scope = match (r.node, r.endpoint) {
-                (Some(_), Some(_)) => return Err(format!("{here}: give `node` or `endpoint`, not both")),
-                (Some(n), None) if n.is_empty() => return Err(format!("{here}: field `node` is empty")),
+                (Some(_), Some(_)) => {
+                    return Err(format!("{here}: give `node` or `endpoint`, not both"));
+                }
+                (Some(n), None) if n.is_empty() => {
+                    return Err(format!("{here}: field `node` is empty"));
+                }
                 (Some(n), None) => Scope::Node(n),
-                (None, Some(e)) => Scope::Endpoint(HostPattern::of_url(&e).map_err(|m| format!("{here}: field `endpoint`: {m}"))?),
+                (None, Some(e)) => Scope::Endpoint(
+                    HostPattern::of_url(&e)
+                        .map_err(|m| format!("{here}: field `endpoint`: {m}"))?,
+                ),
                 (None, None) => Scope::Default,
             };
             if r.username.is_empty() || r.username.contains(':') {
-                return Err(format!("{here}: field `username` must be non-empty and without `:`"));
+                return Err(format!(
+                    "{here}: field `username` must be non-empty and without `:`"
+                ));
             }
             if entries.iter().any(|e: &Entry| e.scope == scope) {
-                return Err(format!("{here}: another entry already covers the same {}", describe(&scope)));
+                return Err(format!(
+                    "{here}: another entry already covers the same {}",
+                    describe(&scope)
+                ));
             }
-            let authorization = Authorization::basic(&r.username, &r.password).map_err(|m| format!("{here}: field `password`: {m}"))?;
-            entries.push(Entry { scope, username: r.username, authorization });
+            let authorization = Authorization::basic(&r.username, &r.password)
+                .map_err(|m| format!("{here}: field `password`: {m}"))?;
+            entries.push(Entry {
+                scope,
+                username: r.username,
+                authorization,
+            });
         }
-        Ok(Credentials { entries, engine: Resolver::default() })
+        Ok(Credentials {
+            entries,
+            engine: Resolver::default(),
+        })
     }
 
     /// Keeps the engine's own secrets from `earlier` (which a reloaded secrets file knows
@@ -160,13 +187,19 @@ impl Credentials {
 
     /// Reads and parses a secrets file.
     pub fn read(path: &std::path::Path) -> Result<Credentials, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read credentials file {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read credentials file {}: {e}", path.display()))?;
         Credentials::parse(&path.display().to_string(), &text)
     }
 
     /// The credentials for requests about `node` to `endpoint`.
     pub fn lookup(&self, node: &str, endpoint: &HostPattern) -> Option<&Authorization> {
-        let find = |want: &dyn Fn(&Scope) -> bool| self.entries.iter().find(|e| want(&e.scope)).map(|e| &e.authorization);
+        let find = |want: &dyn Fn(&Scope) -> bool| {
+            self.entries
+                .iter()
+                .find(|e| want(&e.scope))
+                .map(|e| &e.authorization)
+        };
         find(&|s| matches!(s, Scope::Node(n) if n == node))
             .or_else(|| find(&|s| matches!(s, Scope::Endpoint(p) if p == endpoint)))
             .or_else(|| find(&|s| *s == Scope::Default))
@@ -174,7 +207,10 @@ impl Credentials {
 
     /// What the file covers, for the daemon's log: scopes and user names, no passwords.
     pub fn summary(&self) -> Vec<String> {
-        self.entries.iter().map(|e| format!("{} as `{}`", describe(&e.scope), e.username)).collect()
+        self.entries
+            .iter()
+            .map(|e| format!("{} as `{}`", describe(&e.scope), e.username))
+            .collect()
     }
 
     /// Whether the file holds no entry.
@@ -219,25 +255,50 @@ mod tests {
         let b = |u: &str, p: &str| Authorization::basic(u, p).unwrap().header_value();
         assert_eq!(c.lookup("n1", &ep).unwrap().header_value(), b("node", "n"));
         assert_eq!(c.lookup("n2", &ep).unwrap().header_value(), b("ep", "e"));
-        assert_eq!(c.lookup("n2", &other).unwrap().header_value(), b("dflt", "d"));
+        assert_eq!(
+            c.lookup("n2", &other).unwrap().header_value(),
+            b("dflt", "d")
+        );
         assert!(Credentials::default().lookup("n1", &ep).is_none());
     }
 
     #[test]
     fn errors_never_show_passwords() {
         let cases = [
-            ("[[credential]]\nusername = \"a\"\npassword = \"hunter2\"\nnode = \"x\"\nendpoint = \"http://h\"\n", "not both"),
-            ("[[credential]]\nusername = \"a\"\npasword = \"hunter2\"\n", "near line"),
-            ("[[credential]]\nusername = \"\"\npassword = \"hunter2\"\n", "`username`"),
-            ("[[credential]]\nendpoint = \"http://u:hunter2@h\"\nusername = \"a\"\npassword = \"hunter2\"\n", "`endpoint`"),
-            ("[[credential]]\nusername = \"a\"\npassword = \"hunter2\"\n[[credential]]\nusername = \"b\"\npassword = \"hunter2\"\n", "default"),
+            (
+                "[[credential]]\nusername = \"a\"\npassword = \"hunter2\"\nnode = \"x\"\nendpoint = \"http://h\"\n",
+                "not both",
+            ),
+            (
+                "[[credential]]\nusername = \"a\"\npasword = \"hunter2\"\n",
+                "near line",
+            ),
+            (
+                "[[credential]]\nusername = \"\"\npassword = \"hunter2\"\n",
+                "`username`",
+            ),
+            (
+                "[[credential]]\nendpoint = \"http://u:hunter2@h\"\nusername = \"a\"\npassword = \"hunter2\"\n",
+                "`endpoint`",
+            ),
+            (
+                "[[credential]]\nusername = \"a\"\npassword = \"hunter2\"\n[[credential]]\nusername = \"b\"\npassword = \"hunter2\"\n",
+                "default",
+            ),
         ];
         for (text, needle) in cases {
             let e = Credentials::parse("secrets.toml", text).unwrap_err();
-            assert!(e.contains(needle) && e.contains("secrets.toml"), "{needle}: {e}");
+            assert!(
+                e.contains(needle) && e.contains("secrets.toml"),
+                "{needle}: {e}"
+            );
             assert!(!e.contains("hunter2"), "{e}");
         }
-        let c = Credentials::parse("t", "[[credential]]\nusername = \"a\"\npassword = \"hunter2\"\n").unwrap();
+        let c = Credentials::parse(
+            "t",
+            "[[credential]]\nusername = \"a\"\npassword = \"hunter2\"\n",
+        )
+        .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(c.summary(), vec!["default as `a`"]);
     }

@@ -24,7 +24,9 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// The bytes are not WebAssembly at all.
-    #[error("plugin `{plugin}`: {what} is not a WebAssembly component (it does not start with the `\\0asm` magic); build the plugin with `cargo build --release --target wasm32-wasip2`")]
+    #[error(
+        "plugin `{plugin}`: {what} is not a WebAssembly component (it does not start with the `\\0asm` magic); build the plugin with `cargo build --release --target wasm32-wasip2`"
+    )]
     NotWasm {
         /// The plugin's name.
         plugin: String,
@@ -32,7 +34,9 @@ pub enum LoadError {
         what: String,
     },
     /// The bytes are a core module, not a component.
-    #[error("plugin `{plugin}`: {what} is a core WebAssembly module, not a component; build it for the `wasm32-wasip2` target (or wrap it with `wasm-tools component new`)")]
+    #[error(
+        "plugin `{plugin}`: {what} is a core WebAssembly module, not a component; build it for the `wasm32-wasip2` target (or wrap it with `wasm-tools component new`)"
+    )]
     CoreModule {
         /// The plugin's name.
         plugin: String,
@@ -40,7 +44,9 @@ pub enum LoadError {
         what: String,
     },
     /// The component does not export what its kind requires.
-    #[error("plugin `{plugin}`: the manifest says kind `{kind}`, which exports `mint:plugin/{expected}`, but the component exports {found}")]
+    #[error(
+        "plugin `{plugin}`: the manifest says kind `{kind}`, which exports `mint:plugin/{expected}`, but the component exports {found}"
+    )]
     WrongKind {
         /// The plugin's name.
         plugin: String,
@@ -52,7 +58,9 @@ pub enum LoadError {
         found: String,
     },
     /// The component was built against an incompatible `mint:plugin` version.
-    #[error("plugin `{plugin}`: built for mint:plugin@{found}, but this engine speaks mint:plugin@{host}; rebuild the plugin against {host} (same major, and same minor while the major is 0)")]
+    #[error(
+        "plugin `{plugin}`: built for mint:plugin@{found}, but this engine speaks mint:plugin@{host}; rebuild the plugin against {host} (same major, and same minor while the major is 0)"
+    )]
     IncompatibleWit {
         /// The plugin's name.
         plugin: String,
@@ -78,7 +86,9 @@ pub enum LoadError {
         message: String,
     },
     /// The manifest requests outbound hosts the operator did not grant.
-    #[error("plugin `{plugin}` requests outbound access to {host}, which the operator has not granted; grant it (for `mint plugin run`: --allow-host {host}) or remove it from the manifest")]
+    #[error(
+        "plugin `{plugin}` requests outbound access to {host}, which the operator has not granted; grant it (for `mint plugin run`: --allow-host {host}) or remove it from the manifest"
+    )]
     NotGranted {
         /// The plugin's name.
         plugin: String,
@@ -103,7 +113,9 @@ pub enum CallError {
         stderr: String,
     },
     /// The call ran past its time limit.
-    #[error("plugin `{plugin}` did not finish `{call}` within {limit:?} (capabilities.timeout-ms); it was stopped")]
+    #[error(
+        "plugin `{plugin}` did not finish `{call}` within {limit:?} (capabilities.timeout-ms); it was stopped"
+    )]
     Timeout {
         /// The plugin's name.
         plugin: String,
@@ -170,5 +182,9 @@ pub enum CallError {
 
 fn stderr_suffix(stderr: &str) -> String {
     let s = stderr.trim();
-    if s.is_empty() { String::new() } else { format!("; its stderr said: {s}") }
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!("; its stderr said: {s}")
+    }
 }

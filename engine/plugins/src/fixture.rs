@@ -122,8 +122,17 @@ impl Interner {
         intern(&mut self.values, &mut self.value_ix, v)
     }
     /// A label map as references.
-    pub fn labels<'a>(&mut self, labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> Vec<LabelRef> {
-        labels.into_iter().map(|(k, v)| LabelRef { key: self.key(k), value: self.value(v) }).collect()
+    pub fn labels<'a>(
+        &mut self,
+        labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Vec<LabelRef> {
+        labels
+            .into_iter()
+            .map(|(k, v)| LabelRef {
+                key: self.key(k),
+                value: self.value(v),
+            })
+            .collect()
     }
     /// The finished tables (keys, values).
     pub fn into_tables(self) -> (Vec<String>, Vec<String>) {
@@ -155,7 +164,15 @@ pub struct SelectionBuilder {
 
 impl SelectionBuilder {
     /// Adds a free node as the next candidate.
-    pub fn candidate(&mut self, name: &str, cpus: u32, memory_mib: u64, arch: &str, labels: &BTreeMap<String, String>, load: u32) {
+    pub fn candidate(
+        &mut self,
+        name: &str,
+        cpus: u32,
+        memory_mib: u64,
+        arch: &str,
+        labels: &BTreeMap<String, String>,
+        load: u32,
+    ) {
         let start = self.labels.len() as u32;
         let refs = self.interner.labels(labels);
         self.labels.extend(refs);
@@ -178,7 +195,12 @@ impl SelectionBuilder {
     }
 
     /// The finished request for `count` nodes of `tier` meeting `requirements`.
-    pub fn finish(mut self, tier: &str, count: u32, requirements: &RequirementsJson) -> NamedRequest {
+    pub fn finish(
+        mut self,
+        tier: &str,
+        count: u32,
+        requirements: &RequirementsJson,
+    ) -> NamedRequest {
         let requirements = Requirements {
             labels: self.interner.labels(&requirements.labels),
             min_cpus: requirements.min_cpus,
@@ -287,10 +309,21 @@ impl CustomizeFixture {
     /// The WIT instance, its peers and its master; `base` resolves a relative master path.
     pub fn to_wit(&self, base: &Path) -> (Instance, Arc<[Peer]>, Arc<dyn MasterView>) {
         let i = &self.instance;
-        let mut peers: Vec<Peer> =
-            self.peers.iter().map(|p| Peer { index: p.index, hostname: p.hostname.clone(), address: ip(p.address) }).collect();
+        let mut peers: Vec<Peer> = self
+            .peers
+            .iter()
+            .map(|p| Peer {
+                index: p.index,
+                hostname: p.hostname.clone(),
+                address: ip(p.address),
+            })
+            .collect();
         if peers.is_empty() {
-            peers.push(Peer { index: i.index, hostname: i.hostname.clone(), address: ip(i.address) });
+            peers.push(Peer {
+                index: i.index,
+                hostname: i.hostname.clone(),
+                address: ip(i.address),
+            });
         }
         let instance = Instance {
             tier: i.tier.clone(),
@@ -369,16 +402,26 @@ fn tree() -> String {
 impl DriveFixture {
     /// The WIT node and deployment.
     pub fn to_wit(&self) -> (Node, Deployment) {
-        let pairs = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let pairs =
+            |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let n = &self.node;
         let d = &self.deployment;
         (
-            Node { name: n.name.clone(), properties: pairs(&n.properties), labels: pairs(&n.labels) },
+            Node {
+                name: n.name.clone(),
+                properties: pairs(&n.properties),
+                labels: pairs(&n.labels),
+            },
             Deployment {
                 tier: d.tier.clone(),
                 index: d.index,
                 hostname: d.hostname.clone(),
-                artifact: Artifact { url: d.url.clone(), digest: d.digest.clone(), size: d.size, format: d.format.clone() },
+                artifact: Artifact {
+                    url: d.url.clone(),
+                    digest: d.digest.clone(),
+                    size: d.size,
+                    format: d.format.clone(),
+                },
             },
         )
     }

@@ -10,28 +10,32 @@ pub mod bundled;
 pub mod checks;
 pub mod credentials;
 pub mod endpoint_tls;
-mod outbound;
-pub mod fixture;
 mod error;
+pub mod fixture;
 pub mod manifest;
 pub mod master;
+mod outbound;
 pub mod package;
 mod runtime;
 mod state;
 pub mod version;
 
-pub use error::{CallError, LoadError};
-pub use manifest::{Capabilities, HostPattern, Kind, Manifest};
 pub use credentials::Credentials;
 pub use endpoint_tls::{AGENT_PIN, TlsPolicies};
+pub use error::{CallError, LoadError};
+pub use manifest::{Capabilities, HostPattern, Kind, Manifest};
 pub use runtime::{Called, CodeSource, EPOCH_TICK, Grants, Plugin, Runtime, RuntimeOptions, Stats};
 pub use state::{LogLine, MAX_LOG_LINES};
 
 /// The types plugins exchange with the host, by world, re-exported for the engine.
 pub mod types {
-    pub use crate::bindings::customizer::exports::mint::plugin::customizer::{Edit, FileMeta, Instance, MakeDir, Symlink, WriteFile};
+    pub use crate::bindings::customizer::exports::mint::plugin::customizer::{
+        Edit, FileMeta, Instance, MakeDir, Symlink, WriteFile,
+    };
     pub use crate::bindings::customizer::mint::plugin::tier::Peer;
-    pub use crate::bindings::driver::exports::mint::plugin::driver::{Artifact, Deployment, InstanceState, Node, StatusReport};
+    pub use crate::bindings::driver::exports::mint::plugin::driver::{
+        Artifact, Deployment, InstanceState, Node, StatusReport,
+    };
     pub use crate::bindings::policy::exports::mint::plugin::node_policy::{
         Candidate, Choice, LabelRef, Placement, Requirements, SelectionRequest,
     };

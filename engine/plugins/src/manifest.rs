@@ -35,7 +35,9 @@ impl Kind {
     }
     /// The kind that exports `interface`, if any.
     pub fn from_interface(interface: &str) -> Option<Kind> {
-        [Kind::NodePolicy, Kind::Customizer, Kind::Driver].into_iter().find(|k| k.export_interface() == interface)
+        [Kind::NodePolicy, Kind::Customizer, Kind::Driver]
+            .into_iter()
+            .find(|k| k.export_interface() == interface)
     }
     /// The kind's name as manifests spell it.
     pub fn as_str(self) -> &'static str {
@@ -126,10 +128,17 @@ struct RawCapabilities {
 impl Manifest {
     /// Parses and checks a manifest. `source` names it in errors (a path, or `bundled:spread`).
     pub fn parse(source: &str, text: &str) -> Result<Manifest, LoadError> {
-        let bad = |message: String| LoadError::Manifest { source_name: source.to_string(), message };
-        let raw: RawManifest = toml::from_str(text).map_err(|e| bad(e.to_string().trim_end().to_string()))?;
+        let bad = |message: String| LoadError::Manifest {
+            source_name: source.to_string(),
+            message,
+        };
+        let raw: RawManifest =
+            toml::from_str(text).map_err(|e| bad(e.to_string().trim_end().to_string()))?;
         if raw.name.is_empty()
-            || !raw.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            || !raw
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         {
             return Err(bad(format!(
                 "field `name`: `{}` must be non-empty lowercase letters, digits, `-` or `_`",
@@ -147,8 +156,12 @@ impl Manifest {
             }
         };
         let wit = raw.wit.strip_prefix("mint:plugin@").unwrap_or(&raw.wit);
-        let wit = WitVersion::parse(wit)
-            .ok_or_else(|| bad(format!("field `wit`: `{}` is not a version such as `0.1.0`", raw.wit)))?;
+        let wit = WitVersion::parse(wit).ok_or_else(|| {
+            bad(format!(
+                "field `wit`: `{}` is not a version such as `0.1.0`",
+                raw.wit
+            ))
+        })?;
         let caps = raw.capabilities;
         let memory_mib = caps.memory_mib.unwrap_or(64);
         if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
@@ -168,15 +181,27 @@ impl Manifest {
             )));
         }
         if kind != Kind::Driver && !caps.node_endpoints.is_empty() {
-            return Err(bad(format!("field `capabilities.node-endpoints`: only drivers reach nodes, and this plugin is a {kind}")));
+            return Err(bad(format!(
+                "field `capabilities.node-endpoints`: only drivers reach nodes, and this plugin is a {kind}"
+            )));
         }
-        if let Some(bad_name) = caps.node_endpoints.iter().find(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')) {
-            return Err(bad(format!("field `capabilities.node-endpoints`: `{bad_name}` is not a node property name")));
+        if let Some(bad_name) = caps.node_endpoints.iter().find(|p| {
+            p.is_empty()
+                || !p
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        }) {
+            return Err(bad(format!(
+                "field `capabilities.node-endpoints`: `{bad_name}` is not a node property name"
+            )));
         }
         let outbound_hosts = caps
             .allowed_outbound_hosts
             .iter()
-            .map(|h| HostPattern::parse(h).map_err(|m| bad(format!("field `capabilities.allowed-outbound-hosts`: {m}"))))
+            .map(|h| {
+                HostPattern::parse(h)
+                    .map_err(|m| bad(format!("field `capabilities.allowed-outbound-hosts`: {m}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let config = match raw.config {
             None => serde_json::Map::new(),
@@ -192,7 +217,12 @@ impl Manifest {
             wit,
             description: raw.description,
             vendor: raw.vendor,
-            capabilities: Capabilities { memory_mib, timeout_ms, outbound_hosts, node_endpoints: caps.node_endpoints },
+            capabilities: Capabilities {
+                memory_mib,
+                timeout_ms,
+                outbound_hosts,
+                node_endpoints: caps.node_endpoints,
+            },
             config,
         })
     }
@@ -218,22 +248,35 @@ impl HostPattern {
             return Err(format!("`{text}`: scheme must be http or https"));
         }
         if rest.contains('/') || rest.is_empty() {
-            return Err(format!("`{text}`: give only scheme, host and port, without a path"));
+            return Err(format!(
+                "`{text}`: give only scheme, host and port, without a path"
+            ));
         }
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => {
                 let port = match p {
                     "*" => None,
-                    p => Some(p.parse::<u16>().map_err(|_| format!("`{text}`: port `{p}` is not a number or `*`"))?),
+                    p => Some(
+                        p.parse::<u16>()
+                            .map_err(|_| format!("`{text}`: port `{p}` is not a number or `*`"))?,
+                    ),
                 };
                 (h, port)
             }
             _ => (rest, Some(if scheme == "https" { 443 } else { 80 })),
         };
-        if host.is_empty() || host.contains('*') && !(host.starts_with("*.") && !host[2..].contains('*')) {
-            return Err(format!("`{text}`: host must be a name, an address or `*.domain`"));
+        if host.is_empty()
+            || host.contains('*') && !(host.starts_with("*.") && !host[2..].contains('*'))
+        {
+            return Err(format!(
+                "`{text}`: host must be a name, an address or `*.domain`"
+            ));
         }
-        Ok(HostPattern { scheme: scheme.into(), host: host.to_ascii_lowercase(), port })
+        Ok(HostPattern {
+            scheme: scheme.into(),
+            host: host.to_ascii_lowercase(),
+            port,
+        })
     }
 
     /// Whether a request to `scheme://host:port` matches.
@@ -251,7 +294,9 @@ impl HostPattern {
     /// The one destination a URL names (`http://198.18.1.2:7601/v1` → that scheme, host and
     /// port), for granting a node's own management endpoint.
     pub fn of_url(url: &str) -> Result<HostPattern, String> {
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| format!("`{url}` is not a URL"))?;
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("`{url}` is not a URL"))?;
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
         if let Some((_, host)) = authority.rsplit_once('@') {
             // Not echoed: the part before `@` is a secret.
@@ -304,8 +349,14 @@ mod tests {
             (GOOD.replace("node-policy", "scheduler"), "field `kind`"),
             (GOOD.replace("mint:plugin@0.1.0", "latest"), "field `wit`"),
             (GOOD.replace("\"spread\"", "\"Spread!\""), "field `name`"),
-            (format!("{GOOD}\n[capabilities]\nmemory-mib = 100000"), "memory-mib"),
-            (format!("{GOOD}\n[capabilities]\nallowed-outbound-hosts = [\"http://x\"]"), "only drivers"),
+            (
+                format!("{GOOD}\n[capabilities]\nmemory-mib = 100000"),
+                "memory-mib",
+            ),
+            (
+                format!("{GOOD}\n[capabilities]\nallowed-outbound-hosts = [\"http://x\"]"),
+                "only drivers",
+            ),
             (GOOD.replace("version", "verison"), "verison"),
         ];
         for (text, needle) in cases {
@@ -324,7 +375,11 @@ mod tests {
         assert!(w.matches("https", "r1.bmc.example", 443));
         assert!(!w.matches("https", "bmc.example", 443));
         assert!(!w.matches("https", "evilbmc.example", 443));
-        assert!(HostPattern::parse("http://127.0.0.1:*").unwrap().matches("http", "127.0.0.1", 1));
+        assert!(
+            HostPattern::parse("http://127.0.0.1:*")
+                .unwrap()
+                .matches("http", "127.0.0.1", 1)
+        );
         assert!(HostPattern::parse("127.0.0.1").is_err());
         assert!(HostPattern::parse("http://a/b").is_err());
         assert!(HostPattern::parse("http://a*b").is_err());

@@ -54,7 +54,10 @@ fn components(path: &str) -> Result<Vec<&str>, FsError> {
     if path.contains('\0') {
         return Err(FsError::InvalidPath("the path holds a NUL byte".into()));
     }
-    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
     if parts.contains(&"..") {
         return Err(FsError::InvalidPath(format!("`{path}` holds `..`")));
     }
@@ -75,8 +78,16 @@ pub enum Lookup {
 /// following symlinks the way the instance will once booted: an absolute target re-roots
 /// at the image and `..` never climbs above its `/`. `lstat` says what a real path (as
 /// components) is. `None` when some part of the path does not exist.
-pub fn resolve_in(path: &str, follow_final: bool, lstat: impl Fn(&[String]) -> Result<Lookup, FsError>) -> Result<Option<Vec<String>>, FsError> {
-    let mut pending: Vec<String> = components(path)?.into_iter().rev().map(str::to_string).collect();
+pub fn resolve_in(
+    path: &str,
+    follow_final: bool,
+    lstat: impl Fn(&[String]) -> Result<Lookup, FsError>,
+) -> Result<Option<Vec<String>>, FsError> {
+    let mut pending: Vec<String> = components(path)?
+        .into_iter()
+        .rev()
+        .map(str::to_string)
+        .collect();
     let mut resolved: Vec<String> = Vec::new();
     let mut hops = 0;
     while let Some(part) = pending.pop() {
@@ -94,7 +105,9 @@ pub fn resolve_in(path: &str, follow_final: bool, lstat: impl Fn(&[String]) -> R
             Lookup::Link(target) if !last || follow_final => {
                 hops += 1;
                 if hops > 40 {
-                    return Err(FsError::InvalidPath(format!("`{path}`: too many levels of symbolic links")));
+                    return Err(FsError::InvalidPath(format!(
+                        "`{path}`: too many levels of symbolic links"
+                    )));
                 }
                 resolved.pop();
                 if target.starts_with('/') {
@@ -137,7 +150,12 @@ impl DirMaster {
         let found = resolve_in(path, follow_final, |parts| {
             let candidate = self.host_path(parts);
             match std::fs::symlink_metadata(&candidate) {
-                Ok(m) if m.file_type().is_symlink() => Ok(Lookup::Link(std::fs::read_link(&candidate).map_err(io)?.to_string_lossy().into_owned())),
+                Ok(m) if m.file_type().is_symlink() => Ok(Lookup::Link(
+                    std::fs::read_link(&candidate)
+                        .map_err(io)?
+                        .to_string_lossy()
+                        .into_owned(),
+                )),
                 Ok(_) => Ok(Lookup::Other),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lookup::Absent),
                 Err(e) if e.raw_os_error() == Some(20) => Ok(Lookup::Absent), // ENOTDIR
@@ -156,22 +174,34 @@ impl DirMaster {
 
 impl MasterView for DirMaster {
     fn stat(&self, path: &str) -> Result<Option<FileStat>, FsError> {
-        let Some(p) = self.resolve(path, false)? else { return Ok(None) };
+        let Some(p) = self.resolve(path, false)? else {
+            return Ok(None);
+        };
         match std::fs::symlink_metadata(&p) {
-            Ok(m) => Ok(Some(FileStat { kind: kind_of(&m), size: m.len(), mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid() })),
+            Ok(m) => Ok(Some(FileStat {
+                kind: kind_of(&m),
+                size: m.len(),
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+            })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(e)),
         }
     }
 
     fn read_file(&self, path: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, FsError> {
-        let Some(p) = self.resolve(path, true)? else { return Ok(None) };
+        let Some(p) = self.resolve(path, true)? else {
+            return Ok(None);
+        };
         let m = std::fs::metadata(&p).map_err(io)?;
         if m.is_dir() {
             return Err(FsError::WrongKind(format!("`{path}` is a directory")));
         }
         if !m.is_file() {
-            return Err(FsError::WrongKind(format!("`{path}` is not a regular file")));
+            return Err(FsError::WrongKind(format!(
+                "`{path}` is not a regular file"
+            )));
         }
         let cap = max_bytes.min(MAX_READ_BYTES);
         if m.len() > cap {
@@ -181,7 +211,9 @@ impl MasterView for DirMaster {
     }
 
     fn list_dir(&self, path: &str) -> Result<Option<Vec<DirEntry>>, FsError> {
-        let Some(p) = self.resolve(path, true)? else { return Ok(None) };
+        let Some(p) = self.resolve(path, true)? else {
+            return Ok(None);
+        };
         if !p.is_dir() {
             return Err(FsError::WrongKind(format!("`{path}` is not a directory")));
         }
@@ -189,14 +221,19 @@ impl MasterView for DirMaster {
         for e in std::fs::read_dir(&p).map_err(io)? {
             let e = e.map_err(io)?;
             let m = e.metadata().map_err(io)?;
-            entries.push(DirEntry { name: e.file_name().to_string_lossy().into_owned(), kind: kind_of(&m) });
+            entries.push(DirEntry {
+                name: e.file_name().to_string_lossy().into_owned(),
+                kind: kind_of(&m),
+            });
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Some(entries))
     }
 
     fn read_link(&self, path: &str) -> Result<Option<String>, FsError> {
-        let Some(p) = self.resolve(path, false)? else { return Ok(None) };
+        let Some(p) = self.resolve(path, false)? else {
+            return Ok(None);
+        };
         match std::fs::read_link(&p) {
             Ok(t) => Ok(Some(t.to_string_lossy().into_owned())),
             Err(_) => Ok(None),
@@ -233,11 +270,29 @@ mod tests {
         assert_eq!(m.read_file("/etc/escape", 100).unwrap(), None);
         assert_eq!(m.stat("/abs").unwrap().unwrap().kind, FileKind::Symlink);
         assert_eq!(m.read_link("/abs").unwrap().unwrap(), "/etc/hostname");
-        assert!(matches!(m.read_file("/etc/hostname", 3), Err(FsError::TooLarge(7))));
-        assert!(matches!(m.read_file("etc/hostname", 100), Err(FsError::InvalidPath(_))));
-        assert!(matches!(m.read_file("/etc/../etc/hostname", 100), Err(FsError::InvalidPath(_))));
-        assert!(matches!(m.read_file("/etc", 100), Err(FsError::WrongKind(_))));
-        let names: Vec<_> = m.list_dir("/etc").unwrap().unwrap().into_iter().map(|e| e.name).collect();
+        assert!(matches!(
+            m.read_file("/etc/hostname", 3),
+            Err(FsError::TooLarge(7))
+        ));
+        assert!(matches!(
+            m.read_file("etc/hostname", 100),
+            Err(FsError::InvalidPath(_))
+        ));
+        assert!(matches!(
+            m.read_file("/etc/../etc/hostname", 100),
+            Err(FsError::InvalidPath(_))
+        ));
+        assert!(matches!(
+            m.read_file("/etc", 100),
+            Err(FsError::WrongKind(_))
+        ));
+        let names: Vec<_> = m
+            .list_dir("/etc")
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
         assert_eq!(names, ["escape", "hostname", "rel"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }

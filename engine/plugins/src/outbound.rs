@@ -16,7 +16,10 @@ use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One response, and the future that drives its connection to the end.
-pub(crate) type Sent = (http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>);
+pub(crate) type Sent = (
+    http::Response<WasiBody>,
+    Box<dyn Future<Output = Result<(), Error>> + Send>,
+);
 
 /// Sends `request` over a new connection: plain for `http`, TLS under `trust` for `https`
 /// (whose handshake records the key the server presented in `presented`).
@@ -28,20 +31,38 @@ pub(crate) async fn send(
 ) -> Result<Sent, Error> {
     let uri = request.uri().clone();
     let tls = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-    let host = uri.host().ok_or(Error::HttpRequestUriInvalid)?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = uri
+        .host()
+        .ok_or(Error::HttpRequestUriInvalid)?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let connect_timeout = options.and_then(|o| o.connect_timeout).unwrap_or(DEFAULT_TIMEOUT);
-    let first_byte = options.and_then(|o| o.first_byte_timeout).unwrap_or(DEFAULT_TIMEOUT);
-    let between_bytes = options.and_then(|o| o.between_bytes_timeout).unwrap_or(DEFAULT_TIMEOUT).max(Duration::from_nanos(1));
+    let connect_timeout = options
+        .and_then(|o| o.connect_timeout)
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let first_byte = options
+        .and_then(|o| o.first_byte_timeout)
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let between_bytes = options
+        .and_then(|o| o.between_bytes_timeout)
+        .unwrap_or(DEFAULT_TIMEOUT)
+        .max(Duration::from_nanos(1));
 
-    let tcp = match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+    let tcp = match tokio::time::timeout(
+        connect_timeout,
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    {
         Ok(s) => s.map_err(Error::Connect)?,
         Err(_) => return Err(Error::ConnectionTimeout),
     };
     let io: Box<dyn Io> = if tls {
         let name = match host.parse::<std::net::IpAddr>() {
             Ok(ip) => rustls::pki_types::ServerName::from(ip),
-            Err(_) => rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| Error::HttpRequestUriInvalid)?,
+            Err(_) => rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| Error::HttpRequestUriInvalid)?,
         };
         let (config, seen) = trust.watched();
         *presented = Some(seen);
@@ -53,12 +74,22 @@ pub(crate) async fn send(
     } else {
         Box::new(tcp)
     };
-    let (mut sender, conn) = tokio::time::timeout(connect_timeout, hyper::client::conn::http1::handshake(wasmtime_wasi_http::io::TokioIo::new(io)))
-        .await
-        .map_err(|_| Error::ConnectionTimeout)??;
+    let (mut sender, conn) = tokio::time::timeout(
+        connect_timeout,
+        hyper::client::conn::http1::handshake(wasmtime_wasi_http::io::TokioIo::new(io)),
+    )
+    .await
+    .map_err(|_| Error::ConnectionTimeout)??;
     // The request line carries the path only; scheme and authority are for proxies.
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    *request.uri_mut() = http::Uri::builder().path_and_query(path).build().map_err(|_| Error::HttpRequestUriInvalid)?;
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    *request.uri_mut() = http::Uri::builder()
+        .path_and_query(path)
+        .build()
+        .map_err(|_| Error::HttpRequestUriInvalid)?;
     if !request.headers().contains_key(http::header::HOST)
         && let Some(a) = uri.authority()
         && let Ok(v) = http::HeaderValue::from_str(a.as_str())
@@ -71,8 +102,17 @@ pub(crate) async fn send(
     tokio::spawn(async move {
         let _ = done_tx.send(conn.await);
     });
-    let response = tokio::time::timeout(first_byte, sender.send_request(request)).await.map_err(|_| Error::ConnectionReadTimeout)??;
-    let response = response.map(|incoming| Timed { incoming, timer: Box::pin(tokio::time::sleep(between_bytes)), every: between_bytes }.boxed_unsync());
+    let response = tokio::time::timeout(first_byte, sender.send_request(request))
+        .await
+        .map_err(|_| Error::ConnectionReadTimeout)??;
+    let response = response.map(|incoming| {
+        Timed {
+            incoming,
+            timer: Box::pin(tokio::time::sleep(between_bytes)),
+            every: between_bytes,
+        }
+        .boxed_unsync()
+    });
     let io = Box::new(async move {
         match done_rx.await {
             Ok(Ok(())) | Err(_) => Ok(()),
@@ -97,14 +137,21 @@ impl http_body::Body for Timed {
     type Data = Bytes;
     type Error = Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Error>>> {
         match Pin::new(&mut self.incoming).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let next = tokio::time::Instant::now() + self.every;
                 self.timer.as_mut().reset(next);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(if e.is_timeout() { Error::HttpResponseTimeout } else { Error::from(e) }))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(if e.is_timeout() {
+                Error::HttpResponseTimeout
+            } else {
+                Error::from(e)
+            }))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match self.timer.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(Error::ConnectionReadTimeout))),

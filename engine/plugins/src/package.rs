@@ -22,13 +22,17 @@ pub enum PackageError {
     #[error("not a mint plugin package: {0}")]
     Malformed(String),
     /// No signature, and the operator did not allow unsigned packages.
-    #[error("the package is not signed; have its vendor sign it (`minisign -Sm FILE`) and install it with its .minisig, or set `allow-unsigned = true` under [plugins] in the daemon's configuration")]
+    #[error(
+        "the package is not signed; have its vendor sign it (`minisign -Sm FILE`) and install it with its .minisig, or set `allow-unsigned = true` under [plugins] in the daemon's configuration"
+    )]
     Unsigned,
     /// The signature text does not decode.
     #[error("the signature is not a minisign signature: {0}")]
     BadSignature(String),
     /// No trusted key has the signature's key ID.
-    #[error("the package is signed with key {key_id}, which is not among the trusted keys (trusted: {trusted}); add the vendor's public key under [plugins.trusted-keys] in the daemon's configuration")]
+    #[error(
+        "the package is signed with key {key_id}, which is not among the trusted keys (trusted: {trusted}); add the vendor's public key under [plugins.trusted-keys] in the daemon's configuration"
+    )]
     UntrustedKey {
         /// The signature's key ID.
         key_id: String,
@@ -36,7 +40,9 @@ pub enum PackageError {
         trusted: String,
     },
     /// A trusted key's signature does not verify over these bytes.
-    #[error("the signature by {vendor}'s key {key_id} does not match the package's bytes: the package was changed after it was signed, or the signature belongs to another file")]
+    #[error(
+        "the signature by {vendor}'s key {key_id} does not match the package's bytes: the package was changed after it was signed, or the signature belongs to another file"
+    )]
     Mismatch {
         /// The vendor whose key made the signature.
         vendor: String,
@@ -44,7 +50,9 @@ pub enum PackageError {
         key_id: String,
     },
     /// The manifest names another vendor than the key's.
-    #[error("the manifest says `vendor = \"{claimed}\"` but the package is signed with a key of vendor `{signer}`")]
+    #[error(
+        "the manifest says `vendor = \"{claimed}\"` but the package is signed with a key of vendor `{signer}`"
+    )]
     WrongVendor {
         /// What the manifest says.
         claimed: String,
@@ -100,7 +108,10 @@ pub struct Trust {
 
 impl std::fmt::Debug for Trust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Trust").field("keys", &self.describe()).field("allow_unsigned", &self.allow_unsigned).finish()
+        f.debug_struct("Trust")
+            .field("keys", &self.describe())
+            .field("allow_unsigned", &self.allow_unsigned)
+            .finish()
     }
 }
 
@@ -114,51 +125,102 @@ fn key_id(blob: &[u8]) -> Option<String> {
 impl Trust {
     /// Trust from vendor → public keys (the base64 line of a `minisign.pub`, or the whole
     /// file's text). Errors name the vendor and the key.
-    pub fn new(vendors: &BTreeMap<String, Vec<String>>, allow_unsigned: bool) -> Result<Trust, String> {
+    pub fn new(
+        vendors: &BTreeMap<String, Vec<String>>,
+        allow_unsigned: bool,
+    ) -> Result<Trust, String> {
         let mut keys = Vec::new();
         for (vendor, list) in vendors {
-            if vendor.is_empty() || !vendor.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-                return Err(format!("plugins.trusted-keys: vendor `{vendor}` must be letters, digits, `-`, `_` or `.`"));
+            if vendor.is_empty()
+                || !vendor
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            {
+                return Err(format!(
+                    "plugins.trusted-keys: vendor `{vendor}` must be letters, digits, `-`, `_` or `.`"
+                ));
             }
             for text in list {
-                let line = text.lines().map(str::trim).rfind(|l| !l.is_empty() && !l.starts_with("untrusted comment:")).unwrap_or("");
-                let bad = || format!("plugins.trusted-keys.{vendor}: `{line}` is not a minisign public key (the second line of the vendor's minisign.pub)");
+                let line = text
+                    .lines()
+                    .map(str::trim)
+                    .rfind(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
+                    .unwrap_or("");
+                let bad = || {
+                    format!(
+                        "plugins.trusted-keys.{vendor}: `{line}` is not a minisign public key (the second line of the vendor's minisign.pub)"
+                    )
+                };
                 let key = minisign_verify::PublicKey::from_base64(line).map_err(|_| bad())?;
-                let blob = base64::engine::general_purpose::STANDARD.decode(line).map_err(|_| bad())?;
-                keys.push(TrustedKey { vendor: vendor.clone(), key_id: key_id(&blob).ok_or_else(bad)?, key });
+                let blob = base64::engine::general_purpose::STANDARD
+                    .decode(line)
+                    .map_err(|_| bad())?;
+                keys.push(TrustedKey {
+                    vendor: vendor.clone(),
+                    key_id: key_id(&blob).ok_or_else(bad)?,
+                    key,
+                });
             }
         }
-        Ok(Trust { keys, allow_unsigned })
+        Ok(Trust {
+            keys,
+            allow_unsigned,
+        })
     }
 
     /// The trusted keys as `vendor:KEYID`.
     pub fn describe(&self) -> Vec<String> {
-        self.keys.iter().map(|k| format!("{}:{}", k.vendor, k.key_id)).collect()
+        self.keys
+            .iter()
+            .map(|k| format!("{}:{}", k.vendor, k.key_id))
+            .collect()
     }
 
     /// Who signed `package`, checked against the trusted keys.
     pub fn verify(&self, package: &[u8], signature: Option<&str>) -> Result<Signer, PackageError> {
         let Some(text) = signature.map(str::trim).filter(|s| !s.is_empty()) else {
-            return if self.allow_unsigned { Ok(Signer::Unsigned) } else { Err(PackageError::Unsigned) };
+            return if self.allow_unsigned {
+                Ok(Signer::Unsigned)
+            } else {
+                Err(PackageError::Unsigned)
+            };
         };
-        let sig = minisign_verify::Signature::decode(text).map_err(|e| PackageError::BadSignature(e.to_string()))?;
+        let sig = minisign_verify::Signature::decode(text)
+            .map_err(|e| PackageError::BadSignature(e.to_string()))?;
         let blob = text
             .lines()
             .nth(1)
-            .and_then(|l| base64::engine::general_purpose::STANDARD.decode(l.trim()).ok())
+            .and_then(|l| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(l.trim())
+                    .ok()
+            })
             .and_then(|b| key_id(&b))
-            .ok_or_else(|| PackageError::BadSignature("its second line is not a signature".into()))?;
+            .ok_or_else(|| {
+                PackageError::BadSignature("its second line is not a signature".into())
+            })?;
         let Some(k) = self.keys.iter().find(|k| k.key_id == blob) else {
             let trusted = self.describe();
             return Err(PackageError::UntrustedKey {
                 key_id: blob,
-                trusted: if trusted.is_empty() { "none".into() } else { trusted.join(", ") },
+                trusted: if trusted.is_empty() {
+                    "none".into()
+                } else {
+                    trusted.join(", ")
+                },
             });
         };
         k.key
             .verify(package, &sig, false)
-            .map_err(|_| PackageError::Mismatch { vendor: k.vendor.clone(), key_id: k.key_id.clone() })?;
-        Ok(Signer::Vendor { vendor: k.vendor.clone(), key_id: k.key_id.clone(), comment: sig.trusted_comment().to_string() })
+            .map_err(|_| PackageError::Mismatch {
+                vendor: k.vendor.clone(),
+                key_id: k.key_id.clone(),
+            })?;
+        Ok(Signer::Vendor {
+            vendor: k.vendor.clone(),
+            key_id: k.key_id.clone(),
+            comment: sig.trusted_comment().to_string(),
+        })
     }
 }
 
@@ -177,32 +239,52 @@ impl Package {
     pub fn read(bytes: &[u8]) -> Result<Package, PackageError> {
         let bad = |m: String| PackageError::Malformed(m);
         if bytes.len() as u64 > MAX_PACKAGE_BYTES {
-            return Err(bad(format!("{} bytes exceeds the limit of {MAX_PACKAGE_BYTES}", bytes.len())));
+            return Err(bad(format!(
+                "{} bytes exceeds the limit of {MAX_PACKAGE_BYTES}",
+                bytes.len()
+            )));
         }
         if bytes.starts_with(b"\0asm") {
             return Err(bad("this is a bare WebAssembly component; a package holds it with its manifest (`mint plugin pack --manifest plugin.toml --wasm FILE -o PACKAGE`)".into()));
         }
         let mut archive = tar::Archive::new(bytes);
         let (mut manifest, mut wasm) = (None, None);
-        for entry in archive.entries().map_err(|e| bad(format!("not a tar archive: {e}")))? {
+        for entry in archive
+            .entries()
+            .map_err(|e| bad(format!("not a tar archive: {e}")))?
+        {
             let mut entry = entry.map_err(|e| bad(format!("a damaged tar entry: {e}")))?;
-            let path = entry.path().map_err(|e| bad(e.to_string()))?.to_string_lossy().trim_start_matches("./").to_string();
+            let path = entry
+                .path()
+                .map_err(|e| bad(e.to_string()))?
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .to_string();
             if !entry.header().entry_type().is_file() {
-                return Err(bad(format!("`{path}` is not a regular file; a package holds only plugin.toml and plugin.wasm")));
+                return Err(bad(format!(
+                    "`{path}` is not a regular file; a package holds only plugin.toml and plugin.wasm"
+                )));
             }
             let mut data = Vec::new();
-            entry.read_to_end(&mut data).map_err(|e| bad(format!("`{path}`: {e}")))?;
+            entry
+                .read_to_end(&mut data)
+                .map_err(|e| bad(format!("`{path}`: {e}")))?;
             let slot = match path.as_str() {
                 "plugin.toml" => &mut manifest,
                 "plugin.wasm" => &mut wasm,
-                other => return Err(bad(format!("unexpected file `{other}`; a package holds only plugin.toml and plugin.wasm"))),
+                other => {
+                    return Err(bad(format!(
+                        "unexpected file `{other}`; a package holds only plugin.toml and plugin.wasm"
+                    )));
+                }
             };
             if slot.replace(data).is_some() {
                 return Err(bad(format!("`{path}` appears twice")));
             }
         }
         let manifest = manifest.ok_or_else(|| bad("it has no plugin.toml".into()))?;
-        let manifest = String::from_utf8(manifest).map_err(|_| bad("plugin.toml is not UTF-8 text".into()))?;
+        let manifest =
+            String::from_utf8(manifest).map_err(|_| bad("plugin.toml is not UTF-8 text".into()))?;
         let wasm = wasm.ok_or_else(|| bad("it has no plugin.wasm".into()))?;
         Ok(Package { manifest, wasm })
     }
@@ -211,7 +293,10 @@ impl Package {
     /// make the same bytes (and the same signature verifies a rebuilt package).
     pub fn write(&self) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
-        for (name, data) in [("plugin.toml", self.manifest.as_bytes()), ("plugin.wasm", self.wasm.as_slice())] {
+        for (name, data) in [
+            ("plugin.toml", self.manifest.as_bytes()),
+            ("plugin.wasm", self.wasm.as_slice()),
+        ] {
             let mut header = tar::Header::new_ustar();
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
@@ -230,19 +315,37 @@ mod tests {
 
     #[test]
     fn packages_round_trip_and_refuse_strays() {
-        let p = Package { manifest: "name = \"x\"".into(), wasm: b"\0asm".to_vec() };
+        let p = Package {
+            manifest: "name = \"x\"".into(),
+            wasm: b"\0asm".to_vec(),
+        };
         let bytes = p.write();
         assert_eq!(bytes, p.write(), "the same inputs make the same bytes");
         let back = Package::read(&bytes).unwrap();
-        assert_eq!((back.manifest.as_str(), back.wasm.as_slice()), ("name = \"x\"", &b"\0asm"[..]));
+        assert_eq!(
+            (back.manifest.as_str(), back.wasm.as_slice()),
+            ("name = \"x\"", &b"\0asm"[..])
+        );
         let mut extra = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_ustar();
         h.set_size(1);
         extra.append_data(&mut h, "evil.sh", &b"x"[..]).unwrap();
-        let e = Package::read(&extra.into_inner().unwrap()).unwrap_err().to_string();
+        let e = Package::read(&extra.into_inner().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("evil.sh"), "{e}");
-        assert!(Package::read(b"garbage").unwrap_err().to_string().contains("not a mint plugin package"));
-        assert!(Package::read(b"\0asm\x0d\0\x01\0").unwrap_err().to_string().contains("mint plugin pack"));
+        assert!(
+            Package::read(b"garbage")
+                .unwrap_err()
+                .to_string()
+                .contains("not a mint plugin package")
+        );
+        assert!(
+            Package::read(b"\0asm\x0d\0\x01\0")
+                .unwrap_err()
+                .to_string()
+                .contains("mint plugin pack")
+        );
     }
 
     #[test]
@@ -256,11 +359,21 @@ mod tests {
     #[test]
     fn unsigned_needs_the_operators_permission() {
         let strict = Trust::new(&BTreeMap::new(), false).unwrap();
-        assert!(matches!(strict.verify(b"x", None), Err(PackageError::Unsigned)));
+        assert!(matches!(
+            strict.verify(b"x", None),
+            Err(PackageError::Unsigned)
+        ));
         let lax = Trust::new(&BTreeMap::new(), true).unwrap();
         assert_eq!(lax.verify(b"x", None).unwrap(), Signer::Unsigned);
-        assert!(matches!(strict.verify(b"x", Some("nonsense")), Err(PackageError::BadSignature(_))));
+        assert!(matches!(
+            strict.verify(b"x", Some("nonsense")),
+            Err(PackageError::BadSignature(_))
+        ));
         let bad_key = BTreeMap::from([("acme".to_string(), vec!["RWQnotakey".to_string()])]);
-        assert!(Trust::new(&bad_key, false).unwrap_err().contains("plugins.trusted-keys.acme"));
+        assert!(
+            Trust::new(&bad_key, false)
+                .unwrap_err()
+                .contains("plugins.trusted-keys.acme")
+        );
     }
 }

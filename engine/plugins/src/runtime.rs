@@ -8,6 +8,7 @@ use crate::bindings::driver::exports::mint::plugin::driver::{Deployment, Node, S
 use crate::bindings::policy::exports::mint::plugin::node_policy::{Choice, SelectionRequest};
 use crate::bindings::{self, ErrorKind, PluginError};
 use crate::checks;
+use crate::credentials::Credentials;
 use crate::error::{CallError, LoadError};
 use crate::manifest::{HostPattern, Kind, Manifest};
 use crate::master::MasterView;
@@ -16,7 +17,6 @@ use crate::version::{HOST_WIT, WitVersion};
 use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use crate::credentials::Credentials;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -37,7 +37,10 @@ pub struct RuntimeOptions {
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        Self { cache_dir: None, max_instances: 256 }
+        Self {
+            cache_dir: None,
+            max_instances: 256,
+        }
     }
 }
 
@@ -165,20 +168,32 @@ impl Runtime {
             .table_keep_resident(64 << 10)
             .async_stack_keep_resident(128 << 10);
         let mut config = Config::new();
-        config.epoch_interruption(true).allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        config
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(host_error)?;
 
         let mut policy_linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut policy_linker).map_err(host_error)?;
         let mut customizer_linker = policy_linker.clone();
         let mut driver_linker = policy_linker.clone();
-        bindings::policy::NodePolicyPlugin::add_to_linker::<_, HasSelf<CallState>>(&mut policy_linker, |s| s)
+        bindings::policy::NodePolicyPlugin::add_to_linker::<_, HasSelf<CallState>>(
+            &mut policy_linker,
+            |s| s,
+        )
+        .map_err(host_error)?;
+        bindings::customizer::CustomizerPlugin::add_to_linker::<_, HasSelf<CallState>>(
+            &mut customizer_linker,
+            |s| s,
+        )
+        .map_err(host_error)?;
+        bindings::driver::DriverPlugin::add_to_linker::<_, HasSelf<CallState>>(
+            &mut driver_linker,
+            |s| s,
+        )
+        .map_err(host_error)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut driver_linker)
             .map_err(host_error)?;
-        bindings::customizer::CustomizerPlugin::add_to_linker::<_, HasSelf<CallState>>(&mut customizer_linker, |s| s)
-            .map_err(host_error)?;
-        bindings::driver::DriverPlugin::add_to_linker::<_, HasSelf<CallState>>(&mut driver_linker, |s| s)
-            .map_err(host_error)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut driver_linker).map_err(host_error)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (ticker_engine, stop) = (engine.clone(), stop_ticker.clone());
@@ -192,7 +207,8 @@ impl Runtime {
             })
             .map_err(host_error)?;
         if let Some(dir) = &options.cache_dir {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
         }
         Ok(Runtime {
             engine,
@@ -212,7 +228,10 @@ impl Runtime {
     pub fn set_engine_pin(&self, pin: Option<mint_tls::Pin>) {
         let trust = pin.and_then(|p| {
             let t = mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(p)).ok()?;
-            Some(crate::endpoint_tls::EndpointTrust { trust: Arc::new(t), from: "the engine's own certificate".into() })
+            Some(crate::endpoint_tls::EndpointTrust {
+                trust: Arc::new(t),
+                from: "the engine's own certificate".into(),
+            })
         });
         *self.engine_tls.write().unwrap_or_else(|p| p.into_inner()) = trust;
     }
@@ -240,7 +259,12 @@ impl Runtime {
     /// Loads a plugin from a `.wasm` file and the manifest beside it (`x.wasm` → `x.toml`).
     pub fn load_file(&self, wasm: &Path, grants: &Grants) -> Result<Plugin, LoadError> {
         let manifest_path = wasm.with_extension("toml");
-        let read = |p: &Path| std::fs::read(p).map_err(|source| LoadError::Io { path: p.display().to_string(), source });
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| LoadError::Io {
+                path: p.display().to_string(),
+                source,
+            })
+        };
         let text = read(&manifest_path)?;
         let text = String::from_utf8(text).map_err(|_| LoadError::Manifest {
             source_name: manifest_path.display().to_string(),
@@ -252,21 +276,40 @@ impl Runtime {
     }
 
     /// Loads a plugin from its manifest and component bytes; `what` names the bytes in errors.
-    pub fn load(&self, manifest: Manifest, bytes: &[u8], what: &str, grants: &Grants) -> Result<Plugin, LoadError> {
+    pub fn load(
+        &self,
+        manifest: Manifest,
+        bytes: &[u8],
+        what: &str,
+        grants: &Grants,
+    ) -> Result<Plugin, LoadError> {
         let plugin = manifest.name.clone();
         if !bytes.starts_with(b"\0asm") || bytes.len() < 8 {
-            return Err(LoadError::NotWasm { plugin, what: what.into() });
+            return Err(LoadError::NotWasm {
+                plugin,
+                what: what.into(),
+            });
         }
         // Bytes 4..8 are the version and layer: 1.0 for core modules, layer 1 for components.
         if bytes[4..8] == [1, 0, 0, 0] {
-            return Err(LoadError::CoreModule { plugin, what: what.into() });
+            return Err(LoadError::CoreModule {
+                plugin,
+                what: what.into(),
+            });
         }
         if !manifest.wit.compatible_with(HOST_WIT) {
-            return Err(LoadError::IncompatibleWit { plugin, found: manifest.wit.to_string(), host: HOST_WIT.to_string() });
+            return Err(LoadError::IncompatibleWit {
+                plugin,
+                found: manifest.wit.to_string(),
+                host: HOST_WIT.to_string(),
+            });
         }
         for wanted in &manifest.capabilities.outbound_hosts {
             if !grants.outbound_hosts.contains(wanted) {
-                return Err(LoadError::NotGranted { plugin, host: wanted.to_string() });
+                return Err(LoadError::NotGranted {
+                    plugin,
+                    host: wanted.to_string(),
+                });
             }
         }
         let digest = hex::encode(Sha256::digest(bytes));
@@ -278,21 +321,34 @@ impl Runtime {
         let newer = (built_for > HOST_WIT)
             .then(|| format!("built for mint:plugin@{built_for}, newer than this engine's mint:plugin@{HOST_WIT} (upgrade mint, or build against {HOST_WIT}): "))
             .unwrap_or_default();
-        let link = |e: wasmtime::Error| LoadError::Link { plugin: plugin.clone(), message: format!("{newer}{e:#}") };
+        let link = |e: wasmtime::Error| LoadError::Link {
+            plugin: plugin.clone(),
+            message: format!("{newer}{e:#}"),
+        };
         let pre = match manifest.kind {
             Kind::NodePolicy => Pre::Policy(
-                bindings::policy::NodePolicyPluginPre::new(self.policy_linker.instantiate_pre(&component).map_err(link)?)
-                    .map_err(link)?,
+                bindings::policy::NodePolicyPluginPre::new(
+                    self.policy_linker
+                        .instantiate_pre(&component)
+                        .map_err(link)?,
+                )
+                .map_err(link)?,
             ),
             Kind::Customizer => Pre::Customizer(
                 bindings::customizer::CustomizerPluginPre::new(
-                    self.customizer_linker.instantiate_pre(&component).map_err(link)?,
+                    self.customizer_linker
+                        .instantiate_pre(&component)
+                        .map_err(link)?,
                 )
                 .map_err(link)?,
             ),
             Kind::Driver => Pre::Driver(
-                bindings::driver::DriverPluginPre::new(self.driver_linker.instantiate_pre(&component).map_err(link)?)
-                    .map_err(link)?,
+                bindings::driver::DriverPluginPre::new(
+                    self.driver_linker
+                        .instantiate_pre(&component)
+                        .map_err(link)?,
+                )
+                .map_err(link)?,
             ),
         };
         Ok(Plugin {
@@ -313,10 +369,21 @@ impl Runtime {
 
     /// The compiled component, from the cache when it holds code for these bytes and this
     /// engine, otherwise compiled now and written to the cache.
-    fn compile(&self, plugin: &str, bytes: &[u8], digest: &str) -> Result<(Component, CodeSource), LoadError> {
-        let compile_error = |e: wasmtime::Error| LoadError::Compile { plugin: plugin.into(), message: format!("{e:#}") };
+    fn compile(
+        &self,
+        plugin: &str,
+        bytes: &[u8],
+        digest: &str,
+    ) -> Result<(Component, CodeSource), LoadError> {
+        let compile_error = |e: wasmtime::Error| LoadError::Compile {
+            plugin: plugin.into(),
+            message: format!("{e:#}"),
+        };
         let Some(dir) = &self.cache_dir else {
-            return Ok((Component::new(&self.engine, bytes).map_err(compile_error)?, CodeSource::Compiled));
+            return Ok((
+                Component::new(&self.engine, bytes).map_err(compile_error)?,
+                CodeSource::Compiled,
+            ));
         };
         let mut h = std::hash::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
@@ -329,22 +396,33 @@ impl Runtime {
                 return Ok((c, CodeSource::Cached));
             }
         }
-        let code = self.engine.precompile_component(bytes).map_err(compile_error)?;
+        let code = self
+            .engine
+            .precompile_component(bytes)
+            .map_err(compile_error)?;
         // Write then rename, so that a concurrent or interrupted load never sees half a file.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, &code).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
+        if std::fs::write(&tmp, &code)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
             let _ = std::fs::remove_file(&tmp);
             tracing::warn!(plugin, path = %path.display(), "cannot write the compiled-code cache");
         }
         // SAFETY: `code` was produced by `precompile_component` of this engine just now.
-        let component = unsafe { Component::deserialize(&self.engine, &code) }.map_err(compile_error)?;
+        let component =
+            unsafe { Component::deserialize(&self.engine, &code) }.map_err(compile_error)?;
         Ok((component, CodeSource::Compiled))
     }
 }
 
 /// Checks that the component exports the interface of its declared kind at a compatible
 /// version, and says what it does export otherwise. Returns the version it was built for.
-fn check_exports(engine: &Engine, component: &Component, manifest: &Manifest) -> Result<WitVersion, LoadError> {
+fn check_exports(
+    engine: &Engine,
+    component: &Component,
+    manifest: &Manifest,
+) -> Result<WitVersion, LoadError> {
     let plugin = manifest.name.clone();
     let ty = component.component_type();
     let mut found = Vec::new();
@@ -361,13 +439,21 @@ fn check_exports(engine: &Engine, component: &Component, manifest: &Manifest) ->
     let expected = manifest.kind.export_interface();
     match ours {
         Some((interface, version)) if interface == expected => {
-            let Some(v) = WitVersion::parse(&version).filter(|v| v.compatible_with(HOST_WIT)) else {
-                return Err(LoadError::IncompatibleWit { plugin, found: version, host: HOST_WIT.to_string() });
+            let Some(v) = WitVersion::parse(&version).filter(|v| v.compatible_with(HOST_WIT))
+            else {
+                return Err(LoadError::IncompatibleWit {
+                    plugin,
+                    found: version,
+                    host: HOST_WIT.to_string(),
+                });
             };
             if v.minor != manifest.wit.minor || v.major != manifest.wit.major {
                 return Err(LoadError::Manifest {
                     source_name: plugin,
-                    message: format!("field `wit` says {} but the component was built for {version}", manifest.wit),
+                    message: format!(
+                        "field `wit` says {} but the component was built for {version}",
+                        manifest.wit
+                    ),
                 });
             }
             Ok(v)
@@ -376,7 +462,11 @@ fn check_exports(engine: &Engine, component: &Component, manifest: &Manifest) ->
             plugin,
             kind: manifest.kind,
             expected,
-            found: if found.is_empty() { "nothing".into() } else { found.join(", ") },
+            found: if found.is_empty() {
+                "nothing".into()
+            } else {
+                found.join(", ")
+            },
         }),
     }
 }
@@ -391,12 +481,19 @@ fn error_kind(k: ErrorKind) -> &'static str {
 }
 
 /// The per-call configuration: the manifest's defaults with `overrides` laid over them.
-fn merged_config(defaults: &serde_json::Map<String, serde_json::Value>, overrides: Option<&serde_json::Value>) -> Result<String, String> {
+fn merged_config(
+    defaults: &serde_json::Map<String, serde_json::Value>,
+    overrides: Option<&serde_json::Value>,
+) -> Result<String, String> {
     let mut merged = defaults.clone();
     match overrides {
         None | Some(serde_json::Value::Null) => {}
         Some(serde_json::Value::Object(o)) => merged.extend(o.clone()),
-        Some(other) => return Err(format!("the configuration must be a JSON object, not `{other}`")),
+        Some(other) => {
+            return Err(format!(
+                "the configuration must be a JSON object, not `{other}`"
+            ));
+        }
     }
     Ok(serde_json::Value::Object(merged).to_string())
 }
@@ -439,7 +536,13 @@ impl Plugin {
     fn store(&self, inputs: CallInputs) -> Store<CallState> {
         let caps = &self.manifest.capabilities;
         let deadline = Instant::now() + Duration::from_millis(caps.timeout_ms);
-        let state = CallState::new(self.name.clone(), (caps.memory_mib as usize) << 20, self.outbound.clone(), inputs, deadline);
+        let state = CallState::new(
+            self.name.clone(),
+            (caps.memory_mib as usize) << 20,
+            self.outbound.clone(),
+            inputs,
+            deadline,
+        );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.call_hook(|mut cx, hook| {
@@ -451,23 +554,45 @@ impl Plugin {
         // the call's deadline it is interrupted.
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline { wasmtime::UpdateDeadline::Interrupt } else { wasmtime::UpdateDeadline::Yield(1) })
+            Ok(if Instant::now() >= deadline {
+                wasmtime::UpdateDeadline::Interrupt
+            } else {
+                wasmtime::UpdateDeadline::Yield(1)
+            })
         });
         store
     }
 
     fn wrong_kind(&self, call: &'static str) -> CallError {
-        CallError::WrongKind { plugin: self.manifest.name.clone(), call, kind: self.manifest.kind }
+        CallError::WrongKind {
+            plugin: self.manifest.name.clone(),
+            call,
+            kind: self.manifest.kind,
+        }
     }
 
     /// A driver call's inputs: with the endpoints the node's properties name, for the
     /// properties the manifest lists in `node-endpoints`, and read access to the
     /// deployment's own artifact.
-    fn node_inputs(&self, call: &'static str, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<CallInputs, CallError> {
+    fn node_inputs(
+        &self,
+        call: &'static str,
+        node: &Node,
+        d: &Deployment,
+        config: Option<&serde_json::Value>,
+    ) -> Result<CallInputs, CallError> {
         let mut inputs = self.inputs(call, config)?;
         inputs.artifact = Some(d.artifact.url.clone());
-        inputs.artifact_tls = self.engine_tls.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let credentials = self.credentials.read().unwrap_or_else(|p| p.into_inner()).clone();
+        inputs.artifact_tls = self
+            .engine_tls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let credentials = self
+            .credentials
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let tls = self.tls.read().unwrap_or_else(|p| p.into_inner()).clone();
         for wanted in &self.manifest.capabilities.node_endpoints {
             if let Some((_, url)) = node.properties.iter().find(|(k, _)| k == wanted) {
@@ -478,28 +603,63 @@ impl Plugin {
                 })?;
                 // The engine's own credential for this endpoint (its agent's) first: an
                 // operator's default BMC password must never go to an agent.
-                let authorization = credentials.engine_secret(&node.name, wanted).or_else(|| credentials.lookup(&node.name, &p).cloned());
+                let authorization = credentials
+                    .engine_secret(&node.name, wanted)
+                    .or_else(|| credentials.lookup(&node.name, &p).cloned());
                 // An agent is trusted by the pin it reported when it registered (with its
                 // node's credential); any other endpoint as the operator configured.
-                let agent_pin = (wanted == "agent-url").then(|| node.properties.iter().find(|(k, _)| k == crate::AGENT_PIN)).flatten();
+                let agent_pin = (wanted == "agent-url")
+                    .then(|| node.properties.iter().find(|(k, _)| k == crate::AGENT_PIN))
+                    .flatten();
                 let tls = match agent_pin {
                     Some((_, pin)) => {
-                        let pin = pin.parse().map_err(|e| CallError::Host { plugin: self.manifest.name.clone(), call, message: format!("node `{}` property `{}`: {e}", node.name, crate::AGENT_PIN) })?;
-                        let trust = mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(pin)).map_err(|e| CallError::Host { plugin: self.manifest.name.clone(), call, message: e.to_string() })?;
-                        Some(crate::endpoint_tls::EndpointTrust { trust: Arc::new(trust), from: format!("the pin node `{}`'s agent registered", node.name) })
+                        let pin = pin.parse().map_err(|e| CallError::Host {
+                            plugin: self.manifest.name.clone(),
+                            call,
+                            message: format!(
+                                "node `{}` property `{}`: {e}",
+                                node.name,
+                                crate::AGENT_PIN
+                            ),
+                        })?;
+                        let trust = mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(pin))
+                            .map_err(|e| CallError::Host {
+                                plugin: self.manifest.name.clone(),
+                                call,
+                                message: e.to_string(),
+                            })?;
+                        Some(crate::endpoint_tls::EndpointTrust {
+                            trust: Arc::new(trust),
+                            from: format!("the pin node `{}`'s agent registered", node.name),
+                        })
                     }
                     None => tls.lookup(&node.name, &p).cloned(),
                 };
-                inputs.endpoints.push(crate::state::Endpoint { pattern: p, authorization, tls });
+                inputs.endpoints.push(crate::state::Endpoint {
+                    pattern: p,
+                    authorization,
+                    tls,
+                });
             }
         }
         Ok(inputs)
     }
 
-    fn inputs(&self, call: &'static str, config: Option<&serde_json::Value>) -> Result<CallInputs, CallError> {
-        let config_json = merged_config(&self.manifest.config, config)
-            .map_err(|message| CallError::Host { plugin: self.manifest.name.clone(), call, message })?;
-        Ok(CallInputs { config_json, ..CallInputs::default() })
+    fn inputs(
+        &self,
+        call: &'static str,
+        config: Option<&serde_json::Value>,
+    ) -> Result<CallInputs, CallError> {
+        let config_json =
+            merged_config(&self.manifest.config, config).map_err(|message| CallError::Host {
+                plugin: self.manifest.name.clone(),
+                call,
+                message,
+            })?;
+        Ok(CallInputs {
+            config_json,
+            ..CallInputs::default()
+        })
     }
 
     /// Runs `f` against a fresh store under the plugin's wall-clock limit and turns every
@@ -515,10 +675,16 @@ impl Plugin {
         let result = self.run(call, &mut store, started, f).await;
         let c = &self.counters;
         c.calls.fetch_add(1, Ordering::Relaxed);
-        c.failures.fetch_add(u64::from(result.is_err()), Ordering::Relaxed);
-        c.busy_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        c.waited_ns.fetch_add(store.data().waited().as_nanos() as u64, Ordering::Relaxed);
-        c.guest_ns.fetch_add(store.data().guest.total.as_nanos() as u64, Ordering::Relaxed);
+        c.failures
+            .fetch_add(u64::from(result.is_err()), Ordering::Relaxed);
+        c.busy_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        c.waited_ns
+            .fetch_add(store.data().waited().as_nanos() as u64, Ordering::Relaxed);
+        c.guest_ns.fetch_add(
+            store.data().guest.total.as_nanos() as u64,
+            Ordering::Relaxed,
+        );
         result
     }
 
@@ -536,7 +702,13 @@ impl Plugin {
         let plugin = self.manifest.name.clone();
         let state = store.data();
         let result = match outcome {
-            Err(_) => return Err(CallError::Timeout { plugin, call, limit }),
+            Err(_) => {
+                return Err(CallError::Timeout {
+                    plugin,
+                    call,
+                    limit,
+                });
+            }
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 if state.limits.exceeded {
@@ -548,13 +720,22 @@ impl Plugin {
                     });
                 }
                 if let Some(wasmtime::Trap::Interrupt) = e.downcast_ref::<wasmtime::Trap>() {
-                    return Err(CallError::Timeout { plugin, call, limit });
+                    return Err(CallError::Timeout {
+                        plugin,
+                        call,
+                        limit,
+                    });
                 }
                 let message = match e.downcast_ref::<wasmtime::Trap>() {
                     Some(t) => t.to_string(),
                     None => e.to_string(),
                 };
-                return Err(CallError::Trap { plugin, call, message, stderr: state.stderr_text() });
+                return Err(CallError::Trap {
+                    plugin,
+                    call,
+                    message,
+                    stderr: state.stderr_text(),
+                });
             }
         };
         let denied = state.denied();
@@ -579,7 +760,12 @@ impl Plugin {
                 if !tls_refused.is_empty() {
                     message.push_str(&format!(" (the host refused: {})", tls_refused.join("; ")));
                 }
-                Err(CallError::Refused { plugin, call, kind: error_kind(pe.kind), message })
+                Err(CallError::Refused {
+                    plugin,
+                    call,
+                    kind: error_kind(pe.kind),
+                    message,
+                })
             }
         }
     }
@@ -594,16 +780,26 @@ impl Plugin {
         config: Option<&serde_json::Value>,
     ) -> Result<Called<Vec<Choice>>, CallError> {
         const CALL: &str = "select";
-        let Pre::Policy(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
+        let Pre::Policy(pre) = &self.pre else {
+            return Err(self.wrong_kind(CALL));
+        };
         let inputs = self.inputs(CALL, config)?;
         let called = self
             .invoke(CALL, inputs, async |store| {
                 let bindings = pre.instantiate_async(&mut *store).await?;
-                bindings.mint_plugin_node_policy().call_select(&mut *store, request).await
+                bindings
+                    .mint_plugin_node_policy()
+                    .call_select(&mut *store, request)
+                    .await
             })
             .await?;
-        let value = checks::selection(request, names, called.value)
-            .map_err(|problem| CallError::InvalidAnswer { plugin: self.manifest.name.clone(), call: CALL, problem })?;
+        let value = checks::selection(request, names, called.value).map_err(|problem| {
+            CallError::InvalidAnswer {
+                plugin: self.manifest.name.clone(),
+                call: CALL,
+                problem,
+            }
+        })?;
         Ok(Called { value, ..called })
     }
 
@@ -617,62 +813,123 @@ impl Plugin {
         config: Option<&serde_json::Value>,
     ) -> Result<Called<Vec<Edit>>, CallError> {
         const CALL: &str = "customize";
-        let Pre::Customizer(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
-        let inputs = CallInputs { master, peers, ..self.inputs(CALL, config)? };
+        let Pre::Customizer(pre) = &self.pre else {
+            return Err(self.wrong_kind(CALL));
+        };
+        let inputs = CallInputs {
+            master,
+            peers,
+            ..self.inputs(CALL, config)?
+        };
         let called = self
             .invoke(CALL, inputs, async |store| {
                 let bindings = pre.instantiate_async(&mut *store).await?;
-                bindings.mint_plugin_customizer().call_customize(&mut *store, instance).await
+                bindings
+                    .mint_plugin_customizer()
+                    .call_customize(&mut *store, instance)
+                    .await
             })
             .await?;
-        checks::edits(&called.value)
-            .map_err(|problem| CallError::InvalidAnswer { plugin: self.manifest.name.clone(), call: CALL, problem })?;
+        checks::edits(&called.value).map_err(|problem| CallError::InvalidAnswer {
+            plugin: self.manifest.name.clone(),
+            call: CALL,
+            problem,
+        })?;
         Ok(called)
     }
 
     /// Asks a driver to deploy.
-    pub async fn deploy(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<Called<StatusReport>, CallError> {
+    pub async fn deploy(
+        &self,
+        node: &Node,
+        d: &Deployment,
+        config: Option<&serde_json::Value>,
+    ) -> Result<Called<StatusReport>, CallError> {
         const CALL: &str = "deploy";
-        let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
+        let Pre::Driver(pre) = &self.pre else {
+            return Err(self.wrong_kind(CALL));
+        };
         let called = self
-            .invoke(CALL, self.node_inputs(CALL, node, d, config)?, async |store| {
-                let b = pre.instantiate_async(&mut *store).await?;
-                b.mint_plugin_driver().call_deploy(&mut *store, node, d).await
-            })
+            .invoke(
+                CALL,
+                self.node_inputs(CALL, node, d, config)?,
+                async |store| {
+                    let b = pre.instantiate_async(&mut *store).await?;
+                    b.mint_plugin_driver()
+                        .call_deploy(&mut *store, node, d)
+                        .await
+                },
+            )
             .await?;
         Ok(clip_detail(called))
     }
 
     /// Asks a driver to undeploy.
-    pub async fn undeploy(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<Called<()>, CallError> {
+    pub async fn undeploy(
+        &self,
+        node: &Node,
+        d: &Deployment,
+        config: Option<&serde_json::Value>,
+    ) -> Result<Called<()>, CallError> {
         const CALL: &str = "undeploy";
-        let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
-        self.invoke(CALL, self.node_inputs(CALL, node, d, config)?, async |store| {
-            let b = pre.instantiate_async(&mut *store).await?;
-            b.mint_plugin_driver().call_undeploy(&mut *store, node, d).await
-        })
+        let Pre::Driver(pre) = &self.pre else {
+            return Err(self.wrong_kind(CALL));
+        };
+        self.invoke(
+            CALL,
+            self.node_inputs(CALL, node, d, config)?,
+            async |store| {
+                let b = pre.instantiate_async(&mut *store).await?;
+                b.mint_plugin_driver()
+                    .call_undeploy(&mut *store, node, d)
+                    .await
+            },
+        )
         .await
     }
 
     /// Asks a driver for the status of a deployment it is following.
-    pub async fn status(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<Called<StatusReport>, CallError> {
+    pub async fn status(
+        &self,
+        node: &Node,
+        d: &Deployment,
+        config: Option<&serde_json::Value>,
+    ) -> Result<Called<StatusReport>, CallError> {
         self.status_call(node, d, config, false).await
     }
 
     /// Asks a driver for the status of an instance recorded running: a health check
     /// (`host.checking-health` answers true during it).
-    pub async fn check(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>) -> Result<Called<StatusReport>, CallError> {
+    pub async fn check(
+        &self,
+        node: &Node,
+        d: &Deployment,
+        config: Option<&serde_json::Value>,
+    ) -> Result<Called<StatusReport>, CallError> {
         self.status_call(node, d, config, true).await
     }
 
-    async fn status_call(&self, node: &Node, d: &Deployment, config: Option<&serde_json::Value>, checking_health: bool) -> Result<Called<StatusReport>, CallError> {
+    async fn status_call(
+        &self,
+        node: &Node,
+        d: &Deployment,
+        config: Option<&serde_json::Value>,
+        checking_health: bool,
+    ) -> Result<Called<StatusReport>, CallError> {
         const CALL: &str = "status";
-        let Pre::Driver(pre) = &self.pre else { return Err(self.wrong_kind(CALL)) };
-        let inputs = CallInputs { checking_health, ..self.node_inputs(CALL, node, d, config)? };
+        let Pre::Driver(pre) = &self.pre else {
+            return Err(self.wrong_kind(CALL));
+        };
+        let inputs = CallInputs {
+            checking_health,
+            ..self.node_inputs(CALL, node, d, config)?
+        };
         let called = self
             .invoke(CALL, inputs, async |store| {
                 let b = pre.instantiate_async(&mut *store).await?;
-                b.mint_plugin_driver().call_status(&mut *store, node, d).await
+                b.mint_plugin_driver()
+                    .call_status(&mut *store, node, d)
+                    .await
             })
             .await?;
         Ok(clip_detail(called))

@@ -57,7 +57,15 @@ pub struct CallInputs {
 
 impl Default for CallInputs {
     fn default() -> Self {
-        Self { config_json: "{}".into(), master: Arc::new(EmptyMaster), peers: Arc::from(Vec::new()), endpoints: Vec::new(), artifact: None, artifact_tls: None, checking_health: false }
+        Self {
+            config_json: "{}".into(),
+            master: Arc::new(EmptyMaster),
+            peers: Arc::from(Vec::new()),
+            endpoints: Vec::new(),
+            artifact: None,
+            artifact_tls: None,
+            checking_health: false,
+        }
     }
 }
 
@@ -115,7 +123,13 @@ impl GuestClock {
 }
 
 impl CallState {
-    pub(crate) fn new(plugin: Arc<str>, memory_bytes: usize, outbound: Arc<[HostPattern]>, inputs: CallInputs, deadline: Instant) -> Self {
+    pub(crate) fn new(
+        plugin: Arc<str>,
+        memory_bytes: usize,
+        outbound: Arc<[HostPattern]>,
+        inputs: CallInputs,
+        deadline: Instant,
+    ) -> Self {
         let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
         // No preopened directories, no environment, no arguments, no sockets: WASI is
         // linked because guests built by Rust import it, not to give them anything.
@@ -127,22 +141,41 @@ impl CallState {
         let allowed = if inputs.endpoints.is_empty() {
             outbound
         } else {
-            outbound.iter().chain(inputs.endpoints.iter().map(|e| &e.pattern)).cloned().collect::<Vec<_>>().into()
+            outbound
+                .iter()
+                .chain(inputs.endpoints.iter().map(|e| &e.pattern))
+                .cloned()
+                .collect::<Vec<_>>()
+                .into()
         };
         let endpoints = inputs.endpoints.clone();
-        let artifact = inputs.artifact.as_deref().and_then(ArtifactGrant::of).map(|mut a| {
-            a.tls = inputs.artifact_tls.clone();
-            a
-        });
+        let artifact = inputs
+            .artifact
+            .as_deref()
+            .and_then(ArtifactGrant::of)
+            .map(|mut a| {
+                a.tls = inputs.artifact_tls.clone();
+                a
+            });
         Self {
-            hooks: Gate { allowed, endpoints, artifact, denied, tls_refused: Arc::default(), waited_ns: Arc::new(AtomicU64::new(0)) },
+            hooks: Gate {
+                allowed,
+                endpoints,
+                artifact,
+                denied,
+                tls_refused: Arc::default(),
+                waited_ns: Arc::new(AtomicU64::new(0)),
+            },
             deadline,
             guest: GuestClock::default(),
             plugin,
             wasi,
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
-            limits: Limits { memory_bytes, exceeded: false },
+            limits: Limits {
+                memory_bytes,
+                exceeded: false,
+            },
             inputs,
             logs: Vec::new(),
             dropped_logs: 0,
@@ -164,12 +197,20 @@ impl CallState {
 
     /// The outbound requests the gate refused during this call.
     pub(crate) fn denied(&self) -> Vec<String> {
-        self.hooks.denied.lock().map(|d| d.clone()).unwrap_or_default()
+        self.hooks
+            .denied
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default()
     }
 
     /// Why the host refused endpoints' certificates, with the fix, one line each.
     pub(crate) fn tls_refused(&self) -> Vec<String> {
-        self.hooks.tls_refused.lock().map(|d| d.clone()).unwrap_or_default()
+        self.hooks
+            .tls_refused
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -181,16 +222,29 @@ pub(crate) struct Limits {
 }
 
 impl wasmtime::ResourceLimiter for Limits {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             self.exceeded = true;
             // Trapping, rather than answering -1 to `memory.grow`, stops a guest that
             // would otherwise retry or limp on.
-            return Err(wasmtime::format_err!("memory limit of {} bytes reached", self.memory_bytes));
+            return Err(wasmtime::format_err!(
+                "memory limit of {} bytes reached",
+                self.memory_bytes
+            ));
         }
         Ok(true)
     }
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }
@@ -219,17 +273,39 @@ impl ArtifactGrant {
     fn of(url: &str) -> Option<ArtifactGrant> {
         let origin = HostPattern::of_url(url).ok()?;
         let rest = url.split_once("://")?.1;
-        let path = rest.find('/').map(|i| rest[i..].trim_end_matches('/').to_string())?;
-        Some(ArtifactGrant { origin, path, tls: None })
+        let path = rest
+            .find('/')
+            .map(|i| rest[i..].trim_end_matches('/').to_string())?;
+        Some(ArtifactGrant {
+            origin,
+            path,
+            tls: None,
+        })
     }
 
-    fn admits(&self, method: &http::Method, scheme: &str, host: &str, port: u16, path: &str) -> bool {
+    fn admits(
+        &self,
+        method: &http::Method,
+        scheme: &str,
+        host: &str,
+        port: u16,
+        path: &str,
+    ) -> bool {
         // Dot segments, encoded or not, could climb out of the artifact on a server or proxy
         // that normalises them; an artifact's own paths never contain them.
         let lower = path.to_ascii_lowercase();
-        let climbs = lower.split('/').any(|seg| seg == ".." || seg == ".") || lower.contains("%2e") || lower.contains("%2f") || lower.contains('\\');
-        let under = path == self.path || path.strip_prefix(&self.path).is_some_and(|r| r.starts_with('/'));
-        (method == http::Method::GET || method == http::Method::HEAD) && self.origin.matches(scheme, host, port) && under && !climbs
+        let climbs = lower.split('/').any(|seg| seg == ".." || seg == ".")
+            || lower.contains("%2e")
+            || lower.contains("%2f")
+            || lower.contains('\\');
+        let under = path == self.path
+            || path
+                .strip_prefix(&self.path)
+                .is_some_and(|r| r.starts_with('/'));
+        (method == http::Method::GET || method == http::Method::HEAD)
+            && self.origin.matches(scheme, host, port)
+            && under
+            && !climbs
     }
 }
 
@@ -249,11 +325,21 @@ impl WasiHttpHooks for Gate {
     > {
         let uri = request.uri();
         let scheme = uri.scheme_str().unwrap_or("https").to_string();
-        let host = uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_string();
-        let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+        let host = uri
+            .host()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 });
         let path = uri.path().to_string();
         let admitted = self.allowed.iter().any(|p| p.matches(&scheme, &host, port))
-            || self.artifact.as_ref().is_some_and(|a| a.admits(request.method(), &scheme, &host, port, &path));
+            || self
+                .artifact
+                .as_ref()
+                .is_some_and(|a| a.admits(request.method(), &scheme, &host, port, &path));
         if !admitted {
             if let Ok(mut d) = self.denied.lock() {
                 d.push(format!("{scheme}://{host}:{port}"));
@@ -261,13 +347,22 @@ impl WasiHttpHooks for Gate {
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         let mut request = request;
-        let endpoint = self.endpoints.iter().find(|e| e.pattern.matches(&scheme, &host, port));
+        let endpoint = self
+            .endpoints
+            .iter()
+            .find(|e| e.pattern.matches(&scheme, &host, port));
         // The host's credentials replace whatever the guest set: a plugin can neither read
         // them nor send other ones in their place to this endpoint.
         if let Some(auth) = endpoint.and_then(|e| e.authorization.as_ref()) {
-            request.headers_mut().insert(http::header::AUTHORIZATION, auth.header_value());
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, auth.header_value());
         }
-        let engine = self.artifact.as_ref().filter(|a| a.origin.matches(&scheme, &host, port)).and_then(|a| a.tls.clone());
+        let engine = self
+            .artifact
+            .as_ref()
+            .filter(|a| a.origin.matches(&scheme, &host, port))
+            .and_then(|a| a.tls.clone());
         let trust = match endpoint.and_then(|e| e.tls.clone()).or(engine) {
             Some(t) => Ok(t),
             None => crate::endpoint_tls::system(),
@@ -284,13 +379,17 @@ impl WasiHttpHooks for Gate {
                     return Err(wasmtime_wasi_http::Error::Tls(std::io::Error::other(why)));
                 }
                 // Plain HTTP needs no trust anchors.
-                Err(_) => crate::endpoint_tls::EndpointTrust { trust: Arc::new(insecure()), from: String::new() },
+                Err(_) => crate::endpoint_tls::EndpointTrust {
+                    trust: Arc::new(insecure()),
+                    from: String::new(),
+                },
             };
             if scheme == "https" && *trust.trust.trust() == mint_tls::Trust::Insecure {
                 tracing::warn!(endpoint = %origin, from = %trust.from, "TLS certificate NOT verified: tls = \"insecure\"");
             }
             let mut presented = None;
-            let answer = crate::outbound::send(request, options, &trust.trust, &mut presented).await;
+            let answer =
+                crate::outbound::send(request, options, &trust.trust, &mut presented).await;
             if let Err(wasmtime_wasi_http::Error::Tls(e)) = &answer {
                 let seen = presented.and_then(|p| p.pin());
                 push(&refused, refusal(&origin, &trust, e, seen));
@@ -316,12 +415,19 @@ fn insecure() -> mint_tls::ClientTrust {
 }
 
 /// Says why `origin`'s certificate was refused and what in mint.toml would admit it.
-fn refusal(origin: &str, trust: &crate::endpoint_tls::EndpointTrust, error: &std::io::Error, seen: Option<mint_tls::Pin>) -> String {
+fn refusal(
+    origin: &str,
+    trust: &crate::endpoint_tls::EndpointTrust,
+    error: &std::io::Error,
+    seen: Option<mint_tls::Pin>,
+) -> String {
     let key = match seen {
         Some(p) => format!("; the certificate's key is {p}"),
         None => String::new(),
     };
-    let pin = seen.map(|p| p.to_string()).unwrap_or_else(|| "sha256:...".into());
+    let pin = seen
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "sha256:...".into());
     format!(
         "{origin}: TLS refused under {} ({}): {error}{key}. If that is the endpoint's own certificate, add to mint.toml `[[endpoint]]` with `endpoint = \"{origin}\"` (or `node = \"NAME\"`) and `tls = {{ pin = \"{pin}\" }}`, or `tls = {{ ca = \"FILE\" }}` with the CA that signed it, then send the daemon SIGHUP",
         trust.trust.trust(),
@@ -331,13 +437,20 @@ fn refusal(origin: &str, trust: &crate::endpoint_tls::EndpointTrust, error: &std
 
 impl WasiView for CallState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for CallState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
     }
 }
 
@@ -370,9 +483,17 @@ impl host::Host for CallState {
         };
         let mut budget = MAX_LOG_LINE_BYTES;
         let message = clip(message, &mut budget);
-        let fields = fields.into_iter().take(32).map(|(k, v)| (clip(k, &mut budget), clip(v, &mut budget))).collect();
+        let fields = fields
+            .into_iter()
+            .take(32)
+            .map(|(k, v)| (clip(k, &mut budget), clip(v, &mut budget)))
+            .collect();
         tracing::debug!(plugin = %self.plugin, level, %message, "plugin log");
-        self.logs.push(LogLine { level, message, fields });
+        self.logs.push(LogLine {
+            level,
+            message,
+            fields,
+        });
     }
 
     fn config(&mut self) -> String {
@@ -380,7 +501,9 @@ impl host::Host for CallState {
     }
 
     fn remaining_ms(&mut self) -> u64 {
-        self.deadline.saturating_duration_since(Instant::now()).as_millis() as u64
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64
     }
 
     fn checking_health(&mut self) -> bool {
@@ -407,7 +530,9 @@ impl tier::Host for CallState {
     fn peers(&mut self, start: u32, len: u32) -> Vec<Peer> {
         let all = &self.inputs.peers;
         let start = (start as usize).min(all.len());
-        let end = start.saturating_add(len.min(MAX_PEERS_PER_CALL) as usize).min(all.len());
+        let end = start
+            .saturating_add(len.min(MAX_PEERS_PER_CALL) as usize)
+            .min(all.len());
         all[start..end].to_vec()
     }
 }

@@ -14,13 +14,21 @@ pub struct WitVersion {
 }
 
 /// The version of `wit/mint.wit` this engine was built with.
-pub const HOST_WIT: WitVersion = WitVersion { major: 0, minor: 1, patch: 2 };
+pub const HOST_WIT: WitVersion = WitVersion {
+    major: 0,
+    minor: 1,
+    patch: 2,
+};
 
 impl WitVersion {
     /// Parses `0.1.0`.
     pub fn parse(text: &str) -> Option<WitVersion> {
         let mut parts = text.split('.').map(|p| p.parse::<u64>().ok());
-        let v = WitVersion { major: parts.next()??, minor: parts.next()??, patch: parts.next()??  };
+        let v = WitVersion {
+            major: parts.next()??,
+            minor: parts.next()??,
+            patch: parts.next()??,
+        };
         parts.next().is_none().then_some(v)
     }
 

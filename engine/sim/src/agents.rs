@@ -82,10 +82,17 @@ impl Agent {
 async fn deploy(State(a): State<Arc<Agent>>, Json(req): Json<Value>) -> Json<Value> {
     {
         let mut slot = a.slot.lock().unwrap_or_else(|p| p.into_inner());
-        let same = slot.request.as_ref().is_some_and(|r| r["tier"] == req["tier"] && r["index"] == req["index"] && r["version"] == req["version"]);
+        let same = slot.request.as_ref().is_some_and(|r| {
+            r["tier"] == req["tier"] && r["index"] == req["index"] && r["version"] == req["version"]
+        });
         if !same || slot.fails {
-            let fails = a.rng.lock().unwrap_or_else(|p| p.into_inner()).unit() < a.options.failure_rate;
-            *slot = Slot { request: Some(req), ready_at: Some(Instant::now() + a.options.deploy), fails };
+            let fails =
+                a.rng.lock().unwrap_or_else(|p| p.into_inner()).unit() < a.options.failure_rate;
+            *slot = Slot {
+                request: Some(req),
+                ready_at: Some(Instant::now() + a.options.deploy),
+                fails,
+            };
         }
     }
     Json(a.status())
@@ -138,16 +145,24 @@ impl Engine {
     fn client(&self) -> anyhow::Result<ureq::Agent> {
         let b = ureq::AgentBuilder::new().timeout(Duration::from_secs(30));
         Ok(match &self.trust {
-            Some(t) => b.tls_config(mint_tls::ClientTrust::new(t)?.config()).build(),
+            Some(t) => b
+                .tls_config(mint_tls::ClientTrust::new(t)?.config())
+                .build(),
             None => b.build(),
         })
     }
 }
 
 fn send(http: &ureq::Agent, url: &str, bearer: &str, body: Value) -> anyhow::Result<Value> {
-    match http.post(url).set("Authorization", &format!("Bearer {bearer}")).send_json(body) {
+    match http
+        .post(url)
+        .set("Authorization", &format!("Bearer {bearer}"))
+        .send_json(body)
+    {
         Ok(r) => Ok(r.into_json()?),
-        Err(ureq::Error::Status(code, r)) => anyhow::bail!("{url}: {code} {}", r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => {
+            anyhow::bail!("{url}: {code} {}", r.into_string().unwrap_or_default())
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -157,11 +172,21 @@ impl Agents {
     /// Each node offers 4 CPUs and 8 GiB, labelled `zone=z0` to `z9` round-robin.
     pub fn start(engine: &Engine, count: usize, options: Options) -> anyhow::Result<Agents> {
         let options = Arc::new(options);
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
         std::fs::create_dir_all(&options.dir)?;
-        let cert = mint_tls::ServerCert::load(mint_tls::ServerSource::SelfSigned { dir: options.dir.join("tls"), names: vec!["127.0.0.1".into()] })?;
+        let cert = mint_tls::ServerCert::load(mint_tls::ServerSource::SelfSigned {
+            dir: options.dir.join("tls"),
+            names: vec!["127.0.0.1".into()],
+        })?;
         let pin = cert.pin().to_string();
-        let listeners = if options.serve { runtime.block_on(crate::listeners(count))? } else { Vec::new() };
+        let listeners = if options.serve {
+            runtime.block_on(crate::listeners(count))?
+        } else {
+            Vec::new()
+        };
         let mut urls = Vec::with_capacity(count);
         let mut agents = Vec::with_capacity(count);
         let mut listeners = listeners.into_iter();
@@ -169,7 +194,13 @@ impl Agents {
             let agent = Arc::new(Agent {
                 name: format!("{}-{i:05}", options.prefix),
                 slot: Mutex::new(Slot::default()),
-                rng: Mutex::new(crate::Rng(options.seed.wrapping_add(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)),
+                rng: Mutex::new(crate::Rng(
+                    options
+                        .seed
+                        .wrapping_add(i as u64)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        | 1,
+                )),
                 options: options.clone(),
             });
             match listeners.next() {
@@ -192,7 +223,8 @@ impl Agents {
             agents.push(agent);
         }
         // Enroll and register in parallel: each is two durable writes on the daemon.
-        let credentials: Vec<Mutex<Option<String>>> = (0..count).map(|_| Mutex::new(None)).collect();
+        let credentials: Vec<Mutex<Option<String>>> =
+            (0..count).map(|_| Mutex::new(None)).collect();
         let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
@@ -227,22 +259,47 @@ impl Agents {
         if let Some(e) = failure.into_inner().unwrap() {
             return Err(e);
         }
-        let credentials: Vec<String> = credentials.into_iter().map(|c| c.into_inner().unwrap().unwrap_or_default()).collect();
+        let credentials: Vec<String> = credentials
+            .into_iter()
+            .map(|c| c.into_inner().unwrap().unwrap_or_default())
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let beats = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let threads = options.threads.max(1);
         let mut beaters = Vec::new();
         for t in 0..threads {
-            let mine: Vec<(Arc<Agent>, String)> = (t..count).step_by(threads).map(|i| (agents[i].clone(), credentials[i].clone())).collect();
-            let (stop, beats, engine, every) = (stop.clone(), beats.clone(), engine.clone(), options.heartbeat);
-            beaters.push(std::thread::spawn(move || heartbeats(&engine, &mine, every, &stop, &beats)));
+            let mine: Vec<(Arc<Agent>, String)> = (t..count)
+                .step_by(threads)
+                .map(|i| (agents[i].clone(), credentials[i].clone()))
+                .collect();
+            let (stop, beats, engine, every) = (
+                stop.clone(),
+                beats.clone(),
+                engine.clone(),
+                options.heartbeat,
+            );
+            beaters.push(std::thread::spawn(move || {
+                heartbeats(&engine, &mine, every, &stop, &beats)
+            }));
         }
-        Ok(Agents { runtime: Some(runtime), stop, beaters, names: agents.iter().map(|a| a.name.clone()).collect(), beats })
+        Ok(Agents {
+            runtime: Some(runtime),
+            stop,
+            beaters,
+            names: agents.iter().map(|a| a.name.clone()).collect(),
+            beats,
+        })
     }
 }
 
 /// Sends each agent's heartbeat every `every`, spread evenly over the interval.
-fn heartbeats(engine: &Engine, agents: &[(Arc<Agent>, String)], every: Duration, stop: &AtomicBool, beats: &(AtomicU64, AtomicU64)) {
+fn heartbeats(
+    engine: &Engine,
+    agents: &[(Arc<Agent>, String)],
+    every: Duration,
+    stop: &AtomicBool,
+    beats: &(AtomicU64, AtomicU64),
+) {
     let Ok(http) = engine.client() else { return };
     if agents.is_empty() {
         return;
@@ -256,9 +313,18 @@ fn heartbeats(engine: &Engine, agents: &[(Arc<Agent>, String)], every: Duration,
         }
         next += gap;
         let s = agent.status();
-        let instance = if s["state"] == "absent" { Value::Null } else { json!({ "tier": s["tier"], "index": s["index"] }) };
+        let instance = if s["state"] == "absent" {
+            Value::Null
+        } else {
+            json!({ "tier": s["tier"], "index": s["index"] })
+        };
         let body = json!({ "load": 100, "instance": instance, "state": s["state"], "detail": s["detail"] });
-        match send(&http, &format!("{base}/v1/nodes/{}/heartbeat", agent.name), credential, body) {
+        match send(
+            &http,
+            &format!("{base}/v1/nodes/{}/heartbeat", agent.name),
+            credential,
+            body,
+        ) {
             Ok(_) => beats.0.fetch_add(1, Ordering::Relaxed),
             Err(_) => beats.1.fetch_add(1, Ordering::Relaxed),
         };

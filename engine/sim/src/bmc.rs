@@ -25,7 +25,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { power_on: Duration::from_secs(10), failure_rate: 0.0, seed: 1 }
+        Options {
+            power_on: Duration::from_secs(10),
+            failure_rate: 0.0,
+            seed: 1,
+        }
     }
 }
 
@@ -72,7 +76,8 @@ impl Bmc {
 }
 
 async fn system(State(b): State<Shared>) -> Json<Value> {
-    b.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    b.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let s = b.system();
     let power = match (s.on, s.powering_on.is_some()) {
         (true, _) => "On",
@@ -88,7 +93,8 @@ async fn system(State(b): State<Shared>) -> Json<Value> {
 }
 
 async fn patch_system(State(b): State<Shared>, Json(v): Json<Value>) -> Json<Value> {
-    b.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    b.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut s = b.system();
     if let Some(e) = v["Boot"]["BootSourceOverrideEnabled"].as_str() {
         s.boot_once = e == "Once";
@@ -97,7 +103,8 @@ async fn patch_system(State(b): State<Shared>, Json(v): Json<Value>) -> Json<Val
 }
 
 async fn reset(State(b): State<Shared>, Json(v): Json<Value>) -> Json<Value> {
-    b.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    b.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let fails = {
         let mut rng = b.rng.lock().unwrap_or_else(|p| p.into_inner());
         rng.unit() < b.options.failure_rate
@@ -119,7 +126,8 @@ async fn reset(State(b): State<Shared>, Json(v): Json<Value>) -> Json<Value> {
 }
 
 async fn media_collection(State(b): State<Shared>) -> Json<Value> {
-    b.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    b.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Json(json!({ "Members": [
         { "@odata.id": format!("{SYSTEM}/VirtualMedia/Cd") },
         { "@odata.id": format!("{SYSTEM}/VirtualMedia/Floppy") },
@@ -134,16 +142,31 @@ fn device<'a>(s: &'a mut System, name: &str) -> Option<&'a mut Media> {
     }
 }
 
-async fn media(State(b): State<Shared>, Path(dev): Path<String>) -> Result<Json<Value>, axum::http::StatusCode> {
-    b.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+async fn media(
+    State(b): State<Shared>,
+    Path(dev): Path<String>,
+) -> Result<Json<Value>, axum::http::StatusCode> {
+    b.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut s = b.system();
-    let types = if dev == "Cd" { json!(["CD", "DVD"]) } else { json!(["Floppy", "USBStick"]) };
+    let types = if dev == "Cd" {
+        json!(["CD", "DVD"])
+    } else {
+        json!(["Floppy", "USBStick"])
+    };
     let m = device(&mut s, &dev).ok_or(axum::http::StatusCode::NOT_FOUND)?;
-    Ok(Json(json!({ "Id": dev, "MediaTypes": types, "Image": m.image.clone().unwrap_or_default(), "Inserted": m.inserted })))
+    Ok(Json(
+        json!({ "Id": dev, "MediaTypes": types, "Image": m.image.clone().unwrap_or_default(), "Inserted": m.inserted }),
+    ))
 }
 
-async fn media_action(State(b): State<Shared>, Path((dev, action)): Path<(String, String)>, Json(v): Json<Value>) -> Result<Json<Value>, axum::http::StatusCode> {
-    b.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+async fn media_action(
+    State(b): State<Shared>,
+    Path((dev, action)): Path<(String, String)>,
+    Json(v): Json<Value>,
+) -> Result<Json<Value>, axum::http::StatusCode> {
+    b.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut s = b.system();
     let m = device(&mut s, &dev).ok_or(axum::http::StatusCode::NOT_FOUND)?;
     match action.as_str() {
@@ -176,29 +199,55 @@ impl Drop for Bmcs {
 impl Bmcs {
     /// Starts `count` BMCs, each with one system, powered off, holding no media.
     pub fn start(count: usize, options: Options) -> anyhow::Result<Bmcs> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
         let listeners = runtime.block_on(crate::listeners(count))?;
         let mut bmcs = Vec::with_capacity(count);
         let mut urls = Vec::with_capacity(count);
         for (i, listener) in listeners.into_iter().enumerate() {
             let bmc = Arc::new(Bmc {
-                system: Mutex::new(System { on: false, powering_on: None, boot_once: false, critical: false, cd: Media::default(), floppy: Media::default() }),
-                rng: Mutex::new(crate::Rng(options.seed.wrapping_add(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)),
+                system: Mutex::new(System {
+                    on: false,
+                    powering_on: None,
+                    boot_once: false,
+                    critical: false,
+                    cd: Media::default(),
+                    floppy: Media::default(),
+                }),
+                rng: Mutex::new(crate::Rng(
+                    options
+                        .seed
+                        .wrapping_add(i as u64)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        | 1,
+                )),
                 options: options.clone(),
                 requests: 0.into(),
             });
             urls.push(format!("http://{}{SYSTEM}", listener.local_addr()?));
             let app = Router::new()
                 .route(SYSTEM, get(system).patch(patch_system))
-                .route(&format!("{SYSTEM}/Actions/ComputerSystem.Reset"), post(reset))
+                .route(
+                    &format!("{SYSTEM}/Actions/ComputerSystem.Reset"),
+                    post(reset),
+                )
                 .route(&format!("{SYSTEM}/VirtualMedia"), get(media_collection))
                 .route(&format!("{SYSTEM}/VirtualMedia/{{dev}}"), get(media))
-                .route(&format!("{SYSTEM}/VirtualMedia/{{dev}}/Actions/{{action}}"), post(media_action))
+                .route(
+                    &format!("{SYSTEM}/VirtualMedia/{{dev}}/Actions/{{action}}"),
+                    post(media_action),
+                )
                 .with_state(bmc.clone());
             runtime.spawn(async move { axum::serve(listener, app).await });
             bmcs.push(bmc);
         }
-        Ok(Bmcs { runtime: Some(runtime), bmcs, urls })
+        Ok(Bmcs {
+            runtime: Some(runtime),
+            bmcs,
+            urls,
+        })
     }
 
     /// How many systems are on.
@@ -208,6 +257,9 @@ impl Bmcs {
 
     /// Requests the BMCs have answered.
     pub fn requests(&self) -> u64 {
-        self.bmcs.iter().map(|b| b.requests.load(std::sync::atomic::Ordering::Relaxed)).sum()
+        self.bmcs
+            .iter()
+            .map(|b| b.requests.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 }

@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "mint-sim", version, about = "Simulated mint agents and Redfish BMCs for load tests and benchmarks.")]
+#[command(
+    name = "mint-sim",
+    version,
+    about = "Simulated mint agents and Redfish BMCs for load tests and benchmarks."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,15 +51,21 @@ enum Command {
 }
 
 fn rate(r: f64) -> anyhow::Result<f64> {
-    anyhow::ensure!((0.0..=1.0).contains(&r), "--failure-rate {r}: give a share from 0 to 1");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&r),
+        "--failure-rate {r}: give a share from 0 to 1"
+    );
     Ok(r)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let stop = || -> anyhow::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -64,10 +74,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         })
     };
     match cli.command {
-        Command::Agents { count, engine, token_file, pin, deploy_ms, failure_rate, heartbeat_ms, prefix } => {
-            let token = std::fs::read_to_string(&token_file).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", token_file.display()))?;
+        Command::Agents {
+            count,
+            engine,
+            token_file,
+            pin,
+            deploy_ms,
+            failure_rate,
+            heartbeat_ms,
+            prefix,
+        } => {
+            let token = std::fs::read_to_string(&token_file)
+                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", token_file.display()))?;
             let trust = mint_tls::Trust::from_flags(None, pin.as_deref(), &engine)?;
-            let engine = mint_sim::agents::Engine { url: engine, admin_token: token.trim().to_string(), trust };
+            let engine = mint_sim::agents::Engine {
+                url: engine,
+                admin_token: token.trim().to_string(),
+                trust,
+            };
             let options = mint_sim::agents::Options {
                 deploy: Duration::from_millis(deploy_ms),
                 failure_rate: rate(failure_rate)?,
@@ -76,11 +100,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let agents = mint_sim::agents::Agents::start(&engine, count, options)?;
-            eprintln!("mint-sim: {count} agents registered ({} to {})", agents.names[0], agents.names[count.saturating_sub(1)]);
+            eprintln!(
+                "mint-sim: {count} agents registered ({} to {})",
+                agents.names[0],
+                agents.names[count.saturating_sub(1)]
+            );
             stop()?;
         }
-        Command::Bmcs { count, power_on_ms, failure_rate } => {
-            let options = mint_sim::bmc::Options { power_on: Duration::from_millis(power_on_ms), failure_rate: rate(failure_rate)?, seed: 1 };
+        Command::Bmcs {
+            count,
+            power_on_ms,
+            failure_rate,
+        } => {
+            let options = mint_sim::bmc::Options {
+                power_on: Duration::from_millis(power_on_ms),
+                failure_rate: rate(failure_rate)?,
+                seed: 1,
+            };
             let bmcs = mint_sim::bmc::Bmcs::start(count, options)?;
             for u in &bmcs.urls {
                 println!("{u}");

@@ -13,14 +13,17 @@
 //! commit that touches a node: every selection reads the whole inventory, and iterating
 //! thousands of records out of sled costs more than the selection itself.
 
-use mint_model::records::{ENGINE, Enrollment, Event, Image, Instance, InstanceId, Node, NodeCredential, Principal, Token, Tier};
+use mint_model::records::{
+    ENGINE, Enrollment, Event, Image, Instance, InstanceId, Node, NodeCredential, Principal, Tier,
+    Token,
+};
 use mint_model::{InstanceState, NodeState};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree, abort};
-use std::path::Path;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -47,7 +50,9 @@ pub enum StoreError {
         message: String,
     },
     /// A record on disk does not decode (a newer or damaged database).
-    #[error("a stored record does not decode ({0}); the database may be from a newer mint or damaged")]
+    #[error(
+        "a stored record does not decode ({0}); the database may be from a newer mint or damaged"
+    )]
     Corrupt(String),
 }
 
@@ -112,11 +117,16 @@ fn discarded_message(id: &InstanceId, deployment: u64, now: &Instance, said: &st
     } else {
         format!("the instance is {} now", now.state)
     };
-    format!("a late answer for {id} (the driver {said} deployment {deployment}) was discarded: {what}")
+    format!(
+        "a late answer for {id} (the driver {said} deployment {deployment}) was discarded: {what}"
+    )
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Whether sled failed to open because another handle holds the directory's lock (sled
@@ -148,7 +158,9 @@ impl Tx<'_> {
     fn get<T: DeserializeOwned>(tree: &TransactionalTree, key: &[u8]) -> TxResult<Option<T>> {
         match tree.get(key)? {
             None => Ok(None),
-            Some(b) => decode(&b).map(Some).map_err(ConflictableTransactionError::Abort),
+            Some(b) => decode(&b)
+                .map(Some)
+                .map_err(ConflictableTransactionError::Abort),
         }
     }
     fn put<T: Serialize>(tree: &TransactionalTree, key: &[u8], v: &T) -> TxResult<()> {
@@ -158,18 +170,29 @@ impl Tx<'_> {
     fn instance(&self, id: &InstanceId) -> TxResult<Instance> {
         match Self::get(self.instances, &instance_key(id))? {
             Some(i) => Ok(i),
-            None => abort(StoreError::NotFound { what: "instance", name: id.to_string() }),
+            None => abort(StoreError::NotFound {
+                what: "instance",
+                name: id.to_string(),
+            }),
         }
     }
     fn node(&self, name: &str) -> TxResult<Node> {
         match Self::get(self.nodes, name.as_bytes())? {
             Some(n) => Ok(n),
-            None => abort(StoreError::NotFound { what: "node", name: name.into() }),
+            None => abort(StoreError::NotFound {
+                what: "node",
+                name: name.into(),
+            }),
         }
     }
     /// Takes `inst` off its node: the node becomes `node_state` holding nothing, the
     /// instance `to` on no node; both are written. Returns the node's name.
-    fn unbind(&self, inst: &mut Instance, node_state: NodeState, to: InstanceState) -> TxResult<String> {
+    fn unbind(
+        &self,
+        inst: &mut Instance,
+        node_state: NodeState,
+        to: InstanceState,
+    ) -> TxResult<String> {
         let node = inst.node.take().unwrap_or_default();
         let mut n = self.node(&node)?;
         n.state = node_state;
@@ -181,9 +204,23 @@ impl Tx<'_> {
         Ok(node)
     }
 
-    fn event(&self, tier: Option<&str>, kind: &str, message: String, detail: serde_json::Value) -> TxResult<()> {
+    fn event(
+        &self,
+        tier: Option<&str>,
+        kind: &str,
+        message: String,
+        detail: serde_json::Value,
+    ) -> TxResult<()> {
         let seq = self.events.generate_id()?;
-        let e = Event { seq, at_ms: now_ms(), tier: tier.map(str::to_string), kind: kind.into(), message, detail, by: Some(self.by.to_string()) };
+        let e = Event {
+            seq,
+            at_ms: now_ms(),
+            tier: tier.map(str::to_string),
+            kind: kind.into(),
+            message,
+            detail,
+            by: Some(self.by.to_string()),
+        };
         Self::put(self.events, &seq.to_be_bytes(), &e)
     }
 }
@@ -192,7 +229,10 @@ impl Store {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         let path = dir.display().to_string();
-        let storage = |e: sled::Error| StoreError::Storage { path: path.clone(), message: e.to_string() };
+        let storage = |e: sled::Error| StoreError::Storage {
+            path: path.clone(),
+            message: e.to_string(),
+        };
         // sled locks its directory. A store closed a moment ago (a restart in the same
         // process, or a previous daemon still exiting) releases the lock only when its
         // background flusher stops, so a held lock is retried for a bounded time before it
@@ -231,7 +271,10 @@ impl Store {
             node_index: RwLock::new(BTreeMap::new()),
         };
         let all: Vec<Node> = store.all(store.nodes.iter())?;
-        *store.node_index.write().unwrap_or_else(|p| p.into_inner()) = all.into_iter().map(|n| (n.name.clone(), Arc::new(n))).collect();
+        *store.node_index.write().unwrap_or_else(|p| p.into_inner()) = all
+            .into_iter()
+            .map(|n| (n.name.clone(), Arc::new(n)))
+            .collect();
         Ok(store)
     }
 
@@ -241,7 +284,11 @@ impl Store {
     fn refresh_nodes<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<()> {
         let mut fresh = Vec::new();
         for name in names {
-            let node = match self.nodes.get(name.as_bytes()).map_err(|e| self.storage(e))? {
+            let node = match self
+                .nodes
+                .get(name.as_bytes())
+                .map_err(|e| self.storage(e))?
+            {
                 Some(b) => Some(Arc::new(decode::<Node>(&b)?)),
                 None => None,
             };
@@ -258,7 +305,10 @@ impl Store {
     }
 
     fn storage(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Storage { path: self.path.clone(), message: e.to_string() }
+        StoreError::Storage {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
     }
 
     /// Runs `f` as one transaction over every tree for the engine itself, then makes it
@@ -269,11 +319,29 @@ impl Store {
 
     /// [`Store::transact`] for the identity `by`, which its events record.
     fn transact_as<T>(&self, by: &str, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
-        let r = (&self.tiers, &self.instances, &self.addresses, &self.hostnames, &self.nodes, &self.events, &self.identities).transaction(
-            |(tiers, instances, addresses, hostnames, nodes, events, identities)| {
-                f(&Tx { tiers, instances, addresses, hostnames, nodes, events, identities, by })
-            },
-        );
+        let r = (
+            &self.tiers,
+            &self.instances,
+            &self.addresses,
+            &self.hostnames,
+            &self.nodes,
+            &self.events,
+            &self.identities,
+        )
+            .transaction(
+                |(tiers, instances, addresses, hostnames, nodes, events, identities)| {
+                    f(&Tx {
+                        tiers,
+                        instances,
+                        addresses,
+                        hostnames,
+                        nodes,
+                        events,
+                        identities,
+                        by,
+                    })
+                },
+            );
         let value = match r {
             Ok(v) => v,
             Err(TransactionError::Abort(e)) => return Err(e),
@@ -285,16 +353,26 @@ impl Store {
     }
 
     /// One record by key, or `NotFound` naming `what`.
-    fn get_one<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &str, what: &'static str) -> Result<T> {
+    fn get_one<T: DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+        key: &str,
+        what: &'static str,
+    ) -> Result<T> {
         match tree.get(key.as_bytes()).map_err(|e| self.storage(e))? {
             Some(b) => decode(&b),
-            None => Err(StoreError::NotFound { what, name: key.into() }),
+            None => Err(StoreError::NotFound {
+                what,
+                name: key.into(),
+            }),
         }
     }
 
     /// Every record of a tree (or of a key prefix of it), in key order.
     fn all<T: DeserializeOwned>(&self, iter: sled::Iter) -> Result<Vec<T>> {
-        iter.values().map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+        iter.values()
+            .map(|v| decode(&v.map_err(|e| self.storage(e))?))
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -310,8 +388,15 @@ impl Store {
         let _w = self.lock();
         self.check_new_tier(tier)?;
         // Checked under the write lock, which deleting an image also takes.
-        if !self.images.contains_key(tier.image.as_bytes()).map_err(|e| self.storage(e))? {
-            return Err(StoreError::Refused(format!("field `image`: no image `{}`; import it first", tier.image)));
+        if !self
+            .images
+            .contains_key(tier.image.as_bytes())
+            .map_err(|e| self.storage(e))?
+        {
+            return Err(StoreError::Refused(format!(
+                "field `image`: no image `{}`; import it first",
+                tier.image
+            )));
         }
         if instances.len() != tier.max_instances as usize {
             return Err(StoreError::Refused(format!(
@@ -349,7 +434,9 @@ impl Store {
     /// Records an imported master image (idempotent: the digest names the content).
     pub fn put_image(&self, image: &Image) -> Result<()> {
         let _w = self.lock();
-        self.images.insert(image.digest.as_bytes(), encode(image)).map_err(|e| self.storage(e))?;
+        self.images
+            .insert(image.digest.as_bytes(), encode(image))
+            .map_err(|e| self.storage(e))?;
         self.db.flush().map_err(|e| self.storage(e))?;
         Ok(())
     }
@@ -358,7 +445,12 @@ impl Store {
     pub fn delete_image(&self, digest: &str, by: &str) -> Result<Image> {
         let _w = self.lock();
         let image: Image = self.get_one(&self.images, digest, "image")?;
-        let users: Vec<String> = self.tiers()?.into_iter().filter(|t| t.image == digest).map(|t| t.name).collect();
+        let users: Vec<String> = self
+            .tiers()?
+            .into_iter()
+            .filter(|t| t.image == digest)
+            .map(|t| t.name)
+            .collect();
         if !users.is_empty() {
             return Err(StoreError::Refused(format!(
                 "image {} ({}) is the master of tier(s) {}; delete those tiers first",
@@ -367,14 +459,27 @@ impl Store {
                 users.join(", ")
             )));
         }
-        self.images.remove(digest.as_bytes()).map_err(|e| self.storage(e))?;
-        self.transact_as(by, |tx| tx.event(None, "image-deleted", format!("image {} ({digest}) deleted", image.name), serde_json::Value::Null))?;
+        self.images
+            .remove(digest.as_bytes())
+            .map_err(|e| self.storage(e))?;
+        self.transact_as(by, |tx| {
+            tx.event(
+                None,
+                "image-deleted",
+                format!("image {} ({digest}) deleted", image.name),
+                serde_json::Value::Null,
+            )
+        })?;
         Ok(image)
     }
 
     /// Every overlay digest stored.
     pub fn overlay_digests(&self) -> Result<Vec<String>> {
-        self.overlays.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k.map_err(|e| self.storage(e))?).into_owned())).collect()
+        self.overlays
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k.map_err(|e| self.storage(e))?).into_owned()))
+            .collect()
     }
 
     /// Removes overlays no instance refers to any more. The caller computes `unused` with
@@ -382,7 +487,9 @@ impl Store {
     pub fn remove_overlays(&self, unused: &[String]) -> Result<()> {
         let _w = self.lock();
         for d in unused {
-            self.overlays.remove(d.as_bytes()).map_err(|e| self.storage(e))?;
+            self.overlays
+                .remove(d.as_bytes())
+                .map_err(|e| self.storage(e))?;
         }
         self.db.flush().map_err(|e| self.storage(e))?;
         Ok(())
@@ -402,7 +509,9 @@ impl Store {
     /// addressed, so instances with identical edits share one, and writing one twice is
     /// harmless; they are made durable with the tier that refers to them.
     pub fn put_overlay(&self, digest: &str, bytes: &[u8]) -> Result<()> {
-        self.overlays.insert(digest.as_bytes(), bytes).map_err(|e| self.storage(e))?;
+        self.overlays
+            .insert(digest.as_bytes(), bytes)
+            .map_err(|e| self.storage(e))?;
         Ok(())
     }
 
@@ -410,13 +519,19 @@ impl Store {
     /// filesystem from its master and overlay) is the blob `digest`. Artifacts are derived
     /// data: losing this record only means building the artifact again.
     pub fn put_artifact(&self, key: &str, digest: &str) -> Result<()> {
-        self.artifacts.insert(key.as_bytes(), digest.as_bytes()).map_err(|e| self.storage(e))?;
+        self.artifacts
+            .insert(key.as_bytes(), digest.as_bytes())
+            .map_err(|e| self.storage(e))?;
         Ok(())
     }
 
     /// The blob built for `key`, if one was recorded.
     pub fn artifact(&self, key: &str) -> Result<Option<String>> {
-        Ok(self.artifacts.get(key.as_bytes()).map_err(|e| self.storage(e))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self
+            .artifacts
+            .get(key.as_bytes())
+            .map_err(|e| self.storage(e))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Every recorded artifact, as (key, digest).
@@ -425,22 +540,34 @@ impl Store {
             .iter()
             .map(|r| {
                 let (k, v) = r.map_err(|e| self.storage(e))?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
             })
             .collect()
     }
 
     /// Forgets the artifact recorded for `key`.
     pub fn forget_artifact(&self, key: &str) -> Result<()> {
-        self.artifacts.remove(key.as_bytes()).map_err(|e| self.storage(e))?;
+        self.artifacts
+            .remove(key.as_bytes())
+            .map_err(|e| self.storage(e))?;
         Ok(())
     }
 
     /// An overlay's bytes.
     pub fn overlay(&self, digest: &str) -> Result<Vec<u8>> {
-        match self.overlays.get(digest.as_bytes()).map_err(|e| self.storage(e))? {
+        match self
+            .overlays
+            .get(digest.as_bytes())
+            .map_err(|e| self.storage(e))?
+        {
             Some(b) => Ok(b.to_vec()),
-            None => Err(StoreError::NotFound { what: "overlay", name: digest.into() }),
+            None => Err(StoreError::NotFound {
+                what: "overlay",
+                name: digest.into(),
+            }),
         }
     }
 
@@ -452,7 +579,9 @@ impl Store {
         let instances = self.instances(name)?;
         let on_nodes = instances.iter().filter(|i| i.state.holds_node()).count();
         if on_nodes > 0 {
-            return Err(StoreError::Refused(format!("tier `{name}` has {on_nodes} instances on nodes; scale it to 0 first")));
+            return Err(StoreError::Refused(format!(
+                "tier `{name}` has {on_nodes} instances on nodes; scale it to 0 first"
+            )));
         }
         self.transact_as(by, |tx| {
             for i in &instances {
@@ -461,7 +590,15 @@ impl Store {
                 tx.hostnames.remove(i.hostname.as_bytes())?;
             }
             tx.tiers.remove(name.as_bytes())?;
-            tx.event(Some(name), "tier-deleted", format!("tier `{name}` deleted; its {} identities are free again", instances.len()), serde_json::Value::Null)
+            tx.event(
+                Some(name),
+                "tier-deleted",
+                format!(
+                    "tier `{name}` deleted; its {} identities are free again",
+                    instances.len()
+                ),
+                serde_json::Value::Null,
+            )
         })
     }
 
@@ -471,7 +608,10 @@ impl Store {
     pub fn check_new_tier(&self, tier: &Tier) -> Result<()> {
         for other in self.tiers()? {
             if other.name == tier.name {
-                return Err(StoreError::Refused(format!("a tier named `{}` exists; choose another `name` or delete it first", tier.name)));
+                return Err(StoreError::Refused(format!(
+                    "a tier named `{}` exists; choose another `name` or delete it first",
+                    tier.name
+                )));
             }
             if other.plan.subnet.overlaps(&tier.plan.subnet) {
                 return Err(StoreError::Refused(format!(
@@ -500,21 +640,37 @@ impl Store {
 
     /// Every address held by any instance, for allocating a new tier's addresses.
     pub fn address_taken(&self, address: std::net::IpAddr) -> Result<bool> {
-        self.addresses.contains_key(address.to_string().as_bytes()).map_err(|e| self.storage(e))
+        self.addresses
+            .contains_key(address.to_string().as_bytes())
+            .map_err(|e| self.storage(e))
     }
 
     /// Sets how many instances of a tier should be deployed (0 to K).
     pub fn set_desired(&self, tier: &str, desired: u32, by: &str) -> Result<u64> {
         self.change_desired(tier, desired, None, by, |before| {
-            ("scale-requested", format!("tier `{tier}` scaled from {before} to {desired}"), serde_json::json!({"from": before, "to": desired}))
+            (
+                "scale-requested",
+                format!("tier `{tier}` scaled from {before} to {desired}"),
+                serde_json::json!({"from": before, "to": desired}),
+            )
         })
     }
 
     /// Sets a tier's desired count because its load rule says so, recording the reason and
     /// the figures behind it, and when (for the rule's cooldown).
-    pub fn autoscale(&self, tier: &str, desired: u32, message: &str, detail: serde_json::Value) -> Result<u64> {
+    pub fn autoscale(
+        &self,
+        tier: &str,
+        desired: u32,
+        message: &str,
+        detail: serde_json::Value,
+    ) -> Result<u64> {
         self.change_desired(tier, desired, Some(now_ms()), ENGINE, |before| {
-            ("autoscaled", format!("tier `{tier}` scaled from {before} to {desired}: {message}"), detail.clone())
+            (
+                "autoscaled",
+                format!("tier `{tier}` scaled from {before} to {desired}: {message}"),
+                detail.clone(),
+            )
         })
     }
 
@@ -532,10 +688,16 @@ impl Store {
         let _w = self.lock();
         self.transact_as(by, |tx| {
             let Some(mut t) = Tx::get::<Tier>(tx.tiers, tier.as_bytes())? else {
-                return abort(StoreError::NotFound { what: "tier", name: tier.into() });
+                return abort(StoreError::NotFound {
+                    what: "tier",
+                    name: tier.into(),
+                });
             };
             if desired > t.max_instances {
-                return refuse(format!("cannot scale tier `{tier}` to {desired}: its max-instances (K) is {}", t.max_instances));
+                return refuse(format!(
+                    "cannot scale tier `{tier}` to {desired}: its max-instances (K) is {}",
+                    t.max_instances
+                ));
             }
             let (kind, message, mut detail) = event(t.desired);
             t.desired = desired;
@@ -555,29 +717,59 @@ impl Store {
     /// Adds a node to the inventory; it starts free unless it is in maintenance.
     pub fn add_node(&self, node: &Node, by: &str) -> Result<()> {
         let _w = self.lock();
-        if node.instance.is_some() || !matches!(node.state, NodeState::Free | NodeState::Maintenance) {
-            return Err(StoreError::Refused(format!("node `{}` must be added free or in maintenance, holding no instance", node.name)));
+        if node.instance.is_some()
+            || !matches!(node.state, NodeState::Free | NodeState::Maintenance)
+        {
+            return Err(StoreError::Refused(format!(
+                "node `{}` must be added free or in maintenance, holding no instance",
+                node.name
+            )));
         }
         self.transact_as(by, |tx| {
             if tx.nodes.get(node.name.as_bytes())?.is_some() {
-                return refuse(format!("a node named `{}` exists; remove it first or choose another name", node.name));
+                return refuse(format!(
+                    "a node named `{}` exists; remove it first or choose another name",
+                    node.name
+                ));
             }
             Tx::put(tx.nodes, node.name.as_bytes(), node)?;
-            tx.event(None, "node-added", format!("node `{}` added ({} cpus, {} MiB, {})", node.name, node.cpus, node.memory_mib, node.arch), serde_json::json!({"labels": node.labels}))
+            tx.event(
+                None,
+                "node-added",
+                format!(
+                    "node `{}` added ({} cpus, {} MiB, {})",
+                    node.name, node.cpus, node.memory_mib, node.arch
+                ),
+                serde_json::json!({"labels": node.labels}),
+            )
         })?;
         self.refresh_nodes([node.name.as_str()])
     }
 
     /// Records an event about something outside the store's records (a plugin installed
     /// or removed), so the event log tells the whole story.
-    pub fn note(&self, kind: &str, message: String, detail: serde_json::Value, by: &str) -> Result<()> {
+    pub fn note(
+        &self,
+        kind: &str,
+        message: String,
+        detail: serde_json::Value,
+        by: &str,
+    ) -> Result<()> {
         let _w = self.lock();
-        self.transact_as(by, |tx| tx.event(None, kind, message.clone(), detail.clone()))
+        self.transact_as(by, |tx| {
+            tx.event(None, kind, message.clone(), detail.clone())
+        })
     }
 
     /// Records an event about a tier that changes no record (the engine's own
     /// observations, such as a tier blocked for want of nodes).
-    pub fn note_tier(&self, tier: &str, kind: &str, message: String, detail: serde_json::Value) -> Result<()> {
+    pub fn note_tier(
+        &self,
+        tier: &str,
+        kind: &str,
+        message: String,
+        detail: serde_json::Value,
+    ) -> Result<()> {
         let _w = self.lock();
         self.transact(|tx| tx.event(Some(tier), kind, message.clone(), detail.clone()))
     }
@@ -588,14 +780,33 @@ impl Store {
         self.transact_as(by, |tx| {
             let key = format!("token/{}", t.name);
             if tx.identities.get(key.as_bytes())?.is_some() {
-                return refuse(format!("a token named `{}` exists; revoke it first or choose another `--name`", t.name));
+                return refuse(format!(
+                    "a token named `{}` exists; revoke it first or choose another `--name`",
+                    t.name
+                ));
             }
-            if tx.identities.get(format!("hash/{}", t.hash).as_bytes())?.is_some() {
+            if tx
+                .identities
+                .get(format!("hash/{}", t.hash).as_bytes())?
+                .is_some()
+            {
                 return refuse("that token is in use already; create a new one".into());
             }
             Tx::put(tx.identities, key.as_bytes(), t)?;
-            Tx::put(tx.identities, format!("hash/{}", t.hash).as_bytes(), &Principal::Operator { name: t.name.clone(), role: t.role })?;
-            tx.event(None, "token-created", format!("token `{}` created with role {}", t.name, t.role.name()), serde_json::json!({"name": t.name, "role": t.role}))
+            Tx::put(
+                tx.identities,
+                format!("hash/{}", t.hash).as_bytes(),
+                &Principal::Operator {
+                    name: t.name.clone(),
+                    role: t.role,
+                },
+            )?;
+            tx.event(
+                None,
+                "token-created",
+                format!("token `{}` created with role {}", t.name, t.role.name()),
+                serde_json::json!({"name": t.name, "role": t.role}),
+            )
         })
     }
 
@@ -604,12 +815,22 @@ impl Store {
     pub fn secret(&self, name: &str) -> Result<[u8; 32]> {
         let key = format!("secret/{name}");
         let _w = self.lock();
-        if let Some(v) = self.identities.get(key.as_bytes()).map_err(|e| self.storage(e))? {
-            return v.as_ref().try_into().map_err(|_| StoreError::Corrupt(format!("secret `{name}` is not 32 bytes")));
+        if let Some(v) = self
+            .identities
+            .get(key.as_bytes())
+            .map_err(|e| self.storage(e))?
+        {
+            return v
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("secret `{name}` is not 32 bytes")));
         }
         let mut bytes = [0u8; 32];
-        getrandom::getrandom(&mut bytes).map_err(|e| self.storage(format!("no random bytes from the operating system: {e}")))?;
-        self.identities.insert(key.as_bytes(), &bytes[..]).map_err(|e| self.storage(e))?;
+        getrandom::getrandom(&mut bytes)
+            .map_err(|e| self.storage(format!("no random bytes from the operating system: {e}")))?;
+        self.identities
+            .insert(key.as_bytes(), &bytes[..])
+            .map_err(|e| self.storage(e))?;
         self.db.flush().map_err(|e| self.storage(e))?;
         Ok(bytes)
     }
@@ -625,18 +846,31 @@ impl Store {
         self.transact_as(by, |tx| {
             let key = format!("token/{name}");
             let Some(t) = Tx::get::<Token>(tx.identities, key.as_bytes())? else {
-                return abort(StoreError::NotFound { what: "token", name: name.into() });
+                return abort(StoreError::NotFound {
+                    what: "token",
+                    name: name.into(),
+                });
             };
             tx.identities.remove(key.as_bytes())?;
-            tx.identities.remove(format!("hash/{}", t.hash).as_bytes())?;
-            tx.event(None, "token-revoked", format!("token `{name}` revoked"), serde_json::json!({"name": name}))?;
+            tx.identities
+                .remove(format!("hash/{}", t.hash).as_bytes())?;
+            tx.event(
+                None,
+                "token-revoked",
+                format!("token `{name}` revoked"),
+                serde_json::json!({"name": name}),
+            )?;
             Ok(t)
         })
     }
 
     /// Whose credential has the hash `hash`, if anyone's.
     pub fn principal(&self, hash: &str) -> Result<Option<Principal>> {
-        match self.identities.get(format!("hash/{hash}").as_bytes()).map_err(|e| self.storage(e))? {
+        match self
+            .identities
+            .get(format!("hash/{hash}").as_bytes())
+            .map_err(|e| self.storage(e))?
+        {
             Some(b) => decode(&b).map(Some),
             None => Ok(None),
         }
@@ -650,7 +884,10 @@ impl Store {
             tx.event(
                 None,
                 "node-enrolled",
-                format!("node `{}` may join once with a join token until {}", e.node, e.expires_ms),
+                format!(
+                    "node `{}` may join once with a join token until {}",
+                    e.node, e.expires_ms
+                ),
                 serde_json::json!({"node": e.node, "labels": e.labels, "expires-ms": e.expires_ms}),
             )
         })
@@ -658,7 +895,11 @@ impl Store {
 
     /// A pending enrollment, if there is one for `node`.
     pub fn enrollment(&self, node: &str) -> Result<Option<Enrollment>> {
-        match self.identities.get(format!("enroll/{node}").as_bytes()).map_err(|e| self.storage(e))? {
+        match self
+            .identities
+            .get(format!("enroll/{node}").as_bytes())
+            .map_err(|e| self.storage(e))?
+        {
             Some(b) => decode(&b).map(Some),
             None => Ok(None),
         }
@@ -666,7 +907,11 @@ impl Store {
 
     /// A node's credential record, if it has one.
     pub fn node_credential(&self, node: &str) -> Result<Option<NodeCredential>> {
-        match self.identities.get(format!("cred/{node}").as_bytes()).map_err(|e| self.storage(e))? {
+        match self
+            .identities
+            .get(format!("cred/{node}").as_bytes())
+            .map_err(|e| self.storage(e))?
+        {
             Some(b) => decode(&b).map(Some),
             None => Ok(None),
         }
@@ -677,7 +922,13 @@ impl Store {
     /// is added or its facts refreshed (keeping its state and instance; the enrollment's
     /// labels win), and its credential becomes the one hashing to `credential_hash`, with
     /// the next generation. Refused, writing nothing, for any other token.
-    pub fn join(&self, node: &Node, join_hash: &str, now_ms: u64, credential_hash: &str) -> Result<NodeCredential> {
+    pub fn join(
+        &self,
+        node: &Node,
+        join_hash: &str,
+        now_ms: u64,
+        credential_hash: &str,
+    ) -> Result<NodeCredential> {
         let _w = self.lock();
         let credential = self.transact_as(&format!("node:{}", node.name), |tx| {
             let key = format!("enroll/{}", node.name);
@@ -715,9 +966,13 @@ impl Store {
     pub fn reregister(&self, node: &Node, credential_hash: &str) -> Result<()> {
         let _w = self.lock();
         self.transact_as(&format!("node:{}", node.name), |tx| {
-            let current = Tx::get::<NodeCredential>(tx.identities, format!("cred/{}", node.name).as_bytes())?;
+            let current =
+                Tx::get::<NodeCredential>(tx.identities, format!("cred/{}", node.name).as_bytes())?;
             if !current.is_some_and(|c| same_hash(&c.hash, credential_hash)) {
-                return refuse(format!("node `{}` registers only with its own credential", node.name));
+                return refuse(format!(
+                    "node `{}` registers only with its own credential",
+                    node.name
+                ));
             }
             let mut n = node.clone();
             if let Some(known) = Tx::get::<Node>(tx.nodes, node.name.as_bytes())? {
@@ -735,11 +990,28 @@ impl Store {
     /// instance and load.
     fn put_registered(tx: &Tx<'_>, node: &Node, verb: &str) -> TxResult<()> {
         let n = match Tx::get::<Node>(tx.nodes, node.name.as_bytes())? {
-            Some(known) => Node { state: known.state, instance: known.instance.clone(), load: known.load, ..node.clone() },
-            None => Node { state: NodeState::Free, instance: None, ..node.clone() },
+            Some(known) => Node {
+                state: known.state,
+                instance: known.instance.clone(),
+                load: known.load,
+                ..node.clone()
+            },
+            None => Node {
+                state: NodeState::Free,
+                instance: None,
+                ..node.clone()
+            },
         };
         Tx::put(tx.nodes, node.name.as_bytes(), &n)?;
-        tx.event(None, "node-registered", format!("node `{}` {verb} ({} cpus, {} MiB, {})", n.name, n.cpus, n.memory_mib, n.arch), serde_json::json!({"properties": n.properties, "labels": n.labels}))
+        tx.event(
+            None,
+            "node-registered",
+            format!(
+                "node `{}` {verb} ({} cpus, {} MiB, {})",
+                n.name, n.cpus, n.memory_mib, n.arch
+            ),
+            serde_json::json!({"properties": n.properties, "labels": n.labels}),
+        )
     }
 
     /// Removes a node that holds no instance.
@@ -748,16 +1020,27 @@ impl Store {
         self.transact_as(by, |tx| {
             let n = tx.node(name)?;
             if !n.state.can_remove() || n.instance.is_some() {
-                return refuse(format!("node `{name}` is {} and holds an instance; scale its tier in first", n.state));
+                return refuse(format!(
+                    "node `{name}` is {} and holds an instance; scale its tier in first",
+                    n.state
+                ));
             }
             tx.nodes.remove(name.as_bytes())?;
             // Its agent's credential dies with it: the name may join again only through
             // a new enrollment.
-            if let Some(c) = Tx::get::<NodeCredential>(tx.identities, format!("cred/{name}").as_bytes())? {
-                tx.identities.remove(format!("hash/{}", c.hash).as_bytes())?;
+            if let Some(c) =
+                Tx::get::<NodeCredential>(tx.identities, format!("cred/{name}").as_bytes())?
+            {
+                tx.identities
+                    .remove(format!("hash/{}", c.hash).as_bytes())?;
                 tx.identities.remove(format!("cred/{name}").as_bytes())?;
             }
-            tx.event(None, "node-removed", format!("node `{name}` removed"), serde_json::Value::Null)
+            tx.event(
+                None,
+                "node-removed",
+                format!("node `{name}` removed"),
+                serde_json::Value::Null,
+            )
         })?;
         self.refresh_nodes([name])
     }
@@ -770,20 +1053,37 @@ impl Store {
     /// Every node, by name, as shared handles to the last committed records: what a
     /// selection reads, without copying the inventory.
     pub fn node_handles(&self) -> Vec<Arc<Node>> {
-        self.node_index.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.node_index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Whether node `name` exists and has the property `key`, read from the in-memory index
     /// without copying the record (asked for every running instance on every step).
     pub fn node_has_property(&self, name: &str, key: &str) -> bool {
-        self.node_index.read().unwrap_or_else(|p| p.into_inner()).get(name).is_some_and(|n| n.properties.contains_key(key))
+        self.node_index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .is_some_and(|n| n.properties.contains_key(key))
     }
 
     /// One node by name.
     pub fn node(&self, name: &str) -> Result<Node> {
-        match self.node_index.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+        match self
+            .node_index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
             Some(n) => Ok(Node::clone(n)),
-            None => Err(StoreError::NotFound { what: "node", name: name.into() }),
+            None => Err(StoreError::NotFound {
+                what: "node",
+                name: name.into(),
+            }),
         }
     }
 
@@ -797,15 +1097,23 @@ impl Store {
     /// Binds several instances of one tier to nodes in one transaction (one flush), all or
     /// none, with the checks of [`Store::bind`] for each.
     pub fn bind_many(&self, binds: &[(InstanceId, String, serde_json::Value)]) -> Result<()> {
-        let Some(first) = binds.first() else { return Ok(()) };
+        let Some(first) = binds.first() else {
+            return Ok(());
+        };
         let tier_name = first.0.tier.clone();
         if binds.iter().any(|b| b.0.tier != tier_name) {
-            return Err(StoreError::Refused("one bind_many call binds instances of one tier".into()));
+            return Err(StoreError::Refused(
+                "one bind_many call binds instances of one tier".into(),
+            ));
         }
         let _w = self.lock();
         // Counted under the write lock, so no other writer can change it before the
         // transaction below commits.
-        let on_nodes = self.instances(&tier_name)?.iter().filter(|i| i.state.holds_node()).count();
+        let on_nodes = self
+            .instances(&tier_name)?
+            .iter()
+            .filter(|i| i.state.holds_node())
+            .count();
         self.transact(|tx| {
             let Some(tier) = Tx::get::<Tier>(tx.tiers, tier_name.as_bytes())? else {
                 return abort(StoreError::NotFound { what: "tier", name: tier_name.clone() });
@@ -851,13 +1159,28 @@ impl Store {
     /// from the new master with its unchanged identity, the tier's revision goes up, and
     /// deployed instances become due to roll, `batch` at a time. `reminted` must hold every
     /// instance of the tier, with the same host names and addresses; states are kept.
-    pub fn remint(&self, tier_name: &str, image: &str, batch: u32, reminted: &[Instance], by: &str) -> Result<u64> {
+    pub fn remint(
+        &self,
+        tier_name: &str,
+        image: &str,
+        batch: u32,
+        reminted: &[Instance],
+        by: &str,
+    ) -> Result<u64> {
         let _w = self.lock();
-        if !self.images.contains_key(image.as_bytes()).map_err(|e| self.storage(e))? {
-            return Err(StoreError::Refused(format!("field `image`: no image `{image}`; import it first")));
+        if !self
+            .images
+            .contains_key(image.as_bytes())
+            .map_err(|e| self.storage(e))?
+        {
+            return Err(StoreError::Refused(format!(
+                "field `image`: no image `{image}`; import it first"
+            )));
         }
         if batch == 0 {
-            return Err(StoreError::Refused("field `batch`: roll at least 1 instance at a time".into()));
+            return Err(StoreError::Refused(
+                "field `batch`: roll at least 1 instance at a time".into(),
+            ));
         }
         let revision = self.transact_as(by, |tx| {
             let Some(mut tier) = Tx::get::<Tier>(tx.tiers, tier_name.as_bytes())? else {
@@ -934,7 +1257,10 @@ impl Store {
     /// deployment the answer is about (`(id, deployment, detail)`): a late answer about a
     /// deployment since taken back, failed or replaced is discarded with an event, and the
     /// newer decision stands. Returns the discarded ones. One transaction.
-    pub fn finish_guarded(&self, done: &[(InstanceId, u64, serde_json::Value)]) -> Result<Vec<InstanceId>> {
+    pub fn finish_guarded(
+        &self,
+        done: &[(InstanceId, u64, serde_json::Value)],
+    ) -> Result<Vec<InstanceId>> {
         if done.is_empty() {
             return Ok(Vec::new());
         }
@@ -944,7 +1270,12 @@ impl Store {
             for (id, deployment, detail) in done {
                 let mut inst = tx.instance(id)?;
                 if !inst.state.can_finish_deploy() || inst.deployment != *deployment {
-                    tx.event(Some(&id.tier), "answer-discarded", discarded_message(id, *deployment, &inst, "finished"), detail.clone())?;
+                    tx.event(
+                        Some(&id.tier),
+                        "answer-discarded",
+                        discarded_message(id, *deployment, &inst, "finished"),
+                        detail.clone(),
+                    )?;
                     discarded.push(id.clone());
                     continue;
                 }
@@ -955,7 +1286,12 @@ impl Store {
                 n.state = NodeState::InService;
                 Tx::put(tx.instances, &instance_key(id), &inst)?;
                 Tx::put(tx.nodes, node.as_bytes(), &n)?;
-                tx.event(Some(&id.tier), "deployed", format!("instance {id} runs on node `{node}`"), detail.clone())?;
+                tx.event(
+                    Some(&id.tier),
+                    "deployed",
+                    format!("instance {id} runs on node `{node}`"),
+                    detail.clone(),
+                )?;
                 nodes.push(node);
             }
             Ok((nodes, discarded))
@@ -996,11 +1332,21 @@ impl Store {
         let node = self.transact(|tx| {
             let mut inst = tx.instance(id)?;
             if inst.state != InstanceState::Undeploying || inst.deployment != deployment {
-                tx.event(Some(&id.tier), "answer-discarded", discarded_message(id, deployment, &inst, "undeployed"), serde_json::Value::Null)?;
+                tx.event(
+                    Some(&id.tier),
+                    "answer-discarded",
+                    discarded_message(id, deployment, &inst, "undeployed"),
+                    serde_json::Value::Null,
+                )?;
                 return Ok(None);
             }
             let node = tx.unbind(&mut inst, NodeState::Free, InstanceState::Pooled)?;
-            tx.event(Some(&id.tier), "released", format!("instance {id} returned to the pool from node `{node}`: {reason}"), serde_json::Value::Null)?;
+            tx.event(
+                Some(&id.tier),
+                "released",
+                format!("instance {id} returned to the pool from node `{node}`: {reason}"),
+                serde_json::Value::Null,
+            )?;
             Ok(Some(node))
         })?;
         self.refresh_nodes(node.as_deref())?;
@@ -1011,18 +1357,39 @@ impl Store {
     /// `deployment`: its node is declared failed, and the instance becomes `to` (failed, to
     /// be redeployed first elsewhere; or pooled, for a deployment that never ran). Otherwise
     /// the answer is discarded with an event. Returns whether it was applied.
-    pub fn fail_guarded(&self, id: &InstanceId, deployment: u64, expected: InstanceState, to: InstanceState, reason: &str) -> Result<bool> {
+    pub fn fail_guarded(
+        &self,
+        id: &InstanceId,
+        deployment: u64,
+        expected: InstanceState,
+        to: InstanceState,
+        reason: &str,
+    ) -> Result<bool> {
         let _w = self.lock();
         let node = self.transact(|tx| {
             let mut inst = tx.instance(id)?;
             if inst.state != expected || inst.deployment != deployment {
                 let detail = serde_json::json!({ "reason": reason });
-                tx.event(Some(&id.tier), "answer-discarded", discarded_message(id, deployment, &inst, "failed"), detail)?;
+                tx.event(
+                    Some(&id.tier),
+                    "answer-discarded",
+                    discarded_message(id, deployment, &inst, "failed"),
+                    detail,
+                )?;
                 return Ok(None);
             }
             let node = tx.unbind(&mut inst, NodeState::Failed, to)?;
-            let then = if to == InstanceState::Failed { "waits for a fresh node" } else { "returned to the pool" };
-            tx.event(Some(&id.tier), "node-failed", format!("node `{node}` failed: {reason}; instance {id} {then}"), serde_json::Value::Null)?;
+            let then = if to == InstanceState::Failed {
+                "waits for a fresh node"
+            } else {
+                "returned to the pool"
+            };
+            tx.event(
+                Some(&id.tier),
+                "node-failed",
+                format!("node `{node}` failed: {reason}; instance {id} {then}"),
+                serde_json::Value::Null,
+            )?;
             Ok(Some(node))
         })?;
         self.refresh_nodes(node.as_deref())?;
@@ -1052,8 +1419,16 @@ impl Store {
                 Tx::put(tx.instances, &instance_key(id), &inst)?;
             }
             let tier = held.as_ref().map(|i| i.tier.as_str());
-            let what = held.as_ref().map(|i| format!("; instance {i} failed with it")).unwrap_or_default();
-            tx.event(tier, "node-failed", format!("node `{name}` failed: {reason}{what}"), serde_json::Value::Null)?;
+            let what = held
+                .as_ref()
+                .map(|i| format!("; instance {i} failed with it"))
+                .unwrap_or_default();
+            tx.event(
+                tier,
+                "node-failed",
+                format!("node `{name}` failed: {reason}{what}"),
+                serde_json::Value::Null,
+            )?;
             Ok(held.clone())
         });
         self.refresh_nodes([name])?;
@@ -1099,7 +1474,12 @@ impl Store {
             let mut n = tx.node(name)?;
             let came: Vec<&String> = cached.iter().filter(|d| !n.cached.contains(d)).collect();
             let went: Vec<&String> = n.cached.iter().filter(|d| !cached.contains(d)).collect();
-            let message = format!("node `{name}` caches {} master(s): {} came, {} went", cached.len(), came.len(), went.len());
+            let message = format!(
+                "node `{name}` caches {} master(s): {} came, {} went",
+                cached.len(),
+                came.len(),
+                went.len()
+            );
             let detail = serde_json::json!({"came": came, "went": went});
             n.cached = cached.clone();
             Tx::put(tx.nodes, name.as_bytes(), &n)?;
@@ -1111,8 +1491,16 @@ impl Store {
 
     /// Events with a sequence number above `after`, oldest first, at most `limit`.
     pub fn events(&self, after: Option<u64>, limit: usize) -> Result<Vec<Event>> {
-        let start = after.map(|a| a.saturating_add(1)).unwrap_or(0).to_be_bytes();
-        self.events.range(start..).values().take(limit).map(|v| decode(&v.map_err(|e| self.storage(e))?)).collect()
+        let start = after
+            .map(|a| a.saturating_add(1))
+            .unwrap_or(0)
+            .to_be_bytes();
+        self.events
+            .range(start..)
+            .values()
+            .take(limit)
+            .map(|v| decode(&v.map_err(|e| self.storage(e))?))
+            .collect()
     }
 
     /// Checks every invariant of the pool over the whole database and lists what is
@@ -1125,34 +1513,57 @@ impl Store {
         for t in self.tiers()? {
             let inst = self.instances(&t.name)?;
             if inst.len() != t.max_instances as usize {
-                broken.push(format!("tier {} has {} instances, not K = {}", t.name, inst.len(), t.max_instances));
+                broken.push(format!(
+                    "tier {} has {} instances, not K = {}",
+                    t.name,
+                    inst.len(),
+                    t.max_instances
+                ));
             }
             let on_nodes = inst.iter().filter(|i| i.state.holds_node()).count();
             if on_nodes > t.max_instances as usize {
-                broken.push(format!("tier {} has {on_nodes} instances on nodes, above K", t.name));
+                broken.push(format!(
+                    "tier {} has {on_nodes} instances on nodes, above K",
+                    t.name
+                ));
             }
             for i in &inst {
                 if let Some(o) = addr.insert(i.address, i.id.clone()) {
                     broken.push(format!("address {} held by {} and {}", i.address, o, i.id));
                 }
                 if let Some(o) = host.insert(i.hostname.clone(), i.id.clone()) {
-                    broken.push(format!("host name {} held by {} and {}", i.hostname, o, i.id));
+                    broken.push(format!(
+                        "host name {} held by {} and {}",
+                        i.hostname, o, i.id
+                    ));
                 }
                 match (&i.node, i.state.holds_node()) {
                     (Some(n), true) => match nodes.iter().find(|x| &x.name == n) {
                         Some(node) if node.instance.as_ref() == Some(&i.id) => {}
-                        _ => broken.push(format!("instance {} claims node {n}, which does not hold it", i.id)),
+                        _ => broken.push(format!(
+                            "instance {} claims node {n}, which does not hold it",
+                            i.id
+                        )),
                     },
                     (None, false) => {}
-                    _ => broken.push(format!("instance {} is {} with node {:?}", i.id, i.state, i.node)),
+                    _ => broken.push(format!(
+                        "instance {} is {} with node {:?}",
+                        i.id, i.state, i.node
+                    )),
                 }
             }
         }
         for n in &nodes {
             if let Some(id) = &n.instance {
-                let holds = self.instances(&id.tier)?.iter().any(|i| &i.id == id && i.node.as_deref() == Some(n.name.as_str()));
+                let holds = self
+                    .instances(&id.tier)?
+                    .iter()
+                    .any(|i| &i.id == id && i.node.as_deref() == Some(n.name.as_str()));
                 if !holds {
-                    broken.push(format!("node {} claims instance {id}, which is not on it", n.name));
+                    broken.push(format!(
+                        "node {} claims instance {id}, which is not on it",
+                        n.name
+                    ));
                 }
             }
         }

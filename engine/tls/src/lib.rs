@@ -39,10 +39,14 @@ pub enum TlsError {
         message: String,
     },
     /// A pin is not `sha256:` and 64 hex digits.
-    #[error("`{0}` is not a key pin: give `sha256:` followed by the 64 hex digits of the SHA-256 of the certificate's SubjectPublicKeyInfo")]
+    #[error(
+        "`{0}` is not a key pin: give `sha256:` followed by the 64 hex digits of the SHA-256 of the certificate's SubjectPublicKeyInfo"
+    )]
     BadPin(String),
     /// The machine's trust store could not be read.
-    #[error("cannot read the system's trust store: {0} (install ca-certificates, or give a CA file or a pin)")]
+    #[error(
+        "cannot read the system's trust store: {0} (install ca-certificates, or give a CA file or a pin)"
+    )]
     SystemRoots(String),
     /// rustls or rcgen refused something.
     #[error("{0}")]
@@ -51,6 +55,9 @@ pub enum TlsError {
 
 /// The crypto provider every configuration here uses.
 pub(crate) fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    static PROVIDER: std::sync::OnceLock<std::sync::Arc<rustls::crypto::CryptoProvider>> = std::sync::OnceLock::new();
-    PROVIDER.get_or_init(|| std::sync::Arc::new(rustls::crypto::ring::default_provider())).clone()
+    static PROVIDER: std::sync::OnceLock<std::sync::Arc<rustls::crypto::CryptoProvider>> =
+        std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
 }

@@ -25,7 +25,8 @@ pub enum Incoming {
         /// The bound address.
         local: SocketAddr,
         /// Completed handshakes.
-        ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+        ready:
+            tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
         /// The accept loop, stopped when this is dropped.
         task: tokio::task::JoinHandle<()>,
     },
@@ -52,7 +53,9 @@ impl Incoming {
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let task = tokio::spawn(async move {
             loop {
-                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
                 let (stream, peer) = match tcp.accept().await {
                     Ok(c) => c,
                     Err(e) => {
@@ -128,7 +131,11 @@ pub enum Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: StdPin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: StdPin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => StdPin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => StdPin::new(s.as_mut()).poll_read(cx, buf),
@@ -137,14 +144,22 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: StdPin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: StdPin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => StdPin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => StdPin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
-    fn poll_write_vectored(self: StdPin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: StdPin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => StdPin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => StdPin::new(s.as_mut()).poll_write_vectored(cx, bufs),

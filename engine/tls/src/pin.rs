@@ -19,13 +19,18 @@ impl Pin {
     /// The pin of a DER certificate's key.
     pub fn of_certificate(der: &[u8]) -> Result<Pin, TlsError> {
         let cert = rustls::pki_types::CertificateDer::from(der);
-        let parsed = rustls::server::ParsedCertificate::try_from(&cert).map_err(|e| TlsError::Crypto(format!("not a certificate: {e}")))?;
+        let parsed = rustls::server::ParsedCertificate::try_from(&cert)
+            .map_err(|e| TlsError::Crypto(format!("not a certificate: {e}")))?;
         Ok(Pin::of_spki(parsed.subject_public_key_info().as_ref()))
     }
 
     /// Whether two pins are equal, in time independent of where they differ.
     pub fn matches(&self, other: &Pin) -> bool {
-        self.0.iter().zip(other.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 }
 
@@ -33,9 +38,14 @@ impl std::str::FromStr for Pin {
     type Err = TlsError;
 
     fn from_str(s: &str) -> Result<Pin, TlsError> {
-        let hex = s.trim().strip_prefix("sha256:").ok_or_else(|| TlsError::BadPin(s.to_string()))?;
+        let hex = s
+            .trim()
+            .strip_prefix("sha256:")
+            .ok_or_else(|| TlsError::BadPin(s.to_string()))?;
         let bytes = hex::decode(hex).map_err(|_| TlsError::BadPin(s.to_string()))?;
-        let bytes: [u8; 32] = bytes.try_into().map_err(|_| TlsError::BadPin(s.to_string()))?;
+        let bytes: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| TlsError::BadPin(s.to_string()))?;
         Ok(Pin(bytes))
     }
 }
@@ -62,9 +72,19 @@ mod tests {
         let text = p.to_string();
         assert!(text.starts_with("sha256:") && text.len() == 7 + 64);
         assert_eq!(text.parse::<Pin>().unwrap(), p);
-        for bad in ["", "sha256:", "sha1:00", "sha256:zz", &text[..text.len() - 2], &format!("{text}00")] {
+        for bad in [
+            "",
+            "sha256:",
+            "sha1:00",
+            "sha256:zz",
+            &text[..text.len() - 2],
+            &format!("{text}00"),
+        ] {
             let e = bad.parse::<Pin>().unwrap_err().to_string();
-            assert!(e.contains("sha256:") && e.contains("SubjectPublicKeyInfo"), "{bad}: {e}");
+            assert!(
+                e.contains("sha256:") && e.contains("SubjectPublicKeyInfo"),
+                "{bad}: {e}"
+            );
         }
         assert!(p.matches(&p) && !p.matches(&Pin::of_spki(b"other")));
     }

@@ -29,7 +29,11 @@ impl Trust {
     /// What a client's `--ca FILE` / `--pin sha256:...` flags choose for a server at `url`:
     /// the CA file, else the pin, else the system's roots for an `https://` URL; none for
     /// plain HTTP, which needs no anchors.
-    pub fn from_flags(ca: Option<&std::path::Path>, pin: Option<&str>, url: &str) -> Result<Option<Trust>, TlsError> {
+    pub fn from_flags(
+        ca: Option<&std::path::Path>,
+        pin: Option<&str>,
+        url: &str,
+    ) -> Result<Option<Trust>, TlsError> {
         Ok(match (ca, pin) {
             (Some(ca), _) => Some(Trust::Ca(ca.to_path_buf())),
             (None, Some(pin)) => Some(Trust::Pin(pin.parse()?)),
@@ -76,7 +80,11 @@ fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
             let mut roots = RootCertStore::empty();
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
-                let why = found.errors.first().map(|e| e.to_string()).unwrap_or_else(|| "no certificates found".into());
+                let why = found
+                    .errors
+                    .first()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "no certificates found".into());
                 return Err(why);
             }
             Ok(Arc::new(roots))
@@ -87,14 +95,30 @@ fn system_roots() -> Result<Arc<RootCertStore>, TlsError> {
 
 fn ca_roots(path: &std::path::Path) -> Result<Arc<RootCertStore>, TlsError> {
     let what = "CA file";
-    let bytes = std::fs::read(path).map_err(|source| TlsError::File { what, path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| TlsError::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&bytes) {
-        let cert = cert.map_err(|e| TlsError::Content { what, path: path.to_path_buf(), message: format!("not PEM certificates: {e}") })?;
-        roots.add(cert).map_err(|e| TlsError::Content { what, path: path.to_path_buf(), message: format!("unusable certificate: {e}") })?;
+        let cert = cert.map_err(|e| TlsError::Content {
+            what,
+            path: path.to_path_buf(),
+            message: format!("not PEM certificates: {e}"),
+        })?;
+        roots.add(cert).map_err(|e| TlsError::Content {
+            what,
+            path: path.to_path_buf(),
+            message: format!("unusable certificate: {e}"),
+        })?;
     }
     if roots.is_empty() {
-        return Err(TlsError::Content { what, path: path.to_path_buf(), message: "holds no PEM certificate".into() });
+        return Err(TlsError::Content {
+            what,
+            path: path.to_path_buf(),
+            message: "holds no PEM certificate".into(),
+        });
     }
     Ok(Arc::new(roots))
 }
@@ -108,9 +132,16 @@ impl ClientTrust {
             Trust::Pin(_) | Trust::Insecure => None,
         };
         let webpki = roots
-            .map(|r| WebPkiServerVerifier::builder_with_provider(r, provider()).build().map_err(|e| TlsError::Crypto(e.to_string())))
+            .map(|r| {
+                WebPkiServerVerifier::builder_with_provider(r, provider())
+                    .build()
+                    .map_err(|e| TlsError::Crypto(e.to_string()))
+            })
             .transpose()?;
-        Ok(ClientTrust { trust: trust.clone(), webpki })
+        Ok(ClientTrust {
+            trust: trust.clone(),
+            webpki,
+        })
     }
 
     /// The trust this was made from.
@@ -127,7 +158,11 @@ impl ClientTrust {
     /// server presented.
     pub fn watched(&self) -> (Arc<ClientConfig>, Arc<Presented>) {
         let presented = Arc::new(Presented::default());
-        let verifier = Arc::new(Verifier { trust: self.trust.clone(), webpki: self.webpki.clone(), presented: presented.clone() });
+        let verifier = Arc::new(Verifier {
+            trust: self.trust.clone(),
+            webpki: self.webpki.clone(),
+            presented: presented.clone(),
+        });
         let config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
@@ -162,28 +197,62 @@ impl ServerCertVerifier for Verifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = Pin::of_certificate(end_entity).map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        let presented = Pin::of_certificate(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
         *self.presented.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(presented);
         match (&self.trust, &self.webpki) {
             (Trust::Insecure, _) => Ok(ServerCertVerified::assertion()),
-            (Trust::Pin(pinned), _) if pinned.matches(&presented) => Ok(ServerCertVerified::assertion()),
+            (Trust::Pin(pinned), _) if pinned.matches(&presented) => {
+                Ok(ServerCertVerified::assertion())
+            }
             // `General`, since rustls prints other certificate errors by their Debug form.
-            (Trust::Pin(pinned), _) => Err(rustls::Error::General(PinMismatch { presented, pinned: *pinned }.to_string())),
-            (_, Some(webpki)) => webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
+            (Trust::Pin(pinned), _) => Err(rustls::Error::General(
+                PinMismatch {
+                    presented,
+                    pinned: *pinned,
+                }
+                .to_string(),
+            )),
+            (_, Some(webpki)) => {
+                webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            }
             (_, None) => Err(rustls::Error::General("no trust anchors loaded".into())),
         }
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // Even a pinned or unverified server proves it holds the presented key.
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider().signature_verification_algorithms.supported_schemes()
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

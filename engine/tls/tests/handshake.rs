@@ -33,12 +33,22 @@ async fn serve(cert: &ServerCert) -> std::net::SocketAddr {
     addr
 }
 
-async fn talk(addr: std::net::SocketAddr, trust: &ClientTrust, name: &str) -> Result<Option<Pin>, (String, Option<Pin>)> {
+async fn talk(
+    addr: std::net::SocketAddr,
+    trust: &ClientTrust,
+    name: &str,
+) -> Result<Option<Pin>, (String, Option<Pin>)> {
     let (config, presented) = trust.watched();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let connector = tokio_rustls::TlsConnector::from(config);
     let name = ServerName::try_from(name.to_string()).unwrap();
-    match tokio::time::timeout(std::time::Duration::from_secs(10), connector.connect(name, tcp)).await.expect("handshake within 10 s") {
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        connector.connect(name, tcp),
+    )
+    .await
+    .expect("handshake within 10 s")
+    {
         Ok(mut s) => {
             s.write_all(b"x").await.unwrap();
             let mut b = [0u8; 1];
@@ -53,16 +63,33 @@ async fn talk(addr: std::net::SocketAddr, trust: &ClientTrust, name: &str) -> Re
 #[tokio::test]
 async fn clients_admit_only_what_they_trust() {
     let dir = scratch("trust");
-    let cert = ServerCert::load(ServerSource::SelfSigned { dir: dir.clone(), names: vec![] }).unwrap();
+    let cert = ServerCert::load(ServerSource::SelfSigned {
+        dir: dir.clone(),
+        names: vec![],
+    })
+    .unwrap();
     let addr = serve(&cert).await;
     let pin = cert.pin();
 
     let pinned = ClientTrust::new(&Trust::Pin(pin)).unwrap();
-    assert_eq!(talk(addr, &pinned, "anything.invalid").await.unwrap(), Some(pin), "a pin ignores names");
+    assert_eq!(
+        talk(addr, &pinned, "anything.invalid").await.unwrap(),
+        Some(pin),
+        "a pin ignores names"
+    );
 
     let wrong: Pin = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
-    let (e, seen) = talk(addr, &ClientTrust::new(&Trust::Pin(wrong)).unwrap(), "localhost").await.unwrap_err();
-    assert!(e.contains(&pin.to_string()) && e.contains(&wrong.to_string()), "{e}");
+    let (e, seen) = talk(
+        addr,
+        &ClientTrust::new(&Trust::Pin(wrong)).unwrap(),
+        "localhost",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.contains(&pin.to_string()) && e.contains(&wrong.to_string()),
+        "{e}"
+    );
     assert_eq!(seen, Some(pin));
 
     // The self-signed certificate as a CA: admitted for a name it carries, not another.
@@ -74,9 +101,17 @@ async fn clients_admit_only_what_they_trust() {
         let (_, seen) = talk(addr, &system, "localhost").await.unwrap_err();
         assert_eq!(seen, Some(pin), "a refusal still reports the key presented");
     }
-    talk(addr, &ClientTrust::new(&Trust::Insecure).unwrap(), "localhost").await.unwrap();
+    talk(
+        addr,
+        &ClientTrust::new(&Trust::Insecure).unwrap(),
+        "localhost",
+    )
+    .await
+    .unwrap();
 
-    let e = ClientTrust::new(&Trust::Ca(dir.join("missing.pem"))).unwrap_err().to_string();
+    let e = ClientTrust::new(&Trust::Ca(dir.join("missing.pem")))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("missing.pem"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -84,16 +119,26 @@ async fn clients_admit_only_what_they_trust() {
 #[tokio::test]
 async fn a_reload_serves_the_new_certificate_to_new_connections() {
     let dir = scratch("reload");
-    let cert = ServerCert::load(ServerSource::SelfSigned { dir: dir.clone(), names: vec![] }).unwrap();
+    let cert = ServerCert::load(ServerSource::SelfSigned {
+        dir: dir.clone(),
+        names: vec![],
+    })
+    .unwrap();
     let addr = serve(&cert).await;
     let first = cert.pin();
     let insecure = ClientTrust::new(&Trust::Insecure).unwrap();
-    assert_eq!(talk(addr, &insecure, "localhost").await.unwrap(), Some(first));
+    assert_eq!(
+        talk(addr, &insecure, "localhost").await.unwrap(),
+        Some(first)
+    );
     // A new pair in the same place, as an operator's renewal would leave it.
     std::fs::remove_file(dir.join("cert.pem")).unwrap();
     std::fs::remove_file(dir.join("key.pem")).unwrap();
     let second = cert.reload().unwrap();
     assert_ne!(first, second);
-    assert_eq!(talk(addr, &insecure, "localhost").await.unwrap(), Some(second));
+    assert_eq!(
+        talk(addr, &insecure, "localhost").await.unwrap(),
+        Some(second)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

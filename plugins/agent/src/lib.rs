@@ -19,19 +19,31 @@ pub struct Agent;
 fn call(node: &Node, method: &str, path: &str, body: Option<&Value>) -> Result<Value, Error> {
     let base = node.require_property("agent-url")?.trim_end_matches('/');
     let url = format!("{base}{path}");
-    let m = if method == "POST" { Method::Post } else { Method::Get };
+    let m = if method == "POST" {
+        Method::Post
+    } else {
+        Method::Get
+    };
     let request = match body {
         Some(b) => Request::json(m, &url, b),
         None => Request::new(m, &url),
     };
-    let answer = request.send().map_err(|e| Error::external(format!("node `{}`: {method} {url}: {e}", node.name)))?;
+    let answer = request
+        .send()
+        .map_err(|e| Error::external(format!("node `{}`: {method} {url}: {e}", node.name)))?;
     let status = answer.status;
-    let v: Value = answer
-        .json()
-        .map_err(|_| Error::external(format!("node `{}`: the agent answered {status} with something that is not JSON", node.name)))?;
+    let v: Value = answer.json().map_err(|_| {
+        Error::external(format!(
+            "node `{}`: the agent answered {status} with something that is not JSON",
+            node.name
+        ))
+    })?;
     if !answer.is_success() {
         let msg = v["error"].as_str().unwrap_or("no message");
-        return Err(Error::external(format!("node `{}`: the agent refused {path} ({status}): {msg}", node.name)));
+        return Err(Error::external(format!(
+            "node `{}`: the agent refused {path} ({status}): {msg}",
+            node.name
+        )));
     }
     Ok(v)
 }
@@ -39,19 +51,30 @@ fn call(node: &Node, method: &str, path: &str, body: Option<&Value>) -> Result<V
 /// The agent's status as the engine's instance state, for deployment `d`.
 fn report(node: &Node, v: &Value, d: &Deployment) -> Result<StatusReport, Error> {
     let detail = v["detail"].as_str().unwrap_or_default().to_string();
-    let ours = v["tier"].as_str() == Some(d.tier.as_str()) && v["index"].as_u64() == Some(u64::from(d.index));
+    let ours = v["tier"].as_str() == Some(d.tier.as_str())
+        && v["index"].as_u64() == Some(u64::from(d.index));
     let state = match v["state"].as_str() {
         Some("absent") => InstanceState::Absent,
         Some(_) if !ours => {
             return Ok(StatusReport::new(
                 InstanceState::Failed,
-                format!("node `{}` runs {}/{} instead", node.name, v["tier"].as_str().unwrap_or("?"), v["index"]),
+                format!(
+                    "node `{}` runs {}/{} instead",
+                    node.name,
+                    v["tier"].as_str().unwrap_or("?"),
+                    v["index"]
+                ),
             ));
         }
         Some("deploying") => InstanceState::Deploying,
         Some("running") => InstanceState::Running,
         Some("failed") => InstanceState::Failed,
-        other => return Err(Error::external(format!("node `{}`: the agent reports an unknown state {other:?}", node.name))),
+        other => {
+            return Err(Error::external(format!(
+                "node `{}`: the agent reports an unknown state {other:?}",
+                node.name
+            )));
+        }
     };
     Ok(StatusReport::new(state, detail))
 }

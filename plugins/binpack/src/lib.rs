@@ -19,7 +19,9 @@ impl Policy for Binpack {
 
         let mut used: HashMap<Option<u32>, u32> = HashMap::new();
         for p in &request.placed {
-            *used.entry(domain_of(key.and_then(|k| p.label(k)))).or_default() += 1;
+            *used
+                .entry(domain_of(key.and_then(|k| p.label(k))))
+                .or_default() += 1;
         }
         let r = &request.requirements;
         let mut eligible: Vec<(usize, Option<u32>, u64)> = request
@@ -41,7 +43,12 @@ impl Policy for Binpack {
                 .enumerate()
                 .min_by_key(|(_, (i, d, spare))| {
                     let fetches = !request.has_master_cached(&request.candidates[*i]);
-                    (std::cmp::Reverse(used.get(d).copied().unwrap_or(0)), fetches, *spare, *i)
+                    (
+                        std::cmp::Reverse(used.get(d).copied().unwrap_or(0)),
+                        fetches,
+                        *spare,
+                        *i,
+                    )
                 })
                 .expect("eligible is not empty");
             let (index, domain, spare) = eligible.swap_remove(pos);
@@ -82,7 +89,13 @@ mod tests {
 
     #[test]
     fn refuses_when_too_few_fit() {
-        let r = RequestBuilder::new("batch", 1).node_with("tiny", &[], 1, 512, 0).require_resources(2, 1024).build();
-        assert_eq!(Binpack::select(&r, &Config::new()).unwrap_err().kind, mint_sdk::ErrorKind::Unsatisfiable);
+        let r = RequestBuilder::new("batch", 1)
+            .node_with("tiny", &[], 1, 512, 0)
+            .require_resources(2, 1024)
+            .build();
+        assert_eq!(
+            Binpack::select(&r, &Config::new()).unwrap_err().kind,
+            mint_sdk::ErrorKind::Unsatisfiable
+        );
     }
 }

@@ -8,9 +8,9 @@
 //! `user-data` (an object merged into the `#cloud-config` document: `packages`, `runcmd`,
 //! `users`, ...), `ssh-authorized-keys` (keys for the default user).
 
+use mint_sdk::Error;
 use mint_sdk::customizer::{Context, Customizer, Edit};
 use mint_sdk::net::ToIpAddr;
-use mint_sdk::Error;
 use serde_json::{Map, Value, json};
 
 /// The customizer; see the crate documentation.
@@ -41,17 +41,40 @@ fn q(s: &str) -> String {
 impl Customizer for CloudInit {
     fn customize(cx: &Context<'_>) -> Result<Vec<Edit>, Error> {
         let s: Settings = cx.config.parse()?;
-        if s.interface.is_empty() || s.interface.len() > 15 || !s.interface.bytes().all(|b| b.is_ascii_alphanumeric() || b"*-_.".contains(&b)) {
-            return Err(Error::invalid_input(format!("configuration key `interface`: `{}` is not an interface name pattern", s.interface)));
+        if s.interface.is_empty()
+            || s.interface.len() > 15
+            || !s
+                .interface
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"*-_.".contains(&b))
+        {
+            return Err(Error::invalid_input(format!(
+                "configuration key `interface`: `{}` is not an interface name pattern",
+                s.interface
+            )));
         }
         let i = cx.instance;
-        let meta = format!("instance-id: {}\nlocal-hostname: {}\n", q(&format!("mint-{}-{}", i.tier, i.index)), q(&i.hostname));
-        let mut net = format!("version: 2\nethernets:\n  primary:\n    match:\n      name: {}\n", q(&s.interface));
-        net.push_str(&format!("    addresses:\n      - {}\n", q(&cx.cidr().to_string())));
+        let meta = format!(
+            "instance-id: {}\nlocal-hostname: {}\n",
+            q(&format!("mint-{}-{}", i.tier, i.index)),
+            q(&i.hostname)
+        );
+        let mut net = format!(
+            "version: 2\nethernets:\n  primary:\n    match:\n      name: {}\n",
+            q(&s.interface)
+        );
+        net.push_str(&format!(
+            "    addresses:\n      - {}\n",
+            q(&cx.cidr().to_string())
+        ));
         if let Some(gw) = &i.gateway {
             let gw = gw.to_ip();
             let to = if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
-            net.push_str(&format!("    routes:\n      - to: {}\n        via: {}\n", q(to), q(&gw.to_string())));
+            net.push_str(&format!(
+                "    routes:\n      - to: {}\n        via: {}\n",
+                q(to),
+                q(&gw.to_string())
+            ));
         }
         if !i.dns.is_empty() {
             net.push_str("    nameservers:\n      addresses:\n");
@@ -65,7 +88,10 @@ impl Customizer for CloudInit {
         if !s.ssh_authorized_keys.is_empty() {
             doc.insert("ssh_authorized_keys".into(), json!(s.ssh_authorized_keys));
         }
-        let user = format!("#cloud-config\n{}\n", serde_json::to_string_pretty(&Value::Object(doc)).expect("JSON serialises"));
+        let user = format!(
+            "#cloud-config\n{}\n",
+            serde_json::to_string_pretty(&Value::Object(doc)).expect("JSON serialises")
+        );
         Ok(vec![
             Edit::write(format!("{SEED_DIR}/meta-data"), meta, 0o600),
             Edit::write(format!("{SEED_DIR}/network-config"), net, 0o600),
@@ -85,18 +111,35 @@ mod tests {
     #[test]
     fn writes_a_seed_with_the_identity_and_the_configured_user_data() {
         let cfg = Config::from_json(r#"{"user-data": {"packages": ["nginx"]}, "ssh-authorized-keys": ["ssh-ed25519 AAAA ops"]}"#).unwrap();
-        let e = Master::new().customize::<CloudInit>(&instance(3, "web-3", "198.18.0.13", 24), &cfg).unwrap();
-        assert_eq!(written(&e, "/var/lib/cloud/seed/nocloud/meta-data").unwrap(), "instance-id: \"mint-test-3\"\nlocal-hostname: \"web-3\"\n");
-        assert!(written(&e, "/var/lib/cloud/seed/nocloud/network-config").unwrap().contains("- \"198.18.0.13/24\""));
+        let e = Master::new()
+            .customize::<CloudInit>(&instance(3, "web-3", "198.18.0.13", 24), &cfg)
+            .unwrap();
+        assert_eq!(
+            written(&e, "/var/lib/cloud/seed/nocloud/meta-data").unwrap(),
+            "instance-id: \"mint-test-3\"\nlocal-hostname: \"web-3\"\n"
+        );
+        assert!(
+            written(&e, "/var/lib/cloud/seed/nocloud/network-config")
+                .unwrap()
+                .contains("- \"198.18.0.13/24\"")
+        );
         let user = written(&e, "/var/lib/cloud/seed/nocloud/user-data").unwrap();
-        let doc: Value = serde_json::from_str(user.strip_prefix("#cloud-config\n").unwrap()).unwrap();
-        assert_eq!((doc["hostname"].as_str(), doc["packages"][0].as_str()), (Some("web-3"), Some("nginx")));
+        let doc: Value =
+            serde_json::from_str(user.strip_prefix("#cloud-config\n").unwrap()).unwrap();
+        assert_eq!(
+            (doc["hostname"].as_str(), doc["packages"][0].as_str()),
+            (Some("web-3"), Some("nginx"))
+        );
         assert_eq!(doc["ssh_authorized_keys"][0], "ssh-ed25519 AAAA ops");
     }
 
     #[test]
     fn refuses_a_bad_interface_pattern() {
         let cfg = Config::from_json(r#"{"interface": "eth0; rm -rf /"}"#).unwrap();
-        assert!(Master::new().customize::<CloudInit>(&instance(0, "a", "198.18.0.1", 24), &cfg).is_err());
+        assert!(
+            Master::new()
+                .customize::<CloudInit>(&instance(0, "a", "198.18.0.1", 24), &cfg)
+                .is_err()
+        );
     }
 }

@@ -6,9 +6,9 @@
 //! `{cidr}`, `{gateway}`, `{dns}` (space-separated) and `{peers}` (K); `{{` and `}}` are
 //! literal braces. An unknown placeholder is refused, naming the file and the placeholder.
 
+use mint_sdk::Error;
 use mint_sdk::customizer::{Context, Customizer, Edit, FileMeta, WriteFile};
 use mint_sdk::net::ToIpAddr;
-use mint_sdk::Error;
 
 /// The customizer; see the crate documentation.
 pub struct Files;
@@ -50,7 +50,9 @@ fn fill(template: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Strin
             out.push('}');
             rest = t;
         } else if let Some(t) = tail.strip_prefix('{') {
-            let end = t.find('}').ok_or("a `{` is not closed (write `{{` for a literal brace)")?;
+            let end = t
+                .find('}')
+                .ok_or("a `{` is not closed (write `{{` for a literal brace)")?;
             let name = &t[..end];
             out.push_str(&lookup(name).ok_or_else(|| format!("unknown placeholder `{{{name}}}`"))?);
             rest = &t[end + 1..];
@@ -74,24 +76,51 @@ impl Customizer for Files {
                 "address" => i.address.to_ip().to_string(),
                 "prefix" => i.prefix_len.to_string(),
                 "cidr" => cx.cidr().to_string(),
-                "gateway" => i.gateway.as_ref().map(|g| g.to_ip().to_string()).unwrap_or_default(),
-                "dns" => i.dns.iter().map(|d| d.to_ip().to_string()).collect::<Vec<_>>().join(" "),
+                "gateway" => i
+                    .gateway
+                    .as_ref()
+                    .map(|g| g.to_ip().to_string())
+                    .unwrap_or_default(),
+                "dns" => i
+                    .dns
+                    .iter()
+                    .map(|d| d.to_ip().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 "peers" => i.peer_count.to_string(),
                 _ => return None,
             })
         };
         let mut edits = Vec::new();
         for (n, f) in s.files.iter().enumerate() {
-            let at = |why: String| Error::invalid_input(format!("configuration key `files[{n}]` ({}): {why}", f.path));
+            let at = |why: String| {
+                Error::invalid_input(format!(
+                    "configuration key `files[{n}]` ({}): {why}",
+                    f.path
+                ))
+            };
             if !f.path.starts_with('/') {
                 return Err(at("`path` must be absolute".into()));
             }
             let mode = u32::from_str_radix(f.mode.trim_start_matches("0o"), 8)
                 .ok()
                 .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| at(format!("`mode` `{}` is not an octal mode such as \"0644\"", f.mode)))?;
+                .ok_or_else(|| {
+                    at(format!(
+                        "`mode` `{}` is not an octal mode such as \"0644\"",
+                        f.mode
+                    ))
+                })?;
             let text = fill(&f.template, &lookup).map_err(at)?;
-            edits.push(Edit::WriteFile(WriteFile { path: f.path.clone(), contents: text.into_bytes(), meta: FileMeta { mode, uid: f.uid, gid: f.gid } }));
+            edits.push(Edit::WriteFile(WriteFile {
+                path: f.path.clone(),
+                contents: text.into_bytes(),
+                meta: FileMeta {
+                    mode,
+                    uid: f.uid,
+                    gid: f.gid,
+                },
+            }));
         }
         Ok(edits)
     }
@@ -112,21 +141,46 @@ mod tests {
                            {"path": "/etc/app.env", "template": "CIDR={cidr}\n", "mode": "0600"}]}"#,
         )
         .unwrap();
-        let e = Master::new().customize::<Files>(&instance(2, "web-2", "198.18.0.12", 24), &cfg).unwrap();
-        assert_eq!(written(&e, "/etc/motd").unwrap(), "web-2 (198.18.0.12/24) is 2 of 3 in test {ok}\n");
-        assert_eq!(written(&e, "/etc/app.env").unwrap(), "CIDR=198.18.0.12/24\n");
+        let e = Master::new()
+            .customize::<Files>(&instance(2, "web-2", "198.18.0.12", 24), &cfg)
+            .unwrap();
+        assert_eq!(
+            written(&e, "/etc/motd").unwrap(),
+            "web-2 (198.18.0.12/24) is 2 of 3 in test {ok}\n"
+        );
+        assert_eq!(
+            written(&e, "/etc/app.env").unwrap(),
+            "CIDR=198.18.0.12/24\n"
+        );
         assert!(matches!(&e[1], Edit::WriteFile(w) if w.meta.mode == 0o600));
     }
 
     #[test]
     fn refuses_unknown_placeholders_and_bad_modes() {
         for (cfg, needle) in [
-            (r#"{"files": [{"path": "/x", "template": "{hostnmae}"}]}"#, "unknown placeholder `{hostnmae}`"),
-            (r#"{"files": [{"path": "/x", "template": "{open"}]}"#, "not closed"),
-            (r#"{"files": [{"path": "/x", "template": "a", "mode": "rw"}]}"#, "not an octal mode"),
-            (r#"{"files": [{"path": "x", "template": "a"}]}"#, "must be absolute"),
+            (
+                r#"{"files": [{"path": "/x", "template": "{hostnmae}"}]}"#,
+                "unknown placeholder `{hostnmae}`",
+            ),
+            (
+                r#"{"files": [{"path": "/x", "template": "{open"}]}"#,
+                "not closed",
+            ),
+            (
+                r#"{"files": [{"path": "/x", "template": "a", "mode": "rw"}]}"#,
+                "not an octal mode",
+            ),
+            (
+                r#"{"files": [{"path": "x", "template": "a"}]}"#,
+                "must be absolute",
+            ),
         ] {
-            let e = Master::new().customize::<Files>(&instance(0, "a", "198.18.0.1", 24), &Config::from_json(cfg).unwrap()).unwrap_err();
+            let e = Master::new()
+                .customize::<Files>(
+                    &instance(0, "a", "198.18.0.1", 24),
+                    &Config::from_json(cfg).unwrap(),
+                )
+                .unwrap_err();
             assert!(e.message.contains(needle), "{needle} not in {}", e.message);
         }
     }

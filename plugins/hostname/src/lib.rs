@@ -4,10 +4,10 @@
 //! name, when `domain` is configured) to the instance's address, replacing the
 //! distribution's `127.0.1.1` line if the master has one.
 
-use mint_sdk::customizer::{Context, Customizer, Edit};
-use mint_sdk::Error;
 #[cfg(test)]
 use mint_sdk::Config;
+use mint_sdk::Error;
+use mint_sdk::customizer::{Context, Customizer, Edit};
 
 /// The customizer; see the crate documentation.
 pub struct Hostname;
@@ -37,11 +37,15 @@ impl Customizer for Hostname {
         let settings: Settings = cx.config.parse()?;
         let name = &cx.instance.hostname;
         if !valid_hostname(name) {
-            return Err(Error::invalid_input(format!("host name `{name}` is not a valid DNS name")));
+            return Err(Error::invalid_input(format!(
+                "host name `{name}` is not a valid DNS name"
+            )));
         }
         let names = match &settings.domain {
             Some(d) if !valid_hostname(d) => {
-                return Err(Error::invalid_input(format!("configuration key `domain`: `{d}` is not a valid DNS name")));
+                return Err(Error::invalid_input(format!(
+                    "configuration key `domain`: `{d}` is not a valid DNS name"
+                )));
             }
             Some(d) => format!("{name}.{d} {name}"),
             None => name.clone(),
@@ -59,7 +63,9 @@ impl Customizer for Hostname {
                 lines.push(own);
                 lines.join("\n") + "\n"
             }
-            None => format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{own}\n"),
+            None => {
+                format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{own}\n")
+            }
         };
         edits.push(Edit::write("/etc/hosts", hosts, 0o644));
         Ok(edits)
@@ -77,18 +83,28 @@ mod tests {
     fn writes_hostname_and_replaces_debian_hosts_line() {
         let m = Master::new().file("/etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n");
         let cfg = Config::from_json(r#"{"domain": "example.test"}"#).unwrap();
-        let e = m.customize::<Hostname>(&instance(4, "web-004", "198.18.0.5", 24), &cfg).unwrap();
+        let e = m
+            .customize::<Hostname>(&instance(4, "web-004", "198.18.0.5", 24), &cfg)
+            .unwrap();
         assert_eq!(written(&e, "/etc/hostname").unwrap(), "web-004\n");
         let hosts = written(&e, "/etc/hosts").unwrap();
-        assert_eq!(hosts, "127.0.0.1\tlocalhost\n198.18.0.5\tweb-004.example.test web-004\n");
+        assert_eq!(
+            hosts,
+            "127.0.0.1\tlocalhost\n198.18.0.5\tweb-004.example.test web-004\n"
+        );
     }
 
     #[test]
     fn refuses_bad_names_and_unknown_keys() {
         let m = Master::new();
-        assert!(m.customize::<Hostname>(&instance(0, "bad_name", "198.18.0.1", 24), &Config::new()).is_err());
+        assert!(
+            m.customize::<Hostname>(&instance(0, "bad_name", "198.18.0.1", 24), &Config::new())
+                .is_err()
+        );
         let typo = Config::from_json(r#"{"domian": "x"}"#).unwrap();
-        let e = m.customize::<Hostname>(&instance(0, "ok", "198.18.0.1", 24), &typo).unwrap_err();
+        let e = m
+            .customize::<Hostname>(&instance(0, "ok", "198.18.0.1", 24), &typo)
+            .unwrap_err();
         assert!(e.message.contains("domian"), "{}", e.message);
     }
 }

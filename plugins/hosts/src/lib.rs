@@ -6,9 +6,9 @@
 //! for the machine) and any block an earlier mint wrote; the peers follow in one block.
 //! Configuration: `domain` (appended for fully qualified names).
 
+use mint_sdk::Error;
 use mint_sdk::customizer::{Context, Customizer, Edit};
 use mint_sdk::net::ToIpAddr;
-use mint_sdk::Error;
 
 /// The customizer; see the crate documentation.
 pub struct Hosts;
@@ -23,7 +23,13 @@ const BEGIN: &str = "# BEGIN mint peers";
 const END: &str = "# END mint peers";
 
 fn valid_domain(d: &str) -> bool {
-    !d.is_empty() && d.len() <= 253 && d.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 impl Customizer for Hosts {
@@ -32,9 +38,13 @@ impl Customizer for Hosts {
         if let Some(d) = &s.domain
             && !valid_domain(d)
         {
-            return Err(Error::invalid_input(format!("configuration key `domain`: `{d}` is not a DNS domain")));
+            return Err(Error::invalid_input(format!(
+                "configuration key `domain`: `{d}` is not a DNS domain"
+            )));
         }
-        let master = cx.read_to_string("/etc/hosts")?.unwrap_or_else(|| "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".into());
+        let master = cx.read_to_string("/etc/hosts")?.unwrap_or_else(|| {
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".into()
+        });
         let mut out = String::new();
         let mut inside = false;
         for line in master.lines() {
@@ -49,7 +59,11 @@ impl Customizer for Hosts {
             }
         }
         let peers = cx.peers();
-        out.push_str(&format!("{BEGIN} (tier {}, {} instances)\n", cx.instance.tier, peers.len()));
+        out.push_str(&format!(
+            "{BEGIN} (tier {}, {} instances)\n",
+            cx.instance.tier,
+            peers.len()
+        ));
         for p in &peers {
             let names = match &s.domain {
                 Some(d) => format!("{}.{d} {}", p.hostname, p.hostname),
@@ -76,7 +90,11 @@ mod tests {
         (0..n)
             .map(|i| {
                 let ip: std::net::IpAddr = format!("198.18.0.{}", 10 + i).parse().unwrap();
-                Peer { index: i, hostname: format!("web-{i}"), address: IpAddress::from(ip) }
+                Peer {
+                    index: i,
+                    hostname: format!("web-{i}"),
+                    address: IpAddress::from(ip),
+                }
             })
             .collect()
     }
@@ -85,7 +103,9 @@ mod tests {
     fn lists_every_peer_and_keeps_the_masters_lines() {
         let m = Master::new().file("/etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n# BEGIN mint peers (old)\n1.2.3.4\tgone\n# END mint peers\n").peers(peers(3));
         let cfg = Config::from_json(r#"{"domain": "mint.test"}"#).unwrap();
-        let e = m.customize::<Hosts>(&instance(1, "web-1", "198.18.0.11", 24), &cfg).unwrap();
+        let e = m
+            .customize::<Hosts>(&instance(1, "web-1", "198.18.0.11", 24), &cfg)
+            .unwrap();
         let hosts = written(&e, "/etc/hosts").unwrap();
         assert_eq!(
             hosts,
@@ -96,6 +116,10 @@ mod tests {
     #[test]
     fn refuses_a_bad_domain() {
         let cfg = Config::from_json(r#"{"domain": "bad domain"}"#).unwrap();
-        assert!(Master::new().customize::<Hosts>(&instance(0, "a", "198.18.0.1", 24), &cfg).is_err());
+        assert!(
+            Master::new()
+                .customize::<Hosts>(&instance(0, "a", "198.18.0.1", 24), &cfg)
+                .is_err()
+        );
     }
 }

@@ -8,11 +8,11 @@
 //! master's other configuration files of that format, which would otherwise fight over
 //! the interface, for example with DHCP).
 
-use mint_sdk::customizer::{Context, Customizer, Edit, FileKind};
-use mint_sdk::net::ToIpAddr;
-use mint_sdk::Error;
 #[cfg(test)]
 use mint_sdk::Config;
+use mint_sdk::Error;
+use mint_sdk::customizer::{Context, Customizer, Edit, FileKind};
+use mint_sdk::net::ToIpAddr;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -59,9 +59,11 @@ const IFUPDOWN_FILE: &str = "/etc/network/interfaces";
 
 /// Detects the format a master uses, or says what was looked for.
 pub fn detect(cx: &Context<'_>) -> Result<Format, Error> {
-    let has_yaml = cx
-        .list_dir("/etc/netplan")?
-        .is_some_and(|entries| entries.iter().any(|e| e.name.ends_with(".yaml") || e.name.ends_with(".yml")));
+    let has_yaml = cx.list_dir("/etc/netplan")?.is_some_and(|entries| {
+        entries
+            .iter()
+            .any(|e| e.name.ends_with(".yaml") || e.name.ends_with(".yml"))
+    });
     if has_yaml {
         return Ok(Format::Netplan);
     }
@@ -73,7 +75,9 @@ pub fn detect(cx: &Context<'_>) -> Result<Format, Error> {
         }
         Ok(false)
     };
-    let interfaces = cx.stat(IFUPDOWN_FILE)?.is_some_and(|s| s.kind == FileKind::File);
+    let interfaces = cx
+        .stat(IFUPDOWN_FILE)?
+        .is_some_and(|s| s.kind == FileKind::File);
     if interfaces && any(&["/sbin/ifup", "/usr/sbin/ifup"])? {
         return Ok(Format::Ifupdown);
     }
@@ -96,7 +100,11 @@ pub fn detect(cx: &Context<'_>) -> Result<Format, Error> {
 }
 
 fn valid_interface(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 15 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 impl Customizer for Network {
@@ -108,18 +116,40 @@ impl Customizer for Network {
                 s.interface
             )));
         }
-        let format = if s.format == Format::Auto { detect(cx)? } else { s.format };
+        let format = if s.format == Format::Auto {
+            detect(cx)?
+        } else {
+            s.format
+        };
         let i = cx.instance;
         let cidr = cx.cidr();
         let gateway = i.gateway.as_ref().map(|g| g.to_ip());
         let dns: Vec<IpAddr> = i.dns.iter().map(|d| d.to_ip()).collect();
-        let banner = format!("# Written by mint for {} (tier {}, instance {}).\n", i.hostname, i.tier, i.index);
+        let banner = format!(
+            "# Written by mint for {} (tier {}, instance {}).\n",
+            i.hostname, i.tier, i.index
+        );
 
         let mut edits = Vec::new();
         let (path, text, dir, suffixes): (&str, String, &str, &[&str]) = match format {
-            Format::Netplan => (NETPLAN_FILE, netplan(&banner, &s, &cidr.to_string(), gateway, &dns), "/etc/netplan", &[".yaml", ".yml"]),
-            Format::Networkd => (NETWORKD_FILE, networkd(&banner, &s, &cidr.to_string(), gateway, &dns), "/etc/systemd/network", &[".network"]),
-            Format::Ifupdown => (IFUPDOWN_FILE, ifupdown(&banner, &s, cidr.addr, &cidr.to_string(), gateway, &dns), "", &[]),
+            Format::Netplan => (
+                NETPLAN_FILE,
+                netplan(&banner, &s, &cidr.to_string(), gateway, &dns),
+                "/etc/netplan",
+                &[".yaml", ".yml"],
+            ),
+            Format::Networkd => (
+                NETWORKD_FILE,
+                networkd(&banner, &s, &cidr.to_string(), gateway, &dns),
+                "/etc/systemd/network",
+                &[".network"],
+            ),
+            Format::Ifupdown => (
+                IFUPDOWN_FILE,
+                ifupdown(&banner, &s, cidr.addr, &cidr.to_string(), gateway, &dns),
+                "",
+                &[],
+            ),
             Format::Auto => unreachable!("detect never answers auto"),
         };
         if s.replace_existing && !dir.is_empty() {
@@ -134,31 +164,48 @@ impl Customizer for Network {
             edits.push(Edit::make_dir("/etc/netplan", 0o755));
         }
         // netplan refuses configuration files that others can read.
-        let mode = if format == Format::Netplan { 0o600 } else { 0o644 };
+        let mode = if format == Format::Netplan {
+            0o600
+        } else {
+            0o644
+        };
         edits.push(Edit::write(path, text, mode));
         Ok(edits)
     }
 }
 
 fn netplan(banner: &str, s: &Settings, cidr: &str, gw: Option<IpAddr>, dns: &[IpAddr]) -> String {
-    let mut t = format!("{banner}network:\n  version: 2\n  ethernets:\n    {}:\n", s.interface);
+    let mut t = format!(
+        "{banner}network:\n  version: 2\n  ethernets:\n    {}:\n",
+        s.interface
+    );
     t += "      dhcp4: false\n      dhcp6: false\n";
     let _ = writeln!(t, "      addresses: [\"{cidr}\"]");
     if let Some(mtu) = s.mtu {
         let _ = writeln!(t, "      mtu: {mtu}");
     }
     if let Some(gw) = gw {
-        let _ = writeln!(t, "      routes:\n        - to: default\n          via: {gw}");
+        let _ = writeln!(
+            t,
+            "      routes:\n        - to: default\n          via: {gw}"
+        );
     }
     if !dns.is_empty() {
         let list: Vec<String> = dns.iter().map(|d| format!("\"{d}\"")).collect();
-        let _ = writeln!(t, "      nameservers:\n        addresses: [{}]", list.join(", "));
+        let _ = writeln!(
+            t,
+            "      nameservers:\n        addresses: [{}]",
+            list.join(", ")
+        );
     }
     t
 }
 
 fn networkd(banner: &str, s: &Settings, cidr: &str, gw: Option<IpAddr>, dns: &[IpAddr]) -> String {
-    let mut t = format!("{banner}[Match]\nName={}\n\n[Network]\nAddress={cidr}\n", s.interface);
+    let mut t = format!(
+        "{banner}[Match]\nName={}\n\n[Network]\nAddress={cidr}\n",
+        s.interface
+    );
     if let Some(gw) = gw {
         let _ = writeln!(t, "Gateway={gw}");
     }
@@ -171,7 +218,14 @@ fn networkd(banner: &str, s: &Settings, cidr: &str, gw: Option<IpAddr>, dns: &[I
     t
 }
 
-fn ifupdown(banner: &str, s: &Settings, addr: IpAddr, cidr: &str, gw: Option<IpAddr>, dns: &[IpAddr]) -> String {
+fn ifupdown(
+    banner: &str,
+    s: &Settings,
+    addr: IpAddr,
+    cidr: &str,
+    gw: Option<IpAddr>,
+    dns: &[IpAddr],
+) -> String {
     let family = if addr.is_ipv4() { "inet" } else { "inet6" };
     let ifc = &s.interface;
     let mut t = format!(
@@ -207,43 +261,81 @@ mod tests {
 
     #[test]
     fn netplan_master_gets_netplan_and_loses_its_dhcp_file() {
-        let m = Master::new().file("/etc/netplan/50-cloud-init.yaml", "network: {ethernets: {eth0: {dhcp4: true}}}");
+        let m = Master::new().file(
+            "/etc/netplan/50-cloud-init.yaml",
+            "network: {ethernets: {eth0: {dhcp4: true}}}",
+        );
         let e = m.customize::<Network>(&web4(), &Config::new()).unwrap();
         assert_eq!(e[0], Edit::remove("/etc/netplan/50-cloud-init.yaml"));
         let y = written(&e, NETPLAN_FILE).unwrap();
-        assert!(y.contains("addresses: [\"198.18.0.5/24\"]") && y.contains("via: 198.18.0.1"), "{y}");
+        assert!(
+            y.contains("addresses: [\"198.18.0.5/24\"]") && y.contains("via: 198.18.0.1"),
+            "{y}"
+        );
         assert!(y.contains("addresses: [\"198.18.0.53\"]"), "{y}");
     }
 
     #[test]
     fn debian_ifupdown_master_gets_interfaces() {
         let m = Master::new()
-            .file("/etc/network/interfaces", "auto eth0\niface eth0 inet dhcp\n")
+            .file(
+                "/etc/network/interfaces",
+                "auto eth0\niface eth0 inet dhcp\n",
+            )
             .file("/sbin/ifup", "")
             .dir("/etc/systemd/network")
             .file("/lib/systemd/system/systemd-networkd.service", "");
         let e = m.customize::<Network>(&web4(), &Config::new()).unwrap();
         let t = written(&e, IFUPDOWN_FILE).unwrap();
-        assert!(t.contains("iface eth0 inet static\n    address 198.18.0.5/24\n    gateway 198.18.0.1\n"), "{t}");
+        assert!(
+            t.contains(
+                "iface eth0 inet static\n    address 198.18.0.5/24\n    gateway 198.18.0.1\n"
+            ),
+            "{t}"
+        );
     }
 
     #[test]
     fn networkd_master_with_ipv6_and_explicit_interface() {
-        let m = Master::new().file("/usr/lib/systemd/system/systemd-networkd.service", "").file("/etc/systemd/network/99-dhcp.network", "");
+        let m = Master::new()
+            .file("/usr/lib/systemd/system/systemd-networkd.service", "")
+            .file("/etc/systemd/network/99-dhcp.network", "");
         let cfg = Config::from_json(r#"{"interface": "ens3", "mtu": 9000}"#).unwrap();
-        let e = m.customize::<Network>(&instance(1, "db-001", "2001:db8::10", 64), &cfg).unwrap();
+        let e = m
+            .customize::<Network>(&instance(1, "db-001", "2001:db8::10", 64), &cfg)
+            .unwrap();
         assert_eq!(e[0], Edit::remove("/etc/systemd/network/99-dhcp.network"));
         let t = written(&e, NETWORKD_FILE).unwrap();
-        assert!(t.contains("Name=ens3\n") && t.contains("Address=2001:db8::10/64\n") && t.contains("MTUBytes=9000"), "{t}");
+        assert!(
+            t.contains("Name=ens3\n")
+                && t.contains("Address=2001:db8::10/64\n")
+                && t.contains("MTUBytes=9000"),
+            "{t}"
+        );
     }
 
     #[test]
     fn unknown_master_and_bad_settings_are_clear_errors() {
-        let e = Master::new().customize::<Network>(&web4(), &Config::new()).unwrap_err();
+        let e = Master::new()
+            .customize::<Network>(&web4(), &Config::new())
+            .unwrap_err();
         assert!(e.message.contains("set `format`"), "{}", e.message);
         let bad = Config::from_json(r#"{"format": "wicked"}"#).unwrap();
-        assert!(Master::new().customize::<Network>(&web4(), &bad).unwrap_err().message.contains("wicked"));
-        let bad = Config::from_json(r#"{"format": "netplan", "interface": "eth0; rm -rf /"}"#).unwrap();
-        assert!(Master::new().customize::<Network>(&web4(), &bad).unwrap_err().message.contains("`interface`"));
+        assert!(
+            Master::new()
+                .customize::<Network>(&web4(), &bad)
+                .unwrap_err()
+                .message
+                .contains("wicked")
+        );
+        let bad =
+            Config::from_json(r#"{"format": "netplan", "interface": "eth0; rm -rf /"}"#).unwrap();
+        assert!(
+            Master::new()
+                .customize::<Network>(&web4(), &bad)
+                .unwrap_err()
+                .message
+                .contains("`interface`")
+        );
     }
 }

@@ -16,17 +16,32 @@ pub struct Noop;
 impl Driver for Noop {
     fn deploy(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
         if let Some(why) = node.property("noop-fail") {
-            return Err(Error::external(format!("node `{}` refused the deployment: {why}", node.name)));
+            return Err(Error::external(format!(
+                "node `{}` refused the deployment: {why}",
+                node.name
+            )));
         }
-        let state = match config.get_or::<String>("deploy", "running".into())?.as_str() {
+        let state = match config
+            .get_or::<String>("deploy", "running".into())?
+            .as_str()
+        {
             "running" => InstanceState::Running,
             "deploying" => InstanceState::Deploying,
             other => {
-                return Err(Error::invalid_input(format!("config `deploy` is `{other}`; use running or deploying")));
+                return Err(Error::invalid_input(format!(
+                    "config `deploy` is `{other}`; use running or deploying"
+                )));
             }
         };
-        log::log(log::Level::Info, "deploy", &[("node", &node.name), ("instance", &d.hostname)]);
-        Ok(StatusReport::new(state, format!("{} on {} (noop)", d.hostname, node.name)))
+        log::log(
+            log::Level::Info,
+            "deploy",
+            &[("node", &node.name), ("instance", &d.hostname)],
+        );
+        Ok(StatusReport::new(
+            state,
+            format!("{} on {} (noop)", d.hostname, node.name),
+        ))
     }
 
     fn undeploy(_node: &Node, _d: &Deployment, _config: &Config) -> Result<(), Error> {

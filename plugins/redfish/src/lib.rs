@@ -58,11 +58,22 @@ impl<'a> Bmc<'a> {
         let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
         let at = rest.find('/').ok_or_else(bad)?;
         let system = rest[at..].to_string();
-        if !system.starts_with("/redfish/v1/Systems/") || system.len() <= "/redfish/v1/Systems/".len() {
+        if !system.starts_with("/redfish/v1/Systems/")
+            || system.len() <= "/redfish/v1/Systems/".len()
+        {
             return Err(bad());
         }
-        let timeout = Duration::from_millis(config.get_or("request-timeout-ms", 5_000u64)?.clamp(100, 60_000));
-        Ok(Bmc { node, base: format!("{scheme}://{}", &rest[..at]), system, timeout })
+        let timeout = Duration::from_millis(
+            config
+                .get_or("request-timeout-ms", 5_000u64)?
+                .clamp(100, 60_000),
+        );
+        Ok(Bmc {
+            node,
+            base: format!("{scheme}://{}", &rest[..at]),
+            system,
+            timeout,
+        })
     }
 
     /// Sends one request and turns every way it can fail into an error that names the
@@ -82,13 +93,19 @@ impl<'a> Bmc<'a> {
         if answer.is_success() {
             return Ok(answer);
         }
-        let said = redfish_message(&answer).map(|m| format!(": {m}")).unwrap_or_default();
+        let said = redfish_message(&answer)
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
         Err(Error::external(match answer.status {
             401 => format!(
                 "{who} refused the credentials for {method} {path} (401 Unauthorized); set this node's BMC user and password in the daemon's credentials file"
             ),
-            403 => format!("{who} forbids {method} {path} (403) to the configured BMC user; give that user the operator role"),
-            404 => format!("{who} has no {path} (404 Not Found); check the node's `bmc-url` property"),
+            403 => format!(
+                "{who} forbids {method} {path} (403) to the configured BMC user; give that user the operator role"
+            ),
+            404 => {
+                format!("{who} has no {path} (404 Not Found); check the node's `bmc-url` property")
+            }
             s if s >= 500 => format!("{who} failed {method} {path} ({s}){said}"),
             s => format!("{who} refused {method} {path} ({s}){said}"),
         }))
@@ -97,7 +114,10 @@ impl<'a> Bmc<'a> {
     fn get(&self, path: &str) -> Result<Value, Error> {
         let answer = self.send(Method::Get, path, None)?;
         answer.json().map_err(|e| {
-            Error::external(format!("node `{}`: the BMC at {} answered GET {path} with {e}", self.node.name, self.base))
+            Error::external(format!(
+                "node `{}`: the BMC at {} answered GET {path} with {e}",
+                self.node.name, self.base
+            ))
         })
     }
 
@@ -115,19 +135,30 @@ impl<'a> Bmc<'a> {
         let collection = match odata_id(&system["VirtualMedia"]) {
             Some(p) => p,
             None => {
-                let manager = odata_id(&system["Links"]["ManagedBy"][0]).ok_or_else(|| self.lacks("a VirtualMedia collection or a manager"))?;
-                odata_id(&self.get(&manager)?["VirtualMedia"]).ok_or_else(|| self.lacks("virtual media"))?
+                let manager = odata_id(&system["Links"]["ManagedBy"][0])
+                    .ok_or_else(|| self.lacks("a VirtualMedia collection or a manager"))?;
+                odata_id(&self.get(&manager)?["VirtualMedia"])
+                    .ok_or_else(|| self.lacks("virtual media"))?
             }
         };
-        let members = self.get(&collection)?["Members"].as_array().cloned().unwrap_or_default();
+        let members = self.get(&collection)?["Members"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let (mut boot, mut seed) = (None, None);
         for m in members {
             let Some(path) = odata_id(&m) else { continue };
             let d = self.get(&path)?;
-            let types: Vec<&str> = d["MediaTypes"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            let types: Vec<&str> = d["MediaTypes"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
             let device = Device {
                 path,
-                image: d["Image"].as_str().filter(|s| !s.is_empty()).map(str::to_string),
+                image: d["Image"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
                 inserted: d["Inserted"].as_bool().unwrap_or(false),
             };
             if boot.is_none() && types.iter().any(|t| *t == "CD" || *t == "DVD") {
@@ -138,13 +169,21 @@ impl<'a> Bmc<'a> {
         }
         match (boot, seed) {
             (Some(boot), Some(seed)) => Ok(Media { boot, seed }),
-            (None, _) => Err(self.lacks("a CD or DVD virtual-media device to boot the instance's disk from")),
-            (_, None) => Err(self.lacks("a USB stick or floppy virtual-media device for the instance's seed")),
+            (None, _) => {
+                Err(self.lacks("a CD or DVD virtual-media device to boot the instance's disk from"))
+            }
+            (_, None) => {
+                Err(self
+                    .lacks("a USB stick or floppy virtual-media device for the instance's seed"))
+            }
         }
     }
 
     fn lacks(&self, what: &str) -> Error {
-        Error::external(format!("node `{}`: the BMC at {} offers no {what} for {}", self.node.name, self.base, self.system))
+        Error::external(format!(
+            "node `{}`: the BMC at {} offers no {what} for {}",
+            self.node.name, self.base, self.system
+        ))
     }
 
     /// Makes `device` hold `image`, ejecting another image first.
@@ -153,7 +192,10 @@ impl<'a> Bmc<'a> {
             return Ok(());
         }
         if device.inserted {
-            self.post(&format!("{}/Actions/VirtualMedia.EjectMedia", device.path), json!({}))?;
+            self.post(
+                &format!("{}/Actions/VirtualMedia.EjectMedia", device.path),
+                json!({}),
+            )?;
         }
         self.post(
             &format!("{}/Actions/VirtualMedia.InsertMedia", device.path),
@@ -163,13 +205,19 @@ impl<'a> Bmc<'a> {
 
     fn eject(&self, device: &Device) -> Result<(), Error> {
         if device.inserted || device.image.is_some() {
-            self.post(&format!("{}/Actions/VirtualMedia.EjectMedia", device.path), json!({}))?;
+            self.post(
+                &format!("{}/Actions/VirtualMedia.EjectMedia", device.path),
+                json!({}),
+            )?;
         }
         Ok(())
     }
 
     fn reset(&self, kind: &str) -> Result<(), Error> {
-        self.post(&format!("{}/Actions/ComputerSystem.Reset", self.system), json!({ "ResetType": kind }))
+        self.post(
+            &format!("{}/Actions/ComputerSystem.Reset", self.system),
+            json!({ "ResetType": kind }),
+        )
     }
 }
 
@@ -181,7 +229,9 @@ fn odata_id(v: &Value) -> Option<String> {
 fn redfish_message(r: &Response) -> Option<String> {
     let v: Value = r.json().ok()?;
     let e = &v["error"];
-    let m = e["@Message.ExtendedInfo"][0]["Message"].as_str().or(e["message"].as_str())?;
+    let m = e["@Message.ExtendedInfo"][0]["Message"]
+        .as_str()
+        .or(e["message"].as_str())?;
     Some(m.chars().take(300).collect())
 }
 
@@ -205,36 +255,67 @@ fn images(d: &Deployment) -> Result<(String, String), Error> {
 }
 
 /// The instance's state from the system's resource and its media.
-fn report(system: &Value, media: &Media, boot: &str, seed: &str, health_check: bool) -> StatusReport {
-    let ours = media.boot.inserted && media.boot.image.as_deref() == Some(boot) && media.seed.inserted && media.seed.image.as_deref() == Some(seed);
+fn report(
+    system: &Value,
+    media: &Media,
+    boot: &str,
+    seed: &str,
+    health_check: bool,
+) -> StatusReport {
+    let ours = media.boot.inserted
+        && media.boot.image.as_deref() == Some(boot)
+        && media.seed.inserted
+        && media.seed.image.as_deref() == Some(seed);
     let power = system["PowerState"].as_str().unwrap_or("unknown");
     let health = system["Status"]["Health"].as_str().unwrap_or("OK");
     if !ours {
-        let holds = media.seed.image.as_deref().or(media.boot.image.as_deref()).unwrap_or("no media");
-        return StatusReport::new(InstanceState::Absent, format!("the system holds {holds}, not this instance"));
+        let holds = media
+            .seed
+            .image
+            .as_deref()
+            .or(media.boot.image.as_deref())
+            .unwrap_or("no media");
+        return StatusReport::new(
+            InstanceState::Absent,
+            format!("the system holds {holds}, not this instance"),
+        );
     }
     if health == "Critical" {
-        return StatusReport::new(InstanceState::Failed, format!("the BMC reports the system's health Critical (power {power})"));
+        return StatusReport::new(
+            InstanceState::Failed,
+            format!("the BMC reports the system's health Critical (power {power})"),
+        );
     }
     match power {
-        "On" => StatusReport::new(InstanceState::Running, format!("power On, health {health}, booted from {boot}")),
+        "On" => StatusReport::new(
+            InstanceState::Running,
+            format!("power On, health {health}, booted from {boot}"),
+        ),
         "PoweringOn" => StatusReport::new(InstanceState::Deploying, "powering on"),
         // A BMC clears a one-time boot override when the system boots from it: while it is
         // still set, the power-on deploy asked for has not happened yet. Once it is gone,
         // a system that is off was switched off after it ran.
-        other if boot_pending(system) => {
-            StatusReport::new(InstanceState::Deploying, format!("powered {other}; the one-time boot from the instance's CD is still pending"))
-        }
-        other if health_check => StatusReport::new(InstanceState::Failed, format!("the system is powered {other} with this instance's media inserted")),
+        other if boot_pending(system) => StatusReport::new(
+            InstanceState::Deploying,
+            format!("powered {other}; the one-time boot from the instance's CD is still pending"),
+        ),
+        other if health_check => StatusReport::new(
+            InstanceState::Failed,
+            format!("the system is powered {other} with this instance's media inserted"),
+        ),
         // Some BMCs clear the override before they report the power-on: while the engine
         // follows the deployment, its deploy timeout decides, not one reading.
-        other => StatusReport::new(InstanceState::Deploying, format!("powered {other}; waiting for the power-on the deployment asked for")),
+        other => StatusReport::new(
+            InstanceState::Deploying,
+            format!("powered {other}; waiting for the power-on the deployment asked for"),
+        ),
     }
 }
 
 /// Whether the system still holds a one-time boot override to the CD.
 fn boot_pending(system: &Value) -> bool {
-    system["Boot"]["BootSourceOverrideEnabled"] == "Once" && system["Boot"]["BootSourceOverrideTarget"] == "Cd"
+    system["Boot"]["BootSourceOverrideEnabled"] == "Once"
+        && system["Boot"]["BootSourceOverrideTarget"] == "Cd"
 }
 
 /// Reads the artifact's descriptor from the engine (the host lets a driver read the
@@ -245,12 +326,26 @@ fn check_bootable(d: &Deployment) -> Result<(), Error> {
         .header("accept", "application/json")
         .timeout(Duration::from_secs(10))
         .send()
-        .map_err(|e| Error::external(format!("cannot read the artifact descriptor {}: {e}", d.artifact.url)))?;
+        .map_err(|e| {
+            Error::external(format!(
+                "cannot read the artifact descriptor {}: {e}",
+                d.artifact.url
+            ))
+        })?;
     if !answer.is_success() {
-        return Err(Error::external(format!("the engine answered {} for the artifact descriptor {}", answer.status, d.artifact.url)));
+        return Err(Error::external(format!(
+            "the engine answered {} for the artifact descriptor {}",
+            answer.status, d.artifact.url
+        )));
     }
-    let v: Value = answer.json().map_err(|e| Error::external(format!("the artifact descriptor {}: {e}", d.artifact.url)))?;
-    let master = v["parts"].as_array().and_then(|parts| parts.iter().find(|p| p["role"] == "master")).cloned().unwrap_or_default();
+    let v: Value = answer
+        .json()
+        .map_err(|e| Error::external(format!("the artifact descriptor {}: {e}", d.artifact.url)))?;
+    let master = v["parts"]
+        .as_array()
+        .and_then(|parts| parts.iter().find(|p| p["role"] == "master"))
+        .cloned()
+        .unwrap_or_default();
     let name = master["name"].as_str().unwrap_or_default();
     if name.ends_with(".qcow2") {
         return Err(Error::invalid_input(format!(
@@ -291,7 +386,10 @@ impl Driver for Redfish {
             if started.elapsed() >= wait || mint_sdk::remaining() < bmc.timeout + poll * 2 {
                 return Ok(StatusReport::new(
                     InstanceState::Deploying,
-                    format!("power-on requested {} ms ago; the engine follows it", started.elapsed().as_millis()),
+                    format!(
+                        "power-on requested {} ms ago; the engine follows it",
+                        started.elapsed().as_millis()
+                    ),
                 ));
             }
             std::thread::sleep(poll);
@@ -334,7 +432,10 @@ mod tests {
     fn node() -> Node {
         Node {
             name: "n1".into(),
-            properties: vec![("bmc-url".into(), "http://127.0.0.1:9/redfish/v1/Systems/s1".into())],
+            properties: vec![(
+                "bmc-url".into(),
+                "http://127.0.0.1:9/redfish/v1/Systems/s1".into(),
+            )],
             labels: vec![],
         }
     }
@@ -344,35 +445,77 @@ mod tests {
             tier: "web".into(),
             index: 2,
             hostname: "web-002".into(),
-            artifact: Artifact { url: "http://127.0.0.1:7600/v1/artifacts/web/2".into(), digest: "sha256:00".into(), size: 0, format: format.into() },
+            artifact: Artifact {
+                url: "http://127.0.0.1:7600/v1/artifacts/web/2".into(),
+                digest: "sha256:00".into(),
+                size: 0,
+                format: format.into(),
+            },
         }
     }
 
     fn answer(status: u16, body: &str) -> Result<Response, HttpError> {
-        Ok(Response { status, body: body.as_bytes().to_vec() })
+        Ok(Response {
+            status,
+            body: body.as_bytes().to_vec(),
+        })
     }
 
     fn media(boot: Option<&str>, seed: Option<&str>) -> Media {
-        let device = |image: Option<&str>| Device { path: "/x".into(), image: image.map(str::to_string), inserted: image.is_some() };
-        Media { boot: device(boot), seed: device(seed) }
+        let device = |image: Option<&str>| Device {
+            path: "/x".into(),
+            image: image.map(str::to_string),
+            inserted: image.is_some(),
+        };
+        Media {
+            boot: device(boot),
+            seed: device(seed),
+        }
     }
 
     #[test]
     fn states_come_from_power_health_media_and_the_pending_boot() {
         let ours = media(Some("m"), Some("s"));
-        let system = |power: &str, health: &str, enabled: &str| {
-            serde_json::json!({"PowerState": power, "Status": {"Health": health}, "Boot": {"BootSourceOverrideEnabled": enabled, "BootSourceOverrideTarget": "Cd"}})
-        };
+        let system = |power: &str, health: &str, enabled: &str| serde_json::json!({"PowerState": power, "Status": {"Health": health}, "Boot": {"BootSourceOverrideEnabled": enabled, "BootSourceOverrideTarget": "Cd"}});
         let state = |sys: Value, m: &Media| report(&sys, m, "m", "s", true).state;
-        assert_eq!(state(system("On", "OK", "Disabled"), &ours), InstanceState::Running);
-        assert_eq!(state(system("PoweringOn", "OK", "Once"), &ours), InstanceState::Deploying);
-        assert_eq!(state(system("Off", "OK", "Once"), &ours), InstanceState::Deploying, "asked to boot, not yet booted");
-        assert_eq!(state(system("Off", "OK", "Disabled"), &ours), InstanceState::Failed, "switched off after it ran");
-        assert_eq!(state(system("On", "Critical", "Disabled"), &ours), InstanceState::Failed);
-        assert_eq!(state(system("On", "OK", "Disabled"), &media(Some("other"), Some("s"))), InstanceState::Absent);
-        assert_eq!(state(system("On", "OK", "Disabled"), &media(None, None)), InstanceState::Absent);
+        assert_eq!(
+            state(system("On", "OK", "Disabled"), &ours),
+            InstanceState::Running
+        );
+        assert_eq!(
+            state(system("PoweringOn", "OK", "Once"), &ours),
+            InstanceState::Deploying
+        );
+        assert_eq!(
+            state(system("Off", "OK", "Once"), &ours),
+            InstanceState::Deploying,
+            "asked to boot, not yet booted"
+        );
+        assert_eq!(
+            state(system("Off", "OK", "Disabled"), &ours),
+            InstanceState::Failed,
+            "switched off after it ran"
+        );
+        assert_eq!(
+            state(system("On", "Critical", "Disabled"), &ours),
+            InstanceState::Failed
+        );
+        assert_eq!(
+            state(
+                system("On", "OK", "Disabled"),
+                &media(Some("other"), Some("s"))
+            ),
+            InstanceState::Absent
+        );
+        assert_eq!(
+            state(system("On", "OK", "Disabled"), &media(None, None)),
+            InstanceState::Absent
+        );
         // Following a deployment, a system found off is still on its way up.
-        assert_eq!(report(&system("Off", "OK", "Disabled"), &ours, "m", "s", false).state, InstanceState::Deploying);
+        assert_eq!(
+            report(&system("Off", "OK", "Disabled"), &ours, "m", "s", false).state,
+            InstanceState::Deploying
+        );
     }
 
     #[test]
@@ -385,8 +528,11 @@ mod tests {
 
     #[test]
     fn tree_tiers_are_refused_before_the_bmc_is_asked() {
-        let e = with_http(|r| panic!("no request expected, got {}", r.url()), || Redfish::deploy(&node(), &deployment("tree"), &Config::new()))
-            .unwrap_err();
+        let e = with_http(
+            |r| panic!("no request expected, got {}", r.url()),
+            || Redfish::deploy(&node(), &deployment("tree"), &Config::new()),
+        )
+        .unwrap_err();
         assert!(e.message.contains("disk"), "{}", e.message);
     }
 
@@ -395,13 +541,24 @@ mod tests {
         let cases: [(Result<Response, HttpError>, &str); 5] = [
             (answer(401, ""), "credentials file"),
             (answer(404, "{}"), "`bmc-url`"),
-            (answer(500, r#"{"error":{"message":"flash busy"}}"#), "(500): flash busy"),
+            (
+                answer(500, r#"{"error":{"message":"flash busy"}}"#),
+                "(500): flash busy",
+            ),
             (answer(200, "{not json"), "malformed JSON"),
             (Err(HttpError::Timeout), "within 5000 ms"),
         ];
         for (reply, needle) in cases {
-            let e = with_http(move |_| reply.clone(), || Redfish::status(&node(), &deployment("disk"), &Config::new())).unwrap_err();
-            assert!(e.message.contains(needle) && e.message.contains("node `n1`"), "{needle}: {}", e.message);
+            let e = with_http(
+                move |_| reply.clone(),
+                || Redfish::status(&node(), &deployment("disk"), &Config::new()),
+            )
+            .unwrap_err();
+            assert!(
+                e.message.contains(needle) && e.message.contains("node `n1`"),
+                "{needle}: {}",
+                e.message
+            );
         }
     }
 }

@@ -33,7 +33,10 @@ impl Domains {
         let mut parent = ROOT;
         for key in &self.keys {
             let next = self.ids.len() as DomainId;
-            parent = *self.ids.entry((parent, key.and_then(&label))).or_insert(next);
+            parent = *self
+                .ids
+                .entry((parent, key.and_then(&label)))
+                .or_insert(next);
             out.push(parent);
         }
     }
@@ -54,7 +57,10 @@ pub fn domain_keys(config: &Config) -> Result<Vec<String>, Error> {
 impl Policy for Spread {
     fn select(request: &Request, config: &Config) -> Result<Vec<Choice>, Error> {
         let key_names = domain_keys(config)?;
-        let mut domains = Domains { keys: key_names.iter().map(|k| request.key(k)).collect(), ids: HashMap::new() };
+        let mut domains = Domains {
+            keys: key_names.iter().map(|k| request.key(k)).collect(),
+            ids: HashMap::new(),
+        };
         let mut path = Vec::with_capacity(domains.keys.len());
 
         // Instances already placed count against their domains, so a scale-out fills the
@@ -79,7 +85,11 @@ impl Policy for Spread {
             domains.path(|k| request.label(c, k), &mut path);
             let leaf = path.last().copied().unwrap_or(ROOT);
             let g = *group_of.entry(leaf).or_insert_with(|| {
-                groups.push(Group { path: path.clone(), nodes: Vec::new(), next: 0 });
+                groups.push(Group {
+                    path: path.clone(),
+                    nodes: Vec::new(),
+                    next: 0,
+                });
                 groups.len() - 1
             });
             groups[g].nodes.push(index);
@@ -99,14 +109,23 @@ impl Policy for Spread {
         while chosen.len() < want {
             // The group whose domains hold the fewest instances, widest level first; then
             // the least loaded node; then name order.
-            let best = groups.iter().enumerate().filter(|(_, g)| g.next < g.nodes.len()).min_by(|(_, a), (_, b)| {
-                let counts = |g: &Group| g.path.iter().map(|&d| placed[d as usize]).collect::<SmallCounts>();
-                counts(a)
-                    .cmp(&counts(b))
-                    .then(fetches(a.nodes[a.next]).cmp(&fetches(b.nodes[b.next])))
-                    .then(load(a.nodes[a.next]).cmp(&load(b.nodes[b.next])))
-                    .then(a.nodes[a.next].cmp(&b.nodes[b.next]))
-            });
+            let best = groups
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| g.next < g.nodes.len())
+                .min_by(|(_, a), (_, b)| {
+                    let counts = |g: &Group| {
+                        g.path
+                            .iter()
+                            .map(|&d| placed[d as usize])
+                            .collect::<SmallCounts>()
+                    };
+                    counts(a)
+                        .cmp(&counts(b))
+                        .then(fetches(a.nodes[a.next]).cmp(&fetches(b.nodes[b.next])))
+                        .then(load(a.nodes[a.next]).cmp(&load(b.nodes[b.next])))
+                        .then(a.nodes[a.next].cmp(&b.nodes[b.next]))
+                });
             let Some((gi, _)) = best else { break };
             let g = &mut groups[gi];
             let index = g.nodes[g.next];
@@ -143,11 +162,20 @@ impl FromIterator<u32> for SmallCounts {
     }
 }
 
-fn choice(request: &Request, names: &[String], keys: &[Option<u32>], index: usize, before: &[u32]) -> Choice {
+fn choice(
+    request: &Request,
+    names: &[String],
+    keys: &[Option<u32>],
+    index: usize,
+    before: &[u32],
+) -> Choice {
     let c: &Candidate = &request.candidates[index];
     let mut reason = String::new();
     for ((name, key), n) in names.iter().zip(keys).zip(before) {
-        let value = key.and_then(|k| request.label(c, k)).map(|v| request.value_name(v)).unwrap_or("-");
+        let value = key
+            .and_then(|k| request.label(c, k))
+            .map(|v| request.value_name(v))
+            .unwrap_or("-");
         reason.push_str(&format!("{name}={value} had {n}; "));
     }
     reason.push_str(&format!("load {}.{:03}", c.load / 1000, c.load % 1000));
@@ -203,7 +231,10 @@ mod tests {
             .node("b1", &[("zone", "b")], 999)
             .placed(&[("zone", "a")])
             .build();
-        assert_eq!(names(&r, &Spread::select(&r, &Config::new()).unwrap()), ["b1"]);
+        assert_eq!(
+            names(&r, &Spread::select(&r, &Config::new()).unwrap()),
+            ["b1"]
+        );
     }
 
     #[test]
@@ -228,6 +259,11 @@ mod tests {
         let by_row = Config::from_json(r#"{"domains": ["row"]}"#).unwrap();
         assert_eq!(names(&r, &Spread::select(&r, &by_row).unwrap()), ["a", "c"]);
         let bad = Config::from_json(r#"{"domains": "row"}"#).unwrap();
-        assert!(Spread::select(&r, &bad).unwrap_err().message.contains("`domains`"));
+        assert!(
+            Spread::select(&r, &bad)
+                .unwrap_err()
+                .message
+                .contains("`domains`")
+        );
     }
 }

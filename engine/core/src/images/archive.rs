@@ -26,10 +26,11 @@ pub fn open(path: &Path, compression: Compression) -> Result<Box<dyn Read>, Imag
     Ok(match compression {
         Compression::None => Box::new(file),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
-        Compression::Zstd => Box::new(
-            ruzstd::decoding::StreamingDecoder::new(file)
-                .map_err(|e| ImageError::Invalid(format!("{} is not a zstd stream: {e}", path.display())))?,
-        ),
+        Compression::Zstd => {
+            Box::new(ruzstd::decoding::StreamingDecoder::new(file).map_err(|e| {
+                ImageError::Invalid(format!("{} is not a zstd stream: {e}", path.display()))
+            })?)
+        }
     })
 }
 
@@ -38,8 +39,12 @@ pub fn open(path: &Path, compression: Compression) -> Result<Box<dyn Read>, Imag
 pub fn decompress(path: &Path, compression: Compression, out: &Path) -> Result<(), ImageError> {
     let mut r = open(path, compression)?;
     let mut w = std::fs::File::create(out).map_err(io("cannot write a staging file"))?;
-    std::io::copy(&mut r, &mut w)
-        .map_err(|e| ImageError::Invalid(format!("{} is truncated or corrupt ({compression:?}): {e}", path.display())))?;
+    std::io::copy(&mut r, &mut w).map_err(|e| {
+        ImageError::Invalid(format!(
+            "{} is truncated or corrupt ({compression:?}): {e}",
+            path.display()
+        ))
+    })?;
     Ok(())
 }
 
@@ -63,10 +68,20 @@ pub(crate) fn layer_error(e: mint_layers::LayerError) -> ImageError {
 /// Checks every entry of a plain tar (paths and link targets) without writing anything.
 pub fn check_all(archive: &Path) -> Result<(), ImageError> {
     let mut a = tar::Archive::new(open(archive, Compression::None)?);
-    let entries = a.entries().map_err(|e| ImageError::Invalid(format!("{} is not a tar archive: {e}", archive.display())))?;
+    let entries = a.entries().map_err(|e| {
+        ImageError::Invalid(format!("{} is not a tar archive: {e}", archive.display()))
+    })?;
     for entry in entries {
-        let entry = entry.map_err(|e| ImageError::Invalid(format!("{} is truncated or not a tar archive: {e}", archive.display())))?;
-        let path = entry.path().map_err(|e| ImageError::Invalid(format!("an entry has an unreadable path: {e}")))?.into_owned();
+        let entry = entry.map_err(|e| {
+            ImageError::Invalid(format!(
+                "{} is truncated or not a tar archive: {e}",
+                archive.display()
+            ))
+        })?;
+        let path = entry
+            .path()
+            .map_err(|e| ImageError::Invalid(format!("an entry has an unreadable path: {e}")))?
+            .into_owned();
         check_path(&path)?;
         check_link(&entry, &path)?;
     }
@@ -78,8 +93,18 @@ pub fn check_all(archive: &Path) -> Result<(), ImageError> {
 /// since the master would silently lose it.
 pub fn unpack_checked(archive: &Path, into: &Path) -> Result<(), ImageError> {
     check_all(archive)?;
-    let u = mint_layers::unpack(open(archive, Compression::None)?, into, mint_layers::Whiteouts::Keep)
-        .map_err(|e| ImageError::Invalid(format!("cannot unpack {}: {}", archive.display(), layer_error(e))))?;
+    let u = mint_layers::unpack(
+        open(archive, Compression::None)?,
+        into,
+        mint_layers::Whiteouts::Keep,
+    )
+    .map_err(|e| {
+        ImageError::Invalid(format!(
+            "cannot unpack {}: {}",
+            archive.display(),
+            layer_error(e)
+        ))
+    })?;
     if let Some(w) = u.warnings.first() {
         return Err(ImageError::Invalid(format!(
             "{}: {w}; import masters with device nodes as root, or remove them from the archive",
@@ -130,35 +155,54 @@ pub fn canonical_header(meta: &std::fs::Metadata) -> tar::Header {
 /// Entries are sorted by path with their modes and owners and a fixed time, so the same
 /// tree gives the same bytes however it arrived. Device nodes and FIFOs are kept as what
 /// they are; sockets are not part of an image and are left out.
-pub fn write_canonical(root: &Path, out: &Path, report: Report<'_>) -> Result<(String, u64, u64), ImageError> {
+pub fn write_canonical(
+    root: &Path,
+    out: &Path,
+    report: Report<'_>,
+) -> Result<(String, u64, u64), ImageError> {
     use std::os::unix::fs::FileTypeExt;
     let mut paths = Vec::new();
     walk(root, Path::new(""), &mut paths)?;
     paths.sort();
     let file = std::fs::File::create(out).map_err(io("cannot write the image"))?;
-    let mut b = tar::Builder::new(HashingWriter::new(std::io::BufWriter::with_capacity(1 << 16, file)));
+    let mut b = tar::Builder::new(HashingWriter::new(std::io::BufWriter::with_capacity(
+        1 << 16,
+        file,
+    )));
     let total = paths.len() as u64;
     let mut written = 0;
     for (i, rel) in paths.iter().enumerate() {
         let full = root.join(rel);
-        let meta = full.symlink_metadata().map_err(io(format!("cannot stat {}", rel.display())))?;
+        let meta = full
+            .symlink_metadata()
+            .map_err(io(format!("cannot stat {}", rel.display())))?;
         let t = meta.file_type();
         let mut h = canonical_header(&meta);
         let added = if t.is_socket() {
-            report(Step { phase: "hashing", done: i as u64 + 1, total });
+            report(Step {
+                phase: "hashing",
+                done: i as u64 + 1,
+                total,
+            });
             continue;
         } else if t.is_symlink() {
-            let target = std::fs::read_link(&full).map_err(io(format!("cannot read the link {}", rel.display())))?;
+            let target = std::fs::read_link(&full)
+                .map_err(io(format!("cannot read the link {}", rel.display())))?;
             b.append_link(&mut h, rel, target)
         } else if t.is_file() {
-            let f = std::fs::File::open(&full).map_err(io(format!("cannot read {}", rel.display())))?;
+            let f =
+                std::fs::File::open(&full).map_err(io(format!("cannot read {}", rel.display())))?;
             b.append_data(&mut h, rel, f)
         } else {
             b.append_data(&mut h, rel, std::io::empty())
         };
         added.map_err(io(format!("cannot add {}", rel.display())))?;
         written += 1;
-        report(Step { phase: "hashing", done: i as u64 + 1, total });
+        report(Step {
+            phase: "hashing",
+            done: i as u64 + 1,
+            total,
+        });
     }
     let mut w = b.into_inner().map_err(io("cannot finish the image"))?;
     w.flush().map_err(io("cannot flush the image"))?;
@@ -190,11 +234,18 @@ pub struct HashingWriter<W> {
 impl<W: Write> HashingWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        HashingWriter { inner, hash: Sha256::new(), size: 0 }
+        HashingWriter {
+            inner,
+            hash: Sha256::new(),
+            size: 0,
+        }
     }
     /// The `sha256:<hex>` digest and the byte count of everything written.
     pub fn finish(self) -> (String, u64) {
-        (format!("sha256:{}", hex::encode(self.hash.finalize())), self.size)
+        (
+            format!("sha256:{}", hex::encode(self.hash.finalize())),
+            self.size,
+        )
     }
 }
 

@@ -51,7 +51,10 @@ pub struct Qcow2Info {
 }
 
 fn bad(path: &Path, message: impl std::fmt::Display) -> ImageError {
-    ImageError::Invalid(format!("{} is not a usable qcow2 image: {message}", path.display()))
+    ImageError::Invalid(format!(
+        "{} is not a usable qcow2 image: {message}",
+        path.display()
+    ))
 }
 
 /// Checks a qcow2 master: a version mint understands, no backing file of its own (a master
@@ -67,7 +70,10 @@ pub fn check_qcow2(path: &Path) -> Result<Qcow2Info, ImageError> {
     }
     let version = be32(&h, 4);
     if !(version == 2 || version == 3) || (version == 3 && got < 104) {
-        return Err(bad(path, format!("qcow2 version {version} (mint reads versions 2 and 3)")));
+        return Err(bad(
+            path,
+            format!("qcow2 version {version} (mint reads versions 2 and 3)"),
+        ));
     }
     if be64(&h, 8) != 0 {
         let (off, size) = (be64(&h, 8), be32(&h, 16) as usize);
@@ -84,16 +90,25 @@ pub fn check_qcow2(path: &Path) -> Result<Qcow2Info, ImageError> {
     }
     let cluster_bits = be32(&h, 20);
     if !(9..=21).contains(&cluster_bits) {
-        return Err(bad(path, format!("cluster_bits {cluster_bits} is outside 9..=21")));
+        return Err(bad(
+            path,
+            format!("cluster_bits {cluster_bits} is outside 9..=21"),
+        ));
     }
     if be32(&h, 32) != 0 {
-        return Err(bad(path, "it is encrypted; decrypt it first (qemu-img convert)"));
+        return Err(bad(
+            path,
+            "it is encrypted; decrypt it first (qemu-img convert)",
+        ));
     }
     let mut l2_entry = 8u64;
     if version == 3 {
         let incompatible = be64(&h, 72);
         if incompatible & 1 != 0 {
-            return Err(bad(path, "it is marked dirty; repair it with `qemu-img check -r all`"));
+            return Err(bad(
+                path,
+                "it is marked dirty; repair it with `qemu-img check -r all`",
+            ));
         }
         if incompatible & 2 != 0 {
             return Err(bad(path, "it is marked corrupt"));
@@ -102,7 +117,10 @@ pub fn check_qcow2(path: &Path) -> Result<Qcow2Info, ImageError> {
             return Err(bad(path, "its data lives in an external file"));
         }
         if incompatible & !0b11111 != 0 {
-            return Err(bad(path, format!("it uses incompatible features mint does not know ({incompatible:#x})")));
+            return Err(bad(
+                path,
+                format!("it uses incompatible features mint does not know ({incompatible:#x})"),
+            ));
         }
         if incompatible & 16 != 0 {
             l2_entry = 16;
@@ -115,11 +133,20 @@ pub fn check_qcow2(path: &Path) -> Result<Qcow2Info, ImageError> {
     let inside = |off: u64, bytes: u64, what: &str| -> Result<(), ImageError> {
         match off.checked_add(bytes) {
             Some(end) if end <= len => Ok(()),
-            _ => Err(bad(path, format!("{what} at offset {off} lies beyond the end of the file ({len} bytes): the file is truncated"))),
+            _ => Err(bad(
+                path,
+                format!(
+                    "{what} at offset {off} lies beyond the end of the file ({len} bytes): the file is truncated"
+                ),
+            )),
         }
     };
     let refcount_offset = be64(&h, 48);
-    inside(refcount_offset, u64::from(be32(&h, 56)).saturating_mul(cluster), "the refcount table")?;
+    inside(
+        refcount_offset,
+        u64::from(be32(&h, 56)).saturating_mul(cluster),
+        "the refcount table",
+    )?;
     if l1_size > (1 << 26) {
         return Err(bad(path, format!("an L1 table of {l1_size} entries")));
     }
@@ -138,13 +165,20 @@ pub fn check_qcow2(path: &Path) -> Result<Qcow2Info, ImageError> {
         read_at(&mut f, l2_offset, &mut l2)?;
         for d in l2.chunks_exact(l2_entry as usize) {
             let d = u64::from_be_bytes(d[..8].try_into().expect("8"));
-            let data = if d & COMPRESSED != 0 { d & compressed_mask } else { d & OFFSET_MASK };
+            let data = if d & COMPRESSED != 0 {
+                d & compressed_mask
+            } else {
+                d & OFFSET_MASK
+            };
             if data != 0 {
                 inside(data, 1, "a data cluster")?;
             }
         }
     }
-    Ok(Qcow2Info { virtual_size, version })
+    Ok(Qcow2Info {
+        virtual_size,
+        version,
+    })
 }
 
 fn read_at(f: &mut std::fs::File, at: u64, buf: &mut [u8]) -> Result<usize, ImageError> {
@@ -162,7 +196,12 @@ fn read_at(f: &mut std::fs::File, at: u64, buf: &mut [u8]) -> Result<usize, Imag
 /// Writes an empty qcow2 v3 overlay of `virtual_size` bytes whose backing file is
 /// `backing` (a name relative to the overlay's directory) of format `backing_format`
 /// (`raw` or `qcow2`). Only the non-zero bytes are written; the rest is a hole.
-pub fn write_overlay(out: &Path, backing: &str, backing_format: &str, virtual_size: u64) -> Result<(), ImageError> {
+pub fn write_overlay(
+    out: &Path,
+    backing: &str,
+    backing_format: &str,
+    virtual_size: u64,
+) -> Result<(), ImageError> {
     const CLUSTER_BITS: u32 = 16;
     const CLUSTER: u64 = 1 << CLUSTER_BITS;
     // One L2 table maps CLUSTER / 8 clusters.
@@ -173,7 +212,9 @@ pub fn write_overlay(out: &Path, backing: &str, backing_format: &str, virtual_si
     let clusters = 3 + l1_clusters;
     // One refcount block of 16-bit counts covers CLUSTER / 2 clusters.
     if clusters > CLUSTER / 2 {
-        return Err(ImageError::Invalid(format!("a disk of {virtual_size} bytes is too large for mint's overlays")));
+        return Err(ImageError::Invalid(format!(
+            "a disk of {virtual_size} bytes is too large for mint's overlays"
+        )));
     }
     let mut h = Vec::with_capacity(512);
     h.extend_from_slice(&QCOW2_MAGIC.to_be_bytes());
@@ -204,20 +245,25 @@ pub fn write_overlay(out: &Path, backing: &str, backing_format: &str, virtual_si
     let backing_offset = h.len() as u64;
     h.extend_from_slice(backing.as_bytes());
     if h.len() as u64 > CLUSTER {
-        return Err(ImageError::Invalid(format!("backing file name `{backing}` is too long")));
+        return Err(ImageError::Invalid(format!(
+            "backing file name `{backing}` is too long"
+        )));
     }
     h[8..16].copy_from_slice(&backing_offset.to_be_bytes());
 
-    let mut f = std::fs::File::create(out).map_err(io(format!("cannot write {}", out.display())))?;
+    let mut f =
+        std::fs::File::create(out).map_err(io(format!("cannot write {}", out.display())))?;
     let write = |f: &mut std::fs::File, at: u64, bytes: &[u8]| -> Result<(), ImageError> {
         f.seek(SeekFrom::Start(at)).map_err(io("cannot seek"))?;
-        f.write_all(bytes).map_err(io(format!("cannot write {}", out.display())))
+        f.write_all(bytes)
+            .map_err(io(format!("cannot write {}", out.display())))
     };
     write(&mut f, 0, &h)?;
     write(&mut f, CLUSTER, &(2 * CLUSTER).to_be_bytes())?;
     let refcounts: Vec<u8> = (0..clusters).flat_map(|_| 1u16.to_be_bytes()).collect();
     write(&mut f, 2 * CLUSTER, &refcounts)?;
-    f.set_len(clusters * CLUSTER).map_err(io("cannot size the overlay"))?;
+    f.set_len(clusters * CLUSTER)
+        .map_err(io("cannot size the overlay"))?;
     f.sync_all().map_err(io("cannot sync the overlay"))?;
     Ok(())
 }

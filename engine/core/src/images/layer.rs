@@ -16,8 +16,18 @@ use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone)]
 enum Node {
-    Dir { mode: u32, uid: u32, gid: u32, opaque: bool },
-    File { mode: u32, uid: u32, gid: u32, data: Vec<u8> },
+    Dir {
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        opaque: bool,
+    },
+    File {
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        data: Vec<u8>,
+    },
     Symlink(String),
     Whiteout,
 }
@@ -40,18 +50,24 @@ fn ancestors(key: &str) -> impl Iterator<Item = &str> {
 }
 
 fn join(dir: &str, name: &str) -> String {
-    if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") }
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
 }
 
 impl Builder<'_> {
     /// Whether the master's entry at `key` still shows through the layer's ancestors.
     fn master_visible(&self, key: &str) -> bool {
         self.master.get(key).is_some()
-            && !std::iter::once("").chain(ancestors(key)).any(|a| match self.nodes.get(a) {
-                Some(Node::Dir { opaque, .. }) => *opaque,
-                Some(_) => true,
-                None => false,
-            })
+            && !std::iter::once("")
+                .chain(ancestors(key))
+                .any(|a| match self.nodes.get(a) {
+                    Some(Node::Dir { opaque, .. }) => *opaque,
+                    Some(_) => true,
+                    None => false,
+                })
     }
 
     fn seen(&self, key: &str) -> Seen {
@@ -78,11 +94,16 @@ impl Builder<'_> {
     /// `create`, else `None` is answered.
     fn parent(&mut self, path: &str, create: bool) -> Result<Option<(String, String)>, ImageError> {
         let bad = |m: &str| ImageError::Invalid(format!("edit path `{path}`: {m}"));
-        let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+        let parts: Vec<&str> = path
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
         if !path.starts_with('/') || parts.contains(&"..") || path.contains('\0') {
             return Err(bad("must be absolute, without `..`"));
         }
-        let Some((last, dirs)) = parts.split_last() else { return Err(bad("is the root")) };
+        let Some((last, dirs)) = parts.split_last() else {
+            return Err(bad("is the root"));
+        };
         let mut pending: Vec<String> = dirs.iter().rev().map(|s| s.to_string()).collect();
         let mut resolved: Vec<String> = Vec::new();
         let mut hops = 0;
@@ -112,7 +133,15 @@ impl Builder<'_> {
                 Seen::Absent if !create => return Ok(None),
                 Seen::Absent => {
                     let opaque = self.master.get(&key).is_some();
-                    self.nodes.insert(key, Node::Dir { mode: 0o755, uid: 0, gid: 0, opaque });
+                    self.nodes.insert(
+                        key,
+                        Node::Dir {
+                            mode: 0o755,
+                            uid: 0,
+                            gid: 0,
+                            opaque,
+                        },
+                    );
                     resolved.push(part);
                 }
             }
@@ -125,7 +154,12 @@ impl Builder<'_> {
     fn remove(&mut self, key: &str) {
         let below = format!("{key}/");
         self.nodes.remove(key);
-        let under: Vec<String> = self.nodes.range(below.clone()..).take_while(|(k, _)| k.starts_with(&below)).map(|(k, _)| k.clone()).collect();
+        let under: Vec<String> = self
+            .nodes
+            .range(below.clone()..)
+            .take_while(|(k, _)| k.starts_with(&below))
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in under {
             self.nodes.remove(&k);
         }
@@ -137,14 +171,32 @@ impl Builder<'_> {
     fn apply(&mut self, e: &OverlayEdit) -> Result<(), ImageError> {
         use base64::Engine as _;
         match e {
-            OverlayEdit::Write { path, mode, uid, gid, contents } => {
+            OverlayEdit::Write {
+                path,
+                mode,
+                uid,
+                gid,
+                contents,
+            } => {
                 let data = base64::engine::general_purpose::STANDARD
                     .decode(contents)
-                    .map_err(|_| ImageError::Invalid(format!("edit `{path}`: contents are not base64")))?;
-                let Some((dir, name)) = self.parent(path, true)? else { return Ok(()) };
+                    .map_err(|_| {
+                        ImageError::Invalid(format!("edit `{path}`: contents are not base64"))
+                    })?;
+                let Some((dir, name)) = self.parent(path, true)? else {
+                    return Ok(());
+                };
                 let key = join(&dir, &name);
                 self.remove(&key);
-                self.nodes.insert(key, Node::File { mode: *mode, uid: *uid, gid: *gid, data });
+                self.nodes.insert(
+                    key,
+                    Node::File {
+                        mode: *mode,
+                        uid: *uid,
+                        gid: *gid,
+                        data,
+                    },
+                );
             }
             OverlayEdit::Remove { path } => {
                 if let Some((dir, name)) = self.parent(path, false)? {
@@ -152,24 +204,57 @@ impl Builder<'_> {
                 }
             }
             OverlayEdit::Symlink { path, target } => {
-                let Some((dir, name)) = self.parent(path, true)? else { return Ok(()) };
+                let Some((dir, name)) = self.parent(path, true)? else {
+                    return Ok(());
+                };
                 let key = join(&dir, &name);
                 self.remove(&key);
                 self.nodes.insert(key, Node::Symlink(target.clone()));
             }
-            OverlayEdit::Mkdir { path, mode, uid, gid } => {
-                let Some((dir, name)) = self.parent(path, true)? else { return Ok(()) };
+            OverlayEdit::Mkdir {
+                path,
+                mode,
+                uid,
+                gid,
+            } => {
+                let Some((dir, name)) = self.parent(path, true)? else {
+                    return Ok(());
+                };
                 let key = join(&dir, &name);
                 let (mode, uid, gid) = (*mode, *uid, *gid);
                 match (self.seen(&key), self.nodes.get_mut(&key)) {
-                    (Seen::Dir, Some(Node::Dir { mode: m, uid: u, gid: g, .. })) => (*m, *u, *g) = (mode, uid, gid),
+                    (
+                        Seen::Dir,
+                        Some(Node::Dir {
+                            mode: m,
+                            uid: u,
+                            gid: g,
+                            ..
+                        }),
+                    ) => (*m, *u, *g) = (mode, uid, gid),
                     (Seen::Dir, _) => {
-                        self.nodes.insert(key, Node::Dir { mode, uid, gid, opaque: false });
+                        self.nodes.insert(
+                            key,
+                            Node::Dir {
+                                mode,
+                                uid,
+                                gid,
+                                opaque: false,
+                            },
+                        );
                     }
                     _ => {
                         self.remove(&key);
                         let opaque = self.master.get(&key).is_some();
-                        self.nodes.insert(key, Node::Dir { mode, uid, gid, opaque });
+                        self.nodes.insert(
+                            key,
+                            Node::Dir {
+                                mode,
+                                uid,
+                                gid,
+                                opaque,
+                            },
+                        );
                     }
                 }
             }
@@ -210,7 +295,10 @@ fn header(kind: tar::EntryType, mode: u32, uid: u32, gid: u32, size: u64) -> tar
 /// The layer of `edits` over `master`, as tar bytes. The same edits over the same master
 /// give the same bytes.
 pub fn build(master: &TreeIndex, edits: &[OverlayEdit]) -> Result<Vec<u8>, ImageError> {
-    let mut b = Builder { master, nodes: BTreeMap::new() };
+    let mut b = Builder {
+        master,
+        nodes: BTreeMap::new(),
+    };
     for e in edits {
         b.apply(e)?;
     }
@@ -226,13 +314,20 @@ pub fn build(master: &TreeIndex, edits: &[OverlayEdit]) -> Result<Vec<u8>, Image
         match node {
             Node::Whiteout => {
                 let (dir, name) = key.rsplit_once('/').unwrap_or(("", key));
-                markers.push(join(dir, &format!("{}{name}", mint_layers::WHITEOUT_PREFIX)));
+                markers.push(join(
+                    dir,
+                    &format!("{}{name}", mint_layers::WHITEOUT_PREFIX),
+                ));
             }
             Node::Dir { opaque: true, .. } => markers.push(join(key, mint_layers::OPAQUE)),
             _ => {}
         }
     }
-    for key in b.nodes.keys().filter(|k| !matches!(b.nodes.get(*k), Some(Node::Whiteout))) {
+    for key in b
+        .nodes
+        .keys()
+        .filter(|k| !matches!(b.nodes.get(*k), Some(Node::Whiteout)))
+    {
         entries.insert(sort_key(key), (key.clone(), b.nodes.get(key)));
     }
     for d in dirs_needed.iter().filter(|d| !b.nodes.contains_key(**d)) {
@@ -247,8 +342,19 @@ pub fn build(master: &TreeIndex, edits: &[OverlayEdit]) -> Result<Vec<u8>, Image
     };
     for (path, node) in entries.values() {
         match node {
-            Some(Node::File { mode, uid, gid, data }) => {
-                let mut h = header(tar::EntryType::Regular, *mode, *uid, *gid, data.len() as u64);
+            Some(Node::File {
+                mode,
+                uid,
+                gid,
+                data,
+            }) => {
+                let mut h = header(
+                    tar::EntryType::Regular,
+                    *mode,
+                    *uid,
+                    *gid,
+                    data.len() as u64,
+                );
                 let r = tar.append_data(&mut h, path, &data[..]);
                 add(r, path)?;
             }
@@ -263,18 +369,26 @@ pub fn build(master: &TreeIndex, edits: &[OverlayEdit]) -> Result<Vec<u8>, Image
                 add(r, path)?;
             }
             Some(Node::Whiteout) => {}
-            None if path.rsplit('/').next().is_some_and(|n| n.starts_with(mint_layers::WHITEOUT_PREFIX)) => {
+            None if path
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with(mint_layers::WHITEOUT_PREFIX)) =>
+            {
                 let mut h = header(tar::EntryType::Regular, 0, 0, 0, 0);
                 let r = tar.append_data(&mut h, path, std::io::empty());
                 add(r, path)?;
             }
             None => {
-                let (mode, uid, gid) = master.get(path).map(|e| (e.mode, e.uid, e.gid)).unwrap_or((0o755, 0, 0));
+                let (mode, uid, gid) = master
+                    .get(path)
+                    .map(|e| (e.mode, e.uid, e.gid))
+                    .unwrap_or((0o755, 0, 0));
                 let mut h = header(tar::EntryType::Directory, mode, uid, gid, 0);
                 let r = tar.append_data(&mut h, path, std::io::empty());
                 add(r, path)?;
             }
         }
     }
-    tar.into_inner().map_err(|e| ImageError::Invalid(format!("cannot finish the layer: {e}")))
+    tar.into_inner()
+        .map_err(|e| ImageError::Invalid(format!("cannot finish the layer: {e}")))
 }

@@ -72,16 +72,33 @@ pub struct Materialized {
 
 /// Builds `dest` (which must not exist) from the master's canonical tar and the
 /// instance's layer.
-pub fn materialize(master_tar: &Path, layer: &Path, dest: &Path) -> Result<Materialized, ImageError> {
+pub fn materialize(
+    master_tar: &Path,
+    layer: &Path,
+    dest: &Path,
+) -> Result<Materialized, ImageError> {
     if dest.symlink_metadata().is_ok() {
-        return Err(ImageError::Invalid(format!("{} exists; materialize into a new directory", dest.display())));
+        return Err(ImageError::Invalid(format!(
+            "{} exists; materialize into a new directory",
+            dest.display()
+        )));
     }
-    let open = |p: &Path| std::fs::File::open(p).map(std::io::BufReader::new).map_err(io(format!("cannot open {}", p.display())));
-    let unpack = |p: &Path, w| mint_layers::unpack(open(p)?, dest, w).map_err(super::archive::layer_error);
+    let open = |p: &Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .map_err(io(format!("cannot open {}", p.display())))
+    };
+    let unpack =
+        |p: &Path, w| mint_layers::unpack(open(p)?, dest, w).map_err(super::archive::layer_error);
     let master = unpack(master_tar, mint_layers::Whiteouts::Keep)?;
     let layer = unpack(layer, mint_layers::Whiteouts::Apply)?;
     for w in master.warnings.iter().chain(&layer.warnings) {
         tracing::warn!("materializing {}: {w}", dest.display());
     }
-    Ok(Materialized { method: Method::Copy, files: master.entries, bytes_copied: master.bytes, edits: layer.entries })
+    Ok(Materialized {
+        method: Method::Copy,
+        files: master.entries,
+        bytes_copied: master.bytes,
+        edits: layer.entries,
+    })
 }

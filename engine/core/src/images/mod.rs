@@ -82,7 +82,11 @@ impl SourceFormat {
             "oci" => SourceFormat::OciLayout,
             "qcow2" => SourceFormat::Qcow2,
             "raw" => SourceFormat::Raw,
-            other => return Err(format!("field `format`: `{other}` is not one of dir, tar, tar+gzip, tar+zstd, oci, qcow2, raw")),
+            other => {
+                return Err(format!(
+                    "field `format`: `{other}` is not one of dir, tar, tar+gzip, tar+zstd, oci, qcow2, raw"
+                ));
+            }
         })
     }
 
@@ -108,15 +112,24 @@ impl SourceFormat {
 
 /// What `source` is, from its contents; a file that is no format mint reads is refused.
 pub fn detect(source: &Path) -> Result<SourceFormat, ImageError> {
-    let meta = std::fs::metadata(source).map_err(io(format!("cannot read {}", source.display())))?;
+    let meta =
+        std::fs::metadata(source).map_err(io(format!("cannot read {}", source.display())))?;
     if meta.is_dir() {
-        return Ok(if oci::is_layout(source) { SourceFormat::OciLayout } else { SourceFormat::Directory });
+        return Ok(if oci::is_layout(source) {
+            SourceFormat::OciLayout
+        } else {
+            SourceFormat::Directory
+        });
     }
     let mut head = vec![0u8; 4096];
-    let mut f = std::fs::File::open(source).map_err(io(format!("cannot open {}", source.display())))?;
+    let mut f =
+        std::fs::File::open(source).map_err(io(format!("cannot open {}", source.display())))?;
     let mut n = 0;
     while n < head.len() {
-        match f.read(&mut head[n..]).map_err(io(format!("cannot read {}", source.display())))? {
+        match f
+            .read(&mut head[n..])
+            .map_err(io(format!("cannot read {}", source.display())))?
+        {
             0 => break,
             k => n += k,
         }
@@ -150,18 +163,25 @@ pub struct ImageStore {
 impl ImageStore {
     /// An image store rooted at `dir`, created if needed.
     pub fn open(dir: &Path) -> Result<ImageStore, ImageError> {
-        std::fs::create_dir_all(dir).map_err(io(format!("cannot create image directory {}", dir.display())))?;
-        Ok(ImageStore { dir: dir.to_path_buf() })
+        std::fs::create_dir_all(dir).map_err(io(format!(
+            "cannot create image directory {}",
+            dir.display()
+        )))?;
+        Ok(ImageStore {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The canonical tar of a tree image.
     pub fn tar(&self, digest: &str) -> PathBuf {
-        self.dir.join(format!("{}.tar", digest.trim_start_matches("sha256:")))
+        self.dir
+            .join(format!("{}.tar", digest.trim_start_matches("sha256:")))
     }
 
     /// The stored file of a disk image (`format` is `qcow2` or `raw`).
     pub fn disk(&self, digest: &str, format: &str) -> PathBuf {
-        self.dir.join(format!("{}.{format}", digest.trim_start_matches("sha256:")))
+        self.dir
+            .join(format!("{}.{format}", digest.trim_start_matches("sha256:")))
     }
 
     /// The directory holding every stored image and blob.
@@ -181,7 +201,8 @@ impl ImageStore {
         let hex = hex::encode(sha2::Sha256::digest(bytes));
         let path = self.blobs().join(&hex);
         if !path.exists() {
-            std::fs::create_dir_all(self.blobs()).map_err(io("cannot create the blob directory"))?;
+            std::fs::create_dir_all(self.blobs())
+                .map_err(io("cannot create the blob directory"))?;
             let tmp = self.blobs().join(format!(".{hex}.{}", std::process::id()));
             seed::write_sparse(&tmp, bytes, false)?;
             std::fs::rename(&tmp, &path).map_err(io("cannot store a blob"))?;
@@ -198,7 +219,9 @@ impl ImageStore {
         if path.exists() {
             let _ = std::fs::remove_file(file);
         } else {
-            std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(io("cannot sync a blob"))?;
+            std::fs::File::open(file)
+                .and_then(|f| f.sync_all())
+                .map_err(io("cannot sync a blob"))?;
             std::fs::rename(file, &path).map_err(io("cannot store a blob"))?;
         }
         Ok(digest.to_string())
@@ -211,22 +234,33 @@ impl ImageStore {
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        [self.blobs().join(hex), self.dir.join(format!("{hex}.qcow2")), self.dir.join(format!("{hex}.raw")), self.dir.join(format!("{hex}.tar"))]
-            .into_iter()
-            .find(|p| p.is_file())
+        [
+            self.blobs().join(hex),
+            self.dir.join(format!("{hex}.qcow2")),
+            self.dir.join(format!("{hex}.raw")),
+            self.dir.join(format!("{hex}.tar")),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
     }
 
     /// Checks that the stored bytes of `digest` still hash to it. `Ok(false)` when nothing
     /// is stored under it.
     pub fn verify(&self, digest: &str) -> Result<bool, ImageError> {
         use sha2::Digest;
-        let Some(path) = self.locate(digest) else { return Ok(false) };
-        let mut f = std::fs::File::open(&path).map_err(io(format!("cannot open {}", path.display())))?;
+        let Some(path) = self.locate(digest) else {
+            return Ok(false);
+        };
+        let mut f =
+            std::fs::File::open(&path).map_err(io(format!("cannot open {}", path.display())))?;
         let mut h = sha2::Sha256::new();
         std::io::copy(&mut f, &mut h).map_err(io(format!("cannot read {}", path.display())))?;
         let got = format!("sha256:{}", hex::encode(h.finalize()));
         if got != digest {
-            return Err(ImageError::Invalid(format!("{} hashes to {got}, not {digest}", path.display())));
+            return Err(ImageError::Invalid(format!(
+                "{} hashes to {got}, not {digest}",
+                path.display()
+            )));
         }
         Ok(true)
     }
@@ -234,7 +268,9 @@ impl ImageStore {
     /// Moves the stored file of `digest` aside to `<dir>/quarantine/`, so it is never
     /// served again; returns where it went.
     pub fn quarantine(&self, digest: &str) -> Result<Option<PathBuf>, ImageError> {
-        let Some(path) = self.locate(digest) else { return Ok(None) };
+        let Some(path) = self.locate(digest) else {
+            return Ok(None);
+        };
         let q = self.dir.join("quarantine");
         std::fs::create_dir_all(&q).map_err(io("cannot create the quarantine directory"))?;
         let to = q.join(path.file_name().unwrap_or_default());
@@ -249,7 +285,10 @@ impl ImageStore {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let stem = name.split('.').next().unwrap_or_default();
-                if stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit()) && e.path().is_file() {
+                if stem.len() == 64
+                    && stem.bytes().all(|b| b.is_ascii_hexdigit())
+                    && e.path().is_file()
+                {
                     out.push(format!("sha256:{stem}"));
                 }
             }
@@ -263,13 +302,24 @@ impl ImageStore {
     /// relative backing-file name resolves) under its own digest; the same every time.
     pub fn disk_overlay(&self, image: &Image) -> Result<String, ImageError> {
         use sha2::Digest;
-        let backing = format!("{}.{}", image.digest.trim_start_matches("sha256:"), image.format);
-        let tmp = self.dir.join(format!(".overlay-{}-{}.qcow2", std::process::id(), backing));
+        let backing = format!(
+            "{}.{}",
+            image.digest.trim_start_matches("sha256:"),
+            image.format
+        );
+        let tmp = self
+            .dir
+            .join(format!(".overlay-{}-{}.qcow2", std::process::id(), backing));
         disk::write_overlay(&tmp, &backing, &image.format, image.virtual_size)?;
         let mut hash = sha2::Sha256::new();
-        std::io::copy(&mut std::fs::File::open(&tmp).map_err(io("cannot read the overlay"))?, &mut hash).map_err(io("cannot read the overlay"))?;
+        std::io::copy(
+            &mut std::fs::File::open(&tmp).map_err(io("cannot read the overlay"))?,
+            &mut hash,
+        )
+        .map_err(io("cannot read the overlay"))?;
         let hex = hex::encode(hash.finalize());
-        std::fs::rename(&tmp, self.dir.join(format!("{hex}.qcow2"))).map_err(io("cannot store the overlay"))?;
+        std::fs::rename(&tmp, self.dir.join(format!("{hex}.qcow2")))
+            .map_err(io("cannot store the overlay"))?;
         Ok(format!("sha256:{hex}"))
     }
 
@@ -280,7 +330,10 @@ impl ImageStore {
         let d = std::fs::File::open(&self.dir).map_err(io("cannot open the image directory"))?;
         // SAFETY: `syncfs` reads only the descriptor, which `d` keeps open for the call.
         if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
-            return Err(ImageError::Io { what: "cannot sync the image store".into(), source: std::io::Error::last_os_error() });
+            return Err(ImageError::Io {
+                what: "cannot sync the image store".into(),
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
@@ -289,10 +342,17 @@ impl ImageStore {
     /// that, the file's extension) must agree with what the contents are. Progress goes to
     /// `report`: `reading` or `flattening` the source, `hashing`, or `copying`
     /// a disk.
-    pub fn import(&self, source: &Path, name: Option<&str>, claimed: Option<SourceFormat>, report: Report<'_>) -> Result<Image, ImageError> {
+    pub fn import(
+        &self,
+        source: &Path,
+        name: Option<&str>,
+        claimed: Option<SourceFormat>,
+        report: Report<'_>,
+    ) -> Result<Image, ImageError> {
         let found = detect(source)?;
         if let Some(claim) = claimed.or_else(|| SourceFormat::claimed_by_name(source)) {
-            let same = claim == found || (claim == SourceFormat::Directory && found == SourceFormat::OciLayout);
+            let same = claim == found
+                || (claim == SourceFormat::Directory && found == SourceFormat::OciLayout);
             if !same {
                 return Err(ImageError::Invalid(format!(
                     "{} claims to be {} but is {}; fix the name or --format",
@@ -302,16 +362,29 @@ impl ImageStore {
                 )));
             }
         }
-        let found = if claimed == Some(SourceFormat::Directory) { SourceFormat::Directory } else { found };
+        let found = if claimed == Some(SourceFormat::Directory) {
+            SourceFormat::Directory
+        } else {
+            found
+        };
         let name = name.map(str::to_string).unwrap_or_else(|| {
-            source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into())
+            source
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into())
         });
         let staging = tempdir_in(&self.dir)?;
         let tree = match found {
-            SourceFormat::Qcow2 | SourceFormat::Raw => return self.import_disk(source, name, found, &staging, report),
+            SourceFormat::Qcow2 | SourceFormat::Raw => {
+                return self.import_disk(source, name, found, &staging, report);
+            }
             SourceFormat::Directory => source.to_path_buf(),
             SourceFormat::Tar(compression) => {
-                report(Step { phase: "reading", done: 0, total: 0 });
+                report(Step {
+                    phase: "reading",
+                    done: 0,
+                    total: 0,
+                });
                 let plain = if compression == Compression::None {
                     source.to_path_buf()
                 } else {
@@ -323,7 +396,11 @@ impl ImageStore {
                 staging.0.join("tree")
             }
             SourceFormat::OciLayout => {
-                report(Step { phase: "flattening", done: 0, total: 0 });
+                report(Step {
+                    phase: "flattening",
+                    done: 0,
+                    total: 0,
+                });
                 oci::flatten(source, &staging.0.join("tree"), &staging.0)?;
                 staging.0.join("tree")
             }
@@ -333,43 +410,81 @@ impl ImageStore {
         let hex = digest.trim_start_matches("sha256:").to_string();
         let final_tar = self.dir.join(format!("{hex}.tar"));
         if !final_tar.exists() {
-            std::fs::File::open(&tar_tmp).and_then(|f| f.sync_all()).map_err(io("cannot sync the image"))?;
+            std::fs::File::open(&tar_tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io("cannot sync the image"))?;
             std::fs::rename(&tar_tmp, &final_tar).map_err(io("cannot store the image"))?;
         }
-        Ok(Image { digest, name, format: "tree".into(), size, entries, source: found.as_str().into(), virtual_size: 0 })
+        Ok(Image {
+            digest,
+            name,
+            format: "tree".into(),
+            size,
+            entries,
+            source: found.as_str().into(),
+            virtual_size: 0,
+        })
     }
 
     /// Checks a disk master, copies it in while hashing it, and keeps it read-only.
-    fn import_disk(&self, source: &Path, name: String, format: SourceFormat, staging: &TempDir, report: Report<'_>) -> Result<Image, ImageError> {
+    fn import_disk(
+        &self,
+        source: &Path,
+        name: String,
+        format: SourceFormat,
+        staging: &TempDir,
+        report: Report<'_>,
+    ) -> Result<Image, ImageError> {
         let virtual_size = match format {
             SourceFormat::Qcow2 => disk::check_qcow2(source)?.virtual_size,
             _ => std::fs::metadata(source).map_err(io("cannot stat"))?.len(),
         };
         let total = std::fs::metadata(source).map_err(io("cannot stat"))?.len();
         let tmp = staging.0.join("disk");
-        let mut from = std::fs::File::open(source).map_err(io(format!("cannot open {}", source.display())))?;
-        let mut to = archive::HashingWriter::new(std::fs::File::create(&tmp).map_err(io("cannot write a staging file"))?);
+        let mut from =
+            std::fs::File::open(source).map_err(io(format!("cannot open {}", source.display())))?;
+        let mut to = archive::HashingWriter::new(
+            std::fs::File::create(&tmp).map_err(io("cannot write a staging file"))?,
+        );
         let mut buf = vec![0u8; 1 << 20];
         let mut done = 0u64;
         loop {
-            let n = from.read(&mut buf).map_err(io(format!("cannot read {}", source.display())))?;
+            let n = from
+                .read(&mut buf)
+                .map_err(io(format!("cannot read {}", source.display())))?;
             if n == 0 {
                 break;
             }
-            std::io::Write::write_all(&mut to, &buf[..n]).map_err(io("cannot write a staging file"))?;
+            std::io::Write::write_all(&mut to, &buf[..n])
+                .map_err(io("cannot write a staging file"))?;
             done += n as u64;
-            report(Step { phase: "copying", done, total });
+            report(Step {
+                phase: "copying",
+                done,
+                total,
+            });
         }
         let (digest, size) = to.finish();
         let kind = format.as_str();
         let stored = self.disk(&digest, kind);
         if !stored.exists() {
-            let mut perms = std::fs::metadata(&tmp).map_err(io("cannot stat"))?.permissions();
+            let mut perms = std::fs::metadata(&tmp)
+                .map_err(io("cannot stat"))?
+                .permissions();
             perms.set_readonly(true);
-            std::fs::set_permissions(&tmp, perms).map_err(io("cannot make the master read-only"))?;
+            std::fs::set_permissions(&tmp, perms)
+                .map_err(io("cannot make the master read-only"))?;
             std::fs::rename(&tmp, &stored).map_err(io("cannot store the image"))?;
         }
-        Ok(Image { digest, name, format: kind.into(), size, entries: 0, source: kind.into(), virtual_size })
+        Ok(Image {
+            digest,
+            name,
+            format: kind.into(),
+            size,
+            entries: 0,
+            source: kind.into(),
+            virtual_size,
+        })
     }
 }
 
@@ -390,4 +505,3 @@ fn tempdir_in(dir: &Path) -> Result<TempDir, ImageError> {
     std::fs::create_dir_all(&p).map_err(io("cannot create a staging directory"))?;
     Ok(TempDir(p))
 }
-

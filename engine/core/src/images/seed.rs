@@ -47,24 +47,47 @@ pub const SEED_DIR: &str = "/var/lib/cloud/seed/nocloud";
 /// The three seed files, as text: `meta-data`, `network-config`, `user-data`. A seed the
 /// customizers wrote (the `cloud-init` step) is taken as the base; the identity fills what
 /// it lacks, and every other edit joins the user-data as `write_files` or `runcmd`.
-pub fn files(id: &SeedIdentity<'_>, edits: &[wit::Edit]) -> Result<[(&'static str, String); 3], ImageError> {
+pub fn files(
+    id: &SeedIdentity<'_>,
+    edits: &[wit::Edit],
+) -> Result<[(&'static str, String); 3], ImageError> {
     let from_step = |name: &str| {
         let path = format!("{SEED_DIR}/{name}");
         edits.iter().rev().find_map(|e| match e {
-            wit::Edit::WriteFile(w) if w.path == path => Some(String::from_utf8_lossy(&w.contents).into_owned()),
+            wit::Edit::WriteFile(w) if w.path == path => {
+                Some(String::from_utf8_lossy(&w.contents).into_owned())
+            }
             _ => None,
         })
     };
-    let short = id.customization.trim_start_matches("sha256:").get(..12).unwrap_or("");
+    let short = id
+        .customization
+        .trim_start_matches("sha256:")
+        .get(..12)
+        .unwrap_or("");
     let meta = from_step("meta-data").unwrap_or_else(|| {
-        format!("instance-id: {}\nlocal-hostname: {}\n", q(&format!("mint-{}-{}-{short}", id.tier, id.index)), q(id.hostname))
+        format!(
+            "instance-id: {}\nlocal-hostname: {}\n",
+            q(&format!("mint-{}-{}-{short}", id.tier, id.index)),
+            q(id.hostname)
+        )
     });
     let net = from_step("network-config").unwrap_or_else(|| {
-        let mut net = String::from("version: 2\nethernets:\n  primary:\n    match:\n      name: \"e*\"\n");
-        let _ = writeln!(net, "    addresses:\n      - {}", q(&format!("{}/{}", id.address, id.prefix_len)));
+        let mut net =
+            String::from("version: 2\nethernets:\n  primary:\n    match:\n      name: \"e*\"\n");
+        let _ = writeln!(
+            net,
+            "    addresses:\n      - {}",
+            q(&format!("{}/{}", id.address, id.prefix_len))
+        );
         if let Some(gw) = id.gateway {
             let to = if gw.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
-            let _ = writeln!(net, "    routes:\n      - to: {}\n        via: {}", q(to), q(&gw.to_string()));
+            let _ = writeln!(
+                net,
+                "    routes:\n      - to: {}\n        via: {}",
+                q(to),
+                q(&gw.to_string())
+            );
         }
         if !id.dns.is_empty() {
             net.push_str("    nameservers:\n      addresses:\n");
@@ -110,7 +133,14 @@ pub fn files(id: &SeedIdentity<'_>, edits: &[wit::Edit]) -> Result<[(&'static st
             }
             wit::Edit::Remove(p) => cmds.push(json!(["rm", "-rf", "--", p])),
             wit::Edit::Symlink(s) => cmds.push(json!(["ln", "-sfn", "--", s.target, s.path])),
-            wit::Edit::MakeDir(d) => cmds.push(json!(["install", "-d", "-m", format!("{:04o}", d.meta.mode), "--", d.path])),
+            wit::Edit::MakeDir(d) => cmds.push(json!([
+                "install",
+                "-d",
+                "-m",
+                format!("{:04o}", d.meta.mode),
+                "--",
+                d.path
+            ])),
         }
     }
     let mut append = |key: &str, items: Vec<serde_json::Value>| {
@@ -124,8 +154,15 @@ pub fn files(id: &SeedIdentity<'_>, edits: &[wit::Edit]) -> Result<[(&'static st
     };
     append("write_files", writes);
     append("runcmd", cmds);
-    let user = format!("#cloud-config\n{}\n", serde_json::to_string_pretty(&serde_json::Value::Object(doc)).expect("JSON serialises"));
-    Ok([("meta-data", meta), ("network-config", net), ("user-data", user)])
+    let user = format!(
+        "#cloud-config\n{}\n",
+        serde_json::to_string_pretty(&serde_json::Value::Object(doc)).expect("JSON serialises")
+    );
+    Ok([
+        ("meta-data", meta),
+        ("network-config", net),
+        ("user-data", user),
+    ])
 }
 
 /// A FAT volume labelled `cidata` holding `files`.
@@ -133,9 +170,14 @@ pub fn volume(files: &[(&str, String)]) -> Result<Vec<u8>, ImageError> {
     let content: usize = files.iter().map(|(_, t)| t.len()).sum();
     // Room for the files twice over and the file system's own tables; FAT12 up to 32 MiB.
     let size = (2 * content + (1 << 20)).next_multiple_of(1 << 20);
-    let fat = |e: std::io::Error| ImageError::Invalid(format!("cannot build the NoCloud seed: {e}"));
+    let fat =
+        |e: std::io::Error| ImageError::Invalid(format!("cannot build the NoCloud seed: {e}"));
     let mut disk = std::io::Cursor::new(vec![0u8; size]);
-    fatfs::format_volume(&mut disk, fatfs::FormatVolumeOptions::new().volume_label(*b"cidata     ")).map_err(fat)?;
+    fatfs::format_volume(
+        &mut disk,
+        fatfs::FormatVolumeOptions::new().volume_label(*b"cidata     "),
+    )
+    .map_err(fat)?;
     label_entry(disk.get_mut());
     {
         disk.seek(SeekFrom::Start(0)).map_err(fat)?;
@@ -169,14 +211,18 @@ fn label_entry(img: &mut [u8]) {
 /// Writes `bytes` to `path` leaving holes where whole 4 KiB blocks are zero, so a mostly
 /// empty volume costs only its used blocks on disk; with `sync`, flushed before returning.
 pub fn write_sparse(path: &std::path::Path, bytes: &[u8], sync: bool) -> Result<(), ImageError> {
-    let mut f = std::fs::File::create(path).map_err(io(format!("cannot write {}", path.display())))?;
+    let mut f =
+        std::fs::File::create(path).map_err(io(format!("cannot write {}", path.display())))?;
     for (i, block) in bytes.chunks(4096).enumerate() {
         if block.iter().any(|b| *b != 0) {
-            f.seek(SeekFrom::Start((i * 4096) as u64)).map_err(io("cannot seek"))?;
-            f.write_all(block).map_err(io(format!("cannot write {}", path.display())))?;
+            f.seek(SeekFrom::Start((i * 4096) as u64))
+                .map_err(io("cannot seek"))?;
+            f.write_all(block)
+                .map_err(io(format!("cannot write {}", path.display())))?;
         }
     }
-    f.set_len(bytes.len() as u64).map_err(io("cannot size the file"))?;
+    f.set_len(bytes.len() as u64)
+        .map_err(io("cannot size the file"))?;
     if sync {
         f.sync_all().map_err(io("cannot sync"))?;
     }

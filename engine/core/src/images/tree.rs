@@ -6,7 +6,9 @@
 //! contiguous range of the tar: reading one is a seek and a read.
 
 use super::{ImageError, io};
-use mint_plugins::bindings::customizer::mint::plugin::master::{DirEntry, FileKind, FileStat, FsError};
+use mint_plugins::bindings::customizer::mint::plugin::master::{
+    DirEntry, FileKind, FileStat, FsError,
+};
 use mint_plugins::master::{Lookup, MAX_READ_BYTES, MasterView, resolve_in};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -57,19 +59,48 @@ fn key(parts: &[String]) -> String {
 impl TreeIndex {
     /// Reads the index of the canonical tar at `tar`, skipping over every file's data.
     pub fn read(tar: &Path) -> Result<TreeIndex, ImageError> {
-        let file = std::fs::File::open(tar).map_err(io(format!("cannot open {}", tar.display())))?;
+        let file =
+            std::fs::File::open(tar).map_err(io(format!("cannot open {}", tar.display())))?;
         let mut a = tar::Archive::new(std::io::BufReader::new(file));
         let mut entries = BTreeMap::new();
-        entries.insert(String::new(), Entry { kind: Kind::Dir, mode: 0o755, uid: 0, gid: 0, size: 0, offset: 0 });
-        let bad = |e: std::io::Error| ImageError::Invalid(format!("the master {} is not a readable tar: {e}", tar.display()));
+        entries.insert(
+            String::new(),
+            Entry {
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                offset: 0,
+            },
+        );
+        let bad = |e: std::io::Error| {
+            ImageError::Invalid(format!(
+                "the master {} is not a readable tar: {e}",
+                tar.display()
+            ))
+        };
         for e in a.entries_with_seek().map_err(bad)? {
             let e = e.map_err(bad)?;
             let h = e.header();
-            let path = e.path().map_err(bad)?.to_string_lossy().trim_end_matches('/').trim_start_matches("./").to_string();
+            let path = e
+                .path()
+                .map_err(bad)?
+                .to_string_lossy()
+                .trim_end_matches('/')
+                .trim_start_matches("./")
+                .to_string();
             let kind = match h.entry_type() {
                 tar::EntryType::Directory => Kind::Dir,
-                tar::EntryType::Symlink => Kind::Symlink(e.link_name().map_err(bad)?.map(|l| l.to_string_lossy().into_owned()).unwrap_or_default()),
-                tar::EntryType::Block | tar::EntryType::Char | tar::EntryType::Fifo => Kind::Special,
+                tar::EntryType::Symlink => Kind::Symlink(
+                    e.link_name()
+                        .map_err(bad)?
+                        .map(|l| l.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                ),
+                tar::EntryType::Block | tar::EntryType::Char | tar::EntryType::Fifo => {
+                    Kind::Special
+                }
                 tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
                 _ => continue,
             };
@@ -87,7 +118,10 @@ impl TreeIndex {
                 entries.insert(path, entry);
             }
         }
-        Ok(TreeIndex { tar: tar.to_path_buf(), entries })
+        Ok(TreeIndex {
+            tar: tar.to_path_buf(),
+            entries,
+        })
     }
 
     /// The entry at `path` (no leading `/`), not following symlinks.
@@ -97,7 +131,11 @@ impl TreeIndex {
 
     /// The names of `dir`'s children with their entries, sorted.
     pub fn children<'a>(&'a self, dir: &str) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
-        let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
         // Keys under `dir/` are contiguous in string order from `dir/` on (`etc-x` sorts
         // between `etc` and `etc/`, so the range starts at the prefix, not at `dir`).
         self.entries
@@ -132,7 +170,10 @@ impl TreeIndex {
         Ok(resolve_in(path, follow_final, |parts| {
             Ok(match self.entries.get(&key(parts)) {
                 None => Lookup::Absent,
-                Some(Entry { kind: Kind::Symlink(t), .. }) => Lookup::Link(t.clone()),
+                Some(Entry {
+                    kind: Kind::Symlink(t),
+                    ..
+                }) => Lookup::Link(t.clone()),
                 Some(_) => Lookup::Other,
             })
         })?
@@ -154,10 +195,16 @@ pub struct TarMaster(pub std::sync::Arc<TreeIndex>);
 
 impl MasterView for TarMaster {
     fn stat(&self, path: &str) -> Result<Option<FileStat>, FsError> {
-        let Some(p) = self.0.resolve(path, false)? else { return Ok(None) };
+        let Some(p) = self.0.resolve(path, false)? else {
+            return Ok(None);
+        };
         Ok(self.0.get(&p).map(|e| FileStat {
             kind: file_kind(&e.kind),
-            size: if let Kind::Symlink(t) = &e.kind { t.len() as u64 } else { e.size },
+            size: if let Kind::Symlink(t) = &e.kind {
+                t.len() as u64
+            } else {
+                e.size
+            },
             mode: e.mode,
             uid: e.uid,
             gid: e.gid,
@@ -165,34 +212,60 @@ impl MasterView for TarMaster {
     }
 
     fn read_file(&self, path: &str, max_bytes: u64) -> Result<Option<Vec<u8>>, FsError> {
-        let Some(p) = self.0.resolve(path, true)? else { return Ok(None) };
-        let Some(e) = self.0.get(&p) else { return Ok(None) };
+        let Some(p) = self.0.resolve(path, true)? else {
+            return Ok(None);
+        };
+        let Some(e) = self.0.get(&p) else {
+            return Ok(None);
+        };
         match e.kind {
             Kind::File => {}
             Kind::Dir => return Err(FsError::WrongKind(format!("`{path}` is a directory"))),
-            _ => return Err(FsError::WrongKind(format!("`{path}` is not a regular file"))),
+            _ => {
+                return Err(FsError::WrongKind(format!(
+                    "`{path}` is not a regular file"
+                )));
+            }
         }
         if e.size > max_bytes.min(MAX_READ_BYTES) {
             return Err(FsError::TooLarge(e.size));
         }
-        self.0.read_data(e).map(Some).map_err(|e| FsError::Io(e.to_string()))
+        self.0
+            .read_data(e)
+            .map(Some)
+            .map_err(|e| FsError::Io(e.to_string()))
     }
 
     fn list_dir(&self, path: &str) -> Result<Option<Vec<DirEntry>>, FsError> {
-        let Some(p) = self.0.resolve(path, true)? else { return Ok(None) };
+        let Some(p) = self.0.resolve(path, true)? else {
+            return Ok(None);
+        };
         match self.0.get(&p) {
             None => Ok(None),
-            Some(Entry { kind: Kind::Dir, .. }) => {
-                Ok(Some(self.0.children(&p).map(|(name, e)| DirEntry { name: name.to_string(), kind: file_kind(&e.kind) }).collect()))
-            }
+            Some(Entry {
+                kind: Kind::Dir, ..
+            }) => Ok(Some(
+                self.0
+                    .children(&p)
+                    .map(|(name, e)| DirEntry {
+                        name: name.to_string(),
+                        kind: file_kind(&e.kind),
+                    })
+                    .collect(),
+            )),
             Some(_) => Err(FsError::WrongKind(format!("`{path}` is not a directory"))),
         }
     }
 
     fn read_link(&self, path: &str) -> Result<Option<String>, FsError> {
-        let Some(p) = self.0.resolve(path, false)? else { return Ok(None) };
+        let Some(p) = self.0.resolve(path, false)? else {
+            return Ok(None);
+        };
         Ok(match self.0.get(&p) {
-            Some(Entry { kind: Kind::Symlink(t), .. }) => Some(t.clone()),
+            Some(Entry {
+                kind: Kind::Symlink(t),
+                ..
+            }) => Some(t.clone()),
             _ => None,
         })
     }
