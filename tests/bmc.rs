@@ -122,6 +122,36 @@ impl Emulator {
                 key.display()
             ));
         }
+        Emulator::spawn(&venv, dir, conf, uuids, auth, tls, &["--fake"])
+    }
+
+    /// An emulator in `dir` whose systems are the libvirt domains `uuids` behind `uri`
+    /// (sushy-tools' libvirt backend: power, boot device and virtual media act on the
+    /// domains), uploading virtual media into libvirt's `default` storage pool.
+    pub fn libvirt(repo: &Path, dir: &Path, uri: &str, uuids: Vec<String>) -> Emulator {
+        let venv = python_env(repo);
+        std::fs::create_dir_all(dir).expect("emulator dir");
+        let mut conf = format!(
+            "SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\nSUSHY_EMULATOR_LIBVIRT_URI = '{uri}'\n"
+        );
+        conf.push_str(&format!(
+            "SUSHY_EMULATOR_STATE_DIR = '{}'\n",
+            dir.join("state").display()
+        ));
+        // Only the test's own domains are systems of this BMC.
+        conf.push_str(&format!("SUSHY_EMULATOR_ALLOWED_INSTANCES = {uuids:?}\n"));
+        Emulator::spawn(&venv, dir, conf, uuids, None, None, &[])
+    }
+
+    fn spawn(
+        venv: &Path,
+        dir: &Path,
+        conf: String,
+        uuids: Vec<String>,
+        auth: Option<(&str, &str)>,
+        tls: Option<(&Path, &Path)>,
+        mode: &[&str],
+    ) -> Emulator {
         let config = dir.join("emulator.conf");
         std::fs::write(&config, conf).expect("emulator config");
         let log = dir.join("emulator.log");
@@ -129,7 +159,8 @@ impl Emulator {
         for _ in 0..5 {
             let port = free_port();
             let child = Command::new(venv.join("bin/sushy-emulator"))
-                .args(["--fake", "--config"])
+                .args(mode)
+                .arg("--config")
                 .arg(&config)
                 .args(["--port", &port.to_string()])
                 .stdout(Stdio::null())

@@ -507,7 +507,10 @@ fn instances_of_a_disk_master_are_one_shared_overlay_and_their_own_seed() {
         "a seed of its own each"
     );
 
-    let overlay = engine.images.locate(&parts[0].overlay).unwrap();
+    let overlay = engine
+        .images
+        .locate(parts[0].overlay.as_deref().unwrap())
+        .unwrap();
     let info = qemu_img_json(&["info"], &overlay);
     assert_eq!(
         info["backing-filename"],
@@ -533,7 +536,7 @@ fn instances_of_a_disk_master_are_one_shared_overlay_and_their_own_seed() {
         roles,
         [
             ("master", image.digest.as_str()),
-            ("overlay", parts[2].overlay.as_str()),
+            ("overlay", parts[2].overlay.as_deref().unwrap()),
             ("seed", parts[2].seed.as_str())
         ]
     );
@@ -594,6 +597,97 @@ fn instances_of_a_disk_master_are_one_shared_overlay_and_their_own_seed() {
         v["files"].to_string().contains("/etc/hostname"),
         "the customizers' edits travel as write_files: {}",
         v["files"]
+    );
+}
+
+/// A small ISO built with xorriso: bootable (isolinux's El Torito image, hybrid MBR) or not.
+fn iso(dir: &Path, name: &str, bootable: bool) -> PathBuf {
+    let tree = dir.join(format!("{name}.tree"));
+    std::fs::create_dir_all(tree.join("isolinux")).unwrap();
+    std::fs::write(tree.join("hello.txt"), "hello\n").unwrap();
+    let out = dir.join(format!("{name}.iso"));
+    let mut cmd = Command::new("xorriso");
+    cmd.args(["-as", "mkisofs", "-quiet", "-volid", "MINT_TEST", "-o"])
+        .arg(&out);
+    if bootable {
+        std::fs::copy(
+            "/usr/lib/ISOLINUX/isolinux.bin",
+            tree.join("isolinux/isolinux.bin"),
+        )
+        .unwrap();
+        cmd.args([
+            "-isohybrid-mbr",
+            "/usr/lib/ISOLINUX/isohdpfx.bin",
+            "-c",
+            "isolinux/boot.cat",
+            "-b",
+            "isolinux/isolinux.bin",
+        ]);
+        cmd.args(["-no-emul-boot", "-boot-load-size", "4", "-boot-info-table"]);
+    }
+    run(cmd.arg(&tree));
+    out
+}
+
+#[test]
+fn an_iso_master_is_booted_as_it_is_with_a_seed_each_that_fits_a_floppy() {
+    let dir = scratch("images-iso-tier");
+    let engine = Engine::open(&dir.join("data")).unwrap();
+    // A hybrid ISO carries an MBR too: it is still an ISO, booted as a CD.
+    let image = engine.import_image(&iso(&dir, "live", true), None).unwrap();
+    assert_eq!(
+        (image.format.as_str(), image.source.as_str()),
+        ("iso", "iso")
+    );
+    let plain = engine
+        .import_image(&iso(&dir, "plain", false), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        plain.contains("no El Torito boot record") && plain.contains("xorriso"),
+        "{plain}"
+    );
+
+    let spec: mint_core::TierSpec = serde_json::from_value(serde_json::json!({
+        "name": "live", "image": image.digest, "max-instances": 2, "subnet": "198.18.4.0/24",
+        "hostname": "live-{index}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "noop"},
+    }))
+    .unwrap();
+    crate::support::block_on(engine.create_tier(&spec, "admin:test")).unwrap();
+    let a = engine.artifact("live", 1).unwrap();
+    assert_eq!(a.format, "iso");
+    let roles: Vec<&str> = a.parts.iter().map(|p| p.role).collect();
+    assert_eq!(
+        roles,
+        ["master", "seed"],
+        "no overlay: a CD boots read-only"
+    );
+    assert_eq!(a.parts[0].digest, image.digest);
+    assert!(a.parts[0].name.ends_with(".iso"));
+    let seed = engine.images.locate(&a.parts[1].digest).unwrap();
+    assert_eq!(
+        std::fs::metadata(&seed).unwrap().len(),
+        mint_core::images::seed::FLOPPY_BYTES,
+        "a floppy's size"
+    );
+    let files = dir.join("seed-files");
+    std::fs::create_dir_all(&files).unwrap();
+    for f in ["meta-data", "network-config", "user-data"] {
+        run(Command::new("mcopy")
+            .arg("-i")
+            .arg(&seed)
+            .arg(format!("::{f}"))
+            .arg(files.join(f))
+            .env("MTOOLS_SKIP_CHECK", "1"));
+    }
+    let v = cloud_init(&files);
+    assert_eq!(v["hostname"], "live-1");
+    assert!(
+        engine
+            .materialize("live", 1, &dir.join("root"))
+            .unwrap_err()
+            .to_string()
+            .contains("iso master")
     );
 }
 

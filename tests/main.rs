@@ -8,6 +8,7 @@ mod daemon;
 mod docs;
 mod engine;
 mod images;
+mod libvirt;
 mod model;
 mod nodes;
 mod packages;

@@ -12,14 +12,6 @@ use std::time::Duration;
 
 const PASSWORD: &str = "Fr0zen-Sushi-7";
 
-/// A small raw disk with an MBR signature.
-fn raw_disk(path: &Path) {
-    let mut bytes = vec![0u8; 2 << 20];
-    bytes[510] = 0x55;
-    bytes[511] = 0xaa;
-    std::fs::write(path, bytes).unwrap();
-}
-
 /// Writes the daemon's configuration and the credentials file it names: one entry per
 /// (endpoint, password), user `admin`, after the entries in `extra`.
 fn configure(dir: &Path, credentials: &[(&str, &str)], extra: &str) -> std::path::PathBuf {
@@ -37,7 +29,7 @@ fn configure(dir: &Path, credentials: &[(&str, &str)], extra: &str) -> std::path
     config
 }
 
-/// Imports a disk (`master`, or a small raw disk) and creates tier `name` of `k` instances
+/// Imports a master (`master`, or a small ISO) and creates tier `name` of `k` instances
 /// with the redfish driver.
 fn disk_tier(
     d: &Daemon,
@@ -49,9 +41,9 @@ fn disk_tier(
     labels: Value,
     master: Option<&Path>,
 ) {
-    let disk = dir.join("disk.raw");
+    let disk = dir.join("live.iso");
     if !disk.exists() {
-        raw_disk(&disk);
+        crate::running::tiny_iso(&disk);
     }
     let disk = master.unwrap_or(&disk);
     let image = d.mint(&["image", "import", disk.to_str().unwrap()]);
@@ -270,7 +262,7 @@ fn bmc_failures_are_clear_and_leave_the_pool_as_it_was() {
         (
             "qcow2",
             good.system_url(1),
-            "runs a qcow2 master, which a BMC cannot boot from virtual media; convert it",
+            "runs a disk master; a BMC boots only ISO images from virtual media, so the redfish driver never puts a disk on a virtual CD: import an ISO master",
         ),
         (
             "unauthorized",
@@ -298,9 +290,11 @@ fn bmc_failures_are_clear_and_leave_the_pool_as_it_was() {
             "did not answer GET /redfish/v1/Systems/1 within 500 ms",
         ),
     ];
-    // The qcow2 case's master is the same disk converted to qcow2.
+    // The qcow2 case's master is a disk: a small raw disk (an MBR) converted to qcow2.
     let qcow2 = dir.join("disk.qcow2");
-    raw_disk(&dir.join("disk.raw"));
+    let mut mbr = vec![0u8; 2 << 20];
+    mbr[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(dir.join("disk.raw"), mbr).unwrap();
     let o = std::process::Command::new("qemu-img")
         .args(["convert", "-O", "qcow2"])
         .arg(dir.join("disk.raw"))

@@ -172,3 +172,26 @@ impl Daemon {
             .unwrap_or_default()
     }
 }
+
+/// Writes a small bootable ISO 9660 image (2 MiB): a primary volume descriptor, an El
+/// Torito boot record and the terminator, which is all the engine checks of an ISO master.
+/// Nothing boots from it; it stands for a live system where only BMCs that boot nothing
+/// (sushy-tools' fake mode, the simulated BMCs) see it.
+pub fn tiny_iso(path: &Path) {
+    let mut img = vec![0u8; 2 << 20];
+    for (i, kind) in [1u8, 0, 255].into_iter().enumerate() {
+        let d = &mut img[(16 + i) * 2048..][..2048];
+        d[0] = kind;
+        d[1..6].copy_from_slice(b"CD001");
+        d[6] = 1;
+        match kind {
+            0 => d[7..30].copy_from_slice(b"EL TORITO SPECIFICATION"),
+            1 => {
+                d[80..84].copy_from_slice(&1024u32.to_le_bytes());
+                d[128..130].copy_from_slice(&2048u16.to_le_bytes());
+            }
+            _ => {}
+        }
+    }
+    std::fs::write(path, img).unwrap();
+}

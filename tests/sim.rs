@@ -80,11 +80,8 @@ fn simulated_agents_and_bmcs_take_real_deployments() {
         },
     )
     .unwrap();
-    let mut disk = vec![0u8; 2 << 20];
-    disk[510] = 0x55;
-    disk[511] = 0xaa;
-    std::fs::write(dir.join("disk.raw"), disk).unwrap();
-    let image = d.mint(&["image", "import", dir.join("disk.raw").to_str().unwrap()]);
+    crate::running::tiny_iso(&dir.join("live.iso"));
+    let image = d.mint(&["image", "import", dir.join("live.iso").to_str().unwrap()]);
     let spec = json!({"name": "bm", "image": image["digest"], "max-instances": 3, "subnet": "198.18.41.0/24",
         "hostname": "bm-{index}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "redfish"}, "requirements": {"labels": {"role": "bm"}}});
     std::fs::write(dir.join("bm.json"), spec.to_string()).unwrap();

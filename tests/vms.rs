@@ -1,7 +1,7 @@
 //! Real machines booting mint's instances: the real test master (Debian 12 with systemd,
 //! cloud-init and a service answering HTTP with the host name, built from Debian's packages
-//! by `tests/os/build-debian-master.sh` and cached under `target/mint-os/`, keyed by the
-//! script's hash) imported as a disk master, and instances of it booted in QEMU (TCG) by
+//! by `tests/os/build-debian-master.sh` as a raw disk and a hybrid ISO, and cached under
+//! `target/mint-os/`, keyed by the script's hash) imported as a disk master, and instances of it booted in QEMU (TCG) by
 //! agents in VM mode from exactly the parts the engine serves: the shared master (cached
 //! once per node), each instance's own overlay and its NoCloud seed. Each VM is on a bridge
 //! in a network namespace the test owns, on 198.18.0.0/15.
@@ -18,13 +18,24 @@ static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The real test master's raw disk, built when the script changed since the last build.
 pub fn debian_master() -> PathBuf {
+    debian_master_build().join("disk.raw")
+}
+
+/// The real test master as a hybrid ISO (a live system), from the same build.
+#[allow(dead_code)]
+pub fn debian_master_iso() -> PathBuf {
+    debian_master_build().join("master.iso")
+}
+
+/// The directory of the real test master's build (`disk.raw`, `master.iso`), built when
+/// the script changed since the last build.
+fn debian_master_build() -> PathBuf {
     let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let script = root().join("tests/os/build-debian-master.sh");
     let hash = hex::encode(sha2::Sha256::digest(std::fs::read(&script).unwrap()));
     let dir = root().join("target/mint-os").join(&hash[..16]);
-    let disk = dir.join("disk.raw");
-    if disk.is_file() {
-        return disk;
+    if dir.join("disk.raw").is_file() && dir.join("master.iso").is_file() {
+        return dir;
     }
     let staging = root()
         .join("target/mint-os")
@@ -45,7 +56,7 @@ pub fn debian_master() -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&staging, &dir).unwrap();
     eprintln!("built the real test master in {:.0?}", t.elapsed());
-    disk
+    dir
 }
 
 /// Whether QEMU can run here at all; the reason when it cannot.
@@ -350,4 +361,133 @@ fn disk_instances_boot_as_vms_through_agents_and_a_failed_hosts_instance_boots_e
         "vm-1 no longer answers"
     );
     assert_eq!(qemus(&bed.namespaces[j]), 1, "vm-0's VM runs on");
+}
+
+#[test]
+fn redfish_boots_an_iso_master_from_a_libvirt_domains_virtual_cd_and_scale_in_powers_it_off() {
+    use crate::bmc::Emulator;
+    use crate::running::Daemon;
+    if let Some(why) = qemu_missing() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let iso = debian_master_iso();
+    let _machine = crate::testbed::exclusive();
+    let dir = scratch("vms-redfish-iso");
+    let mut lv = crate::libvirt::Libvirt::start(&dir.join("libvirt"), "198.18.9.254/24");
+    let uuid = "5a17e000-0f15-4000-8000-000000000001";
+    let serial = lv.define("bm-0", uuid, "52:54:00:18:09:01", 2);
+    let bmc = Emulator::libvirt(&root(), &dir.join("bmc"), &lv.uri, vec![uuid.to_string()]);
+    let d = Daemon::start(&dir.join("data"), &[], &root());
+    d.mint(&[
+        "node",
+        "add",
+        "bm-0",
+        "--cpus",
+        "1",
+        "--memory-mib",
+        "1024",
+        "--property",
+        &format!("bmc-url={}", bmc.system_url(0)),
+    ]);
+    let image = d.mint(&[
+        "image",
+        "import",
+        iso.to_str().unwrap(),
+        "--name",
+        "debian-live",
+    ]);
+    assert_eq!(image["format"], "iso");
+    let spec = serde_json::json!({
+        "name": "live", "image": image["digest"], "max-instances": 3, "subnet": "198.18.9.0/24",
+        "hostname": "live-{index}", "customizers": [{"plugin": "hostname"}],
+        "driver": {"plugin": "redfish"}, "deploy-timeout-secs": 300,
+    });
+    std::fs::write(dir.join("live.json"), spec.to_string()).unwrap();
+    d.mint(&[
+        "tier",
+        "create",
+        "-f",
+        dir.join("live.json").to_str().unwrap(),
+    ]);
+
+    let asked = Instant::now();
+    d.mint(&["tier", "scale", "live", "1"]);
+    let powered = asked.elapsed();
+    let inst = d.mint(&["instance", "list", "live"])[0].clone();
+    assert_eq!(
+        (inst["state"].as_str(), inst["node"].as_str()),
+        (Some("deployed"), Some("bm-0")),
+        "{inst}"
+    );
+    let address = inst["address"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(420);
+    let answer = loop {
+        if let Some(a) = lv.get(&address) {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{address} did not answer within 420 s; libvirt says {}; the console ends:\n{}",
+            lv.state("bm-0"),
+            std::fs::read_to_string(&serial)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(answer.trim(), "live-0");
+    eprintln!(
+        "live-0 (ISO master, Redfish, libvirt) powered on {powered:.1?} and answered at {address} {:.1?} after the scale request",
+        asked.elapsed()
+    );
+    let console = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        console.contains("Datasource DataSourceNoCloud") && console.contains("/dev/fd0"),
+        "the seed came from the virtual floppy"
+    );
+    assert!(!console.contains("DataSourceNone"));
+    // libvirt's own view: running, the ISO on the CD and the seed on the floppy.
+    assert_eq!(lv.state("bm-0"), "running");
+    let xml = lv.xml("bm-0");
+    let sources = |device: &str| -> Vec<String> {
+        xml.split("<disk ")
+            .filter(|d| d.contains(&format!("device='{device}'")))
+            .filter_map(|d| {
+                d.split("<source file='")
+                    .nth(1)
+                    .map(|s| s.split('\'').next().unwrap_or("").to_string())
+            })
+            .collect()
+    };
+    assert_eq!(
+        (sources("cdrom").len(), sources("floppy").len()),
+        (1, 1),
+        "{xml}"
+    );
+
+    // Scale-in powers the system off and ejects both, as libvirt sees it.
+    d.mint(&["tier", "scale", "live", "0"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lv.state("bm-0") != "shut off" {
+        assert!(
+            Instant::now() < deadline,
+            "bm-0 is still {}",
+            lv.state("bm-0")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let xml = lv.xml("bm-0");
+    let inserted = xml
+        .split("<disk ")
+        .filter(|d| {
+            (d.contains("device='cdrom'") || d.contains("device='floppy'")) && d.contains("<source")
+        })
+        .count();
+    assert_eq!(inserted, 0, "both ejected: {xml}");
+    assert!(lv.get(&address).is_none());
 }

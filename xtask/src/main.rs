@@ -71,6 +71,20 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("qemu-utils", "/usr/bin/qemu-img"),
     ("curl", "/usr/bin/curl"),
+    ("isolinux", "/usr/lib/ISOLINUX/isolinux.bin"),
+    ("xorriso", "/usr/bin/xorriso"),
+    ("squashfs-tools", "/usr/bin/mksquashfs"),
+    ("python3-venv", "/usr/lib/python3.11/ensurepip/__init__.py"),
+    ("libvirt-daemon", "/usr/sbin/libvirtd"),
+    (
+        "libvirt-daemon-driver-qemu",
+        "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so",
+    ),
+    ("libvirt-clients", "/usr/bin/virsh"),
+    (
+        "python3-libvirt",
+        "/usr/lib/python3/dist-packages/libvirt.py",
+    ),
 ];
 
 /// Installs the [`DEBIAN_PACKAGES`] that are missing. The packages' services are kept from
@@ -119,18 +133,28 @@ fn debian_packages() -> Result<(), String> {
 }
 
 /// The Python tools the tests run (tests/python-requirements.txt), in a virtual
-/// environment under target/mint-py, installed again when the requirements change.
+/// environment under target/mint-py, installed again when the requirements change. The
+/// environment is Debian's Python's, seeing its system packages, because sushy-tools'
+/// libvirt backend needs the libvirt binding Debian builds against its libvirt
+/// (python3-libvirt); an environment made otherwise is made again.
 fn python_tools() -> Result<(), String> {
     let venv = std::path::Path::new("target/mint-py");
     let wanted = std::fs::read_to_string("tests/python-requirements.txt")
         .map_err(|e| format!("tests/python-requirements.txt: {e}"))?;
     let stamp = venv.join("requirements.installed");
+    let system = "/usr/bin/python3";
+    let sees_system = std::fs::read_to_string(venv.join("pyvenv.cfg"))
+        .is_ok_and(|c| c.contains("include-system-site-packages = true") && c.contains("/usr/bin"));
+    if !sees_system {
+        let _ = std::fs::remove_dir_all(venv);
+    }
     if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
         return Ok(());
     }
     if !venv.join("bin/pip").exists() {
-        run(Command::new("python3").args(["-m", "venv"]).arg(venv))
-            .map_err(|e| format!("{e}; the tests need Python 3 with venv (python3 -m venv)"))?;
+        run(Command::new(system).args(["-m", "venv", "--system-site-packages"]).arg(venv)).map_err(|e| {
+            format!("{e}; the tests need Debian's Python 3 with venv ({system} -m venv; apt-get install python3-venv)")
+        })?;
     }
     run(Command::new(venv.join("bin/pip")).args([
         "install",

@@ -140,11 +140,8 @@ fn latency(dir: &Path, repo: &Path, wait_ms: u64) {
         repo,
     );
     let api = Api::of(&d);
-    let disk = dir.join("disk.raw");
-    let mut bytes = vec![0u8; 2 << 20];
-    bytes[510] = 0x55;
-    bytes[511] = 0xaa;
-    std::fs::write(&disk, bytes).unwrap();
+    let disk = dir.join("live.iso");
+    running::tiny_iso(&disk);
     let image = d.mint(&["image", "import", disk.to_str().unwrap()]);
     let spec = json!({"name": "bm", "image": image["digest"], "max-instances": 50, "subnet": "198.18.64.0/24",
         "hostname": "bm-{index:03}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "redfish", "config": {"wait-ms": wait_ms}}, "deploy-timeout-secs": 300,

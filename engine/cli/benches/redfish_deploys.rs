@@ -78,11 +78,8 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
 
-    let disk = dir.join("disk.raw");
-    let mut bytes = vec![0u8; 2 << 20];
-    bytes[510] = 0x55;
-    bytes[511] = 0xaa;
-    std::fs::write(&disk, bytes).unwrap();
+    let disk = dir.join("live.iso");
+    running::tiny_iso(&disk);
     std::fs::write(
         dir.join("creds.toml"),
         format!("[[credential]]\nusername = \"admin\"\npassword = \"{PASSWORD}\"\n"),

@@ -79,7 +79,7 @@ impl Engine {
     /// The files of a master in the image store.
     fn master_files(&self, image: &Image) -> Vec<std::path::PathBuf> {
         let hex = image.digest.trim_start_matches("sha256:");
-        if image.is_disk() {
+        if !image.is_tree() {
             vec![self.images.disk(&image.digest, &image.format)]
         } else {
             // The unpacked tree older versions kept beside the tar goes too.
@@ -161,7 +161,9 @@ impl Engine {
         for t in &tiers {
             for inst in self.store.instances(&t.name)? {
                 if let Some(d) = &inst.disk {
-                    keep.insert(hex(&d.overlay));
+                    if let Some(o) = &d.overlay {
+                        keep.insert(hex(o));
+                    }
                     keep.insert(hex(&d.seed));
                 }
                 if let Some(l) = &inst.layer {

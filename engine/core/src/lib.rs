@@ -343,7 +343,7 @@ impl Engine {
             .into();
         // Customizers read a tree master's files; a disk master is opaque to them (its
         // instances get their identity from the NoCloud seed), so they see an empty one.
-        let tree = if image.is_disk() {
+        let tree = if !image.is_tree() {
             None
         } else {
             Some(self.tree_index(&image.digest)?)
@@ -395,8 +395,9 @@ impl Engine {
                 )?)?),
                 None => None,
             };
-            let disk = match &disk_overlay {
-                Some(overlay) => {
+            let disk = match (&disk_overlay, image.is_iso()) {
+                (None, false) => None,
+                (overlay, _) => {
                     let id = images::seed::SeedIdentity {
                         tier: &tier.name,
                         index: i as u32,
@@ -413,7 +414,6 @@ impl Engine {
                         seed: self.images.put_blob(&volume)?,
                     })
                 }
-                None => None,
             };
             instances.push(Instance {
                 id: InstanceId {
@@ -542,9 +542,10 @@ impl Engine {
         let t = self.store.tier(tier)?;
         let inst = self.instance(tier, index)?;
         let image = self.store.image(&t.image)?;
-        if image.is_disk() {
+        if !image.is_tree() {
             return Err(EngineError::Invalid(format!(
-                "tier `{tier}` runs a disk master: its instances are a qcow2 overlay and a NoCloud seed, served at /v1/artifacts/{tier}/{index}"
+                "tier `{tier}` runs a {} master: its instances are the master, booted, with their own NoCloud seed, served at /v1/artifacts/{tier}/{index}",
+                image.format
             )));
         }
         let layer = self.layer(&t, &inst)?;
@@ -585,15 +586,18 @@ impl Engine {
         };
         let hex = |d: &str| d.trim_start_matches("sha256:").to_string();
         let parts = match &inst.disk {
-            Some(d) => vec![
-                part(
+            Some(d) => {
+                let mut parts = vec![part(
                     "master",
                     &image.digest,
                     format!("{}.{}", hex(&image.digest), image.format),
-                )?,
-                part("overlay", &d.overlay, format!("{}.qcow2", hex(&d.overlay)))?,
-                part("seed", &d.seed, "seed.img".into())?,
-            ],
+                )?];
+                if let Some(o) = &d.overlay {
+                    parts.push(part("overlay", o, format!("{}.qcow2", hex(o)))?);
+                }
+                parts.push(part("seed", &d.seed, "seed.img".into())?);
+                parts
+            }
             None => vec![
                 part(
                     "master",
@@ -609,7 +613,7 @@ impl Engine {
             hostname: inst.hostname,
             address: inst.address.to_string(),
             prefix_len: t.plan.subnet.prefix_len(),
-            format: if inst.disk.is_some() { "disk" } else { "tree" },
+            format: image.artifact_format(),
             parts,
         })
     }
@@ -737,10 +741,11 @@ fn deployment(base: &str, i: &Instance, token: &str) -> wit::Deployment {
             ),
             digest: i.overlay.clone(),
             size: 0,
-            format: if i.disk.is_some() {
-                "disk".into()
-            } else {
-                "tree".into()
+            // An ISO master's instances have a seed and no overlay.
+            format: match &i.disk {
+                Some(d) if d.overlay.is_none() => "iso".into(),
+                Some(_) => "disk".into(),
+                None => "tree".into(),
             },
         },
     }

@@ -185,7 +185,7 @@ pub struct Instance {
     /// freshly minted instance): how long a deployment has been running, across restarts.
     #[serde(default)]
     pub since_ms: u64,
-    /// For an instance of a disk master, its parts besides the master.
+    /// For an instance of a disk or ISO master, its parts besides the master.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskParts>,
     /// For an instance of a tree master, the digest of its layer: its edits as a small
@@ -211,8 +211,10 @@ pub struct Instance {
 /// it is stored once) and its own NoCloud seed. Both are blobs named by their digests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskParts {
-    /// Digest of the qcow2 overlay.
-    pub overlay: String,
+    /// Digest of the qcow2 overlay (a disk master's; an ISO master boots read-only, with
+    /// none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
     /// Digest of the `cidata` volume.
     pub seed: String,
 }
@@ -411,7 +413,8 @@ pub struct Image {
     pub digest: String,
     /// A name for people (the imported file or directory's name, or one given).
     pub name: String,
-    /// `tree` (a root filesystem), `qcow2` or `raw` (a disk).
+    /// `tree` (a root filesystem), `qcow2` or `raw` (a disk), or `iso` (a bootable ISO 9660
+    /// image, booted as a CD).
     pub format: String,
     /// Bytes stored: the canonical tar, or the disk file.
     pub size: u64,
@@ -430,6 +433,28 @@ impl Image {
     /// rather than a tree (its instances are overlays of file edits).
     pub fn is_disk(&self) -> bool {
         self.format == "qcow2" || self.format == "raw"
+    }
+
+    /// Whether the image is a bootable ISO: booted as a (virtual) CD, read-only, its
+    /// instances only a NoCloud seed.
+    pub fn is_iso(&self) -> bool {
+        self.format == "iso"
+    }
+
+    /// Whether the image is a tree (a root filesystem) rather than a file a machine boots.
+    pub fn is_tree(&self) -> bool {
+        !self.is_disk() && !self.is_iso()
+    }
+
+    /// The artifact format of its instances: `tree`, `disk` or `iso`.
+    pub fn artifact_format(&self) -> &'static str {
+        if self.is_disk() {
+            "disk"
+        } else if self.is_iso() {
+            "iso"
+        } else {
+            "tree"
+        }
     }
 }
 

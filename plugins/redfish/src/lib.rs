@@ -1,10 +1,14 @@
-//! The `redfish` driver: boots a disk instance on a node through the node's BMC, over the
-//! DMTF Redfish API at the node's `bmc-url` property (the system's own resource, such as
-//! `https://10.1.0.17/redfish/v1/Systems/1`).
+//! The `redfish` driver: boots an instance of an ISO master on a node through the node's
+//! BMC, over the DMTF Redfish API at the node's `bmc-url` property (the system's own
+//! resource, such as `https://10.1.0.17/redfish/v1/Systems/1`).
 //!
-//! `deploy` inserts the instance's master disk as virtual media on a CD/DVD device and the
+//! BMCs boot ISO images from virtual CDs, and nothing else: a disk master is never put on
+//! a virtual CD (on a real server nothing would start), it is refused naming the fix.
+//!
+//! `deploy` inserts the instance's ISO master as virtual media on a CD/DVD device and the
 //! instance's NoCloud seed (its identity: host name, address, keys) on a USB stick or floppy
-//! device, sets a one-time boot override to that CD, powers the system on (or restarts
+//! device (a floppy only when the seed fits one: 1.44 MB, else refused naming the limit),
+//! sets a one-time boot override to that CD, powers the system on (or restarts
 //! it), and answers `deploying` at once (or, with `wait-ms`, once the system is on or that
 //! long has passed): the engine follows the power-on with `status`, holding nothing while
 //! a BMC takes its time. `undeploy` powers it off and ejects both. `status` reads the
@@ -44,7 +48,13 @@ struct Device {
     path: String,
     image: Option<String>,
     inserted: bool,
+    /// Whether the BMC may present it as a floppy (it lists `Floppy` among its media
+    /// types), so that what goes on it must fit one.
+    floppy: bool,
 }
+
+/// What a 3.5-inch floppy holds: the most a seed on a floppy device may be.
+const FLOPPY_BYTES: u64 = 1_474_560;
 
 impl<'a> Bmc<'a> {
     fn of(node: &'a Node, config: &Config) -> Result<Bmc<'a>, Error> {
@@ -160,11 +170,18 @@ impl<'a> Bmc<'a> {
                     .filter(|s| !s.is_empty())
                     .map(str::to_string),
                 inserted: d["Inserted"].as_bool().unwrap_or(false),
+                floppy: types.contains(&"Floppy"),
             };
             if boot.is_none() && types.iter().any(|t| *t == "CD" || *t == "DVD") {
                 boot = Some(device);
-            } else if seed.is_none() && types.iter().any(|t| *t == "USBStick" || *t == "Floppy") {
-                seed = Some(device);
+            } else if types.iter().any(|t| *t == "USBStick" || *t == "Floppy") {
+                // A USB stick without a floppy's limit is the better place for a seed.
+                let better = seed
+                    .as_ref()
+                    .is_none_or(|s: &Device| s.floppy && !device.floppy);
+                if better {
+                    seed = Some(device);
+                }
             }
         }
         match (boot, seed) {
@@ -235,12 +252,18 @@ fn redfish_message(r: &Response) -> Option<String> {
     Some(m.chars().take(300).collect())
 }
 
-/// The URLs of the instance's boot disk and seed, which the artifact server serves as parts
-/// of the deployment's artifact.
+/// The URLs of the instance's ISO master and seed, which the artifact server serves as
+/// parts of the deployment's artifact.
 fn images(d: &Deployment) -> Result<(String, String), Error> {
-    if d.artifact.format != "disk" {
+    if d.artifact.format == "disk" {
         return Err(Error::invalid_input(format!(
-            "tier `{}` runs a `{}` master; the redfish driver boots disk images: import a qcow2 or raw disk (`mint image import`) for this tier",
+            "tier `{}` runs a disk master; a BMC boots only ISO images from virtual media, so the redfish driver never puts a disk on a virtual CD: import an ISO master (a bootable live system, `mint image import FILE.iso`) and move the tier to it (`mint tier update-image`)",
+            d.tier
+        )));
+    }
+    if d.artifact.format != "iso" {
+        return Err(Error::invalid_input(format!(
+            "tier `{}` runs a `{}` master; the redfish driver boots ISO images from virtual media: import a bootable ISO (`mint image import FILE.iso`) for this tier",
             d.tier, d.artifact.format
         )));
     }
@@ -319,9 +342,11 @@ fn boot_pending(system: &Value) -> bool {
 }
 
 /// Reads the artifact's descriptor from the engine (the host lets a driver read the
-/// artifact it deploys) and checks that a BMC can boot its master: raw disks and ISO
-/// images boot from virtual media, qcow2 does not.
-fn check_bootable(d: &Deployment) -> Result<(), Error> {
+/// artifact it deploys) and checks that the seed fits the device it goes on.
+fn check_seed_fits(d: &Deployment, device: &Device) -> Result<(), Error> {
+    if !device.floppy {
+        return Ok(());
+    }
     let answer = Request::get(&d.artifact.url)
         .header("accept", "application/json")
         .timeout(Duration::from_secs(10))
@@ -341,16 +366,15 @@ fn check_bootable(d: &Deployment) -> Result<(), Error> {
     let v: Value = answer
         .json()
         .map_err(|e| Error::external(format!("the artifact descriptor {}: {e}", d.artifact.url)))?;
-    let master = v["parts"]
+    let size = v["parts"]
         .as_array()
-        .and_then(|parts| parts.iter().find(|p| p["role"] == "master"))
-        .cloned()
-        .unwrap_or_default();
-    let name = master["name"].as_str().unwrap_or_default();
-    if name.ends_with(".qcow2") {
+        .and_then(|parts| parts.iter().find(|p| p["role"] == "seed"))
+        .and_then(|p| p["size"].as_u64())
+        .unwrap_or(0);
+    if size > FLOPPY_BYTES {
         return Err(Error::invalid_input(format!(
-            "tier `{}` runs a qcow2 master, which a BMC cannot boot from virtual media; convert it (`qemu-img convert -O raw master.qcow2 master.raw`), import the raw disk and move the tier to it (`mint tier update-image`)",
-            d.tier
+            "{}/{}: the instance's seed is {size} bytes, more than the {FLOPPY_BYTES} a floppy holds, and the BMC offers its seed device as a floppy; make the customizers' files smaller (they travel in the seed as write_files), or use a BMC that offers a USB stick",
+            d.tier, d.index
         )));
     }
     Ok(())
@@ -359,10 +383,10 @@ fn check_bootable(d: &Deployment) -> Result<(), Error> {
 impl Driver for Redfish {
     fn deploy(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
         let (boot, seed) = images(d)?;
-        check_bootable(d)?;
         let bmc = Bmc::of(node, config)?;
         let system = bmc.system()?;
         let media = bmc.media(&system)?;
+        check_seed_fits(d, &media.seed)?;
         // Deploying again what already runs (after an engine restart) changes nothing.
         let now = report(&system, &media, &boot, &seed, false);
         if now.state == InstanceState::Running {
@@ -466,6 +490,7 @@ mod tests {
             path: "/x".into(),
             image: image.map(str::to_string),
             inserted: image.is_some(),
+            floppy: false,
         };
         Media {
             boot: device(boot),
@@ -519,21 +544,68 @@ mod tests {
     }
 
     #[test]
+    fn a_seed_bigger_than_a_floppy_is_refused_naming_the_limit() {
+        let descriptor = |size: u64| {
+            format!(r#"{{"parts":[{{"role":"master","size":9}},{{"role":"seed","size":{size}}}]}}"#)
+        };
+        let floppy = Device {
+            path: "/f".into(),
+            image: None,
+            inserted: false,
+            floppy: true,
+        };
+        let usb = Device {
+            path: "/u".into(),
+            image: None,
+            inserted: false,
+            floppy: false,
+        };
+        let big = descriptor(2 << 20);
+        let e = with_http(
+            move |_| answer(200, &big),
+            || check_seed_fits(&deployment("iso"), &floppy),
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("1474560") && e.message.contains("web/2"),
+            "{}",
+            e.message
+        );
+        let fits = descriptor(FLOPPY_BYTES);
+        with_http(
+            move |_| answer(200, &fits),
+            || check_seed_fits(&deployment("iso"), &floppy),
+        )
+        .unwrap();
+        // A USB stick has no such limit, and nothing is asked.
+        with_http(
+            |r| panic!("no request expected, got {}", r.url()),
+            || check_seed_fits(&deployment("iso"), &usb),
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn bmc_url_must_name_a_system() {
         let mut n = node();
         n.properties[0].1 = "http://127.0.0.1:9/redfish/v1".into();
-        let e = Redfish::status(&n, &deployment("disk"), &Config::new()).unwrap_err();
+        let e = Redfish::status(&n, &deployment("iso"), &Config::new()).unwrap_err();
         assert!(e.message.contains("`bmc-url`"), "{}", e.message);
     }
 
     #[test]
-    fn tree_tiers_are_refused_before_the_bmc_is_asked() {
-        let e = with_http(
-            |r| panic!("no request expected, got {}", r.url()),
-            || Redfish::deploy(&node(), &deployment("tree"), &Config::new()),
-        )
-        .unwrap_err();
-        assert!(e.message.contains("disk"), "{}", e.message);
+    fn tree_and_disk_tiers_are_refused_before_the_bmc_is_asked() {
+        for (format, needle) in [
+            ("tree", "ISO"),
+            ("disk", "never puts a disk on a virtual CD"),
+        ] {
+            let e = with_http(
+                |r| panic!("no request expected, got {}", r.url()),
+                || Redfish::deploy(&node(), &deployment(format), &Config::new()),
+            )
+            .unwrap_err();
+            assert!(e.message.contains(needle), "{format}: {}", e.message);
+        }
     }
 
     #[test]
@@ -551,7 +623,7 @@ mod tests {
         for (reply, needle) in cases {
             let e = with_http(
                 move |_| reply.clone(),
-                || Redfish::status(&node(), &deployment("disk"), &Config::new()),
+                || Redfish::status(&node(), &deployment("iso"), &Config::new()),
             )
             .unwrap_err();
             assert!(

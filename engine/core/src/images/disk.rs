@@ -1,5 +1,6 @@
-//! Disk masters: raw and qcow2 images (cloud images), checked natively before they are
-//! stored, and the qcow2 overlays that make an instance of one without copying it.
+//! Disk masters: raw and qcow2 images (cloud images), and bootable ISO images, checked
+//! natively before they are stored, and the qcow2 overlays that make an instance of a disk
+//! without copying it.
 //!
 //! An overlay written here is the smallest valid qcow2 v3 file with the master as its
 //! backing file: a header cluster, a refcount table, one refcount block and an all-zero L1
@@ -39,6 +40,68 @@ pub fn is_raw_disk(head: &[u8], len: u64) -> bool {
     let gpt = &head[512..520] == b"EFI PART";
     let ext = head[1080] == 0x53 && head[1081] == 0xef;
     mbr || gpt || ext
+}
+
+/// ISO 9660 volume descriptors begin at sector 16 of 2048 bytes.
+const ISO_DESCRIPTORS: u64 = 16 * 2048;
+
+/// Whether `f` holds an ISO 9660 file system (its first volume descriptor is at 32 KiB).
+/// Reads from the start of the file; leaves the position anywhere.
+pub fn is_iso9660(f: &mut std::fs::File) -> std::io::Result<bool> {
+    let mut d = [0u8; 6];
+    f.seek(SeekFrom::Start(ISO_DESCRIPTORS))?;
+    match f.read_exact(&mut d) {
+        Ok(()) => Ok(&d[1..6] == b"CD001"),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Checks an ISO master: a primary volume descriptor whose volume fits in the file, and
+/// an El Torito boot record (without one no machine boots it from a CD). Returns the size
+/// a machine sees: the file's.
+pub fn check_iso(path: &Path) -> Result<u64, ImageError> {
+    let bad = |m: String| {
+        ImageError::Invalid(format!(
+            "{} is not a bootable ISO image: {m}",
+            path.display()
+        ))
+    };
+    let mut f = std::fs::File::open(path).map_err(io(format!("cannot open {}", path.display())))?;
+    let len = f.metadata().map_err(io("cannot stat"))?.len();
+    let (mut primary, mut boot) = (None, false);
+    for i in 0..64u64 {
+        let mut d = vec![0u8; 2048];
+        f.seek(SeekFrom::Start(ISO_DESCRIPTORS + i * 2048))
+            .map_err(io("cannot seek"))?;
+        if f.read_exact(&mut d).is_err() || &d[1..6] != b"CD001" {
+            return Err(bad(format!(
+                "volume descriptor {i} is missing or damaged (the file may be cut short)"
+            )));
+        }
+        match d[0] {
+            0 if d[7..30] == *b"EL TORITO SPECIFICATION" => boot = true,
+            1 => {
+                let blocks = u64::from(u32::from_le_bytes(d[80..84].try_into().expect("4 bytes")));
+                let block = u64::from(u16::from_le_bytes(d[128..130].try_into().expect("2 bytes")));
+                primary = Some(blocks * block);
+            }
+            255 => break,
+            _ => {}
+        }
+    }
+    let Some(volume) = primary else {
+        return Err(bad("it has no primary volume descriptor".into()));
+    };
+    if volume > len {
+        return Err(bad(format!(
+            "its volume is {volume} bytes but the file holds {len}: it was cut short; copy it again"
+        )));
+    }
+    if !boot {
+        return Err(bad("it has no El Torito boot record, so no machine boots it from a CD; build it with a boot image (xorriso -as mkisofs -b ...)".into()));
+    }
+    Ok(len)
 }
 
 /// What a qcow2 header says, once checked.
@@ -266,4 +329,61 @@ pub fn write_overlay(
         .map_err(io("cannot size the overlay"))?;
     f.sync_all().map_err(io("cannot sync the overlay"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ISO 9660 image of `blocks` 2048-byte blocks with the descriptors given (their
+    /// types; a boot record gets El Torito's identifier), cut to `len` bytes.
+    fn iso(name: &str, descriptors: &[u8], blocks: u32, len: usize) -> std::path::PathBuf {
+        let mut img = vec![0u8; len.max(ISO_DESCRIPTORS as usize + 2048 * (descriptors.len() + 1))];
+        for (i, kind) in descriptors.iter().chain([&255u8]).enumerate() {
+            let d = &mut img[ISO_DESCRIPTORS as usize + i * 2048..][..2048];
+            d[0] = *kind;
+            d[1..6].copy_from_slice(b"CD001");
+            d[6] = 1;
+            if *kind == 0 {
+                d[7..30].copy_from_slice(b"EL TORITO SPECIFICATION");
+            }
+            if *kind == 1 {
+                d[80..84].copy_from_slice(&blocks.to_le_bytes());
+                d[128..130].copy_from_slice(&2048u16.to_le_bytes());
+            }
+        }
+        img.truncate(len);
+        let path = std::env::temp_dir().join(format!("mint-iso-{}-{name}.iso", std::process::id()));
+        std::fs::write(&path, img).unwrap();
+        path
+    }
+
+    #[test]
+    fn bootable_isos_are_taken_and_others_refused_saying_why() {
+        let good = iso("good", &[1, 0], 40, 40 * 2048);
+        assert!(is_iso9660(&mut std::fs::File::open(&good).unwrap()).unwrap());
+        assert_eq!(check_iso(&good).unwrap(), 40 * 2048);
+
+        let plain = iso("plain", &[1], 40, 40 * 2048);
+        assert!(
+            check_iso(&plain)
+                .unwrap_err()
+                .to_string()
+                .contains("no El Torito boot record")
+        );
+        let cut = iso("cut", &[1, 0], 400, 40 * 2048);
+        assert!(
+            check_iso(&cut)
+                .unwrap_err()
+                .to_string()
+                .contains("cut short")
+        );
+
+        let not = std::env::temp_dir().join(format!("mint-not-iso-{}", std::process::id()));
+        std::fs::write(&not, vec![0u8; 100]).unwrap();
+        assert!(!is_iso9660(&mut std::fs::File::open(&not).unwrap()).unwrap());
+        for p in [good, plain, cut, not] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }

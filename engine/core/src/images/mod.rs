@@ -4,9 +4,9 @@
 //! are kept once, as a canonical tar (entries sorted by path, with their modes and owners
 //! and a fixed time), so the same tree imported from any of these gets the same digest.
 //! Customizers and instance layers read it in place through its index (`tree.rs`); no
-//! unpacked copy is kept. Disk
-//! masters (raw and qcow2) are checked and kept as they are, read-only: instances refer to
-//! them as the backing file of their overlays and never change them.
+//! unpacked copy is kept. Disk masters (raw and qcow2) and ISO masters (bootable ISO 9660,
+//! booted as a CD) are checked and kept as they are, read-only: a disk's instances refer to
+//! it as the backing file of their overlays, an ISO's boot it read-only; neither changes it.
 
 pub mod archive;
 pub mod disk;
@@ -56,6 +56,8 @@ pub enum SourceFormat {
     Qcow2,
     /// A raw disk image.
     Raw,
+    /// A bootable ISO 9660 image (a hybrid one too, though it also carries an MBR).
+    Iso,
 }
 
 impl SourceFormat {
@@ -69,6 +71,7 @@ impl SourceFormat {
             SourceFormat::OciLayout => "oci",
             SourceFormat::Qcow2 => "qcow2",
             SourceFormat::Raw => "raw",
+            SourceFormat::Iso => "iso",
         }
     }
 
@@ -82,9 +85,10 @@ impl SourceFormat {
             "oci" => SourceFormat::OciLayout,
             "qcow2" => SourceFormat::Qcow2,
             "raw" => SourceFormat::Raw,
+            "iso" => SourceFormat::Iso,
             other => {
                 return Err(format!(
-                    "field `format`: `{other}` is not one of dir, tar, tar+gzip, tar+zstd, oci, qcow2, raw"
+                    "field `format`: `{other}` is not one of dir, tar, tar+gzip, tar+zstd, oci, qcow2, raw, iso"
                 ));
             }
         })
@@ -104,6 +108,8 @@ impl SourceFormat {
             SourceFormat::Qcow2
         } else if ends(&[".raw"]) {
             SourceFormat::Raw
+        } else if ends(&[".iso"]) {
+            SourceFormat::Iso
         } else {
             return None;
         })
@@ -143,18 +149,22 @@ pub fn detect(source: &Path) -> Result<SourceFormat, ImageError> {
         SourceFormat::Qcow2
     } else if head.len() >= 262 && &head[257..262] == b"ustar" {
         SourceFormat::Tar(Compression::None)
+    } else if disk::is_iso9660(&mut f).map_err(io(format!("cannot read {}", source.display())))? {
+        // Before the raw check: a hybrid ISO has an MBR too, and is booted as a CD.
+        SourceFormat::Iso
     } else if disk::is_raw_disk(&head, meta.len()) {
         SourceFormat::Raw
     } else {
         return Err(ImageError::Invalid(format!(
-            "{} is not a format mint imports: a directory, an OCI layout, a tar archive (plain, gzip or zstd), a qcow2 image, or a raw disk with a partition table",
+            "{} is not a format mint imports: a directory, an OCI layout, a tar archive (plain, gzip or zstd), a qcow2 image, a raw disk with a partition table, or a bootable ISO 9660 image",
             source.display()
         )));
     })
 }
 
 /// Where images live: tree masters as `<dir>/<hex>.tar`, disk masters as
-/// `<dir>/<hex>.qcow2` or `<dir>/<hex>.raw`, per-instance parts under `<dir>/blobs/`.
+/// `<dir>/<hex>.qcow2` or `<dir>/<hex>.raw`, ISO masters as `<dir>/<hex>.iso`, per-instance
+/// parts under `<dir>/blobs/`.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     dir: PathBuf,
@@ -238,6 +248,7 @@ impl ImageStore {
             self.blobs().join(hex),
             self.dir.join(format!("{hex}.qcow2")),
             self.dir.join(format!("{hex}.raw")),
+            self.dir.join(format!("{hex}.iso")),
             self.dir.join(format!("{hex}.tar")),
         ]
         .into_iter()
@@ -375,7 +386,7 @@ impl ImageStore {
         });
         let staging = tempdir_in(&self.dir)?;
         let tree = match found {
-            SourceFormat::Qcow2 | SourceFormat::Raw => {
+            SourceFormat::Qcow2 | SourceFormat::Raw | SourceFormat::Iso => {
                 return self.import_disk(source, name, found, &staging, report);
             }
             SourceFormat::Directory => source.to_path_buf(),
@@ -437,6 +448,7 @@ impl ImageStore {
     ) -> Result<Image, ImageError> {
         let virtual_size = match format {
             SourceFormat::Qcow2 => disk::check_qcow2(source)?.virtual_size,
+            SourceFormat::Iso => disk::check_iso(source)?,
             _ => std::fs::metadata(source).map_err(io("cannot stat"))?.len(),
         };
         let total = std::fs::metadata(source).map_err(io("cannot stat"))?.len();

@@ -165,11 +165,20 @@ pub fn files(
     ])
 }
 
-/// A FAT volume labelled `cidata` holding `files`.
+/// The size of a 3.5-inch floppy (1440 KiB), the virtual medium many BMCs offer for a seed.
+pub const FLOPPY_BYTES: u64 = 1_474_560;
+
+/// A FAT volume labelled `cidata` holding `files`: exactly a floppy's size when the files
+/// fit in one with room to spare (so a BMC's virtual floppy takes it as it is), else a
+/// whole number of MiB.
 pub fn volume(files: &[(&str, String)]) -> Result<Vec<u8>, ImageError> {
     let content: usize = files.iter().map(|(_, t)| t.len()).sum();
     // Room for the files twice over and the file system's own tables; FAT12 up to 32 MiB.
-    let size = (2 * content + (1 << 20)).next_multiple_of(1 << 20);
+    let size = if 2 * content + (64 << 10) <= FLOPPY_BYTES as usize {
+        FLOPPY_BYTES as usize
+    } else {
+        (2 * content + (1 << 20)).next_multiple_of(1 << 20)
+    };
     let fat =
         |e: std::io::Error| ImageError::Invalid(format!("cannot build the NoCloud seed: {e}"));
     let mut disk = std::io::Cursor::new(vec![0u8; size]);
@@ -227,4 +236,38 @@ pub fn write_sparse(path: &std::path::Path, bytes: &[u8], sync: bool) -> Result<
         f.sync_all().map_err(io("cannot sync"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_back(img: Vec<u8>, name: &str) -> String {
+        let fs =
+            fatfs::FileSystem::new(std::io::Cursor::new(img), fatfs::FsOptions::new()).unwrap();
+        assert_eq!(fs.volume_label().trim(), "cidata");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut fs.root_dir().open_file(name).unwrap(), &mut text)
+            .unwrap();
+        text
+    }
+
+    #[test]
+    fn a_small_seed_is_exactly_a_floppy_and_a_large_one_is_not() {
+        let small = volume(&[
+            ("meta-data", "instance-id: a\n".into()),
+            ("user-data", "#cloud-config\n{}\n".into()),
+        ])
+        .unwrap();
+        assert_eq!(small.len() as u64, FLOPPY_BYTES);
+        assert_eq!(read_back(small, "meta-data"), "instance-id: a\n");
+        let big_text = "x".repeat(900 << 10);
+        let big = volume(&[("user-data", big_text.clone())]).unwrap();
+        assert!(
+            big.len() as u64 > FLOPPY_BYTES && big.len() % (1 << 20) == 0,
+            "{}",
+            big.len()
+        );
+        assert_eq!(read_back(big, "user-data"), big_text);
+    }
 }

@@ -1,0 +1,244 @@
+//! A libvirtd of the test's own, for sushy-tools' libvirt backend: Debian's libvirt 9.0,
+//! run without systemd inside a network namespace the test owns (so its guests' taps join
+//! the namespace's bridge, on 198.18.0.0/15) and a private mount namespace where its
+//! configuration, state, logs and runtime files are the test's directories, not the
+//! machine's. Its socket is in the test's directory too; the emulator and `virsh` reach it
+//! by path. Domains are TCG guests (`<domain type='qemu'>`) of the `pc` machine, which has
+//! the IDE controller and the floppy controller sushy-tools attaches virtual media to.
+//! Everything is stopped and removed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running libvirtd, its namespace and its domains.
+pub struct Libvirt {
+    /// The network namespace the daemon and its guests live in.
+    pub ns: String,
+    dir: PathBuf,
+    daemon: Child,
+    /// The URI that reaches this daemon (`qemu:///system` over the test's own socket).
+    pub uri: String,
+    domains: Vec<String>,
+}
+
+/// The libvirt and QEMU configuration: QEMU runs as root without cgroups, namespaces or a
+/// security driver (there is no systemd to delegate cgroups), and writes its own logs, so
+/// no virtlogd is needed.
+const QEMU_CONF: &str = "user = \"root\"\ngroup = \"root\"\ncgroup_controllers = [ ]\nnamespaces = [ ]\nsecurity_driver = \"none\"\nstdio_handler = \"file\"\nremember_owner = 0\n";
+
+impl Libvirt {
+    /// Starts a libvirtd in `dir`, on a namespace whose bridge `br0` holds `bridge_cidr`.
+    pub fn start(dir: &Path, bridge_cidr: &str) -> Libvirt {
+        let ns = format!("mintlv-{}", std::process::id() % 100_000);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        crate::testbed::sh(&["ip", "netns", "add", &ns]);
+        for args in [
+            vec!["link", "add", "br0", "type", "bridge"],
+            vec!["addr", "add", bridge_cidr, "dev", "br0"],
+            vec!["link", "set", "br0", "up"],
+            vec!["link", "set", "lo", "up"],
+        ] {
+            let mut full = vec!["ip", "-n", &ns];
+            full.extend(args);
+            crate::testbed::sh(&full);
+        }
+        let sub = |name: &str| {
+            let p = dir.join(name);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        };
+        let (etc, lib, log, cache, run, sock) = (
+            sub("etc"),
+            sub("lib"),
+            sub("log"),
+            sub("cache"),
+            sub("run"),
+            sub("sock"),
+        );
+        sub("pool");
+        std::fs::write(etc.join("qemu.conf"), QEMU_CONF).unwrap();
+        std::fs::write(
+            etc.join("libvirtd.conf"),
+            format!("unix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0700\"\nunix_sock_ro_perms = \"0700\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n", sock.display()),
+        )
+        .unwrap();
+        // The machine's libvirt directories are replaced by the test's, in this mount
+        // namespace only; a directory the machine lacks is made (empty) to mount over.
+        let mounts: String = [
+            (&etc, "/etc/libvirt"),
+            (&lib, "/var/lib/libvirt"),
+            (&log, "/var/log/libvirt"),
+            (&cache, "/var/cache/libvirt"),
+            (&run, "/run/libvirt"),
+        ]
+        .iter()
+        .map(|(from, to)| format!("mkdir -p {to} && mount --bind {} {to} && ", from.display()))
+        .collect();
+        let daemon = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+            ])
+            .arg(format!("{mounts}exec libvirtd"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("libvirtd.log")).unwrap())
+            .spawn()
+            .expect("start libvirtd");
+        let uri = format!(
+            "qemu:///system?socket={}",
+            sock.join("libvirt-sock").display()
+        );
+        let mut lv = Libvirt {
+            ns,
+            dir: dir.to_path_buf(),
+            daemon,
+            uri,
+            domains: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lv.try_virsh(&["version"]).is_err() {
+            if let Ok(Some(exit)) = lv.daemon.try_wait() {
+                panic!(
+                    "libvirtd exited ({exit}): {}",
+                    std::fs::read_to_string(dir.join("libvirtd.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "libvirtd did not answer within 30 s: {}",
+                std::fs::read_to_string(dir.join("libvirtd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // sushy-tools uploads virtual media into the `default` pool.
+        let pool = dir.join("pool");
+        lv.virsh(&[
+            "pool-define-as",
+            "default",
+            "dir",
+            "--target",
+            pool.to_str().unwrap(),
+        ]);
+        lv.virsh(&["pool-start", "default"]);
+        lv
+    }
+
+    /// `virsh ARGS` against this daemon: its output, or why it failed.
+    pub fn try_virsh(&self, args: &[&str]) -> Result<String, String> {
+        let o = Command::new("virsh")
+            .args(["-q", "-c", &self.uri])
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run virsh: {e}"))?;
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+
+    /// `virsh ARGS`, which must succeed.
+    pub fn virsh(&self, args: &[&str]) -> String {
+        self.try_virsh(args)
+            .unwrap_or_else(|e| panic!("virsh {args:?}: {e}"))
+    }
+
+    /// Defines (does not start) a TCG domain `name` with `uuid`: 1 GiB, one vCPU, an empty
+    /// raw disk of `disk_gib` on virtio, an empty CD on IDE, an empty floppy, a virtio NIC
+    /// with `mac` on the bridge and its serial console in a file. Returns the console's path.
+    pub fn define(&mut self, name: &str, uuid: &str, mac: &str, disk_gib: u64) -> PathBuf {
+        let disk = self.dir.join(format!("{name}.raw"));
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(disk_gib << 30).unwrap();
+        let serial = self.dir.join(format!("{name}.serial"));
+        let xml = format!(
+            "<domain type='qemu'>
+  <name>{name}</name><uuid>{uuid}</uuid>
+  <memory unit='MiB'>1024</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='hdc' bus='ide'/><readonly/></disk>
+    <disk type='file' device='floppy'><driver name='qemu' type='raw'/><target dev='fda' bus='fdc'/></disk>
+    <interface type='bridge'><source bridge='br0'/><mac address='{mac}'/><model type='virtio'/></interface>
+    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+    <graphics type='vnc' autoport='no' port='-1' listen='127.0.0.1'/>
+  </devices>
+</domain>",
+            disk = disk.display(),
+            serial = serial.display(),
+        );
+        let file = self.dir.join(format!("{name}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        self.virsh(&["define", file.to_str().unwrap()]);
+        self.domains.push(name.to_string());
+        serial
+    }
+
+    /// The domain's state as libvirt sees it (`running`, `shut off`, ...).
+    pub fn state(&self, name: &str) -> String {
+        self.virsh(&["domstate", name]).trim().to_string()
+    }
+
+    /// The domain's definition as libvirt holds it now.
+    pub fn xml(&self, name: &str) -> String {
+        self.virsh(&["dumpxml", name])
+    }
+
+    /// `GET http://{address}/` from inside the namespace, if it answers.
+    pub fn get(&self, address: &str) -> Option<String> {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "curl",
+                "-s",
+                "-m",
+                "2",
+                &format!("http://{address}/"),
+            ])
+            .output()
+            .ok()?;
+        (o.status.success() && !o.stdout.is_empty())
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        for d in &self.domains {
+            let _ = self.try_virsh(&["destroy", d]);
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.daemon.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && matches!(self.daemon.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        if let Ok(o) = Command::new("ip")
+            .args(["netns", "pids", &self.ns])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
