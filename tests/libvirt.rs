@@ -174,7 +174,6 @@ impl Libvirt {
     <disk type='file' device='floppy'><driver name='qemu' type='raw'/><target dev='fda' bus='fdc'/></disk>
     <interface type='bridge'><source bridge='br0'/><mac address='{mac}'/><model type='virtio'/></interface>
     <serial type='file'><source path='{serial}'/><target port='0'/></serial>
-    <graphics type='vnc' autoport='no' port='-1' listen='127.0.0.1'/>
   </devices>
 </domain>",
             disk = disk.display(),

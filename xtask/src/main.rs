@@ -171,7 +171,41 @@ fn python_tools() -> Result<(), String> {
 fn setup() -> Result<(), String> {
     wasm_target()?;
     debian_packages()?;
+    libvirt_user()?;
     python_tools()
+}
+
+/// Debian builds libvirt to run QEMU as the system user `libvirt-qemu` and resolves that
+/// user before it reads qemu.conf (which the tests' libvirtd sets to root); the package
+/// that creates the user (libvirt-daemon-system) brings systemd units, polkit and a
+/// firewall the tests need none of, so the user is made here, as that package makes it.
+fn libvirt_user() -> Result<(), String> {
+    let known = |db: &str| {
+        Command::new("getent")
+            .args([db, "libvirt-qemu"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if known("passwd") && known("group") {
+        return Ok(());
+    }
+    if !known("group") {
+        run(Command::new("groupadd").args(["--system", "libvirt-qemu"]))?;
+    }
+    if !known("passwd") {
+        run(Command::new("useradd").args([
+            "--system",
+            "--gid",
+            "libvirt-qemu",
+            "--no-create-home",
+            "--home-dir",
+            "/var/lib/libvirt",
+            "--shell",
+            "/usr/sbin/nologin",
+            "libvirt-qemu",
+        ]))?;
+    }
+    Ok(())
 }
 
 /// Installs the wasm32-wasip2 target when the toolchain lacks it.

@@ -11,6 +11,7 @@
 mod cache;
 mod instance;
 mod vm;
+mod write_disk;
 
 use anyhow::Context as _;
 use axum::extract::State;
@@ -37,6 +38,9 @@ struct Cli {
 enum Command {
     /// Serve the node: register, heartbeat, deploy on command.
     Run(RunArgs),
+    /// The deploy system's job (on mint's deploy ISO): write the deployment's raw master to
+    /// this machine's disk, report to the engine, power off.
+    WriteDisk(write_disk::WriteArgs),
     /// The test service: answer HTTP on $MINT_ADDRESS with the instance's identity.
     Hello {
         #[arg(long, default_value_t = 80)]
@@ -547,6 +551,7 @@ pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Hello { port } => instance::hello(port),
+        Command::WriteDisk(args) => write_disk::run(args),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
