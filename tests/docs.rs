@@ -67,6 +67,12 @@ const CLAIMS: &[(&str, &str, &str, &str)] = &[
     ),
     (
         "README.md",
+        "toml",
+        "[deploy]",
+        "configuration_blocks_parse",
+    ),
+    (
+        "README.md",
         "sh",
         "$mint token create",
         "readme_identity_commands",
@@ -601,6 +607,34 @@ fn configuration_blocks_parse() {
         Some("https://cache.example:8443"),
         "docs/blob-cache.md:{}",
         cache.line
+    );
+    // The deploy ISO's setting: refused while the file is not a bootable ISO (naming how
+    // to build one), taken once it is.
+    let deploy = block(
+        "README.md",
+        "toml",
+        "[deploy]",
+        "configuration_blocks_parse",
+    );
+    let e = mint_daemon::config::Config::parse(Path::new("/etc/mint/mint.toml"), &deploy.text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("deploy.iso") && e.contains("cargo xtask deploy-iso"),
+        "README.md:{}: {e}",
+        deploy.line
+    );
+    let dir = crate::support::scratch("docs-deploy-iso");
+    crate::running::tiny_iso(&dir.join("deploy.iso"));
+    let text = deploy.text.replace(
+        "/var/lib/mint/deploy.iso",
+        dir.join("deploy.iso").to_str().unwrap(),
+    );
+    let config = mint_daemon::config::Config::parse(Path::new("/etc/mint/mint.toml"), &text)
+        .unwrap_or_else(|e| panic!("README.md:{}: {e}", deploy.line));
+    assert_eq!(
+        config.deploy_iso.as_deref(),
+        Some(dir.join("deploy.iso").as_path())
     );
 }
 

@@ -20,6 +20,8 @@ pub struct Libvirt {
     /// The URI that reaches this daemon (`qemu:///system` over the test's own socket).
     pub uri: String,
     domains: Vec<String>,
+    /// The host's end of a link into the namespace's bridge, if one was made.
+    uplink: Option<String>,
 }
 
 /// The libvirt and QEMU configuration: QEMU runs as root without cgroups, namespaces or a
@@ -103,6 +105,7 @@ impl Libvirt {
             daemon,
             uri,
             domains: Vec::new(),
+            uplink: None,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while lv.try_virsh(&["version"]).is_err() {
@@ -130,6 +133,22 @@ impl Libvirt {
         ]);
         lv.virsh(&["pool-start", "default"]);
         lv
+    }
+
+    /// Links the host to the namespace's bridge with a veth pair whose host end holds
+    /// `host_cidr`, so guests reach a daemon on the host (and the host reaches them).
+    pub fn link_host(&mut self, host_cidr: &str) {
+        let host = format!("mlvh{}", std::process::id() % 100_000);
+        let _ = Command::new("ip").args(["link", "del", &host]).output();
+        crate::testbed::sh(&[
+            "ip", "link", "add", &host, "type", "veth", "peer", "name", "uplink", "netns", &self.ns,
+        ]);
+        self.uplink = Some(host.clone());
+        crate::testbed::sh(&[
+            "ip", "-n", &self.ns, "link", "set", "uplink", "master", "br0", "up",
+        ]);
+        crate::testbed::sh(&["ip", "addr", "add", host_cidr, "dev", &host]);
+        crate::testbed::sh(&["ip", "link", "set", &host, "up"]);
     }
 
     /// `virsh ARGS` against this daemon: its output, or why it failed.
@@ -173,7 +192,7 @@ impl Libvirt {
     <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><target dev='hdc' bus='ide'/><readonly/></disk>
     <disk type='file' device='floppy'><driver name='qemu' type='raw'/><target dev='fda' bus='fdc'/></disk>
     <interface type='bridge'><source bridge='br0'/><mac address='{mac}'/><model type='virtio'/></interface>
-    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+    <serial type='file'><source path='{serial}' append='on'/><target port='0'/></serial>
   </devices>
 </domain>",
             disk = disk.display(),
@@ -237,6 +256,9 @@ impl Drop for Libvirt {
             for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-KILL", pid]).status();
             }
+        }
+        if let Some(host) = &self.uplink {
+            let _ = Command::new("ip").args(["link", "del", host]).output();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }

@@ -14,6 +14,7 @@ mod nodes;
 mod packages;
 mod plugin_host;
 mod python;
+mod real_os;
 mod redfish;
 mod running;
 mod sim;

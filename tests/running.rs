@@ -18,8 +18,16 @@ pub fn spawn_daemon(
     extra: &[&str],
     log_level: &str,
 ) -> (Child, String, Arc<Mutex<String>>) {
+    // A listening address among the extra arguments replaces loopback's.
+    let listen = if extra.contains(&"--listen") {
+        &[][..]
+    } else {
+        &["--listen", "127.0.0.1:0"][..]
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
-        .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg("daemon")
+        .args(listen)
+        .arg("--data-dir")
         .arg(data)
         .args(extra)
         .env("MINT_LOG", log_level)
@@ -106,6 +114,13 @@ impl Daemon {
             .current_dir(&self.cwd);
         if let Some(pin) = self.pin() {
             c.env("MINT_PIN", pin);
+        }
+        // The CLI finds the admin token by itself only for a daemon on loopback.
+        let on_loopback = ["://127.", "://localhost", "://[::1]"]
+            .iter()
+            .any(|l| self.url.contains(l));
+        if !on_loopback {
+            c.env("MINT_TOKEN_FILE", self.data.join("admin.token"));
         }
         c.output().expect("run mint")
     }

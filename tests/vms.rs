@@ -1,77 +1,17 @@
-//! Real machines booting mint's instances: the real test master (Debian 12 with systemd,
-//! cloud-init and a service answering HTTP with the host name, built from Debian's packages
-//! by `tests/os/build-debian-master.sh` as a raw disk and a hybrid ISO, and cached under
-//! `target/mint-os/`, keyed by the script's hash) imported as a disk master, and instances of it booted in QEMU (TCG) by
-//! agents in VM mode from exactly the parts the engine serves: the shared master (cached
-//! once per node), each instance's own overlay and its NoCloud seed. Each VM is on a bridge
-//! in a network namespace the test owns, on 198.18.0.0/15.
+//! Real machines booting mint's instances, from the real test master (`real_os.rs`): its
+//! raw disk booted in QEMU (TCG) by agents in VM mode from exactly the parts the engine
+//! serves (the shared master, cached once per node, each instance's own overlay and its
+//! NoCloud seed), and through the `redfish` driver against sushy-tools' libvirt backend:
+//! the live ISO from the virtual CD, the raw disk through mint's deploy ISO. Each VM is on
+//! a bridge in a network namespace the test owns, on 198.18.0.0/15.
 
+use crate::real_os::{debian_master, debian_master_iso, deploy_iso, qemu_missing};
 use crate::support::{root, scratch};
 use crate::testbed::{TestBed, get};
 use sha2::Digest as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// One build of the master at a time; the others wait for it and use it.
-static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// The real test master's raw disk, built when the script changed since the last build.
-pub fn debian_master() -> PathBuf {
-    debian_master_build().join("disk.raw")
-}
-
-/// The real test master as a hybrid ISO (a live system), from the same build.
-#[allow(dead_code)]
-pub fn debian_master_iso() -> PathBuf {
-    debian_master_build().join("master.iso")
-}
-
-/// The directory of the real test master's build (`disk.raw`, `master.iso`), built when
-/// the script changed since the last build.
-fn debian_master_build() -> PathBuf {
-    let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    let script = root().join("tests/os/build-debian-master.sh");
-    let hash = hex::encode(sha2::Sha256::digest(std::fs::read(&script).unwrap()));
-    let dir = root().join("target/mint-os").join(&hash[..16]);
-    if dir.join("disk.raw").is_file() && dir.join("master.iso").is_file() {
-        return dir;
-    }
-    let staging = root()
-        .join("target/mint-os")
-        .join(format!("{}.building", &hash[..16]));
-    let _ = std::fs::remove_dir_all(&staging);
-    let t = Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&staging)
-        .output()
-        .expect("run the master's build script");
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&staging, &dir).unwrap();
-    eprintln!("built the real test master in {:.0?}", t.elapsed());
-    dir
-}
-
-/// Whether QEMU can run here at all; the reason when it cannot.
-fn qemu_missing() -> Option<String> {
-    match Command::new("qemu-system-x86_64").arg("--version").output() {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!(
-            "qemu-system-x86_64 --version failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        )),
-        Err(e) => Some(format!(
-            "qemu-system-x86_64 cannot run ({e}); `cargo xtask setup` installs it"
-        )),
-    }
-}
 
 fn sha256_file(p: &Path) -> String {
     let mut h = sha2::Sha256::new();
@@ -490,4 +430,157 @@ fn redfish_boots_an_iso_master_from_a_libvirt_domains_virtual_cd_and_scale_in_po
         .count();
     assert_eq!(inserted, 0, "both ejected: {xml}");
     assert!(lv.get(&address).is_none());
+}
+
+#[test]
+fn redfish_writes_a_disk_master_through_the_deploy_iso_and_the_server_boots_it_from_its_disk() {
+    use crate::bmc::Emulator;
+    use crate::running::Daemon;
+    if let Some(why) = qemu_missing() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let (master, deploy) = (debian_master(), deploy_iso());
+    let _machine = crate::testbed::exclusive();
+    let dir = scratch("vms-redfish-disk");
+    let mut lv = crate::libvirt::Libvirt::start(&dir.join("libvirt"), "198.18.9.254/24");
+    // The deploy system fetches from the engine, which serves TLS on the host's end of a
+    // link into the guests' bridge.
+    lv.link_host("198.18.9.253/24");
+    let uuid = "5a17e000-0f15-4000-8000-000000000002";
+    let serial = lv.define("bm-1", uuid, "52:54:00:18:09:02", 2);
+    let bmc = Emulator::libvirt(&root(), &dir.join("bmc"), &lv.uri, vec![uuid.to_string()]);
+    std::fs::write(
+        dir.join("mint.toml"),
+        format!("[deploy]\niso = \"{}\"\n", deploy.display()),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &dir.join("data"),
+        &[
+            "--listen",
+            "198.18.9.253:0",
+            "--tls-self-signed",
+            "--config",
+            dir.join("mint.toml").to_str().unwrap(),
+        ],
+        &root(),
+    );
+    d.mint(&[
+        "node",
+        "add",
+        "bm-1",
+        "--cpus",
+        "1",
+        "--memory-mib",
+        "1024",
+        "--property",
+        &format!("bmc-url={}", bmc.system_url(0)),
+    ]);
+    let image = d.mint(&[
+        "image",
+        "import",
+        master.to_str().unwrap(),
+        "--name",
+        "debian-disk",
+    ]);
+    let spec = serde_json::json!({
+        "name": "metal", "image": image["digest"], "max-instances": 3, "subnet": "198.18.9.0/24",
+        "reserved": ["198.18.9.250-198.18.9.254"], "hostname": "metal-{index}", "customizers": [{"plugin": "hostname"}],
+        "driver": {"plugin": "redfish"}, "deploy-timeout-secs": 900,
+    });
+    std::fs::write(dir.join("metal.json"), spec.to_string()).unwrap();
+    d.mint(&[
+        "tier",
+        "create",
+        "-f",
+        dir.join("metal.json").to_str().unwrap(),
+    ]);
+
+    let asked = Instant::now();
+    d.mint(&["tier", "scale", "metal", "1"]);
+    let deployed = asked.elapsed();
+    let inst = d.mint(&["instance", "list", "metal"])[0].clone();
+    let address = inst["address"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(420);
+    let answer = loop {
+        if let Some(a) = crate::testbed::get(&format!("http://{address}/")) {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{address} did not answer within 420 s; libvirt says {}; the console ends:\n{}",
+            lv.state("bm-1"),
+            std::fs::read_to_string(&serial)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert_eq!(answer.trim(), "metal-0");
+    let events = d.mint(&["events"]);
+    let written = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "disk-written")
+        .unwrap_or_else(|| panic!("no disk-written event: {events}"))
+        .clone();
+    eprintln!(
+        "metal-0 (raw disk master through the deploy ISO, Redfish, libvirt): deployed {deployed:.1?} and answering {:.1?} after the scale request; the deploy system: booted {} ms, fetched and wrote {} bytes in {} ms, flushed in {} ms",
+        asked.elapsed(),
+        written["detail"]["booted-ms"],
+        written["detail"]["bytes"],
+        written["detail"]["fetch-write-ms"],
+        written["detail"]["sync-ms"]
+    );
+    let console = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        console.contains("mint deploy system: configuration on /dev/fd0"),
+        "the deploy system read its configuration from the floppy"
+    );
+    assert!(
+        console.contains("Datasource DataSourceNoCloud") && console.contains("/dev/fd0"),
+        "the seed came from the virtual floppy"
+    );
+    // libvirt's view: running from its disk, no CD, the seed on the floppy.
+    assert_eq!(lv.state("bm-1"), "running");
+    let xml = lv.xml("bm-1");
+    let first_boot = xml
+        .split("<disk ")
+        .find(|d| d.contains("<boot order='1'/>"))
+        .unwrap_or_else(|| panic!("no first boot device: {xml}"));
+    assert!(
+        first_boot.contains("device='disk'") && first_boot.contains("dev='vda'"),
+        "boots from its disk: {xml}"
+    );
+    let cd_inserted = xml
+        .split("<disk ")
+        .filter(|d| d.contains("device='cdrom'") && d.contains("<source"))
+        .count();
+    assert_eq!(cd_inserted, 0, "the deploy ISO was ejected: {xml}");
+    // The master the engine keeps is unchanged.
+    let stored = d.data.join("images").join(format!(
+        "{}.raw",
+        image["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+    ));
+    assert_eq!(sha256_file(&stored), image["digest"].as_str().unwrap());
+
+    d.mint(&["tier", "scale", "metal", "0"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lv.state("bm-1") != "shut off" {
+        assert!(
+            Instant::now() < deadline,
+            "bm-1 is still {}",
+            lv.state("bm-1")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

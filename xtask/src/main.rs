@@ -1,6 +1,9 @@
 //! Project tasks, run as `cargo xtask <task>`: `setup` installs what a fresh clone needs,
 //! `daemon` runs mint's main job (the daemon on its embedded store), `demo` shows the
-//! bundled plugins at work, `test` runs every test, `bench` runs the benchmarks.
+//! bundled plugins at work, `test` runs every test, `bench` runs the benchmarks,
+//! `deploy-iso` builds the deploy ISO BMCs boot to write disk masters (`deploy_iso.rs`).
+
+mod deploy_iso;
 
 use std::process::{Command, ExitCode};
 
@@ -75,6 +78,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("xorriso", "/usr/bin/xorriso"),
     ("squashfs-tools", "/usr/bin/mksquashfs"),
     ("python3-venv", "/usr/lib/python3.11/ensurepip/__init__.py"),
+    ("kmod", "/usr/sbin/depmod"),
     ("libvirt-daemon", "/usr/sbin/libvirtd"),
     (
         "libvirt-daemon-driver-qemu",
@@ -281,6 +285,8 @@ fn test() -> Result<(), String> {
         cargo().args(["test", "--release", "--workspace", "--exclude", "xtask"]),
         &mut totals,
     );
+    // The project's own tasks (the deploy ISO's pieces).
+    let tasks = run_tests(cargo().args(["test", "--package", "xtask"]), &mut totals);
     // The SDK and the first-party plugins, natively: their unit tests need no engine.
     let mut guests = Ok(());
     for manifest in ["sdk/Cargo.toml", "plugins/Cargo.toml"] {
@@ -302,7 +308,7 @@ fn test() -> Result<(), String> {
         "{} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
     );
-    host.and(guests)
+    host.and(tasks).and(guests)
 }
 
 /// `cargo xtask soak [CYCLES]`: the crash test for CYCLES kills (1,000 by default, CI keeps
@@ -450,8 +456,13 @@ fn main() -> ExitCode {
                 run(cargo().args(["bench", "--package", "mint", "--bench", "control_plane"]))
             }),
         Some("soak") => soak(&args[1..]),
+        Some("deploy-iso") => match &args[1..] {
+            [] => deploy_iso::build(std::path::Path::new("target/mint-deploy/deploy.iso")),
+            [flag, out] if flag == "--out" => deploy_iso::build(std::path::Path::new(out)),
+            _ => Err("usage: cargo xtask deploy-iso [--out FILE]".to_string()),
+        },
         _ => Err(
-            "usage: cargo xtask <setup | daemon | demo | test | bench | soak [CYCLES]>".to_string(),
+            "usage: cargo xtask <setup | daemon | demo | test | bench | soak [CYCLES] | deploy-iso [--out FILE]>".to_string(),
         ),
     };
     match result {

@@ -156,6 +156,14 @@ impl Engine {
         for i in &live_images {
             keep.insert(hex(&i.digest));
         }
+        for d in self
+            .kept_blobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            keep.insert(hex(d));
+        }
         let mut live_overlays: HashSet<String> = HashSet::new();
         let mut live_layer_keys: HashSet<String> = HashSet::new();
         for t in &tiers {

@@ -75,6 +75,8 @@ pub struct Engine {
     pub health_check_ms: std::sync::atomic::AtomicU64,
     /// Signs the capability URLs drivers hand BMCs.
     pub capabilities: capability::Capabilities,
+    /// Blobs no record refers to that collection keeps (the deploy ISO the daemon serves).
+    pub kept_blobs: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The indexes of tree masters read so far, by digest: minting reads one once for all
     /// K instances rather than once per customizer call.
     trees: std::sync::Mutex<std::collections::HashMap<String, Arc<images::tree::TreeIndex>>>,
@@ -196,6 +198,7 @@ impl Engine {
             plugins,
             advertise: String::new(),
             permits: Permits::new(DRIVER_CONCURRENCY, PER_ENDPOINT),
+            kept_blobs: std::sync::Mutex::default(),
             health_check_ms: std::sync::atomic::AtomicU64::new(
                 HEALTH_CHECK_EVERY.as_millis() as u64
             ),

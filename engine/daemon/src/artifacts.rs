@@ -237,7 +237,114 @@ pub async fn cap_describe(
             None => format!("/v1/cap/{tier}/{index}/{token}/{}", p.role),
         };
     }
-    ok(artifact)
+    let mut v = serde_json::to_value(&artifact)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // A disk instance on a BMC is written to the server's disk by the deploy system: where
+    // its parts are, and what it reported for this deployment.
+    if artifact.format == "disk"
+        && let Some((digest, size)) = app.delivery.deploy_iso()
+    {
+        let cap = format!("/v1/cap/{tier}/{index}/{token}");
+        v["deploy"] = serde_json::json!({
+            "iso": format!("{cap}/deploy-iso"), "iso-digest": digest, "iso-size": size,
+            "config": format!("{cap}/deploy-config"), "report": format!("{cap}/written"),
+        });
+        if let Some(inst) = app.engine.capability_instance(&tier, index, &token)
+            && let Some(w) = app.delivery.written(&tier, index, inst.deployment)
+        {
+            v["written"] = w;
+        }
+    }
+    ok(v)
+}
+
+/// The deploy system's configuration for a deployment: a floppy-sized FAT volume labelled
+/// `MINTDEPLOY` holding `deploy.json` (the deployment's descriptor and report URLs under its
+/// capability, the engine's pin, and the instance's address, which the deploy system
+/// borrows). Built on request: it carries the capability, which is the deployment's.
+fn deploy_config(app: &Shared, tier: &str, index: u32, token: &str) -> Result<Vec<u8>, ApiError> {
+    let inst = app
+        .engine
+        .capability_instance(tier, index, token)
+        .ok_or_else(no_capability)?;
+    let t = app
+        .engine
+        .store
+        .tier(tier)
+        .map_err(mint_core::EngineError::from)?;
+    let cap = format!(
+        "{}/v1/cap/{tier}/{index}/{token}",
+        app.engine.advertise.trim_end_matches('/')
+    );
+    let config = serde_json::json!({
+        "descriptor": cap, "report": format!("{cap}/written"), "pin": app.delivery.engine_pin(),
+        "address": inst.address.to_string(), "prefix-len": t.plan.subnet.prefix_len(), "gateway": t.plan.gateway.map(|g| g.to_string()),
+    });
+    let text = serde_json::to_string_pretty(&config)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    mint_core::images::seed::fat_volume(*b"MINTDEPLOY ", &[("deploy.json", text)])
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// `POST /v1/cap/{tier}/{index}/{token}/written`: the deploy system's report (the disk
+/// written and checked, or why not), kept for the deployment's descriptor, where the
+/// driver reads it, and noted as an event.
+pub async fn cap_written(
+    State(app): State<Shared>,
+    Path((tier, index, token, role)): Path<(String, u32, String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let Some(inst) = app
+        .engine
+        .capability_instance(&tier, index, &token)
+        .filter(|_| role == "written")
+    else {
+        return Err(no_capability());
+    };
+    if body.len() > 16 << 10 {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "a deploy report is at most 16 KiB".into(),
+        ));
+    }
+    let report: serde_json::Value = serde_json::from_slice(&body)
+        .ok()
+        .filter(|v: &serde_json::Value| v["ok"].is_boolean())
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "field `ok`: a deploy report is a JSON object with `ok` true or false".into(),
+            )
+        })?;
+    let ok_ = report["ok"] == true;
+    let what = if ok_ {
+        format!(
+            "the deploy system wrote {}/{index}'s master to {} ({} bytes; fetched and written in {} ms)",
+            tier,
+            report["target"].as_str().unwrap_or("the disk"),
+            report["bytes"],
+            report["fetch-write-ms"]
+        )
+    } else {
+        format!(
+            "the deploy system could not write {tier}/{index}'s disk: {}",
+            report["error"].as_str().unwrap_or("no reason given")
+        )
+    };
+    tracing::info!("{what}");
+    let _ = app.engine.store.note(
+        if ok_ {
+            "disk-written"
+        } else {
+            "disk-write-failed"
+        },
+        what,
+        report.clone(),
+        mint_model::records::ENGINE,
+    );
+    app.delivery
+        .set_written(&tier, index, inst.deployment, report);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Whether the capability `token` for `tier/index` admits blob `digest` (one of that
@@ -296,6 +403,26 @@ pub async fn cap_part(
         .is_none()
     {
         return no_capability().into_response();
+    }
+    if role == "deploy-config" {
+        return match deploy_config(&app, &tier, index, &token) {
+            Ok(bytes) => (
+                [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                if method == Method::HEAD {
+                    Vec::new()
+                } else {
+                    bytes
+                },
+            )
+                .into_response(),
+            Err(e) => e.into_response(),
+        };
+    }
+    if role == "deploy-iso" {
+        return match app.delivery.deploy_iso() {
+            Some((digest, _)) => serve(&app, method, &headers, &digest).await,
+            None => ApiError(StatusCode::NOT_FOUND, "this engine serves no deploy ISO; give the daemon `[deploy] iso = \"FILE\"` (`cargo xtask deploy-iso` builds one)".into()).into_response(),
+        };
     }
     let described = {
         let _files = app.image_files.read().await;

@@ -31,6 +31,9 @@
 //! [materialize]
 //! root = "/srv/mint/materialized"   # relative to this file; absent: materialize is off
 //!
+//! [deploy]
+//! iso = "deploy.iso"                # `cargo xtask deploy-iso`; BMCs boot it to write disk masters
+//!
 //! [[endpoint]]                      # how BMCs' certificates are trusted
 //! endpoint = "https://10.1.0.17"    # or node = "rack1-n03"; neither: every endpoint
 //! tls = { pin = "sha256:..." }      # or { ca = "bmc-ca.pem" }, "system" (the default), "insecure"
@@ -57,7 +60,15 @@ struct Raw {
     #[serde(default)]
     artifacts: RawArtifacts,
     #[serde(default)]
+    deploy: RawDeploy,
+    #[serde(default)]
     endpoint: Vec<RawEndpoint>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDeploy {
+    iso: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +197,9 @@ pub struct Config {
     /// The origin descriptors send nodes to for blobs (an HTTP cache in front of the
     /// engine); none: the engine itself.
     pub blob_base: Option<String>,
+    /// The deploy ISO BMCs boot to write a disk master onto a server's disk (checked to be
+    /// a bootable ISO); none: disk masters cannot be deployed through BMCs.
+    pub deploy_iso: Option<PathBuf>,
 }
 
 /// The default interval of blob scrubs.
@@ -275,6 +289,22 @@ impl Config {
             }),
         };
         let base = path.parent().unwrap_or(Path::new("."));
+        let deploy_iso = match raw.deploy.iso {
+            None => None,
+            Some(iso) => {
+                let iso = if iso.is_relative() {
+                    base.join(iso)
+                } else {
+                    iso
+                };
+                mint_core::images::disk::check_iso(&iso).map_err(|e| {
+                    at(format!(
+                        "deploy.iso: {e}; build it with `cargo xtask deploy-iso`"
+                    ))
+                })?;
+                Some(iso)
+            }
+        };
         let mut endpoint_tls = mint_plugins::TlsPolicies::default();
         for (i, e) in raw.endpoint.into_iter().enumerate() {
             let at = format!("{}: endpoint #{}", path.display(), i + 1);
@@ -324,6 +354,7 @@ impl Config {
             bandwidth,
             scrub,
             blob_base,
+            deploy_iso,
         })
     }
 }
@@ -346,6 +377,34 @@ impl Config {
         );
         delivery.set(self.transfers, self.bandwidth, self.scrub);
         delivery.set_blob_base(self.blob_base);
+        // The deploy ISO is kept as a blob (collection keeps it) and served by digest.
+        let iso = self.deploy_iso.as_ref().map(|p| {
+            std::fs::read(p)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    engine
+                        .images
+                        .put_blob(&bytes)
+                        .map(|d| (d, bytes.len() as u64))
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| format!("deploy.iso {}: {e}", p.display()))
+        });
+        match iso {
+            Some(Ok((digest, size))) => {
+                tracing::info!(%digest, size, "deploy ISO");
+                engine
+                    .kept_blobs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(digest.clone());
+                delivery.set_deploy_iso(Some((digest, size)));
+            }
+            Some(Err(e)) => tracing::error!(
+                "{e}; disk masters cannot be deployed through BMCs until it is fixed"
+            ),
+            None => delivery.set_deploy_iso(None),
+        }
         engine.permits.set(self.concurrency, self.per_endpoint);
         engine.health_check_ms.store(
             self.health_check.as_millis() as u64,

@@ -42,6 +42,12 @@ pub struct Delivery {
     served: Mutex<BTreeMap<String, Served>>,
     /// Where descriptors send nodes for blobs: a cache's origin, or none for the engine.
     blob_base: Mutex<Option<String>>,
+    /// The deploy ISO's digest and size, when one is configured.
+    deploy_iso: Mutex<Option<(String, u64)>>,
+    /// The pin of the certificate the engine serves, which deploy systems trust.
+    engine_pin: Mutex<Option<String>>,
+    /// What deploy systems reported, by deployment (tier, index, deployment number).
+    written: Mutex<BTreeMap<(String, u32, u64), serde_json::Value>>,
 }
 
 impl Default for Delivery {
@@ -56,6 +62,9 @@ impl Default for Delivery {
             quarantined: Mutex::default(),
             served: Mutex::default(),
             blob_base: Mutex::default(),
+            deploy_iso: Mutex::default(),
+            engine_pin: Mutex::default(),
+            written: Mutex::default(),
         }
     }
 }
@@ -84,6 +93,47 @@ impl Delivery {
     /// Sends nodes to `base` (an HTTP cache fronting the engine) for blobs from now on.
     pub fn set_blob_base(&self, base: Option<String>) {
         *lock(&self.blob_base) = base;
+    }
+
+    /// Serves `iso` (digest, size) as the deploy ISO from now on.
+    pub fn set_deploy_iso(&self, iso: Option<(String, u64)>) {
+        *lock(&self.deploy_iso) = iso;
+    }
+
+    /// Tells deploy systems to trust the engine's certificate by `pin` from now on.
+    pub fn set_engine_pin(&self, pin: Option<String>) {
+        *lock(&self.engine_pin) = pin;
+    }
+
+    /// The pin of the engine's certificate, when it serves TLS.
+    pub fn engine_pin(&self) -> Option<String> {
+        lock(&self.engine_pin).clone()
+    }
+
+    /// The deploy ISO's digest and size, if one is configured.
+    pub fn deploy_iso(&self) -> Option<(String, u64)> {
+        lock(&self.deploy_iso).clone()
+    }
+
+    /// Keeps what the deploy system of a deployment reported (the last report wins; at most
+    /// 10,000 are kept, the oldest deployments' dropped first).
+    pub fn set_written(&self, tier: &str, index: u32, deployment: u64, report: serde_json::Value) {
+        let mut w = lock(&self.written);
+        w.insert((tier.to_string(), index, deployment), report);
+        while w.len() > 10_000 {
+            let oldest = w.iter().min_by_key(|(k, _)| k.2).map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => w.remove(&k),
+                None => break,
+            };
+        }
+    }
+
+    /// What the deploy system of a deployment reported, if it has.
+    pub fn written(&self, tier: &str, index: u32, deployment: u64) -> Option<serde_json::Value> {
+        lock(&self.written)
+            .get(&(tier.to_string(), index, deployment))
+            .cloned()
     }
 
     /// The origin of the HTTP cache fronting the engine's blobs, if one does.

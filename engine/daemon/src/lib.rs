@@ -691,7 +691,9 @@ fn router(app: Shared) -> Router {
         )
         .route(
             "/v1/cap/{tier}/{index}/{token}/{role}",
-            get(artifacts::cap_part).head(artifacts::cap_part),
+            get(artifacts::cap_part)
+                .head(artifacts::cap_part)
+                .post(artifacts::cap_written),
         )
         .route(
             "/v1/cap/{tier}/{index}/{token}/blob/{digest}",
@@ -909,6 +911,7 @@ pub async fn serve(
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let pin = cert.as_ref().map(|c| c.pin());
     app.engine.plugins.runtime().set_engine_pin(pin);
+    app.delivery.set_engine_pin(pin.map(|p| p.to_string()));
     config::reload_on_hangup(app.clone(), config_path, cert, stop_rx.clone());
     let workers = reconciler::start(app.clone(), stop_rx.clone());
     let scrubbing = app.clone();

@@ -60,6 +60,7 @@ pub(crate) fn reload(app: &crate::Shared, cert: &ServerCert) {
     {
         Ok(pin) => {
             app.engine.plugins.runtime().set_engine_pin(Some(pin));
+            app.delivery.set_engine_pin(Some(pin.to_string()));
             let _ = app.engine.store.note(
                 "certificate-reloaded",
                 format!("TLS certificate reloaded; its key is {pin}"),

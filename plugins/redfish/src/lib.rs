@@ -3,7 +3,13 @@
 //! resource, such as `https://10.1.0.17/redfish/v1/Systems/1`).
 //!
 //! BMCs boot ISO images from virtual CDs, and nothing else: a disk master is never put on
-//! a virtual CD (on a real server nothing would start), it is refused naming the fix.
+//! a virtual CD (on a real server nothing would start). A raw disk master goes through
+//! mint's deploy ISO instead, as Ironic's virtual-media deploy does: `deploy` puts the
+//! deploy ISO on the CD and the deployment's configuration on the seed device and boots
+//! the CD; the deploy system writes the master to the server's own disk, tells the engine
+//! and powers off; `status`, reading that report in the deployment's descriptor, ejects the
+//! deploy media, inserts the seed, sets the boot device to the disk and powers the server
+//! on. Without a deploy ISO served by the engine, a disk master is refused naming the fix.
 //!
 //! `deploy` inserts the instance's ISO master as virtual media on a CD/DVD device and the
 //! instance's NoCloud seed (its identity: host name, address, keys) on a USB stick or floppy
@@ -255,15 +261,9 @@ fn redfish_message(r: &Response) -> Option<String> {
 /// The URLs of the instance's ISO master and seed, which the artifact server serves as
 /// parts of the deployment's artifact.
 fn images(d: &Deployment) -> Result<(String, String), Error> {
-    if d.artifact.format == "disk" {
+    if d.artifact.format != "iso" && d.artifact.format != "disk" {
         return Err(Error::invalid_input(format!(
-            "tier `{}` runs a disk master; a BMC boots only ISO images from virtual media, so the redfish driver never puts a disk on a virtual CD: import an ISO master (a bootable live system, `mint image import FILE.iso`) and move the tier to it (`mint tier update-image`)",
-            d.tier
-        )));
-    }
-    if d.artifact.format != "iso" {
-        return Err(Error::invalid_input(format!(
-            "tier `{}` runs a `{}` master; the redfish driver boots ISO images from virtual media: import a bootable ISO (`mint image import FILE.iso`) for this tier",
+            "tier `{}` runs a `{}` master; the redfish driver boots ISO images from virtual media and writes raw disks through mint's deploy ISO: import a bootable ISO or a raw disk for this tier",
             d.tier, d.artifact.format
         )));
     }
@@ -347,6 +347,12 @@ fn check_seed_fits(d: &Deployment, device: &Device) -> Result<(), Error> {
     if !device.floppy {
         return Ok(());
     }
+    seed_fits(d, &descriptor(d)?)
+}
+
+/// The deployment's artifact descriptor, from the engine (the host lets a driver read the
+/// artifact it deploys).
+fn descriptor(d: &Deployment) -> Result<Value, Error> {
     let answer = Request::get(&d.artifact.url)
         .header("accept", "application/json")
         .timeout(Duration::from_secs(10))
@@ -363,9 +369,13 @@ fn check_seed_fits(d: &Deployment, device: &Device) -> Result<(), Error> {
             answer.status, d.artifact.url
         )));
     }
-    let v: Value = answer
+    answer
         .json()
-        .map_err(|e| Error::external(format!("the artifact descriptor {}: {e}", d.artifact.url)))?;
+        .map_err(|e| Error::external(format!("the artifact descriptor {}: {e}", d.artifact.url)))
+}
+
+/// Whether the seed the descriptor lists fits a floppy.
+fn seed_fits(d: &Deployment, v: &Value) -> Result<(), Error> {
     let size = v["parts"]
         .as_array()
         .and_then(|parts| parts.iter().find(|p| p["role"] == "seed"))
@@ -380,8 +390,180 @@ fn check_seed_fits(d: &Deployment, device: &Device) -> Result<(), Error> {
     Ok(())
 }
 
+/// Where a disk deployment's media are: the deploy ISO and its configuration (while the
+/// deploy system writes the master to the server's disk), then the seed (once it boots
+/// from that disk).
+struct DiskPlan {
+    deploy_iso: String,
+    config: String,
+    seed: String,
+}
+
+/// The plan of a disk deployment, refused (naming the fix) where it cannot work: a disk is
+/// never put on a virtual CD, so the engine must serve the deploy ISO, and the deploy
+/// system writes raw disks.
+fn disk_plan(d: &Deployment, desc: &Value) -> Result<DiskPlan, Error> {
+    let master = desc["parts"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["role"] == "master"))
+        .cloned()
+        .unwrap_or_default();
+    if master["name"]
+        .as_str()
+        .is_some_and(|n| n.ends_with(".qcow2"))
+    {
+        return Err(Error::invalid_input(format!(
+            "tier `{}` runs a qcow2 master; the deploy system writes raw disks: convert it (`qemu-img convert -O raw master.qcow2 master.raw`), import the raw disk and move the tier to it (`mint tier update-image`)",
+            d.tier
+        )));
+    }
+    if desc["deploy"].is_null() {
+        return Err(Error::invalid_input(format!(
+            "tier `{}` runs a disk master; a BMC boots only ISO images from virtual media, so the redfish driver never puts a disk on a virtual CD: it writes the disk through mint's deploy ISO, which this engine does not serve. Build it (`cargo xtask deploy-iso`) and give the daemon `[deploy] iso = \"FILE\"`, or import an ISO master",
+            d.tier
+        )));
+    }
+    let base = d.artifact.url.trim_end_matches('/');
+    Ok(DiskPlan {
+        deploy_iso: format!("{base}/deploy-iso"),
+        config: format!("{base}/deploy-config"),
+        seed: format!("{base}/seed"),
+    })
+}
+
+fn holds(device: &Device, image: &str) -> bool {
+    device.inserted && device.image.as_deref() == Some(image)
+}
+
+/// A disk deployment's state from the system, its media and the deploy system's report;
+/// and the one step the driver takes itself: once the deploy system has written the disk
+/// and powered the server off, the deploy media go, the seed goes in, and the server boots
+/// from its disk.
+fn disk_status(
+    bmc: &Bmc,
+    system: &Value,
+    media: &Media,
+    plan: &DiskPlan,
+    desc: &Value,
+    health_check: bool,
+) -> Result<StatusReport, Error> {
+    let power = system["PowerState"].as_str().unwrap_or("unknown");
+    let health = system["Status"]["Health"].as_str().unwrap_or("OK");
+    if holds(&media.boot, &plan.deploy_iso) && holds(&media.seed, &plan.config) {
+        let written = &desc["written"];
+        if written["ok"] == false {
+            return Ok(StatusReport::new(
+                InstanceState::Failed,
+                format!(
+                    "the deploy system could not write the disk: {}",
+                    written["error"].as_str().unwrap_or("no reason given")
+                ),
+            ));
+        }
+        if written["ok"] != true {
+            return Ok(match power {
+                "On" => StatusReport::new(
+                    InstanceState::Deploying,
+                    "the deploy system is writing the master to the server's disk",
+                ),
+                other => StatusReport::new(
+                    InstanceState::Deploying,
+                    format!("powered {other}; the deploy ISO boots next"),
+                ),
+            });
+        }
+        let what = format!(
+            "{} bytes written to {} in {} ms",
+            written["bytes"],
+            written["target"].as_str().unwrap_or("the disk"),
+            written["fetch-write-ms"]
+        );
+        if power != "Off" {
+            return Ok(StatusReport::new(
+                InstanceState::Deploying,
+                format!("{what}; waiting for the deploy system to power off"),
+            ));
+        }
+        bmc.eject(&media.boot)?;
+        bmc.insert(&media.seed, &plan.seed)?;
+        bmc.send(Method::Patch, &bmc.system, Some(&json!({ "Boot": { "BootSourceOverrideTarget": "Hdd", "BootSourceOverrideEnabled": "Continuous" } })))?;
+        bmc.reset("On")?;
+        return Ok(StatusReport::new(
+            InstanceState::Deploying,
+            format!("{what}; booting from the disk"),
+        ));
+    }
+    if !(holds(&media.seed, &plan.seed) && !media.boot.inserted) {
+        let holds = media
+            .seed
+            .image
+            .as_deref()
+            .or(media.boot.image.as_deref())
+            .unwrap_or("no media");
+        return Ok(StatusReport::new(
+            InstanceState::Absent,
+            format!("the system holds {holds}, not this instance"),
+        ));
+    }
+    if health == "Critical" {
+        return Ok(StatusReport::new(
+            InstanceState::Failed,
+            format!("the BMC reports the system's health Critical (power {power})"),
+        ));
+    }
+    Ok(match power {
+        "On" => StatusReport::new(
+            InstanceState::Running,
+            format!("power On, health {health}, booted from its disk"),
+        ),
+        other if health_check => StatusReport::new(
+            InstanceState::Failed,
+            format!("the system is powered {other} with this instance's disk and seed"),
+        ),
+        other => StatusReport::new(
+            InstanceState::Deploying,
+            format!("powered {other}; booting from its disk"),
+        ),
+    })
+}
+
+/// Deploys a disk instance: the deploy ISO on the CD and its configuration on the seed
+/// device, a one-time boot from the CD, power on. The rest happens in [`disk_status`].
+fn deploy_disk(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
+    let desc = descriptor(d)?;
+    let plan = disk_plan(d, &desc)?;
+    let bmc = Bmc::of(node, config)?;
+    let system = bmc.system()?;
+    let media = bmc.media(&system)?;
+    if media.seed.floppy {
+        seed_fits(d, &desc)?;
+    }
+    // Deploying again what is under way or runs (after an engine restart) changes nothing.
+    let now = disk_status(&bmc, &system, &media, &plan, &desc, false)?;
+    if now.state != InstanceState::Absent {
+        return Ok(now);
+    }
+    bmc.insert(&media.seed, &plan.config)?;
+    bmc.insert(&media.boot, &plan.deploy_iso)?;
+    bmc.send(
+        Method::Patch,
+        &bmc.system,
+        Some(&json!({ "Boot": { "BootSourceOverrideTarget": "Cd", "BootSourceOverrideEnabled": "Once" } })),
+    )?;
+    let on = system["PowerState"].as_str() == Some("On");
+    bmc.reset(if on { "ForceRestart" } else { "On" })?;
+    Ok(StatusReport::new(
+        InstanceState::Deploying,
+        "the deploy ISO is booting; it writes the master to the server's disk",
+    ))
+}
+
 impl Driver for Redfish {
     fn deploy(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
+        if d.artifact.format == "disk" {
+            images(d)?;
+            return deploy_disk(node, d, config);
+        }
         let (boot, seed) = images(d)?;
         let bmc = Bmc::of(node, config)?;
         let system = bmc.system()?;
@@ -438,6 +620,14 @@ impl Driver for Redfish {
 
     fn status(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
         let (boot, seed) = images(d)?;
+        if d.artifact.format == "disk" {
+            let desc = descriptor(d)?;
+            let plan = disk_plan(d, &desc)?;
+            let bmc = Bmc::of(node, config)?;
+            let system = bmc.system()?;
+            let media = bmc.media(&system)?;
+            return disk_status(&bmc, &system, &media, &plan, &desc, checking_health());
+        }
         let bmc = Bmc::of(node, config)?;
         let system = bmc.system()?;
         let media = bmc.media(&system)?;
@@ -595,17 +785,34 @@ mod tests {
 
     #[test]
     fn tree_and_disk_tiers_are_refused_before_the_bmc_is_asked() {
-        for (format, needle) in [
-            ("tree", "ISO"),
-            ("disk", "never puts a disk on a virtual CD"),
-        ] {
-            let e = with_http(
-                |r| panic!("no request expected, got {}", r.url()),
-                || Redfish::deploy(&node(), &deployment(format), &Config::new()),
-            )
-            .unwrap_err();
-            assert!(e.message.contains(needle), "{format}: {}", e.message);
-        }
+        let e = with_http(
+            |r| panic!("no request expected, got {}", r.url()),
+            || Redfish::deploy(&node(), &deployment("tree"), &Config::new()),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("ISO"), "{}", e.message);
+        // A disk master: the descriptor is read, and without a deploy ISO nothing else is asked.
+        let e = with_http(
+            |r| {
+                assert!(
+                    r.url().ends_with("/v1/artifacts/web/2"),
+                    "only the descriptor: {}",
+                    r.url()
+                );
+                answer(
+                    200,
+                    r#"{"format":"disk","parts":[{"role":"master","name":"x.raw","size":9}]}"#,
+                )
+            },
+            || Redfish::deploy(&node(), &deployment("disk"), &Config::new()),
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("never puts a disk on a virtual CD")
+                && e.message.contains("cargo xtask deploy-iso"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -172,6 +172,12 @@ pub const FLOPPY_BYTES: u64 = 1_474_560;
 /// fit in one with room to spare (so a BMC's virtual floppy takes it as it is), else a
 /// whole number of MiB.
 pub fn volume(files: &[(&str, String)]) -> Result<Vec<u8>, ImageError> {
+    fat_volume(*b"cidata     ", files)
+}
+
+/// A FAT volume labelled `label` (padded with spaces to 11 bytes) holding `files`, sized as
+/// [`volume`] sizes a seed.
+pub fn fat_volume(label: [u8; 11], files: &[(&str, String)]) -> Result<Vec<u8>, ImageError> {
     let content: usize = files.iter().map(|(_, t)| t.len()).sum();
     // Room for the files twice over and the file system's own tables; FAT12 up to 32 MiB.
     let size = if 2 * content + (64 << 10) <= FLOPPY_BYTES as usize {
@@ -184,10 +190,10 @@ pub fn volume(files: &[(&str, String)]) -> Result<Vec<u8>, ImageError> {
     let mut disk = std::io::Cursor::new(vec![0u8; size]);
     fatfs::format_volume(
         &mut disk,
-        fatfs::FormatVolumeOptions::new().volume_label(*b"cidata     "),
+        fatfs::FormatVolumeOptions::new().volume_label(label),
     )
     .map_err(fat)?;
-    label_entry(disk.get_mut());
+    label_entry(disk.get_mut(), label);
     {
         disk.seek(SeekFrom::Start(0)).map_err(fat)?;
         let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new()).map_err(fat)?;
@@ -204,7 +210,7 @@ pub fn volume(files: &[(&str, String)]) -> Result<Vec<u8>, ImageError> {
 /// Adds the volume-label entry to the root directory. `format_volume` writes the label
 /// only into the boot sector; blkid, and so cloud-init's search for `LABEL=cidata`, also
 /// reads the root directory's entry, as mkfs.vfat writes it.
-fn label_entry(img: &mut [u8]) {
+fn label_entry(img: &mut [u8], label: [u8; 11]) {
     let u16le = |at: usize| u16::from_le_bytes([img[at], img[at + 1]]) as usize;
     let bytes_per_sector = u16le(11);
     let reserved = u16le(14);
@@ -212,7 +218,7 @@ fn label_entry(img: &mut [u8]) {
     let per_fat = u16le(22);
     let root = (reserved + fats * per_fat) * bytes_per_sector;
     let mut entry = [0u8; 32];
-    entry[..11].copy_from_slice(b"cidata     ");
+    entry[..11].copy_from_slice(&label);
     entry[11] = 0x08;
     img[root..root + 32].copy_from_slice(&entry);
 }
