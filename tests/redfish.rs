@@ -262,7 +262,7 @@ fn bmc_failures_are_clear_and_leave_the_pool_as_it_was() {
         (
             "qcow2",
             good.system_url(1),
-            "runs a disk master; a BMC boots only ISO images from virtual media, so the redfish driver never puts a disk on a virtual CD: import an ISO master",
+            "runs a qcow2 master; the deploy system writes raw disks: convert it (`qemu-img convert -O raw",
         ),
         (
             "unauthorized",

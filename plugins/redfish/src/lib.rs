@@ -776,6 +776,114 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_deployment_moves_from_the_deploy_iso_to_its_disk_once_written_and_off() {
+        let n = node();
+        let config = Config::new();
+        let bmc = Bmc::of(&n, &config).unwrap();
+        let plan = DiskPlan {
+            deploy_iso: "c/deploy-iso".into(),
+            config: "c/deploy-config".into(),
+            seed: "c/seed".into(),
+        };
+        let device = |path: &str, image: Option<&str>, floppy: bool| Device {
+            path: path.into(),
+            image: image.map(str::to_string),
+            inserted: image.is_some(),
+            floppy,
+        };
+        let writing = || Media {
+            boot: device("/cd", Some("c/deploy-iso"), false),
+            seed: device("/fd", Some("c/deploy-config"), true),
+        };
+        let booted = || Media {
+            boot: device("/cd", None, false),
+            seed: device("/fd", Some("c/seed"), true),
+        };
+        let system = |power: &str| json!({"PowerState": power, "Status": {"Health": "OK"}});
+        let quiet = |media: Media, power: &str, desc: Value, health: bool| {
+            with_http(
+                |r| panic!("no request expected, got {}", r.url()),
+                || disk_status(&bmc, &system(power), &media, &plan, &desc, health),
+            )
+            .unwrap()
+        };
+        let r = quiet(writing(), "On", json!({}), false);
+        assert_eq!(r.state, InstanceState::Deploying);
+        assert!(r.detail.contains("writing the master"), "{}", r.detail);
+        let failed = json!({"written": {"ok": false, "error": "no fixed disk holds the master"}});
+        let r = quiet(writing(), "Off", failed, false);
+        assert_eq!(r.state, InstanceState::Failed);
+        assert!(
+            r.detail.contains("no fixed disk holds the master"),
+            "{}",
+            r.detail
+        );
+        let written = json!({"written": {"ok": true, "bytes": 1000, "target": "/dev/vda", "fetch-write-ms": 5}});
+        let r = quiet(writing(), "On", written.clone(), false);
+        assert!(
+            r.state == InstanceState::Deploying
+                && r.detail
+                    .contains("waiting for the deploy system to power off"),
+            "{}",
+            r.detail
+        );
+
+        // Written and off: the deploy ISO out, the seed in, the disk first, power on.
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let log = seen.clone();
+        let r = with_http(
+            move |req| {
+                log.borrow_mut().push(format!(
+                    "{:?} {}",
+                    req.method(),
+                    req.url().trim_start_matches("http://127.0.0.1:9")
+                ));
+                answer(204, "")
+            },
+            || disk_status(&bmc, &system("Off"), &writing(), &plan, &written, false),
+        )
+        .unwrap();
+        assert!(
+            r.state == InstanceState::Deploying && r.detail.contains("booting from the disk"),
+            "{}",
+            r.detail
+        );
+        assert_eq!(
+            *seen.borrow(),
+            [
+                "Post /cd/Actions/VirtualMedia.EjectMedia",
+                "Post /fd/Actions/VirtualMedia.EjectMedia",
+                "Post /fd/Actions/VirtualMedia.InsertMedia",
+                "Patch /redfish/v1/Systems/s1",
+                "Post /redfish/v1/Systems/s1/Actions/ComputerSystem.Reset",
+            ]
+        );
+
+        assert_eq!(
+            quiet(booted(), "On", json!({}), true).state,
+            InstanceState::Running
+        );
+        assert_eq!(
+            quiet(booted(), "Off", json!({}), true).state,
+            InstanceState::Failed,
+            "off after it ran"
+        );
+        assert_eq!(
+            quiet(booted(), "Off", json!({}), false).state,
+            InstanceState::Deploying,
+            "on its way up"
+        );
+        let other = Media {
+            boot: device("/cd", None, false),
+            seed: device("/fd", Some("other/seed"), true),
+        };
+        assert_eq!(
+            quiet(other, "On", json!({}), true).state,
+            InstanceState::Absent
+        );
+    }
+
+    #[test]
     fn bmc_url_must_name_a_system() {
         let mut n = node();
         n.properties[0].1 = "http://127.0.0.1:9/redfish/v1".into();
