@@ -263,3 +263,131 @@ impl Drop for Libvirt {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
 }
+
+/// A bare-metal lab: a libvirtd with one domain, sushy-tools' libvirt backend as its BMC,
+/// and a daemon that knows the domain as a node, with a tier of the `redfish` driver on
+/// the domain's bridge (198.18.9.0/24).
+pub struct RedfishLab {
+    // Dropped in this order: the daemon before the BMC it drives, libvirtd last.
+    pub daemon: crate::running::Daemon,
+    /// The emulator, held for its process's lifetime.
+    #[allow(dead_code)]
+    pub bmc: crate::bmc::Emulator,
+    pub lv: Libvirt,
+    /// The domain's (and node's) name.
+    pub name: String,
+    /// The domain's serial console.
+    pub serial: PathBuf,
+}
+
+impl RedfishLab {
+    /// Starts the lab in `dir`: domain `name` (`uuid`, `mac`, a 2 GiB disk), and a daemon
+    /// started with `daemon_args`. With `uplink`, the host is linked into the bridge at
+    /// 198.18.9.253 (where a daemon serving guests listens).
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        uuid: &str,
+        mac: &str,
+        uplink: bool,
+        daemon_args: &[&str],
+    ) -> RedfishLab {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut lv = Libvirt::start(&dir.join("libvirt"), "198.18.9.254/24");
+        if uplink {
+            lv.link_host("198.18.9.253/24");
+        }
+        let serial = lv.define(name, uuid, mac, 2);
+        let bmc =
+            crate::bmc::Emulator::libvirt(&repo, &dir.join("bmc"), &lv.uri, vec![uuid.to_string()]);
+        let daemon = crate::running::Daemon::start(&dir.join("data"), daemon_args, &repo);
+        daemon.mint(&[
+            "node",
+            "add",
+            name,
+            "--cpus",
+            "1",
+            "--memory-mib",
+            "1024",
+            "--property",
+            &format!("bmc-url={}", bmc.system_url(0)),
+        ]);
+        RedfishLab {
+            daemon,
+            bmc,
+            lv,
+            name: name.to_string(),
+            serial,
+        }
+    }
+
+    /// Imports `master` and creates tier `tier` of the `redfish` driver on the bridge's
+    /// subnet (the host's and bridge's addresses reserved); the image record.
+    pub fn tier(&self, master: &Path, tier: &str) -> serde_json::Value {
+        let image = self
+            .daemon
+            .mint(&["image", "import", master.to_str().unwrap()]);
+        let spec = serde_json::json!({
+            "name": tier, "image": image["digest"], "max-instances": 3, "subnet": "198.18.9.0/24",
+            "reserved": ["198.18.9.250-198.18.9.254"], "hostname": format!("{tier}-{{index}}"),
+            "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "redfish"}, "deploy-timeout-secs": 900,
+        });
+        let file = self.lv.dir.join(format!("{tier}.json"));
+        std::fs::write(&file, spec.to_string()).unwrap();
+        self.daemon
+            .mint(&["tier", "create", "-f", file.to_str().unwrap()]);
+        image
+    }
+
+    /// Waits until `address` answers HTTP (from the bridge's namespace), for at most
+    /// `limit`; the answer. A failure says libvirt's state and the console's end.
+    pub fn wait_answer(&self, address: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(a) = self.lv.get(address) {
+                return a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{address} did not answer within {limit:?}; libvirt says {}; the console ends:\n{}",
+                self.lv.state(&self.name),
+                std::fs::read_to_string(&self.serial)
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Scales `tier` to 0 and waits until libvirt sees the domain shut off.
+    pub fn scale_in(&self, tier: &str) {
+        self.daemon.mint(&["tier", "scale", tier, "0"]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.lv.state(&self.name) != "shut off" {
+            assert!(
+                Instant::now() < deadline,
+                "{} is still {}",
+                self.name,
+                self.lv.state(&self.name)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The images on the domain's `device` (`cdrom`, `floppy`) as libvirt holds them.
+    pub fn inserted(&self, device: &str) -> Vec<String> {
+        let xml = self.lv.xml(&self.name);
+        xml.split("<disk ")
+            .filter(|d| d.contains(&format!("device='{device}'")))
+            .filter_map(|d| {
+                d.split("<source file='")
+                    .nth(1)
+                    .map(|s| s.split('\'').next().unwrap_or("").to_string())
+            })
+            .collect()
+    }
+}

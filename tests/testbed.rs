@@ -282,6 +282,13 @@ impl TestBed {
             .expect("the daemon says where it serves");
     }
 
+    /// Adds `cidr` to the bed's bridge, as the gateway of a tier on another subnet (its
+    /// guests route their answers to the host through it).
+    #[allow(dead_code)] // The VM benchmark uses it.
+    pub fn add_bridge_address(&self, cidr: &str) {
+        sh(&["ip", "addr", "add", cidr, "dev", &self.bridge]);
+    }
+
     /// The daemon's process id (the boot-storm benchmark reads its peak RSS).
     #[allow(dead_code)]
     pub fn daemon_pid(&self) -> u32 {

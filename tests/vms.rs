@@ -5,6 +5,7 @@
 //! the live ISO from the virtual CD, the raw disk through mint's deploy ISO. Each VM is on
 //! a bridge in a network namespace the test owns, on 198.18.0.0/15.
 
+use crate::libvirt::RedfishLab;
 use crate::real_os::{debian_master, debian_master_iso, deploy_iso, qemu_missing};
 use crate::support::{root, scratch};
 use crate::testbed::{TestBed, get};
@@ -305,8 +306,6 @@ fn disk_instances_boot_as_vms_through_agents_and_a_failed_hosts_instance_boots_e
 
 #[test]
 fn redfish_boots_an_iso_master_from_a_libvirt_domains_virtual_cd_and_scale_in_powers_it_off() {
-    use crate::bmc::Emulator;
-    use crate::running::Daemon;
     if let Some(why) = qemu_missing() {
         eprintln!("skipped: {why}");
         return;
@@ -314,128 +313,60 @@ fn redfish_boots_an_iso_master_from_a_libvirt_domains_virtual_cd_and_scale_in_po
     let iso = debian_master_iso();
     let _machine = crate::testbed::exclusive();
     let dir = scratch("vms-redfish-iso");
-    let mut lv = crate::libvirt::Libvirt::start(&dir.join("libvirt"), "198.18.9.254/24");
-    let uuid = "5a17e000-0f15-4000-8000-000000000001";
-    let serial = lv.define("bm-0", uuid, "52:54:00:18:09:01", 2);
-    let bmc = Emulator::libvirt(&root(), &dir.join("bmc"), &lv.uri, vec![uuid.to_string()]);
-    let d = Daemon::start(&dir.join("data"), &[], &root());
-    d.mint(&[
-        "node",
-        "add",
+    let lab = RedfishLab::start(
+        &dir,
         "bm-0",
-        "--cpus",
-        "1",
-        "--memory-mib",
-        "1024",
-        "--property",
-        &format!("bmc-url={}", bmc.system_url(0)),
-    ]);
-    let image = d.mint(&[
-        "image",
-        "import",
-        iso.to_str().unwrap(),
-        "--name",
-        "debian-live",
-    ]);
+        "5a17e000-0f15-4000-8000-000000000001",
+        "52:54:00:18:09:01",
+        false,
+        &[],
+    );
+    let image = lab.tier(&iso, "live");
     assert_eq!(image["format"], "iso");
-    let spec = serde_json::json!({
-        "name": "live", "image": image["digest"], "max-instances": 3, "subnet": "198.18.9.0/24",
-        "hostname": "live-{index}", "customizers": [{"plugin": "hostname"}],
-        "driver": {"plugin": "redfish"}, "deploy-timeout-secs": 300,
-    });
-    std::fs::write(dir.join("live.json"), spec.to_string()).unwrap();
-    d.mint(&[
-        "tier",
-        "create",
-        "-f",
-        dir.join("live.json").to_str().unwrap(),
-    ]);
 
     let asked = Instant::now();
-    d.mint(&["tier", "scale", "live", "1"]);
+    lab.daemon.mint(&["tier", "scale", "live", "1"]);
     let powered = asked.elapsed();
-    let inst = d.mint(&["instance", "list", "live"])[0].clone();
+    let inst = lab.daemon.mint(&["instance", "list", "live"])[0].clone();
     assert_eq!(
         (inst["state"].as_str(), inst["node"].as_str()),
         (Some("deployed"), Some("bm-0")),
         "{inst}"
     );
     let address = inst["address"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(420);
-    let answer = loop {
-        if let Some(a) = lv.get(&address) {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{address} did not answer within 420 s; libvirt says {}; the console ends:\n{}",
-            lv.state("bm-0"),
-            std::fs::read_to_string(&serial)
-                .unwrap_or_default()
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    assert_eq!(answer.trim(), "live-0");
+    assert_eq!(
+        lab.wait_answer(&address, Duration::from_secs(420)).trim(),
+        "live-0"
+    );
     eprintln!(
         "live-0 (ISO master, Redfish, libvirt) powered on {powered:.1?} and answered at {address} {:.1?} after the scale request",
         asked.elapsed()
     );
-    let console = std::fs::read_to_string(&serial).unwrap();
+    let console = std::fs::read_to_string(&lab.serial).unwrap();
     assert!(
         console.contains("Datasource DataSourceNoCloud") && console.contains("/dev/fd0"),
         "the seed came from the virtual floppy"
     );
     assert!(!console.contains("DataSourceNone"));
     // libvirt's own view: running, the ISO on the CD and the seed on the floppy.
-    assert_eq!(lv.state("bm-0"), "running");
-    let xml = lv.xml("bm-0");
-    let sources = |device: &str| -> Vec<String> {
-        xml.split("<disk ")
-            .filter(|d| d.contains(&format!("device='{device}'")))
-            .filter_map(|d| {
-                d.split("<source file='")
-                    .nth(1)
-                    .map(|s| s.split('\'').next().unwrap_or("").to_string())
-            })
-            .collect()
-    };
+    assert_eq!(lab.lv.state("bm-0"), "running");
     assert_eq!(
-        (sources("cdrom").len(), sources("floppy").len()),
-        (1, 1),
-        "{xml}"
+        (lab.inserted("cdrom").len(), lab.inserted("floppy").len()),
+        (1, 1)
     );
 
     // Scale-in powers the system off and ejects both, as libvirt sees it.
-    d.mint(&["tier", "scale", "live", "0"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lv.state("bm-0") != "shut off" {
-        assert!(
-            Instant::now() < deadline,
-            "bm-0 is still {}",
-            lv.state("bm-0")
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let xml = lv.xml("bm-0");
-    let inserted = xml
-        .split("<disk ")
-        .filter(|d| {
-            (d.contains("device='cdrom'") || d.contains("device='floppy'")) && d.contains("<source")
-        })
-        .count();
-    assert_eq!(inserted, 0, "both ejected: {xml}");
-    assert!(lv.get(&address).is_none());
+    lab.scale_in("live");
+    assert_eq!(
+        (lab.inserted("cdrom").len(), lab.inserted("floppy").len()),
+        (0, 0),
+        "both ejected"
+    );
+    assert!(lab.lv.get(&address).is_none());
 }
 
 #[test]
 fn redfish_writes_a_disk_master_through_the_deploy_iso_and_the_server_boots_it_from_its_disk() {
-    use crate::bmc::Emulator;
-    use crate::running::Daemon;
     if let Some(why) = qemu_missing() {
         eprintln!("skipped: {why}");
         return;
@@ -443,86 +374,42 @@ fn redfish_writes_a_disk_master_through_the_deploy_iso_and_the_server_boots_it_f
     let (master, deploy) = (debian_master(), deploy_iso());
     let _machine = crate::testbed::exclusive();
     let dir = scratch("vms-redfish-disk");
-    let mut lv = crate::libvirt::Libvirt::start(&dir.join("libvirt"), "198.18.9.254/24");
     // The deploy system fetches from the engine, which serves TLS on the host's end of a
     // link into the guests' bridge.
-    lv.link_host("198.18.9.253/24");
-    let uuid = "5a17e000-0f15-4000-8000-000000000002";
-    let serial = lv.define("bm-1", uuid, "52:54:00:18:09:02", 2);
-    let bmc = Emulator::libvirt(&root(), &dir.join("bmc"), &lv.uri, vec![uuid.to_string()]);
     std::fs::write(
         dir.join("mint.toml"),
         format!("[deploy]\niso = \"{}\"\n", deploy.display()),
     )
     .unwrap();
-    let d = Daemon::start(
-        &dir.join("data"),
+    let config = dir.join("mint.toml");
+    let lab = RedfishLab::start(
+        &dir,
+        "bm-1",
+        "5a17e000-0f15-4000-8000-000000000002",
+        "52:54:00:18:09:02",
+        true,
         &[
             "--listen",
             "198.18.9.253:0",
             "--tls-self-signed",
             "--config",
-            dir.join("mint.toml").to_str().unwrap(),
+            config.to_str().unwrap(),
         ],
-        &root(),
     );
-    d.mint(&[
-        "node",
-        "add",
-        "bm-1",
-        "--cpus",
-        "1",
-        "--memory-mib",
-        "1024",
-        "--property",
-        &format!("bmc-url={}", bmc.system_url(0)),
-    ]);
-    let image = d.mint(&[
-        "image",
-        "import",
-        master.to_str().unwrap(),
-        "--name",
-        "debian-disk",
-    ]);
-    let spec = serde_json::json!({
-        "name": "metal", "image": image["digest"], "max-instances": 3, "subnet": "198.18.9.0/24",
-        "reserved": ["198.18.9.250-198.18.9.254"], "hostname": "metal-{index}", "customizers": [{"plugin": "hostname"}],
-        "driver": {"plugin": "redfish"}, "deploy-timeout-secs": 900,
-    });
-    std::fs::write(dir.join("metal.json"), spec.to_string()).unwrap();
-    d.mint(&[
-        "tier",
-        "create",
-        "-f",
-        dir.join("metal.json").to_str().unwrap(),
-    ]);
+    let image = lab.tier(&master, "metal");
 
     let asked = Instant::now();
-    d.mint(&["tier", "scale", "metal", "1"]);
+    lab.daemon.mint(&["tier", "scale", "metal", "1"]);
     let deployed = asked.elapsed();
-    let inst = d.mint(&["instance", "list", "metal"])[0].clone();
-    let address = inst["address"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(420);
-    let answer = loop {
-        if let Some(a) = crate::testbed::get(&format!("http://{address}/")) {
-            break a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{address} did not answer within 420 s; libvirt says {}; the console ends:\n{}",
-            lv.state("bm-1"),
-            std::fs::read_to_string(&serial)
-                .unwrap_or_default()
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    assert_eq!(answer.trim(), "metal-0");
-    let events = d.mint(&["events"]);
+    let address = lab.daemon.mint(&["instance", "list", "metal"])[0]["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        lab.wait_answer(&address, Duration::from_secs(420)).trim(),
+        "metal-0"
+    );
+    let events = lab.daemon.mint(&["events"]);
     let written = events
         .as_array()
         .unwrap()
@@ -538,7 +425,7 @@ fn redfish_writes_a_disk_master_through_the_deploy_iso_and_the_server_boots_it_f
         written["detail"]["fetch-write-ms"],
         written["detail"]["sync-ms"]
     );
-    let console = std::fs::read_to_string(&serial).unwrap();
+    let console = std::fs::read_to_string(&lab.serial).unwrap();
     assert!(
         console.contains("mint deploy system: configuration on /dev/fd0"),
         "the deploy system read its configuration from the floppy"
@@ -548,8 +435,8 @@ fn redfish_writes_a_disk_master_through_the_deploy_iso_and_the_server_boots_it_f
         "the seed came from the virtual floppy"
     );
     // libvirt's view: running from its disk, no CD, the seed on the floppy.
-    assert_eq!(lv.state("bm-1"), "running");
-    let xml = lv.xml("bm-1");
+    assert_eq!(lab.lv.state("bm-1"), "running");
+    let xml = lab.lv.xml("bm-1");
     let first_boot = xml
         .split("<disk ")
         .find(|d| d.contains("<boot order='1'/>"))
@@ -558,29 +445,18 @@ fn redfish_writes_a_disk_master_through_the_deploy_iso_and_the_server_boots_it_f
         first_boot.contains("device='disk'") && first_boot.contains("dev='vda'"),
         "boots from its disk: {xml}"
     );
-    let cd_inserted = xml
-        .split("<disk ")
-        .filter(|d| d.contains("device='cdrom'") && d.contains("<source"))
-        .count();
-    assert_eq!(cd_inserted, 0, "the deploy ISO was ejected: {xml}");
+    assert_eq!(
+        (lab.inserted("cdrom").len(), lab.inserted("floppy").len()),
+        (0, 1),
+        "the deploy ISO ejected, the seed in"
+    );
     // The master the engine keeps is unchanged.
-    let stored = d.data.join("images").join(format!(
-        "{}.raw",
-        image["digest"]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("sha256:")
-    ));
-    assert_eq!(sha256_file(&stored), image["digest"].as_str().unwrap());
-
-    d.mint(&["tier", "scale", "metal", "0"]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lv.state("bm-1") != "shut off" {
-        assert!(
-            Instant::now() < deadline,
-            "bm-1 is still {}",
-            lv.state("bm-1")
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let digest = image["digest"].as_str().unwrap();
+    let stored = lab
+        .daemon
+        .data
+        .join("images")
+        .join(format!("{}.raw", digest.trim_start_matches("sha256:")));
+    assert_eq!(sha256_file(&stored), digest);
+    lab.scale_in("metal");
 }

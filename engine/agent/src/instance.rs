@@ -343,7 +343,8 @@ fn absolute(base: &str, url: &str) -> String {
     format!("{origin}{url}")
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+/// Runs `ip ARGS` (iproute2); the error says what it printed.
+pub(crate) fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -8,6 +8,7 @@
 //! beside it: the VM outlives an agent restart, and the restarted agent finds it again by
 //! its pid (checked against its command line, so a recycled pid is never taken for it).
 
+use crate::instance::ip;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -63,22 +64,6 @@ pub fn mac_for(tier: &str, index: u32) -> String {
     }
     let [_, a, b, c] = h.to_be_bytes();
     format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// Makes sure the tap exists, is up, and (with --vm-bridge) is on the bridge.

@@ -56,8 +56,10 @@ fn until_pooled(bed: &TestBed, tier: &str, address: &str) {
     );
 }
 
-fn tier(bed: &TestBed, digest: &str, name: &str, k: u32) -> String {
-    let spec = json!({"name": name, "image": digest, "max-instances": k, "subnet": "198.18.0.0/16", "reserved": ["198.18.0.0-198.18.2.0"],
+/// Creates tier `name` on `198.18.{net}.0/24`, whose gateway is the bed's bridge; the first
+/// instance's address.
+fn tier(bed: &TestBed, digest: &str, name: &str, k: u32, net: u8) -> String {
+    let spec = json!({"name": name, "image": digest, "max-instances": k, "subnet": format!("198.18.{net}.0/24"), "gateway": format!("198.18.{net}.1"),
         "hostname": format!("{name}-{{index}}"), "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "agent"}, "deploy-timeout-secs": 600});
     let file = bed.dir.join(format!("{name}.json"));
     std::fs::write(&file, spec.to_string()).unwrap();
@@ -91,7 +93,10 @@ fn agents(repo: &std::path::Path, master: &std::path::Path) {
         .as_str()
         .unwrap()
         .to_string();
-    let pool_address = tier(&bed, &digest, "pool", 8);
+    // Each tier has its own subnet, routed through the bed's bridge.
+    bed.add_bridge_address("198.18.3.1/24");
+    bed.add_bridge_address("198.18.4.1/24");
+    let pool_address = tier(&bed, &digest, "pool", 8, 3);
 
     // The node's first deploy of the master also fetches it (1 GB) into its cache: apart.
     let t0 = Instant::now();
@@ -110,7 +115,7 @@ fn agents(repo: &std::path::Path, master: &std::path::Path) {
 
         let name = format!("od{round}");
         let t0 = Instant::now();
-        let address = tier(&bed, &digest, &name, 1);
+        let address = tier(&bed, &digest, &name, 1, 4);
         bed.mint(&["tier", "scale", &name, "1"]);
         on_demand.push(until_answer(&address, t0));
         bed.mint(&["tier", "scale", &name, "0"]);
@@ -142,53 +147,29 @@ fn agents(repo: &std::path::Path, master: &std::path::Path) {
 }
 
 /// One disk deployment through the deploy ISO, split.
-fn deploy_iso(repo: &std::path::Path, master: &std::path::Path) {
+fn deploy_iso(master: &std::path::Path) {
     let iso = real_os::deploy_iso();
     let dir = std::env::temp_dir().join(format!("mint-bench-deploy-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut lv = libvirt::Libvirt::start(&dir.join("libvirt"), "198.18.9.254/24");
-    lv.link_host("198.18.9.253/24");
-    let uuid = "5a17e000-0f15-4000-8000-0000000000b1";
-    lv.define("bench-1", uuid, "52:54:00:18:09:b1", 2);
-    let emulator = bmc::Emulator::libvirt(repo, &dir.join("bmc"), &lv.uri, vec![uuid.to_string()]);
-    std::fs::write(
-        dir.join("mint.toml"),
-        format!("[deploy]\niso = \"{}\"\n", iso.display()),
-    )
-    .unwrap();
-    let d = running::Daemon::start(
-        &dir.join("data"),
+    let config = dir.join("mint.toml");
+    std::fs::write(&config, format!("[deploy]\niso = \"{}\"\n", iso.display())).unwrap();
+    let lab = libvirt::RedfishLab::start(
+        &dir,
+        "bench-1",
+        "5a17e000-0f15-4000-8000-0000000000b1",
+        "52:54:00:18:09:b1",
+        true,
         &[
             "--listen",
             "198.18.9.253:0",
             "--tls-self-signed",
             "--config",
-            dir.join("mint.toml").to_str().unwrap(),
+            config.to_str().unwrap(),
         ],
-        repo,
     );
-    d.mint(&[
-        "node",
-        "add",
-        "bench-1",
-        "--cpus",
-        "1",
-        "--memory-mib",
-        "1024",
-        "--property",
-        &format!("bmc-url={}", emulator.system_url(0)),
-    ]);
-    let image = d.mint(&["image", "import", master.to_str().unwrap()]);
-    let spec = json!({"name": "metal", "image": image["digest"], "max-instances": 2, "subnet": "198.18.9.0/24", "reserved": ["198.18.9.250-198.18.9.254"],
-        "hostname": "metal-{index}", "customizers": [{"plugin": "hostname"}], "driver": {"plugin": "redfish"}, "deploy-timeout-secs": 900});
-    std::fs::write(dir.join("metal.json"), spec.to_string()).unwrap();
-    d.mint(&[
-        "tier",
-        "create",
-        "-f",
-        dir.join("metal.json").to_str().unwrap(),
-    ]);
+    lab.tier(master, "metal");
+    let d = &lab.daemon;
     let address = d.mint(&["instance", "list", "metal"])[0]["address"]
         .as_str()
         .unwrap()
@@ -196,7 +177,8 @@ fn deploy_iso(repo: &std::path::Path, master: &std::path::Path) {
     let asked = SystemTime::now();
     let t0 = Instant::now();
     d.mint(&["tier", "scale", "metal", "1"]);
-    let total = until_answer(&address, t0);
+    lab.wait_answer(&address, Duration::from_secs(600));
+    let total = t0.elapsed();
     let events = d.mint(&["events"]);
     let written = events
         .as_array()
@@ -235,9 +217,8 @@ fn deploy_iso(repo: &std::path::Path, master: &std::path::Path) {
         secs(reported),
         secs(total.saturating_sub(reported))
     );
-    d.mint(&["tier", "scale", "metal", "0"]);
-    drop(emulator);
-    drop(lv);
+    lab.scale_in("metal");
+    drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -252,5 +233,5 @@ fn main() {
         .unwrap();
     let master = real_os::debian_master();
     agents(&repo, &master);
-    deploy_iso(&repo, &master);
+    deploy_iso(&master);
 }
