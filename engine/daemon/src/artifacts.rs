@@ -217,13 +217,9 @@ pub async fn cap_describe(
     State(app): State<Shared>,
     Path((tier, index, token)): Path<(String, u32, String)>,
 ) -> Result<Response, ApiError> {
-    if app
-        .engine
-        .capability_instance(&tier, index, &token)
-        .is_none()
-    {
+    let Some(inst) = app.engine.capability_instance(&tier, index, &token) else {
         return Err(no_capability());
-    }
+    };
     let mut artifact = {
         let _files = app.image_files.read().await;
         crate::off_async_threads(|| app.engine.artifact(&tier, index))?
@@ -249,9 +245,7 @@ pub async fn cap_describe(
             "iso": format!("{cap}/deploy-iso"), "iso-digest": digest, "iso-size": size,
             "config": format!("{cap}/deploy-config"), "report": format!("{cap}/written"),
         });
-        if let Some(inst) = app.engine.capability_instance(&tier, index, &token)
-            && let Some(w) = app.delivery.written(&tier, index, inst.deployment)
-        {
+        if let Some(w) = app.delivery.written(&tier, index, inst.deployment) {
             v["written"] = w;
         }
     }

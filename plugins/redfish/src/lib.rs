@@ -277,6 +277,28 @@ fn images(d: &Deployment) -> Result<(String, String), Error> {
     Ok((format!("{base}/master"), format!("{base}/seed")))
 }
 
+/// The answer for a system whose media are another instance's (or none).
+fn not_this_instance(media: &Media) -> StatusReport {
+    let holds = media
+        .seed
+        .image
+        .as_deref()
+        .or(media.boot.image.as_deref())
+        .unwrap_or("no media");
+    StatusReport::new(
+        InstanceState::Absent,
+        format!("the system holds {holds}, not this instance"),
+    )
+}
+
+/// The answer for a system its BMC reports in Critical health.
+fn critical(power: &str) -> StatusReport {
+    StatusReport::new(
+        InstanceState::Failed,
+        format!("the BMC reports the system's health Critical (power {power})"),
+    )
+}
+
 /// The instance's state from the system's resource and its media.
 fn report(
     system: &Value,
@@ -292,22 +314,10 @@ fn report(
     let power = system["PowerState"].as_str().unwrap_or("unknown");
     let health = system["Status"]["Health"].as_str().unwrap_or("OK");
     if !ours {
-        let holds = media
-            .seed
-            .image
-            .as_deref()
-            .or(media.boot.image.as_deref())
-            .unwrap_or("no media");
-        return StatusReport::new(
-            InstanceState::Absent,
-            format!("the system holds {holds}, not this instance"),
-        );
+        return not_this_instance(media);
     }
     if health == "Critical" {
-        return StatusReport::new(
-            InstanceState::Failed,
-            format!("the BMC reports the system's health Critical (power {power})"),
-        );
+        return critical(power);
     }
     match power {
         "On" => StatusReport::new(
@@ -494,22 +504,10 @@ fn disk_status(
         ));
     }
     if !(holds(&media.seed, &plan.seed) && !media.boot.inserted) {
-        let holds = media
-            .seed
-            .image
-            .as_deref()
-            .or(media.boot.image.as_deref())
-            .unwrap_or("no media");
-        return Ok(StatusReport::new(
-            InstanceState::Absent,
-            format!("the system holds {holds}, not this instance"),
-        ));
+        return Ok(not_this_instance(media));
     }
     if health == "Critical" {
-        return Ok(StatusReport::new(
-            InstanceState::Failed,
-            format!("the BMC reports the system's health Critical (power {power})"),
-        ));
+        return Ok(critical(power));
     }
     Ok(match power {
         "On" => StatusReport::new(
