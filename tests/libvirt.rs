@@ -175,6 +175,19 @@ impl Libvirt {
     /// raw disk of `disk_gib` on virtio, an empty CD on IDE, an empty floppy, a virtio NIC
     /// with `mac` on the bridge and its serial console in a file. Returns the console's path.
     pub fn define(&mut self, name: &str, uuid: &str, mac: &str, disk_gib: u64) -> PathBuf {
+        self.define_with(name, uuid, mac, disk_gib, 1024)
+    }
+
+    /// As [`Libvirt::define`], with `memory_mib` of memory (a network-booted instance
+    /// runs from memory).
+    pub fn define_with(
+        &mut self,
+        name: &str,
+        uuid: &str,
+        mac: &str,
+        disk_gib: u64,
+        memory_mib: u64,
+    ) -> PathBuf {
         let disk = self.dir.join(format!("{name}.raw"));
         let f = std::fs::File::create(&disk).unwrap();
         f.set_len(disk_gib << 30).unwrap();
@@ -182,7 +195,7 @@ impl Libvirt {
         let xml = format!(
             "<domain type='qemu'>
   <name>{name}</name><uuid>{uuid}</uuid>
-  <memory unit='MiB'>1024</memory><vcpu>1</vcpu>
+  <memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot>

@@ -10,6 +10,7 @@ mod engine;
 mod images;
 mod libvirt;
 mod model;
+mod netboot;
 mod nodes;
 mod packages;
 mod plugin_host;

@@ -43,6 +43,69 @@ fn wait_for_nodes(bed: &TestBed, n: usize) {
     );
 }
 
+/// Checks that the service of instance `hostname` runs confined: its `/` is the
+/// instance's root (the test master's few directories, none of the node's), its host name
+/// is the instance's, and its mount and UTS namespaces are not the node's.
+fn confined(hostname: &str) {
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("hello")
+                && String::from_utf8_lossy(&env)
+                    .split('\0')
+                    .any(|v| v == format!("MINT_HOSTNAME={hostname}"))
+        })
+        .unwrap_or_else(|| panic!("no service process of {hostname}"));
+    let inside = |args: &[&str]| {
+        let o = Command::new("nsenter")
+            .arg("-t")
+            .arg(pid.to_string())
+            .args(args)
+            .output()
+            .expect("nsenter");
+        assert!(
+            o.status.success(),
+            "nsenter {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // The kernel's view of the service's `/`: the instance's root, none of the node's.
+    let root = std::fs::read_dir(format!("/proc/{pid}/root")).unwrap();
+    let mut names: Vec<String> = root
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "work" || n == "root" || n == "var"),
+        "the service sees the node's files: {names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n == "etc") && names.iter().any(|n| n == "usr"),
+        "{names:?}"
+    );
+    let uts = inside(&["-u", "hostname"]);
+    assert_eq!(uts.trim(), hostname, "the service's host name");
+    for ns in ["mnt", "uts", "pid"] {
+        assert_ne!(
+            std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap(),
+            std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(),
+            "the service shares the node's {ns} namespace"
+        );
+    }
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}/root/work")).exists(),
+        "the node's /work is visible to the service"
+    );
+}
+
 #[test]
 fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
     let bed = bed("nodes-deploy", 6, &[]);
@@ -92,6 +155,7 @@ fn instances_deployed_by_agents_answer_at_their_pre_assigned_addresses() {
             format!("{} {address}\n", i["hostname"].as_str().unwrap()),
             "the instance answers with its own identity"
         );
+        confined(i["hostname"].as_str().unwrap());
     }
 
     // The service of one instance dies on a healthy node: the health check sees it, the

@@ -2,7 +2,8 @@
 //! master (Debian 12 with systemd, cloud-init and a service answering HTTP with the host
 //! name, built from Debian's packages by `tests/os/build-debian-master.sh` as a raw disk and
 //! a hybrid live ISO, cached under `target/mint-os/` keyed by the script's hash), mint's
-//! deploy ISO (`cargo xtask deploy-iso`), and whether QEMU can run here.
+//! deploy ISO (`cargo xtask deploy-iso`), its boot stage (`cargo xtask boot-stage`), and
+//! whether QEMU can run here.
 #![allow(dead_code)]
 
 use sha2::Digest as _;
@@ -31,14 +32,23 @@ pub fn debian_master_iso() -> PathBuf {
     debian_master_build().join("master.iso")
 }
 
-/// The directory of the real test master's build (`disk.raw`, `master.iso`), built when
+/// The real test master as a tree (a tar of its root) for network boot, from the same
+/// build.
+pub fn debian_master_tree() -> PathBuf {
+    debian_master_build().join("root.tar")
+}
+
+/// The directory of the real test master's build (`disk.raw`, `master.iso`, `root.tar`), built when
 /// the script changed since the last build.
 fn debian_master_build() -> PathBuf {
     let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let script = root().join("tests/os/build-debian-master.sh");
     let hash = hex::encode(sha2::Sha256::digest(std::fs::read(&script).unwrap()));
     let dir = root().join("target/mint-os").join(&hash[..16]);
-    if dir.join("disk.raw").is_file() && dir.join("master.iso").is_file() {
+    if ["disk.raw", "master.iso", "root.tar"]
+        .iter()
+        .all(|f| dir.join(f).is_file())
+    {
         return dir;
     }
     let staging = root()
@@ -80,25 +90,36 @@ pub fn qemu_missing() -> Option<String> {
 /// mint's deploy ISO, built by `cargo xtask deploy-iso` when it is missing or older than
 /// the `mint-agent` it carries.
 pub fn deploy_iso() -> PathBuf {
+    built_by_xtask("deploy-iso", "deploy.iso")
+}
+
+/// mint's boot stage (`cargo xtask boot-stage`), rebuilt when `mint-agent` is newer.
+pub fn boot_stage() -> PathBuf {
+    built_by_xtask("boot-stage", "boot-stage.cpio")
+}
+
+/// What `cargo xtask TASK --out target/mint-deploy/FILE` builds, rebuilt when it is older
+/// than the `mint-agent` it holds.
+fn built_by_xtask(task: &str, file: &str) -> PathBuf {
     let _one = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    let iso = root().join("target/mint-deploy/deploy.iso");
+    let out = root().join("target/mint-deploy").join(file);
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    if modified(&iso).is_none()
-        || modified(&iso) < modified(Path::new(env!("CARGO_BIN_EXE_mint-agent")))
+    if modified(&out).is_none()
+        || modified(&out) < modified(Path::new(env!("CARGO_BIN_EXE_mint-agent")))
     {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let o = Command::new(cargo)
-            .args(["xtask", "deploy-iso", "--out"])
-            .arg(&iso)
+            .args(["xtask", task, "--out"])
+            .arg(&out)
             .current_dir(root())
             .output()
-            .expect("run cargo xtask deploy-iso");
+            .unwrap_or_else(|e| panic!("run cargo xtask {task}: {e}"));
         assert!(
             o.status.success(),
-            "cargo xtask deploy-iso: {}",
+            "cargo xtask {task}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
         eprintln!("{}", String::from_utf8_lossy(&o.stdout).trim());
     }
-    iso
+    out
 }

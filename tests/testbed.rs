@@ -563,6 +563,28 @@ pub fn master(dir: &Path) -> PathBuf {
         m.join("usr/bin/mint-agent"),
     )
     .unwrap();
+    // The service runs with the instance's root as `/`: the program's libraries and its
+    // loader are the root's own.
+    let ldd = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_mint-agent"))
+        .output()
+        .expect("ldd");
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split("=>")
+                .nth(1)
+                .unwrap_or(l)
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/'))
+                .map(str::to_string)
+        })
+    {
+        let to = m.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&lib, &to).unwrap();
+    }
     m
 }
 

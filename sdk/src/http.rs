@@ -137,6 +137,11 @@ impl Request {
     pub fn url(&self) -> &str {
         &self.url
     }
+    /// The request's body (empty when it has none), for tests that check what a driver
+    /// sends.
+    pub fn body_bytes(&self) -> &[u8] {
+        self.body.as_deref().unwrap_or_default()
+    }
 
     /// Sends the request and reads the whole answer.
     pub fn send(self) -> Result<Response, HttpError> {

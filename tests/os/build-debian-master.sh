@@ -6,7 +6,10 @@
 # is done. Written twice, without loop devices or mounts:
 #   disk.raw    a partitioned raw disk: MBR, a FAT boot partition with syslinux, ext4 root;
 #   master.iso  a hybrid ISO (isolinux; boots as a CD and as a disk): the same root as a
-#               squashfs that live-boot mounts under a RAM overlay.
+#               squashfs that live-boot mounts under a RAM overlay;
+#   root.tar    the same root as a tree master, for network boot: it runs from memory
+#               (no root device in fstab), its identity from its layer rather than from
+#               cloud-init (disabled), its address from systemd-networkd.
 #
 #   tests/os/build-debian-master.sh OUT_DIR
 #
@@ -130,3 +133,16 @@ xorriso -as mkisofs -quiet -iso-level 3 -volid MINT_LIVE \
   -isohybrid-mbr /usr/lib/ISOLINUX/isohdpfx.bin -c isolinux/boot.cat -b isolinux/isolinux.bin \
   -no-emul-boot -boot-load-size 4 -boot-info-table -o "$work/master.iso" "$iso"
 mv "$work/master.iso" "$out/master.iso"
+
+# The tree master, changed after the disk and the ISO were written from the root.
+: > "$root/etc/fstab"
+touch "$root/etc/cloud/cloud-init.disabled"
+mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
+ln -sf /lib/systemd/system/systemd-networkd.service "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
+ln -sf /etc/systemd/system/mint-hello.service "$root/etc/systemd/system/multi-user.target.wants/mint-hello.service"
+# Nothing here waits for the network to be "online" (the address is static, from the
+# layer); the service starts once networkd has started.
+ln -sf /dev/null "$root/etc/systemd/system/systemd-networkd-wait-online.service"
+sed -i 's/^After=cloud-final.service$/After=systemd-networkd.service/; /^Wants=cloud-final.service$/d' "$root/etc/systemd/system/mint-hello.service"
+tar --numeric-owner -C "$root" -cf "$work/root.tar" .
+mv "$work/root.tar" "$out/root.tar"

@@ -101,7 +101,7 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 }
 
 /// Downloads (once, kept in `debs`) and unpacks Debian package `package` into `into`.
-fn unpack(package: &str, debs: &Path, into: &Path) -> Result<(), String> {
+pub(crate) fn unpack(package: &str, debs: &Path, into: &Path) -> Result<(), String> {
     let have = |debs: &Path| -> Option<PathBuf> {
         std::fs::read_dir(debs)
             .ok()?
@@ -131,77 +131,8 @@ fn unpack(package: &str, debs: &Path, into: &Path) -> Result<(), String> {
     run(Command::new(sbin("dpkg-deb")).arg("-x").arg(&deb).arg(into)).map(|_| ())
 }
 
-/// The module name of a `modules.dep` path (`kernel/fs/fat/vfat.ko.xz` -> `vfat`).
-fn module_name(path: &str) -> String {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    file.split(".ko").next().unwrap_or(file).replace('-', "_")
-}
-
-/// The paths (relative to the modules directory) of `wanted` and everything they need.
-fn module_closure(modules_dep: &str, wanted: &[&str]) -> Vec<String> {
-    let deps: std::collections::HashMap<String, (String, Vec<String>)> = modules_dep
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(m, d)| {
-            (
-                module_name(m),
-                (
-                    m.to_string(),
-                    d.split_whitespace().map(str::to_string).collect(),
-                ),
-            )
-        })
-        .collect();
-    let by_path: std::collections::HashMap<&str, &str> = deps
-        .values()
-        .map(|(p, _)| (p.as_str(), p.as_str()))
-        .collect();
-    let mut out = std::collections::BTreeSet::new();
-    for w in wanted {
-        // A driver built into the kernel has no module; nothing to copy.
-        let Some((path, needs)) = deps.get(&w.replace('-', "_")) else {
-            continue;
-        };
-        out.insert(path.clone());
-        for n in needs {
-            if by_path.contains_key(n.as_str()) {
-                out.insert(n.clone());
-            }
-        }
-    }
-    out.into_iter().collect()
-}
-
-/// Appends one `newc` cpio entry.
-fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], ino: u32) {
-    let header = format!(
-        "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-        0,
-        0,
-        1,
-        0,
-        data.len(),
-        0,
-        0,
-        0,
-        0,
-        name.len() + 1,
-        0
-    );
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
-    out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
-}
-
 /// The initramfs of the tree `root`, as an uncompressed `newc` archive.
-fn cpio(root: &Path) -> Result<Vec<u8>, String> {
+pub(crate) fn cpio(root: &Path) -> Result<Vec<u8>, String> {
     use std::os::unix::fs::PermissionsExt;
     let mut paths = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -218,35 +149,21 @@ fn cpio(root: &Path) -> Result<Vec<u8>, String> {
         }
     }
     paths.sort();
-    let mut out = Vec::new();
-    for (i, p) in paths.iter().enumerate() {
+    let mut out = mint_initramfs::Newc::new();
+    for p in &paths {
         let name = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
         let meta = std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        let ino = i as u32 + 1;
         if meta.file_type().is_symlink() {
             let target = std::fs::read_link(p).map_err(|e| e.to_string())?;
-            cpio_entry(
-                &mut out,
-                &name,
-                0o120777,
-                target.to_string_lossy().as_bytes(),
-                ino,
-            );
+            out.symlink(&name, &target.to_string_lossy());
         } else if meta.is_dir() {
-            cpio_entry(&mut out, &name, 0o040755, &[], ino);
+            out.dir(&name);
         } else {
             let data = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            cpio_entry(
-                &mut out,
-                &name,
-                0o100000 | (meta.permissions().mode() & 0o7777),
-                &data,
-                ino,
-            );
+            out.file(&name, meta.permissions().mode(), &data);
         }
     }
-    cpio_entry(&mut out, "TRAILER!!!", 0, &[], 0);
-    Ok(out)
+    Ok(out.finish())
 }
 
 /// Copies `file` to the same path under `root`, creating its directories.
@@ -274,9 +191,15 @@ fn libraries(binary: &Path) -> Result<Vec<PathBuf>, String> {
         .collect())
 }
 
-/// Builds the deploy ISO at `out`.
-pub fn build(out: &Path) -> Result<(), String> {
-    let started = std::time::Instant::now();
+/// What both initramfs builders start from: `mint-agent` built, the package cache
+/// (`target/mint-deploy/debs`) and an empty work directory `target/mint-deploy/{work}`.
+pub(crate) struct Start {
+    pub agent: PathBuf,
+    pub debs: PathBuf,
+    pub work: PathBuf,
+}
+
+pub(crate) fn start(work: &str) -> Result<Start, String> {
     crate::run(crate::cargo().args([
         "build",
         "--release",
@@ -290,12 +213,50 @@ pub fn build(out: &Path) -> Result<(), String> {
         .map_err(|e| format!("target/release/mint-agent: {e}"))?;
     let base = Path::new("target/mint-deploy");
     let debs = base.join("debs");
-    let work = base.join("work");
+    let work = base.join(work);
     let _ = std::fs::remove_dir_all(&work);
     for d in [&debs, &work] {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     let debs = debs.canonicalize().map_err(|e| e.to_string())?;
+    Ok(Start { agent, debs, work })
+}
+
+/// Puts busybox (from `broot`, unpacked busybox-static) with `applets`, `agent` with its
+/// libraries, the directories `dirs` and the executable `/init` into the initramfs tree
+/// `root`.
+pub(crate) fn userland(
+    root: &Path,
+    broot: &Path,
+    agent: &Path,
+    applets: &[&str],
+    dirs: &[&str],
+    init: &str,
+) -> Result<(), String> {
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+    std::fs::copy(broot.join("bin/busybox"), bin.join("busybox"))
+        .map_err(|e| format!("busybox: {e}"))?;
+    for a in applets {
+        std::os::unix::fs::symlink("busybox", bin.join(a)).map_err(|e| e.to_string())?;
+    }
+    std::fs::copy(agent, bin.join("mint-agent")).map_err(|e| e.to_string())?;
+    for lib in libraries(agent)? {
+        copy_into(root, &lib)?;
+    }
+    for d in dirs {
+        std::fs::create_dir_all(root.join(d)).map_err(|e| e.to_string())?;
+    }
+    std::fs::write(root.join("init"), init).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| e.to_string())
+}
+
+/// Builds the deploy ISO at `out`.
+pub fn build(out: &Path) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let Start { agent, debs, work } = start("work")?;
     let depends =
         run(Command::new("apt-cache").args(["depends", "--no-recommends", "linux-image-amd64"]))?;
     let kernel_package = depends
@@ -325,7 +286,7 @@ pub fn build(out: &Path) -> Result<(), String> {
     let modules = kroot.join("lib/modules").join(&version);
     let dep = std::fs::read_to_string(modules.join("modules.dep"))
         .map_err(|e| format!("modules.dep: {e}"))?;
-    let wanted = module_closure(&dep, MODULES);
+    let wanted = mint_initramfs::module_closure(&dep, MODULES);
     let into = root.join("lib/modules").join(&version);
     for m in &wanted {
         let to = into.join(m);
@@ -345,28 +306,16 @@ pub fn build(out: &Path) -> Result<(), String> {
         .arg("-b")
         .arg(&root)
         .arg(&version))?;
-    let bin = root.join("bin");
-    std::fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
-    std::fs::copy(broot.join("bin/busybox"), bin.join("busybox"))
-        .map_err(|e| format!("busybox: {e}"))?;
-    for a in APPLETS {
-        std::os::unix::fs::symlink("busybox", bin.join(a)).map_err(|e| e.to_string())?;
-    }
-    std::fs::copy(&agent, bin.join("mint-agent")).map_err(|e| e.to_string())?;
-    for lib in libraries(&agent)? {
-        copy_into(&root, &lib)?;
-    }
-    for d in ["proc", "sys", "dev", "cfg", "etc", "tmp"] {
-        std::fs::create_dir_all(root.join(d)).map_err(|e| e.to_string())?;
-    }
+    userland(
+        &root,
+        &broot,
+        &agent,
+        APPLETS,
+        &["proc", "sys", "dev", "cfg", "etc", "tmp"],
+        INIT,
+    )?;
     std::fs::write(root.join("etc/mint-modules"), MODULES.join("\n") + "\n")
         .map_err(|e| e.to_string())?;
-    std::fs::write(root.join("init"), INIT).map_err(|e| e.to_string())?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| e.to_string())?;
-    }
     std::fs::create_dir_all(iso.join("isolinux")).map_err(|e| e.to_string())?;
     for (from, to) in [
         ("/usr/lib/ISOLINUX/isolinux.bin", "isolinux/isolinux.bin"),
@@ -439,24 +388,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn modules_come_with_what_they_need_and_built_in_drivers_are_skipped() {
-        let dep = "kernel/fs/fat/vfat.ko.xz: kernel/fs/fat/fat.ko.xz\nkernel/fs/fat/fat.ko.xz:\nkernel/drivers/block/virtio_blk.ko:\n";
-        assert_eq!(
-            module_closure(dep, &["vfat", "virtio-blk", "ext4"]),
-            [
-                "kernel/drivers/block/virtio_blk.ko",
-                "kernel/fs/fat/fat.ko.xz",
-                "kernel/fs/fat/vfat.ko.xz"
-            ]
-        );
-    }
-
-    #[test]
-    fn cpio_entries_are_aligned_newc() {
-        let mut out = Vec::new();
-        cpio_entry(&mut out, "init", 0o100755, b"#!/bin/sh\n", 1);
-        assert!(out.starts_with(b"070701"));
-        assert_eq!(out.len() % 4, 0);
-        assert_eq!(&out[110..115], b"init\0");
+    fn an_initramfs_holds_the_tree_with_its_links_and_modes() {
+        let dir = std::env::temp_dir().join(format!("mint-cpio-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("init"), "#!/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink("busybox", dir.join("bin/sh")).unwrap();
+        let out = cpio(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = String::from_utf8_lossy(&out);
+        for name in ["bin\0", "bin/sh\0", "init\0", "TRAILER!!!\0"] {
+            assert!(text.contains(name), "{name:?} missing");
+        }
+        assert!(text.contains("busybox"));
     }
 }

@@ -1,8 +1,11 @@
 //! Project tasks, run as `cargo xtask <task>`: `setup` installs what a fresh clone needs,
 //! `daemon` runs mint's main job (the daemon on its embedded store), `demo` shows the
 //! bundled plugins at work, `test` runs every test, `bench` runs the benchmarks,
-//! `deploy-iso` builds the deploy ISO BMCs boot to write disk masters (`deploy_iso.rs`).
+//! `deploy-iso` builds the deploy ISO BMCs boot to write disk masters (`deploy_iso.rs`),
+//! `boot-stage` the initramfs network-booted nodes become their instances with
+//! (`boot_stage.rs`).
 
+mod boot_stage;
 mod deploy_iso;
 
 use std::process::{Command, ExitCode};
@@ -60,7 +63,8 @@ fn cargo() -> Command {
 /// cloud-init (its own parsers read mint's NoCloud seeds), mtools (reads the seeds' FAT
 /// volumes without mint's code), minisign, nginx (the HTTP cache the delivery tests put in
 /// front of the engine), and what builds and boots the real test master (mmdebstrap,
-/// syslinux, dosfstools, fdisk, QEMU).
+/// syslinux, dosfstools, fdisk, QEMU), and what network boots test (dnsmasq's DHCP, QEMU's
+/// iPXE ROMs) and confines agent instances (crun).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("cloud-init", "/usr/bin/cloud-init"),
     ("mtools", "/usr/bin/mcopy"),
@@ -89,6 +93,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "python3-libvirt",
         "/usr/lib/python3/dist-packages/libvirt.py",
     ),
+    ("dnsmasq-base", "/usr/sbin/dnsmasq"),
+    ("ipxe-qemu", "/usr/lib/ipxe/qemu/efi-virtio.rom"),
+    ("crun", "/usr/bin/crun"),
 ];
 
 /// Installs the [`DEBIAN_PACKAGES`] that are missing. The packages' services are kept from
@@ -461,8 +468,13 @@ fn main() -> ExitCode {
             [flag, out] if flag == "--out" => deploy_iso::build(std::path::Path::new(out)),
             _ => Err("usage: cargo xtask deploy-iso [--out FILE]".to_string()),
         },
+        Some("boot-stage") => match &args[1..] {
+            [] => boot_stage::build(std::path::Path::new("target/mint-deploy/boot-stage.cpio")),
+            [flag, out] if flag == "--out" => boot_stage::build(std::path::Path::new(out)),
+            _ => Err("usage: cargo xtask boot-stage [--out FILE]".to_string()),
+        },
         _ => Err(
-            "usage: cargo xtask <setup | daemon | demo | test | bench | soak [CYCLES] | deploy-iso [--out FILE]>".to_string(),
+            "usage: cargo xtask <setup | daemon | demo | test | bench | soak [CYCLES] | deploy-iso [--out FILE] | boot-stage [--out FILE]>".to_string(),
         ),
     };
     match result {

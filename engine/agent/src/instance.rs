@@ -668,7 +668,7 @@ fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<Deploye
             ));
         }
     }
-    let service = start_service(&root, req, &desc.address)?;
+    let service = start_service(agent, &root, req, &desc.address, generation)?;
     Ok(Deployed {
         address: (desc.address.clone(), desc.prefix_len),
         service,
@@ -679,37 +679,51 @@ fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<Deploye
 }
 
 /// Starts the command in the root's `/etc/mint/service`, if there is one: a program path
-/// inside the root and its arguments, with the identity in the environment.
-fn start_service(root: &Path, req: &DeployRequest, address: &str) -> Result<Option<Child>, String> {
+/// inside the root and its arguments, with the identity in the environment, confined
+/// under the OCI runtime with the root as `/` and the instance's host name.
+fn start_service(
+    agent: &Agent,
+    root: &Path,
+    req: &DeployRequest,
+    address: &str,
+    generation: u64,
+) -> Result<Option<Child>, String> {
     let Ok(line) = std::fs::read_to_string(root.join("etc/mint/service")) else {
         return Ok(None);
     };
-    let mut words = line.split_whitespace();
-    let Some(program) = words.next() else {
+    let args: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    let Some(program) = args.first() else {
         return Ok(None);
     };
-    let program = if program.starts_with('/') {
-        root.join(program.trim_start_matches('/'))
-    } else {
-        PathBuf::from(program)
-    };
-    let mut child = Command::new(&program)
-        .args(words)
-        .current_dir(root)
-        .env("MINT_ROOT", root)
-        .env("MINT_ADDRESS", address)
-        .env("MINT_HOSTNAME", &req.hostname)
-        .env("MINT_TIER", &req.tier)
-        .env("MINT_INDEX", req.index.to_string())
-        .spawn()
-        .map_err(|e| format!("cannot start the service {}: {e}", program.display()))?;
-    // A service that cannot start usually says so at once.
-    std::thread::sleep(Duration::from_millis(200));
-    if let Ok(Some(exit)) = child.try_wait() {
+    if !program.starts_with('/') {
         return Err(format!(
-            "the service {} exited at once: {exit}",
-            program.display()
+            "the service `{program}` in /etc/mint/service is not an absolute path inside the instance's root"
         ));
+    }
+    let env = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        "MINT_ROOT=/".into(),
+        format!("MINT_ADDRESS={address}"),
+        format!("MINT_HOSTNAME={}", req.hostname),
+        format!("MINT_TIER={}", req.tier),
+        format!("MINT_INDEX={}", req.index),
+    ];
+    let dir = instance_dir(agent, &req.tier, req.index, generation);
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle)
+        .map_err(|e| format!("cannot create {}: {e}", bundle.display()))?;
+    let config = crate::confine::config(root, &args, &env, &req.hostname);
+    std::fs::write(bundle.join("config.json"), config.to_string())
+        .map_err(|e| format!("cannot write {}/config.json: {e}", bundle.display()))?;
+    let id = crate::confine::container_id(&req.tier, req.index, generation);
+    let state = crate::confine::state_dir(&agent.args.root);
+    // A container left by an agent that died is this deployment's no longer.
+    crate::confine::delete(&agent.args.oci_runtime, &state, &id);
+    let mut child = crate::confine::start(&agent.args.oci_runtime, &state, &bundle, &id)?;
+    // A service that cannot start usually says so at once.
+    std::thread::sleep(Duration::from_millis(300));
+    if let Ok(Some(exit)) = child.try_wait() {
+        return Err(format!("the service {program} exited at once: {exit}"));
     }
     Ok(Some(child))
 }
@@ -727,6 +741,12 @@ fn undo(
     if let Some((pid, dir)) = vm {
         crate::vm::stop(pid, &dir);
     }
+    // The confined service (which an agent restarted since knows by its container only).
+    crate::confine::delete(
+        &agent.args.oci_runtime,
+        &crate::confine::state_dir(&agent.args.root),
+        &crate::confine::container_id(&req.tier, req.index, generation),
+    );
     if let Some(mut child) = service {
         // SAFETY: kill with a pid this process spawned and has not reaped.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };

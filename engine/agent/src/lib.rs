@@ -8,7 +8,9 @@
 //!
 //! The `mint-agent` binary (in the `mint` package, beside `mint`) is [`main`].
 
+mod boot;
 mod cache;
+mod confine;
 mod instance;
 mod vm;
 mod write_disk;
@@ -41,6 +43,9 @@ enum Command {
     /// The deploy system's job (on mint's deploy ISO): write the deployment's raw master to
     /// this machine's disk, report to the engine, power off.
     WriteDisk(write_disk::WriteArgs),
+    /// The boot stage's job (on mint's boot stage initramfs): the instance's address up,
+    /// its parts fetched, checked and unpacked into `--root`, the boot reported.
+    Boot(boot::BootArgs),
     /// The test service: answer HTTP on $MINT_ADDRESS with the instance's identity.
     Hello {
         #[arg(long, default_value_t = 80)]
@@ -83,6 +88,10 @@ pub struct RunArgs {
     /// Read the load (0-1000) from this file instead of /proc/loadavg.
     #[arg(long)]
     load_file: Option<PathBuf>,
+    /// The OCI runtime tree instances' services run confined under (their root as `/`,
+    /// their own mount, UTS, PID and IPC namespaces, the node's network).
+    #[arg(long, default_value = "crun")]
+    oci_runtime: PathBuf,
     /// Set the host name of the agent's UTS namespace to the instance's (run the agent in
     /// its own UTS namespace, as `unshare --uts`, when this is on).
     #[arg(long)]
@@ -552,6 +561,7 @@ pub fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Hello { port } => instance::hello(port),
         Command::WriteDisk(args) => write_disk::run(args),
+        Command::Boot(args) => boot::run(args),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -66,7 +66,7 @@ struct Outcome {
     sync_ms: u64,
 }
 
-fn uptime_ms() -> u64 {
+pub(crate) fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
         .ok()
         .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
@@ -74,7 +74,7 @@ fn uptime_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = std::process::Command::new("ip")
         .args(args)
         .output()
@@ -148,7 +148,7 @@ fn pick_target(need: u64) -> anyhow::Result<PathBuf> {
 }
 
 /// Resolves a URL the descriptor gives against the descriptor's own.
-fn absolute(base: &str, url: &str) -> String {
+pub(crate) fn absolute(base: &str, url: &str) -> String {
     if url.contains("://") {
         return url.into();
     }
@@ -159,7 +159,7 @@ fn absolute(base: &str, url: &str) -> String {
 
 /// GETs `url`, retrying for up to two minutes while the network comes up or the engine
 /// cannot be reached.
-fn get(http: &ureq::Agent, url: &str) -> anyhow::Result<ureq::Response> {
+pub(crate) fn get(http: &ureq::Agent, url: &str) -> anyhow::Result<ureq::Response> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match http.get(url).timeout(Duration::from_secs(600)).call() {
@@ -235,6 +235,43 @@ fn write(http: &ureq::Agent, config: &DeployConfig, outcome: &mut Outcome) -> an
     Ok(())
 }
 
+/// POSTs `outcome` to `url`, trying `attempts` times a second apart; whether it arrived.
+pub(crate) fn report(
+    http: &ureq::Agent,
+    url: &str,
+    outcome: &impl serde::Serialize,
+    attempts: u32,
+) -> bool {
+    for _ in 0..attempts {
+        match http
+            .post(url)
+            .timeout(Duration::from_secs(10))
+            .send_json(outcome)
+        {
+            Ok(_) => return true,
+            Err(e) => eprintln!("mint-agent: reporting to the engine: {e}; retrying"),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    false
+}
+
+/// A client for the engine at `url`, trusting its certificate by `pin` when it is
+/// https://. The deploy system and the boot stage have no CA: the engine hands them its pin.
+pub(crate) fn pinned_client(pin: Option<&str>, url: &str) -> anyhow::Result<ureq::Agent> {
+    let trust = mint_tls::Trust::from_flags(None, pin, url).context("the engine's pin")?;
+    Ok(match trust {
+        Some(t) => ureq::AgentBuilder::new()
+            .tls_config(
+                mint_tls::ClientTrust::new(&t)
+                    .context("the engine's pin")?
+                    .config(),
+            )
+            .build(),
+        None => ureq::AgentBuilder::new().build(),
+    })
+}
+
 /// `mint-agent write-disk`.
 pub fn run(args: WriteArgs) -> anyhow::Result<()> {
     let mut outcome = Outcome {
@@ -245,18 +282,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.config.display()))?;
     let config: DeployConfig = serde_json::from_slice(&text)
         .with_context(|| format!("{} is not a deploy configuration", args.config.display()))?;
-    let trust = mint_tls::Trust::from_flags(None, config.pin.as_deref(), &config.descriptor)
-        .context("the configuration's pin")?;
-    let http = match trust {
-        Some(t) => ureq::AgentBuilder::new()
-            .tls_config(
-                mint_tls::ClientTrust::new(&t)
-                    .context("the configuration's pin")?
-                    .config(),
-            )
-            .build(),
-        None => ureq::AgentBuilder::new().build(),
-    };
+    let http = pinned_client(config.pin.as_deref(), &config.descriptor)?;
     let interface = match &args.interface {
         Some(i) => i.clone(),
         None => first_ethernet()?,
@@ -282,21 +308,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
     }
     outcome.ok = result.is_ok();
     eprintln!("mint-agent: {outcome:?}");
-    let mut reported = false;
-    for _ in 0..30 {
-        match http
-            .post(&config.report)
-            .timeout(Duration::from_secs(10))
-            .send_json(&outcome)
-        {
-            Ok(_) => {
-                reported = true;
-                break;
-            }
-            Err(e) => eprintln!("mint-agent: reporting to the engine: {e}; retrying"),
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    let reported = report(&http, &config.report, &outcome, 30);
     if !args.no_poweroff {
         // SAFETY: sync takes no arguments; reboot with a documented command, as root.
         unsafe {

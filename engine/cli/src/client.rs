@@ -389,6 +389,16 @@ fn url(conn: &Conn, path: &str) -> String {
 }
 
 /// Sends a request and returns the JSON answer, mapping failures to exit codes.
+/// The daemon's refusal of a request, in the words of its `{"error": ...}` body.
+fn refusal(code: u16, r: ureq::Response) -> Failure {
+    let v: Value = r.into_json().unwrap_or(Value::Null);
+    let msg = v["error"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("HTTP {code}"));
+    Failure::call(anyhow!("{msg}"))
+}
+
 fn call(conn: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
     let req = conn
         .request(method, path)?
@@ -401,14 +411,7 @@ fn call(conn: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<Va
         Ok(r) => r
             .into_json()
             .map_err(|e| Failure::call(anyhow!("the daemon's answer is not JSON: {e}"))),
-        Err(ureq::Error::Status(code, r)) => {
-            let v: Value = r.into_json().unwrap_or(Value::Null);
-            let msg = v["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!("HTTP {code}"));
-            Err(Failure::call(anyhow!("{msg}")))
-        }
+        Err(ureq::Error::Status(code, r)) => Err(refusal(code, r)),
         Err(e @ ureq::Error::Transport(_)) => call_failure(conn, e),
     }
 }
@@ -428,16 +431,7 @@ fn call_with_progress(conn: &Conn, path: &str, body: Value) -> Result<Value, Fai
     let resp = match resp {
         Ok(r) => r,
         // Refused before the work started (a malformed body): an ordinary JSON error.
-        Err(ureq::Error::Status(code, r)) => {
-            let v: Value = r.into_json().unwrap_or(Value::Null);
-            return Err(Failure::call(anyhow!(
-                "{}",
-                v["error"]
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("HTTP {code}"))
-            )));
-        }
+        Err(ureq::Error::Status(code, r)) => return Err(refusal(code, r)),
         Err(e @ ureq::Error::Transport(_)) => return call_failure(conn, e),
     };
     let mut bar = Bar::default();
@@ -1037,6 +1031,27 @@ pub fn events(conn: &Conn, tier: Option<String>, after: Option<u64>) -> Result<(
     Ok(())
 }
 
+/// `mint netboot dnsmasq-config [--interface IF]`: the dnsmasq configuration that serves
+/// the engine's network boot, as the daemon renders it from its tiers and bindings.
+pub fn dnsmasq_config(conn: &Conn, interface: Option<String>) -> Result<(), Failure> {
+    let resp = conn
+        .request("GET", "/v1/netboot/dnsmasq")?
+        .timeout(std::time::Duration::from_secs(60))
+        .call();
+    let text = match resp {
+        Ok(r) => r
+            .into_string()
+            .map_err(|e| Failure::call(anyhow!("reading the daemon's answer: {e}")))?,
+        Err(ureq::Error::Status(code, r)) => return Err(refusal(code, r)),
+        Err(e @ ureq::Error::Transport(_)) => return call_failure(conn, e),
+    };
+    if let Some(i) = interface {
+        println!("interface={i}");
+    }
+    print!("{text}");
+    Ok(())
+}
+
 /// `mint apply -f FILE`: creates the nodes (`[[node]]`) and tiers (`[[tier]]`) a TOML or
 /// JSON file declares and that do not exist yet. A declared tier or node that exists is
 /// left as it is; applying the same file twice changes nothing.
@@ -1211,16 +1226,7 @@ pub fn plugin(conn: &Conn, req: PluginRequest) -> Result<(), Failure> {
                 Ok(r) => r
                     .into_json()
                     .map_err(|e| Failure::call(anyhow!("the daemon's answer is not JSON: {e}")))?,
-                Err(ureq::Error::Status(code, r)) => {
-                    let v: Value = r.into_json().unwrap_or(Value::Null);
-                    return Err(Failure::call(anyhow!(
-                        "{}",
-                        v["error"]
-                            .as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| format!("HTTP {code}"))
-                    )));
-                }
+                Err(ureq::Error::Status(code, r)) => return Err(refusal(code, r)),
                 Err(e @ ureq::Error::Transport(_)) => return call_failure(conn, e),
             };
             print(conn, &v, |v| {

@@ -107,6 +107,9 @@ enum Command {
         #[arg(long, short)]
         file: std::path::PathBuf,
     },
+    /// Network boot.
+    #[command(subcommand)]
+    Netboot(NetbootCommand),
     /// The event log: every decision with its reasons.
     Events {
         /// Only this tier's events.
@@ -115,6 +118,17 @@ enum Command {
         /// Only events after this sequence number.
         #[arg(long)]
         after: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetbootCommand {
+    /// Print a dnsmasq configuration for the boot network: DHCP only, a static range per
+    /// tier subnet, iPXE chained to the daemon's boot listener, the nodes' static leases.
+    DnsmasqConfig {
+        /// The boot network's interface, written as `interface=` (dnsmasq answers only there).
+        #[arg(long)]
+        interface: Option<String>,
     },
 }
 
@@ -258,6 +272,9 @@ fn main() -> ExitCode {
                 cmd: InstanceCommand::Materialize { tier, index, into },
             } => blocking(move || client::materialize(&cli.conn, &tier, index, &into)).await,
             Command::Apply { file } => blocking(move || client::apply(&cli.conn, &file)).await,
+            Command::Netboot(NetbootCommand::DnsmasqConfig { interface }) => {
+                blocking(move || client::dnsmasq_config(&cli.conn, interface)).await
+            }
             Command::Events { tier, after } => {
                 blocking(move || client::events(&cli.conn, tier, after)).await
             }

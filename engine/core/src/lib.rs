@@ -11,6 +11,7 @@
 pub mod capability;
 mod gc;
 pub mod images;
+pub mod netboot;
 mod overlay;
 pub mod reconcile;
 mod registry;
@@ -727,6 +728,73 @@ impl Engine {
             .ok()?;
         let inst = self.instance(tier, index).ok()?;
         (inst.deployment == deployment && inst.state.holds_node()).then_some(inst)
+    }
+}
+
+/// What a network-booting node boots: found by its MAC, the instance bound to it.
+#[derive(Debug, Clone)]
+pub struct NetbootTarget {
+    /// The node whose `mac` property holds the MAC.
+    pub node: String,
+    /// The instance bound to it, deploying or deployed, of a tree master.
+    pub instance: Instance,
+    /// A capability for the instance's current deployment, valid as long as asked.
+    pub token: String,
+    /// The master, by digest.
+    pub master: String,
+    /// Where the master's canonical tar is.
+    pub master_tar: std::path::PathBuf,
+    /// The subnet's prefix length, which the boot stage brings the address up with.
+    pub prefix_len: u8,
+    /// The subnet's default gateway, if any.
+    pub gateway: Option<std::net::IpAddr>,
+}
+
+/// Whether a node property `mac` (one MAC or several, comma-separated) names `mac`.
+pub fn node_has_mac(n: &Node, mac: &str) -> bool {
+    n.properties
+        .get("mac")
+        .is_some_and(|v| v.split(',').any(|m| m.trim().eq_ignore_ascii_case(mac)))
+}
+
+impl Engine {
+    /// The instance the node with NIC `mac` boots, with a capability valid `ttl_secs`
+    /// from now. `None` when no node has that MAC, its node holds no instance that is
+    /// being deployed or runs, or the instance's master is not a tree: one answer for all.
+    pub fn netboot_target(&self, mac: &str, ttl_secs: u64) -> Option<NetbootTarget> {
+        let node = self
+            .store
+            .nodes()
+            .ok()?
+            .into_iter()
+            .find(|n| node_has_mac(n, mac))?;
+        let id = node.instance.clone()?;
+        let inst = self.instance(&id.tier, id.index).ok()?;
+        let deployed = matches!(
+            inst.state,
+            InstanceState::Deploying | InstanceState::Deployed
+        );
+        if !deployed || inst.node.as_deref() != Some(node.name.as_str()) || inst.disk.is_some() {
+            return None;
+        }
+        let t = self.store.tier(&id.tier).ok()?;
+        let image = self.store.image(&t.image).ok()?;
+        if !image.is_tree() {
+            return None;
+        }
+        let expires = now_ms() / 1000 + ttl_secs;
+        let token = self
+            .capabilities
+            .token(&id.tier, id.index, inst.deployment, expires);
+        Some(NetbootTarget {
+            node: node.name,
+            token,
+            master_tar: self.images.tar(&t.image),
+            master: t.image.clone(),
+            prefix_len: t.plan.subnet.prefix_len(),
+            gateway: t.plan.gateway,
+            instance: inst,
+        })
     }
 }
 

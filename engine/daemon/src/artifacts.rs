@@ -204,7 +204,7 @@ pub async fn access(
 
 /// The answer to a capability that admits nothing (forged, expired, or for a deployment
 /// that has ended): one answer for every reason.
-fn no_capability() -> ApiError {
+pub(crate) fn no_capability() -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
         "no artifact at this capability URL (it may have expired, or its deployment ended)".into(),
@@ -249,6 +249,12 @@ pub async fn cap_describe(
             v["written"] = w;
         }
     }
+    // A network-booted tree instance: what its boot stage reported.
+    if artifact.format == "tree"
+        && let Some(b) = app.delivery.written(&tier, index, inst.deployment)
+    {
+        v["booted"] = b;
+    }
     ok(v)
 }
 
@@ -280,9 +286,10 @@ fn deploy_config(app: &Shared, tier: &str, index: u32, token: &str) -> Result<Ve
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-/// `POST /v1/cap/{tier}/{index}/{token}/written`: the deploy system's report (the disk
-/// written and checked, or why not), kept for the deployment's descriptor, where the
-/// driver reads it, and noted as an event.
+/// `POST /v1/cap/{tier}/{index}/{token}/written` (the deploy system's report: the disk
+/// written and checked, or why not) and `.../booted` (the boot stage's: the instance
+/// fetched, checked and unpacked, or why not): kept for the deployment's descriptor, where
+/// a driver reads it, and noted as an event.
 pub async fn cap_written(
     State(app): State<Shared>,
     Path((tier, index, token, role)): Path<(String, u32, String, String)>,
@@ -291,14 +298,18 @@ pub async fn cap_written(
     let Some(inst) = app
         .engine
         .capability_instance(&tier, index, &token)
-        .filter(|_| role == "written")
+        .filter(|i| match role.as_str() {
+            "written" => i.disk.is_some(),
+            "booted" => i.disk.is_none(),
+            _ => false,
+        })
     else {
         return Err(no_capability());
     };
     if body.len() > 16 << 10 {
         return Err(ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "a deploy report is at most 16 KiB".into(),
+            "a report is at most 16 KiB".into(),
         ));
     }
     let report: serde_json::Value = serde_json::from_slice(&body)
@@ -307,35 +318,50 @@ pub async fn cap_written(
         .ok_or_else(|| {
             ApiError(
                 StatusCode::BAD_REQUEST,
-                "field `ok`: a deploy report is a JSON object with `ok` true or false".into(),
+                "field `ok`: a report is a JSON object with `ok` true or false".into(),
             )
         })?;
     let ok_ = report["ok"] == true;
-    let what = if ok_ {
-        format!(
-            "the deploy system wrote {}/{index}'s master to {} ({} bytes; fetched and written in {} ms)",
-            tier,
-            report["target"].as_str().unwrap_or("the disk"),
-            report["bytes"],
-            report["fetch-write-ms"]
-        )
-    } else {
-        format!(
-            "the deploy system could not write {tier}/{index}'s disk: {}",
-            report["error"].as_str().unwrap_or("no reason given")
-        )
+    let why = || {
+        report["error"]
+            .as_str()
+            .unwrap_or("no reason given")
+            .to_string()
+    };
+    let (kind, what) = match (role.as_str(), ok_) {
+        ("written", true) => (
+            "disk-written",
+            format!(
+                "the deploy system wrote {tier}/{index}'s master to {} ({} bytes; fetched and written in {} ms)",
+                report["target"].as_str().unwrap_or("the disk"),
+                report["bytes"],
+                report["fetch-write-ms"]
+            ),
+        ),
+        ("written", false) => (
+            "disk-write-failed",
+            format!(
+                "the deploy system could not write {tier}/{index}'s disk: {}",
+                why()
+            ),
+        ),
+        (_, true) => (
+            "instance-booted",
+            format!(
+                "the boot stage unpacked {tier}/{index} ({} bytes fetched and checked in {} ms, {} ms after power-on) and switches into it",
+                report["bytes"], report["fetch-unpack-ms"], report["booted-ms"]
+            ),
+        ),
+        (_, false) => (
+            "boot-failed",
+            format!("the boot stage could not boot {tier}/{index}: {}", why()),
+        ),
     };
     tracing::info!("{what}");
-    let _ = app.engine.store.note(
-        if ok_ {
-            "disk-written"
-        } else {
-            "disk-write-failed"
-        },
-        what,
-        report.clone(),
-        mint_model::records::ENGINE,
-    );
+    let _ = app
+        .engine
+        .store
+        .note(kind, what, report.clone(), mint_model::records::ENGINE);
     app.delivery
         .set_written(&tier, index, inst.deployment, report);
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -397,6 +423,10 @@ pub async fn cap_part(
         .is_none()
     {
         return no_capability().into_response();
+    }
+    if role == "kernel" || role == "modules" {
+        return crate::netboot::cap_boot_file(State(app), method, Path((tier, index, token, role)))
+            .await;
     }
     if role == "deploy-config" {
         return match deploy_config(&app, &tier, index, &token) {

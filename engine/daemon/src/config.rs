@@ -34,6 +34,15 @@
 //! [deploy]
 //! iso = "deploy.iso"                # `cargo xtask deploy-iso`; BMCs boot it to write disk masters
 //!
+//! [netboot]                         # network boot (docs/netboot.md); absent: off
+//! listen = "198.18.0.1:8081"        # plain HTTP for firmware: boot scripts, boot stage, kernels
+//! stage = "boot-stage.cpio"         # `cargo xtask boot-stage`
+//! cmdline = "console=ttyS0,115200"  # added to every node's kernel command line
+//! # modules = ["virtio_net", "ixgbe"] # NIC drivers loaded from the master (default: common NICs)
+//! # dnsmasq-hosts = "/var/lib/mint/dnsmasq.hosts"  # static leases the engine keeps current
+//! # dnsmasq-pid-file = "/run/dnsmasq.pid"          # sent SIGHUP when they change
+//! # check-source = true             # a script only to the instance's own address
+//!
 //! [[endpoint]]                      # how BMCs' certificates are trusted
 //! endpoint = "https://10.1.0.17"    # or node = "rack1-n03"; neither: every endpoint
 //! tls = { pin = "sha256:..." }      # or { ca = "bmc-ca.pem" }, "system" (the default), "insecure"
@@ -62,7 +71,24 @@ struct Raw {
     #[serde(default)]
     deploy: RawDeploy,
     #[serde(default)]
+    netboot: RawNetboot,
+    #[serde(default)]
     endpoint: Vec<RawEndpoint>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawNetboot {
+    listen: Option<String>,
+    url: Option<String>,
+    stage: Option<PathBuf>,
+    #[serde(default)]
+    cmdline: String,
+    #[serde(default)]
+    modules: Vec<String>,
+    dnsmasq_hosts: Option<PathBuf>,
+    dnsmasq_pid_file: Option<PathBuf>,
+    check_source: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -200,6 +226,8 @@ pub struct Config {
     /// The deploy ISO BMCs boot to write a disk master onto a server's disk (checked to be
     /// a bootable ISO); none: disk masters cannot be deployed through BMCs.
     pub deploy_iso: Option<PathBuf>,
+    /// `[netboot]`.
+    pub netboot: crate::netboot::Settings,
 }
 
 /// The default interval of blob scrubs.
@@ -305,6 +333,62 @@ impl Config {
                 Some(iso)
             }
         };
+        let place = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let n = raw.netboot;
+        let listen = n
+            .listen
+            .map(|l| {
+                l.parse::<std::net::SocketAddr>().map_err(|_| {
+                    at(format!(
+                        "netboot.listen: `{l}` is not ADDRESS:PORT; write e.g. \"198.18.0.1:8081\" (the engine's address on the boot network)"
+                    ))
+                })
+            })
+            .transpose()?;
+        if listen.is_some() && n.stage.is_none() {
+            return Err(at(
+                "netboot.stage: network boot needs the boot stage; build it with `cargo xtask boot-stage` and give its path".into(),
+            ));
+        }
+        if let Some(u) = &n.url
+            && !u.starts_with("http://")
+        {
+            return Err(at(format!(
+                "netboot.url: `{u}` must be an http:// URL (firmware fetches boot scripts without TLS)"
+            )));
+        }
+        if let Some(m) = n.modules.iter().find(|m| {
+            m.is_empty()
+                || !m
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        }) {
+            return Err(at(format!(
+                "netboot.modules: `{m}` is not a module name (letters, digits, _ and -)"
+            )));
+        }
+        if n.cmdline.contains('\n') {
+            return Err(at("netboot.cmdline: one line of kernel parameters".into()));
+        }
+        let stage = n.stage.map(place);
+        if let Some(st) = &stage
+            && !st.is_file()
+        {
+            return Err(at(format!(
+                "netboot.stage: {} is not a file; build it with `cargo xtask boot-stage`",
+                st.display()
+            )));
+        }
+        let netboot = crate::netboot::Settings {
+            listen,
+            url: n.url.map(|u| u.trim_end_matches('/').to_string()),
+            stage,
+            cmdline: n.cmdline,
+            modules: n.modules,
+            hosts_file: n.dnsmasq_hosts.map(place),
+            pid_file: n.dnsmasq_pid_file.map(place),
+            check_source: n.check_source.unwrap_or(true),
+        };
         let mut endpoint_tls = mint_plugins::TlsPolicies::default();
         for (i, e) in raw.endpoint.into_iter().enumerate() {
             let at = format!("{}: endpoint #{}", path.display(), i + 1);
@@ -355,6 +439,7 @@ impl Config {
             scrub,
             blob_base,
             deploy_iso,
+            netboot,
         })
     }
 }
@@ -362,7 +447,15 @@ impl Config {
 impl Config {
     /// Puts the configuration into effect: trust and grants for plugins loaded from now on,
     /// credentials and concurrency for calls that start from now on.
-    pub(crate) fn apply(self, engine: &mint_core::Engine, delivery: &crate::delivery::Delivery) {
+    pub(crate) fn apply(
+        self,
+        engine: &mint_core::Engine,
+        delivery: &crate::delivery::Delivery,
+        netboot: &crate::netboot::Netboot,
+    ) {
+        if let Err(e) = netboot.set(self.netboot.clone()) {
+            tracing::error!("{e}; network boot serves no boot stage until it is fixed");
+        }
         tracing::info!(
             trusted = ?self.plugins.trust.describe(),
             credentials = ?self.credentials.summary(),
@@ -450,7 +543,7 @@ pub(crate) fn reload_on_hangup(
                     *app.materialize_root
                         .write()
                         .unwrap_or_else(|p| p.into_inner()) = c.materialize_root.clone();
-                    c.apply(&app.engine, &app.delivery);
+                    c.apply(&app.engine, &app.delivery, &app.netboot);
                     let _ = app.engine.store.note(
                         "configuration-reloaded",
                         format!("configuration reloaded from {}", path.display()),

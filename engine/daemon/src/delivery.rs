@@ -46,7 +46,8 @@ pub struct Delivery {
     deploy_iso: Mutex<Option<(String, u64)>>,
     /// The pin of the certificate the engine serves, which deploy systems trust.
     engine_pin: Mutex<Option<String>>,
-    /// What deploy systems reported, by deployment (tier, index, deployment number).
+    /// What deploy systems and boot stages reported, by deployment (tier, index, deployment
+    /// number).
     written: Mutex<BTreeMap<(String, u32, u64), serde_json::Value>>,
 }
 

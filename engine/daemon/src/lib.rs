@@ -14,6 +14,7 @@ mod confine;
 mod delivery;
 mod identities;
 mod liveness;
+mod netboot;
 mod plugins;
 mod reconciler;
 mod tls;
@@ -68,6 +69,8 @@ struct App {
     unauthenticated: bool,
     /// Blob transfers: their bound, pace, checks and counts.
     delivery: delivery::Delivery,
+    /// Network boot: scripts, boot files, leases.
+    netboot: netboot::Netboot,
 }
 
 /// How many long operations may run at once; more are answered 429.
@@ -702,7 +705,8 @@ fn router(app: Shared) -> Router {
         .route(
             "/v1/cap/{tier}/{index}/{token}/blob/{digest}/access",
             get(artifacts::cap_blob_access),
-        );
+        )
+        .merge(netboot::boot_routes());
     let authenticated = Router::new()
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/gc", post(gc))
@@ -720,6 +724,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/state", post(set_node_state))
         .route("/v1/events", get(events))
+        .route("/v1/netboot/dnsmasq", get(netboot::dnsmasq))
         .route("/v1/agents/register", post(identities::register))
         .route("/v1/nodes/{name}/heartbeat", post(liveness::heartbeat))
         .route(
@@ -771,9 +776,10 @@ fn router(app: Shared) -> Router {
 }
 
 /// The tick: nodes silent too long are declared failed, and every tier is queued.
-fn tick(app: &App) {
+fn tick(app: &Shared) {
     liveness::fail_silent_nodes(app);
     reconciler::queue_all(app);
+    netboot::keep_hosts_current(app);
 }
 
 /// How the daemon serves.
@@ -863,7 +869,8 @@ pub async fn serve(
             .map_err(|e| format!("materialize.root: cannot create {}: {e}", root.display()))?;
     }
     let delivery = delivery::Delivery::default();
-    config.apply(&engine, &delivery);
+    let netboot = netboot::Netboot::default();
+    config.apply(&engine, &delivery, &netboot);
     engine
         .plugins
         .preload_bundled()
@@ -907,6 +914,7 @@ pub async fn serve(
         long_operations: Arc::new(tokio::sync::Semaphore::new(MAX_LONG_OPERATIONS)),
         unauthenticated,
         delivery,
+        netboot,
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let pin = cert.as_ref().map(|c| c.pin());
@@ -924,6 +932,27 @@ pub async fn serve(
             }
         }
     });
+    // The boot listener: plain HTTP for firmware, serving only the boot routes.
+    let booting = match app.netboot.listen() {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| format!("netboot.listen: cannot listen on {at}: {e}"))?;
+            app.netboot
+                .set_url(l.local_addr().map_err(|e| e.to_string())?);
+            let mut stop = stop_rx.clone();
+            let service =
+                netboot::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(l, service)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await;
+            }))
+        }
+        None => None,
+    };
     let looping = app.clone();
     let ticker = tokio::spawn(async move {
         tick(&looping);
@@ -955,6 +984,9 @@ pub async fn serve(
     // (each commits in one transaction or not at all, and the next daemon polls them).
     let _ = ticker.await;
     scrubber.abort();
+    if let Some(b) = booting {
+        b.abort();
+    }
     for w in workers {
         let _ = w.await;
     }

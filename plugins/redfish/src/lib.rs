@@ -263,17 +263,11 @@ fn redfish_message(r: &Response) -> Option<String> {
 fn images(d: &Deployment) -> Result<(String, String), Error> {
     if d.artifact.format != "iso" && d.artifact.format != "disk" {
         return Err(Error::invalid_input(format!(
-            "tier `{}` runs a `{}` master; the redfish driver boots ISO images from virtual media and writes raw disks through mint's deploy ISO: import a bootable ISO or a raw disk for this tier",
+            "tier `{}` runs a `{}` master; the redfish driver boots ISO images from virtual media, writes raw disks through mint's deploy ISO and boots tree masters over the network",
             d.tier, d.artifact.format
         )));
     }
-    if !d.artifact.url.contains("://") {
-        return Err(Error::invalid_input(format!(
-            "artifact URL `{}` is relative; start the daemon with --advertise-url so BMCs can fetch from it",
-            d.artifact.url
-        )));
-    }
-    let base = d.artifact.url.trim_end_matches('/');
+    let base = artifact_url(d)?;
     Ok((format!("{base}/master"), format!("{base}/seed")))
 }
 
@@ -556,8 +550,89 @@ fn deploy_disk(node: &Node, d: &Deployment, config: &Config) -> Result<StatusRep
     ))
 }
 
+/// A tree instance boots over the network: the engine's iPXE script for the node's MAC
+/// boots mint's boot stage, which fetches the instance into memory. The BMC only powers
+/// the system on with a one-time boot from the network.
+fn deploy_netboot(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
+    artifact_url(d)?;
+    let bmc = Bmc::of(node, config)?;
+    let system = bmc.system()?;
+    let now = netboot_report(&system, &descriptor(d)?, false);
+    if now.state == InstanceState::Running {
+        return Ok(now);
+    }
+    bmc.send(
+        Method::Patch,
+        &bmc.system,
+        Some(&json!({ "Boot": { "BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once" } })),
+    )?;
+    let on = system["PowerState"].as_str() == Some("On");
+    bmc.reset(if on { "ForceRestart" } else { "On" })?;
+    Ok(StatusReport::new(
+        InstanceState::Deploying,
+        "network boot requested: the system boots the engine's iPXE script for its MAC",
+    ))
+}
+
+/// A network-booted instance's state: the system's power and health, and what the boot
+/// stage reported for this deployment (in the descriptor, under the deployment's
+/// capability, so a report is always about this deployment).
+fn netboot_report(system: &Value, desc: &Value, health_check: bool) -> StatusReport {
+    let power = system["PowerState"].as_str().unwrap_or("unknown");
+    let health = system["Status"]["Health"].as_str().unwrap_or("OK");
+    let booted = &desc["booted"];
+    if booted["ok"] == false {
+        return StatusReport::new(
+            InstanceState::Failed,
+            format!(
+                "the boot stage failed: {}",
+                booted["error"].as_str().unwrap_or("no reason given")
+            ),
+        );
+    }
+    if health == "Critical" {
+        return critical(power);
+    }
+    match (power, booted["ok"] == true) {
+        ("On", true) => StatusReport::new(
+            InstanceState::Running,
+            format!("power On, health {health}, booted over the network"),
+        ),
+        ("On" | "PoweringOn", false) => StatusReport::new(
+            InstanceState::Deploying,
+            format!("power {power}; the boot stage has not reported yet"),
+        ),
+        (other, _) if boot_pending(system) => StatusReport::new(
+            InstanceState::Deploying,
+            format!("powered {other}; the one-time network boot is still pending"),
+        ),
+        (other, true) if health_check => StatusReport::new(
+            InstanceState::Failed,
+            format!("the system is powered {other} after it booted this instance"),
+        ),
+        (other, _) => StatusReport::new(
+            InstanceState::Deploying,
+            format!("powered {other}; waiting for the power-on the deployment asked for"),
+        ),
+    }
+}
+
+/// The deployment's artifact URL, which must be absolute for nodes to reach it.
+fn artifact_url(d: &Deployment) -> Result<&str, Error> {
+    if !d.artifact.url.contains("://") {
+        return Err(Error::invalid_input(format!(
+            "artifact URL `{}` is relative; start the daemon with --advertise-url so BMCs can fetch from it",
+            d.artifact.url
+        )));
+    }
+    Ok(d.artifact.url.trim_end_matches('/'))
+}
+
 impl Driver for Redfish {
     fn deploy(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
+        if d.artifact.format == "tree" {
+            return deploy_netboot(node, d, config);
+        }
         if d.artifact.format == "disk" {
             images(d)?;
             return deploy_disk(node, d, config);
@@ -605,11 +680,15 @@ impl Driver for Redfish {
         }
     }
 
-    fn undeploy(node: &Node, _d: &Deployment, config: &Config) -> Result<(), Error> {
+    fn undeploy(node: &Node, d: &Deployment, config: &Config) -> Result<(), Error> {
         let bmc = Bmc::of(node, config)?;
         let system = bmc.system()?;
         if system["PowerState"].as_str() != Some("Off") {
             bmc.reset("ForceOff")?;
+        }
+        // A network-booted instance holds no media.
+        if d.artifact.format == "tree" {
+            return Ok(());
         }
         let media = bmc.media(&system)?;
         bmc.eject(&media.boot)?;
@@ -617,6 +696,12 @@ impl Driver for Redfish {
     }
 
     fn status(node: &Node, d: &Deployment, config: &Config) -> Result<StatusReport, Error> {
+        if d.artifact.format == "tree" {
+            artifact_url(d)?;
+            let desc = descriptor(d)?;
+            let system = Bmc::of(node, config)?.system()?;
+            return Ok(netboot_report(&system, &desc, checking_health()));
+        }
         let (boot, seed) = images(d)?;
         if d.artifact.format == "disk" {
             let desc = descriptor(d)?;
@@ -890,13 +975,72 @@ mod tests {
     }
 
     #[test]
-    fn tree_and_disk_tiers_are_refused_before_the_bmc_is_asked() {
-        let e = with_http(
-            |r| panic!("no request expected, got {}", r.url()),
+    fn a_tree_instance_boots_over_the_network_and_runs_once_its_boot_stage_reports() {
+        let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let log = seen.clone();
+        let r = with_http(
+            move |req| {
+                let url = req.url().to_string();
+                log.borrow_mut().push(format!(
+                    "{:?} {} {}",
+                    req.method(),
+                    url.trim_start_matches("http://127.0.0.1:9"),
+                    String::from_utf8_lossy(req.body_bytes())
+                ));
+                if url.ends_with("/v1/artifacts/web/2") {
+                    answer(200, r#"{"format":"tree","parts":[]}"#)
+                } else if url.ends_with("/Systems/s1") && req.method() == Method::Get {
+                    answer(200, r#"{"PowerState":"Off","Status":{"Health":"OK"}}"#)
+                } else {
+                    answer(204, "")
+                }
+            },
             || Redfish::deploy(&node(), &deployment("tree"), &Config::new()),
         )
-        .unwrap_err();
-        assert!(e.message.contains("ISO"), "{}", e.message);
+        .unwrap();
+        assert_eq!(r.state, InstanceState::Deploying, "{}", r.detail);
+        let seen = seen.borrow();
+        assert!(
+            seen[2].starts_with("Patch /redfish/v1/Systems/s1 ")
+                && seen[2].contains(r#""BootSourceOverrideTarget":"Pxe""#)
+                && seen[2].contains(r#""BootSourceOverrideEnabled":"Once""#),
+            "{seen:?}"
+        );
+        assert!(
+            seen[3].contains("ComputerSystem.Reset") && seen[3].contains(r#""ResetType":"On""#),
+            "{seen:?}"
+        );
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        let sys = |power: &str, enabled: &str| json!({"PowerState": power, "Status": {"Health": "OK"}, "Boot": {"BootSourceOverrideEnabled": enabled}});
+        let booted = json!({"booted": {"ok": true}});
+        let state = |s: Value, d: &Value, h: bool| netboot_report(&s, d, h).state;
+        assert_eq!(
+            state(sys("On", "Disabled"), &json!({}), false),
+            InstanceState::Deploying
+        );
+        assert_eq!(
+            state(sys("On", "Disabled"), &booted, true),
+            InstanceState::Running
+        );
+        assert_eq!(
+            state(sys("Off", "Once"), &json!({}), true),
+            InstanceState::Deploying
+        );
+        assert_eq!(
+            state(sys("Off", "Disabled"), &booted, true),
+            InstanceState::Failed
+        );
+        let failed = json!({"booted": {"ok": false, "error": "the layer arrived damaged"}});
+        let r = netboot_report(&sys("On", "Disabled"), &failed, false);
+        assert!(
+            r.state == InstanceState::Failed && r.detail.contains("the layer arrived damaged"),
+            "{}",
+            r.detail
+        );
+    }
+
+    #[test]
+    fn disk_tiers_are_refused_before_the_bmc_is_asked() {
         // A disk master: the descriptor is read, and without a deploy ISO nothing else is asked.
         let e = with_http(
             |r| {
