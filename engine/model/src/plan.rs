@@ -210,12 +210,16 @@ pub fn plan(v: View<'_>) -> Plan {
             .instances
             .iter()
             .filter(|i| i.state.can_deploy())
-            .filter(idle)
             .collect();
         waiting.sort_by_key(|i| (i.state != InstanceState::Failed, i.id.index));
+        // The places go to the instances first in line; one that a call still holds (a
+        // failed one whose failure was committed a moment ago) keeps its place for the next
+        // step rather than giving it to a pooled one, so a lost node's instance, with its
+        // identity, is the one that comes back.
         p.place = waiting
             .into_iter()
             .take((desired - active) as usize)
+            .filter(idle)
             .map(|i| i.id.index)
             .collect();
         return p;
@@ -360,6 +364,22 @@ mod tests {
         let p = plan(view(&t, &inst, &BTreeSet::new(), &BTreeMap::new(), 0));
         assert_eq!(p.place, vec![3, 0]);
         assert!(p.undeploy.is_empty() && p.roll.is_empty());
+    }
+
+    #[test]
+    fn a_failed_instance_a_call_still_holds_keeps_its_place_from_a_pooled_one() {
+        use InstanceState::*;
+        let t = tier(3, 2);
+        let inst = [
+            instance(0, Failed),
+            instance(1, Deployed),
+            instance(2, Pooled),
+        ];
+        let busy = BTreeSet::from([0]);
+        let p = plan(view(&t, &inst, &busy, &BTreeMap::new(), 0));
+        assert!(p.place.is_empty(), "{:?}", p.place);
+        let p = plan(view(&t, &inst, &BTreeSet::new(), &BTreeMap::new(), 0));
+        assert_eq!(p.place, vec![0]);
     }
 
     #[test]
