@@ -72,7 +72,7 @@ const CLAIMS: &[(&str, &str, &str, &str)] = &[
         "configuration_blocks_parse",
     ),
     (
-        "README.md",
+        "docs/netboot.md",
         "toml",
         "[netboot]",
         "configuration_blocks_parse",
@@ -645,7 +645,7 @@ fn configuration_blocks_parse() {
     // Network boot: refused while the boot stage is missing (naming how to build it),
     // taken once it is there.
     let netboot = block(
-        "README.md",
+        "docs/netboot.md",
         "toml",
         "[netboot]",
         "configuration_blocks_parse",
@@ -655,7 +655,7 @@ fn configuration_blocks_parse() {
         .to_string();
     assert!(
         e.contains("netboot.stage") && e.contains("cargo xtask boot-stage"),
-        "README.md:{}: {e}",
+        "docs/netboot.md:{}: {e}",
         netboot.line
     );
     std::fs::write(dir.join("boot-stage.cpio"), b"070701").unwrap();
@@ -664,11 +664,11 @@ fn configuration_blocks_parse() {
         dir.join("boot-stage.cpio").to_str().unwrap(),
     );
     let config = mint_daemon::config::Config::parse(Path::new("/etc/mint/mint.toml"), &text)
-        .unwrap_or_else(|e| panic!("README.md:{}: {e}", netboot.line));
+        .unwrap_or_else(|e| panic!("docs/netboot.md:{}: {e}", netboot.line));
     assert_eq!(
         config.netboot.listen,
         Some("198.18.0.1:8081".parse().unwrap()),
-        "README.md:{}",
+        "docs/netboot.md:{}",
         netboot.line
     );
     assert!(config.netboot.check_source);

@@ -1,6 +1,7 @@
 //! mint's integration tests: one binary, one module per area.
 
 mod auth;
+mod blob_cache;
 mod bmc;
 mod cli;
 mod crash;

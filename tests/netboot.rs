@@ -19,7 +19,7 @@ fn repo() -> PathBuf {
 }
 
 /// The boot listener's URL, from the `dhcp-boot` line of the rendered configuration.
-fn boot_url(dnsmasq_conf: &str) -> String {
+pub(crate) fn boot_url(dnsmasq_conf: &str) -> String {
     dnsmasq_conf
         .lines()
         .find_map(|l| l.strip_prefix("dhcp-boot=tag:ipxe,"))
@@ -28,7 +28,7 @@ fn boot_url(dnsmasq_conf: &str) -> String {
         .to_string()
 }
 
-fn get_text(url: &str) -> (u16, String) {
+pub(crate) fn get_text(url: &str) -> (u16, String) {
     match ureq::get(url).timeout(Duration::from_secs(30)).call() {
         Ok(r) => (r.status(), r.into_string().unwrap()),
         Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap_or_default()),
@@ -61,7 +61,7 @@ fn kernel_line(script: &str) -> (String, Vec<String>) {
 }
 
 /// The rendered dnsmasq configuration, with the test's own files.
-fn dnsmasq_conf(daemon: &Daemon, dir: &Path, interface: &str) -> PathBuf {
+pub(crate) fn dnsmasq_conf(daemon: &Daemon, dir: &Path, interface: &str) -> PathBuf {
     let out = daemon.run(&["netboot", "dnsmasq-config", "--interface", interface]);
     assert!(
         out.status.success(),
@@ -109,11 +109,13 @@ fn boot_scripts_name_the_bound_instances_kernel_and_descriptor_and_dnsmasq_reads
     .unwrap();
     std::fs::write(root.join("sbin/init"), b"#!/bin/sh\n").unwrap();
     std::fs::write(dir.join("stage.cpio"), b"070701 a boot stage").unwrap();
+    // A site CA, which the boot stage trusts instead of the engine's pin.
+    let ca = crate::testbed::TestCa::new(&dir);
     let hosts = dir.join("dnsmasq.hosts");
     std::fs::write(
         dir.join("mint.toml"),
         format!(
-            "[netboot]\nlisten = \"127.0.0.1:0\"\nstage = \"stage.cpio\"\ncmdline = \"console=ttyS0\"\nmodules = [\"virtio_net\", \"e1000\"]\ndnsmasq-hosts = \"{}\"\ncheck-source = false\n",
+            "[netboot]\nlisten = \"127.0.0.1:0\"\nstage = \"stage.cpio\"\ncmdline = \"console=ttyS0\"\nmodules = [\"virtio_net\", \"e1000\"]\ndnsmasq-hosts = \"{}\"\ncheck-source = false\nca = \"ca.pem\"\n",
             hosts.display()
         ),
     )
@@ -206,6 +208,7 @@ fn boot_scripts_name_the_bound_instances_kernel_and_descriptor_and_dnsmasq_reads
         "mint.addr=198.18.31.2/24",
         "mint.gw=198.18.31.1",
         "console=ttyS0",
+        "mint.ca=/etc/mint/ca.pem",
     ] {
         assert!(
             args.iter().any(|a| a == want),
@@ -222,8 +225,24 @@ fn boot_scripts_name_the_bound_instances_kernel_and_descriptor_and_dnsmasq_reads
         "{descriptor}"
     );
     assert!(
-        script.contains(&format!("initrd {base}/v1/boot/stage")),
+        script.contains(&format!(
+            "initrd {base}/v1/boot/stage\ninitrd {base}/v1/boot/trust\n"
+        )),
         "{script}"
+    );
+    assert!(
+        !args.iter().any(|a| a.starts_with("mint.pin=")),
+        "a CA replaces the pin: {args:?}"
+    );
+    // The CA's certificate, at the path the command line names, as one more initramfs.
+    let trust = String::from_utf8_lossy(&get_bytes(&format!("{base}/v1/boot/trust"))).into_owned();
+    let pem = std::fs::read_to_string(&ca.cert).unwrap();
+    assert!(
+        trust.starts_with("070701")
+            && trust.contains("etc/mint/ca.pem\0")
+            && trust.contains(&pem)
+            && trust.contains("TRAILER!!!\0"),
+        "{trust}"
     );
     let (_, unbound) = get_text(&format!("{base}/v1/boot/{other}"));
     assert!(unbound.contains("bound to no instance"), "{unbound}");
@@ -335,10 +354,10 @@ fn boot_scripts_name_the_bound_instances_kernel_and_descriptor_and_dnsmasq_reads
 }
 
 /// The test's dnsmasq, in the bridge's namespace; stopped when dropped.
-struct Dnsmasq(Child);
+pub(crate) struct Dnsmasq(Child);
 
 impl Dnsmasq {
-    fn start(ns: &str, conf: &Path, log: &Path) -> Dnsmasq {
+    pub(crate) fn start(ns: &str, conf: &Path, log: &Path) -> Dnsmasq {
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "dnsmasq", "--keep-in-foreground"])
             .arg(format!("--conf-file={}", conf.display()))

@@ -964,114 +964,6 @@ fn a_node_that_caches_the_master_fetches_only_the_instances_layer() {
     );
 }
 
-/// Debian's nginx serving `docs/blob-cache.nginx.conf` (its placeholders filled in) on the
-/// bridge, stopped when dropped.
-struct Nginx {
-    child: std::process::Child,
-    prefix: std::path::PathBuf,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGTERM, which the master passes on to its workers; a SIGKILLed master would
-        // leave them serving.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Nginx {
-    /// Starts nginx in `prefix` listening on `listen`, in front of the bed's daemon.
-    fn start(
-        prefix: &std::path::Path,
-        listen: &str,
-        engine: &str,
-        ca: &crate::testbed::TestCa,
-    ) -> Nginx {
-        assert!(
-            std::path::Path::new("/usr/sbin/nginx").exists(),
-            "Debian's nginx is missing: run `cargo xtask setup` (apt-get install nginx)"
-        );
-        std::fs::create_dir_all(prefix).unwrap();
-        let (cert, key) = ca.issue(prefix, "cache", &["198.18.0.1"]);
-        let template = std::fs::read_to_string(root().join("docs/blob-cache.nginx.conf")).unwrap();
-        let text = [
-            ("@PREFIX@", prefix.display().to_string()),
-            ("@CACHE_DIR@", prefix.join("cache").display().to_string()),
-            ("@LISTEN@", listen.to_string()),
-            ("@CERT@", cert.display().to_string()),
-            ("@KEY@", key.display().to_string()),
-            ("@ENGINE@", engine.to_string()),
-            ("@ENGINE_NAME@", crate::testbed::ENGINE_NAME.to_string()),
-            ("@ENGINE_CA@", ca.cert.display().to_string()),
-        ]
-        .iter()
-        .fold(template, |t, (k, v)| t.replace(k, v));
-        let left: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.trim_start().starts_with('#') && l.matches('@').count() >= 2)
-            .collect();
-        assert!(
-            left.is_empty(),
-            "placeholders left in the nginx configuration: {left:?}"
-        );
-        let conf = prefix.join("nginx.conf");
-        std::fs::write(&conf, text).unwrap();
-        let check = Command::new("/usr/sbin/nginx")
-            .arg("-t")
-            .arg("-p")
-            .arg(prefix)
-            .arg("-c")
-            .arg(&conf)
-            .output()
-            .unwrap();
-        assert!(
-            check.status.success(),
-            "nginx -t: {}",
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let child = Command::new("/usr/sbin/nginx")
-            .arg("-p")
-            .arg(prefix)
-            .arg("-c")
-            .arg(&conf)
-            .args(["-g", "daemon off;"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        let nginx = Nginx {
-            child,
-            prefix: prefix.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not listen on {listen}: {}",
-                std::fs::read_to_string(prefix.join("error.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        nginx
-    }
-
-    /// The GET requests nginx answered 200 for blob `digest`, by whichever URL.
-    fn requests_for(&self, digest: &str) -> usize {
-        let log = std::fs::read_to_string(self.prefix.join("access.log")).unwrap_or_default();
-        log.lines()
-            .filter(|l| l.contains("\"GET ") && l.contains(&format!("{digest} HTTP/1.1\" 200 ")))
-            .count()
-    }
-}
-
 #[test]
 fn an_http_cache_in_front_of_the_engine_sends_each_master_once() {
     let dir = scratch("nodes-http-cache");
@@ -1090,7 +982,7 @@ fn an_http_cache_in_front_of_the_engine_sends_each_master_once() {
     )
     .unwrap();
     let bed = TestBed::with_ca(dir.clone(), root(), 6, &[], &ca);
-    let nginx = Nginx::start(
+    let nginx = crate::blob_cache::Nginx::start(
         &dir.join("nginx"),
         &format!("198.18.0.1:{port}"),
         bed.url.trim_start_matches("https://"),

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::write_disk::{absolute, get, ip, pinned_client, report, uptime_ms};
+use crate::write_disk::{absolute, get, ip, report, trusted_client, uptime_ms};
 
 #[derive(clap::Args)]
 pub struct BootArgs {
@@ -30,6 +30,9 @@ pub struct BootConfig {
     pub descriptor: String,
     /// The engine certificate's pin, for an https:// engine.
     pub pin: Option<String>,
+    /// A CA file (in the boot stage, from the engine's trust archive) to check the engine's
+    /// and a blob cache's certificates against instead of the pin.
+    pub ca: Option<String>,
     /// The MAC of the NIC the node booted from, which gets the address.
     pub mac: String,
     /// The instance's address with its prefix length (`198.18.5.1/24`).
@@ -55,6 +58,7 @@ impl BootConfig {
         Ok(BootConfig {
             descriptor: need("mint.descriptor")?,
             pin: value("mint.pin"),
+            ca: value("mint.ca"),
             mac: need("mint.mac")?.to_ascii_lowercase(),
             address: need("mint.addr")?,
             gateway: value("mint.gw"),
@@ -224,7 +228,11 @@ pub fn run(args: BootArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.cmdline)
         .with_context(|| format!("reading {}", args.cmdline.display()))?;
     let config = BootConfig::parse(&text)?;
-    let http = pinned_client(config.pin.as_deref(), &config.descriptor)?;
+    let http = trusted_client(
+        config.ca.as_deref().map(Path::new),
+        config.pin.as_deref(),
+        &config.descriptor,
+    )?;
     let interface = interface_of(&config.mac)?;
     ip(&["link", "set", "lo", "up"])?;
     ip(&["link", "set", &interface, "up"])?;
@@ -283,6 +291,12 @@ mod tests {
         assert_eq!(c.address, "198.18.5.1/24");
         assert_eq!(c.pin.as_deref(), Some("sha256:ab"));
         assert_eq!(c.gateway, None);
+        assert_eq!(c.ca, None);
+        let c = BootConfig::parse(
+            "mint.descriptor=https://e/v1/cap/web/0/x mint.ca=/etc/mint/ca.pem mint.mac=a mint.addr=198.18.5.1/24",
+        )
+        .unwrap();
+        assert_eq!(c.ca.as_deref(), Some("/etc/mint/ca.pem"));
         let e = BootConfig::parse("mint.descriptor=x mint.mac=y").unwrap_err();
         assert!(e.to_string().contains("mint.addr="), "{e}");
     }

@@ -256,15 +256,21 @@ pub(crate) fn report(
     false
 }
 
-/// A client for the engine at `url`, trusting its certificate by `pin` when it is
-/// https://. The deploy system and the boot stage have no CA: the engine hands them its pin.
-pub(crate) fn pinned_client(pin: Option<&str>, url: &str) -> anyhow::Result<ureq::Agent> {
-    let trust = mint_tls::Trust::from_flags(None, pin, url).context("the engine's pin")?;
+/// A client for the engine (and a blob cache) at `url`: certificates checked against the CA
+/// file `ca` if given, else by the engine's `pin` when it is https://. The deploy system and
+/// the boot stage have no CA of their own: the engine hands them its pin, or a boot stage
+/// the CA of `[netboot] ca`.
+pub(crate) fn trusted_client(
+    ca: Option<&Path>,
+    pin: Option<&str>,
+    url: &str,
+) -> anyhow::Result<ureq::Agent> {
+    let trust = mint_tls::Trust::from_flags(ca, pin, url).context("the engine's pin")?;
     Ok(match trust {
         Some(t) => ureq::AgentBuilder::new()
             .tls_config(
                 mint_tls::ClientTrust::new(&t)
-                    .context("the engine's pin")?
+                    .with_context(|| format!("the engine's trust ({t})"))?
                     .config(),
             )
             .build(),
@@ -282,7 +288,7 @@ pub fn run(args: WriteArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.config.display()))?;
     let config: DeployConfig = serde_json::from_slice(&text)
         .with_context(|| format!("{} is not a deploy configuration", args.config.display()))?;
-    let http = pinned_client(config.pin.as_deref(), &config.descriptor)?;
+    let http = trusted_client(None, config.pin.as_deref(), &config.descriptor)?;
     let interface = match &args.interface {
         Some(i) => i.clone(),
         None => first_ethernet()?,

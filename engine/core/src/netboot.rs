@@ -142,6 +142,21 @@ pub fn boot_files(tar: &Path, wanted: &[String]) -> Result<BootFiles, EngineErro
     })
 }
 
+/// Where the boot stage finds the CA certificates it trusts for the engine and a blob cache,
+/// once [`trust_archive`] is loaded as one more initramfs.
+pub const TRUST_PATH: &str = "etc/mint/ca.pem";
+
+/// An initramfs archive holding `pem` (CA certificates) at [`TRUST_PATH`]. A boot stage given
+/// it checks the engine's and a blob cache's certificates against that CA, where the pin on
+/// its command line admits the engine's key alone.
+pub fn trust_archive(pem: &[u8]) -> Vec<u8> {
+    let mut out = mint_initramfs::Newc::new();
+    let mut made = std::collections::BTreeSet::new();
+    out.parents(TRUST_PATH, &mut made);
+    out.file(TRUST_PATH, 0o644, pem);
+    out.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

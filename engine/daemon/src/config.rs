@@ -42,6 +42,7 @@
 //! # dnsmasq-hosts = "/var/lib/mint/dnsmasq.hosts"  # static leases the engine keeps current
 //! # dnsmasq-pid-file = "/run/dnsmasq.pid"          # sent SIGHUP when they change
 //! # check-source = true             # a script only to the instance's own address
+//! # ca = "site-ca.pem"              # boot stages trust this CA, not the pin (a blob cache)
 //!
 //! [[endpoint]]                      # how BMCs' certificates are trusted
 //! endpoint = "https://10.1.0.17"    # or node = "rack1-n03"; neither: every endpoint
@@ -89,6 +90,7 @@ struct RawNetboot {
     dnsmasq_hosts: Option<PathBuf>,
     dnsmasq_pid_file: Option<PathBuf>,
     check_source: Option<bool>,
+    ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -379,6 +381,14 @@ impl Config {
                 st.display()
             )));
         }
+        let ca = n.ca.map(place);
+        if let Some(ca) = &ca {
+            mint_tls::ClientTrust::new(&mint_tls::Trust::Ca(ca.clone())).map_err(|e| {
+                at(format!(
+                    "netboot.ca: {e}; give a PEM file of the CA certificates that signed the engine's certificate and the blob cache's"
+                ))
+            })?;
+        }
         let netboot = crate::netboot::Settings {
             listen,
             url: n.url.map(|u| u.trim_end_matches('/').to_string()),
@@ -388,6 +398,7 @@ impl Config {
             hosts_file: n.dnsmasq_hosts.map(place),
             pid_file: n.dnsmasq_pid_file.map(place),
             check_source: n.check_source.unwrap_or(true),
+            ca,
         };
         let mut endpoint_tls = mint_plugins::TlsPolicies::default();
         for (i, e) in raw.endpoint.into_iter().enumerate() {
@@ -613,6 +624,8 @@ mod tests {
                 "[artifacts]\nblob-base = \"https://cache/?x\"",
                 "artifacts.blob-base",
             ),
+            ("[netboot]\nca = \"/nonexistent/ca.pem\"", "netboot.ca"),
+            ("[netboot]\nca = \"/etc/hostname\"", "netboot.ca"),
         ] {
             let e = Config::parse(p, text).unwrap_err();
             assert!(

@@ -8,7 +8,9 @@
 //! capability, the kernel and modules of the node's instance. The script's capability is
 //! valid for minutes only and is handed only to the instance's own address (the lease the
 //! DHCP server gives that MAC) unless `check-source = false`; the instance's parts
-//! themselves are fetched by the boot stage over the engine's TLS, by its pin.
+//! themselves are fetched by the boot stage over the engine's TLS, by its pin, or, where
+//! `[netboot] ca` names a CA (an HTTP cache for blobs stands between the nodes and the
+//! engine), checked against that CA, which the script hands over as one more initramfs.
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, State};
@@ -46,6 +48,9 @@ pub struct Settings {
     pub pid_file: Option<PathBuf>,
     /// Hand a script only to the instance's own address.
     pub check_source: bool,
+    /// CA certificates (PEM) the boot stage trusts instead of the engine's pin: the CA of
+    /// the engine's certificate and of a blob cache's (`[artifacts] blob-base`).
+    pub ca: Option<PathBuf>,
 }
 
 /// The network boot's running state.
@@ -54,6 +59,8 @@ pub struct Netboot {
     settings: RwLock<Settings>,
     /// The boot stage's bytes, read when the configuration is applied.
     stage: RwLock<Option<Arc<Vec<u8>>>>,
+    /// The initramfs archive of `[netboot] ca`, read when the configuration is applied.
+    trust: RwLock<Option<Arc<Vec<u8>>>>,
     /// Boot files by master digest, built on first request.
     files: Mutex<HashMap<String, Arc<mint_core::netboot::BootFiles>>>,
     /// The hosts file as last written.
@@ -78,7 +85,14 @@ impl Netboot {
             })?)),
             None => None,
         };
+        let trust = match &settings.ca {
+            Some(p) => Some(Arc::new(mint_core::netboot::trust_archive(
+                &std::fs::read(p).map_err(|e| format!("netboot.ca {}: {e}", p.display()))?,
+            ))),
+            None => None,
+        };
         *self.stage.write().unwrap_or_else(|p| p.into_inner()) = stage;
+        *self.trust.write().unwrap_or_else(|p| p.into_inner()) = trust;
         self.files.lock().unwrap_or_else(|p| p.into_inner()).clear();
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = settings;
         Ok(())
@@ -170,7 +184,12 @@ async fn boot(
         format!("mint.mac={mac}"),
         format!("mint.addr={}/{}", i.address, t.prefix_len),
     ];
-    if let Some(pin) = app.delivery.engine_pin() {
+    // With a CA the boot stage checks names against it (the engine's and a blob cache's);
+    // otherwise the engine's pin admits the engine's key alone.
+    let trust = read(&app.netboot.trust).is_some();
+    if trust {
+        args.push(format!("mint.ca=/{}", mint_core::netboot::TRUST_PATH));
+    } else if let Some(pin) = app.delivery.engine_pin() {
         args.push(format!("mint.pin={pin}"));
     }
     if let Some(gw) = t.gateway {
@@ -180,8 +199,13 @@ async fn boot(
         args.push(settings.cmdline.clone());
     }
     tracing::info!(%mac, node = %t.node, instance = %format!("{}/{}", i.id.tier, i.id.index), "boot script");
+    let trust_initrd = if trust {
+        format!("initrd {base}/v1/boot/trust\n")
+    } else {
+        String::new()
+    };
     script(format!(
-        "#!ipxe\necho mint: {mac} boots {}/{} ({} at {})\nkernel {base}{cap}/kernel {}\ninitrd {base}/v1/boot/stage\ninitrd {base}{cap}/modules\nboot\n",
+        "#!ipxe\necho mint: {mac} boots {}/{} ({} at {})\nkernel {base}{cap}/kernel {}\ninitrd {base}/v1/boot/stage\n{trust_initrd}initrd {base}{cap}/modules\nboot\n",
         i.id.tier,
         i.id.index,
         i.hostname,
@@ -197,6 +221,19 @@ async fn stage(State(app): State<Shared>, method: Method) -> Response {
         None => ApiError(
             StatusCode::NOT_FOUND,
             "this engine has no boot stage: give the daemon `[netboot] stage = \"FILE\"` (`cargo xtask boot-stage` builds one)".into(),
+        )
+        .into_response(),
+    }
+}
+
+/// `GET /v1/boot/trust`: the CA certificates of `[netboot] ca` as an initramfs archive (public
+/// certificates, no secret), for every node.
+async fn trust(State(app): State<Shared>, method: Method) -> Response {
+    match read(&app.netboot.trust) {
+        Some(bytes) => bytes_answer(&method, &bytes),
+        None => ApiError(
+            StatusCode::NOT_FOUND,
+            "this engine hands out no CA: boot stages trust its pin (`[netboot] ca = \"FILE\"` sets one)".into(),
         )
         .into_response(),
     }
@@ -286,6 +323,7 @@ pub fn boot_routes() -> Router<Shared> {
     Router::new()
         .route("/v1/boot", get(chain))
         .route("/v1/boot/stage", get(stage).head(stage))
+        .route("/v1/boot/trust", get(trust).head(trust))
         .route("/v1/boot/{mac}", get(boot))
 }
 

@@ -22,6 +22,11 @@
 //! the instance's media counts as failed only when the engine checks a running instance's
 //! health, and as still coming up while it follows the deployment.
 //!
+//! A tree master boots over the network instead: `deploy` sets a one-time boot override to
+//! `Pxe` and powers the system on (or restarts it); the engine's boot listener, DHCP and
+//! mint's boot stage do the rest, and `status` reads the boot stage's report in the
+//! descriptor (`booted`). `undeploy` powers it off; there is no media to eject.
+//!
 //! The driver never sees the BMC's credentials: the host adds them to requests to exactly
 //! the node's endpoint, from the operator's credentials file.
 
