@@ -506,9 +506,9 @@ fn stage_disk(
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let http = agent.http.clone();
     let get = |url: &str, from: u64| {
-        let r = agent
-            .authorized(http.get(url))
-            .timeout(Duration::from_secs(600));
+        // No deadline for the whole body: a large master on a slow or shared link takes
+        // what it takes; the client's read timeout catches a stalled transfer.
+        let r = agent.authorized(http.get(url));
         if from > 0 {
             r.set("Range", &format!("bytes={from}-")).call()
         } else {
@@ -608,9 +608,9 @@ fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<Deploye
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
 
     let get = |url: &str, from: u64| {
-        let r = agent
-            .authorized(http.get(url))
-            .timeout(Duration::from_secs(600));
+        // No deadline for the whole body: a large master on a slow or shared link takes
+        // what it takes; the client's read timeout catches a stalled transfer.
+        let r = agent.authorized(http.get(url));
         if from > 0 {
             r.set("Range", &format!("bytes={from}-")).call()
         } else {

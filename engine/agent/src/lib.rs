@@ -549,10 +549,12 @@ fn engine_client(args: &RunArgs) -> anyhow::Result<ureq::Agent> {
         mint_tls::Trust::from_flags(args.ca.as_deref(), args.pin.as_deref(), &args.engine)
             .context("--pin")?
     else {
-        return Ok(ureq::AgentBuilder::new().build());
+        return Ok(crate::write_disk::stall_timeouts(ureq::AgentBuilder::new()).build());
     };
     let trust = mint_tls::ClientTrust::new(&trust).context("--ca/--pin")?;
-    Ok(ureq::AgentBuilder::new().tls_config(trust.config()).build())
+    Ok(crate::write_disk::stall_timeouts(ureq::AgentBuilder::new())
+        .tls_config(trust.config())
+        .build())
 }
 
 /// The `mint-agent` command line.

@@ -162,7 +162,7 @@ pub(crate) fn absolute(base: &str, url: &str) -> String {
 pub(crate) fn get(http: &ureq::Agent, url: &str) -> anyhow::Result<ureq::Response> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        match http.get(url).timeout(Duration::from_secs(600)).call() {
+        match http.get(url).call() {
             Ok(r) => return Ok(r),
             Err(ureq::Error::Transport(e)) if Instant::now() < deadline => {
                 eprintln!("mint-agent: {url}: {e}; retrying");
@@ -267,15 +267,24 @@ pub(crate) fn trusted_client(
 ) -> anyhow::Result<ureq::Agent> {
     let trust = mint_tls::Trust::from_flags(ca, pin, url).context("the engine's pin")?;
     Ok(match trust {
-        Some(t) => ureq::AgentBuilder::new()
+        Some(t) => stall_timeouts(ureq::AgentBuilder::new())
             .tls_config(
                 mint_tls::ClientTrust::new(&t)
                     .with_context(|| format!("the engine's trust ({t})"))?
                     .config(),
             )
             .build(),
-        None => ureq::AgentBuilder::new().build(),
+        None => stall_timeouts(ureq::AgentBuilder::new()).build(),
     })
+}
+
+/// Timeouts for the agent's clients that catch a stalled peer, never a slow one: a body of
+/// gigabytes over a shared link can take many minutes, so no request has a deadline for
+/// its whole body, and each read or write must make progress within its bound instead.
+pub(crate) fn stall_timeouts(b: ureq::AgentBuilder) -> ureq::AgentBuilder {
+    b.timeout_connect(Duration::from_secs(30))
+        .timeout_read(Duration::from_secs(120))
+        .timeout_write(Duration::from_secs(120))
 }
 
 /// `mint-agent write-disk`.

@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 
 /// Machines in the lab, and how many boot at once.
 const MACHINES: usize = 10;
-/// Boots of one machine, one after another.
+/// Boots of one machine, one after another (`MINT_BENCH_ROUNDS` to choose; 0 boots only the
+/// ten at once).
 const ROUNDS: usize = 3;
 /// Each machine's memory: the instance lives in it.
 const MEMORY_MIB: u64 = 1536;
@@ -351,9 +352,13 @@ fn main() {
         .to_string();
 
     // One machine at a time: what a single boot costs, and how it splits.
-    println!("one machine, {ROUNDS} boots one after another (scale request to answering):");
+    let rounds = std::env::var("MINT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS);
+    println!("one machine, {rounds} boots one after another (scale request to answering):");
     let mut single = Vec::new();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let (times, reports) = lab.boot(1);
         let report = reports.last().cloned().unwrap_or_default();
         let ms = |k: &str| report[k].as_f64().unwrap_or(f64::NAN) / 1000.0;
@@ -366,8 +371,10 @@ fn main() {
         single.push(times[0]);
         lab.scale_in();
     }
-    let mean = single.iter().map(|d| secs(*d)).sum::<f64>() / single.len() as f64;
-    println!("  mean {mean:.1} s; {}", spread(&single));
+    if !single.is_empty() {
+        let mean = single.iter().map(|d| secs(*d)).sum::<f64>() / single.len() as f64;
+        println!("  mean {mean:.1} s; {}", spread(&single));
+    }
 
     // Ten at once, straight from the engine.
     let sent = lab.served(&digest);

@@ -759,7 +759,7 @@ pub fn node_has_mac(n: &Node, mac: &str) -> bool {
 
 impl Engine {
     /// The instance the node with NIC `mac` boots, with a capability valid `ttl_secs`
-    /// from now. `None` when no node has that MAC, its node holds no instance that is
+    /// from now, or the tier's deploy timeout if that is longer. `None` when no node has that MAC, its node holds no instance that is
     /// being deployed or runs, or the instance's master is not a tree: one answer for all.
     pub fn netboot_target(&self, mac: &str, ttl_secs: u64) -> Option<NetbootTarget> {
         let node = self
@@ -782,7 +782,11 @@ impl Engine {
         if !image.is_tree() {
             return None;
         }
-        let expires = now_ms() / 1000 + ttl_secs;
+        // The capability outlives neither its deployment (a new one makes it worthless) nor
+        // the tier's deploy timeout, but lasts that long: a rack booting at once may take
+        // longer than `ttl_secs` to fetch its instances and report.
+        let ttl = ttl_secs.max(u64::from(t.deploy_timeout_secs));
+        let expires = now_ms() / 1000 + ttl;
         let token = self
             .capabilities
             .token(&id.tier, id.index, inst.deployment, expires);

@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::{ApiError, Shared};
 
-/// How long the capability in a boot script admits its kernel, modules and descriptor.
-/// A boot under emulation fetches everything within a few minutes; a node that boots
-/// again later asks for a fresh script.
+/// How long the capability in a boot script admits at least its kernel, modules and
+/// descriptor (the tier's deploy timeout, if longer, wins: the boot stage reports with it
+/// after fetching everything); a node that boots again later asks for a fresh script.
 pub const SCRIPT_TTL_SECS: u64 = 900;
 
 /// `[netboot]` of `mint.toml`.

@@ -375,12 +375,18 @@ pub fn unpack<R: Read>(
                 remove_any(&at)?;
                 out.bytes += entry.header().size().unwrap_or(0);
                 entry.unpack_in(into).map_err(|e| {
+                    // tar nests the cause (a read that failed, a full disk) two levels
+                    // down: name the innermost one, which is the one to act on.
+                    let mut cause = std::error::Error::source(&e);
+                    let mut innermost = None;
+                    while let Some(c) = cause {
+                        innermost = Some(c.to_string());
+                        cause = c.source();
+                    }
                     LayerError::Invalid(format!(
                         "cannot unpack `{}`: {e} ({})",
                         rel.display(),
-                        std::error::Error::source(&e)
-                            .map(|s| s.to_string())
-                            .unwrap_or_default()
+                        innermost.unwrap_or_default()
                     ))
                 })?;
             }
