@@ -353,6 +353,40 @@ fn boot_scripts_name_the_bound_instances_kernel_and_descriptor_and_dnsmasq_reads
     assert!(after.contains("bound to no instance"), "{after}");
 }
 
+/// Creates tier `net` of `k` tree instances of `image` on the lab's 198.18.9.0/24, booted
+/// by the `redfish` driver, each with its host name and networkd address.
+pub(crate) fn redfish_tier(daemon: &Daemon, dir: &Path, image: &Value, k: usize, timeout: u64) {
+    let spec = json!({
+        "name": "net", "image": image, "max-instances": k, "subnet": "198.18.9.0/24",
+        "reserved": ["198.18.9.250-198.18.9.254"], "hostname": "net-{index}",
+        "customizers": [{"plugin": "hostname"}, {"plugin": "network", "config": {"format": "networkd", "interface": "eth0"}}],
+        "driver": {"plugin": "redfish"}, "deploy-timeout-secs": timeout,
+    });
+    std::fs::write(dir.join("net.json"), spec.to_string()).unwrap();
+    daemon.mint(&[
+        "tier",
+        "create",
+        "-f",
+        dir.join("net.json").to_str().unwrap(),
+    ]);
+}
+
+/// The instances of tier `net` placed on nodes: host name, address and node of each.
+pub(crate) fn placed(daemon: &Daemon) -> Vec<(String, String, String)> {
+    daemon
+        .instances("net")
+        .iter()
+        .filter(|i| !i["node"].is_null())
+        .map(|i| {
+            (
+                i["hostname"].as_str().unwrap().to_string(),
+                i["address"].as_str().unwrap().to_string(),
+                i["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 /// The test's dnsmasq, in the bridge's namespace; stopped when dropped.
 pub(crate) struct Dnsmasq(Child);
 
@@ -460,38 +494,15 @@ fn tree_instances_boot_over_the_network_into_their_own_os_and_a_lost_nodes_insta
         image["size"].as_u64().unwrap_or(0) >> 20,
         imported.elapsed()
     );
-    let spec = json!({
-        "name": "net", "image": image["digest"], "max-instances": 3, "subnet": "198.18.9.0/24",
-        "reserved": ["198.18.9.250-198.18.9.254"], "hostname": "net-{index}",
-        "customizers": [{"plugin": "hostname"}, {"plugin": "network", "config": {"format": "networkd", "interface": "eth0"}}],
-        "driver": {"plugin": "redfish"}, "deploy-timeout-secs": 900,
-    });
-    std::fs::write(dir.join("net.json"), spec.to_string()).unwrap();
-    daemon.mint(&[
-        "tier",
-        "create",
-        "-f",
-        dir.join("net.json").to_str().unwrap(),
-    ]);
+    redfish_tier(&daemon, &dir, &image["digest"], 3, 900);
     let conf = dnsmasq_conf(&daemon, &dir, "br0");
     let base = boot_url(&std::fs::read_to_string(&conf).unwrap());
     let _dhcp = Dnsmasq::start(&lv.ns, &conf, &dir.join("dnsmasq.log"));
 
     let asked = Instant::now();
     daemon.mint(&["tier", "scale", "net", "2"]);
-    let instances = daemon.instances("net");
-    let placed: Vec<(String, String, String)> = instances
-        .iter()
-        .filter(|i| !i["node"].is_null())
-        .map(|i| {
-            (
-                i["hostname"].as_str().unwrap().to_string(),
-                i["address"].as_str().unwrap().to_string(),
-                i["node"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    assert_eq!(placed.len(), 2, "{instances:?}");
+    let placed = placed(&daemon);
+    assert_eq!(placed.len(), 2, "{placed:?}");
     let console = |node: &str| {
         let i = names.iter().position(|n| n == node).unwrap();
         std::fs::read_to_string(&serials[i]).unwrap_or_default()

@@ -35,7 +35,7 @@ mod support;
 #[allow(dead_code)]
 mod testbed;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -130,19 +130,7 @@ impl Lab {
             image["size"].as_u64().unwrap_or(0) / 1_000_000,
             imported.elapsed().as_secs_f64()
         );
-        let spec = json!({
-            "name": "net", "image": image["digest"], "max-instances": MACHINES, "subnet": "198.18.9.0/24",
-            "reserved": ["198.18.9.250-198.18.9.254"], "hostname": "net-{index}",
-            "customizers": [{"plugin": "hostname"}, {"plugin": "network", "config": {"format": "networkd", "interface": "eth0"}}],
-            "driver": {"plugin": "redfish"}, "deploy-timeout-secs": 2400,
-        });
-        std::fs::write(dir.join("net.json"), spec.to_string()).unwrap();
-        daemon.mint(&[
-            "tier",
-            "create",
-            "-f",
-            dir.join("net.json").to_str().unwrap(),
-        ]);
+        netboot::redfish_tier(&daemon, &dir, &image["digest"], MACHINES, 2400);
         let conf = netboot::dnsmasq_conf(&daemon, &dir, "br0");
         let dhcp = netboot::Dnsmasq::start(&lv.ns, &conf, &dir.join("dnsmasq.log"));
         let trust =
@@ -189,19 +177,7 @@ impl Lab {
         let since = self.last_event();
         let t0 = Instant::now();
         self.daemon.mint(&["tier", "scale", "net", &n.to_string()]);
-        let placed: Vec<(String, String, String)> = self
-            .daemon
-            .instances("net")
-            .iter()
-            .filter(|i| !i["node"].is_null())
-            .map(|i| {
-                (
-                    i["hostname"].as_str().unwrap().to_string(),
-                    i["address"].as_str().unwrap().to_string(),
-                    i["node"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
+        let placed = netboot::placed(&self.daemon);
         assert_eq!(placed.len(), n, "{placed:?}");
         let mut answered: Vec<Option<Duration>> = vec![None; n];
         let deadline = t0 + Duration::from_secs(2400);
