@@ -8,6 +8,7 @@ mod crash;
 mod daemon;
 mod docs;
 mod engine;
+mod etcd;
 mod images;
 mod libvirt;
 mod model;

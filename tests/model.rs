@@ -1,6 +1,7 @@
 //! A model-based test of the pool: random tier creations, node additions, scalings, node
-//! failures and restarts against the real engine (sled store, bundled plugins), compared
-//! after every step with a simple in-memory model of what the pool must look like.
+//! failures and restarts against the real engine (bundled plugins; state in sled, then in
+//! a real etcd), compared after every step with a simple in-memory model of what the pool
+//! must look like.
 
 use crate::support::{block_on, scratch};
 use mint_core::{Engine, TierSpec};
@@ -131,6 +132,23 @@ fn compare(engine: &Engine, model: &Model, step: usize, seed: u64) {
 
 #[test]
 fn random_operations_match_the_model_across_restarts() {
+    model_run("model", None);
+}
+
+#[test]
+fn random_operations_match_the_model_across_restarts_on_etcd() {
+    let etcd = crate::etcd::Etcd::start("model");
+    model_run("model-etcd", Some(&etcd));
+}
+
+/// 250 random steps on an engine whose state is in `etcd`, or in sled if none.
+fn model_run(name: &str, etcd: Option<&crate::etcd::Etcd>) {
+    let open = |data: &std::path::Path| match etcd {
+        Some(e) => Engine::open_at(data, &e.location("model")).unwrap(),
+        None => Engine::open(data).unwrap(),
+    };
+    // On etcd, tiers of over 40 instances take more than one commit.
+    let max_k = if etcd.is_some() { 60 } else { 12 };
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -138,10 +156,10 @@ fn random_operations_match_the_model_across_restarts() {
         | 1;
     eprintln!("model test seed {seed}");
     let mut rng = Rng(seed);
-    let dir = scratch("model");
+    let dir = scratch(name);
     let src = crate::support::root().join("tests/fixtures/master-ifupdown");
     let data = dir.join("data");
-    let mut engine = Engine::open(&data).unwrap();
+    let mut engine = open(&data);
     let image = engine.import_image(&src, None).unwrap().digest;
     let mut model = Model::default();
     let started = Instant::now();
@@ -160,7 +178,7 @@ fn random_operations_match_the_model_across_restarts() {
                     let n = created;
                     created += 1;
                     let name = format!("t{n}");
-                    let k = rng.below(12) as u32 + 1;
+                    let k = rng.below(max_k) as u32 + 1;
                     engine
                         .create_tier(&spec(&name, &image, k, n), "admin:test")
                         .await
@@ -246,7 +264,7 @@ fn random_operations_match_the_model_across_restarts() {
                 }
                 8 => {
                     drop(engine);
-                    engine = Engine::open(&data).unwrap();
+                    engine = open(&data);
                     restarts += 1;
                 }
                 _ => {}

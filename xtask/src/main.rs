@@ -64,7 +64,8 @@ fn cargo() -> Command {
 /// volumes without mint's code), minisign, nginx (the HTTP cache the delivery tests put in
 /// front of the engine), and what builds and boots the real test master (mmdebstrap,
 /// syslinux, dosfstools, fdisk, QEMU), and what network boots test (dnsmasq's DHCP, QEMU's
-/// iPXE ROMs) and confines agent instances (crun).
+/// iPXE ROMs) and confines agent instances (crun), and the distributed store: etcd's
+/// server for the tests' clusters, and `protoc`, which the etcd client's build needs.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("cloud-init", "/usr/bin/cloud-init"),
     ("mtools", "/usr/bin/mcopy"),
@@ -96,6 +97,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("dnsmasq-base", "/usr/sbin/dnsmasq"),
     ("ipxe-qemu", "/usr/lib/ipxe/qemu/efi-virtio.rom"),
     ("crun", "/usr/bin/crun"),
+    ("etcd-server", "/usr/bin/etcd"),
+    ("protobuf-compiler", "/usr/bin/protoc"),
 ];
 
 /// Installs the [`DEBIAN_PACKAGES`] that are missing. The packages' services are kept from

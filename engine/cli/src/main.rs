@@ -60,11 +60,15 @@ enum Command {
     Plugin(plugin_cmd::PluginCommand),
     /// Run every bundled plugin through the engine on example inputs and show the results.
     Demo(demo::DemoArgs),
-    /// Run the daemon: the HTTP API and the reconciliation loop, state in sled.
+    /// Run the daemon: the HTTP API and the reconciliation loop, state in sled (or etcd).
     Daemon {
         /// Where state, images and compiled plugins live.
         #[arg(long, default_value = "mint-data")]
         data_dir: std::path::PathBuf,
+        /// Where the state lives: `sled` (embedded, in DATA_DIR/state) or
+        /// etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE] (a cluster on this machine's loopback).
+        #[arg(long, default_value = "sled")]
+        store: String,
         /// Address to serve the API on (loopback by default).
         #[arg(long, default_value = "127.0.0.1:7600")]
         listen: std::net::SocketAddr,
@@ -237,14 +241,19 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Daemon {
                 data_dir,
+                store,
                 listen,
                 advertise_url,
                 node_timeout_secs,
                 config,
                 max_auth_failures,
                 tls,
-            } => match std::time::Duration::try_from_secs_f64(node_timeout_secs) {
-                Ok(t) if t >= std::time::Duration::from_millis(100) => {
+            } => match (
+                std::time::Duration::try_from_secs_f64(node_timeout_secs),
+                mint_store::Location::parse(&store, &data_dir.join("state")),
+            ) {
+                (_, Err(e)) => Err(Failure::usage(anyhow::anyhow!(e))),
+                (Ok(t), Ok(state)) if t >= std::time::Duration::from_millis(100) => {
                     let tls = tls.source(&data_dir);
                     let options = mint_daemon::Options {
                         listen,
@@ -254,6 +263,7 @@ fn main() -> ExitCode {
                         max_auth_failures,
                         tls,
                         unauthenticated: false,
+                        state: Some(state),
                     };
                     daemon(data_dir, options).await
                 }

@@ -174,7 +174,21 @@ impl Engine {
     /// Opens the engine's state under `data_dir` (`state/`, `images/`, `cache/`, and
     /// `plugins/` for the site's own plugins).
     pub fn open(data_dir: &Path) -> Result<Engine> {
-        let store = Arc::new(Store::open(&data_dir.join("state"))?);
+        Engine::open_at(
+            data_dir,
+            &mint_store::Location::Sled(data_dir.join("state")),
+        )
+    }
+
+    /// [`Engine::open`] with the state at `state` instead (etcd, say); images, the cache and
+    /// plugins stay under `data_dir`.
+    pub fn open_at(data_dir: &Path, state: &mint_store::Location) -> Result<Engine> {
+        let store = Arc::new(Store::open_at(state)?);
+        // Whoever opens the state acts on it, so it finishes what a writer that stopped
+        // half-way left (a tier minted in batches, a tier deleted in batches).
+        for done in store.finish_interrupted()? {
+            tracing::warn!("{done}");
+        }
         let key = store.secret("capabilities")?;
         let plugins = Registry::new(Some(data_dir.join("cache")), Some(data_dir.join("plugins")))?;
         // What the host adds to a driver's requests to a node's agent: the engine's
@@ -369,6 +383,10 @@ impl Engine {
             done: 0,
             total,
         });
+        // Overlays are written together after the loop, in as few commits as the store
+        // takes: one commit each would cost a round trip per instance on etcd.
+        let mut overlays: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (i, address) in addresses.iter().enumerate() {
             let identity = wit::Instance {
                 tier: tier.name.clone(),
@@ -389,7 +407,6 @@ impl Engine {
                 );
             }
             let (digest, bytes) = overlay::encode(&edits);
-            self.store.put_overlay(&digest, &bytes)?;
             // A tree instance's layer is built here, once, so serving it reads a small
             // blob and nothing is built while a node waits.
             let layer = match &tree {
@@ -399,6 +416,9 @@ impl Engine {
                 )?)?),
                 None => None,
             };
+            if seen.insert(digest.clone()) {
+                overlays.push((digest.clone(), bytes));
+            }
             let disk = match (&disk_overlay, image.is_iso()) {
                 (None, false) => None,
                 (overlay, _) => {
@@ -442,8 +462,10 @@ impl Engine {
                 total,
             });
         }
-        // The blobs the instances refer to are durable before the tier that refers to them.
+        // The blobs and overlays the instances refer to are durable before the tier that
+        // refers to them.
         self.images.sync()?;
+        self.store.put_overlays(&overlays)?;
         Ok(instances)
     }
 

@@ -346,7 +346,10 @@ impl Engine {
                 ))
             })
             .collect();
-        self.store.bind_many(&binds)?;
+        // The store may bind fewer than asked when a node was taken meanwhile; the next
+        // pass plans the rest.
+        let bound_count = self.store.bind_many(&binds)?;
+        let binds = &binds[..bound_count];
         if binds.len() < want {
             progress.blocked = Some(plan::unplaced(binds.len(), want, &tier.requirements));
         }

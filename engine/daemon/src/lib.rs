@@ -802,6 +802,8 @@ pub struct Options {
     /// Only on loopback and only from the library (there is no flag): it exists so a
     /// benchmark can measure what authentication and TLS cost.
     pub unauthenticated: bool,
+    /// Where the state lives; `None` is sled in `<data-dir>/state`.
+    pub state: Option<mint_store::Location>,
 }
 
 impl Options {
@@ -815,6 +817,7 @@ impl Options {
             max_auth_failures: auth::MAX_FAILURES,
             tls: None,
             unauthenticated: false,
+            state: None,
         }
     }
 }
@@ -845,6 +848,7 @@ pub async fn serve(
         max_auth_failures,
         tls,
         unauthenticated,
+        state,
     } = options;
     // Checked before anything is opened or written, so a refused start changes nothing.
     if tls.is_none() && !listen.ip().is_loopback() {
@@ -862,7 +866,8 @@ pub async fn serve(
         Some(path) => config::Config::read(path)?,
         None => config::Config::default_for_daemon(),
     };
-    let mut engine = Engine::open(data_dir).map_err(|e| e.to_string())?;
+    let state = state.unwrap_or_else(|| mint_store::Location::Sled(data_dir.join("state")));
+    let mut engine = Engine::open_at(data_dir, &state).map_err(|e| e.to_string())?;
     let materialize_root = config.materialize_root.clone();
     if let Some(root) = &materialize_root {
         std::fs::create_dir_all(root)
@@ -927,7 +932,13 @@ pub async fn serve(
     let scrubber = tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(scrubbing.delivery.scrub_every()) => artifacts::scrub(&scrubbing).await,
+                _ = tokio::time::sleep(scrubbing.delivery.scrub_every()) => {
+                    artifacts::scrub(&scrubbing).await;
+                    // The event log keeps the newest events only, so it stays bounded.
+                    if let Err(e) = scrubbing.engine.store.trim_events(mint_store::EVENTS_KEPT) {
+                        tracing::warn!("trimming the event log failed: {e}");
+                    }
+                }
                 _ = scrub_stop.changed() => break,
             }
         }

@@ -1,18 +1,33 @@
-//! mint's state on disk, in an embedded sled database: tiers, their instances, the node
-//! inventory and the event log. Every change is one multi-tree transaction that checks
-//! the pool's invariants before it writes and appends the event that explains it, so a
-//! refused change writes nothing and a crash never leaves half a change.
+//! mint's state: tiers, their instances, the node inventory, identities and the event
+//! log, kept in a key-value store with revisions ([`kv::Kv`]: sled embedded, by
+//! default). Every change is one guarded commit that checks the pool's invariants before
+//! it writes and appends the event that explains it, so a refused change writes nothing
+//! and a crash never leaves half a change.
 //!
-//! Architecture invariant: only this crate knows sled. Callers see `mint-model` records.
+//! Architecture invariant: only this crate knows how records are laid out as keys, and
+//! only [`kv`] knows sled. Callers see `mint-model` records.
 //!
-//! Writers are serialised by a process-wide lock: sled's transactions cannot scan a tree,
-//! and checks such as "no two tiers' address plans overlap" need a scan, so the scan and
-//! the transaction happen under the same lock. Readers take no lock.
+//! Architecture invariant: the pool's invariants are kept by the guards of each commit,
+//! never by a lock. A transaction reads through the store, remembers the revision of every
+//! key it read, and commits only if none of them changed since; otherwise it runs again on
+//! what is there now. So two writers (two threads, or two daemons on one etcd) can never
+//! both land changes that together break a rule. Uniqueness (a tier's name, an address, a
+//! host name, a node's one instance) is a key that must be absent or unchanged; checks
+//! that scan (no two tiers' subnets overlap) guard a version key that every change of the
+//! scanned set writes. Writers of one process still take turns on a local lock, only so
+//! that they do not make each other run again.
 //!
-//! The node inventory is also kept in memory, refreshed by the single writer after each
-//! commit that touches a node: every selection reads the whole inventory, and iterating
-//! thousands of records out of sled costs more than the selection itself.
+//! The node inventory is also kept in memory, refreshed after each of this store's commits
+//! that touches a node and fed by a watch on the backend for everyone else's: every
+//! selection reads the whole inventory, and iterating thousands of records out of the
+//! store costs more than the selection itself. It is a cache of committed state; every
+//! transaction reads the records themselves.
 
+pub mod etcd;
+pub mod kv;
+mod node_index;
+
+use kv::{Entry, Guard, Kv, KvError, Op, Rev, prefix_end};
 use mint_model::records::{
     ENGINE, Enrollment, Event, Image, Instance, InstanceId, Node, NodeCredential, Principal, Tier,
     Token,
@@ -20,9 +35,8 @@ use mint_model::records::{
 use mint_model::{InstanceState, NodeState};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree, abort};
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,7 +60,7 @@ pub enum StoreError {
     Storage {
         /// Where the database is.
         path: String,
-        /// sled's explanation.
+        /// The backend's explanation.
         message: String,
     },
     /// A record on disk does not decode (a newer or damaged database).
@@ -58,26 +72,51 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// The database and its trees.
-pub struct Store {
-    db: sled::Db,
-    path: String,
-    tiers: sled::Tree,
-    instances: sled::Tree,
-    addresses: sled::Tree,
-    hostnames: sled::Tree,
-    nodes: sled::Tree,
-    events: sled::Tree,
-    images: sled::Tree,
-    overlays: sled::Tree,
-    artifacts: sled::Tree,
+/// The kinds of record, each under its own key prefix.
+mod keys {
+    pub const TIERS: &str = "tiers/";
+    /// Tiers whose instances are being written in batches: not yet tiers, so nothing
+    /// reconciles or selects for them (see [`super::Store::create_tier`]).
+    pub const MINTING: &str = "minting/";
+    /// Tiers whose instances are being removed in batches.
+    pub const DELETING: &str = "deleting/";
+    pub const INSTANCES: &str = "instances/";
+    pub const ADDRESSES: &str = "addresses/";
+    pub const HOSTNAMES: &str = "hostnames/";
+    pub const NODES: &str = "nodes/";
+    pub const EVENTS: &str = "events/";
+    pub const IMAGES: &str = "images/";
+    pub const OVERLAYS: &str = "overlays/";
+    pub const ARTIFACTS: &str = "artifacts/";
     /// Operators' tokens, pending enrollments and node credentials, by key prefix
-    /// (`token/`, `enroll/`, `cred/`), and every credential's hash (`hash/`), which says
-    /// whose it is: what authentication looks up.
-    identities: sled::Tree,
-    write: Mutex<()>,
-    /// Every node as last committed, by name; changed only under `write`.
-    node_index: RwLock<BTreeMap<String, Arc<Node>>>,
+    /// (`token/`, `enroll/`, `cred/`), every credential's hash (`hash/`), which says whose
+    /// it is (what authentication looks up), and the engine's secrets (`secret/`).
+    pub const IDENTITIES: &str = "identities/";
+    /// The store's own counters and version keys.
+    pub const META: &str = "meta/";
+    /// The sequence number the next event gets.
+    pub const EVENT_SEQ: &str = "event-seq";
+    /// Written by every commit that creates or deletes a tier: what a scan of the tiers
+    /// guards.
+    pub const TIER_SET: &str = "tier-set";
+}
+
+/// How many of the newest events the daemon keeps ([`Store::trim_events`]): a bound on
+/// the log however long the daemon runs, and more than a day of a busy site's changes.
+pub const EVENTS_KEPT: u64 = 100_000;
+
+/// How often a transaction runs again after its commit lost a race before it gives up.
+const MAX_ATTEMPTS: u32 = 64;
+
+/// The state, over a key-value backend.
+pub struct Store {
+    kv: Arc<dyn Kv>,
+    /// Writers of this process take turns, so that they do not make each other's commits
+    /// lose races and run again. The guards, not this lock, keep the invariants.
+    turn: Mutex<()>,
+    /// Every node as last committed, by name, by any writer: refreshed after this
+    /// store's own commits and fed by a watch on the backend.
+    node_index: Arc<RwLock<node_index::NodeIndex>>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -88,8 +127,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// An instance's key: tier name, a NUL, the index big-endian, so a tier's instances are
-/// one ordered range.
+/// An instance's key within its prefix: tier name, a NUL, the index big-endian, so a
+/// tier's instances are one ordered range.
 fn instance_key(id: &InstanceId) -> Vec<u8> {
     let mut k = id.tier.as_bytes().to_vec();
     k.push(0);
@@ -100,6 +139,12 @@ fn instance_key(id: &InstanceId) -> Vec<u8> {
 fn tier_prefix(tier: &str) -> Vec<u8> {
     let mut k = tier.as_bytes().to_vec();
     k.push(0);
+    k
+}
+
+fn full_key(prefix: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = prefix.as_bytes().to_vec();
+    k.extend_from_slice(key);
     k
 }
 
@@ -129,46 +174,230 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether sled failed to open because another handle holds the directory's lock (sled
-/// reports it as an I/O error whose text names the lock).
-fn is_lock_held(e: &sled::Error) -> bool {
-    matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock"))
+type TxResult<T> = std::result::Result<T, StoreError>;
+
+fn refuse<T>(message: String) -> TxResult<T> {
+    Err(StoreError::Refused(message))
 }
 
-/// The trees one transaction touches.
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(e)
+}
+
+/// One attempt at a transaction: what it read (with the revision it saw, `None` for a key
+/// that was absent) and what it will write, applied over the reads so that it sees its
+/// own writes.
+struct Attempt<'a> {
+    kv: &'a dyn Kv,
+    reads: RefCell<HashMap<Vec<u8>, Option<Rev>>>,
+    writes: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// The next event's sequence number, once the transaction has read it.
+    next_seq: Cell<Option<u64>>,
+    /// Which run of the transaction this is (1 for the first).
+    run: u32,
+}
+
+impl<'a> Attempt<'a> {
+    fn new(kv: &'a dyn Kv, run: u32) -> Self {
+        Attempt {
+            run,
+            kv,
+            reads: RefCell::new(HashMap::new()),
+            writes: RefCell::new(BTreeMap::new()),
+            next_seq: Cell::new(None),
+        }
+    }
+
+    fn storage(&self, e: KvError) -> StoreError {
+        kv_error(self.kv, e)
+    }
+
+    fn note_read(&self, key: &[u8], e: Option<&Entry>) {
+        self.reads
+            .borrow_mut()
+            .entry(key.to_vec())
+            .or_insert(e.map(|e| e.mod_rev));
+    }
+
+    fn get(&self, key: &[u8]) -> TxResult<Option<Vec<u8>>> {
+        if let Some(w) = self.writes.borrow().get(key) {
+            return Ok(w.clone());
+        }
+        let e = self.kv.get(key).map_err(|e| self.storage(e))?;
+        self.note_read(key, e.as_ref());
+        Ok(e.map(|e| e.value))
+    }
+
+    /// Every key under `prefix`, as this transaction sees it. Each key listed is guarded;
+    /// a key added under the prefix by another writer is not, so a caller whose rule
+    /// depends on the whole set also reads a version key that such writers write.
+    fn scan(&self, prefix: &[u8]) -> TxResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        let (entries, _) = self
+            .kv
+            .range(prefix, &prefix_end(prefix), usize::MAX, None)
+            .map_err(|e| self.storage(e))?;
+        let mut out: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for e in entries {
+            self.note_read(&e.key, Some(&e));
+            out.insert(e.key, e.value);
+        }
+        for (k, w) in self.writes.borrow().range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match w {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Every value under `prefix` as committed, guarding none of them: for a caller
+    /// whose rule depends on records that never change once written, guarded by a
+    /// version key instead.
+    fn scan_unguarded(&self, prefix: &[u8]) -> TxResult<Vec<Vec<u8>>> {
+        let (entries, _) = self
+            .kv
+            .range(prefix, &prefix_end(prefix), usize::MAX, None)
+            .map_err(|e| self.storage(e))?;
+        Ok(entries.into_iter().map(|e| e.value).collect())
+    }
+
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.borrow_mut().insert(key, Some(value));
+    }
+
+    fn delete(&self, key: Vec<u8>) {
+        self.writes.borrow_mut().insert(key, None);
+    }
+
+    /// The commit: a guard for every key read, then every write.
+    fn into_commit(self) -> (Vec<Guard>, Vec<Op>) {
+        let guards = self
+            .reads
+            .into_inner()
+            .into_iter()
+            .map(|(k, rev)| match rev {
+                Some(r) => Guard::ModRev(k, r),
+                None => Guard::Absent(k),
+            })
+            .collect();
+        let ops = self
+            .writes
+            .into_inner()
+            .into_iter()
+            .map(|(k, v)| match v {
+                Some(v) => Op::Put(k, v),
+                None => Op::Delete(k),
+            })
+            .collect();
+        (guards, ops)
+    }
+}
+
+fn kv_error(kv: &dyn Kv, e: KvError) -> StoreError {
+    match e {
+        KvError::Corrupt(m) => StoreError::Corrupt(m),
+        e => StoreError::Storage {
+            path: kv.describe(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// One kind of record within a transaction: the keys under one prefix.
+struct Tree<'t> {
+    at: &'t Attempt<'t>,
+    prefix: &'static str,
+}
+
+impl Tree<'_> {
+    fn get(&self, key: impl AsRef<[u8]>) -> TxResult<Option<Vec<u8>>> {
+        self.at.get(&full_key(self.prefix, key.as_ref()))
+    }
+    /// Sets `key` and returns what it held before.
+    fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> TxResult<Option<Vec<u8>>> {
+        let k = full_key(self.prefix, key.as_ref());
+        let old = self.at.get(&k)?;
+        self.at.put(k, value.as_ref().to_vec());
+        Ok(old)
+    }
+    /// Sets `key` on condition that it is absent when the commit lands, without reading it
+    /// first (a read is a round trip to etcd): for keys that are almost always free.
+    fn claim(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let k = full_key(self.prefix, key.as_ref());
+        self.at.reads.borrow_mut().entry(k.clone()).or_insert(None);
+        self.at.put(k, value.as_ref().to_vec());
+    }
+    /// Sets `key` without reading it: a write no rule depends on what it replaces.
+    fn set(&self, key: impl AsRef<[u8]>, value: Vec<u8>) {
+        self.at.put(full_key(self.prefix, key.as_ref()), value);
+    }
+    fn remove(&self, key: impl AsRef<[u8]>) -> TxResult<()> {
+        self.at.delete(full_key(self.prefix, key.as_ref()));
+        Ok(())
+    }
+    /// Every record under `key_prefix` within this kind, in key order.
+    fn scan<T: DeserializeOwned>(&self, key_prefix: &[u8]) -> TxResult<Vec<T>> {
+        self.at
+            .scan(&full_key(self.prefix, key_prefix))?
+            .iter()
+            .map(|(_, v)| decode(v))
+            .collect()
+    }
+}
+
+/// The kinds of record one transaction touches.
 struct Tx<'a> {
-    tiers: &'a TransactionalTree,
-    instances: &'a TransactionalTree,
-    addresses: &'a TransactionalTree,
-    hostnames: &'a TransactionalTree,
-    nodes: &'a TransactionalTree,
-    events: &'a TransactionalTree,
-    identities: &'a TransactionalTree,
+    at: &'a Attempt<'a>,
+    tiers: Tree<'a>,
+    instances: Tree<'a>,
+    addresses: Tree<'a>,
+    hostnames: Tree<'a>,
+    nodes: Tree<'a>,
+    events: Tree<'a>,
+    images: Tree<'a>,
+    identities: Tree<'a>,
+    meta: Tree<'a>,
+    minting: Tree<'a>,
+    deleting: Tree<'a>,
     /// Who the transaction acts for, recorded in its events.
     by: &'a str,
 }
 
-type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
-
-fn refuse<T>(message: String) -> TxResult<T> {
-    abort(StoreError::Refused(message))
-}
-
-impl Tx<'_> {
-    fn get<T: DeserializeOwned>(tree: &TransactionalTree, key: &[u8]) -> TxResult<Option<T>> {
-        match tree.get(key)? {
-            None => Ok(None),
-            Some(b) => decode(&b)
-                .map(Some)
-                .map_err(ConflictableTransactionError::Abort),
+impl<'a> Tx<'a> {
+    fn new(at: &'a Attempt<'a>, by: &'a str) -> Self {
+        let tree = |prefix| Tree { at, prefix };
+        Tx {
+            at,
+            tiers: tree(keys::TIERS),
+            instances: tree(keys::INSTANCES),
+            addresses: tree(keys::ADDRESSES),
+            hostnames: tree(keys::HOSTNAMES),
+            nodes: tree(keys::NODES),
+            events: tree(keys::EVENTS),
+            images: tree(keys::IMAGES),
+            identities: tree(keys::IDENTITIES),
+            meta: tree(keys::META),
+            minting: tree(keys::MINTING),
+            deleting: tree(keys::DELETING),
+            by,
         }
     }
-    fn put<T: Serialize>(tree: &TransactionalTree, key: &[u8], v: &T) -> TxResult<()> {
-        tree.insert(key, encode(v))?;
+
+    fn get<T: DeserializeOwned>(tree: &Tree<'_>, key: impl AsRef<[u8]>) -> TxResult<Option<T>> {
+        match tree.get(key)? {
+            None => Ok(None),
+            Some(b) => decode(&b).map(Some),
+        }
+    }
+    fn put<T: Serialize>(tree: &Tree<'_>, key: impl AsRef<[u8]>, v: &T) -> TxResult<()> {
+        tree.set(key, encode(v));
         Ok(())
     }
     fn instance(&self, id: &InstanceId) -> TxResult<Instance> {
-        match Self::get(self.instances, &instance_key(id))? {
+        match Self::get(&self.instances, instance_key(id))? {
             Some(i) => Ok(i),
             None => abort(StoreError::NotFound {
                 what: "instance",
@@ -177,7 +406,7 @@ impl Tx<'_> {
         }
     }
     fn node(&self, name: &str) -> TxResult<Node> {
-        match Self::get(self.nodes, name.as_bytes())? {
+        match Self::get(&self.nodes, name)? {
             Some(n) => Ok(n),
             None => abort(StoreError::NotFound {
                 what: "node",
@@ -197,11 +426,113 @@ impl Tx<'_> {
         let mut n = self.node(&node)?;
         n.state = node_state;
         n.instance = None;
-        Self::put(self.nodes, node.as_bytes(), &n)?;
+        Self::put(&self.nodes, &node, &n)?;
         inst.state = to;
         inst.since_ms = now_ms();
-        Self::put(self.instances, &instance_key(&inst.id), inst)?;
+        Self::put(&self.instances, instance_key(&inst.id), inst)?;
         Ok(node)
+    }
+
+    /// Every tier, including those being minted or deleted, guarded as a set: a tier
+    /// created or deleted by another writer before this commit makes it run again. The
+    /// records themselves are not guarded one by one (a tier's name and subnet never
+    /// change), so the commit stays small however many tiers there are.
+    fn all_tiers(&self) -> TxResult<Vec<Tier>> {
+        self.meta.get(keys::TIER_SET)?;
+        let mut all = Vec::new();
+        for prefix in [keys::TIERS, keys::MINTING, keys::DELETING] {
+            for v in self.at.scan_unguarded(prefix.as_bytes())? {
+                all.push(decode(&v)?);
+            }
+        }
+        Ok(all)
+    }
+
+    /// Refuses `tier` if its image is missing, or its name or subnet clashes with any
+    /// tier's (read in the transaction, so an image deleted or a tier created meanwhile
+    /// makes it run again).
+    fn check_tier_can_join(&self, tier: &Tier) -> TxResult<()> {
+        if self.images.get(&tier.image)?.is_none() {
+            return refuse(format!(
+                "field `image`: no image `{}`; import it first",
+                tier.image
+            ));
+        }
+        if let Some(why) = new_tier_refusal(&self.all_tiers()?, tier) {
+            return refuse(why);
+        }
+        self.tier_set_changed()
+    }
+
+    /// Writes fresh instances with the addresses and host names they hold, refusing any
+    /// identity held already.
+    fn mint(&self, instances: &[Instance]) -> TxResult<()> {
+        // The first run claims every identity without reading it, so minting costs one
+        // round trip per batch; only a run after a lost race reads, to name the holder.
+        if self.at.run == 1 {
+            for i in instances {
+                let id = i.id.to_string();
+                self.addresses.claim(i.address.to_string(), &id);
+                self.hostnames.claim(&i.hostname, &id);
+                self.instances.claim(instance_key(&i.id), encode(i));
+            }
+            return Ok(());
+        }
+        for i in instances {
+            let id = i.id.to_string();
+            let addr = i.address.to_string();
+            if let Some(holder) = self.addresses.insert(&addr, &id)? {
+                return refuse(format!(
+                    "address {addr} is already held by {}",
+                    String::from_utf8_lossy(&holder)
+                ));
+            }
+            if let Some(holder) = self.hostnames.insert(&i.hostname, &id)? {
+                return refuse(format!(
+                    "host name {} is already held by {}",
+                    i.hostname,
+                    String::from_utf8_lossy(&holder)
+                ));
+            }
+            if self
+                .instances
+                .insert(instance_key(&i.id), encode(i))?
+                .is_some()
+            {
+                return refuse(format!("instance {id} exists already"));
+            }
+        }
+        Ok(())
+    }
+
+    fn tier_created(&self, tier: &Tier) -> TxResult<()> {
+        self.event(
+            Some(&tier.name),
+            "tier-created",
+            format!(
+                "tier `{}` created with {} instances minted in {}",
+                tier.name, tier.max_instances, tier.plan.subnet
+            ),
+            serde_json::json!({ "max-instances": tier.max_instances, "subnet": tier.plan.subnet }),
+        )
+    }
+
+    fn tier_deleted(&self, name: &str, count: usize) -> TxResult<()> {
+        self.event(
+            Some(name),
+            "tier-deleted",
+            format!("tier `{name}` deleted; its {count} identities are free again"),
+            serde_json::Value::Null,
+        )
+    }
+
+    /// Marks the set of tiers changed (see [`Tx::all_tiers`]).
+    fn tier_set_changed(&self) -> TxResult<()> {
+        let n = match self.meta.get(keys::TIER_SET)? {
+            Some(b) => decode::<u64>(&b)? + 1,
+            None => 1,
+        };
+        Self::put(&self.meta, keys::TIER_SET, &n)
     }
 
     fn event(
@@ -211,7 +542,15 @@ impl Tx<'_> {
         message: String,
         detail: serde_json::Value,
     ) -> TxResult<()> {
-        let seq = self.events.generate_id()?;
+        let seq = match self.at.next_seq.get() {
+            Some(s) => s,
+            None => match self.meta.get(keys::EVENT_SEQ)? {
+                Some(b) => decode(&b)?,
+                None => 0,
+            },
+        };
+        self.at.next_seq.set(Some(seq + 1));
+        Self::put(&self.meta, keys::EVENT_SEQ, &(seq + 1))?;
         let e = Event {
             seq,
             at_ms: now_ms(),
@@ -221,145 +560,247 @@ impl Tx<'_> {
             detail,
             by: Some(self.by.to_string()),
         };
-        Self::put(self.events, &seq.to_be_bytes(), &e)
+        Self::put(&self.events, seq.to_be_bytes(), &e)
     }
 }
 
+/// Where the state lives: the embedded database in a directory (the default), or an etcd
+/// cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// sled, in this directory.
+    Sled(std::path::PathBuf),
+    /// etcd, at these endpoints (`HOST:PORT`), with every key under `namespace`.
+    Etcd {
+        /// The cluster's client endpoints.
+        endpoints: Vec<String>,
+        /// The prefix of every key mint writes.
+        namespace: String,
+    },
+}
+
+/// The namespace mint's keys live under in etcd unless the URL names another.
+pub const DEFAULT_NAMESPACE: &str = "/mint/";
+
+impl Location {
+    /// Reads `--store`: `sled` (the directory `default_dir`) or
+    /// `etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]`. The error names the fix.
+    pub fn parse(s: &str, default_dir: &Path) -> std::result::Result<Location, String> {
+        if s == "sled" {
+            return Ok(Location::Sled(default_dir.to_path_buf()));
+        }
+        let usage = "give `sled` or etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]";
+        let Some(rest) = s.strip_prefix("etcd://") else {
+            return Err(format!("--store: `{s}` is not a store mint knows; {usage}"));
+        };
+        let (hosts, ns) = match rest.split_once('/') {
+            Some((h, ns)) => (h, ns.trim_matches('/')),
+            None => (rest, ""),
+        };
+        if hosts.is_empty() {
+            return Err(format!("--store: `{s}` names no endpoint; {usage}"));
+        }
+        let namespace = match ns {
+            "" => DEFAULT_NAMESPACE.to_string(),
+            ns => format!("/{ns}/"),
+        };
+        let mut endpoints = Vec::new();
+        for e in hosts.split(',') {
+            let addr: std::net::SocketAddr = e
+                .parse()
+                .map_err(|_| format!("--store: etcd endpoint `{e}` is not an IP:PORT; {usage}"))?;
+            // State holds credentials' hashes and the engine's secrets, and this client
+            // speaks to etcd without TLS: it stays on this machine.
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "--store: etcd endpoint `{e}` is not on loopback; mint talks to etcd without TLS, so it reaches only an etcd on this machine (or a loopback proxy that adds TLS)"
+                ));
+            }
+            endpoints.push(addr.to_string());
+        }
+        Ok(Location::Etcd {
+            endpoints,
+            namespace,
+        })
+    }
+}
+
+fn on_nodes_refusal(name: &str, on_nodes: usize) -> String {
+    format!("tier `{name}` has {on_nodes} instances on nodes; scale it to 0 first")
+}
+
+/// Why `tier` cannot join `others`: its name is taken or its subnet overlaps another's.
+fn new_tier_refusal(others: &[Tier], tier: &Tier) -> Option<String> {
+    for other in others {
+        if other.name == tier.name {
+            return Some(format!(
+                "a tier named `{}` exists; choose another `name` or delete it first",
+                tier.name
+            ));
+        }
+        if other.plan.subnet.overlaps(&tier.plan.subnet) {
+            return Some(format!(
+                "field `subnet`: {} overlaps {} of tier `{}`; give each tier its own subnet",
+                tier.plan.subnet, other.plan.subnet, other.name
+            ));
+        }
+    }
+    None
+}
+
 impl Store {
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the embedded database in `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         let path = dir.display().to_string();
-        let storage = |e: sled::Error| StoreError::Storage {
+        let kv = kv::SledKv::open(dir).map_err(|e| StoreError::Storage {
             path: path.clone(),
             message: e.to_string(),
-        };
-        // sled locks its directory. A store closed a moment ago (a restart in the same
-        // process, or a previous daemon still exiting) releases the lock only when its
-        // background flusher stops, so a held lock is retried for a bounded time before it
-        // is reported as another process using the state.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let db = loop {
-            match sled::open(dir) {
-                Ok(db) => break db,
-                Err(e) if is_lock_held(&e) && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) if is_lock_held(&e) => {
-                    return Err(StoreError::Storage {
-                        path: path.clone(),
-                        message: "another process (a running mint daemon?) holds this state directory; stop it or choose another --data-dir".into(),
-                    });
-                }
-                Err(e) => return Err(storage(e)),
-            }
-        };
-        let tree = |name: &str| db.open_tree(name).map_err(storage);
-        let store = Store {
-            tiers: tree("tiers")?,
-            instances: tree("instances")?,
-            addresses: tree("addresses")?,
-            hostnames: tree("hostnames")?,
-            nodes: tree("nodes")?,
-            events: tree("events")?,
-            images: tree("images")?,
-            overlays: tree("overlays")?,
-            artifacts: tree("artifacts")?,
-            identities: tree("identities")?,
-            path: path.clone(),
-            db,
-            write: Mutex::new(()),
-            node_index: RwLock::new(BTreeMap::new()),
-        };
-        let all: Vec<Node> = store.all(store.nodes.iter())?;
-        *store.node_index.write().unwrap_or_else(|p| p.into_inner()) = all
-            .into_iter()
-            .map(|n| (n.name.clone(), Arc::new(n)))
-            .collect();
-        Ok(store)
+        })?;
+        if kv.has_old_layout() {
+            return Err(StoreError::Storage {
+                path,
+                message: "this state directory was written by a mint from before the key-value store (one sled tree per record kind); export what you need with that mint, then start on an empty --data-dir".into(),
+            });
+        }
+        Store::with_kv(Arc::new(kv))
     }
 
-    /// Re-reads the named nodes from the database into the in-memory index after a commit
-    /// that may have changed them. Called with the write lock held, so no commit can land
-    /// between the read and the update.
+    /// Opens the store at `location`.
+    pub fn open_at(location: &Location) -> Result<Store> {
+        match location {
+            Location::Sled(dir) => Store::open(dir),
+            Location::Etcd {
+                endpoints,
+                namespace,
+            } => {
+                let kv = etcd::EtcdKv::connect(endpoints, namespace).map_err(|e| {
+                    StoreError::Storage {
+                        path: format!("etcd://{}", endpoints.join(",")),
+                        message: e.to_string(),
+                    }
+                })?;
+                Store::with_kv(Arc::new(kv))
+            }
+        }
+    }
+
+    /// Where this store's state is (a path or `etcd://` endpoints).
+    pub fn describe(&self) -> String {
+        self.kv.describe()
+    }
+
+    /// The store over any key-value backend.
+    pub fn with_kv(kv: Arc<dyn Kv>) -> Result<Store> {
+        let index = Arc::new(RwLock::new(node_index::NodeIndex::default()));
+        let rev = node_index::load(kv.as_ref(), keys::NODES, &index)?;
+        node_index::follow(
+            Arc::downgrade(&kv),
+            keys::NODES,
+            Arc::downgrade(&index),
+            rev + 1,
+        )
+        .map_err(|e| StoreError::Storage {
+            path: kv.describe(),
+            message: format!("cannot start the thread that follows the node inventory: {e}"),
+        })?;
+        Ok(Store {
+            kv,
+            turn: Mutex::new(()),
+            node_index: index,
+        })
+    }
+
+    /// Re-reads the named nodes into the in-memory index after a commit that may have
+    /// changed them, so this store reads its own writes without waiting for the watch.
     fn refresh_nodes<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<()> {
-        let mut fresh = Vec::new();
         for name in names {
-            let node = match self
-                .nodes
-                .get(name.as_bytes())
-                .map_err(|e| self.storage(e))?
-            {
-                Some(b) => Some(Arc::new(decode::<Node>(&b)?)),
+            let key = full_key(keys::NODES, name.as_bytes());
+            let mut end = key.clone();
+            end.push(0);
+            let (found, rev) = self
+                .kv
+                .range(&key, &end, 1, None)
+                .map_err(|e| self.storage(e))?;
+            let node = match found.first() {
+                Some(e) => Some(decode::<Node>(&e.value)?),
                 None => None,
             };
-            fresh.push((name.to_string(), node));
-        }
-        let mut index = self.node_index.write().unwrap_or_else(|p| p.into_inner());
-        for (name, node) in fresh {
-            match node {
-                Some(n) => index.insert(name, n),
-                None => index.remove(&name),
-            };
+            self.node_index
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .apply(name, rev, node);
         }
         Ok(())
     }
 
-    fn storage(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Storage {
-            path: self.path.clone(),
-            message: e.to_string(),
-        }
+    fn storage(&self, e: KvError) -> StoreError {
+        kv_error(self.kv.as_ref(), e)
     }
 
-    /// Runs `f` as one transaction over every tree for the engine itself, then makes it
-    /// durable.
+    /// Runs `f` as one transaction for the engine itself.
     fn transact<T>(&self, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
         self.transact_as(ENGINE, f)
     }
 
-    /// [`Store::transact`] for the identity `by`, which its events record.
+    /// Runs `f` as one transaction for the identity `by`, which its events record: `f`
+    /// reads and writes through its [`Tx`], and the commit lands only if nothing `f` read
+    /// has changed since; otherwise `f` runs again on the new state. An error from `f`
+    /// writes nothing.
     fn transact_as<T>(&self, by: &str, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
-        let r = (
-            &self.tiers,
-            &self.instances,
-            &self.addresses,
-            &self.hostnames,
-            &self.nodes,
-            &self.events,
-            &self.identities,
-        )
-            .transaction(
-                |(tiers, instances, addresses, hostnames, nodes, events, identities)| {
-                    f(&Tx {
-                        tiers,
-                        instances,
-                        addresses,
-                        hostnames,
-                        nodes,
-                        events,
-                        identities,
-                        by,
-                    })
-                },
-            );
-        let value = match r {
-            Ok(v) => v,
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(self.storage(e)),
-        };
-        // An acknowledged change must survive a crash: flush before answering.
-        self.db.flush().map_err(|e| self.storage(e))?;
-        Ok(value)
+        let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        for attempt in 1..=MAX_ATTEMPTS {
+            let at = Attempt::new(self.kv.as_ref(), attempt);
+            let value = f(&Tx::new(&at, by))?;
+            let (guards, ops) = at.into_commit();
+            if ops.is_empty() {
+                return Ok(value);
+            }
+            match self.kv.commit(&guards, &ops) {
+                Ok(_) => return Ok(value),
+                Err(KvError::Conflict) => {
+                    // Another writer landed first; a short, growing pause spreads the
+                    // writers that raced out.
+                    std::thread::sleep(std::time::Duration::from_micros(
+                        50 * u64::from(attempt.min(20)),
+                    ));
+                }
+                Err(e) => return Err(self.storage(e)),
+            }
+        }
+        Err(StoreError::Storage {
+            path: self.kv.describe(),
+            message: format!(
+                "a change lost the race to other writers {MAX_ATTEMPTS} times; try again"
+            ),
+        })
+    }
+
+    /// Writes without guards, outside any transaction: for records no rule depends on
+    /// (content-addressed overlays, derived artifacts).
+    fn write(&self, ops: Vec<Op>) -> Result<()> {
+        self.kv
+            .commit(&[], &ops)
+            .map(|_| ())
+            .map_err(|e| self.storage(e))
+    }
+
+    /// One key's bytes, as of now.
+    fn raw(&self, prefix: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .kv
+            .get(&full_key(prefix, key))
+            .map_err(|e| self.storage(e))?
+            .map(|e| e.value))
     }
 
     /// One record by key, or `NotFound` naming `what`.
     fn get_one<T: DeserializeOwned>(
         &self,
-        tree: &sled::Tree,
+        prefix: &str,
         key: &str,
         what: &'static str,
     ) -> Result<T> {
-        match tree.get(key.as_bytes()).map_err(|e| self.storage(e))? {
+        match self.raw(prefix, key.as_bytes())? {
             Some(b) => decode(&b),
             None => Err(StoreError::NotFound {
                 what,
@@ -368,36 +809,29 @@ impl Store {
         }
     }
 
-    /// Every record of a tree (or of a key prefix of it), in key order.
-    fn all<T: DeserializeOwned>(&self, iter: sled::Iter) -> Result<Vec<T>> {
-        iter.values()
-            .map(|v| decode(&v.map_err(|e| self.storage(e))?))
-            .collect()
+    /// Every entry under a kind's prefix followed by `key_prefix`, in key order.
+    fn entries(&self, prefix: &str, key_prefix: &[u8]) -> Result<Vec<Entry>> {
+        let start = full_key(prefix, key_prefix);
+        Ok(self
+            .kv
+            .range(&start, &prefix_end(&start), usize::MAX, None)
+            .map_err(|e| self.storage(e))?
+            .0)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        // A writer that panicked left no partial transaction behind, so the lock's
-        // poisoning carries no meaning here.
-        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    /// Every record of a kind (or of a key prefix within it), in key order.
+    fn all<T: DeserializeOwned>(&self, prefix: &str, key_prefix: &[u8]) -> Result<Vec<T>> {
+        self.entries(prefix, key_prefix)?
+            .iter()
+            .map(|e| decode(&e.value))
+            .collect()
     }
 
     /// Stores a tier with all K of its minted instances, in one transaction. Refused, with
     /// nothing written, if the name is taken, the plan overlaps another tier's, the instance
     /// count differs from K, or an address or host name is already held.
     pub fn create_tier(&self, tier: &Tier, instances: &[Instance], by: &str) -> Result<()> {
-        let _w = self.lock();
         self.check_new_tier(tier)?;
-        // Checked under the write lock, which deleting an image also takes.
-        if !self
-            .images
-            .contains_key(tier.image.as_bytes())
-            .map_err(|e| self.storage(e))?
-        {
-            return Err(StoreError::Refused(format!(
-                "field `image`: no image `{}`; import it first",
-                tier.image
-            )));
-        }
         if instances.len() != tier.max_instances as usize {
             return Err(StoreError::Refused(format!(
                 "tier `{}` has max-instances {} but {} instances were minted",
@@ -406,112 +840,240 @@ impl Store {
                 instances.len()
             )));
         }
+        if let Some(i) = instances.iter().find(|i| {
+            i.id.tier != tier.name || i.state != InstanceState::Pooled || i.node.is_some()
+        }) {
+            return Err(StoreError::Refused(format!(
+                "instance {} is not a fresh pooled instance of tier `{}`",
+                i.id, tier.name
+            )));
+        }
+        // Three writes per instance, and a few for the tier and its event.
+        if 3 * instances.len() + 8 <= self.kv.max_ops() {
+            return self.transact_as(by, |tx| {
+                tx.check_tier_can_join(tier)?;
+                Tx::put(&tx.tiers, &tier.name, tier)?;
+                tx.mint(instances)?;
+                tx.tier_created(tier)
+            });
+        }
+        // Too many for one commit of this backend: the tier is recorded as minting, its
+        // instances are written in batches, and one last commit makes it a tier. Until
+        // then nothing sees it as a tier; if this stops half-way, whoever opens the store
+        // next removes what was written (`finish_interrupted`).
         self.transact_as(by, |tx| {
-            Tx::put(tx.tiers, tier.name.as_bytes(), tier)?;
-            for i in instances {
-                let id = i.id.to_string();
-                if i.id.tier != tier.name || i.state != InstanceState::Pooled || i.node.is_some() {
-                    return refuse(format!("instance {id} is not a fresh pooled instance of tier `{}`", tier.name));
+            tx.check_tier_can_join(tier)?;
+            Tx::put(&tx.minting, &tier.name, tier)
+        })?;
+        for batch in instances.chunks(self.batch(3)) {
+            let written = self.transact_as(by, |tx| {
+                if tx.minting.get(&tier.name)?.is_none() {
+                    return refuse(format!("the creation of tier `{}` was abandoned while it was minted; create it again", tier.name));
                 }
-                let addr = i.address.to_string();
-                if let Some(holder) = tx.addresses.insert(addr.as_bytes(), id.as_bytes())? {
-                    return refuse(format!("address {addr} is already held by {}", String::from_utf8_lossy(&holder)));
-                }
-                if let Some(holder) = tx.hostnames.insert(i.hostname.as_bytes(), id.as_bytes())? {
-                    return refuse(format!("host name {} is already held by {}", i.hostname, String::from_utf8_lossy(&holder)));
-                }
-                Tx::put(tx.instances, &instance_key(&i.id), i)?;
+                tx.mint(batch)
+            });
+            if let Err(e) = written {
+                self.abandon_minting(&tier.name, by, None)?;
+                return Err(e);
             }
-            tx.event(
-                Some(&tier.name),
-                "tier-created",
-                format!("tier `{}` created with {} instances minted in {}", tier.name, tier.max_instances, tier.plan.subnet),
-                serde_json::json!({ "max-instances": tier.max_instances, "subnet": tier.plan.subnet }),
-            )
+        }
+        self.transact_as(by, |tx| {
+            if tx.minting.get(&tier.name)?.is_none() {
+                return refuse(format!(
+                    "the creation of tier `{}` was abandoned while it was minted; create it again",
+                    tier.name
+                ));
+            }
+            tx.minting.remove(&tier.name)?;
+            Tx::put(&tx.tiers, &tier.name, tier)?;
+            tx.tier_created(tier)
         })
+    }
+
+    /// How many items of `ops_each` writes one commit of this backend takes, leaving room
+    /// for the records every commit may write besides (an event and its counter).
+    fn batch(&self, ops_each: usize) -> usize {
+        (self.kv.max_ops().saturating_sub(8) / ops_each).max(1)
+    }
+
+    /// Removes a tier being minted and every instance written for it (in batches), with
+    /// the event that says why, if `why` is given.
+    fn abandon_minting(&self, name: &str, by: &str, why: Option<&str>) -> Result<()> {
+        self.remove_instances(name, by)?;
+        self.transact_as(by, |tx| {
+            tx.minting.remove(name)?;
+            tx.tier_set_changed()?;
+            match why {
+                Some(why) => tx.event(
+                    Some(name),
+                    "tier-abandoned",
+                    format!("the creation of tier `{name}` did not finish ({why}); the instances written for it were removed, and its identities are free"),
+                    serde_json::Value::Null,
+                ),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// Deletes a tier's instances and the addresses and host names they hold, in
+    /// batches. An index key is deleted only while it still names the instance, so a
+    /// collision with another tier never frees that tier's identity.
+    fn remove_instances(&self, tier: &str, by: &str) -> Result<()> {
+        let per = self.batch(4);
+        loop {
+            let start = full_key(keys::INSTANCES, &tier_prefix(tier));
+            let (batch, _) = self
+                .kv
+                .range(&start, &prefix_end(&start), per, None)
+                .map_err(|e| self.storage(e))?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            self.transact_as(by, |tx| {
+                for e in &batch {
+                    let Some(i) =
+                        Tx::get::<Instance>(&tx.instances, &e.key[keys::INSTANCES.len()..])?
+                    else {
+                        continue;
+                    };
+                    let id = i.id.to_string();
+                    tx.instances.remove(instance_key(&i.id))?;
+                    if tx.addresses.get(i.address.to_string())?.as_deref() == Some(id.as_bytes()) {
+                        tx.addresses.remove(i.address.to_string())?;
+                    }
+                    if tx.hostnames.get(&i.hostname)?.as_deref() == Some(id.as_bytes()) {
+                        tx.hostnames.remove(&i.hostname)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    /// Finishes what a writer that stopped half-way left: a tier still minting is
+    /// removed with the instances written for it (the request that minted them is gone,
+    /// so a tier ends with 0 or K instances), and a tier being deleted is deleted. Run by
+    /// whoever opens the store to act on it. Returns what it did, one line each.
+    pub fn finish_interrupted(&self) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        for t in self.all::<Tier>(keys::MINTING, b"")? {
+            self.abandon_minting(&t.name, ENGINE, Some("its writer stopped"))?;
+            done.push(format!(
+                "removed tier `{}`, whose minting was interrupted",
+                t.name
+            ));
+        }
+        for t in self.all::<Tier>(keys::DELETING, b"")? {
+            self.finish_delete(&t.name, ENGINE, t.max_instances as usize)?;
+            done.push(format!("finished deleting tier `{}`", t.name));
+        }
+        Ok(done)
     }
 
     /// Records an imported master image (idempotent: the digest names the content).
     pub fn put_image(&self, image: &Image) -> Result<()> {
-        let _w = self.lock();
-        self.images
-            .insert(image.digest.as_bytes(), encode(image))
-            .map_err(|e| self.storage(e))?;
-        self.db.flush().map_err(|e| self.storage(e))?;
-        Ok(())
+        self.write(vec![Op::Put(
+            full_key(keys::IMAGES, image.digest.as_bytes()),
+            encode(image),
+        )])
     }
 
     /// Deletes an image's record. Refused while any tier uses it, naming the tiers.
     pub fn delete_image(&self, digest: &str, by: &str) -> Result<Image> {
-        let _w = self.lock();
-        let image: Image = self.get_one(&self.images, digest, "image")?;
-        let users: Vec<String> = self
-            .tiers()?
-            .into_iter()
-            .filter(|t| t.image == digest)
-            .map(|t| t.name)
-            .collect();
-        if !users.is_empty() {
-            return Err(StoreError::Refused(format!(
-                "image {} ({}) is the master of tier(s) {}; delete those tiers first",
-                image.name,
-                digest,
-                users.join(", ")
-            )));
-        }
-        self.images
-            .remove(digest.as_bytes())
-            .map_err(|e| self.storage(e))?;
         self.transact_as(by, |tx| {
+            let Some(image) = Tx::get::<Image>(&tx.images, digest)? else {
+                return abort(StoreError::NotFound {
+                    what: "image",
+                    name: digest.into(),
+                });
+            };
+            let users: Vec<String> = tx
+                .all_tiers()?
+                .into_iter()
+                .filter(|t| t.image == digest)
+                .map(|t| t.name)
+                .collect();
+            if !users.is_empty() {
+                return refuse(format!(
+                    "image {} ({}) is the master of tier(s) {}; delete those tiers first",
+                    image.name,
+                    digest,
+                    users.join(", ")
+                ));
+            }
+            tx.images.remove(digest)?;
             tx.event(
                 None,
                 "image-deleted",
                 format!("image {} ({digest}) deleted", image.name),
                 serde_json::Value::Null,
-            )
-        })?;
-        Ok(image)
+            )?;
+            Ok(image)
+        })
     }
 
     /// Every overlay digest stored.
     pub fn overlay_digests(&self) -> Result<Vec<String>> {
-        self.overlays
+        Ok(self
+            .entries(keys::OVERLAYS, b"")?
             .iter()
-            .keys()
-            .map(|k| Ok(String::from_utf8_lossy(&k.map_err(|e| self.storage(e))?).into_owned()))
-            .collect()
+            .map(|e| String::from_utf8_lossy(&e.key[keys::OVERLAYS.len()..]).into_owned())
+            .collect())
     }
 
     /// Removes overlays no instance refers to any more. The caller computes `unused` with
     /// no tier being created meanwhile (the daemon holds its operation lock).
     pub fn remove_overlays(&self, unused: &[String]) -> Result<()> {
-        let _w = self.lock();
-        for d in unused {
-            self.overlays
-                .remove(d.as_bytes())
-                .map_err(|e| self.storage(e))?;
+        if unused.is_empty() {
+            return Ok(());
         }
-        self.db.flush().map_err(|e| self.storage(e))?;
-        Ok(())
+        self.write(
+            unused
+                .iter()
+                .map(|d| Op::Delete(full_key(keys::OVERLAYS, d.as_bytes())))
+                .collect(),
+        )
     }
 
     /// Every image, by digest.
     pub fn images(&self) -> Result<Vec<Image>> {
-        self.all(self.images.iter())
+        self.all(keys::IMAGES, b"")
     }
 
     /// One image, by digest.
     pub fn image(&self, digest: &str) -> Result<Image> {
-        self.get_one(&self.images, digest, "image")
+        self.get_one(keys::IMAGES, digest, "image")
     }
 
     /// Stores an instance's customization overlay under its digest. Overlays are content
     /// addressed, so instances with identical edits share one, and writing one twice is
-    /// harmless; they are made durable with the tier that refers to them.
+    /// harmless.
     pub fn put_overlay(&self, digest: &str, bytes: &[u8]) -> Result<()> {
-        self.overlays
-            .insert(digest.as_bytes(), bytes)
-            .map_err(|e| self.storage(e))?;
+        self.write(vec![Op::Put(
+            full_key(keys::OVERLAYS, digest.as_bytes()),
+            bytes.to_vec(),
+        )])
+    }
+
+    /// Stores several overlays as [`Store::put_overlay`] does, in as few commits as the
+    /// backend takes (by count, and under 1 MiB of overlays each).
+    pub fn put_overlays(&self, overlays: &[(String, Vec<u8>)]) -> Result<()> {
+        let mut batch: Vec<Op> = Vec::new();
+        let mut bytes = 0;
+        for (digest, data) in overlays {
+            if !batch.is_empty() && (batch.len() >= self.batch(1) || bytes + data.len() > 1 << 20) {
+                self.write(std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
+            bytes += data.len();
+            batch.push(Op::Put(
+                full_key(keys::OVERLAYS, digest.as_bytes()),
+                data.clone(),
+            ));
+        }
+        if !batch.is_empty() {
+            self.write(batch)?;
+        }
         Ok(())
     }
 
@@ -519,130 +1081,148 @@ impl Store {
     /// filesystem from its master and overlay) is the blob `digest`. Artifacts are derived
     /// data: losing this record only means building the artifact again.
     pub fn put_artifact(&self, key: &str, digest: &str) -> Result<()> {
-        self.artifacts
-            .insert(key.as_bytes(), digest.as_bytes())
-            .map_err(|e| self.storage(e))?;
-        Ok(())
+        self.write(vec![Op::Put(
+            full_key(keys::ARTIFACTS, key.as_bytes()),
+            digest.as_bytes().to_vec(),
+        )])
     }
 
     /// The blob built for `key`, if one was recorded.
     pub fn artifact(&self, key: &str) -> Result<Option<String>> {
         Ok(self
-            .artifacts
-            .get(key.as_bytes())
-            .map_err(|e| self.storage(e))?
+            .raw(keys::ARTIFACTS, key.as_bytes())?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Every recorded artifact, as (key, digest).
     pub fn artifacts(&self) -> Result<Vec<(String, String)>> {
-        self.artifacts
-            .iter()
-            .map(|r| {
-                let (k, v) = r.map_err(|e| self.storage(e))?;
-                Ok((
-                    String::from_utf8_lossy(&k).into_owned(),
-                    String::from_utf8_lossy(&v).into_owned(),
-                ))
+        Ok(self
+            .entries(keys::ARTIFACTS, b"")?
+            .into_iter()
+            .map(|e| {
+                (
+                    String::from_utf8_lossy(&e.key[keys::ARTIFACTS.len()..]).into_owned(),
+                    String::from_utf8_lossy(&e.value).into_owned(),
+                )
             })
-            .collect()
+            .collect())
     }
 
     /// Forgets the artifact recorded for `key`.
     pub fn forget_artifact(&self, key: &str) -> Result<()> {
-        self.artifacts
-            .remove(key.as_bytes())
-            .map_err(|e| self.storage(e))?;
-        Ok(())
+        self.write(vec![Op::Delete(full_key(keys::ARTIFACTS, key.as_bytes()))])
     }
 
     /// An overlay's bytes.
     pub fn overlay(&self, digest: &str) -> Result<Vec<u8>> {
-        match self
-            .overlays
-            .get(digest.as_bytes())
-            .map_err(|e| self.storage(e))?
-        {
-            Some(b) => Ok(b.to_vec()),
-            None => Err(StoreError::NotFound {
+        self.raw(keys::OVERLAYS, digest.as_bytes())?
+            .ok_or_else(|| StoreError::NotFound {
                 what: "overlay",
                 name: digest.into(),
-            }),
-        }
+            })
     }
 
     /// Deletes a tier whose instances are all off nodes, freeing its addresses and host
     /// names for other tiers. Refused while any instance holds a node.
     pub fn delete_tier(&self, name: &str, by: &str) -> Result<()> {
-        let _w = self.lock();
-        self.tier(name)?;
-        let instances = self.instances(name)?;
-        let on_nodes = instances.iter().filter(|i| i.state.holds_node()).count();
-        if on_nodes > 0 {
-            return Err(StoreError::Refused(format!(
-                "tier `{name}` has {on_nodes} instances on nodes; scale it to 0 first"
-            )));
+        let t = self.tier(name)?;
+        if 4 * t.max_instances as usize + 8 <= self.kv.max_ops() {
+            return self.transact_as(by, |tx| {
+                if tx.tiers.get(name)?.is_none() {
+                    return abort(StoreError::NotFound {
+                        what: "tier",
+                        name: name.into(),
+                    });
+                }
+                let instances: Vec<Instance> = tx.instances.scan(&tier_prefix(name))?;
+                let on_nodes = instances.iter().filter(|i| i.state.holds_node()).count();
+                if on_nodes > 0 {
+                    return refuse(on_nodes_refusal(name, on_nodes));
+                }
+                for i in &instances {
+                    tx.instances.remove(instance_key(&i.id))?;
+                    tx.addresses.remove(i.address.to_string())?;
+                    tx.hostnames.remove(&i.hostname)?;
+                }
+                tx.tiers.remove(name)?;
+                tx.tier_set_changed()?;
+                tx.tier_deleted(name, instances.len())
+            });
         }
+        // Too many instances for one commit: the tier leaves the tiers first, so nothing
+        // binds its instances from then on (a bind reads the tier record and is guarded
+        // by it); then, with the set of instances on nodes only able to shrink, one look
+        // says whether any still holds a node.
         self.transact_as(by, |tx| {
-            for i in &instances {
-                tx.instances.remove(instance_key(&i.id))?;
-                tx.addresses.remove(i.address.to_string().as_bytes())?;
-                tx.hostnames.remove(i.hostname.as_bytes())?;
-            }
-            tx.tiers.remove(name.as_bytes())?;
-            tx.event(
-                Some(name),
-                "tier-deleted",
-                format!(
-                    "tier `{name}` deleted; its {} identities are free again",
-                    instances.len()
-                ),
-                serde_json::Value::Null,
-            )
+            let Some(t) = Tx::get::<Tier>(&tx.tiers, name)? else {
+                return abort(StoreError::NotFound {
+                    what: "tier",
+                    name: name.into(),
+                });
+            };
+            tx.tiers.remove(name)?;
+            Tx::put(&tx.deleting, name, &t)?;
+            tx.tier_set_changed()
+        })?;
+        let on_nodes = self
+            .instances(name)?
+            .iter()
+            .filter(|i| i.state.holds_node())
+            .count();
+        if on_nodes > 0 {
+            self.transact_as(by, |tx| {
+                if let Some(t) = Tx::get::<Tier>(&tx.deleting, name)? {
+                    tx.deleting.remove(name)?;
+                    Tx::put(&tx.tiers, name, &t)?;
+                    tx.tier_set_changed()?;
+                }
+                Ok(())
+            })?;
+            return Err(StoreError::Refused(on_nodes_refusal(name, on_nodes)));
+        }
+        self.finish_delete(name, by, t.max_instances as usize)
+    }
+
+    /// Removes a tier in `deleting/` with its instances, and records that it is gone.
+    fn finish_delete(&self, name: &str, by: &str, count: usize) -> Result<()> {
+        self.remove_instances(name, by)?;
+        self.transact_as(by, |tx| {
+            tx.deleting.remove(name)?;
+            tx.tier_set_changed()?;
+            tx.tier_deleted(name, count)
         })
     }
 
     /// Whether a tier could be created now: its name is free and its subnet overlaps no
-    /// other tier's. Creating it checks again under the write lock; checking first spares
-    /// minting K instances for a request that would be refused.
+    /// other tier's. Creating it checks again inside its transaction; checking first
+    /// spares minting K instances for a request that would be refused.
     pub fn check_new_tier(&self, tier: &Tier) -> Result<()> {
-        for other in self.tiers()? {
-            if other.name == tier.name {
-                return Err(StoreError::Refused(format!(
-                    "a tier named `{}` exists; choose another `name` or delete it first",
-                    tier.name
-                )));
-            }
-            if other.plan.subnet.overlaps(&tier.plan.subnet) {
-                return Err(StoreError::Refused(format!(
-                    "field `subnet`: {} overlaps {} of tier `{}`; give each tier its own subnet",
-                    tier.plan.subnet, other.plan.subnet, other.name
-                )));
-            }
+        match new_tier_refusal(&self.tiers()?, tier) {
+            Some(why) => Err(StoreError::Refused(why)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Every tier, by name.
     pub fn tiers(&self) -> Result<Vec<Tier>> {
-        self.all(self.tiers.iter())
+        self.all(keys::TIERS, b"")
     }
 
     /// One tier.
     pub fn tier(&self, name: &str) -> Result<Tier> {
-        self.get_one(&self.tiers, name, "tier")
+        self.get_one(keys::TIERS, name, "tier")
     }
 
     /// A tier's instances, by index.
     pub fn instances(&self, tier: &str) -> Result<Vec<Instance>> {
-        self.all(self.instances.scan_prefix(tier_prefix(tier)))
+        self.all(keys::INSTANCES, &tier_prefix(tier))
     }
 
     /// Every address held by any instance, for allocating a new tier's addresses.
     pub fn address_taken(&self, address: std::net::IpAddr) -> Result<bool> {
-        self.addresses
-            .contains_key(address.to_string().as_bytes())
-            .map_err(|e| self.storage(e))
+        Ok(self
+            .raw(keys::ADDRESSES, address.to_string().as_bytes())?
+            .is_some())
     }
 
     /// Sets how many instances of a tier should be deployed (0 to K).
@@ -685,9 +1265,8 @@ impl Store {
         by: &str,
         event: impl Fn(u32) -> (&'static str, String, serde_json::Value),
     ) -> Result<u64> {
-        let _w = self.lock();
         self.transact_as(by, |tx| {
-            let Some(mut t) = Tx::get::<Tier>(tx.tiers, tier.as_bytes())? else {
+            let Some(mut t) = Tx::get::<Tier>(&tx.tiers, tier.as_bytes())? else {
                 return abort(StoreError::NotFound {
                     what: "tier",
                     name: tier.into(),
@@ -708,7 +1287,7 @@ impl Store {
             if let Some(d) = detail.as_object_mut() {
                 d.insert("generation".into(), t.generation.into());
             }
-            Tx::put(tx.tiers, tier.as_bytes(), &t)?;
+            Tx::put(&tx.tiers, tier.as_bytes(), &t)?;
             tx.event(Some(tier), kind, message, detail)?;
             Ok(t.generation)
         })
@@ -716,7 +1295,6 @@ impl Store {
 
     /// Adds a node to the inventory; it starts free unless it is in maintenance.
     pub fn add_node(&self, node: &Node, by: &str) -> Result<()> {
-        let _w = self.lock();
         if node.instance.is_some()
             || !matches!(node.state, NodeState::Free | NodeState::Maintenance)
         {
@@ -732,7 +1310,7 @@ impl Store {
                     node.name
                 ));
             }
-            Tx::put(tx.nodes, node.name.as_bytes(), node)?;
+            Tx::put(&tx.nodes, node.name.as_bytes(), node)?;
             tx.event(
                 None,
                 "node-added",
@@ -755,7 +1333,6 @@ impl Store {
         detail: serde_json::Value,
         by: &str,
     ) -> Result<()> {
-        let _w = self.lock();
         self.transact_as(by, |tx| {
             tx.event(None, kind, message.clone(), detail.clone())
         })
@@ -770,13 +1347,11 @@ impl Store {
         message: String,
         detail: serde_json::Value,
     ) -> Result<()> {
-        let _w = self.lock();
         self.transact(|tx| tx.event(Some(tier), kind, message.clone(), detail.clone()))
     }
 
     /// Stores a new operator token (only its hash). Refused if the name is taken.
     pub fn create_token(&self, t: &Token, by: &str) -> Result<()> {
-        let _w = self.lock();
         self.transact_as(by, |tx| {
             let key = format!("token/{}", t.name);
             if tx.identities.get(key.as_bytes())?.is_some() {
@@ -792,9 +1367,9 @@ impl Store {
             {
                 return refuse("that token is in use already; create a new one".into());
             }
-            Tx::put(tx.identities, key.as_bytes(), t)?;
+            Tx::put(&tx.identities, key.as_bytes(), t)?;
             Tx::put(
-                tx.identities,
+                &tx.identities,
                 format!("hash/{}", t.hash).as_bytes(),
                 &Principal::Operator {
                     name: t.name.clone(),
@@ -814,38 +1389,35 @@ impl Store {
     /// in the store, so every daemon on the same state signs alike.
     pub fn secret(&self, name: &str) -> Result<[u8; 32]> {
         let key = format!("secret/{name}");
-        let _w = self.lock();
-        if let Some(v) = self
-            .identities
-            .get(key.as_bytes())
-            .map_err(|e| self.storage(e))?
-        {
-            return v
-                .as_ref()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt(format!("secret `{name}` is not 32 bytes")));
-        }
-        let mut bytes = [0u8; 32];
-        getrandom::getrandom(&mut bytes)
-            .map_err(|e| self.storage(format!("no random bytes from the operating system: {e}")))?;
-        self.identities
-            .insert(key.as_bytes(), &bytes[..])
-            .map_err(|e| self.storage(e))?;
-        self.db.flush().map_err(|e| self.storage(e))?;
-        Ok(bytes)
+        let mut fresh = [0u8; 32];
+        getrandom::getrandom(&mut fresh).map_err(|e| StoreError::Storage {
+            path: self.kv.describe(),
+            message: format!("no random bytes from the operating system: {e}"),
+        })?;
+        // Made only if absent when the commit lands: two daemons asking at once agree on
+        // the first one committed.
+        let v = self.transact(|tx| match tx.identities.get(&key)? {
+            Some(v) => Ok(v),
+            None => {
+                tx.identities.set(&key, fresh.to_vec());
+                Ok(fresh.to_vec())
+            }
+        })?;
+        v.as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("secret `{name}` is not 32 bytes")))
     }
 
     /// Every operator token's record (names, roles and hashes; never a token).
     pub fn tokens(&self) -> Result<Vec<Token>> {
-        self.all(self.identities.scan_prefix("token/"))
+        self.all(keys::IDENTITIES, b"token/")
     }
 
     /// Revokes an operator token: from this commit on it authenticates nothing.
     pub fn revoke_token(&self, name: &str, by: &str) -> Result<Token> {
-        let _w = self.lock();
         self.transact_as(by, |tx| {
             let key = format!("token/{name}");
-            let Some(t) = Tx::get::<Token>(tx.identities, key.as_bytes())? else {
+            let Some(t) = Tx::get::<Token>(&tx.identities, key.as_bytes())? else {
                 return abort(StoreError::NotFound {
                     what: "token",
                     name: name.into(),
@@ -866,11 +1438,7 @@ impl Store {
 
     /// Whose credential has the hash `hash`, if anyone's.
     pub fn principal(&self, hash: &str) -> Result<Option<Principal>> {
-        match self
-            .identities
-            .get(format!("hash/{hash}").as_bytes())
-            .map_err(|e| self.storage(e))?
-        {
+        match self.raw(keys::IDENTITIES, format!("hash/{hash}").as_bytes())? {
             Some(b) => decode(&b).map(Some),
             None => Ok(None),
         }
@@ -878,9 +1446,8 @@ impl Store {
 
     /// Records a pending enrollment for a node name, replacing any earlier one for it.
     pub fn enroll(&self, e: &Enrollment, by: &str) -> Result<()> {
-        let _w = self.lock();
         self.transact_as(by, |tx| {
-            Tx::put(tx.identities, format!("enroll/{}", e.node).as_bytes(), e)?;
+            Tx::put(&tx.identities, format!("enroll/{}", e.node).as_bytes(), e)?;
             tx.event(
                 None,
                 "node-enrolled",
@@ -895,11 +1462,7 @@ impl Store {
 
     /// A pending enrollment, if there is one for `node`.
     pub fn enrollment(&self, node: &str) -> Result<Option<Enrollment>> {
-        match self
-            .identities
-            .get(format!("enroll/{node}").as_bytes())
-            .map_err(|e| self.storage(e))?
-        {
+        match self.raw(keys::IDENTITIES, format!("enroll/{node}").as_bytes())? {
             Some(b) => decode(&b).map(Some),
             None => Ok(None),
         }
@@ -907,11 +1470,7 @@ impl Store {
 
     /// A node's credential record, if it has one.
     pub fn node_credential(&self, node: &str) -> Result<Option<NodeCredential>> {
-        match self
-            .identities
-            .get(format!("cred/{node}").as_bytes())
-            .map_err(|e| self.storage(e))?
-        {
+        match self.raw(keys::IDENTITIES, format!("cred/{node}").as_bytes())? {
             Some(b) => decode(&b).map(Some),
             None => Ok(None),
         }
@@ -929,10 +1488,9 @@ impl Store {
         now_ms: u64,
         credential_hash: &str,
     ) -> Result<NodeCredential> {
-        let _w = self.lock();
         let credential = self.transact_as(&format!("node:{}", node.name), |tx| {
             let key = format!("enroll/{}", node.name);
-            let pending = Tx::get::<Enrollment>(tx.identities, key.as_bytes())?;
+            let pending = Tx::get::<Enrollment>(&tx.identities, key.as_bytes())?;
             let Some(e) = pending.filter(|e| same_hash(&e.hash, join_hash)) else {
                 return refuse(format!("no enrollment of node `{}` matches this join token; `mint node enroll {}` issues one", node.name, node.name));
             };
@@ -941,7 +1499,7 @@ impl Store {
             }
             tx.identities.remove(key.as_bytes())?;
             let cred_key = format!("cred/{}", node.name);
-            let generation = match Tx::get::<NodeCredential>(tx.identities, cred_key.as_bytes())? {
+            let generation = match Tx::get::<NodeCredential>(&tx.identities, cred_key.as_bytes())? {
                 Some(old) => {
                     tx.identities.remove(format!("hash/{}", old.hash).as_bytes())?;
                     old.generation + 1
@@ -949,8 +1507,8 @@ impl Store {
                 None => 1,
             };
             let c = NodeCredential { node: node.name.clone(), hash: credential_hash.to_string(), generation };
-            Tx::put(tx.identities, cred_key.as_bytes(), &c)?;
-            Tx::put(tx.identities, format!("hash/{credential_hash}").as_bytes(), &Principal::Node { name: node.name.clone() })?;
+            Tx::put(&tx.identities, cred_key.as_bytes(), &c)?;
+            Tx::put(&tx.identities, format!("hash/{credential_hash}").as_bytes(), &Principal::Node { name: node.name.clone() })?;
             let mut joined = node.clone();
             joined.labels.extend(e.labels.clone());
             Self::put_registered(tx, &joined, "joined")?;
@@ -964,10 +1522,11 @@ impl Store {
     /// facts and properties are refreshed, its state and instance kept. Refused, writing
     /// nothing, unless `credential_hash` is the node's current credential's.
     pub fn reregister(&self, node: &Node, credential_hash: &str) -> Result<()> {
-        let _w = self.lock();
         self.transact_as(&format!("node:{}", node.name), |tx| {
-            let current =
-                Tx::get::<NodeCredential>(tx.identities, format!("cred/{}", node.name).as_bytes())?;
+            let current = Tx::get::<NodeCredential>(
+                &tx.identities,
+                format!("cred/{}", node.name).as_bytes(),
+            )?;
             if !current.is_some_and(|c| same_hash(&c.hash, credential_hash)) {
                 return refuse(format!(
                     "node `{}` registers only with its own credential",
@@ -975,7 +1534,7 @@ impl Store {
                 ));
             }
             let mut n = node.clone();
-            if let Some(known) = Tx::get::<Node>(tx.nodes, node.name.as_bytes())? {
+            if let Some(known) = Tx::get::<Node>(&tx.nodes, node.name.as_bytes())? {
                 // Labels an operator gave at enrollment stay; the agent adds its own.
                 let mut labels = known.labels.clone();
                 labels.extend(node.labels.clone());
@@ -989,7 +1548,7 @@ impl Store {
     /// Writes a registering node: new ones start free, known ones keep their state,
     /// instance and load.
     fn put_registered(tx: &Tx<'_>, node: &Node, verb: &str) -> TxResult<()> {
-        let n = match Tx::get::<Node>(tx.nodes, node.name.as_bytes())? {
+        let n = match Tx::get::<Node>(&tx.nodes, node.name.as_bytes())? {
             Some(known) => Node {
                 state: known.state,
                 instance: known.instance.clone(),
@@ -1002,7 +1561,7 @@ impl Store {
                 ..node.clone()
             },
         };
-        Tx::put(tx.nodes, node.name.as_bytes(), &n)?;
+        Tx::put(&tx.nodes, node.name.as_bytes(), &n)?;
         tx.event(
             None,
             "node-registered",
@@ -1016,7 +1575,6 @@ impl Store {
 
     /// Removes a node that holds no instance.
     pub fn remove_node(&self, name: &str, by: &str) -> Result<()> {
-        let _w = self.lock();
         self.transact_as(by, |tx| {
             let n = tx.node(name)?;
             if !n.state.can_remove() || n.instance.is_some() {
@@ -1029,7 +1587,7 @@ impl Store {
             // Its agent's credential dies with it: the name may join again only through
             // a new enrollment.
             if let Some(c) =
-                Tx::get::<NodeCredential>(tx.identities, format!("cred/{name}").as_bytes())?
+                Tx::get::<NodeCredential>(&tx.identities, format!("cred/{name}").as_bytes())?
             {
                 tx.identities
                     .remove(format!("hash/{}", c.hash).as_bytes())?;
@@ -1056,6 +1614,7 @@ impl Store {
         self.node_index
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .nodes
             .values()
             .cloned()
             .collect()
@@ -1067,6 +1626,7 @@ impl Store {
         self.node_index
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .nodes
             .get(name)
             .is_some_and(|n| n.properties.contains_key(key))
     }
@@ -1077,6 +1637,7 @@ impl Store {
             .node_index
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .nodes
             .get(name)
         {
             Some(n) => Ok(Node::clone(n)),
@@ -1092,13 +1653,17 @@ impl Store {
     /// meet the tier's requirements, or the tier already has K instances on nodes.
     pub fn bind(&self, id: &InstanceId, node: &str, detail: serde_json::Value) -> Result<()> {
         self.bind_many(&[(id.clone(), node.to_string(), detail)])
+            .map(|_| ())
     }
 
-    /// Binds several instances of one tier to nodes in one transaction (one flush), all or
-    /// none, with the checks of [`Store::bind`] for each.
-    pub fn bind_many(&self, binds: &[(InstanceId, String, serde_json::Value)]) -> Result<()> {
+    /// Binds several instances of one tier to nodes, with the checks of [`Store::bind`]
+    /// for each, in as few commits as the backend takes (one on sled; about 30 binds each
+    /// on etcd), each all or none. Returns how many of `binds`, from the first, were
+    /// bound: all of them, or fewer when a later commit was refused (a node taken by
+    /// another writer meanwhile), whose refusal is returned only if nothing was bound.
+    pub fn bind_many(&self, binds: &[(InstanceId, String, serde_json::Value)]) -> Result<usize> {
         let Some(first) = binds.first() else {
-            return Ok(());
+            return Ok(0);
         };
         let tier_name = first.0.tier.clone();
         if binds.iter().any(|b| b.0.tier != tier_name) {
@@ -1106,24 +1671,35 @@ impl Store {
                 "one bind_many call binds instances of one tier".into(),
             ));
         }
-        let _w = self.lock();
-        // Counted under the write lock, so no other writer can change it before the
-        // transaction below commits.
-        let on_nodes = self
-            .instances(&tier_name)?
-            .iter()
-            .filter(|i| i.state.holds_node())
-            .count();
+        let mut bound = 0;
+        for chunk in binds.chunks(self.batch(4)) {
+            match self.bind_chunk(&tier_name, chunk) {
+                Ok(()) => bound += chunk.len(),
+                Err(e) if bound == 0 => return Err(e),
+                Err(_) => break,
+            }
+            self.refresh_nodes(chunk.iter().map(|b| b.1.as_str()))?;
+        }
+        Ok(bound)
+    }
+
+    /// One commit of [`Store::bind_many`].
+    fn bind_chunk(
+        &self,
+        tier_name: &str,
+        binds: &[(InstanceId, String, serde_json::Value)],
+    ) -> Result<()> {
         self.transact(|tx| {
-            let Some(tier) = Tx::get::<Tier>(tx.tiers, tier_name.as_bytes())? else {
-                return abort(StoreError::NotFound { what: "tier", name: tier_name.clone() });
+            let Some(tier) = Tx::get::<Tier>(&tx.tiers, tier_name.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "tier", name: tier_name.to_string() });
             };
-            if on_nodes + binds.len() > tier.max_instances as usize {
+            // A tier has exactly K instances, each on at most one node, so refusing any
+            // other index keeps at most K on nodes without counting them: the count would
+            // need a guard on all K records.
+            if let Some((id, _, _)) = binds.iter().find(|b| b.0.index >= tier.max_instances) {
                 return refuse(format!(
-                    "tier `{}` has {on_nodes} instances on nodes; {} more would exceed its maximum of {}",
-                    tier.name,
-                    binds.len(),
-                    tier.max_instances
+                    "instance {id} is not one of tier `{}`'s K = {} instances; binding it would exceed its maximum",
+                    tier.name, tier.max_instances
                 ));
             }
             for (id, node, detail) in binds {
@@ -1146,13 +1722,12 @@ impl Store {
                 inst.deployment_started_ms = inst.since_ms;
                 n.state = NodeState::Deploying;
                 n.instance = Some(id.clone());
-                Tx::put(tx.instances, &instance_key(id), &inst)?;
-                Tx::put(tx.nodes, node.as_bytes(), &n)?;
+                Tx::put(&tx.instances, &instance_key(id), &inst)?;
+                Tx::put(&tx.nodes, node.as_bytes(), &n)?;
                 tx.event(Some(&id.tier), "bound", format!("instance {id} ({}, {}) bound to node `{node}`", inst.hostname, inst.address), detail.clone())?;
             }
             Ok(())
-        })?;
-        self.refresh_nodes(binds.iter().map(|b| b.1.as_str()))
+        })
     }
 
     /// Replaces a tier's master: every instance gets the overlay (and disk parts) minted
@@ -1167,23 +1742,16 @@ impl Store {
         reminted: &[Instance],
         by: &str,
     ) -> Result<u64> {
-        let _w = self.lock();
-        if !self
-            .images
-            .contains_key(image.as_bytes())
-            .map_err(|e| self.storage(e))?
-        {
-            return Err(StoreError::Refused(format!(
-                "field `image`: no image `{image}`; import it first"
-            )));
-        }
         if batch == 0 {
             return Err(StoreError::Refused(
                 "field `batch`: roll at least 1 instance at a time".into(),
             ));
         }
         let revision = self.transact_as(by, |tx| {
-            let Some(mut tier) = Tx::get::<Tier>(tx.tiers, tier_name.as_bytes())? else {
+            if tx.images.get(image)?.is_none() {
+                return refuse(format!("field `image`: no image `{image}`; import it first"));
+            }
+            let Some(mut tier) = Tx::get::<Tier>(&tx.tiers, tier_name.as_bytes())? else {
                 return abort(StoreError::NotFound { what: "tier", name: tier_name.into() });
             };
             if reminted.len() != tier.max_instances as usize {
@@ -1197,13 +1765,13 @@ impl Store {
                 inst.overlay = new.overlay.clone();
                 inst.disk = new.disk.clone();
                 inst.layer = new.layer.clone();
-                Tx::put(tx.instances, &instance_key(&new.id), &inst)?;
+                Tx::put(&tx.instances, &instance_key(&new.id), &inst)?;
             }
             let old = std::mem::replace(&mut tier.image, image.to_string());
             tier.revision += 1;
             tier.generation += 1;
             tier.rollout_batch = batch;
-            Tx::put(tx.tiers, tier_name.as_bytes(), &tier)?;
+            Tx::put(&tx.tiers, tier_name.as_bytes(), &tier)?;
             tx.event(
                 Some(tier_name),
                 "master-updated",
@@ -1216,14 +1784,22 @@ impl Store {
     }
 
     /// Starts rolling deployed instances to their tier's current revision: each becomes
-    /// deploying again on the node it holds.
+    /// deploying again on the node it holds. In as few commits as the backend takes, each
+    /// all or none; a refused one stops the rest.
     pub fn begin_roll(&self, ids: &[InstanceId]) -> Result<()> {
-        let _w = self.lock();
+        for chunk in ids.chunks(self.batch(3)) {
+            self.begin_roll_chunk(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// One commit of [`Store::begin_roll`].
+    fn begin_roll_chunk(&self, ids: &[InstanceId]) -> Result<()> {
         let nodes = self.transact(|tx| {
             let mut nodes = Vec::new();
             for id in ids {
                 let mut inst = tx.instance(id)?;
-                let Some(tier) = Tx::get::<Tier>(tx.tiers, id.tier.as_bytes())? else {
+                let Some(tier) = Tx::get::<Tier>(&tx.tiers, id.tier.as_bytes())? else {
                     return abort(StoreError::NotFound { what: "tier", name: id.tier.clone() });
                 };
                 if !inst.state.can_roll() || inst.revision >= tier.revision {
@@ -1238,8 +1814,8 @@ impl Store {
                 inst.deployment += 1;
                 inst.deployment_started_ms = inst.since_ms;
                 n.state = NodeState::Deploying;
-                Tx::put(tx.instances, &instance_key(id), &inst)?;
-                Tx::put(tx.nodes, node.as_bytes(), &n)?;
+                Tx::put(&tx.instances, &instance_key(id), &inst)?;
+                Tx::put(&tx.nodes, node.as_bytes(), &n)?;
                 tx.event(
                     Some(&id.tier),
                     "rolling",
@@ -1256,15 +1832,27 @@ impl Store {
     /// Records finished deployments, each only if its instance is still deploying in the
     /// deployment the answer is about (`(id, deployment, detail)`): a late answer about a
     /// deployment since taken back, failed or replaced is discarded with an event, and the
-    /// newer decision stands. Returns the discarded ones. One transaction.
+    /// newer decision stands. Returns the discarded ones. In as few commits as the backend
+    /// takes (one on sled).
     pub fn finish_guarded(
+        &self,
+        done: &[(InstanceId, u64, serde_json::Value)],
+    ) -> Result<Vec<InstanceId>> {
+        let mut discarded = Vec::new();
+        for chunk in done.chunks(self.batch(3)) {
+            discarded.extend(self.finish_guarded_chunk(chunk)?);
+        }
+        Ok(discarded)
+    }
+
+    /// One commit of [`Store::finish_guarded`].
+    fn finish_guarded_chunk(
         &self,
         done: &[(InstanceId, u64, serde_json::Value)],
     ) -> Result<Vec<InstanceId>> {
         if done.is_empty() {
             return Ok(Vec::new());
         }
-        let _w = self.lock();
         let (nodes, discarded) = self.transact(|tx| {
             let (mut nodes, mut discarded) = (Vec::new(), Vec::new());
             for (id, deployment, detail) in done {
@@ -1284,8 +1872,8 @@ impl Store {
                 inst.state = InstanceState::Deployed;
                 inst.since_ms = now_ms();
                 n.state = NodeState::InService;
-                Tx::put(tx.instances, &instance_key(id), &inst)?;
-                Tx::put(tx.nodes, node.as_bytes(), &n)?;
+                Tx::put(&tx.instances, &instance_key(id), &inst)?;
+                Tx::put(&tx.nodes, node.as_bytes(), &n)?;
                 tx.event(
                     Some(&id.tier),
                     "deployed",
@@ -1301,12 +1889,20 @@ impl Store {
     }
 
     /// Starts taking instances off their nodes: each becomes undeploying and keeps its node
-    /// until the driver has undeployed it ([`Store::release_guarded`]).
+    /// until the driver has undeployed it ([`Store::release_guarded`]). In as few commits
+    /// as the backend takes, each all or none; a refused one stops the rest.
     pub fn begin_undeploy(&self, ids: &[InstanceId], reason: &str) -> Result<()> {
+        for chunk in ids.chunks(self.batch(2)) {
+            self.begin_undeploy_chunk(chunk, reason)?;
+        }
+        Ok(())
+    }
+
+    /// One commit of [`Store::begin_undeploy`].
+    fn begin_undeploy_chunk(&self, ids: &[InstanceId], reason: &str) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
-        let _w = self.lock();
         self.transact(|tx| {
             for id in ids {
                 let mut inst = tx.instance(id)?;
@@ -1316,7 +1912,7 @@ impl Store {
                 let from = inst.state;
                 inst.state = InstanceState::Undeploying;
                 inst.since_ms = now_ms();
-                Tx::put(tx.instances, &instance_key(id), &inst)?;
+                Tx::put(&tx.instances, &instance_key(id), &inst)?;
                 let node = inst.node.as_deref().unwrap_or_default();
                 tx.event(Some(&id.tier), "undeploying", format!("instance {id} leaves node `{node}` ({from} before): {reason}"), serde_json::Value::Null)?;
             }
@@ -1328,7 +1924,6 @@ impl Store {
     /// undeploying in `deployment`; otherwise the answer is discarded with an event.
     /// Returns whether it was applied.
     pub fn release_guarded(&self, id: &InstanceId, deployment: u64, reason: &str) -> Result<bool> {
-        let _w = self.lock();
         let node = self.transact(|tx| {
             let mut inst = tx.instance(id)?;
             if inst.state != InstanceState::Undeploying || inst.deployment != deployment {
@@ -1365,7 +1960,6 @@ impl Store {
         to: InstanceState,
         reason: &str,
     ) -> Result<bool> {
-        let _w = self.lock();
         let node = self.transact(|tx| {
             let mut inst = tx.instance(id)?;
             if inst.state != expected || inst.deployment != deployment {
@@ -1405,18 +1999,17 @@ impl Store {
 
     /// [`Store::fail_node`] for the identity `by` (an operator declaring it).
     fn fail_node_as(&self, name: &str, reason: &str, by: &str) -> Result<Option<InstanceId>> {
-        let _w = self.lock();
         let held = self.transact_as(by, |tx| {
             let mut n = tx.node(name)?;
             let held = n.instance.take();
             n.state = NodeState::Failed;
-            Tx::put(tx.nodes, name.as_bytes(), &n)?;
+            Tx::put(&tx.nodes, name.as_bytes(), &n)?;
             if let Some(id) = &held {
                 let mut inst = tx.instance(id)?;
                 inst.state = InstanceState::Failed;
                 inst.node = None;
                 inst.since_ms = now_ms();
-                Tx::put(tx.instances, &instance_key(id), &inst)?;
+                Tx::put(&tx.instances, &instance_key(id), &inst)?;
             }
             let tier = held.as_ref().map(|i| i.tier.as_str());
             let what = held
@@ -1442,7 +2035,6 @@ impl Store {
         if to == NodeState::Failed {
             return self.fail_node_as(name, reason, by).map(|_| ());
         }
-        let _w = self.lock();
         let r = self.transact_as(by, |tx| {
             let mut n = tx.node(name)?;
             if !n.state.operator_can_set(to) || n.instance.is_some() {
@@ -1454,7 +2046,7 @@ impl Store {
             }
             let from = n.state;
             n.state = to;
-            Tx::put(tx.nodes, name.as_bytes(), &n)?;
+            Tx::put(&tx.nodes, name.as_bytes(), &n)?;
             tx.event(None, "node-state", format!("node `{name}` set from {from} to {to}: {reason}"), serde_json::json!({"from": from, "to": to}))
         });
         self.refresh_nodes([name])?;
@@ -1469,7 +2061,6 @@ impl Store {
         if self.node(name)?.cached == cached {
             return Ok(false);
         }
-        let _w = self.lock();
         let r = self.transact_as(&format!("node:{name}"), |tx| {
             let mut n = tx.node(name)?;
             let came: Vec<&String> = cached.iter().filter(|d| !n.cached.contains(d)).collect();
@@ -1482,24 +2073,57 @@ impl Store {
             );
             let detail = serde_json::json!({"came": came, "went": went});
             n.cached = cached.clone();
-            Tx::put(tx.nodes, name.as_bytes(), &n)?;
+            Tx::put(&tx.nodes, name.as_bytes(), &n)?;
             tx.event(None, "node-cache", message, detail)
         });
         self.refresh_nodes([name])?;
         r.map(|_| true)
     }
 
+    /// Deletes the events older than the newest `keep`, in batches, and returns how many
+    /// went. Events never change once written, so nothing guards their deletion.
+    pub fn trim_events(&self, keep: u64) -> Result<u64> {
+        let next: u64 = match self.raw(keys::META, keys::EVENT_SEQ.as_bytes())? {
+            Some(b) => decode(&b)?,
+            None => 0,
+        };
+        let Some(cutoff) = next.checked_sub(keep).filter(|c| *c > 0) else {
+            return Ok(0);
+        };
+        let (start, end) = (
+            full_key(keys::EVENTS, &0u64.to_be_bytes()),
+            full_key(keys::EVENTS, &cutoff.to_be_bytes()),
+        );
+        let mut removed = 0;
+        loop {
+            let (old, _) = self
+                .kv
+                .range(&start, &end, self.batch(1), None)
+                .map_err(|e| self.storage(e))?;
+            if old.is_empty() {
+                return Ok(removed);
+            }
+            removed += old.len() as u64;
+            self.write(old.into_iter().map(|e| Op::Delete(e.key)).collect())?;
+        }
+    }
+
     /// Events with a sequence number above `after`, oldest first, at most `limit`.
     pub fn events(&self, after: Option<u64>, limit: usize) -> Result<Vec<Event>> {
-        let start = after
-            .map(|a| a.saturating_add(1))
-            .unwrap_or(0)
-            .to_be_bytes();
-        self.events
-            .range(start..)
-            .values()
-            .take(limit)
-            .map(|v| decode(&v.map_err(|e| self.storage(e))?))
+        let start = full_key(
+            keys::EVENTS,
+            &after
+                .map(|a| a.saturating_add(1))
+                .unwrap_or(0)
+                .to_be_bytes(),
+        );
+        let end = prefix_end(keys::EVENTS.as_bytes());
+        self.kv
+            .range(&start, &end, limit, None)
+            .map_err(|e| self.storage(e))?
+            .0
+            .iter()
+            .map(|e| decode(&e.value))
             .collect()
     }
 
