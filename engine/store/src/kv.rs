@@ -274,6 +274,42 @@ impl SledKv {
         })
     }
 
+    /// The records of mint's first store layout, tree by tree (name, then every key and
+    /// value in key order), for the store to copy into the key space; empty trees left out.
+    pub fn old_layout(&self) -> Result<Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>, KvError> {
+        let mut out = Vec::new();
+        for name in self.db.tree_names() {
+            let name = String::from_utf8_lossy(&name).into_owned();
+            if name == "kv" || name.starts_with("__sled") {
+                continue;
+            }
+            let tree = self.db.open_tree(&name).map_err(unavailable)?;
+            let entries = tree
+                .iter()
+                .map(|r| {
+                    r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                        .map_err(unavailable)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if !entries.is_empty() {
+                out.push((name, entries));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops the trees of the first layout, once their records are in the key space.
+    pub fn drop_old_layout(&self) -> Result<(), KvError> {
+        for name in self.db.tree_names() {
+            let n = String::from_utf8_lossy(&name).into_owned();
+            if n != "kv" && !n.starts_with("__sled") {
+                self.db.drop_tree(&name).map_err(unavailable)?;
+            }
+        }
+        self.db.flush().map_err(unavailable)?;
+        Ok(())
+    }
+
     fn current(&self) -> Result<Rev, KvError> {
         match self.tree.get(REV_KEY).map_err(unavailable)? {
             Some(b) => Ok(u64::from_be_bytes(b.as_ref().try_into().map_err(|_| {

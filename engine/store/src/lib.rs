@@ -625,6 +625,38 @@ impl Location {
     }
 }
 
+/// Copies the records of mint's first sled layout (one tree per kind of record, keyed as
+/// the prefixes' keys are now) into the key space in one commit, then drops the old trees.
+/// A crash between the two leaves the copy in place, and the next open only drops them.
+fn migrate(kv: &kv::SledKv) -> std::result::Result<(), KvError> {
+    let seq_key = full_key(keys::META, keys::EVENT_SEQ.as_bytes());
+    if kv.get(&seq_key)?.is_none() {
+        let mut ops = Vec::new();
+        let mut next_seq = 0u64;
+        for (tree, entries) in kv.old_layout()? {
+            let prefix = format!("{tree}/");
+            if tree == "events" {
+                if let Some((k, _)) = entries.last() {
+                    let last = u64::from_be_bytes(k.as_slice().try_into().unwrap_or([0; 8]));
+                    next_seq = last + 1;
+                }
+            }
+            ops.extend(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| Op::Put(full_key(&prefix, &k), v)),
+            );
+        }
+        ops.push(Op::Put(seq_key.clone(), encode(&next_seq)));
+        ops.push(Op::Put(
+            full_key(keys::META, keys::TIER_SET.as_bytes()),
+            encode(&1u64),
+        ));
+        kv.commit(&[Guard::Absent(seq_key)], &ops)?;
+    }
+    kv.drop_old_layout()
+}
+
 fn on_nodes_refusal(name: &str, on_nodes: usize) -> String {
     format!("tier `{name}` has {on_nodes} instances on nodes; scale it to 0 first")
 }
@@ -657,10 +689,10 @@ impl Store {
             message: e.to_string(),
         })?;
         if kv.has_old_layout() {
-            return Err(StoreError::Storage {
+            migrate(&kv).map_err(|e| StoreError::Storage {
                 path,
-                message: "this state directory was written by a mint from before the key-value store (one sled tree per record kind); export what you need with that mint, then start on an empty --data-dir".into(),
-            });
+                message: format!("moving the state of an older mint (one sled tree per record kind) into the key space failed: {e}"),
+            })?;
         }
         Store::with_kv(Arc::new(kv))
     }
@@ -2192,5 +2224,82 @@ impl Store {
             }
         }
         Ok(broken)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_directory_of_the_first_layout_is_moved_into_the_key_space() {
+        let dir = std::env::temp_dir().join(format!("mint-store-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let node = Node {
+            name: "n1".into(),
+            cpus: 4,
+            memory_mib: 4096,
+            arch: "x86_64".into(),
+            labels: Default::default(),
+            properties: Default::default(),
+            state: NodeState::Free,
+            instance: None,
+            load: 0,
+            cached: Vec::new(),
+        };
+        let event = |seq: u64| Event {
+            seq,
+            at_ms: 1,
+            tier: None,
+            kind: "node-added".into(),
+            message: "old".into(),
+            detail: serde_json::Value::Null,
+            by: Some("admin:test".into()),
+        };
+        {
+            // What mint wrote before the key-value store: one sled tree per kind.
+            let db = sled::open(&dir).unwrap();
+            db.open_tree("nodes")
+                .unwrap()
+                .insert("n1", encode(&node))
+                .unwrap();
+            let events = db.open_tree("events").unwrap();
+            for seq in [0u64, 1, 7] {
+                events
+                    .insert(seq.to_be_bytes(), encode(&event(seq)))
+                    .unwrap();
+            }
+            let who = Principal::Node { name: "n1".into() };
+            db.open_tree("identities")
+                .unwrap()
+                .insert("hash/sha256:ab", encode(&who))
+                .unwrap();
+            db.flush().unwrap();
+        }
+        {
+            let s = Store::open(&dir).unwrap();
+            assert_eq!(s.node("n1").unwrap().cpus, 4);
+            assert!(
+                matches!(s.principal("sha256:ab").unwrap(), Some(Principal::Node { name }) if name == "n1")
+            );
+            let seqs: Vec<u64> = s.events(None, 10).unwrap().iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, [0, 1, 7]);
+            s.note("test", "new".into(), serde_json::Value::Null, "admin:test")
+                .unwrap();
+            assert_eq!(
+                s.events(Some(7), 10).unwrap()[0].seq,
+                8,
+                "numbers go on after the old ones"
+            );
+        }
+        // Moved once: the old trees are gone, and a reopen reads the same.
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.events(None, 10).unwrap().len(), 4);
+        assert_eq!(s.nodes().unwrap().len(), 1);
+        drop(s);
+        let db = sled::open(&dir).unwrap();
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"nodes"));
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
