@@ -251,7 +251,7 @@ fn a_kill_in_the_middle_of_minting_10000_leaves_0_or_10000() {
     let dir = scratch("crash-mint-kill");
     let data = dir.join("data");
     let store_arg = format!("etcd://{}/mintk", etcd.endpoint);
-    let args = ["--store", store_arg.as_str()];
+    let args = ["--store", store_arg.as_str(), "--lease-secs", "3"];
     let (mut child, url) = start_daemon_with(&data, &args);
     let api: Api = (url, crate::support::admin_auth(&data));
     let master = crate::support::root().join("tests/fixtures/master-ifupdown");
@@ -286,8 +286,16 @@ fn a_kill_in_the_middle_of_minting_10000_leaves_0_or_10000() {
     );
     eprintln!("killed with {} of 10,000 instances written", written.len());
 
-    // The next daemon to open the state removes them all.
+    // The next daemon to lead removes them all, once the killed one's lease has run out.
     let (mut child, _) = start_daemon_with(&data, &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kv.get(b"minting/big").unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the half-minted tier was never removed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     let store = Store::open_at(&etcd.location("mintk")).unwrap();

@@ -133,3 +133,107 @@ fn an_unreachable_etcd_is_reported_by_its_endpoint() {
         })
     );
 }
+
+fn node(name: &str) -> mint_model::records::Node {
+    mint_model::records::Node {
+        name: name.into(),
+        cpus: 2,
+        memory_mib: 1024,
+        arch: "x86_64".into(),
+        labels: Default::default(),
+        properties: Default::default(),
+        state: mint_model::NodeState::Free,
+        instance: None,
+        load: 0,
+        cached: Vec::new(),
+    }
+}
+
+#[test]
+fn a_deposed_leaders_commits_are_fenced_and_write_nothing() {
+    use mint_store::{Fencing, LEADER_KEY, StoreError};
+    let etcd = Etcd::start("fence");
+    let store = mint_store::Store::open_at(&etcd.location("fence")).unwrap();
+    let leases = store.leases().expect("etcd has leases");
+    let within = Duration::from_secs(5);
+    let ttl = Duration::from_secs(5);
+
+    // Not leading: nothing is written.
+    store.set_fencing(Fencing::NotLeading);
+    let e = store.add_node(&node("n0"), "admin").unwrap_err();
+    assert!(matches!(e, StoreError::Fenced(_)), "{e}");
+
+    // Leading with the leader key's create-revision as the token: commits land.
+    let first = leases.grant(ttl, within).unwrap();
+    let (won, held) = leases.claim(LEADER_KEY, b"first", first, within).unwrap();
+    let token = held.unwrap().create_rev;
+    assert!(won);
+    let (lost, _) = leases
+        .claim(
+            LEADER_KEY,
+            b"second",
+            leases.grant(ttl, within).unwrap(),
+            within,
+        )
+        .unwrap();
+    assert!(!lost, "the key is held");
+    store.set_fencing(Fencing::Token(token));
+    store.add_node(&node("n1"), "admin").unwrap();
+    assert!(leases.renew(first, within).unwrap() > 0);
+
+    // The lease ends (as when a paused leader misses its renewals) and another daemon
+    // takes the key: the first one's commits are refused and change nothing.
+    leases.revoke(first, within).unwrap();
+    let second = leases.grant(ttl, within).unwrap();
+    let (won, held) = leases.claim(LEADER_KEY, b"second", second, within).unwrap();
+    assert!(won);
+    assert!(held.unwrap().create_rev > token, "tokens only grow");
+    let e = store.add_node(&node("n2"), "admin").unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Fenced(m) if m.contains(&token.to_string())),
+        "{e}"
+    );
+    store.set_fencing(Fencing::Off);
+    let names: Vec<String> = store.nodes().unwrap().into_iter().map(|n| n.name).collect();
+    assert_eq!(names, ["n1"]);
+    assert_eq!(store.leader().unwrap().unwrap().0, b"second".to_vec());
+    // A lease that has ended renews to nothing.
+    assert_eq!(leases.renew(first, within).unwrap_or(0), 0);
+}
+
+#[test]
+fn a_followers_reads_come_from_a_cache_the_watch_keeps_current() {
+    use mint_store::Fencing;
+    let etcd = Etcd::start("cache");
+    let leader = mint_store::Store::open_at(&etcd.location("cache")).unwrap();
+    leader.add_node(&node("n1"), "admin").unwrap();
+    let follower = mint_store::Store::open_at(&etcd.location("cache")).unwrap();
+    follower.start_read_cache().unwrap();
+    follower.set_fencing(Fencing::NotLeading);
+    let tokens = |s: &mint_store::Store| s.tokens().unwrap().len();
+    assert_eq!(tokens(&follower), tokens(&leader));
+    // A change the other store commits reaches the follower's reads through the watch.
+    let before = leader.events(None, usize::MAX).unwrap().len();
+    leader.add_node(&node("n2"), "admin").unwrap();
+    leader.remove_node("n1", "admin").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = follower.events(None, usize::MAX).unwrap().len();
+        if seen == before + 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cache saw {seen} events, not {}",
+            before + 2
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        follower.events(None, usize::MAX).unwrap().len(),
+        leader.events(None, usize::MAX).unwrap().len()
+    );
+    // The cache is what answers: with etcd gone, the follower still reads.
+    drop(etcd);
+    assert_eq!(follower.events(None, usize::MAX).unwrap().len(), before + 2);
+}

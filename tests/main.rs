@@ -9,6 +9,7 @@ mod daemon;
 mod docs;
 mod engine;
 mod etcd;
+mod failover;
 mod images;
 mod libvirt;
 mod model;

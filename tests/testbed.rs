@@ -48,6 +48,18 @@ pub struct TestBed {
     agent_trust: Vec<String>,
     /// Further arguments of every agent.
     agent_args: Vec<String>,
+    /// The other daemons of a bed of several on one shared store, as daemons 1, 2, ...
+    peers: Vec<Peer>,
+    /// The arguments every daemon of the bed starts with.
+    daemon_args: Vec<String>,
+}
+
+/// A daemon beside the first, in a bed of several.
+struct Peer {
+    child: Option<Child>,
+    /// Where it listens, `198.18.0.1:PORT`, kept across restarts.
+    listen: String,
+    data: PathBuf,
 }
 
 /// One test bed at a time: they share the bridge's address range.
@@ -87,6 +99,12 @@ impl Drop for TestBed {
             let _ = d.kill();
             let _ = d.wait();
         }
+        for p in &mut self.peers {
+            if let Some(c) = &mut p.child {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
         for (i, ns) in self.namespaces.iter().enumerate() {
             // Deleting the host end removes the pair at once; a namespace's own cleanup
             // happens later, in the kernel's time, and the next bed reuses the names.
@@ -105,7 +123,23 @@ impl TestBed {
     /// A bed of `nodes` namespaces with an agent each and a daemon (started with
     /// `daemon_args`), working in `dir`; `repo` is where `mint` commands run.
     pub fn new(dir: PathBuf, repo: PathBuf, nodes: usize, daemon_args: &[&str]) -> TestBed {
-        Self::build(dir, repo, nodes, daemon_args, None, &[], false)
+        Self::build(dir, repo, nodes, daemon_args, None, &[], false, 1)
+    }
+
+    /// A bed of `daemons` daemons on one shared store (`daemon_args` names it) with
+    /// certificates from `ca`, whose agents know every daemon's URL. The first daemon is
+    /// started alone and leads before the others start, so its data directory holds the
+    /// admin token.
+    #[allow(dead_code)]
+    pub fn cluster(
+        dir: PathBuf,
+        repo: PathBuf,
+        nodes: usize,
+        daemons: usize,
+        daemon_args: &[&str],
+        ca: &TestCa,
+    ) -> TestBed {
+        Self::build(dir, repo, nodes, daemon_args, Some(ca), &[], false, daemons)
     }
 
     /// A bed of VM host slots: in each namespace a bridge `br0` holds the node's link (and
@@ -121,6 +155,7 @@ impl TestBed {
             None,
             &["--vm", "--vm-bridge", "br0", "--vm-memory-mib", "1024"],
             true,
+            1,
         )
     }
 
@@ -132,7 +167,7 @@ impl TestBed {
         daemon_args: &[&str],
         agent_args: &[&str],
     ) -> TestBed {
-        Self::build(dir, repo, nodes, daemon_args, None, agent_args, false)
+        Self::build(dir, repo, nodes, daemon_args, None, agent_args, false, 1)
     }
 
     /// A bed whose daemon presents a certificate `ca` issued (for the bridge's address and
@@ -145,7 +180,7 @@ impl TestBed {
         daemon_args: &[&str],
         ca: &TestCa,
     ) -> TestBed {
-        Self::build(dir, repo, nodes, daemon_args, Some(ca), &[], false)
+        Self::build(dir, repo, nodes, daemon_args, Some(ca), &[], false, 1)
     }
 
     fn build(
@@ -156,6 +191,7 @@ impl TestBed {
         ca: Option<&TestCa>,
         agent_args: &[&str],
         vm: bool,
+        daemons: usize,
     ) -> TestBed {
         let one = BEDS.lock().unwrap_or_else(|p| p.into_inner());
         let (daemon_tls, agent_trust) = match ca {
@@ -184,6 +220,8 @@ impl TestBed {
             daemon_tls,
             agent_trust,
             agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+            peers: Vec::new(),
+            daemon_args: daemon_args.iter().map(|a| a.to_string()).collect(),
         };
         // A bed left by a killed run of this process id would be in the way.
         let _ = Command::new("ip")
@@ -225,6 +263,20 @@ impl TestBed {
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         }
         bed.start_daemon(daemon_args);
+        if daemons > 1 {
+            bed.wait_for("the first daemon to lead", Duration::from_secs(30), || {
+                (bed.leader() == Some(0)).then_some(())
+            });
+            for i in 1..daemons {
+                let data = bed.dir.join(format!("data-{i}"));
+                bed.peers.push(Peer {
+                    child: None,
+                    listen: "198.18.0.1:0".into(),
+                    data,
+                });
+                bed.start_peer(i);
+            }
+        }
         for i in 0..nodes {
             let agent = bed.start_agent(i);
             bed.agents.push(agent);
@@ -248,12 +300,108 @@ impl TestBed {
     }
 
     fn start_daemon_on(&mut self, listen: &str, extra: &[&str]) {
+        let (child, url) = self.spawn_daemon(listen, &self.dir.join("data"), extra, 0);
+        self.daemon = Some(child);
+        self.url = url;
+    }
+
+    /// Starts peer daemon `i` (1, 2, ...) on its address and data.
+    fn start_peer(&mut self, i: usize) {
+        let p = &self.peers[i - 1];
+        let args = self.daemon_args.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (child, url) = self.spawn_daemon(&p.listen.clone(), &p.data.clone(), &args, i);
+        let p = &mut self.peers[i - 1];
+        p.child = Some(child);
+        p.listen = url.trim_start_matches("https://").to_string();
+    }
+
+    /// Every daemon's URL, the first daemon's first.
+    #[allow(dead_code)]
+    pub fn daemon_urls(&self) -> Vec<String> {
+        std::iter::once(self.url.clone())
+            .chain(self.peers.iter().map(|p| format!("https://{}", p.listen)))
+            .collect()
+    }
+
+    /// Which daemon leads, by its health (none if no daemon says it leads).
+    #[allow(dead_code)]
+    pub fn leader(&self) -> Option<usize> {
+        let http = self.http();
+        self.daemon_urls().iter().position(|u| {
+            http.get(&format!("{u}/v1/health"))
+                .timeout(Duration::from_millis(500))
+                .call()
+                .ok()
+                .and_then(|r| r.into_json::<serde_json::Value>().ok())
+                .is_some_and(|v| v["role"]["leads"] == true)
+        })
+    }
+
+    /// Daemon `i`'s process id, if it runs.
+    #[allow(dead_code)]
+    pub fn pid_of(&self, i: usize) -> Option<u32> {
+        if i == 0 {
+            self.daemon.as_ref().map(|c| c.id())
+        } else {
+            self.peers[i - 1].child.as_ref().map(|c| c.id())
+        }
+    }
+
+    /// Sends daemon `i` a signal (`-STOP`, `-CONT`).
+    #[allow(dead_code)]
+    pub fn signal(&self, i: usize, signal: &str) {
+        if let Some(pid) = self.pid_of(i) {
+            sh(&["kill", signal, &pid.to_string()]);
+        }
+    }
+
+    /// Kills daemon `i` (SIGKILL, as a crash).
+    #[allow(dead_code)]
+    pub fn kill_daemon(&mut self, i: usize) {
+        let child = if i == 0 {
+            self.daemon.as_mut()
+        } else {
+            self.peers[i - 1].child.as_mut()
+        };
+        if let Some(c) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if i == 0 {
+            self.daemon = None;
+        } else {
+            self.peers[i - 1].child = None;
+        }
+    }
+
+    /// Starts daemon `i` again on its address and data, with the bed's arguments.
+    #[allow(dead_code)]
+    pub fn restart_daemon(&mut self, i: usize) {
+        self.kill_daemon(i);
+        if i == 0 {
+            let listen = self.url.trim_start_matches("https://").to_string();
+            let args = self.daemon_args.clone();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.start_daemon_on(&listen, &args);
+        } else {
+            self.start_peer(i);
+        }
+    }
+
+    fn spawn_daemon(
+        &self,
+        listen: &str,
+        data: &Path,
+        extra: &[&str],
+        which: usize,
+    ) -> (Child, String) {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_mint"))
             .args(["daemon", "--listen", listen])
             .args(&self.daemon_tls)
             .arg("--data-dir")
-            .arg(self.dir.join("data"))
+            .arg(data)
             .args(extra)
             .stderr(Stdio::piped())
             .spawn()
@@ -264,7 +412,7 @@ impl TestBed {
             let echo = std::env::var_os("MINT_TESTBED_LOGS").is_some();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if echo {
-                    eprintln!("daemon: {line}");
+                    eprintln!("daemon {which}: {line}");
                 }
                 if let Some(rest) = line.split("serving ").nth(1) {
                     let _ = tx.send(
@@ -276,10 +424,10 @@ impl TestBed {
                 }
             }
         });
-        self.daemon = Some(child);
-        self.url = rx
+        let url = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("the daemon says where it serves");
+        (child, url)
     }
 
     /// Adds `cidr` to the bed's bridge, as the gateway of a tier on another subnet (its
@@ -360,7 +508,7 @@ impl TestBed {
             .args([
                 "run",
                 "--engine",
-                &self.url,
+                &self.daemon_urls().join(","),
                 "--name",
                 &format!("node-{i}"),
                 "--listen",

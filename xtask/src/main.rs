@@ -324,7 +324,35 @@ fn test() -> Result<(), String> {
 /// `cargo xtask soak [CYCLES]`: the crash test for CYCLES kills (1,000 by default, CI keeps
 /// 100): the daemon is killed at random moments while several tiers reconcile, and every
 /// invariant and every acknowledged intent is checked after each restart.
+///
+/// `cargo xtask soak failover [ITERATIONS]`: the failover test for ITERATIONS faults (100
+/// by default, CI keeps 21): three daemons on a three-member etcd, the leader killed,
+/// paused past its lease, or an etcd member killed, each in turn; its figures are written to
+/// `target/failover-soak.txt`.
 fn soak(args: &[String]) -> Result<(), String> {
+    if args.first().map(String::as_str) == Some("failover") {
+        let iterations = match args.get(1) {
+            None => 100,
+            Some(c) => c
+                .parse::<u32>()
+                .map_err(|_| format!("soak failover: `{c}` is not a number of iterations"))?,
+        };
+        wasm_target()?;
+        return run(cargo()
+            .args([
+                "test",
+                "--release",
+                "--package",
+                "mint",
+                "--test",
+                "integration",
+                "--",
+                "failover::three",
+                "--nocapture",
+            ])
+            .env("MINT_FAILOVER_ITERATIONS", iterations.to_string())
+            .env("MINT_FAILOVER_REPORT", "target/failover-soak.txt"));
+    }
     let cycles = match args.first() {
         None => 1000,
         Some(c) => c

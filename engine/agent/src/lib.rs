@@ -55,7 +55,9 @@ enum Command {
 
 #[derive(clap::Args, Clone)]
 pub struct RunArgs {
-    /// The engine's URL.
+    /// The engine's URL; several, comma-separated, for a site of several daemons (any of
+    /// them will do: a follower passes writes on to the leader, and the agent moves to the
+    /// next URL when one does not answer).
     #[arg(long)]
     engine: String,
     /// This node's name.
@@ -149,6 +151,75 @@ pub struct Agent {
     pub(crate) cache: Arc<cache::Cache>,
     /// The node's credentials, once it has joined (kept in ROOT/credential, mode 0600).
     credential: Mutex<Option<Credentials>>,
+    /// The highest fencing token a deploy or undeploy came with (kept in
+    /// ROOT/fencing-token): a request with a lower one is from a leader that has since been
+    /// replaced, and is refused.
+    fencing: Mutex<u64>,
+    /// Which of the engine's URLs the agent talks to now.
+    engine_at: std::sync::atomic::AtomicUsize,
+}
+
+/// The header the engine's leader sends its fencing token in.
+const FENCING_TOKEN_HEADER: &str = "mint-fencing-token";
+
+impl Agent {
+    /// The engine's URL the agent talks to now, without a trailing slash.
+    fn engine(&self) -> String {
+        let urls: Vec<&str> = self.args.engine.split(',').map(str::trim).collect();
+        let i = self.engine_at.load(std::sync::atomic::Ordering::Relaxed) % urls.len();
+        urls[i].trim_end_matches('/').to_string()
+    }
+
+    /// Moves to the engine's next URL, after the current one did not answer.
+    fn next_engine(&self) {
+        if self.args.engine.contains(',') {
+            self.engine_at
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Admits a deploy or undeploy by its fencing token: a request with a lower token than
+    /// the highest seen is from a deposed leader. A higher one is remembered on disk before
+    /// the request runs, so a restarted agent still refuses the old leader.
+    fn admit(&self, headers: &axum::http::HeaderMap) -> Result<(), Response> {
+        let token = match headers.get(FENCING_TOKEN_HEADER) {
+            None => 0,
+            Some(v) => v.to_str().ok().and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| {
+                fail(
+                    StatusCode::BAD_REQUEST,
+                    format!("header {FENCING_TOKEN_HEADER}: not a number; the engine sends the decimal token of its leader"),
+                )
+            })?,
+        };
+        let mut highest = self.fencing.lock().unwrap_or_else(|p| p.into_inner());
+        if token < *highest {
+            return Err(fail(
+                StatusCode::CONFLICT,
+                format!(
+                    "fenced: this request's fencing token {token} is older than {}, which a newer leader sent; only the current leader may deploy or undeploy",
+                    *highest
+                ),
+            ));
+        }
+        if token > *highest {
+            let path = self.args.root.join("fencing-token");
+            let tmp = self.args.root.join("fencing-token.new");
+            std::fs::write(&tmp, token.to_string())
+                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| {
+                    fail(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!(
+                            "cannot record fencing token {token} in {}: {e}",
+                            path.display()
+                        ),
+                    )
+                })?;
+            *highest = token;
+        }
+        Ok(())
+    }
 }
 
 /// What a node gets when it joins: its own credential, which it sends to the engine, and
@@ -290,7 +361,8 @@ fn register(agent: &Agent, agent_url: &str) -> anyhow::Result<()> {
         "name": args.name, "cpus": args.cpus.unwrap_or_else(machine_cpus), "memory-mib": args.memory_mib.unwrap_or_else(machine_memory_mib),
         "arch": std::env::consts::ARCH, "labels": labels, "agent-url": agent_url, "agent-pin": agent.pin.to_string(), "macs": macs(),
     });
-    let url = format!("{}/v1/agents/register", args.engine.trim_end_matches('/'));
+    let engine = agent.engine();
+    let url = format!("{engine}/v1/agents/register");
     // The node's own credential once it has one; the join token only to get it.
     let bearer = match (agent.credential(), join_token(args)?) {
         (Some(c), _) => c,
@@ -310,16 +382,18 @@ fn register(agent: &Agent, agent_url: &str) -> anyhow::Result<()> {
     let v: serde_json::Value = match answer {
         Ok(r) => r
             .into_json()
-            .with_context(|| format!("registering with {}: the answer is not JSON", args.engine))?,
+            .with_context(|| format!("registering with {engine}: the answer is not JSON"))?,
         Err(ureq::Error::Status(code, r)) => {
             let v: serde_json::Value = r.into_json().unwrap_or_default();
             anyhow::bail!(
-                "registering with {} was refused ({code}): {}",
-                args.engine,
+                "registering with {engine} was refused ({code}): {}",
                 v["error"].as_str().unwrap_or("no reason given")
             );
         }
-        Err(e) => return Err(e).with_context(|| format!("registering with {}", args.engine)),
+        Err(e) => {
+            agent.next_engine();
+            return Err(e).with_context(|| format!("registering with {engine}"));
+        }
     };
     if let (Some(node), Some(engine)) = (v["credential"].as_str(), v["engine-credential"].as_str())
     {
@@ -361,11 +435,7 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
                 Err(e) => eprintln!("mint-agent: {e:#}; retrying"),
             }
         } else {
-            let url = format!(
-                "{}/v1/nodes/{}/heartbeat",
-                args.engine.trim_end_matches('/'),
-                args.name
-            );
+            let url = format!("{}/v1/nodes/{}/heartbeat", agent.engine(), args.name);
             let instance = instance::current(&agent)
                 .map(|(tier, index)| json!({ "tier": tier, "index": index }));
             // What the instance is doing (a service that died makes it failed), so the
@@ -397,7 +467,15 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
                     );
                     registered = false;
                 }
-                Err(e) => eprintln!("mint-agent: heartbeat: {e}"),
+                Err(e) => {
+                    eprintln!("mint-agent: heartbeat: {e}");
+                    if matches!(
+                        e,
+                        ureq::Error::Transport(_) | ureq::Error::Status(502..=503, _)
+                    ) {
+                        agent.next_engine();
+                    }
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(args.heartbeat_ms.max(50)));
@@ -430,8 +508,12 @@ fn fail(status: StatusCode, message: impl Into<String>) -> Response {
 
 async fn deploy(
     State(agent): State<Arc<Agent>>,
+    headers: axum::http::HeaderMap,
     req: Result<Json<DeployRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
+    if let Err(refused) = agent.admit(&headers) {
+        return refused;
+    }
     let req = match req {
         Ok(Json(r)) => r,
         Err(e) => {
@@ -451,7 +533,10 @@ async fn status(State(agent): State<Arc<Agent>>) -> Response {
     Json(instance::status(&agent)).into_response()
 }
 
-async fn undeploy(State(agent): State<Arc<Agent>>) -> Response {
+async fn undeploy(State(agent): State<Arc<Agent>>, headers: axum::http::HeaderMap) -> Response {
+    if let Err(refused) = agent.admit(&headers) {
+        return refused;
+    }
     let a = agent.clone();
     match tokio::task::spawn_blocking(move || instance::stop(&a)).await {
         Ok(Ok(())) => Json(instance::status(&agent)).into_response(),
@@ -500,6 +585,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         slot: Mutex::new(Slot::default()),
         cache,
         credential: Mutex::new(credential),
+        engine_at: std::sync::atomic::AtomicUsize::new(0),
+        fencing: Mutex::new(
+            std::fs::read_to_string(args.root.join("fencing-token"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0),
+        ),
     });
     eprintln!(
         "mint-agent: cache {}: {} master(s), {} bytes (bound {})",
@@ -545,9 +637,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// The client for the engine: trusting --ca or --pin, else the system's roots.
 fn engine_client(args: &RunArgs) -> anyhow::Result<ureq::Agent> {
-    let Some(trust) =
-        mint_tls::Trust::from_flags(args.ca.as_deref(), args.pin.as_deref(), &args.engine)
-            .context("--pin")?
+    let Some(trust) = mint_tls::Trust::from_flags(
+        args.ca.as_deref(),
+        args.pin.as_deref(),
+        args.engine.split(',').next().unwrap_or_default().trim(),
+    )
+    .context("--pin")?
     else {
         return Ok(crate::write_disk::stall_timeouts(ureq::AgentBuilder::new()).build());
     };

@@ -69,6 +69,19 @@ enum Command {
         /// etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE] (a cluster on this machine's loopback).
         #[arg(long, default_value = "sled")]
         store: String,
+        /// With etcd: the leader's lease in whole seconds (at least 2). A leader that cannot
+        /// renew it stops acting after two thirds of it; another daemon leads once it ends.
+        #[arg(long, default_value_t = 15)]
+        lease_secs: u64,
+        /// With etcd: the directory every daemon of the site shares (NFS, say), holding
+        /// masters, overlays, seeds and installed plugins (default: DATA_DIR).
+        #[arg(long)]
+        shared_dir: Option<std::path::PathBuf>,
+        /// With etcd: the CA file that issued the other daemons' certificates, for passing
+        /// writes to the leader (default: trust this daemon's own certificate, for a site
+        /// that gives every daemon the same one).
+        #[arg(long)]
+        peer_ca: Option<std::path::PathBuf>,
         /// Address to serve the API on (loopback by default).
         #[arg(long, default_value = "127.0.0.1:7600")]
         listen: std::net::SocketAddr,
@@ -242,6 +255,9 @@ fn main() -> ExitCode {
             Command::Daemon {
                 data_dir,
                 store,
+                lease_secs,
+                shared_dir,
+                peer_ca,
                 listen,
                 advertise_url,
                 node_timeout_secs,
@@ -253,6 +269,9 @@ fn main() -> ExitCode {
                 mint_store::Location::parse(&store, &data_dir.join("state")),
             ) {
                 (_, Err(e)) => Err(Failure::usage(anyhow::anyhow!(e))),
+                _ if lease_secs < 2 => Err(Failure::usage(anyhow::anyhow!(
+                    "--lease-secs: {lease_secs} is too short; etcd grants leases of at least 2 s"
+                ))),
                 (Ok(t), Ok(state)) if t >= std::time::Duration::from_millis(100) => {
                     let tls = tls.source(&data_dir);
                     let options = mint_daemon::Options {
@@ -264,6 +283,9 @@ fn main() -> ExitCode {
                         tls,
                         unauthenticated: false,
                         state: Some(state),
+                        lease: Some(std::time::Duration::from_secs(lease_secs)),
+                        shared_dir,
+                        peer_ca,
                     };
                     daemon(data_dir, options).await
                 }

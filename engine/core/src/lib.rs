@@ -183,14 +183,32 @@ impl Engine {
     /// [`Engine::open`] with the state at `state` instead (etcd, say); images, the cache and
     /// plugins stay under `data_dir`.
     pub fn open_at(data_dir: &Path, state: &mint_store::Location) -> Result<Engine> {
+        Self::open_with(data_dir, data_dir, state)
+    }
+
+    /// Opens the engine with its own files in `data_dir` (the plugin cache), blobs and
+    /// installed plugins in `shared_dir` (which every daemon of a shared store reads, and
+    /// which is `data_dir` for a daemon alone), and its state at `state`.
+    pub fn open_with(
+        data_dir: &Path,
+        shared_dir: &Path,
+        state: &mint_store::Location,
+    ) -> Result<Engine> {
         let store = Arc::new(Store::open_at(state)?);
-        // Whoever opens the state acts on it, so it finishes what a writer that stopped
-        // half-way left (a tier minted in batches, a tier deleted in batches).
-        for done in store.finish_interrupted()? {
-            tracing::warn!("{done}");
+        // The only writer of an embedded store finishes what a writer that stopped half-way
+        // left (a tier minted in batches, a tier deleted in batches). On a shared store
+        // that is the next leader's work, since a daemon that only opens it must not
+        // remove a tier that the leader is minting now.
+        if !store.is_shared() {
+            for done in store.finish_interrupted()? {
+                tracing::warn!("{done}");
+            }
         }
         let key = store.secret("capabilities")?;
-        let plugins = Registry::new(Some(data_dir.join("cache")), Some(data_dir.join("plugins")))?;
+        let plugins = Registry::new(
+            Some(data_dir.join("cache")),
+            Some(shared_dir.join("plugins")),
+        )?;
         // What the host adds to a driver's requests to a node's agent: the engine's
         // credential for the node's current enrollment.
         let (signer, records) = (capability::Capabilities::new(&key), store.clone());
@@ -209,7 +227,7 @@ impl Engine {
         Ok(Engine {
             capabilities: capability::Capabilities::new(&key),
             store,
-            images: ImageStore::open(&data_dir.join("images"))?,
+            images: ImageStore::open(&shared_dir.join("images"))?,
             plugins,
             advertise: String::new(),
             permits: Permits::new(DRIVER_CONCURRENCY, PER_ENDPOINT),

@@ -12,7 +12,9 @@ mod autoscale;
 pub mod config;
 mod confine;
 mod delivery;
+mod forward;
 mod identities;
+pub mod leader;
 mod liveness;
 mod netboot;
 mod plugins;
@@ -71,6 +73,36 @@ struct App {
     delivery: delivery::Delivery,
     /// Network boot: scripts, boot files, leases.
     netboot: netboot::Netboot,
+    /// Whether this daemon leads (it always does on an embedded store).
+    leadership: leader::Leadership,
+    /// How a follower trusts the leader's certificate when it forwards a write.
+    peer_trust: Option<mint_tls::ClientTrust>,
+    /// The data directory's lock, held while the daemon runs (see [`lock_data_dir`]).
+    _data_lock: Option<std::fs::File>,
+}
+
+/// Locks the data directory for this process alone: a shared store has no lock of its own
+/// (as sled's directory has), and what the directory names, such as the lease of this
+/// daemon's last run, may only be acted on by one process.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("--data-dir: cannot create {}: {e}", data_dir.display()))?;
+    let path = data_dir.join("daemon.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("--data-dir: cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; it changes no memory.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "--data-dir {}: another mint daemon uses this directory; give each daemon its own",
+            data_dir.display()
+        ));
+    }
+    Ok(f)
 }
 
 /// How many long operations may run at once; more are answered 429.
@@ -100,6 +132,7 @@ impl From<EngineError> for ApiError {
             EngineError::Invalid(_) | EngineError::Image(_) => StatusCode::BAD_REQUEST,
             EngineError::Store(StoreError::Refused(_)) => StatusCode::CONFLICT,
             EngineError::Store(StoreError::NotFound { .. }) => StatusCode::NOT_FOUND,
+            EngineError::Store(StoreError::Fenced(_)) => StatusCode::SERVICE_UNAVAILABLE,
             EngineError::Call(_) => StatusCode::BAD_GATEWAY,
             EngineError::Load(_) | EngineError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -677,6 +710,13 @@ async fn health(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> ApiResult {
     let mut v = json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") });
+    v["role"] = match app.leadership.role() {
+        leader::Role::Leader { token } => json!({ "leads": true, "fencing-token": token }),
+        leader::Role::Follower { leader } => json!({
+            "leads": false,
+            "leader": leader.map(|h| h.url),
+        }),
+    };
     if peer.ip().is_loopback() {
         v["token-file"] = json!(app.data_dir.join(auth::ADMIN_TOKEN_FILE));
     }
@@ -772,14 +812,49 @@ fn router(app: Shared) -> Router {
                 "no such API route; see README for /v1/...".into(),
             )
         })
+        // Outermost, so a follower passes a write on before anything here looks at it.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            forward::writes_to_leader,
+        ))
         .with_state(app)
 }
 
-/// The tick: nodes silent too long are declared failed, and every tier is queued.
+/// The tick: nodes silent too long are declared failed, and every tier is queued. Only the
+/// leader acts.
 fn tick(app: &Shared) {
+    if !app.leadership.is_leading() {
+        return;
+    }
     liveness::fail_silent_nodes(app);
     reconciler::queue_all(app);
     netboot::keep_hosts_current(app);
+}
+
+/// What a daemon does when it becomes the leader of a shared store, before it acts: it
+/// starts finishing what the last leader left half-done (a tier minted or deleted in
+/// batches), writes the first admin token if the site has none, reloads the plugins installed in the
+/// shared directory, and forgets what it knew of calls and heartbeats from an earlier term,
+/// so every unfinished deployment is asked about (its BMC or agent read) before it is acted
+/// on, and every node gets a full timeout of grace.
+pub(crate) fn on_leading(app: &Shared) -> Result<(), String> {
+    // A half-minted tier is no tier (nothing selects for it), so removing it, which can
+    // take a while for a large one, runs beside the new leader's work instead of before.
+    let finishing = app.clone();
+    tokio::runtime::Handle::current().spawn_blocking(move || {
+        match finishing.engine.store.finish_interrupted() {
+            Ok(done) => done.iter().for_each(|d| tracing::warn!("{d}")),
+            Err(e) => tracing::warn!("finishing what the last leader left failed: {e}"),
+        }
+    });
+    auth::first_admin_token(&app.data_dir, &app.engine.store)?;
+    for problem in app.engine.plugins.preload_installed() {
+        tracing::warn!("{problem}");
+    }
+    app.status.clear();
+    app.liveness.clear();
+    reconciler::queue_all(app);
+    Ok(())
 }
 
 /// How the daemon serves.
@@ -804,6 +879,14 @@ pub struct Options {
     pub unauthenticated: bool,
     /// Where the state lives; `None` is sled in `<data-dir>/state`.
     pub state: Option<mint_store::Location>,
+    /// The leader's lease on a shared store ([`leader::DEFAULT_LEASE`] when `None`).
+    pub lease: Option<Duration>,
+    /// The directory every daemon of a shared store reads blobs and installed plugins
+    /// from (`<data-dir>` when `None`, which suits one daemon only).
+    pub shared_dir: Option<std::path::PathBuf>,
+    /// The CA that issued the other daemons' certificates, for forwarding writes to the
+    /// leader; `None` trusts exactly this daemon's own certificate (one for all daemons).
+    pub peer_ca: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -818,6 +901,9 @@ impl Options {
             tls: None,
             unauthenticated: false,
             state: None,
+            lease: None,
+            shared_dir: None,
+            peer_ca: None,
         }
     }
 }
@@ -849,6 +935,9 @@ pub async fn serve(
         tls,
         unauthenticated,
         state,
+        lease,
+        shared_dir,
+        peer_ca,
     } = options;
     // Checked before anything is opened or written, so a refused start changes nothing.
     if tls.is_none() && !listen.ip().is_loopback() {
@@ -867,7 +956,23 @@ pub async fn serve(
         None => config::Config::default_for_daemon(),
     };
     let state = state.unwrap_or_else(|| mint_store::Location::Sled(data_dir.join("state")));
-    let mut engine = Engine::open_at(data_dir, &state).map_err(|e| e.to_string())?;
+    let shared = shared_dir.as_deref().unwrap_or(data_dir);
+    let mut engine = Engine::open_with(data_dir, shared, &state).map_err(|e| e.to_string())?;
+    let data_lock = if engine.store.is_shared() {
+        Some(lock_data_dir(data_dir)?)
+    } else {
+        None
+    };
+    let leadership = if engine.store.is_shared() {
+        // Nothing is written until this daemon is elected; meanwhile it reads from a cache.
+        engine.store.set_fencing(mint_store::Fencing::NotLeading);
+        engine.store.start_read_cache().map_err(|e| e.to_string())?;
+        leader::Leadership::elected(leader::Timing::with_ttl(
+            lease.unwrap_or(leader::DEFAULT_LEASE),
+        ))
+    } else {
+        leader::Leadership::sole()
+    };
     let materialize_root = config.materialize_root.clone();
     if let Some(root) = &materialize_root {
         std::fs::create_dir_all(root)
@@ -905,7 +1010,20 @@ pub async fn serve(
     });
     mint_plugins::HostPattern::of_url(&advertise).map_err(|e| format!("--advertise-url: {e}"))?;
     engine.advertise = advertise;
-    auth::first_admin_token(data_dir, &engine.store)?;
+    if !leadership.shared {
+        auth::first_admin_token(data_dir, &engine.store)?;
+    }
+    let peer_trust = match (&peer_ca, &cert) {
+        (Some(ca), _) => Some(
+            mint_tls::ClientTrust::new(&mint_tls::Trust::Ca(ca.clone()))
+                .map_err(|e| format!("--peer-ca {}: {e}", ca.display()))?,
+        ),
+        (None, Some(c)) => Some(
+            mint_tls::ClientTrust::new(&mint_tls::Trust::Pin(c.pin()))
+                .map_err(|e| e.to_string())?,
+        ),
+        (None, None) => None,
+    };
     let app = Arc::new(App {
         engine,
         liveness: liveness::Liveness::new(node_timeout),
@@ -920,6 +1038,9 @@ pub async fn serve(
         unauthenticated,
         delivery,
         netboot,
+        leadership,
+        peer_trust,
+        _data_lock: data_lock,
     });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let pin = cert.as_ref().map(|c| c.pin());
@@ -935,7 +1056,9 @@ pub async fn serve(
                 _ = tokio::time::sleep(scrubbing.delivery.scrub_every()) => {
                     artifacts::scrub(&scrubbing).await;
                     // The event log keeps the newest events only, so it stays bounded.
-                    if let Err(e) = scrubbing.engine.store.trim_events(mint_store::EVENTS_KEPT) {
+                    if scrubbing.leadership.is_leading()
+                        && let Err(e) = scrubbing.engine.store.trim_events(mint_store::EVENTS_KEPT)
+                    {
                         tracing::warn!("trimming the event log failed: {e}");
                     }
                 }
@@ -964,6 +1087,17 @@ pub async fn serve(
         }
         None => None,
     };
+    if app.leadership.shared {
+        let holder = leader::Holder {
+            url: app.engine.advertise.clone(),
+            name: format!(
+                "mint daemon {} at {}",
+                std::process::id(),
+                app.engine.advertise
+            ),
+        };
+        leader::start(app.clone(), holder, stop_rx.clone()).await;
+    }
     let looping = app.clone();
     let ticker = tokio::spawn(async move {
         tick(&looping);

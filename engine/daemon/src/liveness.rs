@@ -42,6 +42,12 @@ impl Liveness {
         }
     }
 
+    /// Forgets every heartbeat, for a daemon that begins to lead: each node gets a full
+    /// timeout of grace from the moment it is first looked at, as after a restart.
+    pub fn clear(&self) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Records a heartbeat.
     pub fn beat(&self, node: &str, load: u32) {
         let now = Instant::now();

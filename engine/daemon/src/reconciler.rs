@@ -133,6 +133,12 @@ impl Statuses {
             .entry(tier.to_string())
             .or_default())
     }
+    /// Forgets every tier's calls and questions, for a daemon that begins to lead: what it
+    /// knew from an earlier term is stale, and the first step asks about everything.
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Forgets a deleted tier.
     pub fn forget(&self, tier: &str) {
         self.0
@@ -185,6 +191,11 @@ pub fn start(
 /// One step of one tier: the load rule, the plan and its intents, then its driver calls
 /// started in their own tasks.
 async fn step(app: &Arc<App>, tier: &str) {
+    // Only the leader reconciles; a tier queued before this daemon stopped leading waits
+    // for the next leader's own tick.
+    if !app.leadership.is_leading() {
+        return;
+    }
     let t = match app.engine.store.tier(tier) {
         Ok(t) => t,
         Err(_) => {

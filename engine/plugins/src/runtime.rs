@@ -116,6 +116,8 @@ pub struct Runtime {
     credentials: Arc<RwLock<Arc<Credentials>>>,
     tls: Arc<RwLock<Arc<crate::TlsPolicies>>>,
     engine_tls: Arc<RwLock<Option<crate::endpoint_tls::EndpointTrust>>>,
+    /// The leader's fencing token, 0 for none (see [`Runtime::set_fencing_token`]).
+    fencing_token: Arc<AtomicU64>,
 }
 
 impl Drop for Runtime {
@@ -136,6 +138,7 @@ pub struct Plugin {
     credentials: Arc<RwLock<Arc<Credentials>>>,
     tls: Arc<RwLock<Arc<crate::TlsPolicies>>>,
     engine_tls: Arc<RwLock<Option<crate::endpoint_tls::EndpointTrust>>>,
+    fencing_token: Arc<AtomicU64>,
     counters: Arc<Counters>,
     built_for: WitVersion,
 }
@@ -220,6 +223,7 @@ impl Runtime {
             credentials: Arc::default(),
             tls: Arc::default(),
             engine_tls: Arc::default(),
+            fencing_token: Arc::default(),
         })
     }
 
@@ -234,6 +238,14 @@ impl Runtime {
             })
         });
         *self.engine_tls.write().unwrap_or_else(|p| p.into_inner()) = trust;
+    }
+
+    /// Sets the fencing token of the leader this engine is (none: it does not lead, or
+    /// its store needs no leader). The host adds it to every request a driver makes to a
+    /// node endpoint, as `Mint-Fencing-Token`, so an agent can refuse a deposed leader.
+    pub fn set_fencing_token(&self, token: Option<u64>) {
+        self.fencing_token
+            .store(token.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Replaces how node endpoints' certificates are trusted; calls that start afterwards
@@ -362,6 +374,7 @@ impl Runtime {
             credentials: self.credentials.clone(),
             tls: self.tls.clone(),
             engine_tls: self.engine_tls.clone(),
+            fencing_token: self.fencing_token.clone(),
             counters: Arc::default(),
             built_for,
         })
@@ -542,6 +555,7 @@ impl Plugin {
             self.outbound.clone(),
             inputs,
             deadline,
+            self.fencing_token.load(Ordering::SeqCst),
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);

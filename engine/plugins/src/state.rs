@@ -129,6 +129,7 @@ impl CallState {
         outbound: Arc<[HostPattern]>,
         inputs: CallInputs,
         deadline: Instant,
+        fencing_token: u64,
     ) -> Self {
         let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
         // No preopened directories, no environment, no arguments, no sockets: WASI is
@@ -165,6 +166,7 @@ impl CallState {
                 denied,
                 tls_refused: Arc::default(),
                 waited_ns: Arc::new(AtomicU64::new(0)),
+                fencing_token,
             },
             deadline,
             guest: GuestClock::default(),
@@ -260,7 +262,12 @@ struct Gate {
     denied: Arc<Mutex<Vec<String>>>,
     tls_refused: Arc<Mutex<Vec<String>>>,
     waited_ns: Arc<AtomicU64>,
+    /// The engine's fencing token as a leader, 0 for none.
+    fencing_token: u64,
 }
+
+/// The header that carries the engine's fencing token to node endpoints.
+pub const FENCING_TOKEN_HEADER: &str = "mint-fencing-token";
 
 /// Read access to one artifact's URL and what lies under it.
 struct ArtifactGrant {
@@ -357,6 +364,14 @@ impl WasiHttpHooks for Gate {
             request
                 .headers_mut()
                 .insert(http::header::AUTHORIZATION, auth.header_value());
+        }
+        // Only the host states the token, so a plugin cannot speak for a newer leader.
+        request.headers_mut().remove(FENCING_TOKEN_HEADER);
+        if endpoint.is_some() && self.fencing_token > 0 {
+            request.headers_mut().insert(
+                FENCING_TOKEN_HEADER,
+                http::HeaderValue::from(self.fencing_token),
+            );
         }
         let engine = self
             .artifact

@@ -12,9 +12,10 @@
 //! by this backend, and the caller's thread waits for the answer, as it waits for a disk
 //! with sled, so the backend can be called from any thread, inside a runtime or not.
 
-use crate::kv::{Change, Entry, Guard, Kv, KvError, Op, Rev, Watch, prefix_end};
+use crate::kv::{Change, Entry, Guard, Kv, KvError, Leases, Op, Rev, Watch, prefix_end};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use std::future::Future;
 use std::sync::mpsc;
@@ -70,10 +71,9 @@ impl EtcdKv {
             .with_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
         let u = urls.clone();
-        let client = wait(
-            &runtime,
-            async move { Client::connect(u, Some(options)).await },
-        )
+        let client = wait(&runtime, CALL_TIMEOUT, async move {
+            Client::connect(u, Some(options)).await
+        })
         .and_then(|r| r.map_err(|e| KvError::Unavailable(e.to_string())))
         .map_err(|e| {
             KvError::Unavailable(format!("cannot reach etcd at {}: {e}", urls.join(",")))
@@ -118,32 +118,93 @@ impl EtcdKv {
         &self,
         f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     ) -> Result<T, KvError> {
+        self.call_within(CALL_TIMEOUT, f)
+    }
+
+    /// Runs `f` on the backend's runtime and waits at most `within` for it.
+    fn call_within<T: Send + 'static>(
+        &self,
+        within: Duration,
+        f: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    ) -> Result<T, KvError> {
         let runtime = self
             .runtime
             .as_ref()
             .ok_or_else(|| KvError::Unavailable("the etcd client is closed".into()))?;
-        wait(runtime, f)?.map_err(|e| {
+        wait(runtime, within, f)?.map_err(|e| {
             KvError::Unavailable(format!("etcd at {} failed: {e}", self.endpoints.join(",")))
         })
     }
 }
 
-/// Runs `f` on `runtime` and waits, from any thread, at most [`CALL_TIMEOUT`] (and a
-/// little) for its answer.
+/// Runs `f` on `runtime` and waits, from any thread, at most `within` (and a little) for
+/// its answer.
 fn wait<T: Send + 'static>(
     runtime: &tokio::runtime::Runtime,
+    within: Duration,
     f: impl Future<Output = T> + Send + 'static,
 ) -> Result<T, KvError> {
     let (tx, rx) = mpsc::sync_channel(1);
     runtime.spawn(async move {
-        let _ = tx.send(tokio::time::timeout(CALL_TIMEOUT, f).await);
+        let _ = tx.send(tokio::time::timeout(within, f).await);
     });
-    match rx.recv_timeout(CALL_TIMEOUT + Duration::from_secs(1)) {
+    match rx.recv_timeout(within + Duration::from_millis(100)) {
         Ok(Ok(v)) => Ok(v),
         _ => Err(KvError::Unavailable(format!(
-            "etcd did not answer within {} s",
-            CALL_TIMEOUT.as_secs()
+            "etcd did not answer within {} ms",
+            within.as_millis()
         ))),
+    }
+}
+
+impl Leases for EtcdKv {
+    fn grant(&self, ttl: Duration, within: Duration) -> Result<i64, KvError> {
+        let mut c = self.client.lease_client();
+        let secs = ttl.as_secs().max(1) as i64;
+        let r = self.call_within(within, async move { c.grant(secs, None).await })?;
+        Ok(r.id())
+    }
+
+    fn renew(&self, lease: i64, within: Duration) -> Result<i64, KvError> {
+        let mut c = self.client.lease_client();
+        self.call_within(within, async move {
+            let (mut keeper, mut answers) = c.keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok(answers.message().await?.map(|m| m.ttl()).unwrap_or(0))
+        })
+    }
+
+    fn revoke(&self, lease: i64, within: Duration) -> Result<(), KvError> {
+        let mut c = self.client.lease_client();
+        self.call_within(within, async move { c.revoke(lease).await.map(|_| ()) })
+    }
+
+    fn claim(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        within: Duration,
+    ) -> Result<(bool, Option<Entry>), KvError> {
+        let k = self.ns(key);
+        let txn = Txn::new()
+            .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    k.clone(),
+                    value.to_vec(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::get(k.clone(), None),
+            ])
+            .or_else([TxnOp::get(k, None)]);
+        let mut c = self.client.kv_client();
+        let r = self.call_within(within, async move { c.txn(txn).await })?;
+        let now = r.op_responses().into_iter().find_map(|o| match o {
+            TxnOpResponse::Get(g) => Some(g.kvs().first().map(|k| entry(self, k))),
+            _ => None,
+        });
+        Ok((r.succeeded(), now.flatten()))
     }
 }
 
@@ -180,6 +241,10 @@ impl Kv for EtcdKv {
 
     fn max_ops(&self) -> usize {
         MAX_TXN_OPS
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Entry>, KvError> {
@@ -360,8 +425,7 @@ impl Kv for EtcdKv {
 /// for tests and benchmarks: its own data directory, free ports, stopped and its directory
 /// removed on drop.
 pub struct LocalMember {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
+    cluster: LocalCluster,
     /// Its client endpoint, `127.0.0.1:PORT`.
     pub endpoint: String,
 }
@@ -377,52 +441,140 @@ impl LocalMember {
     /// Starts member `name` with its data under `dir` (created, and removed on drop), and
     /// waits at most 30 s until it answers.
     pub fn start(dir: &std::path::Path, name: &str) -> Result<LocalMember, String> {
+        let cluster = LocalCluster::start_named(dir, &[name])?;
+        let endpoint = cluster.endpoints()[0].clone();
+        Ok(LocalMember { cluster, endpoint })
+    }
+
+    /// The member's directory (its log is `etcd.log` there).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.cluster.dir
+    }
+}
+
+/// A cluster of etcd members on loopback, for tests that kill and restart members.
+pub struct LocalCluster {
+    dir: std::path::PathBuf,
+    names: Vec<String>,
+    ports: Vec<(u16, u16)>,
+    children: Vec<Option<std::process::Child>>,
+}
+
+impl LocalCluster {
+    /// Starts `n` members under `dir` and waits at most 30 s until every one answers.
+    pub fn start(dir: &std::path::Path, n: usize) -> Result<LocalCluster, String> {
+        let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        Self::start_named(dir, &refs)
+    }
+
+    fn start_named(dir: &std::path::Path, names: &[&str]) -> Result<LocalCluster, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let (client, peer) = (free_port()?, free_port()?);
-        let log = std::fs::File::create(dir.join("etcd.log"))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut ports = Vec::new();
+        for _ in names {
+            ports.push((free_port()?, free_port()?));
+        }
+        let mut cluster = LocalCluster {
+            dir: dir.to_path_buf(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            ports,
+            children: names.iter().map(|_| None).collect(),
+        };
+        for i in 0..names.len() {
+            cluster.spawn(i, "new")?;
+        }
+        for i in 0..names.len() {
+            cluster.wait_for(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Every member's client endpoint, `127.0.0.1:PORT`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|(c, _)| format!("127.0.0.1:{c}"))
+            .collect()
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) -> Result<(), String> {
+        let name = &self.names[i];
+        let member_dir = self.dir.join(name);
+        std::fs::create_dir_all(&member_dir)
+            .map_err(|e| format!("{}: {e}", member_dir.display()))?;
+        let initial: Vec<String> = self
+            .names
+            .iter()
+            .zip(&self.ports)
+            .map(|(n, (_, p))| format!("{n}=http://127.0.0.1:{p}"))
+            .collect();
+        let (client, peer) = self.ports[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(member_dir.join("etcd.log"))
+            .map_err(|e| format!("{}: {e}", member_dir.display()))?;
         let child = std::process::Command::new("etcd")
             .arg(format!("--name={name}"))
-            .arg(format!("--data-dir={}", dir.join("data").display()))
+            .arg(format!("--data-dir={}", member_dir.join("data").display()))
             .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
             .arg(format!(
                 "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
             ))
-            .arg(format!("--initial-cluster={name}=http://127.0.0.1:{peer}"))
+            .arg(format!("--initial-cluster={}", initial.join(",")))
+            .arg(format!("--initial-cluster-state={state}"))
+            .arg("--initial-cluster-token=mint-test")
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| {
                 format!("cannot run etcd ({e}); `cargo xtask setup` installs Debian's etcd-server")
             })?;
-        let member = LocalMember {
-            child,
-            dir: dir.to_path_buf(),
-            endpoint: format!("127.0.0.1:{client}"),
-        };
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    fn wait_for(&self, i: usize) -> Result<(), String> {
+        let endpoint = format!("127.0.0.1:{}", self.ports[i].0);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if EtcdKv::connect(std::slice::from_ref(&member.endpoint), "/").is_ok() {
-                return Ok(member);
+            if EtcdKv::connect(std::slice::from_ref(&endpoint), "/").is_ok() {
+                return Ok(());
             }
             if std::time::Instant::now() > deadline {
                 return Err(format!(
-                    "etcd did not answer at {} within 30 s: {}",
-                    member.endpoint,
-                    std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
+                    "etcd did not answer at {endpoint} within 30 s: {}",
+                    std::fs::read_to_string(self.dir.join(&self.names[i]).join("etcd.log"))
+                        .unwrap_or_default()
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// Kills member `i` (SIGKILL, as a crash).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data, and waits at most 30 s until it answers.
+    pub fn restart(&mut self, i: usize) -> Result<(), String> {
+        self.kill(i);
+        self.spawn(i, "existing")?;
+        self.wait_for(i)
+    }
 }
 
-impl Drop for LocalMember {
+impl Drop for LocalCluster {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

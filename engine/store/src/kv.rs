@@ -156,6 +156,32 @@ pub trait Kv: Send + Sync {
     /// Every change under `[start, end)` committed at revision `from` or later, as it
     /// commits.
     fn watch(&self, start: &[u8], end: &[u8], from: Rev) -> Result<Watch, KvError>;
+    /// Leases, where the backend is shared between processes and so needs a leader; an
+    /// embedded backend has one process, which always leads.
+    fn leases(&self) -> Option<&dyn Leases> {
+        None
+    }
+}
+
+/// Leases: keys that live only while their holder keeps renewing, for electing one leader
+/// among several daemons. Every call waits at most `within`, so a leader's renewal loop
+/// can keep its own deadlines while the backend is slow or gone.
+pub trait Leases: Send + Sync {
+    /// A new lease of `ttl` (whole seconds, as etcd counts them).
+    fn grant(&self, ttl: std::time::Duration, within: std::time::Duration) -> Result<i64, KvError>;
+    /// Renews `lease`; returns the seconds it has left, 0 when it has already expired.
+    fn renew(&self, lease: i64, within: std::time::Duration) -> Result<i64, KvError>;
+    /// Ends `lease` now, deleting the keys attached to it.
+    fn revoke(&self, lease: i64, within: std::time::Duration) -> Result<(), KvError>;
+    /// Puts `key` = `value`, attached to `lease`, if `key` is absent. Returns whether this
+    /// call put it, and the key as it is afterwards (whoever holds it).
+    fn claim(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        within: std::time::Duration,
+    ) -> Result<(bool, Option<Entry>), KvError>;
 }
 
 /// The end of the range holding every key that starts with `prefix` (etcd's convention:

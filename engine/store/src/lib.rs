@@ -23,6 +23,7 @@
 //! store costs more than the selection itself. It is a cache of committed state; every
 //! transaction reads the records themselves.
 
+pub mod cache;
 pub mod etcd;
 pub mod kv;
 mod node_index;
@@ -68,6 +69,10 @@ pub enum StoreError {
         "a stored record does not decode ({0}); the database may be from a newer mint or damaged"
     )]
     Corrupt(String),
+    /// This writer no longer leads (or never did), so its commit was refused: another
+    /// daemon's fencing token is in the leader key. Nothing was written.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -117,6 +122,30 @@ pub struct Store {
     /// Every node as last committed, by name, by any writer: refreshed after this
     /// store's own commits and fed by a watch on the backend.
     node_index: Arc<RwLock<node_index::NodeIndex>>,
+    /// Whether commits carry a fencing token (see [`Fencing`]).
+    fencing: RwLock<Fencing>,
+    /// The read cache a following daemon reads from (see [`Store::start_read_cache`]).
+    cache: std::sync::OnceLock<Arc<cache::CachedKv>>,
+}
+
+/// The key a shared store's leader holds, attached to its lease; its create-revision is the
+/// leader's fencing token.
+pub const LEADER_KEY: &[u8] = b"meta/leader";
+
+/// Whether this store's commits are fenced by a leader's token.
+///
+/// A store shared by several daemons is written only by the one that leads: every commit
+/// it makes also requires that the leader key's create-revision is still its token, so a
+/// leader that was paused past its lease, or cut off, writes nothing once another has
+/// taken over, however late its commits arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fencing {
+    /// No token: the only writer (sled, or a tool working on a store no daemon leads).
+    Off,
+    /// Fenced, and not leading: every write is refused with [`StoreError::Fenced`].
+    NotLeading,
+    /// Leading with this token.
+    Token(Rev),
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -739,6 +768,8 @@ impl Store {
             kv,
             turn: Mutex::new(()),
             node_index: index,
+            fencing: RwLock::new(Fencing::Off),
+            cache: std::sync::OnceLock::new(),
         })
     }
 
@@ -781,15 +812,18 @@ impl Store {
     fn transact_as<T>(&self, by: &str, f: impl Fn(&Tx<'_>) -> TxResult<T>) -> Result<T> {
         let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
         for attempt in 1..=MAX_ATTEMPTS {
-            let at = Attempt::new(self.kv.as_ref(), attempt);
+            let at = Attempt::new(self.reads(), attempt);
             let value = f(&Tx::new(&at, by))?;
-            let (guards, ops) = at.into_commit();
+            let (mut guards, ops) = at.into_commit();
             if ops.is_empty() {
                 return Ok(value);
             }
+            let fence = self.fence_guard()?;
+            guards.extend(fence);
             match self.kv.commit(&guards, &ops) {
                 Ok(_) => return Ok(value),
                 Err(KvError::Conflict) => {
+                    self.check_fence()?;
                     // Another writer landed first; a short, growing pause spreads the
                     // writers that raced out.
                     std::thread::sleep(std::time::Duration::from_micros(
@@ -810,16 +844,103 @@ impl Store {
     /// Writes without guards, outside any transaction: for records no rule depends on
     /// (content-addressed overlays, derived artifacts).
     fn write(&self, ops: Vec<Op>) -> Result<()> {
-        self.kv
-            .commit(&[], &ops)
-            .map(|_| ())
-            .map_err(|e| self.storage(e))
+        let guards: Vec<Guard> = self.fence_guard()?.into_iter().collect();
+        match self.kv.commit(&guards, &ops) {
+            Ok(_) => Ok(()),
+            Err(KvError::Conflict) => {
+                self.check_fence()?;
+                Err(StoreError::Storage {
+                    path: self.kv.describe(),
+                    message: "an unguarded write conflicted".into(),
+                })
+            }
+            Err(e) => Err(self.storage(e)),
+        }
+    }
+
+    /// Starts holding the whole store in memory, fed by a watch, for a daemon that follows:
+    /// while this store is not leading ([`Fencing::NotLeading`]) its reads come from that
+    /// cache instead of a round trip to the backend each. A leading store reads the backend
+    /// itself, since its guards need the newest revisions.
+    pub fn start_read_cache(&self) -> Result<()> {
+        if self.cache.get().is_some() {
+            return Ok(());
+        }
+        let c = cache::CachedKv::start(self.kv.clone()).map_err(|e| self.storage(e))?;
+        let _ = self.cache.set(Arc::new(c));
+        Ok(())
+    }
+
+    /// Where reads go: the read cache while following, the backend otherwise.
+    fn reads(&self) -> &dyn Kv {
+        match self.cache.get() {
+            Some(c) if self.fencing() == Fencing::NotLeading => c.as_ref(),
+            _ => self.kv.as_ref(),
+        }
+    }
+
+    /// Sets whether, and with which token, this store's commits are fenced.
+    pub fn set_fencing(&self, fencing: Fencing) {
+        *self.fencing.write().unwrap_or_else(|p| p.into_inner()) = fencing;
+    }
+
+    /// How this store's commits are fenced now.
+    pub fn fencing(&self) -> Fencing {
+        *self.fencing.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The backend's leases, if it is shared between processes (etcd).
+    pub fn leases(&self) -> Option<&dyn kv::Leases> {
+        self.kv.leases()
+    }
+
+    /// Whether several processes may write this store, so that one must lead.
+    pub fn is_shared(&self) -> bool {
+        self.kv.leases().is_some()
+    }
+
+    /// The leader key as it is now: its holder's value and its token (create-revision).
+    pub fn leader(&self) -> Result<Option<(Vec<u8>, Rev)>> {
+        Ok(self
+            .kv
+            .get(LEADER_KEY)
+            .map_err(|e| self.storage(e))?
+            .map(|e| (e.value, e.create_rev)))
+    }
+
+    /// The guard a commit carries under the current fencing, or why it may not commit.
+    fn fence_guard(&self) -> Result<Option<Guard>> {
+        match self.fencing() {
+            Fencing::Off => Ok(None),
+            Fencing::NotLeading => Err(StoreError::Fenced(
+                "this daemon does not lead, so it writes nothing; the leader does".into(),
+            )),
+            Fencing::Token(t) => Ok(Some(Guard::CreateRev(LEADER_KEY.to_vec(), t))),
+        }
+    }
+
+    /// After a refused commit: whether the fence was what refused it.
+    fn check_fence(&self) -> Result<()> {
+        let Fencing::Token(mine) = self.fencing() else {
+            return Ok(());
+        };
+        let now = self.leader()?.map(|(_, t)| t);
+        if now != Some(mine) {
+            return Err(StoreError::Fenced(format!(
+                "fencing token {mine} is no longer the leader's ({}); this daemon stopped leading, and its change was not written",
+                match now {
+                    Some(t) => format!("the leader's is {t}"),
+                    None => "no daemon leads".into(),
+                }
+            )));
+        }
+        Ok(())
     }
 
     /// One key's bytes, as of now.
     fn raw(&self, prefix: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self
-            .kv
+            .reads()
             .get(&full_key(prefix, key))
             .map_err(|e| self.storage(e))?
             .map(|e| e.value))
@@ -845,7 +966,7 @@ impl Store {
     fn entries(&self, prefix: &str, key_prefix: &[u8]) -> Result<Vec<Entry>> {
         let start = full_key(prefix, key_prefix);
         Ok(self
-            .kv
+            .reads()
             .range(&start, &prefix_end(&start), usize::MAX, None)
             .map_err(|e| self.storage(e))?
             .0)
@@ -2150,7 +2271,7 @@ impl Store {
                 .to_be_bytes(),
         );
         let end = prefix_end(keys::EVENTS.as_bytes());
-        self.kv
+        self.reads()
             .range(&start, &end, limit, None)
             .map_err(|e| self.storage(e))?
             .0
@@ -2160,14 +2281,36 @@ impl Store {
     }
 
     /// Checks every invariant of the pool over the whole database and lists what is
-    /// broken (empty when all hold). Used by tests after crashes and random operations.
+    /// broken (empty when all hold). Used by tests after crashes and random operations, and
+    /// while other writers work: tiers, instances and nodes are read at one revision, so
+    /// what is checked is one committed state.
     pub fn check_invariants(&self) -> Result<Vec<String>> {
+        let mut tries = 0;
+        let (tiers, instances, nodes) = loop {
+            tries += 1;
+            match self.snapshot() {
+                Ok(s) => break s,
+                Err(KvError::Compacted { .. }) if tries < 100 => continue,
+                Err(e) => return Err(self.storage(e)),
+            }
+        };
+        let tiers: Vec<Tier> = tiers
+            .iter()
+            .map(|e| decode(&e.value))
+            .collect::<Result<_>>()?;
+        let instances: Vec<Instance> = instances
+            .iter()
+            .map(|e| decode(&e.value))
+            .collect::<Result<_>>()?;
+        let nodes: Vec<Node> = nodes
+            .iter()
+            .map(|e| decode(&e.value))
+            .collect::<Result<_>>()?;
         let mut broken = Vec::new();
-        let nodes = self.nodes()?;
         let mut addr = std::collections::HashMap::new();
         let mut host = std::collections::HashMap::new();
-        for t in self.tiers()? {
-            let inst = self.instances(&t.name)?;
+        for t in &tiers {
+            let inst: Vec<&Instance> = instances.iter().filter(|i| i.id.tier == t.name).collect();
             if inst.len() != t.max_instances as usize {
                 broken.push(format!(
                     "tier {} has {} instances, not K = {}",
@@ -2211,8 +2354,7 @@ impl Store {
         }
         for n in &nodes {
             if let Some(id) = &n.instance {
-                let holds = self
-                    .instances(&id.tier)?
+                let holds = instances
                     .iter()
                     .any(|i| &i.id == id && i.node.as_deref() == Some(n.name.as_str()));
                 if !holds {
@@ -2224,6 +2366,18 @@ impl Store {
             }
         }
         Ok(broken)
+    }
+
+    /// Tiers, instances and nodes, all as of one revision.
+    fn snapshot(&self) -> std::result::Result<(Vec<Entry>, Vec<Entry>, Vec<Entry>), KvError> {
+        let all = |prefix: &str, at| {
+            let p = prefix.as_bytes();
+            self.kv.range(p, &prefix_end(p), usize::MAX, at)
+        };
+        let (tiers, rev) = all(keys::TIERS, None)?;
+        let (instances, _) = all(keys::INSTANCES, Some(rev))?;
+        let (nodes, _) = all(keys::NODES, Some(rev))?;
+        Ok((tiers, instances, nodes))
     }
 }
 
