@@ -330,49 +330,43 @@ fn test() -> Result<(), String> {
 /// paused past its lease, or an etcd member killed, each in turn; its figures are written to
 /// `target/failover-soak.txt`.
 fn soak(args: &[String]) -> Result<(), String> {
-    if args.first().map(String::as_str) == Some("failover") {
-        let iterations = match args.get(1) {
-            None => 100,
-            Some(c) => c
-                .parse::<u32>()
-                .map_err(|_| format!("soak failover: `{c}` is not a number of iterations"))?,
-        };
-        wasm_target()?;
-        return run(cargo()
-            .args([
-                "test",
-                "--release",
-                "--package",
-                "mint",
-                "--test",
-                "integration",
-                "--",
-                "failover::three",
-                "--nocapture",
-            ])
-            .env("MINT_FAILOVER_ITERATIONS", iterations.to_string())
-            .env("MINT_FAILOVER_REPORT", "target/failover-soak.txt"));
-    }
-    let cycles = match args.first() {
-        None => 1000,
+    let failover = args.first().map(String::as_str) == Some("failover");
+    let args = if failover { &args[1..] } else { args };
+    let (what, default) = if failover {
+        ("iterations", 100)
+    } else {
+        ("cycles", 1000)
+    };
+    let n = match args.first() {
+        None => default,
         Some(c) => c
             .parse::<u32>()
-            .map_err(|_| format!("soak: `{c}` is not a number of cycles"))?,
+            .map_err(|_| format!("soak: `{c}` is not a number of {what}"))?,
     };
     wasm_target()?;
-    run(cargo()
-        .args([
-            "test",
-            "--release",
-            "--package",
-            "mint",
-            "--test",
-            "integration",
-            "--",
-            "crash::",
-            "--nocapture",
-        ])
-        .env("MINT_CRASH_CYCLES", cycles.to_string()))
+    let mut c = cargo();
+    c.args([
+        "test",
+        "--release",
+        "--package",
+        "mint",
+        "--test",
+        "integration",
+        "--",
+        if failover {
+            "failover::three"
+        } else {
+            "crash::"
+        },
+        "--nocapture",
+    ]);
+    if failover {
+        c.env("MINT_FAILOVER_ITERATIONS", n.to_string())
+            .env("MINT_FAILOVER_REPORT", "target/failover-soak.txt");
+    } else {
+        c.env("MINT_CRASH_CYCLES", n.to_string());
+    }
+    run(&mut c)
 }
 
 /// The `mint` binary's arguments for `cargo xtask daemon ARGS`: the daemon with its state in

@@ -4,11 +4,10 @@
 //! backend itself (its transactions' guards need the newest revisions), and commits always
 //! go to the backend.
 
-use crate::kv::{Change, Entry, Guard, Kv, KvError, Leases, Op, Poll, Rev, Watch};
+use crate::kv::{Change, Entry, Guard, Kv, KvError, Leases, Op, Rev, Watch};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::{Arc, RwLock, Weak};
-use std::time::Duration;
 
 #[derive(Default)]
 struct Mirror {
@@ -96,34 +95,28 @@ fn load(kv: &dyn Kv) -> Result<Mirror, KvError> {
 
 /// Applies the backend's changes to the mirror; a watch that ends (a restart of the
 /// cluster, a compaction) is replaced by a fresh load and a new watch.
-fn follow(kv: Weak<dyn Kv>, mirror: Weak<RwLock<Mirror>>, mut from: Rev) {
-    loop {
-        let watch: Result<Watch, KvError> = match kv.upgrade() {
-            Some(kv) => kv.watch(b"", b"", from),
-            None => return,
-        };
-        if let Ok(watch) = watch {
-            loop {
-                match watch.poll(Duration::from_millis(500)) {
-                    Poll::Change(c) => {
-                        let Some(m) = mirror.upgrade() else { return };
-                        m.write().unwrap_or_else(|p| p.into_inner()).apply(c);
-                    }
-                    Poll::Quiet if mirror.strong_count() == 0 => return,
-                    Poll::Quiet => {}
-                    Poll::Closed => break,
-                }
+fn follow(kv: Weak<dyn Kv>, mirror: Weak<RwLock<Mirror>>, from: Rev) {
+    let m = mirror.clone();
+    crate::kv::follow_changes(
+        kv,
+        (b"", b""),
+        from,
+        |change| {
+            let m = m.upgrade()?;
+            if let Some(c) = change {
+                m.write().unwrap_or_else(|p| p.into_inner()).apply(c);
             }
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        let (Some(k), Some(m)) = (kv.upgrade(), mirror.upgrade()) else {
-            return;
-        };
-        if let Ok(fresh) = load(k.as_ref()) {
-            from = fresh.rev + 1;
-            *m.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-        }
-    }
+            Some(())
+        },
+        |kv| {
+            let m = mirror.upgrade()?;
+            Some(load(kv).ok().map(|fresh| {
+                let rev = fresh.rev;
+                *m.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                rev
+            }))
+        },
+    );
 }
 
 impl Kv for CachedKv {

@@ -184,6 +184,48 @@ pub trait Leases: Send + Sync {
     ) -> Result<(bool, Option<Entry>), KvError>;
 }
 
+/// Follows the changes under `[start, end)` from revision `from`, on the calling thread,
+/// until `apply` or `reload` says to stop (returns `None`) or the backend is dropped. A
+/// watch that cannot start or ends (a restart, a compaction) is replaced, after a pause, by
+/// `reload` (which reads the range afresh and returns its revision, none if that failed)
+/// and a new watch. The
+/// strong handle on the backend lives only for each call, so a follower never keeps a
+/// dropped store's backend (and a sled directory's lock) alive.
+pub(crate) fn follow_changes(
+    kv: std::sync::Weak<dyn Kv>,
+    (start, end): (&[u8], &[u8]),
+    mut from: Rev,
+    mut apply: impl FnMut(Option<Change>) -> Option<()>,
+    mut reload: impl FnMut(&dyn Kv) -> Option<Option<Rev>>,
+) {
+    loop {
+        let watch = match kv.upgrade() {
+            Some(kv) => kv.watch(start, end, from),
+            None => return,
+        };
+        if let Ok(watch) = watch {
+            loop {
+                let go_on = match watch.poll(std::time::Duration::from_millis(500)) {
+                    Poll::Change(c) => apply(Some(c)),
+                    // A quiet moment lets `apply` see whether anyone still reads.
+                    Poll::Quiet => apply(None),
+                    Poll::Closed => break,
+                };
+                if go_on.is_none() {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let Some(kv) = kv.upgrade() else { return };
+        match reload(kv.as_ref()) {
+            None => return,
+            Some(Some(rev)) => from = rev + 1,
+            Some(None) => {}
+        }
+    }
+}
+
 /// The end of the range holding every key that starts with `prefix` (etcd's convention:
 /// the prefix with its last byte below 0xff incremented; empty for all keys).
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {

@@ -5,11 +5,10 @@
 //! than that is dropped: a refresh after a commit and the watch's report of the same
 //! commit can arrive in either order and the index ends with the newer one.
 
-use crate::kv::{Change, Kv, Poll, Rev, prefix_end};
+use crate::kv::{Change, Kv, Rev, prefix_end};
 use mint_model::records::Node;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock, Weak};
-use std::time::Duration;
 
 /// Every node as last known, by name.
 #[derive(Default)]
@@ -76,36 +75,24 @@ pub(crate) fn follow(
     std::thread::Builder::new()
         .name("mint-node-index".into())
         .spawn(move || {
-            let (start, end) = (prefix.as_bytes(), prefix_end(prefix.as_bytes()));
-            let mut from = from;
-            loop {
-                // The strong handle lives only for the call, so the thread never keeps a
-                // dropped store's backend (and a sled directory's lock) alive.
-                let watch = match kv.upgrade() {
-                    Some(kv) => kv.watch(start, &end, from),
-                    None => return,
-                };
-                if let Ok(watch) = watch {
-                    loop {
-                        match watch.poll(Duration::from_millis(500)) {
-                            Poll::Change(c) => {
-                                let Some(index) = index.upgrade() else { return };
-                                apply_change(&index, prefix, c);
-                            }
-                            Poll::Quiet if index.strong_count() == 0 => return,
-                            Poll::Quiet => {}
-                            Poll::Closed => break,
-                        }
+            let end = prefix_end(prefix.as_bytes());
+            let ix = index.clone();
+            crate::kv::follow_changes(
+                kv,
+                (prefix.as_bytes(), &end),
+                from,
+                |change| {
+                    let index = ix.upgrade()?;
+                    if let Some(c) = change {
+                        apply_change(&index, prefix, c);
                     }
-                }
-                std::thread::sleep(Duration::from_millis(500));
-                let (Some(kv), Some(ix)) = (kv.upgrade(), index.upgrade()) else {
-                    return;
-                };
-                if let Ok(rev) = load(kv.as_ref(), prefix, &ix) {
-                    from = rev + 1;
-                }
-            }
+                    Some(())
+                },
+                |kv| {
+                    let index = index.upgrade()?;
+                    Some(load(kv, prefix, &index).ok())
+                },
+            );
         })
         .map(|_| ())
 }
