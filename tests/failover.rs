@@ -243,6 +243,8 @@ fn three_daemons_on_three_etcd_members_survive_kills_pauses_and_lost_members() {
                 match n % 3 {
                     0 => {
                         let count = 1 + (n / 3 % 3) as u32;
+                        // Unknown until answered: a check meanwhile may see it landed.
+                        ledger.lock().unwrap().scale = Some((count, false));
                         let r = send(
                             &http,
                             &order,

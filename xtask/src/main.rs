@@ -361,8 +361,12 @@ fn soak(args: &[String]) -> Result<(), String> {
         "--nocapture",
     ]);
     if failover {
+        // Absolute: the test runs in its package's directory, not the repository's root.
+        let report = std::env::current_dir()
+            .map_err(|e| format!("soak: the current directory: {e}"))?
+            .join("target/failover-soak.txt");
         c.env("MINT_FAILOVER_ITERATIONS", n.to_string())
-            .env("MINT_FAILOVER_REPORT", "target/failover-soak.txt");
+            .env("MINT_FAILOVER_REPORT", report);
     } else {
         c.env("MINT_CRASH_CYCLES", n.to_string());
     }
