@@ -583,3 +583,27 @@ fn the_leader_killed_while_minting_10000_leaves_the_next_leader_0_or_10000() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+#[test]
+fn a_second_daemon_on_one_data_directory_is_refused_before_it_opens_anything() {
+    use crate::support::start_daemon_with;
+    let etcd = crate::etcd::Etcd::start("failover-lock");
+    let dir = scratch("failover-lock");
+    let store_arg = format!("etcd://{}/lock", etcd.endpoint);
+    let args = ["--store", store_arg.as_str(), "--lease-secs", "3"];
+    let (mut first, _) = start_daemon_with(&dir.join("d"), &args);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mint"))
+        .args(["daemon", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("d"))
+        .args(args)
+        .output()
+        .unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("--data-dir") && err.contains("another mint daemon uses this directory"),
+        "{err}"
+    );
+}

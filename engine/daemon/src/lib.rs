@@ -956,13 +956,13 @@ pub async fn serve(
         None => config::Config::default_for_daemon(),
     };
     let state = state.unwrap_or_else(|| mint_store::Location::Sled(data_dir.join("state")));
+    // Taken before the state is opened, so a second daemon on this directory opens nothing.
+    let data_lock = match &state {
+        mint_store::Location::Etcd { .. } => Some(lock_data_dir(data_dir)?),
+        mint_store::Location::Sled(_) => None,
+    };
     let shared = shared_dir.as_deref().unwrap_or(data_dir);
     let mut engine = Engine::open_with(data_dir, shared, &state).map_err(|e| e.to_string())?;
-    let data_lock = if engine.store.is_shared() {
-        Some(lock_data_dir(data_dir)?)
-    } else {
-        None
-    };
     let leadership = if engine.store.is_shared() {
         // Nothing is written until this daemon is elected; meanwhile it reads from a cache.
         engine.store.set_fencing(mint_store::Fencing::NotLeading);
