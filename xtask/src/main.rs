@@ -99,6 +99,12 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("crun", "/usr/bin/crun"),
     ("etcd-server", "/usr/bin/etcd"),
     ("protobuf-compiler", "/usr/bin/protoc"),
+    // protoc's well-known types (google/protobuf/*.proto), which etcd's protocol imports;
+    // protobuf-compiler only recommends them.
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
 ];
 
 /// Installs the [`DEBIAN_PACKAGES`] that are missing. The packages' services are kept from
