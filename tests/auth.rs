@@ -57,6 +57,7 @@ const ROUTES: &[(&str, &str, bool)] = &[
     ("GET", "/v1/tokens", false),
     ("POST", "/v1/tokens", true),
     ("DELETE", "/v1/tokens/ci", true),
+    ("GET", "/metrics", false),
 ];
 
 /// The status of `method path` with `Authorization: auth` (none when empty).

@@ -105,6 +105,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "libprotobuf-dev",
         "/usr/include/google/protobuf/descriptor.proto",
     ),
+    ("prometheus", "/usr/bin/promtool"),
 ];
 
 /// Installs the [`DEBIAN_PACKAGES`] that are missing. The packages' services are kept from

@@ -309,9 +309,10 @@ impl Cache {
             let (hex, meta) = victim;
             let _ = std::fs::remove_file(self.dir.join(format!("{hex}.meta")));
             let _ = mint_layers::remove_any(&self.path(&hex, meta.form));
-            eprintln!(
-                "mint-agent: cache: evicted sha256:{hex} ({} bytes) to stay within {} bytes",
-                meta.size, self.max_bytes
+            tracing::info!(
+                "cache: evicted sha256:{hex} ({} bytes) to stay within {} bytes",
+                meta.size,
+                self.max_bytes
             );
             gone.push(hex);
         }

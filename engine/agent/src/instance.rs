@@ -469,7 +469,7 @@ fn assemble(
         match tried {
             Ok(()) => return Ok((root, "overlay")),
             Err(e) => {
-                eprintln!("mint-agent: {e}; sharing the master's files instead");
+                tracing::warn!("{e}; sharing the master's files instead");
                 for d in [&upper, &work, &root] {
                     let _ = mint_layers::remove_any(d);
                 }
@@ -623,7 +623,7 @@ fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<Deploye
         &get,
     )?;
     for w in warnings {
-        eprintln!("mint-agent: master {}: {w}", master.digest);
+        tracing::warn!("master {}: {w}", master.digest);
     }
     let layer_hex = layer.digest.trim_start_matches("sha256:");
     let layer_path = dir.join("layer.tar");
@@ -653,10 +653,7 @@ fn deploy(agent: &Agent, req: &DeployRequest, generation: u64) -> Result<Deploye
     if let std::net::IpAddr::V4(v4) = address
         && let Err(e) = gratuitous_arp(&agent.args.interface, v4)
     {
-        eprintln!(
-            "mint-agent: gratuitous ARP for {v4} on {}: {e}",
-            agent.args.interface
-        );
+        tracing::warn!("gratuitous ARP for {v4} on {}: {e}", agent.args.interface);
     }
     if agent.args.set_hostname {
         // SAFETY: the pointer and length describe a live byte slice.

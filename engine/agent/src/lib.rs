@@ -32,8 +32,62 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "mint-agent", version, about = "mint's node agent.")]
 struct Cli {
+    /// How log lines on stderr are written: `text` (`mint-agent: ...`) or `json` for a
+    /// log collector (one object per line: timestamp, level, target, fields). The level
+    /// is `MINT_LOG`'s (`info` by default).
+    #[arg(
+        long,
+        global = true,
+        env = "MINT_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sends the agent's log lines to stderr in `format`: as `mint-agent: MESSAGE` for people
+/// (what the agent has always written), or as JSON objects.
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("MINT_LOG").unwrap_or_else(|_| "info".into());
+    use std::io::IsTerminal;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.event_format(Plain).init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
+/// The text format: `mint-agent: ` and the event's fields, nothing else.
+struct Plain;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Plain
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "mint-agent: ")?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
 }
 
 #[derive(Subcommand)]
@@ -432,7 +486,7 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
         if !registered {
             match register(&agent, &agent_url) {
                 Ok(()) => registered = true,
-                Err(e) => eprintln!("mint-agent: {e:#}; retrying"),
+                Err(e) => tracing::warn!("{e:#}; retrying"),
             }
         } else {
             let url = format!("{}/v1/nodes/{}/heartbeat", agent.engine(), args.name);
@@ -451,24 +505,24 @@ fn heartbeat_loop(agent: Arc<Agent>, agent_url: String) {
                 Ok(resp) => {
                     let v: serde_json::Value = resp.into_json().unwrap_or_default();
                     if v["fence"] == true {
-                        eprintln!(
-                            "mint-agent: fenced: {}",
+                        tracing::warn!(
+                            "fenced: {}",
                             v["reason"].as_str().unwrap_or("the engine says so")
                         );
                         if let Err(e) = instance::stop(&agent) {
-                            eprintln!("mint-agent: cannot stop the fenced instance: {e}");
+                            tracing::error!("cannot stop the fenced instance: {e}");
                         }
                     }
                 }
                 Err(ureq::Error::Status(404, _)) => registered = false,
                 Err(ureq::Error::Status(401, _)) => {
-                    eprintln!(
-                        "mint-agent: the engine no longer knows this node's credential (the node was removed?); registering again"
+                    tracing::warn!(
+                        "the engine no longer knows this node's credential (the node was removed?); registering again"
                     );
                     registered = false;
                 }
                 Err(e) => {
-                    eprintln!("mint-agent: heartbeat: {e}");
+                    tracing::warn!("heartbeat: {e}");
                     if matches!(
                         e,
                         ureq::Error::Transport(_) | ureq::Error::Status(502..=503, _)
@@ -593,8 +647,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .unwrap_or(0),
         ),
     });
-    eprintln!(
-        "mint-agent: cache {}: {} master(s), {} bytes (bound {})",
+    tracing::info!(
+        "cache {}: {} master(s), {} bytes (bound {})",
         cache_dir.display(),
         agent.cache.digests().len(),
         agent.cache.bytes(),
@@ -603,8 +657,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     instance::restore(&agent);
     let (hb_agent, hb_url) = (agent.clone(), agent_url.clone());
     std::thread::spawn(move || heartbeat_loop(hb_agent, hb_url));
-    eprintln!(
-        "mint-agent {}: serving {agent_url} (certificate key {}), engine {}",
+    tracing::info!(
+        "{}: serving {agent_url} (certificate key {}), engine {}",
         args.name,
         cert.pin(),
         args.engine
@@ -655,6 +709,7 @@ fn engine_client(args: &RunArgs) -> anyhow::Result<ureq::Agent> {
 /// The `mint-agent` command line.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Hello { port } => instance::hello(port),
         Command::WriteDisk(args) => write_disk::run(args),
@@ -668,7 +723,7 @@ pub fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mint-agent: {e:#}");
+            tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
     }

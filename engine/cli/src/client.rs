@@ -23,7 +23,7 @@ pub struct Conn {
     server: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
     /// Progress bars on stderr for imports and minting: `auto` draws them when stderr is a
     /// terminal, `always` also when it is not, `never` not at all.
     #[arg(long, global = true, value_enum, default_value = "auto")]
@@ -118,22 +118,41 @@ impl Conn {
 
     /// The HTTP client, trusting what `--ca` or `--pin` say (the system's roots without).
     pub(crate) fn agent(&self) -> Result<ureq::Agent, Failure> {
-        let made = self.agent.get_or_init(|| {
-            let trust =
-                mint_tls::Trust::from_flags(self.ca.as_deref(), self.pin.as_deref(), &self.server)
-                    .map_err(|e| format!("--pin: {e}"))?;
-            let Some(trust) = trust else {
-                return Ok(ureq::AgentBuilder::new().build());
-            };
-            let trust =
-                mint_tls::ClientTrust::new(&trust).map_err(|e| format!("--ca/--pin: {e}"))?;
-            Ok(ureq::AgentBuilder::new().tls_config(trust.config()).build())
-        });
+        let made = self
+            .agent
+            .get_or_init(|| self.build_agent(ureq::AgentBuilder::new()));
         made.clone().map_err(|e| Failure::usage(anyhow!(e)))
     }
 
+    /// A client for a stream that stays open: reads time out after `read_timeout` of
+    /// silence (the daemon sends something at least every 15 s), so a dead connection is
+    /// noticed.
+    pub(crate) fn streaming_agent(
+        &self,
+        read_timeout: std::time::Duration,
+    ) -> Result<ureq::Agent, Failure> {
+        self.build_agent(ureq::AgentBuilder::new().timeout_read(read_timeout))
+            .map_err(|e| Failure::usage(anyhow!(e)))
+    }
+
+    fn build_agent(&self, builder: ureq::AgentBuilder) -> Result<ureq::Agent, String> {
+        let trust =
+            mint_tls::Trust::from_flags(self.ca.as_deref(), self.pin.as_deref(), &self.server)
+                .map_err(|e| format!("--pin: {e}"))?;
+        let Some(trust) = trust else {
+            return Ok(builder.build());
+        };
+        let trust = mint_tls::ClientTrust::new(&trust).map_err(|e| format!("--ca/--pin: {e}"))?;
+        Ok(builder.tls_config(trust.config()).build())
+    }
+
+    /// The bearer token's `Authorization` value, if there is a token.
+    pub(crate) fn authorization(&self) -> Result<Option<String>, Failure> {
+        Ok(self.token()?.map(|t| format!("Bearer {t}")))
+    }
+
     /// A request with the token, if any.
-    fn request(&self, method: &str, path: &str) -> Result<ureq::Request, Failure> {
+    pub(crate) fn request(&self, method: &str, path: &str) -> Result<ureq::Request, Failure> {
         let mut r = self.agent()?.request(method, &url(self, path));
         if let Some(t) = self.token()? {
             r = r.set("Authorization", &format!("Bearer {t}"));
@@ -226,6 +245,13 @@ pub enum TierCommand {
         /// Give up waiting after this many seconds (the intent stands).
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+    },
+    /// Show a tier's instances and draw them again as they change, until interrupted.
+    Watch {
+        name: String,
+        /// Stop once the tier has reached its intent (exit 0).
+        #[arg(long)]
+        until_settled: bool,
     },
 }
 
@@ -384,13 +410,13 @@ pub fn token(conn: &Conn, cmd: TokenCommand) -> Result<(), Failure> {
     Ok(())
 }
 
-fn url(conn: &Conn, path: &str) -> String {
+pub(crate) fn url(conn: &Conn, path: &str) -> String {
     format!("{}{path}", conn.server.trim_end_matches('/'))
 }
 
 /// Sends a request and returns the JSON answer, mapping failures to exit codes.
 /// The daemon's refusal of a request, in the words of its `{"error": ...}` body.
-fn refusal(code: u16, r: ureq::Response) -> Failure {
+pub(crate) fn refusal(code: u16, r: ureq::Response) -> Failure {
     let v: Value = r.into_json().unwrap_or(Value::Null);
     let msg = v["error"]
         .as_str()
@@ -399,7 +425,12 @@ fn refusal(code: u16, r: ureq::Response) -> Failure {
     Failure::call(anyhow!("{msg}"))
 }
 
-fn call(conn: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+pub(crate) fn call(
+    conn: &Conn,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, Failure> {
     let req = conn
         .request(method, path)?
         .timeout(std::time::Duration::from_secs(300));
@@ -468,7 +499,7 @@ fn call_with_progress(conn: &Conn, path: &str, body: Value) -> Result<Value, Fai
     )))
 }
 
-fn call_failure<T>(conn: &Conn, e: ureq::Error) -> Result<T, Failure> {
+pub(crate) fn call_failure<T>(conn: &Conn, e: ureq::Error) -> Result<T, Failure> {
     // ureq's own text leaves out the cause (a certificate refused, and why).
     let mut text = e.to_string();
     let mut source = std::error::Error::source(&e);
@@ -527,7 +558,7 @@ impl Bar {
     }
 }
 
-fn print(conn: &Conn, v: &Value, table: impl FnOnce(&Value)) {
+pub(crate) fn print(conn: &Conn, v: &Value, table: impl FnOnce(&Value)) {
     if conn.json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
@@ -546,7 +577,7 @@ fn pairs(list: &[String], flag: &str) -> Result<Value, Failure> {
     Ok(Value::Object(m))
 }
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
@@ -759,6 +790,10 @@ pub fn tier(conn: &Conn, cmd: TierCommand) -> Result<(), Failure> {
             no_wait,
             timeout,
         } => scale(conn, &name, instances, no_wait, timeout)?,
+        TierCommand::Watch {
+            name,
+            until_settled,
+        } => crate::watch::tier_watch(conn, &name, until_settled)?,
     }
     Ok(())
 }

@@ -7,8 +7,10 @@
 mod client;
 mod demo;
 mod plugin_cmd;
+mod shell;
+mod watch;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -20,8 +22,25 @@ use std::process::ExitCode;
 struct Cli {
     #[command(flatten)]
     conn: client::Conn,
+    /// How log lines on stderr are written: `text` for people, `json` for a log
+    /// collector (one object per line: timestamp, level, target, fields).
+    #[arg(
+        long,
+        global = true,
+        env = "MINT_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// How the daemon serves TLS. Plain HTTP is for loopback only.
@@ -135,6 +154,24 @@ enum Command {
         /// Only events after this sequence number.
         #[arg(long)]
         after: Option<u64>,
+        /// Keep going: print events as they are recorded (from now, or after --after)
+        /// until interrupted; with --json, one object per line.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// One screen of the site: each tier's counts and pool depth, nodes by state, the
+    /// driver calls in flight, and which daemon leads.
+    Status,
+    /// Print a completion script for a shell, as `source <(mint completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: shell::Shell,
+    },
+    /// Write manual pages for mint and every subcommand (mint.1, mint-tier-scale.1, ...).
+    Man {
+        /// The directory to write them in (created if missing).
+        #[arg(long, default_value = "man")]
+        out_dir: std::path::PathBuf,
     },
 }
 
@@ -209,18 +246,20 @@ async fn daemon(
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
-        eprintln!("mint daemon: shutting down");
+        tracing::info!(target: "mint::daemon", "shutting down");
     };
     let dir = data_dir.clone();
     mint_daemon::serve(&data_dir, options, shutdown, move |ready| {
-        eprintln!(
-            "mint daemon: serving {} with state in {}",
+        tracing::info!(
+            target: "mint::daemon",
+            "serving {} with state in {}",
             ready.url,
             dir.display()
         );
         if let Some(pin) = ready.pin {
-            eprintln!(
-                "mint daemon: certificate key {pin} (clients: --pin {pin}; also in {})",
+            tracing::info!(
+                target: "mint::daemon",
+                "certificate key {pin} (clients: --pin {pin}; also in {})",
                 dir.join(mint_daemon::PIN_FILE).display()
             );
         }
@@ -229,15 +268,30 @@ async fn daemon(
     .map_err(|e| Failure::usage(anyhow::anyhow!(e)))
 }
 
+/// Sends log lines to stderr, filtered by `MINT_LOG` (`warn` by default), in `format`.
+/// The daemon's own lifecycle lines (where it serves, its certificate's pin, its stop)
+/// are always written: operators and scripts wait for them.
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("MINT_LOG").unwrap_or_else(|_| "warn".into());
+    let filter = match "mint::daemon=info".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
+    use std::io::IsTerminal;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MINT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -307,9 +361,19 @@ fn main() -> ExitCode {
             Command::Netboot(NetbootCommand::DnsmasqConfig { interface }) => {
                 blocking(move || client::dnsmasq_config(&cli.conn, interface)).await
             }
-            Command::Events { tier, after } => {
-                blocking(move || client::events(&cli.conn, tier, after)).await
-            }
+            Command::Events {
+                tier,
+                after,
+                follow: false,
+            } => blocking(move || client::events(&cli.conn, tier, after)).await,
+            Command::Events {
+                tier,
+                after,
+                follow: true,
+            } => blocking(move || watch::events_follow(&cli.conn, tier, after)).await,
+            Command::Status => blocking(move || watch::status(&cli.conn)).await,
+            Command::Completion { shell } => shell::completion(Cli::command(), shell),
+            Command::Man { out_dir } => shell::man(Cli::command(), &out_dir),
         }
     });
     match result {

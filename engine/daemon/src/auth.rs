@@ -280,6 +280,7 @@ pub(crate) async fn require(State(app): State<Shared>, mut req: Request, next: N
     if let Some(ip) = peer
         && app.failures.braked(ip)
     {
+        app.metrics.refused(crate::metrics::Refusal::Braked);
         let mut r = ApiError(
             StatusCode::TOO_MANY_REQUESTS,
             format!("too many failed authentications from {ip}; wait a minute"),
@@ -317,17 +318,20 @@ pub(crate) async fn require(State(app): State<Shared>, mut req: Request, next: N
     };
     let Some(bearer) = bearer else {
         failed(&app);
+        app.metrics.refused(crate::metrics::Refusal::Missing);
         return unauthorized("no bearer credential");
     };
     let caller = match identify(&app, &bearer) {
         Ok(Some(c)) => c,
         Ok(None) => {
             failed(&app);
+            app.metrics.refused(crate::metrics::Refusal::Unknown);
             return unauthorized("this credential is not known (revoked, or never issued)");
         }
         Err(e) => return e.into_response(),
     };
     if let Err((status, why)) = authorize(&caller, req.method(), &route) {
+        app.metrics.refused(crate::metrics::Refusal::Forbidden);
         return ApiError(status, why).into_response();
     }
     req.extensions_mut().insert(caller);

@@ -12,10 +12,12 @@ mod autoscale;
 pub mod config;
 mod confine;
 mod delivery;
+mod events;
 mod forward;
 mod identities;
 pub mod leader;
 mod liveness;
+mod metrics;
 mod netboot;
 mod plugins;
 mod reconciler;
@@ -24,7 +26,7 @@ pub use tls::PIN_FILE;
 
 use auth::Caller;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Extension, Path, Query, State};
+use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -77,6 +79,12 @@ struct App {
     leadership: leader::Leadership,
     /// How a follower trusts the leader's certificate when it forwards a write.
     peer_trust: Option<mint_tls::ClientTrust>,
+    /// Event streams open now (see [`events::MAX_STREAMS`]).
+    event_streams: Arc<tokio::sync::Semaphore>,
+    /// Becomes true when the daemon stops, which ends what streams.
+    stopping: tokio::sync::watch::Receiver<bool>,
+    /// What the daemon records for `/metrics` as it happens.
+    metrics: Arc<metrics::Metrics>,
     /// The data directory's lock, held while the daemon runs (see [`lock_data_dir`]).
     _data_lock: Option<std::fs::File>,
 }
@@ -196,13 +204,6 @@ struct NodeSpec {
 
 fn x86_64() -> String {
     "x86_64".into()
-}
-
-#[derive(Deserialize)]
-struct EventQuery {
-    after: Option<u64>,
-    limit: Option<usize>,
-    tier: Option<String>,
 }
 
 /// Turns a JSON body's rejection into the API's error shape.
@@ -690,17 +691,6 @@ async fn set_node_state(
     ok(app.engine.store.node(&name)?)
 }
 
-async fn events(State(app): State<Shared>, Query(q): Query<EventQuery>) -> ApiResult {
-    let mut e = app
-        .engine
-        .store
-        .events(q.after, q.limit.unwrap_or(1000).min(10_000))?;
-    if let Some(t) = q.tier {
-        e.retain(|e| e.tier.as_deref() == Some(t.as_str()));
-    }
-    ok(e)
-}
-
 /// `GET /v1/health`, the one route without authentication. A caller on the daemon's own
 /// host (loopback) is also told where the first admin token is: the file is the daemon
 /// user's alone (mode 0600), so only that user (or root) can read it, which is how the CLI
@@ -763,7 +753,7 @@ fn router(app: Shared) -> Router {
         .route("/v1/nodes", get(list_nodes).post(add_node))
         .route("/v1/nodes/{name}", axum::routing::delete(remove_node))
         .route("/v1/nodes/{name}/state", post(set_node_state))
-        .route("/v1/events", get(events))
+        .route("/v1/events", get(events::events))
         .route("/v1/netboot/dnsmasq", get(netboot::dnsmasq))
         .route("/v1/agents/register", post(identities::register))
         .route("/v1/nodes/{name}/heartbeat", post(liveness::heartbeat))
@@ -799,6 +789,7 @@ fn router(app: Shared) -> Router {
             axum::routing::delete(identities::revoke_token),
         )
         .route("/v1/nodes/{name}/enroll", post(identities::enroll))
+        .route("/metrics", get(metrics::scrape))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             auth::require,
@@ -816,6 +807,11 @@ fn router(app: Shared) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             forward::writes_to_leader,
+        ))
+        // Outside even that, so forwarded requests are counted where they arrived.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            metrics::count_requests,
         ))
         .with_state(app)
 }
@@ -853,6 +849,7 @@ pub(crate) fn on_leading(app: &Shared) -> Result<(), String> {
     }
     app.status.clear();
     app.liveness.clear();
+    app.metrics.forget_pending();
     reconciler::queue_all(app);
     Ok(())
 }
@@ -1024,6 +1021,12 @@ pub async fn serve(
         ),
         (None, None) => None,
     };
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let metrics = Arc::new(metrics::Metrics::default());
+    engine
+        .plugins
+        .runtime()
+        .set_observer(metrics.plugin_observer());
     let app = Arc::new(App {
         engine,
         liveness: liveness::Liveness::new(node_timeout),
@@ -1040,9 +1043,11 @@ pub async fn serve(
         netboot,
         leadership,
         peer_trust,
+        event_streams: Arc::new(tokio::sync::Semaphore::new(events::MAX_STREAMS)),
+        stopping: stop_rx.clone(),
+        metrics,
         _data_lock: data_lock,
     });
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let pin = cert.as_ref().map(|c| c.pin());
     app.engine.plugins.runtime().set_engine_pin(pin);
     app.delivery.set_engine_pin(pin.map(|p| p.to_string()));

@@ -63,6 +63,17 @@ impl Liveness {
         }
     }
 
+    /// How long each node heard from has been silent, by name.
+    pub fn ages(&self) -> Vec<(String, Duration)> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ages: Vec<_> = seen
+            .iter()
+            .map(|(n, s)| (n.clone(), s.at.elapsed()))
+            .collect();
+        ages.sort();
+        ages
+    }
+
     /// How long `node` has been silent; a node not heard of since the daemon started
     /// begins its grace now.
     fn silence(&self, node: &str) -> Duration {
@@ -147,10 +158,26 @@ pub struct Heartbeat {
 /// the agent to register again.
 pub async fn heartbeat(
     State(app): State<Shared>,
+    caller: Extension<Caller>,
+    name: Path<String>,
+    h: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let answer = beat(&app, caller, name, h).await;
+    app.metrics.heartbeat(match &answer {
+        Ok((_, true)) => crate::metrics::Beat::Fenced,
+        Ok((_, false)) => crate::metrics::Beat::Accepted,
+        Err(_) => crate::metrics::Beat::Refused,
+    });
+    answer.map(|(r, _)| r)
+}
+
+/// [`heartbeat`]'s work: its answer, and whether it fences.
+async fn beat(
+    app: &Shared,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     h: Result<Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult {
+) -> Result<(axum::response::Response, bool), ApiError> {
     // Only the node's own agent speaks for it: another node's credential, or an operator's
     // token, would let it keep a dead node alive or learn whether to fence it.
     if !matches!(&caller, Caller::Node { name: own, .. } if *own == name) {
@@ -231,5 +258,6 @@ pub async fn heartbeat(
             app.queue.add(&id.tier);
         }
     }
-    ok(json!({ "fence": fence.is_some(), "reason": fence }))
+    let fenced = fence.is_some();
+    Ok((ok(json!({ "fence": fenced, "reason": fence }))?, fenced))
 }

@@ -65,6 +65,15 @@ impl Queue {
         }
     }
 
+    /// How many tiers wait for a step (those being worked on not counted).
+    pub fn depth(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .order
+            .len()
+    }
+
     /// Marks `tier`'s step done, queueing it again if it was queued meanwhile.
     fn done(&self, tier: &str) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -221,7 +230,10 @@ async fn step(app: &Arc<App>, tier: &str) {
             .load(std::sync::atomic::Ordering::Relaxed),
     };
     let generation = t.generation;
-    let (progress, effects) = match app.engine.step(tier, &input).await {
+    let started = std::time::Instant::now();
+    let stepped = app.engine.step(tier, &input).await;
+    app.metrics.step(started.elapsed(), stepped.is_err());
+    let (progress, effects) = match stepped {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(tier, "step failed: {e}");
@@ -275,6 +287,21 @@ fn launch(app: &Arc<App>, effect: Effect) {
         node: effect.node.name.clone(),
         since_ms: now_ms(),
     };
+    let cause = match effect.action {
+        Action::Deploy => Some(crate::metrics::Cause::ScaleOut),
+        Action::Roll => Some(crate::metrics::Cause::Roll),
+        _ => None,
+    };
+    let deployment = effect.instance.deployment;
+    if let Some(cause) = cause {
+        app.metrics.deployment_started(
+            &tier,
+            index,
+            deployment,
+            cause,
+            effect.instance.deployment_started_ms,
+        );
+    }
     app.status.with(&tier, |s| {
         s.in_flight.insert(index, flight);
         if matches!(effect.action, Action::Poll | Action::Check) {
@@ -284,6 +311,15 @@ fn launch(app: &Arc<App>, effect: Effect) {
     let app2 = app.clone();
     let task = async move {
         let outcome = app2.engine.carry_out(&effect).await;
+        if let Ok(o) = &outcome {
+            app2.metrics.deployment_answered(
+                &tier,
+                index,
+                deployment,
+                o.finished,
+                o.failed || o.discarded || o.released,
+            );
+        }
         let failure = match outcome {
             Ok(o) => o.failure.map(|f| format!("{}: {f}", effect.id())),
             Err(e) => Some(format!("{}: {e}", effect.id())),

@@ -180,6 +180,22 @@ pub enum CallError {
     },
 }
 
+impl CallError {
+    /// A short name of how the call ended, for metrics' labels: `trap`, `timeout`,
+    /// `memory-limit`, `refused`, `invalid-answer`, `host` or `wrong-kind`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            CallError::Trap { .. } => "trap",
+            CallError::Timeout { .. } => "timeout",
+            CallError::MemoryLimit { .. } => "memory-limit",
+            CallError::Refused { .. } => "refused",
+            CallError::InvalidAnswer { .. } => "invalid-answer",
+            CallError::Host { .. } => "host",
+            CallError::WrongKind { .. } => "wrong-kind",
+        }
+    }
+}
+
 fn stderr_suffix(stderr: &str) -> String {
     let s = stderr.trim();
     if s.is_empty() {

@@ -24,7 +24,10 @@ pub use credentials::Credentials;
 pub use endpoint_tls::{AGENT_PIN, TlsPolicies};
 pub use error::{CallError, LoadError};
 pub use manifest::{Capabilities, HostPattern, Kind, Manifest};
-pub use runtime::{Called, CodeSource, EPOCH_TICK, Grants, Plugin, Runtime, RuntimeOptions, Stats};
+pub use runtime::{
+    CallObserver, CallRecord, Called, CodeSource, EPOCH_TICK, Grants, Plugin, Runtime,
+    RuntimeOptions, Stats,
+};
 pub use state::{FENCING_TOKEN_HEADER, LogLine, MAX_LOG_LINES};
 
 /// The types plugins exchange with the host, by world, re-exported for the engine.

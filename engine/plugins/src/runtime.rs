@@ -96,6 +96,27 @@ pub struct Stats {
     pub guest_ms: f64,
 }
 
+/// One finished call as the host measured it, handed to the runtime's observer (a
+/// metrics registry): which plugin and call, how it ended, and where its time went.
+#[derive(Debug, Clone, Copy)]
+pub struct CallRecord<'a> {
+    /// The plugin's name.
+    pub plugin: &'a str,
+    /// The WIT function called (`select`, `deploy`, ...).
+    pub call: &'static str,
+    /// `ok`, or the kind of failure ([`CallError::outcome`]).
+    pub outcome: &'static str,
+    /// Wall time, instantiation included.
+    pub elapsed: Duration,
+    /// The part of `elapsed` spent waiting on outbound HTTP requests.
+    pub waited: Duration,
+    /// The part of `elapsed` spent running the guest's own code in the sandbox.
+    pub in_guest: Duration,
+}
+
+/// What is told of every finished call, in every plugin of a runtime.
+pub type CallObserver = Arc<dyn Fn(&CallRecord<'_>) + Send + Sync>;
+
 #[derive(Default)]
 struct Counters {
     calls: AtomicU64,
@@ -118,6 +139,8 @@ pub struct Runtime {
     engine_tls: Arc<RwLock<Option<crate::endpoint_tls::EndpointTrust>>>,
     /// The leader's fencing token, 0 for none (see [`Runtime::set_fencing_token`]).
     fencing_token: Arc<AtomicU64>,
+    /// Told of every finished call (see [`Runtime::set_observer`]).
+    observer: Arc<RwLock<Option<CallObserver>>>,
 }
 
 impl Drop for Runtime {
@@ -139,6 +162,7 @@ pub struct Plugin {
     tls: Arc<RwLock<Arc<crate::TlsPolicies>>>,
     engine_tls: Arc<RwLock<Option<crate::endpoint_tls::EndpointTrust>>>,
     fencing_token: Arc<AtomicU64>,
+    observer: Arc<RwLock<Option<CallObserver>>>,
     counters: Arc<Counters>,
     built_for: WitVersion,
 }
@@ -224,6 +248,7 @@ impl Runtime {
             tls: Arc::default(),
             engine_tls: Arc::default(),
             fencing_token: Arc::default(),
+            observer: Arc::default(),
         })
     }
 
@@ -246,6 +271,13 @@ impl Runtime {
     pub fn set_fencing_token(&self, token: Option<u64>) {
         self.fencing_token
             .store(token.unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sets what is told of every call that finishes from now on, in every plugin loaded
+    /// or to be loaded: the daemon's metrics. It runs on the calling task, so it must be
+    /// quick and must not block.
+    pub fn set_observer(&self, observer: CallObserver) {
+        *self.observer.write().unwrap_or_else(|p| p.into_inner()) = Some(observer);
     }
 
     /// Replaces how node endpoints' certificates are trusted; calls that start afterwards
@@ -375,6 +407,7 @@ impl Runtime {
             tls: self.tls.clone(),
             engine_tls: self.engine_tls.clone(),
             fencing_token: self.fencing_token.clone(),
+            observer: self.observer.clone(),
             counters: Arc::default(),
             built_for,
         })
@@ -687,18 +720,40 @@ impl Plugin {
         let started = Instant::now();
         let mut store = self.store(inputs);
         let result = self.run(call, &mut store, started, f).await;
+        let (elapsed, waited, in_guest) = (
+            started.elapsed(),
+            store.data().waited(),
+            store.data().guest.total,
+        );
         let c = &self.counters;
         c.calls.fetch_add(1, Ordering::Relaxed);
         c.failures
             .fetch_add(u64::from(result.is_err()), Ordering::Relaxed);
         c.busy_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
         c.waited_ns
-            .fetch_add(store.data().waited().as_nanos() as u64, Ordering::Relaxed);
-        c.guest_ns.fetch_add(
-            store.data().guest.total.as_nanos() as u64,
-            Ordering::Relaxed,
-        );
+            .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        c.guest_ns
+            .fetch_add(in_guest.as_nanos() as u64, Ordering::Relaxed);
+        // Cloned out of the lock, so an observer never runs while it is held.
+        let observer = self
+            .observer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(observe) = observer {
+            observe(&CallRecord {
+                plugin: &self.name,
+                call,
+                outcome: match &result {
+                    Ok(_) => "ok",
+                    Err(e) => e.outcome(),
+                },
+                elapsed,
+                waited,
+                in_guest,
+            });
+        }
         result
     }
 

@@ -2261,6 +2261,15 @@ impl Store {
         }
     }
 
+    /// The sequence number of the newest event recorded, if any.
+    pub fn newest_event_seq(&self) -> Result<Option<u64>> {
+        let next: u64 = match self.raw(keys::META, keys::EVENT_SEQ.as_bytes())? {
+            Some(b) => decode(&b)?,
+            None => 0,
+        };
+        Ok(next.checked_sub(1))
+    }
+
     /// Events with a sequence number above `after`, oldest first, at most `limit`.
     pub fn events(&self, after: Option<u64>, limit: usize) -> Result<Vec<Event>> {
         let start = full_key(
