@@ -58,6 +58,7 @@ const ROUTES: &[(&str, &str, bool)] = &[
     ("POST", "/v1/tokens", true),
     ("DELETE", "/v1/tokens/ci", true),
     ("GET", "/metrics", false),
+    ("GET", "/v1/whoami", false),
 ];
 
 /// The status of `method path` with `Authorization: auth` (none when empty).

@@ -106,6 +106,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "/usr/include/google/protobuf/descriptor.proto",
     ),
     ("prometheus", "/usr/bin/promtool"),
+    ("chromium", "/usr/bin/chromium"),
+    ("chromium-driver", "/usr/bin/chromedriver"),
 ];
 
 /// Installs the [`DEBIAN_PACKAGES`] that are missing. The packages' services are kept from

@@ -314,7 +314,7 @@ pub fn status(conn: &Conn) -> Result<(), Failure> {
                 "index": f["index"],
                 "action": f["action"],
                 "node": f["node"],
-                "since-ms": f["since_ms"],
+                "since-ms": f["since-ms"],
             }));
         }
     }

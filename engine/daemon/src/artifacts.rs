@@ -46,6 +46,8 @@ fn may_read(app: &Shared, caller: &Caller, tier: &str, index: u32) -> Result<(),
 }
 
 /// `GET /v1/artifacts/{tier}/{index}`.
+#[utoipa::path(get, path = "/v1/artifacts/{tier}/{index}", tag = "artifacts", params(("tier" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index")),
+    responses((status = 200, description = "The instance's artifact descriptor: its parts with digests and URLs", body = Object), (status = 404, description = "No such instance, or not this node's", body = crate::views::ErrorBody)), security(("bearer" = [])))]
 pub async fn describe(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -66,6 +68,8 @@ pub async fn describe(
 
 /// `GET` and `HEAD /v1/artifacts/{tier}/{index}/{role}`: the part of that role, served as
 /// its blob is.
+#[utoipa::path(get, path = "/v1/artifacts/{tier}/{index}/{role}", tag = "artifacts", params(("tier" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index"), ("role" = String, Path, description = "The part: `layer`, `disk`, `seed`, `kernel`, `initrd`, ...")),
+    responses((status = 200, description = "The part's bytes (ranges, ETag, digests)", content_type = "application/octet-stream")), security(("bearer" = [])))]
 pub async fn part(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -165,6 +169,8 @@ async fn may_read_blob(app: &Shared, caller: &Caller, digest: &str) -> bool {
 
 /// `GET` and `HEAD /v1/blobs/{digest}`. A node may read only the parts of the instance
 /// bound to it; any other digest is answered as one that does not exist.
+#[utoipa::path(get, path = "/v1/blobs/{digest}", tag = "artifacts", params(("digest" = String, Path, description = "`sha256:<hex>`")),
+    responses((status = 200, description = "The blob's bytes", content_type = "application/octet-stream"), (status = 404, description = "No such blob, or not this node's", body = crate::views::ErrorBody)), security(("bearer" = [])))]
 pub async fn blob(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -184,6 +190,8 @@ pub async fn blob(
 /// answer for both so that a node learns nothing about blobs that are not its own. A
 /// quarantined blob is still admitted: the cache's copy was checked when the engine sent
 /// it, and on a miss the engine itself answers 410 with what to do.
+#[utoipa::path(get, path = "/v1/blobs/{digest}/access", tag = "artifacts", params(("digest" = String, Path, description = "`sha256:<hex>`")),
+    responses((status = 204, description = "The caller may read the blob (an HTTP cache's auth request)"), (status = 403, description = "It may not")), security(("bearer" = [])))]
 pub async fn access(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -213,6 +221,8 @@ pub(crate) fn no_capability() -> ApiError {
 
 /// `GET /v1/cap/{tier}/{index}/{token}`: the descriptor of the deployment a capability
 /// names, with its parts' URLs under the same capability.
+#[utoipa::path(get, path = "/v1/cap/{tier}/{index}/{token}", tag = "capabilities", params(("tier" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index"), ("token" = String, Path, description = "The capability (an HMAC over the tier, index, deployment and expiry)")),
+    responses((status = 200, description = "The descriptor, its parts' URLs under the same capability", body = Object), (status = 403, description = "The capability is wrong, expired or of another deployment", body = crate::views::ErrorBody)), security(()))]
 pub async fn cap_describe(
     State(app): State<Shared>,
     Path((tier, index, token)): Path<(String, u32, String)>,
@@ -290,6 +300,8 @@ fn deploy_config(app: &Shared, tier: &str, index: u32, token: &str) -> Result<Ve
 /// written and checked, or why not) and `.../booted` (the boot stage's: the instance
 /// fetched, checked and unpacked, or why not): kept for the deployment's descriptor, where
 /// a driver reads it, and noted as an event.
+#[utoipa::path(post, path = "/v1/cap/{tier}/{index}/{token}/{role}", tag = "capabilities", params(("tier" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index"), ("token" = String, Path, description = "The capability (an HMAC over the tier, index, deployment and expiry)"), ("role" = String, Path, description = "The part: `layer`, `disk`, `seed`, `kernel`, `initrd`, ...")),
+    responses((status = 200, description = "What the deploy system wrote, noted as an event", body = Object)), security(()))]
 pub async fn cap_written(
     State(app): State<Shared>,
     Path((tier, index, token, role)): Path<(String, u32, String, String)>,
@@ -380,6 +392,8 @@ async fn cap_admits(app: &Shared, tier: &str, index: u32, token: &str, digest: &
 
 /// `GET` and `HEAD /v1/cap/{tier}/{index}/{token}/blob/{digest}`: one part by its digest,
 /// under a capability: the form a descriptor gives when an HTTP cache fronts the engine.
+#[utoipa::path(get, path = "/v1/cap/{tier}/{index}/{token}/blob/{digest}", tag = "capabilities", params(("tier" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index"), ("token" = String, Path, description = "The capability (an HMAC over the tier, index, deployment and expiry)"), ("digest" = String, Path, description = "`sha256:<hex>`")),
+    responses((status = 200, description = "The blob's bytes", content_type = "application/octet-stream")), security(()))]
 pub async fn cap_blob(
     State(app): State<Shared>,
     method: Method,
@@ -394,6 +408,8 @@ pub async fn cap_blob(
 
 /// `GET /v1/cap/{tier}/{index}/{token}/blob/{digest}/access`: whether the capability
 /// admits that blob, for the cache (204 or 403, as `/v1/blobs/{digest}/access`).
+#[utoipa::path(get, path = "/v1/cap/{tier}/{index}/{token}/blob/{digest}/access", tag = "capabilities", params(("tier" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index"), ("token" = String, Path, description = "The capability (an HMAC over the tier, index, deployment and expiry)"), ("digest" = String, Path, description = "`sha256:<hex>`")),
+    responses((status = 204, description = "The capability admits the blob"), (status = 403, description = "It does not")), security(()))]
 pub async fn cap_blob_access(
     State(app): State<Shared>,
     Path((tier, index, token, digest)): Path<(String, u32, String, String)>,
@@ -411,6 +427,8 @@ pub async fn cap_blob_access(
 }
 
 /// `GET` and `HEAD /v1/cap/{tier}/{index}/{token}/{role}`: one part, by capability.
+#[utoipa::path(get, path = "/v1/cap/{tier}/{index}/{token}/{role}", tag = "capabilities", params(("tier" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index"), ("token" = String, Path, description = "The capability (an HMAC over the tier, index, deployment and expiry)"), ("role" = String, Path, description = "The part: `layer`, `disk`, `seed`, `kernel`, `initrd`, ...")),
+    responses((status = 200, description = "The part's bytes", content_type = "application/octet-stream")), security(()))]
 pub async fn cap_part(
     State(app): State<Shared>,
     method: Method,
@@ -529,6 +547,8 @@ pub(crate) async fn scrub(app: &Shared) {
 
 /// `GET /v1/blobs`: what each blob cost on the wire since the daemon started, and the
 /// blobs quarantined.
+#[utoipa::path(get, path = "/v1/blobs", tag = "artifacts",
+    responses((status = 200, description = "Transfer counts and quarantined blobs", body = Object)), security(("bearer" = [])))]
 pub async fn served(State(app): State<Shared>) -> Result<Response, ApiError> {
     ok(
         serde_json::json!({ "served": app.delivery.served(), "quarantined": app.delivery.quarantined() }),

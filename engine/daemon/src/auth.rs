@@ -1,4 +1,5 @@
-//! Who is calling and what they may reach. Every route but `/v1/health` needs a bearer
+//! Who is calling and what they may reach. Every route but `/v1/health` and
+//! `/v1/openapi.json` (and capability URLs and boot routes) needs a bearer
 //! credential: an operator's token (role `admin` or `read-only`), a node's credential, or
 //! (to register, once) a node's join token. The store keeps only SHA-256 hashes; a
 //! credential is found by its hash and compared in constant time.

@@ -28,8 +28,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// The media type of a server-sent event stream.
 pub const EVENT_STREAM: &str = "text/event-stream";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct EventQuery {
     /// Only events after this sequence number.
     after: Option<u64>,
@@ -43,6 +44,8 @@ pub struct EventQuery {
 }
 
 /// `GET /v1/events`.
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery),
+    responses((status = 200, description = "A page of events; with `follow=true` a `text/event-stream` of them", body = [mint_model::records::Event]), (status = 429, description = "Too many streams are open", body = crate::views::ErrorBody)), security(("bearer" = [])))]
 pub async fn events(
     State(app): State<Shared>,
     headers: HeaderMap,

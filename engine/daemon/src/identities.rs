@@ -34,7 +34,7 @@ fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     name: String,
@@ -42,6 +42,8 @@ pub struct NewToken {
 }
 
 /// `POST /v1/tokens`: a new operator token; the answer is the only place it appears.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = NewToken,
+    responses((status = 200, description = "The token, shown this once", body = crate::views::NewTokenAnswer)), security(("bearer" = [])))]
 pub async fn create_token(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -64,6 +66,8 @@ pub async fn create_token(
 }
 
 /// `GET /v1/tokens`: names, roles and creation times; never a token or its hash.
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    responses((status = 200, description = "Names, roles, creation times", body = [crate::views::TokenListed])), security(("bearer" = [])))]
 pub async fn list_tokens(State(app): State<Shared>) -> ApiResult {
     let tokens: Vec<_> = app
         .engine
@@ -76,6 +80,8 @@ pub async fn list_tokens(State(app): State<Shared>) -> ApiResult {
 }
 
 /// `DELETE /v1/tokens/{name}`: the token authenticates nothing from now on.
+#[utoipa::path(delete, path = "/v1/tokens/{name}", tag = "tokens", params(("name" = String, Path, description = "The token's name")),
+    responses((status = 200, description = "Revoked", body = crate::views::Revoked)), security(("bearer" = [])))]
 pub async fn revoke_token(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -85,7 +91,7 @@ pub async fn revoke_token(
     ok(json!({ "revoked": t.name, "role": t.role }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct EnrollRequest {
     #[serde(default)]
@@ -105,6 +111,8 @@ pub const MAX_JOIN_TTL_SECS: u64 = 7 * 24 * 3600;
 /// `POST /v1/nodes/{name}/enroll`: a one-time join token for the node `name`, which its
 /// agent trades for its own credential when it registers. Enrolling again replaces an
 /// unused token; a node that joins again gets a new credential, and the old one dies.
+#[utoipa::path(post, path = "/v1/nodes/{name}/enroll", tag = "nodes", params(("name" = String, Path, description = "The node")), request_body = EnrollRequest,
+    responses((status = 200, description = "The one-time join token, shown this once", body = Object)), security(("bearer" = [])))]
 pub async fn enroll(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -136,7 +144,7 @@ pub async fn enroll(
 }
 
 /// What a node agent says of its node when it starts.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Registration {
     name: String,
@@ -158,6 +166,8 @@ pub struct Registration {
 /// refreshed) and the answer carries its new credential, once; with the node's credential,
 /// a known node refreshes its facts. Nothing else registers a node: a known node's name
 /// without its credential is refused and the node stays as it was.
+#[utoipa::path(post, path = "/v1/agents/register", tag = "nodes", request_body = Registration,
+    responses((status = 200, description = "The node, and its credential when it joined", body = Object)), security(("bearer" = [])))]
 pub async fn register(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -246,4 +256,28 @@ pub async fn register(
     // A node that joined (or came back) may be what a waiting tier needs.
     crate::reconciler::queue_all(&app);
     ok(answer)
+}
+
+/// `GET /v1/whoami`: who the caller's credential is, so a client (the console) can offer
+/// only what that identity may do.
+#[utoipa::path(get, path = "/v1/whoami", tag = "tokens",
+    responses((status = 200, description = "The caller", body = crate::views::Whoami)), security(("bearer" = [])))]
+pub async fn whoami(Extension(caller): Extension<Caller>) -> ApiResult {
+    ok(match caller {
+        Caller::Operator { name, role } => crate::views::Whoami {
+            kind: "operator".into(),
+            name,
+            role: Some(role),
+        },
+        Caller::Node { name, .. } => crate::views::Whoami {
+            kind: "node".into(),
+            name,
+            role: None,
+        },
+        Caller::Joining { .. } => crate::views::Whoami {
+            kind: "joining".into(),
+            name: String::new(),
+            role: None,
+        },
+    })
 }

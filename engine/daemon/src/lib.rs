@@ -11,6 +11,7 @@ pub mod auth;
 mod autoscale;
 pub mod config;
 mod confine;
+mod console;
 mod delivery;
 mod events;
 mod forward;
@@ -19,9 +20,11 @@ pub mod leader;
 mod liveness;
 mod metrics;
 mod netboot;
+mod openapi;
 mod plugins;
 mod reconciler;
 mod tls;
+mod views;
 pub use tls::PIN_FILE;
 
 use auth::Caller;
@@ -168,7 +171,7 @@ fn ok(v: impl serde::Serialize) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ImportRequest {
     /// A directory, archive, OCI layout or disk image on the daemon's host.
@@ -179,14 +182,14 @@ struct ImportRequest {
     format: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ScaleRequest {
     instances: i64,
 }
 
 /// A node as an operator adds it.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct NodeSpec {
     name: String,
@@ -302,6 +305,13 @@ where
     ([(header::CONTENT_TYPE, NDJSON)], Body::from_stream(lines)).into_response()
 }
 
+/// Imports a master from a path on the daemon's host: a directory, a tar archive, an OCI
+/// layout, a qcow2 or raw disk image, or a bootable ISO.
+#[utoipa::path(post, path = "/v1/images", tag = "images", request_body = ImportRequest,
+    responses((status = 200, description = "The image (or an NDJSON progress stream with `Accept: application/x-ndjson`)", body = mint_model::records::Image),
+        (status = 400, description = "The path or format is refused", body = views::ErrorBody),
+        (status = 429, description = "Too many long operations run", body = views::ErrorBody)),
+    security(("bearer" = [])))]
 async fn import_image(
     State(app): State<Shared>,
     headers: HeaderMap,
@@ -345,11 +355,17 @@ fn off_async_threads<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Every master image.
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, description = "The images", body = [mint_model::records::Image])), security(("bearer" = [])))]
 async fn list_images(State(app): State<Shared>) -> ApiResult {
     ok(app.engine.store.images()?)
 }
 
 /// `DELETE /v1/images/{id}`: refused while a tier uses the image.
+#[utoipa::path(delete, path = "/v1/images/{id}", tag = "images", params(("id" = String, Path, description = "The image's digest")),
+    responses((status = 200, description = "The image deleted", body = views::DeletedImage),
+        (status = 409, description = "A tier uses it", body = views::ErrorBody)), security(("bearer" = [])))]
 async fn delete_image(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -357,10 +373,10 @@ async fn delete_image(
 ) -> ApiResult {
     let _files = app.image_files.write().await;
     let image = off_async_threads(|| app.engine.delete_image(&id, &caller.label()))?;
-    ok(json!({ "deleted": image }))
+    ok(views::DeletedImage { deleted: image })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct GcRequest {
     #[serde(default)]
@@ -368,6 +384,8 @@ struct GcRequest {
 }
 
 /// `POST /v1/images/gc`: removes masters no tier uses and blobs no instance refers to.
+#[utoipa::path(post, path = "/v1/images/gc", tag = "images", request_body = GcRequest,
+    responses((status = 200, description = "What was removed", body = Object)), security(("bearer" = [])))]
 async fn gc(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -381,6 +399,9 @@ async fn gc(
 }
 
 /// One image, by digest or by name (the newest import of that name).
+#[utoipa::path(get, path = "/v1/images/{id}", tag = "images", params(("id" = String, Path, description = "A digest or a name")),
+    responses((status = 200, description = "The image and the tiers that use it", body = views::ImageView),
+        (status = 404, description = "No such image", body = views::ErrorBody)), security(("bearer" = [])))]
 async fn show_image(State(app): State<Shared>, Path(id): Path<String>) -> ApiResult {
     let images = app.engine.store.images()?;
     let found = images
@@ -401,9 +422,13 @@ async fn show_image(State(app): State<Shared>, Path(id): Path<String>) -> ApiRes
         .filter(|t| t.image == image.digest)
         .map(|t| t.name)
         .collect();
-    ok(json!({ "image": image, "tiers": tiers }))
+    ok(views::ImageView { image, tiers })
 }
 
+/// Creates a tier from its specification and mints all K instances.
+#[utoipa::path(post, path = "/v1/tiers", tag = "tiers", request_body(content = Object, description = "A tier specification, as `mint tier create -f` reads it"),
+    responses((status = 200, description = "The tier (or an NDJSON progress stream)", body = mint_model::records::Tier),
+        (status = 400, description = "A field is refused", body = views::ErrorBody)), security(("bearer" = [])))]
 async fn create_tier(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -433,7 +458,7 @@ async fn create_tier(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpdateImageRequest {
     image: String,
@@ -447,6 +472,8 @@ fn one() -> u32 {
 
 /// `POST /v1/tiers/{name}/image`: re-mints the tier's instances from a new master; the
 /// reconciliation loop then rolls the deployed ones, `batch` at a time.
+#[utoipa::path(post, path = "/v1/tiers/{name}/image", tag = "tiers", params(("name" = String, Path, description = "The tier")), request_body = UpdateImageRequest,
+    responses((status = 200, description = "The tier's new revision", body = views::Revised)), security(("bearer" = [])))]
 async fn update_image(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -471,7 +498,11 @@ async fn update_image(
                 .update_image(&name, &req.image, req.batch, report, &caller.label())
                 .await?;
             app.queue.add(&name);
-            Ok(json!({ "tier": name, "revision": revision }))
+            serde_json::to_value(views::Revised {
+                tier: name,
+                revision,
+            })
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         })
     })
     .await
@@ -479,25 +510,28 @@ async fn update_image(
 
 /// A tier as the API shows it: its record, how many instances hold nodes, and what the
 /// reconciler is doing for it.
-fn tier_view(app: &App, t: &mint_model::records::Tier) -> Result<Value, ApiError> {
+fn tier_view(app: &App, t: &mint_model::records::Tier) -> Result<views::TierView, ApiError> {
     let inst = app.engine.store.instances(&t.name)?;
     let deployed = inst.iter().filter(|i| i.state.holds_node()).count();
     let status = app.status.get(&t.name);
-    Ok(json!({
-        "tier": t,
-        "deployed": deployed,
-        "status": {
-            "generation": t.generation,
-            "observed-generation": status.observed_generation,
-            "counts": mint_model::plan::Counts::of(&inst),
-            "settled": mint_model::plan::settled(t, &inst),
-            "in-flight": status.in_flight.values().collect::<Vec<_>>(),
-            "blocked": status.blocked,
-            "last-failure": status.last_failure,
+    Ok(views::TierView {
+        tier: t.clone(),
+        deployed,
+        status: views::TierStatusView {
+            generation: t.generation,
+            observed_generation: status.observed_generation,
+            counts: mint_model::plan::Counts::of(&inst),
+            settled: mint_model::plan::settled(t, &inst),
+            in_flight: status.in_flight.into_values().collect(),
+            blocked: status.blocked,
+            last_failure: status.last_failure,
         },
-    }))
+    })
 }
 
+/// Every tier with its reconciliation status.
+#[utoipa::path(get, path = "/v1/tiers", tag = "tiers",
+    responses((status = 200, description = "The tiers", body = [views::TierView])), security(("bearer" = [])))]
 async fn list_tiers(State(app): State<Shared>) -> ApiResult {
     let mut out = Vec::new();
     for t in app.engine.store.tiers()? {
@@ -506,11 +540,19 @@ async fn list_tiers(State(app): State<Shared>) -> ApiResult {
     ok(out)
 }
 
+/// One tier with its reconciliation status.
+#[utoipa::path(get, path = "/v1/tiers/{name}", tag = "tiers", params(("name" = String, Path, description = "The tier")),
+    responses((status = 200, description = "The tier", body = views::TierView),
+        (status = 404, description = "No such tier", body = views::ErrorBody)), security(("bearer" = [])))]
 async fn show_tier(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
     let t = app.engine.store.tier(&name)?;
     ok(tier_view(&app, &t)?)
 }
 
+/// Deletes a tier whose instances are all in the pool.
+#[utoipa::path(delete, path = "/v1/tiers/{name}", tag = "tiers", params(("name" = String, Path, description = "The tier")),
+    responses((status = 200, description = "Deleted", body = views::Deleted),
+        (status = 409, description = "Instances still hold nodes", body = views::ErrorBody)), security(("bearer" = [])))]
 async fn delete_tier(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -518,9 +560,13 @@ async fn delete_tier(
 ) -> ApiResult {
     app.engine.store.delete_tier(&name, &caller.label())?;
     app.status.forget(&name);
-    ok(json!({ "deleted": name }))
+    ok(views::Deleted { deleted: name })
 }
 
+/// Records how many instances the tier should run; the reconciler carries it out.
+#[utoipa::path(post, path = "/v1/tiers/{name}/scale", tag = "tiers", params(("name" = String, Path, description = "The tier")), request_body = ScaleRequest,
+    responses((status = 200, description = "The intent recorded and what will happen", body = views::ScaleAnswer),
+        (status = 400, description = "Not a count from 0 to K", body = views::ErrorBody)), security(("bearer" = [])))]
 async fn scale(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -544,20 +590,30 @@ async fn scale(
     let inst = app.engine.store.instances(&name)?;
     let counts = mint_model::plan::Counts::of(&inst);
     let active = counts.active();
-    ok(json!({
-        "tier": name,
-        "desired": n,
-        "generation": generation,
-        "counts": counts,
-        "will": { "deploy": n.saturating_sub(active), "undeploy": active.saturating_sub(n) },
-    }))
+    ok(views::ScaleAnswer {
+        tier: name,
+        desired: n,
+        generation,
+        counts,
+        will: views::Will {
+            deploy: n.saturating_sub(active),
+            undeploy: active.saturating_sub(n),
+        },
+    })
 }
 
+/// The tier's K instances with their identities, states and nodes.
+#[utoipa::path(get, path = "/v1/tiers/{name}/instances", tag = "tiers", params(("name" = String, Path, description = "The tier")),
+    responses((status = 200, description = "The instances", body = [mint_model::records::Instance])), security(("bearer" = [])))]
 async fn instances(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
     app.engine.store.tier(&name)?;
     ok(app.engine.store.instances(&name)?)
 }
 
+/// Adds a node to the inventory (for BMC drivers; agents register themselves).
+#[utoipa::path(post, path = "/v1/nodes", tag = "nodes", request_body = NodeSpec,
+    responses((status = 200, description = "The node", body = Node),
+        (status = 400, description = "A field is refused", body = views::ErrorBody)), security(("bearer" = [])))]
 async fn add_node(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -606,26 +662,37 @@ async fn add_node(
     ok(node)
 }
 
+/// The node inventory.
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
+    responses((status = 200, description = "The nodes", body = [Node])), security(("bearer" = [])))]
 async fn list_nodes(State(app): State<Shared>) -> ApiResult {
     ok(app.engine.store.nodes()?)
 }
 
+/// Removes a node that holds no instance.
+#[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes", params(("name" = String, Path, description = "The node")),
+    responses((status = 200, description = "Removed", body = views::Removed)), security(("bearer" = [])))]
 async fn remove_node(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult {
     app.engine.store.remove_node(&name, &caller.label())?;
-    ok(json!({ "removed": name }))
+    ok(views::Removed { removed: name })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MaterializeRequest {
     /// A new directory on the daemon's host.
     into: String,
 }
 
+/// Builds an instance's root filesystem in a new directory below the configured root.
+#[utoipa::path(post, path = "/v1/tiers/{name}/instances/{index}/materialize", tag = "tiers",
+    params(("name" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index")), request_body = MaterializeRequest,
+    responses((status = 200, description = "What was written", body = Object),
+        (status = 403, description = "Materialize is off", body = views::ErrorBody)), security(("bearer" = [])))]
 async fn materialize(
     State(app): State<Shared>,
     Path((name, index)): Path<(String, u32)>,
@@ -653,7 +720,7 @@ async fn materialize(
     ok(done)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NodeStateRequest {
     state: String,
@@ -661,6 +728,9 @@ struct NodeStateRequest {
     reason: Option<String>,
 }
 
+/// Sets a node free, in maintenance or failed (its instance then moves, identity kept).
+#[utoipa::path(post, path = "/v1/nodes/{name}/state", tag = "nodes", params(("name" = String, Path, description = "The node")), request_body = NodeStateRequest,
+    responses((status = 200, description = "The node", body = Node)), security(("bearer" = [])))]
 async fn set_node_state(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -695,22 +765,35 @@ async fn set_node_state(
 /// host (loopback) is also told where the first admin token is: the file is the daemon
 /// user's alone (mode 0600), so only that user (or root) can read it, which is how the CLI
 /// on the same host works with no setup.
+#[utoipa::path(get, path = "/v1/health", tag = "daemon",
+    responses((status = 200, description = "The daemon answers", body = views::Health)), security(()))]
 async fn health(
     State(app): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> ApiResult {
-    let mut v = json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") });
-    v["role"] = match app.leadership.role() {
-        leader::Role::Leader { token } => json!({ "leads": true, "fencing-token": token }),
-        leader::Role::Follower { leader } => json!({
-            "leads": false,
-            "leader": leader.map(|h| h.url),
-        }),
+    let role = match app.leadership.role() {
+        leader::Role::Leader { token } => views::LeaderRole {
+            leads: true,
+            fencing_token: Some(token),
+            leader: None,
+        },
+        leader::Role::Follower { leader } => views::LeaderRole {
+            leads: false,
+            fencing_token: None,
+            leader: leader.map(|h| h.url),
+        },
     };
-    if peer.ip().is_loopback() {
-        v["token-file"] = json!(app.data_dir.join(auth::ADMIN_TOKEN_FILE));
-    }
-    ok(v)
+    ok(views::Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        role,
+        token_file: peer.ip().is_loopback().then(|| {
+            app.data_dir
+                .join(auth::ADMIN_TOKEN_FILE)
+                .display()
+                .to_string()
+        }),
+    })
 }
 
 /// The API's routes over an engine.
@@ -718,6 +801,9 @@ fn router(app: Shared) -> Router {
     // Without a bearer credential: health, and capability URLs, which carry their own proof.
     let open = Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi::document))
+        .route("/ui", get(console::page))
+        .route("/ui/{file}", get(console::file))
         .route(
             "/v1/cap/{tier}/{index}/{token}",
             get(artifacts::cap_describe),
@@ -789,6 +875,7 @@ fn router(app: Shared) -> Router {
             axum::routing::delete(identities::revoke_token),
         )
         .route("/v1/nodes/{name}/enroll", post(identities::enroll))
+        .route("/v1/whoami", get(identities::whoami))
         .route("/metrics", get(metrics::scrape))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),

@@ -132,7 +132,7 @@ pub fn fail_silent_nodes(app: &App) {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     #[serde(default)]
@@ -156,6 +156,8 @@ pub struct Heartbeat {
 /// its capacity, 0-1000) and what it runs. The answer says whether to fence: stop the
 /// instance because the node does not hold it (any more). An unknown node is 404, telling
 /// the agent to register again.
+#[utoipa::path(post, path = "/v1/nodes/{name}/heartbeat", tag = "nodes", params(("name" = String, Path, description = "The node")), request_body = Heartbeat,
+    responses((status = 200, description = "Whether to fence", body = crate::views::HeartbeatAnswer), (status = 404, description = "Unknown node: register again", body = crate::views::ErrorBody)), security(("bearer" = [])))]
 pub async fn heartbeat(
     State(app): State<Shared>,
     caller: Extension<Caller>,

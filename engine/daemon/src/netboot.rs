@@ -139,6 +139,8 @@ fn not_bound(mac: &str) -> Response {
 }
 
 /// `GET /v1/boot`: the script DHCP points iPXE at; it chains to the node's own by MAC.
+#[utoipa::path(get, path = "/v1/boot", tag = "netboot",
+    responses((status = 200, description = "The iPXE script DHCP points at", content_type = "text/plain")), security(()))]
 async fn chain(State(app): State<Shared>) -> Response {
     let base = app.netboot.url().unwrap_or_default();
     script(format!("#!ipxe\nchain {base}/v1/boot/${{netX/mac}}\n"))
@@ -147,6 +149,8 @@ async fn chain(State(app): State<Shared>) -> Response {
 /// `GET /v1/boot/{mac}`: the iPXE script that boots the instance bound to the node with
 /// that MAC: its master's kernel, mint's boot stage and the kernel's NIC drivers, and a
 /// command line carrying the deployment's descriptor as a capability URL.
+#[utoipa::path(get, path = "/v1/boot/{mac}", tag = "netboot", params(("mac" = String, Path, description = "The booting NIC's MAC address")),
+    responses((status = 200, description = "The node's own iPXE script", content_type = "text/plain")), security(()))]
 async fn boot(
     State(app): State<Shared>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -215,6 +219,8 @@ async fn boot(
 }
 
 /// `GET /v1/boot/stage`: mint's boot stage, the same for every node.
+#[utoipa::path(get, path = "/v1/boot/stage", tag = "netboot",
+    responses((status = 200, description = "mint's boot stage initramfs", content_type = "application/octet-stream")), security(()))]
 async fn stage(State(app): State<Shared>, method: Method) -> Response {
     match read(&app.netboot.stage) {
         Some(bytes) => bytes_answer(&method, &bytes),
@@ -228,6 +234,8 @@ async fn stage(State(app): State<Shared>, method: Method) -> Response {
 
 /// `GET /v1/boot/trust`: the CA certificates of `[netboot] ca` as an initramfs archive (public
 /// certificates, no secret), for every node.
+#[utoipa::path(get, path = "/v1/boot/trust", tag = "netboot",
+    responses((status = 200, description = "What the boot stage trusts (certificates, no secret)", content_type = "application/octet-stream")), security(()))]
 async fn trust(State(app): State<Shared>, method: Method) -> Response {
     match read(&app.netboot.trust) {
         Some(bytes) => bytes_answer(&method, &bytes),
@@ -461,6 +469,8 @@ pub fn keep_hosts_current(app: &Shared) {
 /// `GET /v1/netboot/dnsmasq`: a dnsmasq configuration that serves the engine's network
 /// boot: DHCP only, a static range per tier subnet with its router, iPXE chained to the
 /// boot listener, and the leases (as the hosts file the engine keeps, or inline).
+#[utoipa::path(get, path = "/v1/netboot/dnsmasq", tag = "netboot",
+    responses((status = 200, description = "A dnsmasq configuration for the boot network", content_type = "text/plain")), security(("bearer" = [])))]
 pub async fn dnsmasq(State(app): State<Shared>) -> Result<Response, ApiError> {
     let settings = read(&app.netboot.settings);
     let Some(base) = app.netboot.url() else {

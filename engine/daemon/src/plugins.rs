@@ -15,6 +15,8 @@ use serde_json::json;
 /// The header that carries a package's signature (the `.minisig` file, base64).
 pub const SIGNATURE_HEADER: &str = "mint-signature";
 
+#[utoipa::path(get, path = "/v1/plugins", tag = "plugins",
+    responses((status = 200, description = "Bundled and installed plugins", body = [Object])), security(("bearer" = [])))]
 pub async fn list(State(app): State<Shared>) -> ApiResult {
     let listed = crate::off_async_threads(|| app.engine.plugins.list());
     let out: Vec<serde_json::Value> = listed
@@ -27,6 +29,8 @@ pub async fn list(State(app): State<Shared>) -> ApiResult {
     ok(out)
 }
 
+#[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins", params(("name" = String, Path, description = "The plugin")),
+    responses((status = 200, description = "The plugin: manifest, digest, signer, costs", body = Object), (status = 404, description = "No such plugin", body = crate::views::ErrorBody)), security(("bearer" = [])))]
 pub async fn show(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
     let info =
         crate::off_async_threads(|| app.engine.plugins.info(&name)).map_err(|e| match e {
@@ -38,6 +42,8 @@ pub async fn show(State(app): State<Shared>, Path(name): Path<String>) -> ApiRes
     ok(info)
 }
 
+#[utoipa::path(post, path = "/v1/plugins", tag = "plugins", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A package, `mint plugin pack`'s file; its signature in `mint-signature`"),
+    responses((status = 201, description = "Installed", body = Object)), security(("bearer" = [])))]
 pub async fn install(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -79,6 +85,8 @@ pub async fn install(
     Ok((StatusCode::CREATED, axum::Json(info)).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins", params(("name" = String, Path, description = "The plugin")),
+    responses((status = 200, description = "Removed", body = crate::views::Removed)), security(("bearer" = [])))]
 pub async fn remove(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,

@@ -87,12 +87,13 @@ impl Queue {
 }
 
 /// A driver call in flight, as `mint tier show` reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct InFlight {
     /// The instance's index.
     pub index: u32,
-    /// What the call does.
+    /// What the call does: `deploy`, `poll`, `check`, `undeploy` or `roll`.
+    #[schema(value_type = String)]
     pub action: Action,
     /// The node.
     pub node: String,

@@ -147,24 +147,29 @@ impl fmt::Display for Cidr {
 }
 
 /// An inclusive range of addresses a plan must not hand out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Reserved {
     /// First reserved address.
+    #[schema(value_type = String)]
     pub first: IpAddr,
     /// Last reserved address.
+    #[schema(value_type = String)]
     pub last: IpAddr,
 }
 
 /// Where a tier's addresses come from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AddressPlan {
-    /// The subnet instances live in.
+    /// The subnet instances live in, as `ADDRESS/PREFIX`.
+    #[schema(value_type = String)]
     pub subnet: Cidr,
     /// Ranges inside the subnet that are not for instances (routers, DHCP pools, ...).
     pub reserved: Vec<Reserved>,
     /// The default gateway, inside the subnet; never handed to an instance.
+    #[schema(value_type = Option<String>)]
     pub gateway: Option<IpAddr>,
     /// DNS servers; one inside the subnet is never handed to an instance.
+    #[schema(value_type = Vec<String>)]
     pub dns: Vec<IpAddr>,
 }
 

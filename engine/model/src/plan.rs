@@ -64,7 +64,7 @@ impl Plan {
 }
 
 /// A tier's instances counted by what they are doing.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Counts {
     /// Running on their nodes.

@@ -9,17 +9,18 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// A plugin reference with the configuration a tier gives it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PluginRef {
     /// The plugin's name (bundled or installed).
     pub plugin: String,
     /// Configuration laid over the plugin's defaults.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub config: serde_json::Map<String, serde_json::Value>,
 }
 
 /// What a tier asks of its nodes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Requirements {
     /// Labels every node must carry.
     #[serde(default)]
@@ -36,7 +37,7 @@ pub struct Requirements {
 }
 
 /// A tier: one kind of computing function, with one master and at most K instances.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Tier {
     /// Unique name.
     pub name: String,
@@ -46,7 +47,8 @@ pub struct Tier {
     pub max_instances: u32,
     /// Where addresses come from.
     pub plan: AddressPlan,
-    /// How instances are named.
+    /// How instances are named: a pattern with `{index}` (`{index:03}`) and `{tier}`.
+    #[schema(value_type = String)]
     pub hostname: HostnamePattern,
     /// What nodes must offer.
     #[serde(default)]
@@ -89,7 +91,7 @@ fn one() -> u32 {
 /// Over the last `for-secs`, each of the tier's nodes' reports are averaged and those
 /// averages averaged; above `scale-out-above` the tier grows by `step` (up to `max`), below
 /// `scale-in-below` it shrinks by `step` (down to `min`), at most once per `cooldown-secs`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Autoscale {
     /// Grow above this average load (per mille).
@@ -152,7 +154,9 @@ pub fn default_deploy_timeout() -> u32 {
 }
 
 /// Identifies an instance: its tier and index.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct InstanceId {
     /// The tier.
     pub tier: String,
@@ -167,13 +171,14 @@ impl std::fmt::Display for InstanceId {
 }
 
 /// One minted instance: an identity, its customization, and where it is.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Instance {
     /// Tier and index.
     pub id: InstanceId,
     /// Its host name, unique across tiers.
     pub hostname: String,
     /// Its address, unique across tiers.
+    #[schema(value_type = String)]
     pub address: IpAddr,
     /// Where it is in its life.
     pub state: InstanceState,
@@ -209,7 +214,7 @@ pub struct Instance {
 /// What an instance of a disk master is made of besides the master: a qcow2 overlay whose
 /// backing file is the master (the same empty overlay for every instance of a master, so
 /// it is stored once) and its own NoCloud seed. Both are blobs named by their digests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskParts {
     /// Digest of the qcow2 overlay (a disk master's; an ISO master boots read-only, with
     /// none).
@@ -220,7 +225,7 @@ pub struct DiskParts {
 }
 
 /// A node of the inventory.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Node {
     /// Unique name.
     pub name: String,
@@ -274,7 +279,7 @@ impl Node {
 }
 
 /// An entry of the event log: what happened and why, with the figures behind it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// Position in the log, increasing.
     pub seq: u64,
@@ -300,7 +305,7 @@ pub struct Event {
 pub const ENGINE: &str = "mint";
 
 /// What an operator's token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Everything.
@@ -407,7 +412,7 @@ pub struct NodeCredential {
 }
 
 /// A master image in the image store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Image {
     /// `sha256:<hex>` of the image's canonical tar (tree images) or of the disk file.
     pub digest: String,

@@ -7,7 +7,7 @@ use std::fmt;
 
 /// Where an instance is in its life. Every instance is minted `Pooled`; it carries its
 /// identity through every state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum InstanceState {
     /// Minted and customized, on no node.
@@ -23,7 +23,7 @@ pub enum InstanceState {
 }
 
 /// Where a node is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum NodeState {
     /// In the inventory, holding no instance: a candidate for selection.

@@ -285,6 +285,8 @@ pub async fn count_requests(State(app): State<Shared>, req: Request, next: Next)
 }
 
 /// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", tag = "daemon",
+    responses((status = 200, description = "Prometheus' text format, version 0.0.4", content_type = "text/plain")), security(("bearer" = [])))]
 pub async fn scrape(State(app): State<Shared>) -> Result<Response, ApiError> {
     let text = crate::off_async_threads(|| exposition(&app))?;
     Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
