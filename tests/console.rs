@@ -4,8 +4,7 @@
 //! by state, a scale through the page changes the grid, a read-only token gets no scale
 //! control, and a screenshot is saved.
 
-use crate::running::Daemon;
-use crate::support::{admin_token, root, scratch};
+use crate::support::{admin_token, root, web_site};
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -178,27 +177,12 @@ impl Drop for Session<'_> {
 
 #[test]
 fn the_console_shows_the_tier_and_scales_it_through_the_page() {
-    let dir = scratch("console");
-    let d = Daemon::start(&dir.join("data"), &[], &root());
-    d.mint(&[
-        "image",
-        "import",
-        "tests/fixtures/master-ifupdown",
-        "--name",
-        "debian",
-    ]);
-    d.mint(&["tier", "create", "-f", "tests/fixtures/web-tier.toml"]);
-    for n in 1..=6 {
-        d.mint(&[
-            "node",
-            "add",
-            &format!("n{n}"),
-            "--cpus",
-            "4",
-            "--memory-mib",
-            "8192",
-        ]);
-    }
+    let d = web_site("console", &[]);
+    let dir = d
+        .data
+        .parent()
+        .expect("the scratch directory")
+        .to_path_buf();
     d.mint(&["tier", "scale", "web", "2"]);
 
     // The page is the daemon's own, under a policy that lets it load nothing else.

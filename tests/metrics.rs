@@ -3,8 +3,7 @@
 //! queries against the exported names, and a real Prometheus scraping the daemon and
 //! answering every one of the dashboard's queries.
 
-use crate::running::Daemon;
-use crate::support::{join, root, scratch};
+use crate::support::{join, root, web_site};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -192,27 +191,12 @@ impl Prometheus {
 
 #[test]
 fn a_scrape_is_checked_by_promtool_and_answers_prometheus_and_the_dashboard() {
-    let dir = scratch("metrics");
-    let d = Daemon::start(&dir.join("data"), &[], &root());
-    d.mint(&[
-        "image",
-        "import",
-        "tests/fixtures/master-ifupdown",
-        "--name",
-        "debian",
-    ]);
-    d.mint(&["tier", "create", "-f", "tests/fixtures/web-tier.toml"]);
-    for n in 1..=6 {
-        d.mint(&[
-            "node",
-            "add",
-            &format!("n{n}"),
-            "--cpus",
-            "4",
-            "--memory-mib",
-            "8192",
-        ]);
-    }
+    let d = web_site("metrics", &[]);
+    let dir = d
+        .data
+        .parent()
+        .expect("the scratch directory")
+        .to_path_buf();
     // `mint tier scale` waits until the tier is settled.
     d.mint(&["tier", "scale", "web", "3"]);
     let token_file = dir.join("prometheus.token");

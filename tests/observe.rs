@@ -4,38 +4,12 @@
 //! completion scripts and manual pages the CLI generates.
 
 use crate::running::Daemon;
-use crate::support::{admin_auth, root, scratch};
+use crate::support::{admin_auth, root, scratch, web_site};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
-
-/// A daemon with the web tier created and six nodes, nothing deployed.
-fn site(name: &str, extra: &[&str]) -> Daemon {
-    let dir = scratch(name);
-    let d = Daemon::start(&dir.join("data"), extra, &root());
-    d.mint(&[
-        "image",
-        "import",
-        "tests/fixtures/master-ifupdown",
-        "--name",
-        "debian",
-    ]);
-    d.mint(&["tier", "create", "-f", "tests/fixtures/web-tier.toml"]);
-    for n in 1..=6 {
-        d.mint(&[
-            "node",
-            "add",
-            &format!("n{n}"),
-            "--cpus",
-            "4",
-            "--memory-mib",
-            "8192",
-        ]);
-    }
-    d
-}
 
 /// A `mint` command left running with its stdout read line by line, killed when dropped.
 struct Running {
@@ -103,7 +77,7 @@ fn newest(d: &Daemon) -> u64 {
 
 #[test]
 fn events_follow_and_tier_watch_show_a_scale_as_it_happens_and_status_sums_it_up() {
-    let d = site("observe-follow", &[]);
+    let d = web_site("observe-follow", &[]);
     let from = newest(&d).to_string();
     let events = Running::start(
         &d,
@@ -216,7 +190,7 @@ fn frames(reader: impl Read, n: usize) -> Vec<(u64, Value)> {
 
 #[test]
 fn the_event_stream_resumes_from_last_event_id_is_bounded_and_ends_with_the_daemon() {
-    let d = site("observe-sse", &[]);
+    let d = web_site("observe-sse", &[]);
     let auth = admin_auth(&d.data);
     let url = format!("{}/v1/events?follow=true", d.url);
     let start = newest(&d);

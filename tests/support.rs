@@ -183,3 +183,31 @@ pub fn python_policy() -> PathBuf {
         })
         .clone()
 }
+
+/// A daemon with state in a new scratch directory `name`, the web tier
+/// (`tests/fixtures/web-tier.toml`, K = 8, the noop driver) created from the ifupdown
+/// fixture master, and six free nodes `n1`..`n6`; nothing deployed.
+pub fn web_site(name: &str, extra: &[&str]) -> crate::running::Daemon {
+    let dir = scratch(name);
+    let d = crate::running::Daemon::start(&dir.join("data"), extra, &root());
+    d.mint(&[
+        "image",
+        "import",
+        "tests/fixtures/master-ifupdown",
+        "--name",
+        "debian",
+    ]);
+    d.mint(&["tier", "create", "-f", "tests/fixtures/web-tier.toml"]);
+    for n in 1..=6 {
+        d.mint(&[
+            "node",
+            "add",
+            &format!("n{n}"),
+            "--cpus",
+            "4",
+            "--memory-mib",
+            "8192",
+        ]);
+    }
+    d
+}

@@ -1050,17 +1050,7 @@ pub fn events(conn: &Conn, tier: Option<String>, after: Option<u64>) -> Result<(
     let v = call(conn, "GET", &format!("/v1/events?{}", q.join("&")), None)?;
     print(conn, &v, |v| {
         for e in v.as_array().into_iter().flatten() {
-            let detail = if e["detail"].is_null() {
-                String::new()
-            } else {
-                format!("  {}", e["detail"])
-            };
-            println!(
-                "{:>6} {:<16} {}{detail}",
-                s(&e["seq"]),
-                s(&e["kind"]),
-                s(&e["message"])
-            );
+            println!("{}", crate::watch::event_row(e));
         }
     });
     Ok(())
