@@ -4,7 +4,7 @@
 //! describe.
 
 use crate::running::Daemon;
-use crate::support::{admin_auth, join, root, scratch};
+use crate::support::{admin_auth, root, scratch};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -243,7 +243,42 @@ fn the_document_covers_every_route_and_real_answers_validate_against_it() {
     );
     call("GET", "/v1/tokens", "/v1/tokens", None);
     call("DELETE", "/v1/tokens/{name}", "/v1/tokens/ci", None);
-    let credential = join(base, &d.data, "agent-1");
+    call("GET", "/v1/plugins", "/v1/plugins", None);
+    call("GET", "/v1/plugins/{name}", "/v1/plugins/spread", None);
+    call(
+        "GET",
+        "/v1/artifacts/{tier}/{index}",
+        "/v1/artifacts/web/0",
+        None,
+    );
+    call("GET", "/v1/blobs", "/v1/blobs", None);
+    call(
+        "POST",
+        "/v1/images/gc",
+        "/v1/images/gc",
+        Some(json!({"keep-masters": true})),
+    );
+    let enrolled = call(
+        "POST",
+        "/v1/nodes/{name}/enroll",
+        "/v1/nodes/agent-1/enroll",
+        Some(json!({"labels": {"rack": "r1"}, "ttl-secs": 600})),
+    );
+    // The agent's side: it registers with the join token and heartbeats with what it got.
+    let join_token = enrolled["join-token"].as_str().expect("a join token");
+    let registered: Value = ureq::post(&format!("{base}/v1/agents/register"))
+        .set("Authorization", &format!("Bearer {join_token}"))
+        .send_json(json!({"name": "agent-1", "cpus": 4, "memory-mib": 8192, "arch": "x86_64", "agent-url": "http://127.0.0.1:9"}))
+        .expect("register")
+        .into_json()
+        .unwrap();
+    samples.push(
+        json!({"method": "POST", "path": "/v1/agents/register", "status": 200, "body": registered}),
+    );
+    let credential = registered["credential"]
+        .as_str()
+        .expect("a credential")
+        .to_string();
     let beat = ureq::post(&format!("{base}/v1/nodes/agent-1/heartbeat"))
         .set("Authorization", &format!("Bearer {credential}"))
         .send_json(json!({"load": 5}))

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 /// What a collection removed.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct GcReport {
     /// Masters removed (records and files).
     pub masters: Vec<String>,

@@ -117,7 +117,7 @@ pub type Report<'a> = &'a (dyn Fn(Step) + Send + Sync);
 pub fn quiet(_: Step) {}
 
 /// What a node fetches to run an instance.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Artifact {
     /// The tier.
     pub tier: String,
@@ -137,7 +137,7 @@ pub struct Artifact {
 }
 
 /// One blob of an artifact.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ArtifactPart {
     /// What it is: `master`, `layer`, `overlay` or `seed`.
     pub role: &'static str,

@@ -24,7 +24,7 @@ pub struct PluginPolicy {
 }
 
 /// Where a plugin came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Source {
     /// Built into the engine.
@@ -36,7 +36,7 @@ pub enum Source {
 }
 
 /// What `mint plugin list` and `inspect` show of a plugin.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct PluginInfo {
     /// Its name.
@@ -59,9 +59,11 @@ pub struct PluginInfo {
     pub source: Source,
     /// sha256 of its component.
     pub sha256: String,
-    /// What it may use.
+    /// What it may use: its manifest's `[capabilities]`.
+    #[schema(value_type = Object)]
     pub capabilities: serde_json::Value,
     /// Its configuration defaults.
+    #[schema(value_type = Object)]
     pub config: serde_json::Map<String, serde_json::Value>,
     /// What its calls have cost since it was loaded.
     pub stats: Stats,

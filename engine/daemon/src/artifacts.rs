@@ -47,7 +47,7 @@ fn may_read(app: &Shared, caller: &Caller, tier: &str, index: u32) -> Result<(),
 
 /// `GET /v1/artifacts/{tier}/{index}`.
 #[utoipa::path(get, path = "/v1/artifacts/{tier}/{index}", tag = "artifacts", params(("tier" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index")),
-    responses((status = 200, description = "The instance's artifact descriptor: its parts with digests and URLs", body = Object), (status = 404, description = "No such instance, or not this node's", body = crate::views::ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, description = "The instance's artifact descriptor: its parts with digests and URLs", body = mint_core::Artifact), (status = 404, description = "No such instance, or not this node's", body = crate::views::ErrorBody)), security(("bearer" = [])))]
 pub async fn describe(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -548,11 +548,12 @@ pub(crate) async fn scrub(app: &Shared) {
 /// `GET /v1/blobs`: what each blob cost on the wire since the daemon started, and the
 /// blobs quarantined.
 #[utoipa::path(get, path = "/v1/blobs", tag = "artifacts",
-    responses((status = 200, description = "Transfer counts and quarantined blobs", body = Object)), security(("bearer" = [])))]
+    responses((status = 200, description = "Transfer counts and quarantined blobs", body = crate::views::Delivered)), security(("bearer" = [])))]
 pub async fn served(State(app): State<Shared>) -> Result<Response, ApiError> {
-    ok(
-        serde_json::json!({ "served": app.delivery.served(), "quarantined": app.delivery.quarantined() }),
-    )
+    ok(crate::views::Delivered {
+        served: app.delivery.served(),
+        quarantined: app.delivery.quarantined(),
+    })
 }
 
 async fn serve(app: &Shared, method: Method, headers: &HeaderMap, digest: &str) -> Response {

@@ -16,7 +16,7 @@ pub const TRANSFERS: usize = 64;
 pub const CHUNK: usize = 1 << 16;
 
 /// What each blob cost on the wire since the daemon started.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Served {
     /// Requests answered with (part of) its body.

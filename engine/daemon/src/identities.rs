@@ -13,7 +13,6 @@ use axum::http::StatusCode;
 use mint_model::NodeState;
 use mint_model::records::{Enrollment, Node, Role, Token};
 use serde::Deserialize;
-use serde_json::json;
 use std::collections::BTreeMap;
 
 type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
@@ -62,7 +61,11 @@ pub async fn create_token(
         created_ms: auth::now_ms(),
     };
     app.engine.store.create_token(&token, &caller.label())?;
-    ok(json!({ "name": token.name, "role": role, "token": secret }))
+    ok(crate::views::NewTokenAnswer {
+        name: token.name,
+        role,
+        token: secret,
+    })
 }
 
 /// `GET /v1/tokens`: names, roles and creation times; never a token or its hash.
@@ -74,7 +77,11 @@ pub async fn list_tokens(State(app): State<Shared>) -> ApiResult {
         .store
         .tokens()?
         .into_iter()
-        .map(|t| json!({ "name": t.name, "role": t.role, "created-ms": t.created_ms }))
+        .map(|t| crate::views::TokenListed {
+            name: t.name,
+            role: t.role,
+            created_ms: t.created_ms,
+        })
         .collect();
     ok(tokens)
 }
@@ -88,7 +95,10 @@ pub async fn revoke_token(
     Path(name): Path<String>,
 ) -> ApiResult {
     let t = app.engine.store.revoke_token(&name, &caller.label())?;
-    ok(json!({ "revoked": t.name, "role": t.role }))
+    ok(crate::views::Revoked {
+        revoked: t.name,
+        role: t.role,
+    })
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -112,7 +122,7 @@ pub const MAX_JOIN_TTL_SECS: u64 = 7 * 24 * 3600;
 /// agent trades for its own credential when it registers. Enrolling again replaces an
 /// unused token; a node that joins again gets a new credential, and the old one dies.
 #[utoipa::path(post, path = "/v1/nodes/{name}/enroll", tag = "nodes", params(("name" = String, Path, description = "The node")), request_body = EnrollRequest,
-    responses((status = 200, description = "The one-time join token, shown this once", body = Object)), security(("bearer" = [])))]
+    responses((status = 200, description = "The one-time join token, shown this once", body = crate::views::Enrolled)), security(("bearer" = [])))]
 pub async fn enroll(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -140,7 +150,12 @@ pub async fn enroll(
         expires_ms,
     };
     app.engine.store.enroll(&e, &caller.label())?;
-    ok(json!({ "node": name, "join-token": secret, "expires-ms": expires_ms, "labels": e.labels }))
+    ok(crate::views::Enrolled {
+        node: name,
+        join_token: secret,
+        expires_ms,
+        labels: e.labels,
+    })
 }
 
 /// What a node agent says of its node when it starts.
@@ -167,7 +182,7 @@ pub struct Registration {
 /// a known node refreshes its facts. Nothing else registers a node: a known node's name
 /// without its credential is refused and the node stays as it was.
 #[utoipa::path(post, path = "/v1/agents/register", tag = "nodes", request_body = Registration,
-    responses((status = 200, description = "The node, and its credential when it joined", body = Object)), security(("bearer" = [])))]
+    responses((status = 200, description = "The node, and its credential when it joined", body = crate::views::Registered)), security(("bearer" = [])))]
 pub async fn register(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -248,11 +263,12 @@ pub async fn register(
     };
     app.liveness.beat(&node.name, 0);
     let registered = app.engine.store.node(&node.name)?;
-    let mut answer = json!({ "node": registered });
-    if let Some((own, engine)) = credential {
-        answer["credential"] = json!(own);
-        answer["engine-credential"] = json!(engine);
-    }
+    let (credential, engine_credential) = credential.unzip();
+    let answer = crate::views::Registered {
+        node: registered,
+        credential,
+        engine_credential,
+    };
     // A node that joined (or came back) may be what a waiting tier needs.
     crate::reconciler::queue_all(&app);
     ok(answer)

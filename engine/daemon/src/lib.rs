@@ -385,7 +385,7 @@ struct GcRequest {
 
 /// `POST /v1/images/gc`: removes masters no tier uses and blobs no instance refers to.
 #[utoipa::path(post, path = "/v1/images/gc", tag = "images", request_body = GcRequest,
-    responses((status = 200, description = "What was removed", body = Object)), security(("bearer" = [])))]
+    responses((status = 200, description = "What was removed", body = mint_core::GcReport)), security(("bearer" = [])))]
 async fn gc(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -691,7 +691,7 @@ struct MaterializeRequest {
 /// Builds an instance's root filesystem in a new directory below the configured root.
 #[utoipa::path(post, path = "/v1/tiers/{name}/instances/{index}/materialize", tag = "tiers",
     params(("name" = String, Path, description = "The tier"), ("index" = u32, Path, description = "The instance's index")), request_body = MaterializeRequest,
-    responses((status = 200, description = "What was written", body = Object),
+    responses((status = 200, description = "What was written", body = views::MaterializedInto),
         (status = 403, description = "Materialize is off", body = views::ErrorBody)), security(("bearer" = [])))]
 async fn materialize(
     State(app): State<Shared>,
@@ -712,12 +712,11 @@ async fn materialize(
     };
     let into = confine::new_dir_under(&root, &req.into)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let mut done = serde_json::to_value(off_async_threads(|| {
-        app.engine.materialize(&name, index, &into)
-    })?)
-    .unwrap_or_default();
-    done["into"] = json!(into);
-    ok(done)
+    let done = off_async_threads(|| app.engine.materialize(&name, index, &into))?;
+    ok(views::MaterializedInto {
+        done,
+        into: into.display().to_string(),
+    })
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

@@ -16,7 +16,7 @@ use serde_json::json;
 pub const SIGNATURE_HEADER: &str = "mint-signature";
 
 #[utoipa::path(get, path = "/v1/plugins", tag = "plugins",
-    responses((status = 200, description = "Bundled and installed plugins", body = [Object])), security(("bearer" = [])))]
+    responses((status = 200, description = "Bundled and installed plugins (one that cannot be read is `{name, error}`)", body = [mint_core::PluginInfo])), security(("bearer" = [])))]
 pub async fn list(State(app): State<Shared>) -> ApiResult {
     let listed = crate::off_async_threads(|| app.engine.plugins.list());
     let out: Vec<serde_json::Value> = listed
@@ -30,7 +30,7 @@ pub async fn list(State(app): State<Shared>) -> ApiResult {
 }
 
 #[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins", params(("name" = String, Path, description = "The plugin")),
-    responses((status = 200, description = "The plugin: manifest, digest, signer, costs", body = Object), (status = 404, description = "No such plugin", body = crate::views::ErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, description = "The plugin: manifest, digest, signer, costs", body = mint_core::PluginInfo), (status = 404, description = "No such plugin", body = crate::views::ErrorBody)), security(("bearer" = [])))]
 pub async fn show(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
     let info =
         crate::off_async_threads(|| app.engine.plugins.info(&name)).map_err(|e| match e {
@@ -43,7 +43,7 @@ pub async fn show(State(app): State<Shared>, Path(name): Path<String>) -> ApiRes
 }
 
 #[utoipa::path(post, path = "/v1/plugins", tag = "plugins", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A package, `mint plugin pack`'s file; its signature in `mint-signature`"),
-    responses((status = 201, description = "Installed", body = Object)), security(("bearer" = [])))]
+    responses((status = 201, description = "Installed", body = mint_core::PluginInfo)), security(("bearer" = [])))]
 pub async fn install(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,

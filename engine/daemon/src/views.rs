@@ -155,6 +155,46 @@ pub struct Whoami {
     pub role: Option<mint_model::records::Role>,
 }
 
+/// `POST /v1/nodes/{name}/enroll`: the one-time join token, shown this once.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct Enrolled {
+    pub node: String,
+    pub join_token: String,
+    /// When it stops working (ms since the epoch).
+    pub expires_ms: u64,
+    /// The labels the node gets when it joins.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// `POST /v1/agents/register`: the node as registered, and, when it joined with its join
+/// token, its own credential and the one the engine presents to its agent (both once).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub struct Registered {
+    pub node: mint_model::records::Node,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_credential: Option<String>,
+}
+
+/// `GET /v1/blobs`: what each blob cost on the wire, and the blobs quarantined.
+#[derive(Serialize, ToSchema)]
+pub struct Delivered {
+    pub served: std::collections::BTreeMap<String, crate::delivery::Served>,
+    pub quarantined: Vec<String>,
+}
+
+/// `POST /v1/tiers/{name}/instances/{index}/materialize`: what was written, and where.
+#[derive(Serialize, ToSchema)]
+pub struct MaterializedInto {
+    #[serde(flatten)]
+    pub done: mint_core::images::materialize::Materialized,
+    /// The new directory.
+    pub into: String,
+}
+
 /// `POST /v1/nodes/{name}/heartbeat`: whether the agent must stop what it runs.
 #[derive(Serialize, ToSchema)]
 pub struct HeartbeatAnswer {

@@ -13,7 +13,9 @@ pub const MAX_MEMORY_MIB: u64 = 512;
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
 
 /// The three kinds of plugin, each one WIT world.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     /// Chooses nodes (`node-policy-plugin`).

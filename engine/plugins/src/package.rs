@@ -62,7 +62,7 @@ pub enum PackageError {
 }
 
 /// Who vouches for a package.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case", rename_all_fields = "kebab-case")]
 pub enum Signer {
     /// A trusted vendor's key verified the signature.

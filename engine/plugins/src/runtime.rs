@@ -81,7 +81,7 @@ pub struct Called<T> {
 }
 
 /// What one loaded plugin has cost since it was loaded, across all its calls.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub struct Stats {
     /// Calls made.

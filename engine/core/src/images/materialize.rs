@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// How a materialization made the master's files (always copied out of its tar here).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     /// Plain copies.
@@ -58,7 +58,7 @@ pub enum OverlayEdit {
 }
 
 /// What a materialization did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Materialized {
     /// How regular files were made: copied out of the master's tar.
     pub method: Method,
